@@ -1,0 +1,674 @@
+//! Change detection: from the stored records of one worker and a fresh listing, the writes a sync needs.
+//!
+//! Pure: no I/O, no clock. The store turns a [`SyncPlan`] into MongoDB statements.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bson::{Bson, DateTime};
+
+use crate::record::{FieldChange, HistoryEntry, LabFields, LabRecord, ObservedLab, REMOVED_STATE};
+
+/// Whether a listing of a worker's labs is known to be the whole truth.
+///
+/// Only a complete listing may mark labs as removed: an error, a 404, a non-list body or a
+/// fallback that could not read every lab says nothing about the labs it did not return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    Complete,
+    Partial,
+}
+
+/// One record-level write of a sync.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordWrite {
+    /// A lab never seen before on this worker.
+    Create {
+        lab: ObservedLab,
+        entry: HistoryEntry,
+    },
+    /// A known lab whose tracked fields changed, or that came back after being marked removed.
+    Update {
+        lab: ObservedLab,
+        /// `last_synced_at` as read: the write applies only if nobody synced the record since.
+        expected_last_synced: DateTime,
+        reappeared: bool,
+        entry: HistoryEntry,
+    },
+    /// A known lab missing from a complete listing.
+    Remove {
+        lab_id: String,
+        expected_last_synced: DateTime,
+        entry: HistoryEntry,
+    },
+}
+
+impl RecordWrite {
+    pub fn lab_id(&self) -> &str {
+        match self {
+            RecordWrite::Create { lab, .. } | RecordWrite::Update { lab, .. } => &lab.lab_id,
+            RecordWrite::Remove { lab_id, .. } => lab_id,
+        }
+    }
+}
+
+/// Everything one sync of one worker must write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncPlan {
+    pub worker_id: String,
+    pub now: DateTime,
+    pub writes: Vec<RecordWrite>,
+    /// Labs seen with nothing changed: only their `last_synced_at` is stamped.
+    pub unchanged: Vec<String>,
+}
+
+/// The figures of a plan, as logged per worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    /// Labs in the listing.
+    pub synced: usize,
+    pub created: usize,
+    /// Changed labs, reappeared ones included.
+    pub updated: usize,
+    pub unchanged: usize,
+    pub removed: usize,
+    pub reappeared: usize,
+}
+
+impl SyncPlan {
+    pub fn counts(&self) -> PlanCounts {
+        let mut c = PlanCounts {
+            unchanged: self.unchanged.len(),
+            ..PlanCounts::default()
+        };
+        for w in &self.writes {
+            match w {
+                RecordWrite::Create { .. } => c.created += 1,
+                RecordWrite::Update { reappeared, .. } => {
+                    c.updated += 1;
+                    c.reappeared += usize::from(*reappeared);
+                }
+                RecordWrite::Remove { .. } => c.removed += 1,
+            }
+        }
+        c.synced = c.created + c.updated + c.unchanged;
+        c
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.unchanged.is_empty()
+    }
+}
+
+/// Compares every tracked field; the result holds exactly the fields that changed.
+///
+/// Strings that differ only in whitespace (leading, trailing, runs, line endings) and groups
+/// that differ only in order are the same value.
+pub fn diff(old: &LabFields, new: &LabFields) -> BTreeMap<String, FieldChange> {
+    let old = old.clone().canonical();
+    let new = new.clone().canonical();
+    old.values()
+        .into_iter()
+        .zip(new.values())
+        .filter(|((_, o), (_, n))| !equivalent(o, n))
+        .map(|((name, o), (_, n))| (name.to_owned(), FieldChange { old: o, new: n }))
+        .collect()
+}
+
+fn equivalent(a: &Bson, b: &Bson) -> bool {
+    match (a, b) {
+        (Bson::String(a), Bson::String(b)) => a.split_whitespace().eq(b.split_whitespace()),
+        (Bson::Array(a), Bson::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| equivalent(x, y))
+        }
+        _ => a == b,
+    }
+}
+
+/// Plans the sync of one worker from its stored records and what its CML server listed.
+pub fn plan_sync(
+    worker_id: &str,
+    stored: &[LabRecord],
+    observed: Vec<ObservedLab>,
+    listing: Listing,
+    now: DateTime,
+) -> SyncPlan {
+    let by_id: HashMap<&str, &LabRecord> = stored.iter().map(|r| (r.lab_id.as_str(), r)).collect();
+    // A listing that names a lab twice keeps the last description of it.
+    let observed: BTreeMap<String, ObservedLab> = observed
+        .into_iter()
+        .map(|lab| (lab.lab_id.clone(), lab))
+        .collect();
+
+    let mut writes = Vec::new();
+    let mut unchanged = Vec::new();
+    for (lab_id, lab) in &observed {
+        match by_id.get(lab_id.as_str()) {
+            None => writes.push(RecordWrite::Create {
+                entry: HistoryEntry {
+                    timestamp: now,
+                    previous_state: None,
+                    new_state: lab.fields.state.clone(),
+                    changed_fields: BTreeMap::new(),
+                },
+                lab: lab.clone(),
+            }),
+            Some(record) => {
+                let mut changed = diff(&record.fields(), &lab.fields);
+                let reappeared = record.removed_at.is_some();
+                if reappeared {
+                    changed.insert(
+                        "removed_at".to_owned(),
+                        FieldChange {
+                            old: record.removed_at.map_or(Bson::Null, Bson::DateTime),
+                            new: Bson::Null,
+                        },
+                    );
+                }
+                if changed.is_empty() {
+                    unchanged.push(lab_id.clone());
+                    continue;
+                }
+                writes.push(RecordWrite::Update {
+                    entry: HistoryEntry {
+                        timestamp: now,
+                        previous_state: Some(if reappeared {
+                            REMOVED_STATE.to_owned()
+                        } else {
+                            record.state.clone()
+                        }),
+                        new_state: lab.fields.state.clone(),
+                        changed_fields: changed,
+                    },
+                    lab: lab.clone(),
+                    expected_last_synced: record.last_synced_at,
+                    reappeared,
+                });
+            }
+        }
+    }
+
+    if listing == Listing::Complete {
+        let mut gone: Vec<&LabRecord> = stored
+            .iter()
+            .filter(|r| r.removed_at.is_none() && !observed.contains_key(&r.lab_id))
+            .collect();
+        gone.sort_by(|a, b| a.lab_id.cmp(&b.lab_id));
+        for record in gone {
+            writes.push(RecordWrite::Remove {
+                lab_id: record.lab_id.clone(),
+                expected_last_synced: record.last_synced_at,
+                entry: HistoryEntry {
+                    timestamp: now,
+                    previous_state: Some(record.state.clone()),
+                    new_state: REMOVED_STATE.to_owned(),
+                    changed_fields: BTreeMap::from([(
+                        "removed_at".to_owned(),
+                        FieldChange {
+                            old: Bson::Null,
+                            new: Bson::DateTime(now),
+                        },
+                    )]),
+                },
+            });
+        }
+    }
+
+    SyncPlan {
+        worker_id: worker_id.to_owned(),
+        now,
+        writes,
+        unchanged,
+    }
+}
+
+/// Appends `entry` and keeps the newest `limit` entries, oldest first — what `$push` with
+/// `$slice: -limit` does in the store.
+pub fn push_capped(history: &mut Vec<HistoryEntry>, entry: HistoryEntry, limit: usize) {
+    history.push(entry);
+    if history.len() > limit {
+        history.drain(..history.len() - limit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn fields(state: &str) -> LabFields {
+        LabFields {
+            title: "Lab A".into(),
+            description: "desc".into(),
+            notes: "line 1\nline 2".into(),
+            state: state.into(),
+            owner_username: "admin".into(),
+            owner_fullname: "Admin".into(),
+            node_count: 3,
+            link_count: 2,
+            groups: vec!["g1".into(), "g2".into()],
+            cml_created_at: Some(DateTime::from_millis(1_700_000_000_000)),
+            modified_at: Some(DateTime::from_millis(1_700_000_100_000)),
+        }
+    }
+
+    /// What the store does with a plan, applied to in-memory records.
+    fn apply(records: &mut Vec<LabRecord>, plan: &SyncPlan, limit: usize) {
+        for id in &plan.unchanged {
+            if let Some(r) = records.iter_mut().find(|r| &r.lab_id == id) {
+                r.last_synced_at = plan.now;
+            }
+        }
+        for w in &plan.writes {
+            match w {
+                RecordWrite::Create { lab, entry } => {
+                    records.push(record_from(&plan.worker_id, lab, entry.clone(), plan.now))
+                }
+                RecordWrite::Update { lab, entry, .. } => {
+                    let r = records
+                        .iter_mut()
+                        .find(|r| r.lab_id == lab.lab_id)
+                        .expect("exists");
+                    let f = &lab.fields;
+                    r.title.clone_from(&f.title);
+                    r.description.clone_from(&f.description);
+                    r.notes.clone_from(&f.notes);
+                    r.state.clone_from(&f.state);
+                    r.owner_username.clone_from(&f.owner_username);
+                    r.owner_fullname.clone_from(&f.owner_fullname);
+                    r.node_count = f.node_count;
+                    r.link_count = f.link_count;
+                    r.groups.clone_from(&f.groups);
+                    r.cml_created_at = f.cml_created_at;
+                    r.modified_at = f.modified_at;
+                    r.removed_at = None;
+                    r.last_synced_at = plan.now;
+                    push_capped(&mut r.operation_history, entry.clone(), limit);
+                }
+                RecordWrite::Remove { lab_id, entry, .. } => {
+                    let r = records
+                        .iter_mut()
+                        .find(|r| &r.lab_id == lab_id)
+                        .expect("exists");
+                    r.removed_at = Some(plan.now);
+                    push_capped(&mut r.operation_history, entry.clone(), limit);
+                }
+            }
+        }
+    }
+
+    /// Plans a sync against `records` and applies it, as the daemon and the store would.
+    fn observe(
+        records: &mut Vec<LabRecord>,
+        observed: Vec<ObservedLab>,
+        listing: Listing,
+        now: DateTime,
+        limit: usize,
+    ) -> SyncPlan {
+        let plan = plan_sync("w", records, observed, listing, now);
+        apply(records, &plan, limit);
+        plan
+    }
+
+    fn record_from(
+        worker: &str,
+        lab: &ObservedLab,
+        entry: HistoryEntry,
+        now: DateTime,
+    ) -> LabRecord {
+        let f = &lab.fields;
+        LabRecord {
+            object_id: None,
+            id: "id".into(),
+            worker_id: worker.into(),
+            lab_id: lab.lab_id.clone(),
+            title: f.title.clone(),
+            description: f.description.clone(),
+            notes: f.notes.clone(),
+            state: f.state.clone(),
+            owner_username: f.owner_username.clone(),
+            owner_fullname: f.owner_fullname.clone(),
+            node_count: f.node_count,
+            link_count: f.link_count,
+            groups: f.groups.clone(),
+            cml_created_at: f.cml_created_at,
+            modified_at: f.modified_at,
+            first_seen_at: now,
+            last_synced_at: now,
+            operation_history: vec![entry],
+            removed_at: None,
+        }
+    }
+
+    #[test]
+    fn a_new_lab_is_created_with_a_first_entry() {
+        let plan = plan_sync(
+            "w",
+            &[],
+            vec![ObservedLab::new("l1", fields("STOPPED"))],
+            Listing::Complete,
+            DateTime::from_millis(1),
+        );
+        assert_eq!(
+            plan.counts(),
+            PlanCounts {
+                synced: 1,
+                created: 1,
+                ..PlanCounts::default()
+            }
+        );
+        let RecordWrite::Create { entry, .. } = &plan.writes[0] else {
+            panic!("not a create")
+        };
+        assert_eq!(entry.previous_state, None);
+        assert_eq!(entry.new_state, "STOPPED");
+    }
+
+    #[test]
+    fn one_change_of_several_fields_gives_one_entry_with_all_of_them() {
+        let mut records = Vec::new();
+        let t0 = DateTime::from_millis(1_000);
+        observe(
+            &mut records,
+            vec![ObservedLab::new("l1", fields("STOPPED"))],
+            Listing::Complete,
+            t0,
+            50,
+        );
+        let mut next = fields("STARTED");
+        next.node_count = 5;
+        next.notes = "new notes".into();
+        let plan = plan_sync(
+            "w",
+            &records,
+            vec![ObservedLab::new("l1", next)],
+            Listing::Complete,
+            DateTime::from_millis(2_000),
+        );
+        assert_eq!(plan.writes.len(), 1);
+        let RecordWrite::Update {
+            entry,
+            expected_last_synced,
+            reappeared,
+            ..
+        } = &plan.writes[0]
+        else {
+            panic!("not an update")
+        };
+        assert_eq!(*expected_last_synced, t0);
+        assert!(!reappeared);
+        assert_eq!(entry.previous_state.as_deref(), Some("STOPPED"));
+        assert_eq!(entry.new_state, "STARTED");
+        let keys: Vec<&str> = entry.changed_fields.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["node_count", "notes", "state"]);
+        assert_eq!(
+            entry.changed_fields["node_count"],
+            FieldChange {
+                old: Bson::Int32(3),
+                new: Bson::Int32(5)
+            }
+        );
+    }
+
+    #[test]
+    fn every_tracked_field_is_detected() {
+        let base = fields("STOPPED");
+        let mut variants: Vec<(&str, LabFields)> = Vec::new();
+        let mut v = base.clone();
+        v.title = "other".into();
+        variants.push(("title", v));
+        let mut v = base.clone();
+        v.description = "other".into();
+        variants.push(("description", v));
+        let mut v = base.clone();
+        v.notes = "other".into();
+        variants.push(("notes", v));
+        let mut v = base.clone();
+        v.state = "STARTED".into();
+        variants.push(("state", v));
+        let mut v = base.clone();
+        v.owner_username = "bob".into();
+        variants.push(("owner_username", v));
+        let mut v = base.clone();
+        v.owner_fullname = "Bob".into();
+        variants.push(("owner_fullname", v));
+        let mut v = base.clone();
+        v.node_count = 9;
+        variants.push(("node_count", v));
+        let mut v = base.clone();
+        v.link_count = 9;
+        variants.push(("link_count", v));
+        let mut v = base.clone();
+        v.groups = vec!["g3".into()];
+        variants.push(("groups", v));
+        let mut v = base.clone();
+        v.cml_created_at = None;
+        variants.push(("cml_created_at", v));
+        let mut v = base.clone();
+        v.modified_at = Some(DateTime::from_millis(5));
+        variants.push(("modified_at", v));
+        assert_eq!(variants.len(), crate::record::TRACKED_FIELDS.len());
+        for (name, changed) in variants {
+            let d = diff(&base, &changed);
+            assert_eq!(d.keys().collect::<Vec<_>>(), [name], "changing {name}");
+        }
+    }
+
+    #[test]
+    fn a_partial_listing_removes_nothing() {
+        let mut records = Vec::new();
+        let labs = vec![
+            ObservedLab::new("l1", fields("STOPPED")),
+            ObservedLab::new("l2", fields("STOPPED")),
+        ];
+        observe(
+            &mut records,
+            labs,
+            Listing::Complete,
+            DateTime::from_millis(1),
+            50,
+        );
+        let plan = plan_sync(
+            "w",
+            &records,
+            vec![],
+            Listing::Partial,
+            DateTime::from_millis(2),
+        );
+        assert!(plan.is_empty());
+        let plan = plan_sync(
+            "w",
+            &records,
+            vec![ObservedLab::new("l1", fields("STOPPED"))],
+            Listing::Complete,
+            DateTime::from_millis(2),
+        );
+        assert_eq!(plan.counts().removed, 1);
+        assert_eq!(plan.writes[0].lab_id(), "l2");
+    }
+
+    #[test]
+    fn a_removed_lab_that_reappears_is_unmarked_with_an_entry() {
+        let mut records = Vec::new();
+        let t = DateTime::from_millis;
+        observe(
+            &mut records,
+            vec![ObservedLab::new("l1", fields("STARTED"))],
+            Listing::Complete,
+            t(1),
+            50,
+        );
+        observe(&mut records, vec![], Listing::Complete, t(2), 50);
+        assert_eq!(records[0].removed_at, Some(t(2)));
+        assert_eq!(
+            records[0]
+                .operation_history
+                .last()
+                .map(|e| e.new_state.as_str()),
+            Some(REMOVED_STATE)
+        );
+        // Still gone: nothing more to write.
+        assert!(plan_sync("w", &records, vec![], Listing::Complete, t(3)).is_empty());
+        let plan = plan_sync(
+            "w",
+            &records,
+            vec![ObservedLab::new("l1", fields("STARTED"))],
+            Listing::Complete,
+            t(4),
+        );
+        assert_eq!(
+            plan.counts(),
+            PlanCounts {
+                synced: 1,
+                updated: 1,
+                reappeared: 1,
+                ..PlanCounts::default()
+            }
+        );
+        let RecordWrite::Update { entry, .. } = &plan.writes[0] else {
+            panic!("not an update")
+        };
+        assert_eq!(entry.previous_state.as_deref(), Some(REMOVED_STATE));
+        assert_eq!(
+            entry.changed_fields.keys().collect::<Vec<_>>(),
+            ["removed_at"]
+        );
+        apply(&mut records, &plan, 50);
+        assert_eq!(records[0].removed_at, None);
+    }
+
+    #[test]
+    fn push_capped_keeps_the_newest() {
+        let mut h = Vec::new();
+        for i in 0..70 {
+            push_capped(
+                &mut h,
+                HistoryEntry {
+                    timestamp: DateTime::from_millis(i),
+                    previous_state: None,
+                    new_state: String::new(),
+                    changed_fields: BTreeMap::new(),
+                },
+                50,
+            );
+        }
+        assert_eq!(h.len(), 50);
+        assert_eq!(h.first().map(|e| e.timestamp.timestamp_millis()), Some(20));
+        assert_eq!(h.last().map(|e| e.timestamp.timestamp_millis()), Some(69));
+    }
+
+    fn arb_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "lab", "x1", "é"]), 0..4)
+            .prop_map(|w| w.join(" "))
+    }
+
+    fn arb_fields() -> impl Strategy<Value = LabFields> {
+        (
+            (
+                arb_text(),
+                arb_text(),
+                arb_text(),
+                prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED"]),
+            ),
+            (arb_text(), arb_text(), 0..4i32, 0..4i32),
+            prop::collection::vec(prop::sample::select(vec!["g1", "g2", "g3"]), 0..3),
+            (prop::option::of(0..3i64), prop::option::of(0..3i64)),
+        )
+            .prop_map(
+                |(
+                    (title, description, notes, state),
+                    (user, full, nodes, links),
+                    groups,
+                    (c, m),
+                )| LabFields {
+                    title,
+                    description,
+                    notes,
+                    state: state.to_owned(),
+                    owner_username: user,
+                    owner_fullname: full,
+                    node_count: nodes,
+                    link_count: links,
+                    groups: groups.into_iter().map(str::to_owned).collect(),
+                    cml_created_at: c.map(DateTime::from_millis),
+                    modified_at: m.map(DateTime::from_millis),
+                },
+            )
+    }
+
+    /// The same text with other whitespace: padded, runs widened, `\n` as `\r\n`.
+    fn respace(s: &str, seed: u8) -> String {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        let sep = match seed % 3 {
+            0 => "  ",
+            1 => "\r\n",
+            _ => " \t",
+        };
+        format!(
+            "{}{}{}",
+            if seed & 4 == 0 { "" } else { " " },
+            words.join(sep),
+            if seed & 8 == 0 { "\n" } else { "" }
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn history_never_exceeds_the_cap(
+            seq in prop::collection::vec((arb_fields(), any::<bool>()), 1..40),
+            limit in 1usize..8,
+        ) {
+            let mut records = Vec::new();
+            for (i, (f, present)) in seq.into_iter().enumerate() {
+                let observed = if present { vec![ObservedLab::new("l1", f)] } else { vec![] };
+                let plan = plan_sync("w", &records, observed, Listing::Complete, DateTime::from_millis(i as i64));
+                apply(&mut records, &plan, limit);
+                for r in &records {
+                    prop_assert!(r.operation_history.len() <= limit);
+                }
+            }
+        }
+
+        #[test]
+        fn observing_the_same_lab_twice_adds_at_most_one_entry(before in prop::option::of(arb_fields()), seen in arb_fields()) {
+            let mut records = Vec::new();
+            if let Some(f) = before {
+                observe(&mut records, vec![ObservedLab::new("l1", f)], Listing::Complete, DateTime::from_millis(1), 50);
+            }
+            let len = |r: &Vec<LabRecord>| r.first().map_or(0, |r| r.operation_history.len());
+            let start = len(&records);
+            observe(&mut records, vec![ObservedLab::new("l1", seen.clone())], Listing::Complete, DateTime::from_millis(2), 50);
+            let second = plan_sync("w", &records, vec![ObservedLab::new("l1", seen)], Listing::Complete, DateTime::from_millis(3));
+            prop_assert!(second.writes.is_empty(), "the second observation changed nothing");
+            apply(&mut records, &second, 50);
+            prop_assert!(len(&records) <= start + 1);
+        }
+
+        #[test]
+        fn order_and_whitespace_never_count_as_a_change(f in arb_fields(), seed in any::<u8>(), rotate in 0usize..3) {
+            let mut g = f.clone();
+            g.title = respace(&f.title, seed);
+            g.description = respace(&f.description, seed.wrapping_add(1));
+            g.notes = respace(&f.notes, seed.wrapping_add(2));
+            g.owner_fullname = respace(&f.owner_fullname, seed.wrapping_add(3));
+            g.groups.reverse();
+            let n = g.groups.len();
+            if n > 0 { g.groups.rotate_left(rotate % n); }
+            if seed & 16 == 0 { g.groups.extend(f.groups.first().cloned()); }
+            prop_assert!(diff(&f, &g).is_empty(), "{:?}", diff(&f, &g));
+        }
+
+        #[test]
+        fn diff_is_empty_exactly_when_canonical_fields_match_modulo_whitespace(a in arb_fields(), b in arb_fields()) {
+            let d = diff(&a, &b);
+            let norm = |f: &LabFields| {
+                let mut f = f.clone().canonical();
+                for s in [&mut f.title, &mut f.description, &mut f.notes, &mut f.state, &mut f.owner_username, &mut f.owner_fullname] {
+                    *s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+                }
+                f
+            };
+            prop_assert_eq!(d.is_empty(), norm(&a) == norm(&b));
+        }
+    }
+}

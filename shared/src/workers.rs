@@ -1,0 +1,98 @@
+//! The worker registry (`cml_workers`): which CML servers are active and where they answer.
+
+use bson::{doc, Document};
+use futures::TryStreamExt;
+use mongodb::{Collection, Database};
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// A registry document, reduced to what syncing needs. Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub aws_region: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub https_endpoint: Option<String>,
+    #[serde(default)]
+    pub private_ip: Option<String>,
+}
+
+impl Worker {
+    /// Only running workers with an address are synced.
+    pub fn is_active(&self) -> bool {
+        self.status.as_deref() == Some("running")
+            && self
+                .https_endpoint
+                .as_deref()
+                .is_some_and(|e| !e.trim().is_empty())
+    }
+}
+
+/// Reads `cml_workers`; never writes it (the registry belongs to the fleet manager).
+#[derive(Debug, Clone)]
+pub struct WorkerRegistry {
+    coll: Collection<Worker>,
+}
+
+impl WorkerRegistry {
+    pub fn new(db: &Database, collection: &str) -> Self {
+        Self {
+            coll: db.collection(collection),
+        }
+    }
+
+    /// Workers with `status == "running"` and a non-empty `https_endpoint`, ordered by id.
+    pub async fn active_workers(&self) -> Result<Vec<Worker>> {
+        let workers: Vec<Worker> = self
+            .coll
+            .find(doc! { "status": "running", "https_endpoint": { "$type": "string", "$ne": "" } })
+            .projection(projection())
+            .sort(doc! { "id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(workers.into_iter().filter(Worker::is_active).collect())
+    }
+
+    pub async fn worker(&self, id: &str) -> Result<Option<Worker>> {
+        Ok(self
+            .coll
+            .find_one(doc! { "id": id })
+            .projection(projection())
+            .await?)
+    }
+}
+
+fn projection() -> Document {
+    doc! { "_id": 0, "id": 1, "name": 1, "aws_region": 1, "status": 1, "https_endpoint": 1, "private_ip": 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(status: &str, endpoint: Option<&str>) -> Worker {
+        Worker {
+            id: "w".into(),
+            name: None,
+            aws_region: None,
+            status: Some(status.into()),
+            https_endpoint: endpoint.map(str::to_owned),
+            private_ip: None,
+        }
+    }
+
+    #[test]
+    fn only_running_workers_with_an_endpoint_are_active() {
+        assert!(worker("running", Some("https://10.0.0.1")).is_active());
+        assert!(!worker("running", Some("  ")).is_active());
+        assert!(!worker("running", None).is_active());
+        assert!(!worker("stopped", Some("https://10.0.0.1")).is_active());
+    }
+}

@@ -1,0 +1,109 @@
+//! The worker registry reader and the sync status store against a real MongoDB-wire server.
+
+use std::time::Duration;
+
+use bson::{doc, DateTime, Document};
+use cml_labs::{status::SyncStatusStore, workers::WorkerRegistry};
+use testkit::TestDb;
+
+#[tokio::test]
+async fn only_running_workers_with_an_endpoint_are_active() {
+    let db = TestDb::new("registry").await;
+    db.db
+        .collection::<Document>("cml_workers")
+        .insert_many([
+            doc! { "id": "w-b", "name": "b", "aws_region": "us-east-1", "status": "running", "service_status": "available", "https_endpoint": "https://10.0.0.2", "private_ip": "10.1.0.2", "instance_type": "m5.xlarge" },
+            doc! { "id": "w-a", "name": "a", "aws_region": "eu-west-1", "status": "running", "https_endpoint": "https://10.0.0.1" },
+            doc! { "id": "w-stopped", "status": "stopped", "https_endpoint": "https://10.0.0.3" },
+            doc! { "id": "w-noaddr", "status": "running", "https_endpoint": null },
+            doc! { "id": "w-absent", "status": "running" },
+            doc! { "id": "w-blank", "status": "running", "https_endpoint": "  " },
+            doc! { "id": "w-pending", "status": "pending", "https_endpoint": "https://10.0.0.4" },
+        ])
+        .await
+        .expect("seed");
+    let registry = WorkerRegistry::new(&db.db, "cml_workers");
+    let active = registry.active_workers().await.expect("read");
+    let ids: Vec<&str> = active.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ["w-a", "w-b"]);
+    assert_eq!(active[1].private_ip.as_deref(), Some("10.1.0.2"));
+    assert_eq!(active[1].aws_region.as_deref(), Some("us-east-1"));
+    assert!(registry.worker("w-stopped").await.expect("read").is_some());
+    assert!(registry.worker("nope").await.expect("read").is_none());
+}
+
+#[tokio::test]
+async fn sync_status_counts_failures_and_resets_on_success() {
+    let db = TestDb::new("sync_status").await;
+    let status = SyncStatusStore::new(&db.db, "worker_sync_status");
+    status.ensure_indexes().await.expect("indexes");
+    status.ensure_indexes().await.expect("idempotent");
+    let t = |ms: i64| DateTime::from_millis(1_700_000_000_000 + ms);
+
+    status
+        .record_failure(
+            "w1",
+            t(0),
+            Duration::from_millis(120),
+            "CML unreachable: connect timeout",
+        )
+        .await
+        .expect("fail 1");
+    status
+        .record_failure("w1", t(1000), Duration::from_millis(80), &"x".repeat(5000))
+        .await
+        .expect("fail 2");
+    let s = status.get("w1").await.expect("get").expect("exists");
+    assert_eq!(s.consecutive_failures, 2);
+    assert_eq!(s.last_success_at, None);
+    assert_eq!(s.last_attempt_at, t(1000));
+    assert_eq!(
+        s.last_error.as_deref().map(str::len),
+        Some(1024),
+        "error text is capped"
+    );
+
+    status
+        .record_success("w1", t(2000), Duration::from_millis(950), 42)
+        .await
+        .expect("ok");
+    let s = status.get("w1").await.expect("get").expect("exists");
+    assert_eq!(
+        (s.consecutive_failures, s.lab_count, s.last_duration_ms),
+        (0, 42, 950)
+    );
+    assert_eq!(s.last_success_at, Some(t(2000)));
+    assert_eq!(s.last_error, None);
+
+    status
+        .record_failure("w1", t(3000), Duration::from_millis(10), "HTTP 503")
+        .await
+        .expect("fail 3");
+    let s = status.get("w1").await.expect("get").expect("exists");
+    assert_eq!(
+        (s.consecutive_failures, s.lab_count),
+        (1, 42),
+        "the last good lab count stays"
+    );
+    assert_eq!(s.last_success_at, Some(t(2000)));
+
+    status
+        .record_success("w0", t(0), Duration::ZERO, 0)
+        .await
+        .expect("ok");
+    let all: Vec<String> = status
+        .all()
+        .await
+        .expect("all")
+        .into_iter()
+        .map(|s| s.worker_id)
+        .collect();
+    assert_eq!(all, ["w0", "w1"]);
+    let n = db
+        .db
+        .collection::<Document>("worker_sync_status")
+        .count_documents(doc! {})
+        .await
+        .expect("count");
+    assert_eq!(n, 2, "one document per worker");
+}

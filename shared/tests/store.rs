@@ -1,0 +1,707 @@
+//! The lab_records store against a real MongoDB-wire server (the stand-in, or `MONGODB_URI`).
+
+use std::time::Duration;
+
+use bson::{doc, Bson, DateTime, Document};
+use cml_labs::{
+    change::{plan_sync, Listing, SyncPlan},
+    config::{BatchWriteMode, MongoConfig},
+    cursor::PageCursor,
+    record::{LabFields, LabRecord, ObservedLab, REMOVED_STATE},
+    store::{cutoff, LabFilter, LabStore},
+};
+use testkit::TestDb;
+
+fn config(db: &TestDb, mode: BatchWriteMode) -> MongoConfig {
+    MongoConfig {
+        database: db.name().to_owned(),
+        batch_writes: mode,
+        ..MongoConfig::default()
+    }
+}
+
+async fn store(db: &TestDb, mode: BatchWriteMode) -> LabStore {
+    let store = LabStore::new(&db.client, &config(db, mode), 50);
+    store.ensure_indexes().await.expect("indexes");
+    db.commands.take();
+    store
+}
+
+fn lab(id: &str, state: &str, title: &str) -> ObservedLab {
+    ObservedLab::new(
+        id,
+        LabFields {
+            title: title.into(),
+            state: state.into(),
+            owner_username: "admin".into(),
+            node_count: 2,
+            link_count: 1,
+            groups: vec!["g".into()],
+            cml_created_at: Some(DateTime::from_millis(1_700_000_000_000)),
+            ..LabFields::default()
+        },
+    )
+}
+
+/// Reads the worker's records, plans against a fresh listing, applies. Returns the plan.
+async fn sync(
+    store: &LabStore,
+    worker: &str,
+    labs: Vec<ObservedLab>,
+    listing: Listing,
+) -> SyncPlan {
+    let stored = store.records_for_sync(worker).await.expect("read");
+    let plan = plan_sync(worker, &stored, labs, listing, DateTime::now());
+    store.apply(&plan).await.expect("apply");
+    plan
+}
+
+const MODES: [BatchWriteMode; 2] = [BatchWriteMode::UpdateCommand, BatchWriteMode::Auto];
+
+#[tokio::test]
+async fn indexes_are_created_once_and_the_unique_one_rejects_duplicates() {
+    let db = TestDb::new("indexes").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    store.ensure_indexes().await.expect("second run is a no-op");
+    let coll = db.db.collection::<Document>("lab_records");
+    let names: Vec<String> = coll.list_index_names().await.expect("list");
+    for name in ["worker_id_1", "worker_id_1_lab_id_1", "last_synced_at_1"] {
+        assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+    }
+    coll.insert_one(doc! { "worker_id": "w", "lab_id": "l" })
+        .await
+        .expect("first");
+    let err = coll
+        .insert_one(doc! { "worker_id": "w", "lab_id": "l" })
+        .await
+        .expect_err("duplicate");
+    assert!(
+        err.to_string().contains("11000") || err.to_string().to_lowercase().contains("duplicate"),
+        "{err}"
+    );
+    coll.insert_one(doc! { "worker_id": "w2", "lab_id": "l" })
+        .await
+        .expect("other worker, same lab id");
+}
+
+#[tokio::test]
+async fn an_index_made_under_another_name_is_accepted() {
+    let db = TestDb::new("foreign_index").await;
+    let coll = db.db.collection::<Document>("lab_records");
+    coll.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! { "worker_id": 1, "lab_id": 1 })
+            .options(
+                mongodb::options::IndexOptions::builder()
+                    .unique(true)
+                    .name("legacy_unique".to_owned())
+                    .build(),
+            )
+            .build(),
+    )
+    .await
+    .expect("legacy index");
+    store(&db, BatchWriteMode::Auto).await;
+}
+
+#[tokio::test]
+async fn a_first_sync_creates_records_with_bson_dates() {
+    for mode in MODES {
+        let db = TestDb::new("first_sync").await;
+        let store = store(&db, mode).await;
+        let plan = sync(
+            &store,
+            "w1",
+            vec![lab("l1", "STARTED", "A"), lab("l2", "STOPPED", "B")],
+            Listing::Complete,
+        )
+        .await;
+        assert_eq!(plan.counts().created, 2);
+        let raw = db
+            .db
+            .collection::<Document>("lab_records")
+            .find_one(doc! { "lab_id": "l1" })
+            .await
+            .expect("find")
+            .expect("exists");
+        for key in ["cml_created_at", "first_seen_at", "last_synced_at"] {
+            assert!(
+                matches!(raw.get(key), Some(Bson::DateTime(_))),
+                "{key} is {:?}",
+                raw.get(key)
+            );
+        }
+        assert_eq!(raw.get("modified_at"), Some(&Bson::Null));
+        assert_eq!(raw.get("removed_at"), Some(&Bson::Null));
+        let history = raw.get_array("operation_history").expect("history");
+        assert_eq!(history.len(), 1);
+        let entry = history[0].as_document().expect("entry");
+        assert!(matches!(entry.get("timestamp"), Some(Bson::DateTime(_))));
+        assert_eq!(entry.get("previous_state"), Some(&Bson::Null));
+        assert_eq!(entry.get_str("new_state").ok(), Some("STARTED"));
+        assert!(uuid_like(raw.get_str("id").expect("id")));
+        assert_eq!(raw.get_i32("node_count").ok(), Some(2));
+        // Typed round trip: what was written reads back equal.
+        let record = store.lab("w1", "l1").await.expect("get").expect("exists");
+        assert_eq!(
+            record.cml_created_at,
+            Some(DateTime::from_millis(1_700_000_000_000))
+        );
+        assert_eq!(record.first_seen_at, record.last_synced_at);
+    }
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4
+}
+
+#[tokio::test]
+async fn the_record_id_and_first_seen_never_change() {
+    let db = TestDb::new("id_stable").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    sync(
+        &store,
+        "w",
+        vec![lab("l1", "STOPPED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    let before = store.lab("w", "l1").await.expect("get").expect("exists");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    sync(
+        &store,
+        "w",
+        vec![lab("l1", "STARTED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    let after = store.lab("w", "l1").await.expect("get").expect("exists");
+    assert_eq!(before.id, after.id);
+    assert_eq!(before.first_seen_at, after.first_seen_at);
+    assert!(after.last_synced_at > before.last_synced_at);
+}
+
+#[tokio::test]
+async fn a_change_writes_one_entry_with_every_changed_field() {
+    for mode in MODES {
+        let db = TestDb::new("one_change").await;
+        let store = store(&db, mode).await;
+        sync(
+            &store,
+            "w",
+            vec![lab("l1", "STOPPED", "A")],
+            Listing::Complete,
+        )
+        .await;
+        let mut changed = lab("l1", "STARTED", "A renamed");
+        changed.fields.node_count = 7;
+        let plan = sync(&store, "w", vec![changed], Listing::Complete).await;
+        assert_eq!(plan.counts().updated, 1);
+        let r = store.lab("w", "l1").await.expect("get").expect("exists");
+        assert_eq!(r.state, "STARTED");
+        assert_eq!(r.title, "A renamed");
+        assert_eq!(r.operation_history.len(), 2);
+        let e = &r.operation_history[1];
+        assert_eq!(e.previous_state.as_deref(), Some("STOPPED"));
+        assert_eq!(e.new_state, "STARTED");
+        assert_eq!(
+            e.changed_fields
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ["node_count", "state", "title"]
+        );
+        assert_eq!(e.changed_fields["node_count"].old, Bson::Int32(2));
+        assert_eq!(e.changed_fields["node_count"].new, Bson::Int32(7));
+    }
+}
+
+#[tokio::test]
+async fn seventy_changes_keep_the_newest_fifty_entries() {
+    for mode in MODES {
+        let db = TestDb::new("history_cap").await;
+        let store = store(&db, mode).await;
+        sync(
+            &store,
+            "w",
+            vec![lab("l1", "STOPPED", "title 0")],
+            Listing::Complete,
+        )
+        .await;
+        for i in 1..=70 {
+            sync(
+                &store,
+                "w",
+                vec![lab("l1", "STOPPED", &format!("title {i}"))],
+                Listing::Complete,
+            )
+            .await;
+        }
+        let r = store.lab("w", "l1").await.expect("get").expect("exists");
+        assert_eq!(r.operation_history.len(), 50);
+        let newest = &r.operation_history[49].changed_fields["title"];
+        assert_eq!(newest.new, Bson::String("title 70".into()));
+        let oldest = &r.operation_history[0].changed_fields["title"];
+        assert_eq!(oldest.new, Bson::String("title 21".into()));
+        assert!(r
+            .operation_history
+            .windows(2)
+            .all(|w| w[0].timestamp <= w[1].timestamp));
+    }
+}
+
+#[tokio::test]
+async fn an_unchanged_sync_only_stamps_last_synced_at() {
+    let db = TestDb::new("unchanged").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    sync(
+        &store,
+        "w",
+        vec![lab("l1", "STOPPED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    let before = store.lab("w", "l1").await.expect("get").expect("exists");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut same = lab("l1", "STOPPED", "  A ");
+    same.fields.groups = vec!["g".into(), "g".into()];
+    let plan = sync(&store, "w", vec![same], Listing::Complete).await;
+    assert_eq!(plan.counts().unchanged, 1);
+    let after = store.lab("w", "l1").await.expect("get").expect("exists");
+    assert_eq!(after.operation_history, before.operation_history);
+    assert_eq!(after.title, "A");
+    assert!(after.last_synced_at > before.last_synced_at);
+}
+
+#[tokio::test]
+async fn apply_takes_at_most_two_round_trips() {
+    for mode in MODES {
+        let db = TestDb::new("round_trips").await;
+        let store = store(&db, mode).await;
+        let labs: Vec<ObservedLab> = (0..200)
+            .map(|i| lab(&format!("l{i:03}"), "STOPPED", "t"))
+            .collect();
+        let stored = store.records_for_sync("w").await.expect("read");
+        db.commands.take();
+        let plan = plan_sync(
+            "w",
+            &stored,
+            labs.clone(),
+            Listing::Complete,
+            DateTime::now(),
+        );
+        let outcome = store.apply(&plan).await.expect("apply");
+        let sent = db.commands.take();
+        assert_eq!(outcome.created, 200, "{mode:?}");
+        assert_eq!(outcome.round_trips, 1, "{mode:?}: {sent:?}");
+        assert_eq!(write_commands(&sent), 1, "{mode:?}: {sent:?}");
+
+        // Steady state: some changed, one removed, the rest unchanged.
+        let mut next = labs;
+        next.pop();
+        for l in next.iter_mut().take(4) {
+            l.fields.state = "STARTED".into();
+        }
+        let stored = store.records_for_sync("w").await.expect("read");
+        db.commands.take();
+        let plan = plan_sync("w", &stored, next, Listing::Complete, DateTime::now());
+        let c = plan.counts();
+        assert_eq!((c.updated, c.removed, c.unchanged), (4, 1, 195));
+        let outcome = store.apply(&plan).await.expect("apply");
+        let sent = db.commands.take();
+        assert_eq!(outcome.round_trips, 2, "{mode:?}: {sent:?}");
+        assert_eq!(write_commands(&sent), 2, "{mode:?}: {sent:?}");
+        assert_eq!(
+            (outcome.matched, outcome.stamped, outcome.conflicts),
+            (5, 195, 0)
+        );
+    }
+}
+
+fn write_commands(sent: &[String]) -> usize {
+    sent.iter()
+        .filter(|c| matches!(c.as_str(), "update" | "bulkWrite" | "insert" | "delete"))
+        .count()
+}
+
+#[tokio::test]
+async fn two_tasks_creating_the_same_lab_at_once_leave_one_record() {
+    for mode in MODES {
+        let db = TestDb::new("race_create").await;
+        let store = store(&db, mode).await;
+        for round in 0..10 {
+            let worker = format!("w{round}");
+            // Both read "no records" before either writes: the worst interleaving.
+            let plan_a = plan_sync(
+                &worker,
+                &[],
+                vec![lab("l1", "STOPPED", "A")],
+                Listing::Complete,
+                DateTime::now(),
+            );
+            let plan_b = plan_sync(
+                &worker,
+                &[],
+                vec![lab("l1", "STOPPED", "A")],
+                Listing::Complete,
+                DateTime::now(),
+            );
+            let (a, b) = tokio::join!(store.apply(&plan_a), store.apply(&plan_b));
+            let (a, b) = (a.expect("a"), b.expect("b"));
+            assert_eq!(a.created + b.created, 1, "{mode:?}: exactly one insert");
+            let n = db
+                .db
+                .collection::<Document>("lab_records")
+                .count_documents(doc! { "worker_id": &worker })
+                .await
+                .expect("count");
+            assert_eq!(n, 1, "{mode:?}");
+            let r = store
+                .lab(&worker, "l1")
+                .await
+                .expect("get")
+                .expect("exists");
+            assert_eq!(r.operation_history.len(), 1, "{mode:?}: one creation entry");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stale_plan_does_not_overwrite_a_newer_sync() {
+    let db = TestDb::new("stale_plan").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    sync(
+        &store,
+        "w",
+        vec![lab("l1", "STOPPED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    let stale_read = store.records_for_sync("w").await.expect("read");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    sync(
+        &store,
+        "w",
+        vec![lab("l1", "STARTED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    let stale = plan_sync(
+        "w",
+        &stale_read,
+        vec![lab("l1", "DEFINED_ON_CORE", "A")],
+        Listing::Complete,
+        DateTime::now(),
+    );
+    let outcome = store.apply(&stale).await.expect("apply");
+    assert_eq!(outcome.conflicts, 1);
+    let r = store.lab("w", "l1").await.expect("get").expect("exists");
+    assert_eq!(r.state, "STARTED");
+    assert_eq!(r.operation_history.len(), 2);
+}
+
+#[tokio::test]
+async fn vanish_reappear_and_purge() {
+    for mode in MODES {
+        let db = TestDb::new("vanish").await;
+        let store = store(&db, mode).await;
+        sync(
+            &store,
+            "w",
+            vec![lab("l1", "STARTED", "A"), lab("l2", "STOPPED", "B")],
+            Listing::Complete,
+        )
+        .await;
+
+        // An incomplete listing removes nothing.
+        let plan = sync(
+            &store,
+            "w",
+            vec![lab("l1", "STARTED", "A")],
+            Listing::Partial,
+        )
+        .await;
+        assert_eq!(plan.counts().removed, 0);
+        assert!(store
+            .lab("w", "l2")
+            .await
+            .expect("get")
+            .expect("exists")
+            .removed_at
+            .is_none());
+
+        let plan = sync(
+            &store,
+            "w",
+            vec![lab("l1", "STARTED", "A")],
+            Listing::Complete,
+        )
+        .await;
+        assert_eq!(plan.counts().removed, 1);
+        let gone = store
+            .lab("w", "l2")
+            .await
+            .expect("get")
+            .expect("kept as a tombstone");
+        let removed_at = gone.removed_at.expect("marked");
+        let last = gone.operation_history.last().expect("entry");
+        assert_eq!(
+            (last.previous_state.as_deref(), last.new_state.as_str()),
+            (Some("STOPPED"), REMOVED_STATE)
+        );
+        let visible: Vec<String> = store
+            .labs_of_worker("w", false)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| r.lab_id)
+            .collect();
+        assert_eq!(visible, ["l1"]);
+        assert_eq!(
+            store.labs_of_worker("w", true).await.expect("list").len(),
+            2
+        );
+
+        // Purge keeps tombstones younger than the retention.
+        assert_eq!(
+            store
+                .purge_removed(cutoff(DateTime::now(), Duration::from_secs(3600)))
+                .await
+                .expect("purge"),
+            0
+        );
+
+        // It comes back: un-marked, with an entry.
+        let plan = sync(
+            &store,
+            "w",
+            vec![lab("l1", "STARTED", "A"), lab("l2", "STOPPED", "B")],
+            Listing::Complete,
+        )
+        .await;
+        assert_eq!(plan.counts().reappeared, 1);
+        let back = store.lab("w", "l2").await.expect("get").expect("exists");
+        assert!(back.removed_at.is_none());
+        let last = back.operation_history.last().expect("entry");
+        assert_eq!(
+            (last.previous_state.as_deref(), last.new_state.as_str()),
+            (Some(REMOVED_STATE), "STOPPED")
+        );
+        assert_eq!(
+            last.changed_fields["removed_at"].old,
+            Bson::DateTime(removed_at)
+        );
+
+        // Gone again, then purged once past the retention; the live record stays.
+        sync(
+            &store,
+            "w",
+            vec![lab("l1", "STARTED", "A")],
+            Listing::Complete,
+        )
+        .await;
+        let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 8 * 86_400_000);
+        assert_eq!(
+            store
+                .purge_removed(cutoff(later, Duration::from_secs(7 * 86_400)))
+                .await
+                .expect("purge"),
+            1
+        );
+        assert!(store.lab("w", "l2").await.expect("get").is_none());
+        assert!(store.lab("w", "l1").await.expect("get").is_some());
+    }
+}
+
+#[tokio::test]
+async fn worker_labs_are_sorted_by_title_then_lab_id() {
+    let db = TestDb::new("sorted").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    sync(
+        &store,
+        "w",
+        vec![
+            lab("c", "STOPPED", "Beta"),
+            lab("b", "STOPPED", "Alpha"),
+            lab("a", "STOPPED", "Beta"),
+        ],
+        Listing::Complete,
+    )
+    .await;
+    sync(
+        &store,
+        "other",
+        vec![lab("z", "STOPPED", "Aardvark")],
+        Listing::Complete,
+    )
+    .await;
+    let ids: Vec<String> = store
+        .labs_of_worker("w", false)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.lab_id)
+        .collect();
+    assert_eq!(ids, ["b", "a", "c"]);
+    assert!(store
+        .labs_of_worker("nobody", false)
+        .await
+        .expect("list")
+        .is_empty());
+    let r = store.labs_of_worker("w", false).await.expect("list");
+    assert!(
+        r.iter().all(|r| r.operation_history.is_empty()),
+        "history is not fetched for listings"
+    );
+}
+
+#[tokio::test]
+async fn paging_through_2500_records_returns_each_once() {
+    let db = TestDb::new("paging").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    for w in 0..25 {
+        let labs = (0..100)
+            .map(|i| {
+                lab(
+                    &format!("lab-{i:03}"),
+                    if i % 3 == 0 { "STARTED" } else { "STOPPED" },
+                    "t",
+                )
+            })
+            .collect();
+        sync(&store, &format!("worker-{w:02}"), labs, Listing::Complete).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<PageCursor> = None;
+    let mut pages = 0;
+    loop {
+        // Through the opaque form, as an API client would.
+        let after = cursor
+            .as_ref()
+            .map(|c| PageCursor::decode(&c.encode()).expect("decode"));
+        let page = store
+            .list(&LabFilter::default(), after.as_ref(), 97)
+            .await
+            .expect("page");
+        pages += 1;
+        for r in &page.records {
+            assert!(
+                seen.insert((r.worker_id.clone(), r.lab_id.clone())),
+                "duplicate {}/{}",
+                r.worker_id,
+                r.lab_id
+            );
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 2500);
+    assert_eq!(pages, 2500usize.div_ceil(97));
+
+    let filter = LabFilter {
+        state: Some("STARTED".into()),
+        worker_id: Some("worker-07".into()),
+        ..LabFilter::default()
+    };
+    let page = store.list(&filter, None, 1000).await.expect("filtered");
+    assert_eq!(page.records.len(), 34);
+    assert!(page.next.is_none());
+    assert!(page
+        .records
+        .iter()
+        .all(|r: &LabRecord| r.state == "STARTED" && r.worker_id == "worker-07"));
+}
+
+#[tokio::test]
+async fn filter_values_are_never_operators() {
+    let db = TestDb::new("injection").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    sync(
+        &store,
+        "w",
+        vec![lab("l1", "STARTED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    let filter = LabFilter {
+        state: Some("{\"$ne\": null}".into()),
+        ..LabFilter::default()
+    };
+    assert!(store
+        .list(&filter, None, 10)
+        .await
+        .expect("list")
+        .records
+        .is_empty());
+    let filter = LabFilter {
+        owner_username: Some("$where".into()),
+        ..LabFilter::default()
+    };
+    assert!(store
+        .list(&filter, None, 10)
+        .await
+        .expect("list")
+        .records
+        .is_empty());
+}
+
+#[tokio::test]
+async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
+    let db = TestDb::new("legacy_docs").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    db.db
+        .collection::<Document>("lab_records")
+        .insert_one(doc! {
+            "id": "legacy-id", "worker_id": "w", "lab_id": "l1", "title": "A", "description": "", "notes": "",
+            "state": "STOPPED", "owner_username": "admin", "owner_fullname": "", "node_count": 2, "link_count": 1,
+            "groups": ["g"], "cml_created_at": "2023-11-14T22:13:20+00:00Z", "modified_at": null,
+            "first_seen_at": "2025-11-17T09:00:00+00:00", "last_synced_at": "2025-11-17T12:30:00+00:00",
+            "operation_history": [],
+        })
+        .await
+        .expect("legacy insert");
+    let stored = store.records_for_sync("w").await.expect("lenient read");
+    assert_eq!(
+        stored[0].cml_created_at,
+        Some(DateTime::from_millis(1_700_000_000_000))
+    );
+
+    assert_eq!(store.upgrade_legacy_documents().await.expect("upgrade"), 1);
+    assert_eq!(
+        store.upgrade_legacy_documents().await.expect("idempotent"),
+        0
+    );
+    let raw = db
+        .db
+        .collection::<Document>("lab_records")
+        .find_one(doc! {})
+        .await
+        .expect("find")
+        .expect("exists");
+    for key in ["cml_created_at", "first_seen_at", "last_synced_at"] {
+        assert!(
+            matches!(raw.get(key), Some(Bson::DateTime(_))),
+            "{key} is {:?}",
+            raw.get(key)
+        );
+    }
+    assert_eq!(
+        raw.get_str("id").ok(),
+        Some("legacy-id"),
+        "an existing record id is kept"
+    );
+
+    let plan = sync(
+        &store,
+        "w",
+        vec![lab("l1", "STARTED", "A")],
+        Listing::Complete,
+    )
+    .await;
+    assert_eq!(plan.counts().updated, 1, "only the state changed: {plan:?}");
+    let r = store.lab("w", "l1").await.expect("get").expect("exists");
+    assert_eq!(r.state, "STARTED");
+    assert_eq!(r.operation_history.len(), 1);
+}
