@@ -450,6 +450,9 @@ impl Validator {
     }
 
     fn http_url(&mut self, key: &str, value: &str) {
+        if value.is_empty() {
+            return self.fail(key, "must be set to an http(s) URL");
+        }
         let rest = value
             .strip_prefix("https://")
             .or_else(|| value.strip_prefix("http://"));
@@ -607,6 +610,7 @@ impl TelemetryConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return its large error type
 mod tests {
     use figment::Jail;
 

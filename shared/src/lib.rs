@@ -2,6 +2,7 @@
 //! configuration shared by `sync-daemon` and `lab-api`.
 
 pub mod change;
+pub mod cli;
 pub mod config;
 pub mod cursor;
 pub mod duration;
