@@ -93,6 +93,8 @@ pub struct CmlConfig {
     pub connect_timeout: HumanDuration,
     pub request_timeout: HumanDuration,
     pub use_private_ip: bool,
+    /// Lab detail calls in flight per worker when `populate_lab_tiles` is unavailable.
+    pub fallback_concurrency: usize,
 }
 
 impl Default for CmlConfig {
@@ -105,6 +107,7 @@ impl Default for CmlConfig {
             connect_timeout: HumanDuration::from_secs(10),
             request_timeout: HumanDuration::from_secs(30),
             use_private_ip: false,
+            fallback_concurrency: 4,
         }
     }
 }
@@ -515,6 +518,7 @@ impl CmlConfig {
         }
         v.positive("cml.connect_timeout", self.connect_timeout);
         v.positive("cml.request_timeout", self.request_timeout);
+        v.range("cml.fallback_concurrency", self.fallback_concurrency, 1, 64);
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod change;
 pub mod cli;
+pub mod cml;
 pub mod config;
 pub mod cursor;
 pub mod duration;

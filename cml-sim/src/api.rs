@@ -1,0 +1,376 @@
+//! The CML REST API of one simulated server (`/api/v0/...`), with the worker's faults applied.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Extension, Json, Router,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    fleet::Fleet,
+    model::{Personality, SimWorker},
+    server::ConnControl,
+    token::{self, Claims},
+};
+
+/// The CML API routes; the worker is chosen before routing (see `server`).
+pub fn router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/api/v0/authenticate", post(authenticate))
+        .route("/api/v0/auth_extended", post(auth_extended))
+        .route("/api/v0/authok", get(authok))
+        .route("/api/v0/authentication", get(authentication))
+        .route("/api/v0/system_information", get(system_information))
+        .route("/api/v0/labs", get(labs))
+        .route("/api/v0/labs/{lab_id}", get(lab))
+        .route("/api/v0/labs/{lab_id}/state", get(lab_state))
+        .route("/api/v0/labs/{lab_id}/topology", get(lab_topology))
+        .route("/api/v0/populate_lab_tiles", get(populate_lab_tiles))
+        .route("/api/v0/users", get(users))
+        .fallback(not_found)
+        .with_state(fleet)
+}
+
+/// CML's error body: `{"code": <status>, "description": "..."}`.
+pub fn cml_error(status: StatusCode, description: impl Into<String>) -> Response {
+    let body = json!({ "code": status.as_u16(), "description": description.into() });
+    (status, [(header::SERVER, "nginx")], Json(body)).into_response()
+}
+
+fn ok_json(value: Value) -> Response {
+    ([(header::SERVER, "nginx")], Json(value)).into_response()
+}
+
+async fn not_found() -> Response {
+    cml_error(
+        StatusCode::NOT_FOUND,
+        "404 Not Found: The requested URL was not found on the server.",
+    )
+}
+
+/// What every call goes through first: count, latency, hang, reset, random errors.
+async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option<Response> {
+    worker.count_call(endpoint);
+    let faults = worker.faults();
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    if faults.reset {
+        ctl.reset();
+        std::future::pending::<()>().await;
+    }
+    if faults.hang {
+        std::future::pending::<()>().await;
+    }
+    if faults.error_rate > 0.0 && worker.roll() < faults.error_rate {
+        let status = worker.pick_status(&faults.error_statuses);
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Some(cml_error(
+            code,
+            format!("{status} injected by the simulator"),
+        ));
+    }
+    None
+}
+
+/// A data answer, broken as the worker's faults say.
+fn data(worker: &SimWorker, value: Value) -> Response {
+    let faults = worker.faults();
+    let text = value.to_string();
+    if faults.malformed_json {
+        let cut = text.len() / 2;
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{}<<not json", &text[..cut]),
+        )
+            .into_response();
+    }
+    if faults.truncated_body {
+        let full = text.len();
+        let half = text.as_bytes()[..full / 2].to_vec();
+        // The pause lets the headers and the first half reach the client before the cut.
+        let stream = futures::StreamExt::chain(
+            futures::stream::iter([Ok::<_, std::io::Error>(half)]),
+            futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::other("truncated by the simulator"))
+            }),
+        );
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, full)
+            .body(Body::from_stream(stream))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    ok_json(value)
+}
+
+#[derive(Debug, Deserialize)]
+struct Credentials {
+    username: String,
+    password: String,
+}
+
+fn login(fleet: &Fleet, worker: &SimWorker, creds: &Credentials) -> Option<(String, String)> {
+    if creds.username != fleet.username || creds.password != fleet.password {
+        return None;
+    }
+    let now = chrono::Utc::now().timestamp();
+    let user_id = SimWorker::users()[0].id.clone();
+    let claims = Claims {
+        iss: "com.cisco.virl".into(),
+        iat: now,
+        exp: now + fleet.token_ttl.as_secs() as i64,
+        sub: user_id.clone(),
+        wid: worker.id.clone(),
+        epoch: worker.token_epoch(),
+    };
+    Some((token::issue(&fleet.secret, &claims), user_id))
+}
+
+async fn authenticate(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    Json(creds): Json<Credentials>,
+) -> Response {
+    if let Some(r) = before(&worker, &ctl, "authenticate").await {
+        return r;
+    }
+    match login(&fleet, &worker, &creds) {
+        Some((token, _)) => ok_json(Value::String(token)),
+        None => cml_error(StatusCode::FORBIDDEN, "Authentication failed!"),
+    }
+}
+
+async fn auth_extended(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    Json(creds): Json<Credentials>,
+) -> Response {
+    if let Some(r) = before(&worker, &ctl, "auth_extended").await {
+        return r;
+    }
+    match login(&fleet, &worker, &creds) {
+        Some((token, id)) => ok_json(
+            json!({ "username": creds.username, "id": id, "token": token, "admin": true, "error": null }),
+        ),
+        None => cml_error(StatusCode::FORBIDDEN, "Authentication failed!"),
+    }
+}
+
+/// The caller's claims, or the 401 CML gives for a missing, bad or expired token.
+fn authorize(fleet: &Fleet, worker: &SimWorker, headers: &HeaderMap) -> Result<Claims, Response> {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(cml_error(
+            StatusCode::UNAUTHORIZED,
+            "Not authenticated: 401 Unauthorized: No authorization token provided.",
+        ));
+    };
+    let token = value.strip_prefix("Bearer ").unwrap_or("");
+    let claims = token::verify(&fleet.secret, token)
+        .filter(|c| c.wid == worker.id)
+        .ok_or_else(|| {
+            cml_error(
+                StatusCode::UNAUTHORIZED,
+                "Not authenticated: 401 Unauthorized: Invalid token.",
+            )
+        })?;
+    if claims.exp <= chrono::Utc::now().timestamp() || claims.epoch != worker.token_epoch() {
+        return Err(cml_error(
+            StatusCode::UNAUTHORIZED,
+            "Not authenticated: 401 Unauthorized: Token has expired.",
+        ));
+    }
+    Ok(claims)
+}
+
+macro_rules! guard {
+    ($fleet:expr, $worker:expr, $ctl:expr, $headers:expr, $endpoint:expr) => {{
+        if let Some(r) = before(&$worker, &$ctl, $endpoint).await {
+            return r;
+        }
+        match authorize(&$fleet, &$worker, &$headers) {
+            Ok(claims) => claims,
+            Err(r) => return r,
+        }
+    }};
+}
+
+async fn authok(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(fleet, worker, ctl, headers, "authok");
+    ok_json(json!("OK"))
+}
+
+async fn authentication(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+) -> Response {
+    if worker.personality != Personality::V2_10 {
+        return not_found().await;
+    }
+    let claims = guard!(fleet, worker, ctl, headers, "authentication");
+    ok_json(json!({ "id": claims.sub, "admin": true, "username": fleet.username }))
+}
+
+async fn system_information(
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+) -> Response {
+    if let Some(r) = before(&worker, &ctl, "system_information").await {
+        return r;
+    }
+    let mut info = json!({
+        "version": worker.personality.version(),
+        "ready": true,
+        "allow_ssh_pubkey_auth": false,
+        "oui": "52:54:00:00:00:00",
+    });
+    if worker.personality == Personality::V2_10 {
+        info["timeout"] = json!(14400);
+        info["features"] = json!(["resource_pools", "node_staging"]);
+    }
+    ok_json(info)
+}
+
+#[derive(Debug, Deserialize)]
+struct LabsQuery {
+    show_all: Option<String>,
+}
+
+async fn labs(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+    Query(q): Query<LabsQuery>,
+) -> Response {
+    let claims = guard!(fleet, worker, ctl, headers, "labs");
+    if worker.faults().labs_list_404 {
+        return not_found().await;
+    }
+    let show_all = q
+        .show_all
+        .as_deref()
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let ids: Vec<String> = worker
+        .labs()
+        .into_iter()
+        .filter(|l| show_all || l.owner.id == claims.sub)
+        .map(|l| l.id)
+        .collect();
+    data(&worker, json!(ids))
+}
+
+fn lab_not_found(lab_id: &str) -> Response {
+    cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}"))
+}
+
+async fn lab(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+    Path(lab_id): Path<String>,
+) -> Response {
+    guard!(fleet, worker, ctl, headers, "lab");
+    match worker.lab(&lab_id) {
+        Some(l) => data(&worker, l.to_json(worker.personality)),
+        None => lab_not_found(&lab_id),
+    }
+}
+
+async fn lab_state(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+    Path(lab_id): Path<String>,
+) -> Response {
+    guard!(fleet, worker, ctl, headers, "lab_state");
+    match worker.lab(&lab_id) {
+        Some(l) => data(&worker, json!(l.state)),
+        None => lab_not_found(&lab_id),
+    }
+}
+
+/// `labs/{id}/topology`: what Cisco's client reads when it joins a lab. Nodes and links are
+/// summarised in the tiles; here the lab's own properties are what matter.
+async fn lab_topology(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+    Path(lab_id): Path<String>,
+) -> Response {
+    guard!(fleet, worker, ctl, headers, "lab_topology");
+    match worker.lab(&lab_id) {
+        Some(l) => data(
+            &worker,
+            json!({
+                "lab": { "title": l.title, "description": l.description, "notes": l.notes, "owner": l.owner.id, "version": "0.3.0" },
+                "nodes": [], "links": [], "annotations": [], "smart_annotations": [],
+            }),
+        ),
+        None => lab_not_found(&lab_id),
+    }
+}
+
+async fn populate_lab_tiles(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(fleet, worker, ctl, headers, "populate_lab_tiles");
+    if worker.faults().bulk_missing {
+        return not_found().await;
+    }
+    let tiles: serde_json::Map<String, Value> = worker
+        .labs()
+        .into_iter()
+        .map(|l| (l.id.clone(), l.to_tile(worker.personality)))
+        .collect();
+    data(&worker, json!({ "lab_tiles": tiles }))
+}
+
+/// `GET users`: Cisco's client resolves lab owners through it.
+async fn users(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(worker): Extension<Arc<SimWorker>>,
+    Extension(ctl): Extension<ConnControl>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(fleet, worker, ctl, headers, "users");
+    let labs = worker.labs();
+    let users: Vec<Value> = SimWorker::users()
+        .into_iter()
+        .map(|u| {
+            let owned: Vec<&str> = labs.iter().filter(|l| l.owner.id == u.id).map(|l| l.id.as_str()).collect();
+            json!({
+                "id": u.id, "username": u.username, "fullname": u.fullname, "description": "",
+                "email": "", "admin": u.username == "admin", "directory_dn": "", "groups": [],
+                "labs": owned, "opt_in": true, "resource_pool": null, "tour_version": "", "pubkey_info": "",
+            })
+        })
+        .collect();
+    data(&worker, json!(users))
+}

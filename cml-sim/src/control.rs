@@ -1,0 +1,244 @@
+//! The HTTP control API of the simulator, for scripts: labs, faults, token expiry, churn.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, patch, post},
+    Json, Router,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    fleet::Fleet,
+    model::{Faults, SimWorker, LAB_STATES},
+};
+
+#[derive(Debug, Clone)]
+struct Ctx {
+    fleet: Arc<Fleet>,
+    endpoints: Arc<BTreeMap<String, String>>,
+}
+
+pub fn router(fleet: Arc<Fleet>, endpoints: BTreeMap<String, String>) -> Router {
+    Router::new()
+        .route("/workers", get(workers))
+        .route("/workers/{id}/labs", get(labs).post(create_lab))
+        .route(
+            "/workers/{id}/labs/{lab_id}",
+            patch(update_lab).delete(delete_lab),
+        )
+        .route(
+            "/workers/{id}/faults",
+            get(faults).put(set_faults).delete(clear_faults),
+        )
+        .route("/workers/{id}/expire-tokens", post(expire_tokens))
+        .route("/workers/{id}/calls", get(calls).delete(reset_calls))
+        .route("/churn", post(churn))
+        .with_state(Ctx {
+            fleet,
+            endpoints: Arc::new(endpoints),
+        })
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": detail.into() }))).into_response()
+}
+
+fn worker(ctx: &Ctx, id: &str) -> Result<Arc<SimWorker>, Response> {
+    ctx.fleet
+        .worker(id)
+        .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("no worker {id}")))
+}
+
+async fn workers(State(ctx): State<Ctx>) -> Json<Value> {
+    Json(json!(ctx
+        .fleet
+        .workers
+        .iter()
+        .map(|w| json!({
+            "id": w.id, "name": w.name, "aws_region": w.aws_region,
+            "version": w.personality.version(), "endpoint": ctx.endpoints.get(&w.id),
+            "lab_count": w.lab_ids().len(),
+        }))
+        .collect::<Vec<_>>()))
+}
+
+async fn labs(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) => Json(json!(w.labs())).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Fields a script may set on a lab; absent ones keep their value (or a generated one).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabPatch {
+    title: Option<String>,
+    description: Option<String>,
+    notes: Option<String>,
+    state: Option<String>,
+    node_count: Option<u32>,
+    link_count: Option<u32>,
+}
+
+impl LabPatch {
+    fn validate(&self) -> Result<(), Response> {
+        match &self.state {
+            Some(s) if !LAB_STATES.contains(&s.as_str()) => Err(problem(
+                StatusCode::BAD_REQUEST,
+                format!("state must be one of {LAB_STATES:?}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn apply(self, lab: &mut crate::model::SimLab) {
+        if let Some(v) = self.title {
+            lab.title = v
+        }
+        if let Some(v) = self.description {
+            lab.description = v
+        }
+        if let Some(v) = self.notes {
+            lab.notes = v
+        }
+        if let Some(v) = self.state {
+            lab.state = v
+        }
+        if let Some(v) = self.node_count {
+            lab.node_count = v
+        }
+        if let Some(v) = self.link_count {
+            lab.link_count = v
+        }
+    }
+}
+
+async fn create_lab(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    body: Option<Json<LabPatch>>,
+) -> Response {
+    let w = match worker(&ctx, &id) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let patch = body.map(|Json(p)| p).unwrap_or_default();
+    if let Err(r) = patch.validate() {
+        return r;
+    }
+    let lab_id = w.create_lab(None);
+    w.update_lab(&lab_id, |l| patch.apply(l));
+    (StatusCode::CREATED, Json(json!(w.lab(&lab_id)))).into_response()
+}
+
+async fn update_lab(
+    State(ctx): State<Ctx>,
+    Path((id, lab_id)): Path<(String, String)>,
+    Json(patch): Json<LabPatch>,
+) -> Response {
+    let w = match worker(&ctx, &id) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    if let Err(r) = patch.validate() {
+        return r;
+    }
+    if w.update_lab(&lab_id, |l| patch.apply(l)) {
+        Json(json!(w.lab(&lab_id))).into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
+    }
+}
+
+async fn delete_lab(
+    State(ctx): State<Ctx>,
+    Path((id, lab_id)): Path<(String, String)>,
+) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) if w.delete_lab(&lab_id) => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}")),
+        Err(r) => r,
+    }
+}
+
+async fn faults(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) => Json(json!(w.faults())).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn set_faults(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    Json(faults): Json<Faults>,
+) -> Response {
+    if !(0.0..=1.0).contains(&faults.error_rate) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "error_rate must be between 0 and 1",
+        );
+    }
+    match worker(&ctx, &id) {
+        Ok(w) => {
+            w.set_faults(faults);
+            Json(json!(w.faults())).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn clear_faults(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) => {
+            w.set_faults(Faults::default());
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn expire_tokens(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) => {
+            w.expire_tokens();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn calls(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) => Json(json!(w.calls())).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn reset_calls(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match worker(&ctx, &id) {
+        Ok(w) => {
+            w.reset_calls();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Churn {
+    share: f64,
+}
+
+async fn churn(State(ctx): State<Ctx>, Json(c): Json<Churn>) -> Response {
+    if !(0.0..=1.0).contains(&c.share) {
+        return problem(StatusCode::BAD_REQUEST, "share must be between 0 and 1");
+    }
+    Json(json!({ "changed": ctx.fleet.churn(c.share) })).into_response()
+}

@@ -1,0 +1,188 @@
+//! `cml-sim`: serves a simulated CML fleet on loopback for local runs, demos and tests.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use cml_sim::{registry, Addressing, FleetConfig, Personality, ServeOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cml-sim",
+    version,
+    about = "A fleet of simulated CML servers with fault injection."
+)]
+struct Cli {
+    #[arg(long, default_value_t = 5)]
+    workers: usize,
+    #[arg(long, default_value_t = 20)]
+    labs_per_worker: usize,
+    /// Same seed, same fleet.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// CML releases to imitate, assigned round-robin (2.4, 2.9, 2.10).
+    #[arg(long, value_delimiter = ',', default_value = "2.4,2.9,2.10")]
+    versions: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Addressing::Ports)]
+    addressing: Addressing,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port of prefix addressing (0: any).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Port of the control API (0: any).
+    #[arg(long, default_value_t = 0)]
+    control_port: u16,
+    /// Serve HTTPS with a generated certificate (its CA goes to STATE_DIR/ca.pem).
+    #[arg(long)]
+    tls: bool,
+    /// Where `endpoints.json` (and `ca.pem`) are written.
+    #[arg(long, default_value = ".local/cml-sim")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "admin")]
+    username: String,
+    #[arg(
+        long,
+        env = "CML_SIM_PASSWORD",
+        default_value = "local-dev-password",
+        hide_env_values = true
+    )]
+    password: String,
+    /// Token lifetime, e.g. 24h or 30s.
+    #[arg(long, default_value = "24h", value_parser = humantime_duration)]
+    token_ttl: Duration,
+    /// Change the state of a share of labs every so often (e.g. 60s); off when absent.
+    #[arg(long, value_parser = humantime_duration)]
+    churn_every: Option<Duration>,
+    #[arg(long, default_value_t = 0.1)]
+    churn_share: f64,
+    /// Write the fleet into this MongoDB's worker registry.
+    #[arg(long, env = "CML_SIM_MONGODB_URI", hide_env_values = true)]
+    mongodb_uri: Option<String>,
+    #[arg(long, default_value = "cml_cloud_manager")]
+    mongodb_database: String,
+    #[arg(long, default_value = "cml_workers")]
+    workers_collection: String,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 5m or 24h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => return Ok(Duration::from_millis(n)),
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}` is not a duration like 30s, 5m or 24h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let personalities = cli
+        .versions
+        .iter()
+        .map(|v| {
+            Personality::parse(v)
+                .with_context(|| format!("unknown CML version {v} (2.4, 2.9 or 2.10)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cfg = FleetConfig {
+        workers: cli.workers,
+        labs_per_worker: cli.labs_per_worker,
+        seed: cli.seed,
+        personalities,
+        username: cli.username.clone(),
+        password: cli.password.clone(),
+        token_ttl: cli.token_ttl,
+    };
+    let opts = ServeOptions {
+        host: cli.host,
+        addressing: cli.addressing,
+        port: cli.port,
+        tls: cli.tls,
+        state_dir: Some(cli.state_dir.clone()),
+    };
+    let running = cml_sim::start(&cfg, &opts)
+        .await
+        .context("cannot serve the fleet")?;
+
+    let control = tokio::net::TcpListener::bind((cli.host, cli.control_port))
+        .await
+        .context("cannot bind the control port")?;
+    let control_url = format!("http://{}", control.local_addr()?);
+    let router = cml_sim::control::router(running.fleet.clone(), running.endpoints.clone());
+    tokio::spawn(async move { axum::serve(control, router).await });
+
+    let summary = serde_json::json!({
+        "control": control_url,
+        "workers": running.endpoints,
+        "ca_file": running.ca_path,
+    });
+    cml_sim::server::write_file(
+        &cli.state_dir,
+        "endpoints.json",
+        &serde_json::to_string_pretty(&summary)?,
+    )?;
+
+    if let Some(uri) = &cli.mongodb_uri {
+        let client = mongodb::Client::with_uri_str(uri)
+            .await
+            .context("bad --mongodb-uri")?;
+        let n = registry::write_registry(
+            &client,
+            &cli.mongodb_database,
+            &cli.workers_collection,
+            &running.fleet,
+            &running.endpoints,
+        )
+        .await
+        .context("cannot write the worker registry")?;
+        tracing::info!(workers = n, database = %cli.mongodb_database, "Wrote {n} workers into the registry");
+    }
+    tracing::info!(
+        workers = cli.workers, labs_per_worker = cli.labs_per_worker, control = %control_url,
+        "Simulated CML fleet ready; endpoints in {}", cli.state_dir.join("endpoints.json").display()
+    );
+    println!(
+        "cml-sim ready control={control_url} state_dir={}",
+        cli.state_dir.display()
+    );
+
+    if let Some(every) = cli.churn_every {
+        let fleet = running.fleet.clone();
+        let share = cli.churn_share;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let changed = fleet.churn(share);
+                tracing::info!(changed, "Churned lab states");
+            }
+        });
+    }
+    shutdown_signal().await;
+    tracing::info!("Stopping the simulated fleet");
+    drop(running);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

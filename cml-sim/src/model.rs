@@ -1,0 +1,507 @@
+//! The simulated fleet's data: workers, their labs, version personalities and injected faults.
+//!
+//! Everything is generated from a seed, so a fleet is the same on every run.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard,
+    },
+};
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// A small, fast, deterministic generator (SplitMix64); quality is ample for test data.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    /// A version-4-shaped UUID.
+    pub fn uuid(&mut self) -> String {
+        let (a, b) = (self.next_u64(), self.next_u64());
+        let bytes: Vec<u8> = a.to_be_bytes().into_iter().chain(b.to_be_bytes()).collect();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&bytes);
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        uuid::Uuid::from_bytes(b).to_string()
+    }
+}
+
+/// Which CML release a simulated server imitates; payloads differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Personality {
+    /// Groups as `{id, name, permission}` objects; no `owner_fullname`; `+00:00` times.
+    #[serde(rename = "2.4")]
+    V2_4,
+    /// Groups `[]`; `owner_fullname` and `effective_permissions`.
+    #[serde(rename = "2.9")]
+    V2_9,
+    /// No `groups`; `autostart` and `node_staging`; `Z` times; `/authentication`.
+    #[serde(rename = "2.10")]
+    V2_10,
+}
+
+impl Personality {
+    pub const ALL: [Personality; 3] = [Personality::V2_4, Personality::V2_9, Personality::V2_10];
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Personality::V2_4 => "2.4.1+build.2",
+            Personality::V2_9 => "2.9.1+build.7",
+            Personality::V2_10 => "2.10.0+build.3",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "2.4" => Some(Personality::V2_4),
+            "2.9" => Some(Personality::V2_9),
+            "2.10" => Some(Personality::V2_10),
+            _ => None,
+        }
+    }
+
+    fn time(self, t: DateTime<Utc>) -> String {
+        match self {
+            Personality::V2_10 => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+            _ => t.to_rfc3339_opts(SecondsFormat::Secs, false),
+        }
+    }
+}
+
+/// CML lab states (QUEUED/BOOTED/STARTING are node states, not lab states).
+pub const LAB_STATES: [&str; 3] = ["DEFINED_ON_CORE", "STOPPED", "STARTED"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimUser {
+    pub id: String,
+    pub username: String,
+    pub fullname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimGroup {
+    pub id: String,
+    pub name: String,
+}
+
+/// One lab on one simulated server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimLab {
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub notes: String,
+    pub state: String,
+    pub owner: SimUser,
+    pub node_count: u32,
+    pub link_count: u32,
+    pub groups: Vec<SimGroup>,
+    pub created: DateTime<Utc>,
+    pub modified: DateTime<Utc>,
+}
+
+impl SimLab {
+    /// The lab object of `GET labs/{id}`, shaped by the server's release.
+    pub fn to_json(&self, p: Personality) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "created": p.time(self.created),
+            "modified": p.time(self.modified),
+            "lab_title": self.title,
+            "lab_description": self.description,
+            "lab_notes": self.notes,
+            "owner": self.owner.id,
+            "owner_username": self.owner.username,
+            "state": self.state,
+            "node_count": self.node_count,
+            "link_count": self.link_count,
+        });
+        let o = v.as_object_mut().expect("object literal");
+        match p {
+            Personality::V2_4 => {
+                o.insert(
+                    "groups".into(),
+                    self.groups
+                        .iter()
+                        .map(|g| json!({ "id": g.id, "name": g.name, "permission": "read_only" }))
+                        .collect(),
+                );
+            }
+            Personality::V2_9 => {
+                o.insert("owner_fullname".into(), json!(self.owner.fullname));
+                o.insert(
+                    "effective_permissions".into(),
+                    json!(["lab_admin", "lab_edit", "lab_exec", "lab_view"]),
+                );
+                o.insert("groups".into(), json!([]));
+            }
+            Personality::V2_10 => {
+                o.insert("owner_fullname".into(), json!(self.owner.fullname));
+                o.insert(
+                    "effective_permissions".into(),
+                    json!(["lab_admin", "lab_edit", "lab_exec", "lab_view"]),
+                );
+                o.insert(
+                    "autostart".into(),
+                    json!({ "enabled": false, "priority": null, "delay": null }),
+                );
+                o.insert(
+                    "node_staging".into(),
+                    json!({ "enabled": false, "start_remaining": true, "abort_on_failure": false }),
+                );
+            }
+        }
+        v
+    }
+
+    /// A tile of `populate_lab_tiles`: the lab object plus a topology summary.
+    pub fn to_tile(&self, p: Personality) -> Value {
+        let mut v = self.to_json(p);
+        let node_state = match self.state.as_str() {
+            "STARTED" => "BOOTED",
+            "STOPPED" => "STOPPED",
+            _ => "DEFINED_ON_CORE",
+        };
+        let nodes: Vec<Value> = (0..self.node_count)
+            .map(|i| {
+                json!({
+                    "id": format!("n{i}"), "label": format!("node-{i}"), "node_definition": "iosv",
+                    "x": i * 100, "y": 0, "state": node_state,
+                })
+            })
+            .collect();
+        let links: Vec<Value> = (0..self.link_count)
+            .map(|i| {
+                json!({
+                    "id": format!("l{i}"),
+                    "node_a": format!("n{}", i % self.node_count.max(1)),
+                    "node_b": format!("n{}", (i + 1) % self.node_count.max(1)),
+                    "state": node_state,
+                })
+            })
+            .collect();
+        v["topology"] = json!({ "nodes": nodes, "links": links, "lab": { "title": self.title } });
+        v
+    }
+}
+
+/// Faults injected into one simulated server's answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added before every answer.
+    pub latency_ms: u64,
+    /// Share of API calls (0.0–1.0) answered with one of `error_statuses`.
+    pub error_rate: f64,
+    /// Statuses used by `error_rate`; empty means 500, 502 and 503.
+    pub error_statuses: Vec<u16>,
+    /// Never answer.
+    pub hang: bool,
+    /// Reset the connection instead of answering.
+    pub reset: bool,
+    /// Answer data endpoints with broken JSON.
+    pub malformed_json: bool,
+    /// Announce a body longer than the one sent, then close.
+    pub truncated_body: bool,
+    /// `GET labs` answers 404.
+    pub labs_list_404: bool,
+    /// `populate_lab_tiles` does not exist (404), as on servers that predate it.
+    pub bulk_missing: bool,
+}
+
+/// One simulated CML server.
+#[derive(Debug)]
+pub struct SimWorker {
+    pub id: String,
+    pub name: String,
+    pub aws_region: String,
+    pub personality: Personality,
+    labs: Mutex<BTreeMap<String, SimLab>>,
+    faults: Mutex<Faults>,
+    /// Tokens carry the epoch they were issued in; bumping it expires them all.
+    token_epoch: AtomicU64,
+    rng: Mutex<Rng>,
+    /// Counts of API calls by endpoint name, for tests.
+    calls: Mutex<BTreeMap<String, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const TITLES: [&str; 8] = [
+    "CCNA practice",
+    "BGP lab",
+    "OSPF areas",
+    "Firewall test",
+    "SD-WAN pilot",
+    "MPLS core",
+    "Campus LAN",
+    "DMVPN",
+];
+const USERS: [(&str, &str); 4] = [
+    ("admin", "Admin User"),
+    ("alice", "Alice Example"),
+    ("bob", ""),
+    ("carol", "Carol Tester"),
+];
+const GROUPS: [&str; 4] = ["netops", "students", "admins", "lab-team"];
+
+impl SimWorker {
+    /// A worker with `labs` generated labs, all from `rng`.
+    pub fn generate(index: usize, labs: usize, personality: Personality, rng: &mut Rng) -> Self {
+        let id = rng.uuid();
+        let regions = ["us-east-1", "us-west-2", "eu-west-1", "ap-southeast-1"];
+        let worker = Self {
+            name: format!("cml-worker-{index:04}"),
+            aws_region: rng.pick(&regions).to_string(),
+            personality,
+            labs: Mutex::new(BTreeMap::new()),
+            faults: Mutex::new(Faults::default()),
+            token_epoch: AtomicU64::new(0),
+            rng: Mutex::new(Rng::new(rng.next_u64())),
+            calls: Mutex::new(BTreeMap::new()),
+            id,
+        };
+        for _ in 0..labs {
+            worker.create_lab(None);
+        }
+        worker
+    }
+
+    pub fn users() -> Vec<SimUser> {
+        USERS
+            .iter()
+            .enumerate()
+            .map(|(i, (u, f))| SimUser {
+                id: format!("00000000-0000-4000-a000-{:012}", i),
+                username: (*u).to_owned(),
+                fullname: (*f).to_owned(),
+            })
+            .collect()
+    }
+
+    /// Adds a lab (generated unless given) and returns its id.
+    pub fn create_lab(&self, lab: Option<SimLab>) -> String {
+        let lab = lab.unwrap_or_else(|| {
+            let mut rng = lock(&self.rng);
+            let users = Self::users();
+            let created = Utc::now() - Duration::seconds(rng.below(90 * 86_400) as i64);
+            let created = created.with_nanosecond0();
+            let nodes = rng.below(12) as u32;
+            let groups = (0..rng.below(3))
+                .map(|_| {
+                    let name = rng.pick(&GROUPS).to_string();
+                    SimGroup {
+                        id: format!("g-{name}"),
+                        name,
+                    }
+                })
+                .collect::<Vec<_>>();
+            SimLab {
+                id: rng.uuid(),
+                title: format!("{} {}", rng.pick(&TITLES), rng.below(1000)),
+                description: if rng.below(2) == 0 {
+                    String::new()
+                } else {
+                    "A lab for practice.".into()
+                },
+                notes: if rng.below(3) == 0 {
+                    "## Notes\n\nRemember to save configs.".into()
+                } else {
+                    String::new()
+                },
+                state: rng.pick(&LAB_STATES).to_string(),
+                owner: rng.pick(&users).clone(),
+                node_count: nodes,
+                link_count: nodes.saturating_sub(1),
+                groups,
+                created,
+                modified: created,
+            }
+        });
+        let id = lab.id.clone();
+        lock(&self.labs).insert(id.clone(), lab);
+        id
+    }
+
+    pub fn delete_lab(&self, lab_id: &str) -> bool {
+        lock(&self.labs).remove(lab_id).is_some()
+    }
+
+    /// Applies `f` to a lab and bumps its `modified` time; false when the lab does not exist.
+    pub fn update_lab(&self, lab_id: &str, f: impl FnOnce(&mut SimLab)) -> bool {
+        let mut labs = lock(&self.labs);
+        match labs.get_mut(lab_id) {
+            Some(lab) => {
+                f(lab);
+                lab.modified = Utc::now().with_nanosecond0().max(lab.modified);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn lab(&self, lab_id: &str) -> Option<SimLab> {
+        lock(&self.labs).get(lab_id).cloned()
+    }
+
+    pub fn labs(&self) -> Vec<SimLab> {
+        lock(&self.labs).values().cloned().collect()
+    }
+
+    pub fn lab_ids(&self) -> Vec<String> {
+        lock(&self.labs).keys().cloned().collect()
+    }
+
+    pub fn faults(&self) -> Faults {
+        lock(&self.faults).clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.faults) = faults;
+    }
+
+    pub fn token_epoch(&self) -> u64 {
+        self.token_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Every token issued so far stops working.
+    pub fn expire_tokens(&self) {
+        self.token_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Moves a share of labs to another state (the background churn of demos).
+    pub fn churn(&self, share: f64) -> usize {
+        let ids = self.lab_ids();
+        let mut changed = 0;
+        for id in ids {
+            let (hit, next) = {
+                let mut rng = lock(&self.rng);
+                (rng.unit() < share, rng.pick(&LAB_STATES).to_string())
+            };
+            if hit && self.update_lab(&id, |l| l.state = next.clone()) {
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    pub fn roll(&self) -> f64 {
+        lock(&self.rng).unit()
+    }
+
+    pub fn pick_status(&self, statuses: &[u16]) -> u16 {
+        let defaults = [500, 502, 503];
+        let list = if statuses.is_empty() {
+            &defaults[..]
+        } else {
+            statuses
+        };
+        *lock(&self.rng).pick(list)
+    }
+
+    pub fn count_call(&self, endpoint: &str) {
+        *lock(&self.calls).entry(endpoint.to_owned()).or_default() += 1;
+    }
+
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        lock(&self.calls).clone()
+    }
+
+    pub fn reset_calls(&self) {
+        lock(&self.calls).clear();
+    }
+}
+
+trait TruncateNanos {
+    fn with_nanosecond0(self) -> Self;
+}
+
+impl TruncateNanos for DateTime<Utc> {
+    /// CML reports times with seconds precision.
+    fn with_nanosecond0(self) -> Self {
+        use chrono::Timelike;
+        self.with_nanosecond(0).unwrap_or(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_fleet() {
+        let gen = |seed| {
+            let mut rng = Rng::new(seed);
+            let w = SimWorker::generate(0, 5, Personality::V2_9, &mut rng);
+            (
+                w.id.clone(),
+                w.labs()
+                    .into_iter()
+                    .map(|l| (l.id, l.title, l.state))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(gen(7).0, gen(7).0);
+        assert_eq!(gen(7).1, gen(7).1);
+        assert_ne!(gen(7).0, gen(8).0);
+    }
+
+    #[test]
+    fn payloads_follow_the_personality() {
+        let mut rng = Rng::new(1);
+        let w = SimWorker::generate(0, 1, Personality::V2_4, &mut rng);
+        let mut lab = w.labs().remove(0);
+        lab.groups = vec![SimGroup {
+            id: "g1".into(),
+            name: "netops".into(),
+        }];
+        let v24 = lab.to_json(Personality::V2_4);
+        assert!(v24.get("owner_fullname").is_none());
+        assert_eq!(v24["groups"][0]["name"], "netops");
+        assert!(v24["created"].as_str().expect("time").ends_with("+00:00"));
+        let v29 = lab.to_json(Personality::V2_9);
+        assert_eq!(v29["groups"], json!([]));
+        let v210 = lab.to_json(Personality::V2_10);
+        assert!(v210.get("groups").is_none());
+        assert!(v210["created"].as_str().expect("time").ends_with('Z'));
+        assert!(v210.get("autostart").is_some());
+        let tile = lab.to_tile(Personality::V2_10);
+        assert_eq!(
+            tile["topology"]["nodes"].as_array().map(Vec::len),
+            Some(lab.node_count as usize)
+        );
+    }
+}

@@ -1,0 +1,526 @@
+//! HTTP side of the CML client. Mapping of payloads lives in [`super::payload`].
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use futures::{stream, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use url::Url;
+
+use super::payload;
+use crate::{
+    change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret, Error, Result,
+};
+
+/// A CML server to talk to: the worker id (for tokens, logs, errors) and its endpoint, e.g.
+/// `https://10.0.0.5` or `https://proxy.example/cml-7` (a path prefix is kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmlTarget {
+    pub worker_id: String,
+    pub endpoint: String,
+}
+
+/// `GET system_information`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemInfo {
+    pub version: String,
+    pub ready: bool,
+}
+
+/// How a listing was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchSource {
+    /// One `populate_lab_tiles` call.
+    Bulk,
+    /// `labs?show_all=true`, then `labs/{id}` for each lab.
+    Fallback,
+}
+
+/// Every lab of one worker, and whether that is the whole truth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabListing {
+    pub labs: Vec<ObservedLab>,
+    pub listing: Listing,
+    pub source: FetchSource,
+    /// HTTP requests sent for this listing, authentication included.
+    pub calls: u32,
+    /// Why the fallback was used or why the listing is partial, for the log line.
+    pub note: Option<String>,
+}
+
+/// A bearer token and the worker's lock that serialises re-authentication.
+type TokenSlot = Arc<tokio::sync::Mutex<Option<String>>>;
+
+/// Talks to every CML worker through one connection pool.
+#[derive(Debug)]
+pub struct CmlClient {
+    http: reqwest::Client,
+    username: String,
+    password: Secret,
+    verify_tls: bool,
+    request_timeout: Duration,
+    fallback_concurrency: usize,
+    tokens: Mutex<HashMap<String, TokenSlot>>,
+    warned_insecure: Mutex<HashSet<String>>,
+}
+
+impl CmlClient {
+    pub fn new(cfg: &CmlConfig) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout.get())
+            .timeout(cfg.request_timeout.get())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("cml-labs-sync/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(!cfg.verify_tls);
+        if !cfg.ca_bundle.is_empty() {
+            let pem = std::fs::read(&cfg.ca_bundle).map_err(|e| {
+                Error::HttpClient(format!("cannot read cml.ca_bundle {}: {e}", cfg.ca_bundle))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::HttpClient(format!("cml.ca_bundle {} is not PEM: {e}", cfg.ca_bundle))
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Self {
+            http: builder
+                .build()
+                .map_err(|e| Error::HttpClient(e.to_string()))?,
+            username: cfg.username.clone(),
+            password: cfg.password.clone(),
+            verify_tls: cfg.verify_tls,
+            request_timeout: cfg.request_timeout.get(),
+            fallback_concurrency: cfg.fallback_concurrency.max(1),
+            tokens: Mutex::new(HashMap::new()),
+            warned_insecure: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// `GET system_information` (no token needed).
+    pub async fn system_information(&self, target: &CmlTarget) -> Result<SystemInfo> {
+        let calls = AtomicU32::new(0);
+        let body = self
+            .get(target, "system_information", false, &calls)
+            .await?;
+        Ok(SystemInfo {
+            version: body
+                .get("version")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            ready: body.get("ready").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    /// `GET labs?show_all=true`: the ids of every user's labs.
+    pub async fn list_lab_ids(&self, target: &CmlTarget) -> Result<Vec<String>> {
+        let calls = AtomicU32::new(0);
+        self.lab_ids(target, &calls).await
+    }
+
+    /// `GET labs/{id}`; `None` when the lab does not exist (any more).
+    pub async fn lab_details(
+        &self,
+        target: &CmlTarget,
+        lab_id: &str,
+    ) -> Result<Option<ObservedLab>> {
+        let calls = AtomicU32::new(0);
+        self.lab(target, lab_id, &calls).await
+    }
+
+    /// Every lab of a worker: one `populate_lab_tiles` call when the server has it, otherwise
+    /// (or when it fails) the listing plus one call per lab, a few at a time.
+    pub async fn fetch_labs(&self, target: &CmlTarget) -> Result<LabListing> {
+        self.warn_once_if_insecure(target);
+        let calls = AtomicU32::new(0);
+        let note = match self.get(target, "populate_lab_tiles", true, &calls).await {
+            Ok(body) => match payload::labs_from_tiles(&body) {
+                Ok(labs) => {
+                    return Ok(LabListing {
+                        labs,
+                        listing: Listing::Complete,
+                        source: FetchSource::Bulk,
+                        calls: calls.into_inner(),
+                        note: None,
+                    })
+                }
+                Err(detail) => format!("populate_lab_tiles was malformed ({detail})"),
+            },
+            Err(Error::CmlStatus {
+                status: 404 | 405, ..
+            }) => "populate_lab_tiles is not offered".to_owned(),
+            // The server cannot be reached or refuses us: the fallback would fail the same way.
+            Err(
+                e @ (Error::CmlUnreachable { .. }
+                | Error::CmlTimeout { .. }
+                | Error::CmlAuthFailed { .. }),
+            ) => return Err(e),
+            Err(e) => format!("populate_lab_tiles failed ({e})"),
+        };
+
+        let ids = self.lab_ids(target, &calls).await?;
+        let results: Vec<(String, Result<Option<ObservedLab>>)> = stream::iter(ids)
+            .map(|id| async {
+                let r = self.lab(target, &id, &calls).await;
+                (id, r)
+            })
+            .buffer_unordered(self.fallback_concurrency)
+            .collect()
+            .await;
+        let mut labs = Vec::with_capacity(results.len());
+        let mut failed = Vec::new();
+        for (id, r) in results {
+            match r {
+                Ok(Some(lab)) => labs.push(lab),
+                // Deleted between the listing and the details: gone, not an error.
+                Ok(None) => {}
+                Err(e) => failed.push(format!("{id}: {}", e.metric_label())),
+            }
+        }
+        labs.sort_by(|a, b| a.lab_id.cmp(&b.lab_id));
+        let (listing, note) = if failed.is_empty() {
+            (Listing::Complete, note)
+        } else {
+            (
+                Listing::Partial,
+                format!(
+                    "{note}; {} of the lab detail calls failed ({})",
+                    failed.len(),
+                    failed.join(", ")
+                ),
+            )
+        };
+        Ok(LabListing {
+            labs,
+            listing,
+            source: FetchSource::Fallback,
+            calls: calls.into_inner(),
+            note: Some(note),
+        })
+    }
+
+    async fn lab_ids(&self, target: &CmlTarget, calls: &AtomicU32) -> Result<Vec<String>> {
+        let body = self.get(target, "labs?show_all=true", true, calls).await?;
+        payload::lab_ids(&body).map_err(|detail| Error::CmlMalformed {
+            worker: target.worker_id.clone(),
+            path: "labs".into(),
+            detail,
+        })
+    }
+
+    async fn lab(
+        &self,
+        target: &CmlTarget,
+        lab_id: &str,
+        calls: &AtomicU32,
+    ) -> Result<Option<ObservedLab>> {
+        let path = format!("labs/{}", urlencode(lab_id));
+        match self.get(target, &path, true, calls).await {
+            Ok(body) => payload::lab_from_json(lab_id, &body)
+                .map(Some)
+                .map_err(|detail| Error::CmlMalformed {
+                    worker: target.worker_id.clone(),
+                    path,
+                    detail,
+                }),
+            Err(Error::CmlStatus { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// GET with the worker's token; on 401, authenticates once more and retries once.
+    async fn get(
+        &self,
+        target: &CmlTarget,
+        path: &str,
+        auth: bool,
+        calls: &AtomicU32,
+    ) -> Result<Value> {
+        if !auth {
+            return self
+                .send(target, Method::GET, path, None, None, calls)
+                .await;
+        }
+        let slot = self.token_slot(&target.worker_id);
+        let token = self.token(target, &slot, None, calls).await?;
+        match self
+            .send(target, Method::GET, path, Some(&token), None, calls)
+            .await
+        {
+            Err(Error::CmlStatus { status: 401, .. }) => {
+                let fresh = self.token(target, &slot, Some(&token), calls).await?;
+                self.send(target, Method::GET, path, Some(&fresh), None, calls)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    fn token_slot(&self, worker_id: &str) -> TokenSlot {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.entry(worker_id.to_owned()).or_default().clone()
+    }
+
+    /// The cached token, or a new one. `rejected` is a token the server just refused: if the
+    /// cache still holds it, authenticate; if another task already replaced it, use theirs.
+    async fn token(
+        &self,
+        target: &CmlTarget,
+        slot: &TokenSlot,
+        rejected: Option<&str>,
+        calls: &AtomicU32,
+    ) -> Result<String> {
+        let mut cached = slot.lock().await;
+        if let Some(token) = cached.as_deref() {
+            if Some(token) != rejected {
+                return Ok(token.to_owned());
+            }
+        }
+        *cached = None;
+        let body =
+            serde_json::json!({ "username": self.username, "password": self.password.expose() });
+        let token = match self
+            .send(
+                target,
+                Method::POST,
+                "authenticate",
+                None,
+                Some(body),
+                calls,
+            )
+            .await
+        {
+            Ok(Value::String(token)) if !token.is_empty() => token,
+            Ok(other) => {
+                return Err(Error::CmlMalformed {
+                    worker: target.worker_id.clone(),
+                    path: "authenticate".into(),
+                    detail: format!("expected a token string, got {}", kind_of(&other)),
+                })
+            }
+            Err(Error::CmlStatus {
+                status: 401 | 403, ..
+            }) => {
+                return Err(Error::CmlAuthFailed {
+                    worker: target.worker_id.clone(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        *cached = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Drops the cached token of a worker (e.g. when it leaves the fleet).
+    pub fn forget(&self, worker_id: &str) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(worker_id);
+    }
+
+    async fn send(
+        &self,
+        target: &CmlTarget,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        calls: &AtomicU32,
+    ) -> Result<Value> {
+        let url = api_url(&target.endpoint, path).map_err(|detail| Error::CmlEndpoint {
+            worker: target.worker_id.clone(),
+            endpoint: target.endpoint.clone(),
+            detail,
+        })?;
+        let mut request = self
+            .http
+            .request(method, url)
+            .header("accept", "application/json");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        calls.fetch_add(1, Ordering::Relaxed);
+        let endpoint_path = path.split('?').next().unwrap_or(path).to_owned();
+        let transport = |e: reqwest::Error| self.transport_error(target, &endpoint_path, e);
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            return Err(Error::CmlStatus {
+                worker: target.worker_id.clone(),
+                path: endpoint_path,
+                status: status.as_u16(),
+                description: error_description(status, &bytes),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::CmlMalformed {
+            worker: target.worker_id.clone(),
+            path: endpoint_path,
+            detail: format!("not JSON ({e})"),
+        })
+    }
+
+    fn transport_error(&self, target: &CmlTarget, path: &str, e: reqwest::Error) -> Error {
+        let worker = target.worker_id.clone();
+        if e.is_timeout() {
+            return Error::CmlTimeout {
+                worker,
+                timeout_ms: u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX),
+            };
+        }
+        if e.is_body() || e.is_decode() {
+            return Error::CmlMalformed {
+                worker,
+                path: path.to_owned(),
+                detail: format!("incomplete body ({})", source_chain(&e)),
+            };
+        }
+        Error::CmlUnreachable {
+            worker,
+            detail: source_chain(&e),
+        }
+    }
+
+    fn warn_once_if_insecure(&self, target: &CmlTarget) {
+        if self.verify_tls || !target.endpoint.starts_with("https") {
+            return;
+        }
+        let first = self
+            .warned_insecure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.worker_id.clone());
+        if first {
+            tracing::warn!(
+                worker_id = %target.worker_id,
+                endpoint = %target.endpoint,
+                "TLS certificate of CML worker {} is not verified (cml.verify_tls = false)",
+                target.worker_id
+            );
+        }
+    }
+}
+
+/// `<endpoint>/api/v0/<path>`, keeping any path prefix of the endpoint.
+pub(crate) fn api_url(endpoint: &str, path: &str) -> std::result::Result<Url, String> {
+    let mut base = Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
+    if !matches!(base.scheme(), "http" | "https") {
+        return Err(format!("scheme `{}` is not http or https", base.scheme()));
+    }
+    if !base.path().ends_with('/') {
+        let p = format!("{}/", base.path());
+        base.set_path(&p);
+    }
+    base.join("api/v0/")
+        .and_then(|b| b.join(path))
+        .map_err(|e| e.to_string())
+}
+
+fn urlencode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+/// CML's `{code, description}`, or a short excerpt of whatever came back.
+fn error_description(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(body) {
+        if let Some(d) = o.get("description") {
+            return match d {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text: String = text.trim().chars().take(200).collect();
+    if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("no description")
+            .to_owned()
+    } else {
+        text
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "an empty string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The error and its causes in one line ("error sending request: connection reset by peer").
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_urls_keep_path_prefixes() {
+        let u = |e: &str, p: &str| api_url(e, p).expect("valid").to_string();
+        assert_eq!(
+            u("https://10.0.0.5", "labs?show_all=true"),
+            "https://10.0.0.5/api/v0/labs?show_all=true"
+        );
+        assert_eq!(
+            u("https://10.0.0.5/", "authenticate"),
+            "https://10.0.0.5/api/v0/authenticate"
+        );
+        assert_eq!(
+            u("http://127.0.0.1:8000/w/abc", "labs/x"),
+            "http://127.0.0.1:8000/w/abc/api/v0/labs/x"
+        );
+        assert_eq!(
+            u("http://127.0.0.1:8000/w/abc/", "labs/x"),
+            "http://127.0.0.1:8000/w/abc/api/v0/labs/x"
+        );
+        assert!(api_url("ftp://h", "labs").is_err());
+        assert!(api_url("not a url", "labs").is_err());
+    }
+
+    #[test]
+    fn error_descriptions_come_from_cml_bodies() {
+        let body = br#"{"code": 404, "description": "Lab not found: abc"}"#;
+        assert_eq!(
+            error_description(StatusCode::NOT_FOUND, body),
+            "Lab not found: abc"
+        );
+        assert_eq!(
+            error_description(StatusCode::BAD_GATEWAY, b""),
+            "Bad Gateway"
+        );
+        assert_eq!(
+            error_description(StatusCode::BAD_GATEWAY, b"<html>nginx</html>"),
+            "<html>nginx</html>"
+        );
+    }
+}

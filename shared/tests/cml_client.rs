@@ -1,0 +1,399 @@
+//! The CML client against the simulator: payload mapping of every version, faults, tokens, TLS.
+
+use std::time::Duration;
+
+use cml_labs::{
+    change::Listing,
+    cml::{CmlClient, CmlTarget, FetchSource},
+    config::CmlConfig,
+    duration::HumanDuration,
+    secret::Secret,
+    Error,
+};
+use cml_sim::{Addressing, Faults, FleetConfig, Personality, RunningFleet, ServeOptions};
+
+fn config() -> CmlConfig {
+    CmlConfig {
+        password: Secret::new("local-dev-password"),
+        request_timeout: HumanDuration(Duration::from_secs(5)),
+        connect_timeout: HumanDuration(Duration::from_secs(2)),
+        ..CmlConfig::default()
+    }
+}
+
+async fn fleet(
+    workers: usize,
+    labs: usize,
+    personalities: Vec<Personality>,
+    opts: ServeOptions,
+) -> RunningFleet {
+    let cfg = FleetConfig {
+        workers,
+        labs_per_worker: labs,
+        seed: 42,
+        personalities,
+        ..FleetConfig::default()
+    };
+    cml_sim::start(&cfg, &opts).await.expect("simulator starts")
+}
+
+fn target(f: &RunningFleet, i: usize) -> CmlTarget {
+    let id = f.fleet.workers[i].id.clone();
+    CmlTarget {
+        endpoint: f.endpoint(&id).to_owned(),
+        worker_id: id,
+    }
+}
+
+#[tokio::test]
+async fn every_version_maps_to_the_same_records() {
+    let f = fleet(3, 6, Personality::ALL.to_vec(), ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    for i in 0..3 {
+        let worker = &f.fleet.workers[i];
+        let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
+        assert_eq!(
+            listing.source,
+            FetchSource::Bulk,
+            "{:?}",
+            worker.personality
+        );
+        assert_eq!(listing.listing, Listing::Complete);
+        assert_eq!(listing.calls, 2, "authenticate + populate_lab_tiles");
+        let mut expected = worker.labs();
+        expected.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut got = listing.labs.clone();
+        got.sort_by(|a, b| a.lab_id.cmp(&b.lab_id));
+        assert_eq!(got.len(), expected.len());
+        for (lab, sim) in got.iter().zip(&expected) {
+            assert_eq!(lab.lab_id, sim.id);
+            assert_eq!(lab.fields.title, sim.title);
+            assert_eq!(lab.fields.state, sim.state);
+            assert_eq!(lab.fields.notes, sim.notes);
+            assert_eq!(lab.fields.owner_username, sim.owner.username);
+            assert_eq!(lab.fields.node_count as u32, sim.node_count);
+            assert_eq!(lab.fields.link_count as u32, sim.link_count);
+            assert_eq!(
+                lab.fields.cml_created_at.map(|d| d.timestamp_millis()),
+                Some(sim.created.timestamp_millis())
+            );
+            match worker.personality {
+                Personality::V2_4 => {
+                    assert_eq!(lab.fields.owner_fullname, "", "2.4 has no owner_fullname");
+                    let mut names: Vec<String> =
+                        sim.groups.iter().map(|g| g.name.clone()).collect();
+                    names.sort();
+                    names.dedup();
+                    assert_eq!(lab.fields.groups, names);
+                }
+                _ => {
+                    assert_eq!(lab.fields.owner_fullname, sim.owner.fullname);
+                    assert!(lab.fields.groups.is_empty());
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_reused_and_an_expired_one_costs_one_reauthentication() {
+    let f = fleet(1, 3, vec![Personality::V2_9], ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    let w = &f.fleet.workers[0];
+    client.fetch_labs(&target(&f, 0)).await.expect("first");
+    client.fetch_labs(&target(&f, 0)).await.expect("second");
+    assert_eq!(
+        w.calls().get("authenticate"),
+        Some(&1),
+        "the token is cached across cycles"
+    );
+    w.expire_tokens();
+    let listing = client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect("after expiry");
+    assert_eq!(listing.labs.len(), 3);
+    assert_eq!(
+        w.calls().get("authenticate"),
+        Some(&2),
+        "exactly one re-authentication"
+    );
+    assert_eq!(
+        w.calls().get("populate_lab_tiles"),
+        Some(&4),
+        "the refused call was retried once"
+    );
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_their_own_error() {
+    let f = fleet(1, 1, vec![Personality::V2_10], ServeOptions::default()).await;
+    let cfg = CmlConfig {
+        password: Secret::new("not-the-password-7f3a"),
+        ..config()
+    };
+    let err = CmlClient::new(&cfg)
+        .expect("client")
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect_err("403");
+    assert!(matches!(err, Error::CmlAuthFailed { .. }), "{err:?}");
+    assert!(
+        !err.to_string().contains("not-the-password-7f3a"),
+        "the password never appears: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_bulk_endpoint_falls_back_to_one_call_per_lab() {
+    let f = fleet(1, 7, vec![Personality::V2_4], ServeOptions::default()).await;
+    let w = &f.fleet.workers[0];
+    w.set_faults(Faults {
+        bulk_missing: true,
+        ..Faults::default()
+    });
+    let listing = CmlClient::new(&config())
+        .expect("client")
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect("fallback");
+    assert_eq!(listing.source, FetchSource::Fallback);
+    assert_eq!(listing.listing, Listing::Complete);
+    assert_eq!(listing.labs.len(), 7);
+    assert_eq!(
+        listing.calls,
+        1 + 1 + 1 + 7,
+        "auth, tiles (404), labs, 7 details"
+    );
+    assert_eq!(w.calls().get("lab"), Some(&7));
+}
+
+#[tokio::test]
+async fn a_lab_that_vanished_before_its_details_is_gone_not_an_error() {
+    let f = fleet(1, 3, vec![Personality::V2_9], ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    let t = target(&f, 0);
+    let w = &f.fleet.workers[0];
+    let gone = w.lab_ids()[0].clone();
+    assert!(client
+        .lab_details(&t, &gone)
+        .await
+        .expect("details")
+        .is_some());
+    w.delete_lab(&gone);
+    assert!(client
+        .lab_details(&t, &gone)
+        .await
+        .expect("404 is not an error")
+        .is_none());
+    assert_eq!(client.list_lab_ids(&t).await.expect("ids").len(), 2);
+    let info = client
+        .system_information(&t)
+        .await
+        .expect("system_information");
+    assert_eq!((info.version.as_str(), info.ready), ("2.9.1+build.7", true));
+}
+
+/// Whether an error is of the kind a fault should cause.
+type ErrorCheck = fn(&Error) -> bool;
+
+#[tokio::test]
+async fn every_fault_gives_its_error_kind() {
+    let f = fleet(1, 4, vec![Personality::V2_10], ServeOptions::default()).await;
+    let w = &f.fleet.workers[0];
+    let quick = CmlConfig {
+        request_timeout: HumanDuration(Duration::from_millis(400)),
+        ..config()
+    };
+    let client = CmlClient::new(&quick).expect("client");
+    let t = target(&f, 0);
+    // Authenticate once with no faults, so each fault hits the data calls.
+    client.fetch_labs(&t).await.expect("healthy");
+
+    let cases: Vec<(&str, Faults, ErrorCheck)> = vec![
+        (
+            "latency past the timeout",
+            Faults {
+                latency_ms: 1500,
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlTimeout { .. }),
+        ),
+        (
+            "hang",
+            Faults {
+                hang: true,
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlTimeout { .. }),
+        ),
+        (
+            "reset",
+            Faults {
+                reset: true,
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlUnreachable { .. }),
+        ),
+        (
+            "always 503",
+            Faults {
+                error_rate: 1.0,
+                error_statuses: vec![503],
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlStatus { status: 503, .. }),
+        ),
+        (
+            "malformed JSON",
+            Faults {
+                malformed_json: true,
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlMalformed { .. }),
+        ),
+        (
+            "truncated body",
+            Faults {
+                truncated_body: true,
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlMalformed { .. }),
+        ),
+        (
+            "no bulk and labs 404",
+            Faults {
+                bulk_missing: true,
+                labs_list_404: true,
+                ..Faults::default()
+            },
+            |e| matches!(e, Error::CmlStatus { status: 404, .. }),
+        ),
+    ];
+    for (name, faults, expected) in cases {
+        w.set_faults(faults);
+        let err = client.fetch_labs(&t).await.expect_err(name);
+        assert!(expected(&err), "{name}: {err:?}");
+        w.set_faults(Faults::default());
+        assert_eq!(
+            client.fetch_labs(&t).await.expect("recovers").labs.len(),
+            4,
+            "{name}: recovers"
+        );
+    }
+
+    // A 404 on the listing alone does not matter while the bulk call works.
+    w.set_faults(Faults {
+        labs_list_404: true,
+        ..Faults::default()
+    });
+    assert_eq!(
+        client.fetch_labs(&t).await.expect("bulk works").listing,
+        Listing::Complete
+    );
+}
+
+#[tokio::test]
+async fn failing_detail_calls_make_the_listing_partial() {
+    let f = fleet(1, 30, vec![Personality::V2_9], ServeOptions::default()).await;
+    let w = &f.fleet.workers[0];
+    let client = CmlClient::new(&config()).expect("client");
+    let t = target(&f, 0);
+    client.fetch_labs(&t).await.expect("healthy");
+    // Every call fails half the time; retry until the listing itself succeeds.
+    w.set_faults(Faults {
+        bulk_missing: true,
+        error_rate: 0.3,
+        error_statuses: vec![500],
+        ..Faults::default()
+    });
+    let mut partial = None;
+    for _ in 0..20 {
+        if let Ok(l) = client.fetch_labs(&t).await {
+            if l.listing == Listing::Partial {
+                partial = Some(l);
+                break;
+            }
+        }
+    }
+    let l = partial.expect("some detail calls failed in 20 tries");
+    assert!(l.labs.len() < 30);
+    assert!(
+        l.note
+            .as_deref()
+            .is_some_and(|n| n.contains("detail calls failed")),
+        "{:?}",
+        l.note
+    );
+}
+
+#[tokio::test]
+async fn path_prefix_addressing_works() {
+    let opts = ServeOptions {
+        addressing: Addressing::Prefix,
+        ..ServeOptions::default()
+    };
+    let f = fleet(3, 2, Personality::ALL.to_vec(), opts).await;
+    let client = CmlClient::new(&config()).expect("client");
+    for i in 0..3 {
+        let t = target(&f, i);
+        assert!(t.endpoint.contains("/w/"), "{}", t.endpoint);
+        assert_eq!(client.fetch_labs(&t).await.expect("fetch").labs.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn tls_is_verified_by_default_and_can_use_a_ca_bundle_or_be_turned_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = ServeOptions {
+        tls: true,
+        state_dir: Some(dir.path().to_owned()),
+        ..ServeOptions::default()
+    };
+    let f = fleet(1, 2, vec![Personality::V2_10], opts).await;
+    let t = target(&f, 0);
+    assert!(t.endpoint.starts_with("https://"));
+
+    let err = CmlClient::new(&config())
+        .expect("client")
+        .fetch_labs(&t)
+        .await
+        .expect_err("self-signed");
+    assert!(matches!(err, Error::CmlUnreachable { .. }), "{err:?}");
+
+    let ca = f
+        .ca_path
+        .clone()
+        .expect("CA written")
+        .to_string_lossy()
+        .into_owned();
+    let with_ca = CmlConfig {
+        ca_bundle: ca,
+        ..config()
+    };
+    assert_eq!(
+        CmlClient::new(&with_ca)
+            .expect("client")
+            .fetch_labs(&t)
+            .await
+            .expect("trusted")
+            .labs
+            .len(),
+        2
+    );
+
+    let insecure = CmlConfig {
+        verify_tls: false,
+        ..config()
+    };
+    assert_eq!(
+        CmlClient::new(&insecure)
+            .expect("client")
+            .fetch_labs(&t)
+            .await
+            .expect("unverified")
+            .labs
+            .len(),
+        2
+    );
+}
