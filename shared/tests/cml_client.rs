@@ -397,3 +397,63 @@ async fn tls_is_verified_by_default_and_can_use_a_ca_bundle_or_be_turned_off() {
         2
     );
 }
+
+#[tokio::test]
+async fn tokens_expire_by_themselves_too() {
+    let cfg = FleetConfig {
+        workers: 1,
+        labs_per_worker: 2,
+        seed: 3,
+        token_ttl: Duration::from_secs(1),
+        ..FleetConfig::default()
+    };
+    let f = cml_sim::start(&cfg, &ServeOptions::default())
+        .await
+        .expect("simulator");
+    let client = CmlClient::new(&config()).expect("client");
+    client.fetch_labs(&target(&f, 0)).await.expect("first");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect("after the token's lifetime");
+    assert_eq!(f.fleet.workers[0].calls().get("authenticate"), Some(&2));
+}
+
+#[tokio::test]
+async fn the_simulator_registers_its_fleet_for_discovery() {
+    let db = testkit::TestDb::new("sim_registry").await;
+    let f = fleet(4, 2, Personality::ALL.to_vec(), ServeOptions::default()).await;
+    let n = cml_sim::registry::write_registry(
+        &db.client,
+        db.name(),
+        "cml_workers",
+        &f.fleet,
+        &f.endpoints,
+    )
+    .await
+    .expect("write");
+    assert_eq!(n, 4);
+    // Idempotent: written again, still one document per worker.
+    cml_sim::registry::write_registry(&db.client, db.name(), "cml_workers", &f.fleet, &f.endpoints)
+        .await
+        .expect("rewrite");
+    let active = cml_labs::workers::WorkerRegistry::new(&db.db, "cml_workers")
+        .active_workers()
+        .await
+        .expect("read");
+    assert_eq!(active.len(), 4);
+    let client = CmlClient::new(&config()).expect("client");
+    for w in active {
+        let endpoint = w.https_endpoint.clone().expect("endpoint");
+        assert_eq!(endpoint, f.endpoint(&w.id));
+        let listing = client
+            .fetch_labs(&CmlTarget {
+                worker_id: w.id,
+                endpoint,
+            })
+            .await
+            .expect("fetch");
+        assert_eq!(listing.labs.len(), 2);
+    }
+}
