@@ -4,11 +4,11 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{Path, Query, State},
-    http::{header, HeaderMap, StatusCode},
+    extract::{FromRequestParts, Path, Query},
+    http::{header, request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
-    Extension, Json, Router,
+    Json, Router,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -46,6 +46,47 @@ pub fn cml_error(status: StatusCode, description: impl Into<String>) -> Response
 
 fn ok_json(value: Value) -> Response {
     ([(header::SERVER, "nginx")], Json(value)).into_response()
+}
+
+/// The simulated server a request is for (chosen before routing), with the fleet and the
+/// connection the request came on.
+#[derive(Debug)]
+pub struct Call {
+    fleet: Arc<Fleet>,
+    worker: Arc<SimWorker>,
+    ctl: ConnControl,
+}
+
+impl FromRequestParts<Arc<Fleet>> for Call {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, fleet: &Arc<Fleet>) -> Result<Self, Response> {
+        let worker = parts
+            .extensions
+            .get::<Arc<SimWorker>>()
+            .cloned()
+            .ok_or_else(|| cml_error(StatusCode::NOT_FOUND, "unknown worker"))?;
+        let ctl = parts
+            .extensions
+            .get::<ConnControl>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Call {
+            fleet: fleet.clone(),
+            worker,
+            ctl,
+        })
+    }
+}
+
+impl Call {
+    /// Faults first, then the token: the caller's claims or CML's 401.
+    async fn authorized(&self, endpoint: &str, headers: &HeaderMap) -> Result<Claims, Response> {
+        if let Some(r) = before(&self.worker, &self.ctl, endpoint).await {
+            return Err(r);
+        }
+        authorize(&self.fleet, &self.worker, headers)
+    }
 }
 
 async fn not_found() -> Response {
@@ -136,9 +177,7 @@ fn login(fleet: &Fleet, worker: &SimWorker, creds: &Credentials) -> Option<(Stri
 }
 
 async fn authenticate(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
+    Call { fleet, worker, ctl }: Call,
     Json(creds): Json<Credentials>,
 ) -> Response {
     if let Some(r) = before(&worker, &ctl, "authenticate").await {
@@ -151,9 +190,7 @@ async fn authenticate(
 }
 
 async fn auth_extended(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
+    Call { fleet, worker, ctl }: Call,
     Json(creds): Json<Credentials>,
 ) -> Response {
     if let Some(r) = before(&worker, &ctl, "auth_extended").await {
@@ -196,45 +233,25 @@ fn authorize(fleet: &Fleet, worker: &SimWorker, headers: &HeaderMap) -> Result<C
     Ok(claims)
 }
 
-macro_rules! guard {
-    ($fleet:expr, $worker:expr, $ctl:expr, $headers:expr, $endpoint:expr) => {{
-        if let Some(r) = before(&$worker, &$ctl, $endpoint).await {
-            return r;
-        }
-        match authorize(&$fleet, &$worker, &$headers) {
-            Ok(claims) => claims,
-            Err(r) => return r,
-        }
-    }};
-}
-
-async fn authok(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-) -> Response {
-    guard!(fleet, worker, ctl, headers, "authok");
+async fn authok(call: Call, headers: HeaderMap) -> Response {
+    if let Err(r) = call.authorized("authok", &headers).await {
+        return r;
+    }
     ok_json(json!("OK"))
 }
 
-async fn authentication(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-) -> Response {
-    if worker.personality != Personality::V2_10 {
+async fn authentication(call: Call, headers: HeaderMap) -> Response {
+    if call.worker.personality != Personality::V2_10 {
         return not_found().await;
     }
-    let claims = guard!(fleet, worker, ctl, headers, "authentication");
-    ok_json(json!({ "id": claims.sub, "admin": true, "username": fleet.username }))
+    let claims = match call.authorized("authentication", &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    ok_json(json!({ "id": claims.sub, "admin": true, "username": call.fleet.username }))
 }
 
-async fn system_information(
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-) -> Response {
+async fn system_information(Call { worker, ctl, .. }: Call) -> Response {
     if let Some(r) = before(&worker, &ctl, "system_information").await {
         return r;
     }
@@ -256,14 +273,12 @@ struct LabsQuery {
     show_all: Option<String>,
 }
 
-async fn labs(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-    Query(q): Query<LabsQuery>,
-) -> Response {
-    let claims = guard!(fleet, worker, ctl, headers, "labs");
+async fn labs(call: Call, headers: HeaderMap, Query(q): Query<LabsQuery>) -> Response {
+    let claims = match call.authorized("labs", &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let worker = &call.worker;
     if worker.faults().labs_list_404 {
         return not_found().await;
     }
@@ -277,54 +292,45 @@ async fn labs(
         .filter(|l| show_all || l.owner.id == claims.sub)
         .map(|l| l.id)
         .collect();
-    data(&worker, json!(ids))
+    data(worker, json!(ids))
 }
 
 fn lab_not_found(lab_id: &str) -> Response {
     cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}"))
 }
 
-async fn lab(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-    Path(lab_id): Path<String>,
-) -> Response {
-    guard!(fleet, worker, ctl, headers, "lab");
+async fn lab(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
+    if let Err(r) = call.authorized("lab", &headers).await {
+        return r;
+    }
+    let worker = &call.worker;
     match worker.lab(&lab_id) {
-        Some(l) => data(&worker, l.to_json(worker.personality)),
+        Some(l) => data(worker, l.to_json(worker.personality)),
         None => lab_not_found(&lab_id),
     }
 }
 
-async fn lab_state(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-    Path(lab_id): Path<String>,
-) -> Response {
-    guard!(fleet, worker, ctl, headers, "lab_state");
+async fn lab_state(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
+    if let Err(r) = call.authorized("lab_state", &headers).await {
+        return r;
+    }
+    let worker = &call.worker;
     match worker.lab(&lab_id) {
-        Some(l) => data(&worker, json!(l.state)),
+        Some(l) => data(worker, json!(l.state)),
         None => lab_not_found(&lab_id),
     }
 }
 
 /// `labs/{id}/topology`: what Cisco's client reads when it joins a lab. Nodes and links are
 /// summarised in the tiles; here the lab's own properties are what matter.
-async fn lab_topology(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-    Path(lab_id): Path<String>,
-) -> Response {
-    guard!(fleet, worker, ctl, headers, "lab_topology");
+async fn lab_topology(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
+    if let Err(r) = call.authorized("lab_topology", &headers).await {
+        return r;
+    }
+    let worker = &call.worker;
     match worker.lab(&lab_id) {
         Some(l) => data(
-            &worker,
+            worker,
             json!({
                 "lab": { "title": l.title, "description": l.description, "notes": l.notes, "owner": l.owner.id, "version": "0.3.0" },
                 "nodes": [], "links": [], "annotations": [], "smart_annotations": [],
@@ -334,13 +340,11 @@ async fn lab_topology(
     }
 }
 
-async fn populate_lab_tiles(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-) -> Response {
-    guard!(fleet, worker, ctl, headers, "populate_lab_tiles");
+async fn populate_lab_tiles(call: Call, headers: HeaderMap) -> Response {
+    if let Err(r) = call.authorized("populate_lab_tiles", &headers).await {
+        return r;
+    }
+    let worker = &call.worker;
     if worker.faults().bulk_missing {
         return not_found().await;
     }
@@ -349,17 +353,15 @@ async fn populate_lab_tiles(
         .into_iter()
         .map(|l| (l.id.clone(), l.to_tile(worker.personality)))
         .collect();
-    data(&worker, json!({ "lab_tiles": tiles }))
+    data(worker, json!({ "lab_tiles": tiles }))
 }
 
 /// `GET users`: Cisco's client resolves lab owners through it.
-async fn users(
-    State(fleet): State<Arc<Fleet>>,
-    Extension(worker): Extension<Arc<SimWorker>>,
-    Extension(ctl): Extension<ConnControl>,
-    headers: HeaderMap,
-) -> Response {
-    guard!(fleet, worker, ctl, headers, "users");
+async fn users(call: Call, headers: HeaderMap) -> Response {
+    if let Err(r) = call.authorized("users", &headers).await {
+        return r;
+    }
+    let worker = &call.worker;
     let labs = worker.labs();
     let users: Vec<Value> = SimWorker::users()
         .into_iter()
@@ -372,5 +374,5 @@ async fn users(
             })
         })
         .collect();
-    data(&worker, json!(users))
+    data(worker, json!(users))
 }
