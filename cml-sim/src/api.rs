@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::{
     fleet::Fleet,
-    model::{Personality, SimWorker},
+    model::{Personality, SimLab, SimWorker},
     server::ConnControl,
     token::{self, Claims},
 };
@@ -86,6 +86,19 @@ impl Call {
             return Err(r);
         }
         authorize(&self.fleet, &self.worker, headers)
+    }
+
+    /// [`Call::authorized`], then the lab, or CML's 404 for an unknown one.
+    async fn lab(
+        &self,
+        endpoint: &str,
+        headers: &HeaderMap,
+        lab_id: &str,
+    ) -> Result<SimLab, Response> {
+        self.authorized(endpoint, headers).await?;
+        self.worker
+            .lab(lab_id)
+            .ok_or_else(|| cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}")))
     }
 }
 
@@ -295,48 +308,35 @@ async fn labs(call: Call, headers: HeaderMap, Query(q): Query<LabsQuery>) -> Res
     data(worker, json!(ids))
 }
 
-fn lab_not_found(lab_id: &str) -> Response {
-    cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}"))
-}
-
 async fn lab(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
-    if let Err(r) = call.authorized("lab", &headers).await {
-        return r;
-    }
     let worker = &call.worker;
-    match worker.lab(&lab_id) {
-        Some(l) => data(worker, l.to_json(worker.personality)),
-        None => lab_not_found(&lab_id),
+    match call.lab("lab", &headers, &lab_id).await {
+        Ok(l) => data(worker, l.to_json(worker.personality)),
+        Err(r) => r,
     }
 }
 
 async fn lab_state(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
-    if let Err(r) = call.authorized("lab_state", &headers).await {
-        return r;
-    }
     let worker = &call.worker;
-    match worker.lab(&lab_id) {
-        Some(l) => data(worker, json!(l.state)),
-        None => lab_not_found(&lab_id),
+    match call.lab("lab_state", &headers, &lab_id).await {
+        Ok(l) => data(worker, json!(l.state)),
+        Err(r) => r,
     }
 }
 
 /// `labs/{id}/topology`: what Cisco's client reads when it joins a lab. Nodes and links are
 /// summarised in the tiles; here the lab's own properties are what matter.
 async fn lab_topology(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
-    if let Err(r) = call.authorized("lab_topology", &headers).await {
-        return r;
-    }
     let worker = &call.worker;
-    match worker.lab(&lab_id) {
-        Some(l) => data(
+    match call.lab("lab_topology", &headers, &lab_id).await {
+        Ok(l) => data(
             worker,
             json!({
                 "lab": { "title": l.title, "description": l.description, "notes": l.notes, "owner": l.owner.id, "version": "0.3.0" },
                 "nodes": [], "links": [], "annotations": [], "smart_annotations": [],
             }),
         ),
-        None => lab_not_found(&lab_id),
+        Err(r) => r,
     }
 }
 

@@ -54,6 +54,14 @@ fn worker(ctx: &Ctx, id: &str) -> Result<Arc<SimWorker>, Response> {
         .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("no worker {id}")))
 }
 
+/// Runs `f` on the worker named in the path, or answers 404.
+fn with_worker(ctx: &Ctx, id: &str, f: impl FnOnce(&SimWorker) -> Response) -> Response {
+    match worker(ctx, id) {
+        Ok(w) => f(&w),
+        Err(r) => r,
+    }
+}
+
 async fn workers(State(ctx): State<Ctx>) -> Json<Value> {
     Json(json!(ctx
         .fleet
@@ -68,10 +76,7 @@ async fn workers(State(ctx): State<Ctx>) -> Json<Value> {
 }
 
 async fn labs(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) => Json(json!(w.labs())).into_response(),
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| Json(json!(w.labs())).into_response())
 }
 
 /// Fields a script may set on a lab; absent ones keep their value (or a generated one).
@@ -160,18 +165,17 @@ async fn delete_lab(
     State(ctx): State<Ctx>,
     Path((id, lab_id)): Path<(String, String)>,
 ) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) if w.delete_lab(&lab_id) => StatusCode::NO_CONTENT.into_response(),
-        Ok(_) => problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}")),
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| {
+        if w.delete_lab(&lab_id) {
+            StatusCode::NO_CONTENT.into_response()
+        } else {
+            problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
+        }
+    })
 }
 
 async fn faults(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) => Json(json!(w.faults())).into_response(),
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| Json(json!(w.faults())).into_response())
 }
 
 async fn set_faults(
@@ -185,50 +189,35 @@ async fn set_faults(
             "error_rate must be between 0 and 1",
         );
     }
-    match worker(&ctx, &id) {
-        Ok(w) => {
-            w.set_faults(faults);
-            Json(json!(w.faults())).into_response()
-        }
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| {
+        w.set_faults(faults);
+        Json(json!(w.faults())).into_response()
+    })
 }
 
 async fn clear_faults(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) => {
-            w.set_faults(Faults::default());
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| {
+        w.set_faults(Faults::default());
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 async fn expire_tokens(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) => {
-            w.expire_tokens();
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| {
+        w.expire_tokens();
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 async fn calls(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) => Json(json!(w.calls())).into_response(),
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| Json(json!(w.calls())).into_response())
 }
 
 async fn reset_calls(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match worker(&ctx, &id) {
-        Ok(w) => {
-            w.reset_calls();
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(r) => r,
-    }
+    with_worker(&ctx, &id, |w| {
+        w.reset_calls();
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 #[derive(Debug, Deserialize)]

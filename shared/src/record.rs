@@ -181,11 +181,6 @@ impl LabRecord {
     }
 }
 
-/// Today's time at the precision BSON stores, so a value written and read back compares equal.
-pub fn now() -> DateTime {
-    DateTime::now()
-}
-
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
@@ -287,7 +282,7 @@ mod tests {
 
     #[test]
     fn records_serialize_dates_as_bson_dates() {
-        let now = now();
+        let now = DateTime::now();
         let r = LabRecord {
             object_id: None,
             id: "x".into(),

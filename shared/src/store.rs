@@ -316,18 +316,12 @@ impl LabStore {
             .collect();
         if !statements.is_empty() {
             let counts = self.execute(&statements).await?;
-            let creates = plan
-                .writes
-                .iter()
-                .filter(|w| matches!(w, RecordWrite::Create { .. }))
-                .count() as u64;
             outcome.created = counts.upserted;
             outcome.matched = counts.matched;
             // Creates always land (inserted or matched); any other write that matched nothing
             // lost a race with another writer and is left to the next sync.
             outcome.conflicts =
                 (statements.len() as u64).saturating_sub(counts.matched + counts.upserted);
-            debug_assert!(counts.upserted <= creates);
             outcome.round_trips += counts.round_trips;
         }
         if !plan.unchanged.is_empty() {
