@@ -42,6 +42,8 @@ pub struct MongoConfig {
     pub lab_records_collection: String,
     pub workers_collection: String,
     pub sync_status_collection: String,
+    /// The lease that lets one sync-daemon replica sync at a time.
+    pub lease_collection: String,
     pub server_selection_timeout: HumanDuration,
     pub read_preference: ReadPreferenceMode,
     /// How batched record writes travel: `auto` uses the 8.0+ `bulkWrite` command when the server
@@ -57,6 +59,7 @@ impl Default for MongoConfig {
             lab_records_collection: "lab_records".into(),
             workers_collection: "cml_workers".into(),
             sync_status_collection: "worker_sync_status".into(),
+            lease_collection: "sync_lease".into(),
             server_selection_timeout: HumanDuration::from_secs(2),
             read_preference: ReadPreferenceMode::Primary,
             batch_writes: BatchWriteMode::Auto,
@@ -124,6 +127,13 @@ pub struct SyncConfig {
     pub admin_listen: String,
     pub workers_from_registry: bool,
     pub static_workers: Vec<StaticWorker>,
+    /// A replica that stops renewing the lease loses it after this long.
+    pub lease_ttl: HumanDuration,
+    /// On SIGTERM, how long in-flight worker syncs may take to finish.
+    pub shutdown_grace: HumanDuration,
+    /// Delay before the first retry of a failed worker (doubles per failure, jittered,
+    /// capped at `interval`).
+    pub retry_base: HumanDuration,
 }
 
 impl Default for SyncConfig {
@@ -138,6 +148,9 @@ impl Default for SyncConfig {
             admin_listen: "0.0.0.0:9090".into(),
             workers_from_registry: true,
             static_workers: Vec::new(),
+            lease_ttl: HumanDuration::from_secs(30),
+            shutdown_grace: HumanDuration::from_secs(25),
+            retry_base: HumanDuration::from_secs(60),
         }
     }
 }
@@ -530,6 +543,12 @@ impl SyncConfig {
         v.range("sync.concurrency", self.concurrency, 1, 1024);
         v.positive("sync.worker_deadline", self.worker_deadline);
         v.range("sync.history_limit", self.history_limit, 1, 1000);
+        v.check(
+            self.lease_ttl.get() >= std::time::Duration::from_secs(1),
+            "sync.lease_ttl",
+            || "must be at least 1s".into(),
+        );
+        v.positive("sync.retry_base", self.retry_base);
         v.socket_addr("sync.admin_listen", &self.admin_listen);
         if !self.workers_from_registry && self.static_workers.is_empty() {
             v.fail(

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cursor;
 pub mod duration;
 pub mod error;
+pub mod lease;
 pub mod mongo;
 pub mod record;
 pub mod secret;

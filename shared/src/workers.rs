@@ -5,7 +5,7 @@ use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{cml::CmlTarget, Result};
 
 /// A registry document, reduced to what syncing needs. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,31 @@ impl Worker {
                 .as_deref()
                 .is_some_and(|e| !e.trim().is_empty())
     }
+
+    /// Where to reach the worker's CML API: its `https_endpoint`, or with `use_private_ip` the
+    /// same URL with the host replaced by `private_ip` (scheme, port and path kept).
+    pub fn target(&self, use_private_ip: bool) -> Option<CmlTarget> {
+        let endpoint = self.https_endpoint.as_deref()?.trim();
+        if endpoint.is_empty() {
+            return None;
+        }
+        let endpoint = match (use_private_ip, self.private_ip.as_deref().map(str::trim)) {
+            (true, Some(ip)) if !ip.is_empty() => {
+                with_host(endpoint, ip).unwrap_or_else(|| endpoint.to_owned())
+            }
+            _ => endpoint.to_owned(),
+        };
+        Some(CmlTarget {
+            worker_id: self.id.clone(),
+            endpoint,
+        })
+    }
+}
+
+fn with_host(endpoint: &str, host: &str) -> Option<String> {
+    let mut url = url::Url::parse(endpoint).ok()?;
+    url.set_host(Some(host)).ok()?;
+    Some(url.to_string())
 }
 
 /// Reads `cml_workers`; never writes it (the registry belongs to the fleet manager).
@@ -86,6 +111,26 @@ mod tests {
             https_endpoint: endpoint.map(str::to_owned),
             private_ip: None,
         }
+    }
+
+    #[test]
+    fn targets_use_the_endpoint_or_the_private_ip() {
+        let mut w = worker("running", Some("https://203.0.113.7:8443/cml"));
+        w.private_ip = Some("10.1.2.3".into());
+        assert_eq!(
+            w.target(false).map(|t| t.endpoint),
+            Some("https://203.0.113.7:8443/cml".into())
+        );
+        assert_eq!(
+            w.target(true).map(|t| t.endpoint),
+            Some("https://10.1.2.3:8443/cml".into())
+        );
+        w.private_ip = None;
+        assert_eq!(
+            w.target(true).map(|t| t.endpoint),
+            Some("https://203.0.113.7:8443/cml".into())
+        );
+        assert!(worker("running", Some(" ")).target(false).is_none());
     }
 
     #[test]

@@ -58,8 +58,10 @@ pub struct LabListing {
 /// A bearer token and the worker's lock that serialises re-authentication.
 type TokenSlot = Arc<tokio::sync::Mutex<Option<String>>>;
 
+/// Called once per HTTP request sent (the daemon counts them in its metrics).
+pub type RequestHook = Arc<dyn Fn() + Send + Sync>;
+
 /// Talks to every CML worker through one connection pool.
-#[derive(Debug)]
 pub struct CmlClient {
     http: reqwest::Client,
     username: String,
@@ -69,9 +71,26 @@ pub struct CmlClient {
     fallback_concurrency: usize,
     tokens: Mutex<HashMap<String, TokenSlot>>,
     warned_insecure: Mutex<HashSet<String>>,
+    on_request: Option<RequestHook>,
+}
+
+impl std::fmt::Debug for CmlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CmlClient")
+            .field("username", &self.username)
+            .field("verify_tls", &self.verify_tls)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CmlClient {
+    /// Calls `hook` for every request sent from now on.
+    pub fn with_request_hook(mut self, hook: RequestHook) -> Self {
+        self.on_request = Some(hook);
+        self
+    }
+
     pub fn new(cfg: &CmlConfig) -> Result<Self> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout.get())
@@ -101,6 +120,7 @@ impl CmlClient {
             fallback_concurrency: cfg.fallback_concurrency.max(1),
             tokens: Mutex::new(HashMap::new()),
             warned_insecure: Mutex::new(HashSet::new()),
+            on_request: None,
         })
     }
 
@@ -352,6 +372,9 @@ impl CmlClient {
             request = request.json(&body);
         }
         calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.on_request {
+            hook();
+        }
         let endpoint_path = path.split('?').next().unwrap_or(path).to_owned();
         let transport = |e: reqwest::Error| self.transport_error(target, &endpoint_path, e);
         let response = request.send().await.map_err(transport)?;

@@ -4,4 +4,4 @@
 mod client;
 pub mod payload;
 
-pub use client::{CmlClient, CmlTarget, FetchSource, LabListing, SystemInfo};
+pub use client::{CmlClient, CmlTarget, FetchSource, LabListing, RequestHook, SystemInfo};

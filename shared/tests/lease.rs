@@ -1,0 +1,92 @@
+//! The sync lease against a real MongoDB-wire server.
+
+use std::time::Duration;
+
+use bson::DateTime;
+use cml_labs::lease::Lease;
+use testkit::TestDb;
+
+fn at(ms: i64) -> DateTime {
+    DateTime::from_millis(1_700_000_000_000 + ms)
+}
+
+#[tokio::test]
+async fn one_holder_at_a_time_and_takeover_only_after_expiry() {
+    let db = TestDb::new("lease").await;
+    let ttl = Duration::from_secs(30);
+    let a = Lease::new(&db.db, "sync_lease", "sync-daemon", "replica-a", ttl);
+    let b = Lease::new(&db.db, "sync_lease", "sync-daemon", "replica-b", ttl);
+
+    assert!(
+        a.try_acquire(at(0)).await.expect("a"),
+        "a free lease is taken"
+    );
+    assert!(
+        !b.try_acquire(at(1_000)).await.expect("b"),
+        "a held lease is not"
+    );
+    assert!(
+        a.try_acquire(at(2_000)).await.expect("a again"),
+        "the holder may re-acquire"
+    );
+    assert!(a.renew(at(10_000)).await.expect("renew"));
+    assert!(
+        !b.try_acquire(at(39_000)).await.expect("b"),
+        "renewed until 40 s"
+    );
+    assert!(
+        b.try_acquire(at(40_001)).await.expect("b"),
+        "expired: b takes over"
+    );
+    assert!(
+        !a.renew(at(40_002)).await.expect("a renew"),
+        "a learns it lost the lease"
+    );
+    let state = b.state().await.expect("state").expect("exists");
+    assert_eq!(state.holder, "replica-b");
+
+    b.record_cycle(at(41_000)).await.expect("cycle");
+    a.record_cycle(at(42_000))
+        .await
+        .expect("ignored: not the holder");
+    assert_eq!(
+        b.state()
+            .await
+            .expect("state")
+            .expect("exists")
+            .last_cycle_at,
+        Some(at(41_000))
+    );
+
+    b.release().await.expect("release");
+    assert!(
+        a.try_acquire(at(41_500)).await.expect("a"),
+        "released: free at once"
+    );
+}
+
+#[tokio::test]
+async fn racing_replicas_get_one_winner() {
+    let db = TestDb::new("lease_race").await;
+    for round in 0..10 {
+        let name = format!("lease-{round}");
+        let leases: Vec<Lease> = (0..4)
+            .map(|i| {
+                Lease::new(
+                    &db.db,
+                    "sync_lease",
+                    &name,
+                    &format!("r{i}"),
+                    Duration::from_secs(30),
+                )
+            })
+            .collect();
+        let results = futures::future::join_all(leases.iter().map(|l| l.try_acquire(at(0)))).await;
+        let winners = results
+            .into_iter()
+            .map(|r| r.expect("no error"))
+            .filter(|w| *w)
+            .count();
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
