@@ -347,6 +347,7 @@ async fn keep_lease(ctx: Arc<Context>, tx: watch::Sender<bool>, shutdown: Cancel
     let ttl = ctx.lease.ttl();
     let period = ttl / 3;
     let mut last_renewal: Option<Instant> = None;
+    let mut first = true;
     loop {
         let held = match ctx.lease.try_acquire(DateTime::now()).await {
             Ok(true) => {
@@ -361,7 +362,8 @@ async fn keep_lease(ctx: Arc<Context>, tx: watch::Sender<bool>, shutdown: Cancel
                 still
             }
         };
-        if held != *tx.borrow() {
+        if held != *tx.borrow() || (first && !held) {
+            first = false;
             if held {
                 tracing::info!(holder = ctx.lease.holder(), "Acquired the sync lease");
             } else {

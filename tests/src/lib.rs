@@ -1,6 +1,22 @@
-//! Support for the end-to-end tests in `tests/`: the project's binaries, built once per run.
+//! Support for the end-to-end tests in `tests/`: the project's binaries (built once per run),
+//! a simulated CML fleet registered in a test database, and daemon processes whose JSON logs
+//! the tests read.
 
-use std::{path::PathBuf, process::Command, sync::OnceLock};
+#![allow(unsafe_code)] // libc::kill on a child process we own
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use bson::{doc, Document};
+use cml_labs::record::LabRecord;
+use cml_sim::{FleetConfig, Personality, RunningFleet, ServeOptions};
+use futures::TryStreamExt;
+use serde_json::Value;
+use testkit::TestDb;
 
 /// Path of a workspace binary (`sync-daemon`, `lab-api`), built on first use with the same
 /// cargo and profile as the tests, so plain `cargo test` never runs a stale binary.
@@ -44,4 +60,208 @@ pub fn command(name: &str) -> Command {
         }
     }
     cmd
+}
+
+/// A test database with a simulated fleet registered in its `cml_workers`.
+#[derive(Debug)]
+pub struct Fixture {
+    pub db: TestDb,
+    pub fleet: RunningFleet,
+    pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Fixture {
+    pub async fn new(test: &str, workers: usize, labs: usize) -> Self {
+        Self::on(TestDb::new(test).await, workers, labs).await
+    }
+
+    /// On a database of the caller's (e.g. on a server the test stops and restarts).
+    pub async fn on(db: TestDb, workers: usize, labs: usize) -> Self {
+        let cfg = FleetConfig {
+            workers,
+            labs_per_worker: labs,
+            seed: 11,
+            personalities: Personality::ALL.to_vec(),
+            ..FleetConfig::default()
+        };
+        let fleet = cml_sim::start(&cfg, &ServeOptions::default())
+            .await
+            .expect("simulator");
+        cml_sim::registry::write_registry(
+            &db.client,
+            db.name(),
+            "cml_workers",
+            &fleet.fleet,
+            &fleet.endpoints,
+        )
+        .await
+        .expect("registry");
+        let env = [
+            ("CML_LABS_MONGODB__URI", db.uri.as_str()),
+            ("CML_LABS_MONGODB__DATABASE", db.name()),
+            ("CML_LABS_CML__PASSWORD", "local-dev-password"),
+            ("CML_LABS_CML__REQUEST_TIMEOUT", "2s"),
+            ("CML_LABS_TELEMETRY__LOG_FORMAT", "json"),
+            ("CML_LABS_SYNC__ADMIN_LISTEN", "127.0.0.1:0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        Self {
+            db,
+            fleet,
+            dir: tempfile::tempdir().expect("tempdir"),
+            env,
+        }
+    }
+
+    fn daemon(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut cmd = command("sync-daemon");
+        cmd.args(args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.envs(extra.iter().copied());
+        cmd
+    }
+
+    /// `sync-daemon once` to completion.
+    pub async fn once(&self, extra: &[(&str, &str)]) -> Output {
+        let cmd = self.daemon(&["once"], extra);
+        tokio::process::Command::from(cmd)
+            .output()
+            .await
+            .expect("run sync-daemon once")
+    }
+
+    /// `sync-daemon run` in the background, its JSON log in a file of its own.
+    pub fn spawn(&self, name: &str, extra: &[(&str, &str)]) -> Daemon {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut cmd = self.daemon(&["run"], extra);
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sync-daemon");
+        Daemon { child, log }
+    }
+
+    /// Every record, by (worker_id, lab_id).
+    pub async fn records(&self) -> Vec<LabRecord> {
+        self.db
+            .db
+            .collection::<LabRecord>("lab_records")
+            .find(doc! {})
+            .sort(doc! { "worker_id": 1, "lab_id": 1 })
+            .await
+            .expect("find")
+            .try_collect()
+            .await
+            .expect("records")
+    }
+
+    pub async fn record(&self, worker: &str, lab: &str) -> LabRecord {
+        self.db
+            .db
+            .collection::<LabRecord>("lab_records")
+            .find_one(doc! { "worker_id": worker, "lab_id": lab })
+            .await
+            .expect("find")
+            .unwrap_or_else(|| panic!("no record {worker}/{lab}"))
+    }
+
+    pub async fn status(&self, worker: &str) -> Document {
+        self.db
+            .db
+            .collection::<Document>("worker_sync_status")
+            .find_one(doc! { "worker_id": worker })
+            .await
+            .expect("find")
+            .unwrap_or_else(|| panic!("no status for {worker}"))
+    }
+}
+
+/// The text of a finished process, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The JSON log lines of a process's output.
+pub fn log_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+pub fn message(line: &Value) -> &str {
+    line.get("message").and_then(Value::as_str).unwrap_or("")
+}
+
+/// A `sync-daemon run` process.
+#[derive(Debug)]
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn lines(&self) -> Vec<Value> {
+        log_lines(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    pub fn count(&self, message_prefix: &str) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| message(l).starts_with(message_prefix))
+            .count()
+    }
+
+    /// Waits until `n` log lines start with `message_prefix`; panics with the log on timeout.
+    pub async fn wait_for(&self, message_prefix: &str, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let matching: Vec<Value> = self
+                .lines()
+                .into_iter()
+                .filter(|l| message(l).starts_with(message_prefix))
+                .collect();
+            if matching.len() >= n {
+                return matching;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no {n}× `{message_prefix}` within {timeout:?}; log:\n{}",
+                    tail(&self.log, 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: plain syscall on our own child's pid.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!(
+                "sync-daemon did not exit within {timeout:?}; log:\n{}",
+                tail(&self.log, 40)
+            ),
+        }
+    }
+}
+
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

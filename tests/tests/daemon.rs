@@ -1,0 +1,636 @@
+//! sync-daemon end to end: the real binary, the MongoDB stand-in (or `MONGODB_URI`) and the
+//! simulated CML fleet.
+
+use std::time::Duration;
+
+use bson::Bson;
+use cml_labs::record::REMOVED_STATE;
+use cml_sim::Faults;
+use system_tests::{log_lines, message, output_text, Fixture};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_cycle_populates_every_worker_of_a_mixed_version_fleet() {
+    let f = Fixture::new("daemon_initial", 3, 8).await;
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let logs = log_lines(&String::from_utf8_lossy(&out.stderr));
+    let messages: Vec<&str> = logs.iter().map(message).collect();
+    assert!(
+        messages.contains(&"Lab record indexes created"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.contains(&"Starting labs refresh cycle"),
+        "{messages:?}"
+    );
+    assert_eq!(
+        messages
+            .iter()
+            .filter(|m| m.starts_with("Worker ") && m.contains("synced=8, created=8, updated=0"))
+            .count(),
+        3,
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("Labs refresh complete: synced=24, created=24, updated=0")),
+        "{messages:?}"
+    );
+
+    let records = f.records().await;
+    assert_eq!(records.len(), 24);
+    for w in &f.fleet.fleet.workers {
+        for lab in w.labs() {
+            let r = records
+                .iter()
+                .find(|r| r.worker_id == w.id && r.lab_id == lab.id)
+                .expect("record");
+            assert_eq!(
+                (r.title.as_str(), r.state.as_str()),
+                (lab.title.as_str(), lab.state.as_str())
+            );
+            assert_eq!(r.node_count as u32, lab.node_count);
+            assert_eq!(r.operation_history.len(), 1);
+        }
+        let status = f.status(&w.id).await;
+        assert_eq!(status.get_i64("consecutive_failures").ok(), Some(0));
+        assert_eq!(status.get_i64("lab_count").ok(), Some(8));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_change_gives_one_entry_and_sixty_changes_keep_fifty() {
+    let f = Fixture::new("daemon_changes", 1, 3).await;
+    assert!(f.once(&[]).await.status.success());
+    let w = f.fleet.fleet.workers[0].clone();
+    let lab = w.labs()[0].clone();
+    let next = if lab.state == "STARTED" {
+        "STOPPED"
+    } else {
+        "STARTED"
+    };
+    w.update_lab(&lab.id, |l| l.state = next.to_owned());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let r = f.record(&w.id, &lab.id).await;
+    assert_eq!(r.operation_history.len(), 2);
+    let e = &r.operation_history[1];
+    assert_eq!(e.previous_state.as_deref(), Some(lab.state.as_str()));
+    assert_eq!(e.new_state, next);
+    assert_eq!(
+        e.changed_fields["state"].old,
+        Bson::String(lab.state.clone())
+    );
+    assert_eq!(e.changed_fields["state"].new, Bson::String(next.to_owned()));
+    // The other labs did not change: no entries for them.
+    for other in w.labs().iter().filter(|l| l.id != lab.id) {
+        assert_eq!(f.record(&w.id, &other.id).await.operation_history.len(), 1);
+    }
+
+    for i in 0..60 {
+        w.update_lab(&lab.id, |l| l.title = format!("renamed {i}"));
+        let out = f.once(&[]).await;
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let r = f.record(&w.id, &lab.id).await;
+    assert_eq!(r.operation_history.len(), 50);
+    assert_eq!(r.title, "renamed 59");
+    assert_eq!(
+        r.operation_history[49].changed_fields["title"].new,
+        Bson::String("renamed 59".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_lab_is_tombstoned_comes_back_and_is_purged_later() {
+    let f = Fixture::new("daemon_vanish", 1, 4).await;
+    assert!(f.once(&[]).await.status.success());
+    let w = f.fleet.fleet.workers[0].clone();
+    let lab = w.labs()[0].clone();
+    w.delete_lab(&lab.id);
+    let out = f.once(&[]).await;
+    assert!(
+        output_text(&out).contains("removed=1"),
+        "{}",
+        output_text(&out)
+    );
+    let r = f.record(&w.id, &lab.id).await;
+    assert!(r.removed_at.is_some());
+    assert_eq!(
+        r.operation_history.last().map(|e| e.new_state.as_str()),
+        Some(REMOVED_STATE)
+    );
+
+    // Back again: un-marked, with an entry.
+    w.create_lab(Some(lab.clone()));
+    assert!(f.once(&[]).await.status.success());
+    let r = f.record(&w.id, &lab.id).await;
+    assert!(r.removed_at.is_none());
+    let last = r.operation_history.last().expect("entry");
+    assert_eq!(
+        (last.previous_state.as_deref(), last.new_state.as_str()),
+        (Some(REMOVED_STATE), lab.state.as_str())
+    );
+
+    // Gone for good: purged once past the retention (zero here), the others untouched.
+    w.delete_lab(&lab.id);
+    let out = f.once(&[("CML_LABS_SYNC__REMOVED_RETENTION", "0s")]).await;
+    assert!(
+        output_text(&out).contains("purged=1"),
+        "{}",
+        output_text(&out)
+    );
+    let records = f.records().await;
+    assert_eq!(records.len(), 3);
+    assert!(records
+        .iter()
+        .all(|r| r.lab_id != lab.id && r.removed_at.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_worker_keeps_its_records_and_never_holds_up_the_others() {
+    let f = Fixture::new("daemon_faults", 3, 5).await;
+    assert!(f.once(&[]).await.status.success());
+    let workers = f.fleet.fleet.workers.clone();
+    let (bad, good) = (&workers[0], &workers[1..]);
+    let faults = [
+        (
+            "hang",
+            Faults {
+                hang: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "reset",
+            Faults {
+                reset: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "503",
+            Faults {
+                error_rate: 1.0,
+                error_statuses: vec![503],
+                ..Faults::default()
+            },
+        ),
+        (
+            "500",
+            Faults {
+                error_rate: 1.0,
+                error_statuses: vec![500],
+                ..Faults::default()
+            },
+        ),
+        (
+            "malformed",
+            Faults {
+                malformed_json: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "truncated",
+            Faults {
+                truncated_body: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "labs 404",
+            Faults {
+                bulk_missing: true,
+                labs_list_404: true,
+                ..Faults::default()
+            },
+        ),
+    ];
+    for (round, (name, fault)) in faults.into_iter().enumerate() {
+        let before = f
+            .records()
+            .await
+            .into_iter()
+            .filter(|r| r.worker_id == bad.id)
+            .collect::<Vec<_>>();
+        // Labs change everywhere; on the faulty worker one lab disappears and another appears.
+        for w in &workers {
+            for lab in w.labs() {
+                w.update_lab(&lab.id, |l| l.title = format!("{} r{round}", lab.title));
+            }
+        }
+        bad.delete_lab(&bad.lab_ids()[0]);
+        bad.create_lab(None);
+        bad.set_faults(fault);
+        let out = f.once(&[("CML_LABS_CML__REQUEST_TIMEOUT", "1s")]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name}: a failed worker makes `once` fail: {}",
+            output_text(&out)
+        );
+        let text = output_text(&out);
+        assert!(text.contains("failed_workers=1"), "{name}: {text}");
+
+        let after = f.records().await;
+        let bad_after: Vec<_> = after
+            .iter()
+            .filter(|r| r.worker_id == bad.id)
+            .cloned()
+            .collect();
+        assert_eq!(
+            bad_after, before,
+            "{name}: the faulty worker's records are untouched"
+        );
+        for w in good {
+            for lab in w.labs() {
+                let r = after
+                    .iter()
+                    .find(|r| r.worker_id == w.id && r.lab_id == lab.id)
+                    .expect("record");
+                assert_eq!(r.title, lab.title, "{name}: the healthy workers are synced");
+            }
+        }
+        let status = f.status(&bad.id).await;
+        assert_eq!(
+            status.get_i64("consecutive_failures").ok(),
+            Some(1),
+            "{name}"
+        );
+        assert!(
+            status.get_str("last_error").is_ok_and(|e| !e.is_empty()),
+            "{name}"
+        );
+
+        // Healed: the next cycle catches up, the vanished lab included.
+        bad.set_faults(Faults::default());
+        let out = f.once(&[]).await;
+        assert!(out.status.success(), "{name}: {}", output_text(&out));
+        assert!(
+            output_text(&out).contains("created=1, updated=4, unchanged=0, removed=1"),
+            "{name}: {}",
+            output_text(&out)
+        );
+        assert_eq!(
+            f.status(&bad.id).await.get_i64("consecutive_failures").ok(),
+            Some(0),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_for_one_worker_syncs_only_that_worker() {
+    let f = Fixture::new("daemon_once_worker", 3, 2).await;
+    let id = f.fleet.fleet.workers[1].id.clone();
+    let out = f.once(&[]).await;
+    assert!(out.status.success());
+    f.db.db
+        .collection::<bson::Document>("lab_records")
+        .delete_many(bson::doc! {})
+        .await
+        .expect("clear");
+    let mut cmd = tokio::process::Command::from({
+        let mut c = system_tests::command("sync-daemon");
+        c.args(["once", "--worker", &id]);
+        c.env("CML_LABS_MONGODB__URI", &f.db.uri)
+            .env("CML_LABS_MONGODB__DATABASE", f.db.name());
+        c.env("CML_LABS_CML__PASSWORD", "local-dev-password")
+            .env("CML_LABS_TELEMETRY__LOG_FORMAT", "json");
+        c
+    });
+    let out = cmd.output().await.expect("run");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let records = f.records().await;
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|r| r.worker_id == id));
+
+    let mut cmd = tokio::process::Command::from({
+        let mut c = system_tests::command("sync-daemon");
+        c.args(["once", "--worker", "no-such-worker"]);
+        c.env("CML_LABS_MONGODB__URI", &f.db.uri)
+            .env("CML_LABS_MONGODB__DATABASE", f.db.name());
+        c.env("CML_LABS_CML__PASSWORD", "local-dev-password");
+        c
+    });
+    let out = cmd.output().await.expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("no-such-worker"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_cycle_drains_and_leaves_no_partial_record() {
+    let f = Fixture::new("daemon_sigterm", 4, 6).await;
+    for w in &f.fleet.fleet.workers {
+        w.set_faults(Faults {
+            latency_ms: 700,
+            ..Faults::default()
+        });
+    }
+    let mut d = f.spawn(
+        "sigterm",
+        &[
+            ("CML_LABS_SYNC__CONCURRENCY", "2"),
+            ("CML_LABS_SYNC__SHUTDOWN_GRACE", "10s"),
+        ],
+    );
+    d.wait_for("Starting labs refresh cycle", 1, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "clean exit: {status:?}");
+    let lines = d.lines();
+    let messages: Vec<&str> = lines.iter().map(message).collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("Shutting down")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.contains(&"Released the sync lease"),
+        "{messages:?}"
+    );
+    let synced = messages
+        .iter()
+        .filter(|m| m.starts_with("Worker ") && m.contains("synced="))
+        .count();
+    assert!(
+        synced < 4,
+        "no new worker started after SIGTERM ({synced} synced)"
+    );
+    // Workers that ran are complete; the others have nothing. No half-written record.
+    for r in f.records().await {
+        let lab = f
+            .fleet
+            .fleet
+            .worker(&r.worker_id)
+            .and_then(|w| w.lab(&r.lab_id))
+            .expect("a lab of the fleet");
+        assert_eq!(
+            (r.title.as_str(), r.state.as_str()),
+            (lab.title.as_str(), lab.state.as_str())
+        );
+        assert_eq!(r.operation_history.len(), 1);
+        assert!(!r.id.is_empty());
+    }
+    let records = f.records().await;
+    for w in &f.fleet.fleet.workers {
+        let n = records.iter().filter(|r| r.worker_id == w.id).count();
+        assert!(n == 0 || n == 6, "worker {} has {n} of 6 records", w.id);
+    }
+    // The lease was released: another replica may take it at once.
+    let lease =
+        f.db.db
+            .collection::<bson::Document>("sync_lease")
+            .find_one(bson::doc! {})
+            .await
+            .expect("find")
+            .expect("lease");
+    assert_eq!(
+        lease
+            .get_datetime("expires_at")
+            .ok()
+            .map(|d| d.timestamp_millis()),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sync_one_at_a_time_and_the_standby_takes_over() {
+    let f = Fixture::new("daemon_lease", 2, 2).await;
+    let env = [
+        ("CML_LABS_SYNC__INTERVAL", "1s"),
+        ("CML_LABS_SYNC__LEASE_TTL", "2s"),
+    ];
+    let a = f.spawn("a", &env);
+    a.wait_for("Acquired the sync lease", 1, Duration::from_secs(20))
+        .await;
+    let mut b = f.spawn("b", &env);
+    b.wait_for(
+        "This replica does not hold the sync lease",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    a.wait_for("Labs refresh complete", 3, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        b.count("Starting labs refresh cycle"),
+        0,
+        "the standby never syncs while the lease is held"
+    );
+
+    // The holder dies without releasing: the standby takes over once the lease expires.
+    let mut a = a;
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(5)).await;
+    b.wait_for("Acquired the sync lease", 1, Duration::from_secs(15))
+        .await;
+    b.wait_for("Labs refresh complete", 1, Duration::from_secs(15))
+        .await;
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(15)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
+    // This test stops its server, so it always runs on a stand-in of its own.
+    let mut server = match testkit::StandIn::start() {
+        Ok(s) => s,
+        Err(e) if testkit::external_server() => {
+            eprintln!("skipped: needs the MongoDB stand-in to stop and restart ({e})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let db = testkit::TestDb::on(&server.uri(), "daemon_mongo_restart").await;
+    let f = Fixture::on(db, 3, 4).await;
+    for w in &f.fleet.fleet.workers {
+        w.set_faults(Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        });
+    }
+    let mut d = f.spawn(
+        "restart",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "2s"),
+            ("CML_LABS_SYNC__RETRY_BASE", "1s"),
+            ("CML_LABS_SYNC__LEASE_TTL", "3s"),
+            ("CML_LABS_MONGODB__SERVER_SELECTION_TIMEOUT", "1s"),
+        ],
+    );
+    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
+        .await;
+
+    let w = f.fleet.fleet.workers[0].clone();
+    let lab = w.labs()[0].clone();
+    let next = if lab.state == "STARTED" {
+        "STOPPED"
+    } else {
+        "STARTED"
+    };
+    w.update_lab(&lab.id, |l| l.state = next.to_owned());
+    // Stop MongoDB while a cycle is in flight (each CML call takes 300 ms).
+    d.wait_for("Starting labs refresh cycle", 2, Duration::from_secs(30))
+        .await;
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let completes_before_restart = d.count("Labs refresh complete");
+    assert!(
+        d.child.try_wait().expect("wait").is_none(),
+        "still running without MongoDB"
+    );
+    server.restart().expect("restart");
+
+    // The change lands once MongoDB is back, without a restart of the daemon.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let state =
+            f.db.db
+                .collection::<cml_labs::record::LabRecord>("lab_records")
+                .find_one(bson::doc! { "worker_id": &w.id, "lab_id": &lab.id })
+                .await
+                .ok()
+                .flatten()
+                .map(|r| r.state);
+        if state.as_deref() == Some(next) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not synced after restart; log:\n{}",
+            system_tests::tail(&d.log, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let completes = d
+        .wait_for(
+            "Labs refresh complete",
+            completes_before_restart + 1,
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        completes[completes_before_restart..]
+            .iter()
+            .any(|l| l["failed_workers"] == 0),
+        "a clean cycle after the restart: {completes:?}"
+    );
+    assert!(d.child.try_wait().expect("wait").is_none(), "never crashed");
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
+    let f = Fixture::new("daemon_retry", 2, 3).await;
+    let bad = f.fleet.fleet.workers[0].clone();
+    bad.set_faults(Faults {
+        error_rate: 1.0,
+        error_statuses: vec![502],
+        ..Faults::default()
+    });
+    let mut d = f.spawn(
+        "retry",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_SYNC__RETRY_BASE", "1s"),
+        ],
+    );
+    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
+        .await;
+    let scheduled = d
+        .wait_for(
+            &format!("Worker {} will be retried in", bad.id),
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(scheduled[0]["failures"], 1);
+    // Still failing: the second retry waits longer (up to 2 s here), then it heals.
+    d.wait_for("Retrying 1 failed workers", 1, Duration::from_secs(10))
+        .await;
+    let second = d
+        .wait_for(
+            &format!("Worker {} will be retried in", bad.id),
+            2,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(second[1]["failures"], 2);
+    assert!(
+        second[1]["retry_in_ms"]
+            .as_u64()
+            .is_some_and(|ms| (1000..=2000).contains(&ms)),
+        "{:?}",
+        second[1]
+    );
+    bad.set_faults(Faults::default());
+    d.wait_for(
+        "Retry of failed workers complete",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    let records = f.records().await;
+    assert_eq!(
+        records.iter().filter(|r| r.worker_id == bad.id).count(),
+        3,
+        "synced by a retry, not a cycle"
+    );
+    assert_eq!(
+        d.count("Starting labs refresh cycle"),
+        1,
+        "no extra cycle was needed"
+    );
+    assert_eq!(
+        f.status(&bad.id).await.get_i64("consecutive_failures").ok(),
+        Some(0)
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_serves_health_readiness_and_metrics() {
+    let f = Fixture::new("daemon_admin", 2, 5).await;
+    let mut d = f.spawn("admin", &[("CML_LABS_SYNC__INTERVAL", "1h")]);
+    let admin = d
+        .wait_for("Admin endpoints", 1, Duration::from_secs(30))
+        .await;
+    let base = format!("http://{}", admin[0]["address"].as_str().expect("address"));
+    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
+        .await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let req = http.get(format!("{base}{path}"));
+        async move {
+            let r = req.send().await.expect("admin answers");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 200);
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for expected in [
+        "cml_labs_created_total 10",
+        "cml_labs_synced_total 10",
+        "sync_worker_syncs_total{outcome=\"success\"} 2",
+        "sync_cycles_total{outcome=\"success\"} 1",
+        "sync_lease_held 1",
+        // One login and one populate_lab_tiles per worker.
+        "cml_requests_total 4",
+    ] {
+        assert!(text.contains(expected), "{expected} in:\n{text}");
+    }
+    assert!(
+        text.contains("mongodb_commands_total{command=\"update\"}"),
+        "{text}"
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+}
