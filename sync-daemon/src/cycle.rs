@@ -10,6 +10,7 @@ use std::{
 use cml_labs::{change::PlanCounts, cml::CmlTarget};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{context::Context, worker::sync_worker};
 
@@ -60,11 +61,15 @@ pub async fn run_pass(
             break;
         };
         let ctx = ctx.clone();
-        running.spawn(async move {
-            let result = sync_worker(&ctx, &target).await;
-            drop(permit);
-            (target, result)
-        });
+        // Worker spans are children of the cycle's span.
+        running.spawn(
+            async move {
+                let result = sync_worker(&ctx, &target).await;
+                drop(permit);
+                (target, result)
+            }
+            .instrument(tracing::Span::current()),
+        );
     }
     while let Some(joined) = running.join_next().await {
         let Ok((target, result)) = joined else {

@@ -11,6 +11,7 @@ use bson::DateTime;
 use cml_labs::{cml::CmlTarget, store::cutoff};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     backoff::{random_unit, Backoff},
@@ -189,7 +190,18 @@ async fn run_logged(
     shutdown: &CancellationToken,
 ) -> Option<PassReport> {
     let span = tracing::info_span!("labs_refresh", kind = ?kind, workers = targets.len());
-    let _enter = span.enter();
+    run_logged_in_span(ctx, kind, targets, stop, shutdown)
+        .instrument(span)
+        .await
+}
+
+async fn run_logged_in_span(
+    ctx: &Arc<Context>,
+    kind: PassKind,
+    targets: Vec<CmlTarget>,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Option<PassReport> {
     match kind {
         PassKind::Cycle => {
             tracing::info!(workers = targets.len(), "Starting labs refresh cycle");
@@ -203,7 +215,6 @@ async fn run_logged(
             targets.len()
         ),
     }
-    drop(_enter);
     let grace = ctx.config.sync.shutdown_grace.get();
     let report = tokio::select! {
         r = run_pass(ctx, targets, stop) => r,
@@ -212,7 +223,6 @@ async fn run_logged(
             return None;
         }
     };
-    let _enter = span.enter();
     let purged = if kind == PassKind::Cycle && !stop.is_cancelled() {
         let retention = ctx.config.sync.removed_retention.get();
         match ctx

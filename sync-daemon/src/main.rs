@@ -1,12 +1,12 @@
 //! `sync-daemon`: keeps `lab_records` in MongoDB in step with every CML worker of the fleet.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
 use cml_labs::{
     cli::{check_config, load_or_report, CheckConfigArgs, ConfigArgs},
     config::Role,
-    telemetry,
+    telemetry::{bridge_prometheus, Telemetry},
 };
 use sync_daemon::{admin, context::Context, daemon};
 use tokio_util::sync::CancellationToken;
@@ -49,7 +49,7 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init_logging(&config.telemetry);
+    let telemetry = Telemetry::init(&config.telemetry, "sync-daemon");
     let instance = instance_name();
     let ctx = match Context::build(config, &instance).await {
         Ok(ctx) => ctx,
@@ -58,8 +58,12 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(meter) = telemetry.meter("sync-daemon") {
+        let metrics = ctx.metrics.clone();
+        bridge_prometheus(&meter, Arc::new(move || metrics.render()));
+    }
     let shutdown = shutdown_on_signals();
-    match command {
+    let code = match command {
         Command::Run => {
             tracing::info!(instance = %instance, version = env!("CARGO_PKG_VERSION"), "sync-daemon starting");
             let admin = match admin::serve(ctx.clone(), shutdown.clone()).await {
@@ -91,7 +95,10 @@ async fn main() -> ExitCode {
             }
         },
         Command::CheckConfig(_) => unreachable!("handled above"),
-    }
+    };
+    // The exporters flush on threads of their own; wait for them off the runtime.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 /// This replica's name in the lease: the pod name (HOSTNAME) plus a random suffix.

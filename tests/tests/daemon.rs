@@ -634,3 +634,48 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(20)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_and_metrics_go_to_the_otlp_endpoint() {
+    use std::sync::{Arc, Mutex};
+    // A stand-in OTLP/HTTP collector that notes what it receives.
+    let received: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+    let seen = received.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: axum::body::Bytes| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .expect("lock")
+                .push((uri.path().to_owned(), body.len()));
+            axum::http::StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let f = Fixture::new("daemon_otlp", 2, 3).await;
+    let mut d = f.spawn(
+        "otlp",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ],
+    );
+    d.wait_for(
+        "Exporting traces and metrics over OTLP",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
+        .await;
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(30)).await.success());
+    let got = received.lock().expect("lock").clone();
+    let posted = |path: &str| got.iter().any(|(p, len)| p == path && *len > 0);
+    assert!(posted("/v1/traces"), "spans exported: {got:?}");
+    assert!(posted("/v1/metrics"), "metrics exported: {got:?}");
+}
