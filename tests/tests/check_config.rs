@@ -128,3 +128,20 @@ fn help_and_version_work() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("check-config"));
     }
 }
+
+#[test]
+fn the_example_configuration_lists_only_known_keys() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.toml");
+    let out = run(
+        "sync-daemon",
+        &["--config", example, "check-config", "--offline"],
+        &[CML_PASSWORD],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(
+        "lab-api",
+        &["--config", example, "check-config", "--offline"],
+        &[API_NO_AUTH],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
