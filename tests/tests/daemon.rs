@@ -679,3 +679,33 @@ async fn traces_and_metrics_go_to_the_otlp_endpoint() {
     assert!(posted("/v1/traces"), "spans exported: {got:?}");
     assert!(posted("/v1/metrics"), "metrics exported: {got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let f = Fixture::new("daemon_second_signal", 1, 2).await;
+    f.fleet.fleet.workers[0].set_faults(Faults {
+        hang: true,
+        ..Faults::default()
+    });
+    let mut d = f.spawn(
+        "second_signal",
+        &[
+            ("CML_LABS_SYNC__SHUTDOWN_GRACE", "60s"),
+            ("CML_LABS_CML__REQUEST_TIMEOUT", "60s"),
+            ("CML_LABS_SYNC__WORKER_DEADLINE", "120s"),
+        ],
+    );
+    d.wait_for("Starting labs refresh cycle", 1, Duration::from_secs(30))
+        .await;
+    d.signal(libc::SIGTERM);
+    d.wait_for("Shutting down", 1, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        d.child.try_wait().expect("wait").is_none(),
+        "draining the hung worker"
+    );
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(130));
+}
