@@ -1,0 +1,203 @@
+//! The read endpoints over `lab_records` and `worker_sync_status`.
+
+use axum::{
+    extract::{Path, RawQuery, State},
+    Json,
+};
+use cml_labs::{cursor::PageCursor, store::LabFilter};
+
+use crate::{
+    app::AppState,
+    dto::{FleetLab, LabPage, LabRecordDto, SyncStatusDto, UiLab},
+    params,
+    problem::{ApiError, Problem},
+};
+
+/// A worker's labs, sorted by title then lab id, in the UI's shape.
+#[utoipa::path(
+    get, path = "/api/workers/{worker_id}/labs", tag = "labs",
+    params(
+        ("worker_id" = String, Path, description = "The worker's id"),
+        ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
+    ),
+    responses(
+        (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn worker_labs(
+    State(s): State<AppState>,
+    Path(worker_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Vec<UiLab>>, ApiError> {
+    labs_of(&s, &worker_id, q.as_deref()).await
+}
+
+/// The path the existing UI calls; the region is checked for form only.
+#[utoipa::path(
+    get, path = "/api/labs/region/{aws_region}/workers/{worker_id}/labs", tag = "labs",
+    params(
+        ("aws_region" = String, Path, description = "The worker's AWS region, e.g. us-east-1"),
+        ("worker_id" = String, Path, description = "The worker's id"),
+        ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
+    ),
+    responses(
+        (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn legacy_worker_labs(
+    State(s): State<AppState>,
+    Path((region, worker_id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Vec<UiLab>>, ApiError> {
+    params::region(&region)?;
+    labs_of(&s, &worker_id, q.as_deref()).await
+}
+
+async fn labs_of(
+    s: &AppState,
+    worker_id: &str,
+    query: Option<&str>,
+) -> Result<Json<Vec<UiLab>>, ApiError> {
+    let worker_id = params::id("worker_id", worker_id)?;
+    let q = params::query(query, &["include_removed"])?;
+    let include_removed = params::boolean(&q, "include_removed")?;
+    let records = s.store.labs_of_worker(worker_id, include_removed).await?;
+    Ok(Json(records.iter().map(UiLab::from).collect()))
+}
+
+/// One lab's full record, with its change history.
+#[utoipa::path(
+    get, path = "/api/workers/{worker_id}/labs/{lab_id}", tag = "labs",
+    params(("worker_id" = String, Path, description = "The worker's id"), ("lab_id" = String, Path, description = "The CML lab id")),
+    responses(
+        (status = 200, description = "The record", body = LabRecordDto),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such lab on that worker", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn lab(
+    State(s): State<AppState>,
+    Path((worker_id, lab_id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<LabRecordDto>, ApiError> {
+    let worker_id = params::id("worker_id", &worker_id)?;
+    let lab_id = params::id("lab_id", &lab_id)?;
+    params::query(q.as_deref(), &[])?;
+    match s.store.lab(worker_id, lab_id).await? {
+        Some(r) => Ok(Json(LabRecordDto::from(&r))),
+        None => Err(ApiError::NotFound(format!(
+            "Worker {worker_id} has no lab {lab_id}."
+        ))),
+    }
+}
+
+/// Labs across the fleet, ordered by worker then lab id, a page at a time.
+#[utoipa::path(
+    get, path = "/api/labs", tag = "labs",
+    params(
+        ("state" = Option<String>, Query, description = "DEFINED_ON_CORE, STOPPED or STARTED"),
+        ("owner_username" = Option<String>, Query, description = "Only this owner's labs"),
+        ("worker_id" = Option<String>, Query, description = "Only this worker's labs"),
+        ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1–1000 (default 100)", minimum = 1, maximum = 1000),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page", body = LabPage),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn fleet_labs(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<LabPage>, ApiError> {
+    let q = params::query(
+        q.as_deref(),
+        &[
+            "state",
+            "owner_username",
+            "worker_id",
+            "include_removed",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let worker_id = match q.get("worker_id") {
+        Some(w) => Some(params::id("worker_id", w)?.to_owned()),
+        None => None,
+    };
+    let filter = LabFilter {
+        worker_id,
+        state: params::state(&q)?,
+        owner_username: params::username(&q)?,
+        include_removed: params::boolean(&q, "include_removed")?,
+    };
+    let limit = params::limit(&q)?;
+    let after = match q.get("cursor") {
+        Some(c) => Some(
+            PageCursor::decode(c)
+                .map_err(|_| ApiError::bad("cursor", "is not a cursor this API issued"))?,
+        ),
+        None => None,
+    };
+    let page = s.store.list(&filter, after.as_ref(), limit).await?;
+    Ok(Json(LabPage {
+        items: page
+            .records
+            .iter()
+            .map(|r| FleetLab {
+                worker_id: r.worker_id.clone(),
+                lab: UiLab::from(r),
+                removed_at: r.removed_at.map(crate::dto::iso),
+            })
+            .collect(),
+        next_cursor: page.next.map(|c| c.encode()),
+    }))
+}
+
+/// How the last sync of a worker went.
+#[utoipa::path(
+    get, path = "/api/workers/{worker_id}/sync-status", tag = "workers",
+    params(("worker_id" = String, Path, description = "The worker's id")),
+    responses(
+        (status = 200, description = "The status", body = SyncStatusDto),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The worker was never synced", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn sync_status(
+    State(s): State<AppState>,
+    Path(worker_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<SyncStatusDto>, ApiError> {
+    let worker_id = params::id("worker_id", &worker_id)?;
+    params::query(q.as_deref(), &[])?;
+    match s.status.get(worker_id).await? {
+        Some(st) => Ok(Json(SyncStatusDto::from(&st))),
+        None => Err(ApiError::NotFound(format!(
+            "Worker {worker_id} was never synced."
+        ))),
+    }
+}

@@ -1,0 +1,207 @@
+//! The JSON the API returns: the UI's lab shape (key for key), full records, pages, status.
+
+use std::collections::BTreeMap;
+
+use bson::{Bson, DateTime};
+use chrono::SecondsFormat;
+use cml_labs::{record::LabRecord, status::WorkerSyncStatus};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// ISO-8601 in UTC with a `Z`, e.g. `2025-11-17T10:00:00Z` (milliseconds only when present).
+pub fn iso(d: DateTime) -> String {
+    d.to_chrono().to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// One lab as the UI's Labs tab reads it: exactly these keys.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct UiLab {
+    /// The CML lab id.
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub notes: String,
+    #[schema(example = "STARTED")]
+    pub state: String,
+    /// The owner's full name (the username when CML has no full name).
+    pub owner: String,
+    pub owner_username: String,
+    pub node_count: i32,
+    pub link_count: i32,
+    /// When CML created the lab.
+    pub created: Option<String>,
+    pub modified: Option<String>,
+    pub groups: Vec<String>,
+    /// When the lab was last seen in CML.
+    pub last_synced: String,
+}
+
+impl From<&LabRecord> for UiLab {
+    fn from(r: &LabRecord) -> Self {
+        Self {
+            id: r.lab_id.clone(),
+            title: r.title.clone(),
+            description: r.description.clone(),
+            notes: r.notes.clone(),
+            state: r.state.clone(),
+            owner: if r.owner_fullname.trim().is_empty() {
+                r.owner_username.clone()
+            } else {
+                r.owner_fullname.clone()
+            },
+            owner_username: r.owner_username.clone(),
+            node_count: r.node_count,
+            link_count: r.link_count,
+            created: r.cml_created_at.map(iso),
+            modified: r.modified_at.map(iso),
+            groups: r.groups.clone(),
+            last_synced: iso(r.last_synced_at),
+        }
+    }
+}
+
+/// A lab of the cross-worker listing: the UI shape plus the worker it lives on.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FleetLab {
+    pub worker_id: String,
+    #[serde(flatten)]
+    pub lab: UiLab,
+    pub removed_at: Option<String>,
+}
+
+/// One page of the cross-worker listing.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct LabPage {
+    pub items: Vec<FleetLab>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One change of one field.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FieldChangeDto {
+    #[schema(value_type = Object)]
+    pub old: Value,
+    #[schema(value_type = Object)]
+    pub new: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct HistoryEntryDto {
+    pub timestamp: String,
+    pub previous_state: Option<String>,
+    pub new_state: String,
+    pub changed_fields: BTreeMap<String, FieldChangeDto>,
+}
+
+/// The full record of one lab, with its history.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct LabRecordDto {
+    /// Our record id.
+    pub record_id: String,
+    pub worker_id: String,
+    #[serde(flatten)]
+    pub lab: UiLab,
+    pub owner_fullname: String,
+    pub first_seen_at: String,
+    pub removed_at: Option<String>,
+    /// Oldest first; the newest 50 (by default) are kept.
+    pub operation_history: Vec<HistoryEntryDto>,
+}
+
+/// A stored BSON value as JSON, dates as ISO strings.
+pub fn json_value(b: &Bson) -> Value {
+    match b {
+        Bson::Null | Bson::Undefined => Value::Null,
+        Bson::String(s) => Value::String(s.clone()),
+        Bson::Int32(n) => Value::from(*n),
+        Bson::Int64(n) => Value::from(*n),
+        Bson::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Bson::Boolean(v) => Value::Bool(*v),
+        Bson::DateTime(d) => Value::String(iso(*d)),
+        Bson::Array(a) => Value::Array(a.iter().map(json_value).collect()),
+        Bson::Document(d) => {
+            Value::Object(d.iter().map(|(k, v)| (k.clone(), json_value(v))).collect())
+        }
+        other => Value::String(other.to_string()),
+    }
+}
+
+impl From<&LabRecord> for LabRecordDto {
+    fn from(r: &LabRecord) -> Self {
+        Self {
+            record_id: r.id.clone(),
+            worker_id: r.worker_id.clone(),
+            lab: UiLab::from(r),
+            owner_fullname: r.owner_fullname.clone(),
+            first_seen_at: iso(r.first_seen_at),
+            removed_at: r.removed_at.map(iso),
+            operation_history: r
+                .operation_history
+                .iter()
+                .map(|e| HistoryEntryDto {
+                    timestamp: iso(e.timestamp),
+                    previous_state: e.previous_state.clone(),
+                    new_state: e.new_state.clone(),
+                    changed_fields: e
+                        .changed_fields
+                        .iter()
+                        .map(|(k, c)| {
+                            (
+                                k.clone(),
+                                FieldChangeDto {
+                                    old: json_value(&c.old),
+                                    new: json_value(&c.new),
+                                },
+                            )
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The last sync of one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct SyncStatusDto {
+    pub worker_id: String,
+    pub last_attempt_at: String,
+    pub last_success_at: Option<String>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: i64,
+    pub lab_count: i64,
+    pub last_duration_ms: i64,
+}
+
+impl From<&WorkerSyncStatus> for SyncStatusDto {
+    fn from(s: &WorkerSyncStatus) -> Self {
+        Self {
+            worker_id: s.worker_id.clone(),
+            last_attempt_at: iso(s.last_attempt_at),
+            last_success_at: s.last_success_at.map(iso),
+            last_error: s.last_error.clone(),
+            consecutive_failures: s.consecutive_failures,
+            lab_count: s.lab_count,
+            last_duration_ms: s.last_duration_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_with_a_z_and_never_plus_zero_z() {
+        assert_eq!(
+            iso(DateTime::from_millis(1_763_373_600_000)),
+            "2025-11-17T10:00:00Z"
+        );
+        assert_eq!(
+            iso(DateTime::from_millis(1_763_373_600_123)),
+            "2025-11-17T10:00:00.123Z"
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! lab-api: the stateless, read-only HTTP API over `lab_records`, in the shape the UI reads.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod dto;
+pub mod etag;
+pub mod metrics;
+pub mod openapi;
+pub mod params;
+pub mod problem;

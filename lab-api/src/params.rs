@@ -1,0 +1,149 @@
+//! Strict reading of path and query parameters: unknown names, repeats and bad values are 400s.
+
+use std::collections::HashMap;
+
+use crate::problem::ApiError;
+
+/// The query string as name → value, refusing names not in `allowed` and repeated names.
+pub fn query(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|_| ApiError::bad("query", "is not a valid query string"))?;
+    let mut out = HashMap::new();
+    for (name, value) in pairs {
+        if !allowed.contains(&name.as_str()) {
+            let hint = if allowed.is_empty() {
+                "this endpoint takes no query parameters".to_owned()
+            } else {
+                format!("allowed: {}", allowed.join(", "))
+            };
+            return Err(ApiError::bad(
+                &name,
+                format!("is not a known parameter ({hint})"),
+            ));
+        }
+        if out.insert(name.clone(), value).is_some() {
+            return Err(ApiError::bad(&name, "is given more than once"));
+        }
+    }
+    Ok(out)
+}
+
+/// Worker and lab ids: UUIDs in practice; letters, digits and `-_.:` up to 128 characters.
+pub fn id<'a>(param: &str, value: &'a str) -> Result<&'a str, ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(value)
+    } else {
+        Err(ApiError::bad(
+            param,
+            "must be 1–128 letters, digits or -_.: characters",
+        ))
+    }
+}
+
+/// AWS region names such as `us-east-1`.
+pub fn region(value: &str) -> Result<&str, ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 32
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(value)
+    } else {
+        Err(ApiError::bad(
+            "aws_region",
+            "must be a region name such as us-east-1",
+        ))
+    }
+}
+
+pub fn boolean(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None => Ok(false),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(ApiError::bad(name, "must be true or false")),
+    }
+}
+
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+pub fn limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad(
+                "limit",
+                format!("must be a whole number from 1 to {MAX_LIMIT}"),
+            )),
+        },
+    }
+}
+
+/// A lab state filter: CML's lab states only.
+pub fn state(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+    match params.get("state") {
+        None => Ok(None),
+        Some(s) if ["DEFINED_ON_CORE", "STOPPED", "STARTED"].contains(&s.as_str()) => {
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(ApiError::bad(
+            "state",
+            "must be DEFINED_ON_CORE, STOPPED or STARTED",
+        )),
+    }
+}
+
+/// Usernames: non-empty, at most 64 characters, no control characters.
+pub fn username(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+    match params.get("owner_username") {
+        None => Ok(None),
+        Some(u) if !u.is_empty() && u.chars().count() <= 64 && !u.chars().any(char::is_control) => {
+            Ok(Some(u.clone()))
+        }
+        Some(_) => Err(ApiError::bad(
+            "owner_username",
+            "must be 1–64 characters without control characters",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_repeated_parameters_are_refused() {
+        assert!(query(Some("limit=5"), &["limit"]).is_ok());
+        let e = query(Some("limt=5"), &["limit"]).expect_err("unknown");
+        assert!(matches!(e, ApiError::BadRequest { ref param, .. } if param == "limt"));
+        assert!(query(Some("limit=5&limit=6"), &["limit"]).is_err());
+        assert!(query(Some("x=1"), &[]).is_err());
+        assert!(query(None, &[]).expect("empty").is_empty());
+    }
+
+    #[test]
+    fn ids_limits_and_states_are_checked() {
+        assert!(id("worker_id", "0f3c-9a_b.c:d").is_ok());
+        for bad in ["", "a/b", "{\"$ne\":1}", "a b", &"x".repeat(129)] {
+            assert!(id("worker_id", bad).is_err(), "{bad}");
+        }
+        let p = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
+        assert_eq!(limit(&HashMap::new()).ok(), Some(100));
+        assert_eq!(limit(&p("limit", "1000")).ok(), Some(1000));
+        for bad in ["0", "1001", "-1", "ten", ""] {
+            assert!(limit(&p("limit", bad)).is_err(), "{bad}");
+        }
+        assert!(state(&p("state", "BOOTED")).is_err());
+        assert!(boolean(&p("include_removed", "yes"), "include_removed").is_err());
+        assert!(username(&p("owner_username", "")).is_err());
+        assert!(region("us-east-1").is_ok() && region("US_EAST").is_err());
+    }
+}

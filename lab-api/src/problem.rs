@@ -1,0 +1,139 @@
+//! Errors as RFC 9457 problem documents. Client mistakes say exactly what is wrong; server
+//! failures say only that something failed (details go to the log, never to the client).
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The error type of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid parameter `{param}`: {detail}")]
+    BadRequest { param: String, detail: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    /// MongoDB (or the key set of the identity provider) cannot be reached right now.
+    #[error("dependency unavailable: {0}")]
+    Unavailable(String),
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error("the request took too long")]
+    Timeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad(param: &str, detail: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            param: param.to_owned(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::Timeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<cml_labs::Error> for ApiError {
+    fn from(e: cml_labs::Error) -> Self {
+        match e {
+            cml_labs::Error::InvalidCursor => {
+                ApiError::bad("cursor", "is not a cursor this API issued")
+            }
+            e if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The query or path parameter at fault, for 400s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (kind, detail, param) = match &self {
+            ApiError::BadRequest { param, detail } => (
+                "bad-request",
+                format!("`{param}` {detail}"),
+                Some(param.clone()),
+            ),
+            ApiError::NotFound(d) => ("not-found", d.clone(), None),
+            ApiError::Unauthorized(d) => ("unauthorized", d.clone(), None),
+            ApiError::Unavailable(_) => (
+                "unavailable",
+                "The lab store cannot be reached right now; try again shortly.".to_owned(),
+                None,
+            ),
+            ApiError::Overloaded => (
+                "overloaded",
+                "Too many requests are in flight; try again shortly.".to_owned(),
+                None,
+            ),
+            ApiError::Timeout => (
+                "timeout",
+                "The request took too long; try again shortly.".to_owned(),
+                None,
+            ),
+            ApiError::Internal(_) => (
+                "internal",
+                "The request failed on the server.".to_owned(),
+                None,
+            ),
+        };
+        if status.is_server_error() {
+            // The details stay here; the client only learns that it failed.
+            tracing::error!(status = status.as_u16(), error = %self, "Request failed: {self}");
+        }
+        let body = Problem {
+            kind: format!("https://cml-labs.invalid/problems/{kind}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail,
+            param,
+        };
+        let mut response = (status, Json(body)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
+        response
+    }
+}
