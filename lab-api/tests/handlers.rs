@@ -1,0 +1,554 @@
+//! The router driven with `oneshot`, over records written by the store into a real
+//! MongoDB-wire server.
+
+use std::sync::Arc;
+
+use axum::{
+    body::{to_bytes, Body},
+    http::{header, Request, StatusCode},
+    Router,
+};
+use bson::DateTime;
+use cml_labs::{
+    change::{plan_sync, Listing},
+    config::{ApiConfig, AuthConfig, AuthMode, MongoConfig},
+    record::{LabFields, ObservedLab},
+    status::SyncStatusStore,
+    store::LabStore,
+};
+use lab_api::{
+    app::{app, AppState},
+    auth::Authenticator,
+    metrics::Metrics,
+};
+use serde_json::Value;
+use testkit::TestDb;
+use tower::ServiceExt;
+
+struct Api {
+    router: Router,
+    store: LabStore,
+    status: SyncStatusStore,
+    _db: TestDb,
+}
+
+async fn api(test: &str, auth: AuthConfig) -> Api {
+    let db = TestDb::new(test).await;
+    let cfg = MongoConfig {
+        database: db.name().to_owned(),
+        ..MongoConfig::default()
+    };
+    let store = LabStore::new(&db.client, &cfg, 50);
+    store.ensure_indexes().await.expect("indexes");
+    let status = SyncStatusStore::new(&db.db, "worker_sync_status");
+    let state = AppState {
+        store: store.clone(),
+        status: status.clone(),
+        db: db.db.clone(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let authn = Arc::new(Authenticator::from_config(&auth, reqwest::Client::new()));
+    Api {
+        router: app(state, authn, &ApiConfig::default()),
+        store,
+        status,
+        _db: db,
+    }
+}
+
+fn open() -> AuthConfig {
+    AuthConfig {
+        mode: AuthMode::None,
+        ..AuthConfig::default()
+    }
+}
+
+fn lab(id: &str, title: &str, state: &str) -> ObservedLab {
+    ObservedLab::new(
+        id,
+        LabFields {
+            title: title.into(),
+            description: "desc".into(),
+            notes: "notes".into(),
+            state: state.into(),
+            owner_username: "alice".into(),
+            owner_fullname: "Alice Example".into(),
+            node_count: 3,
+            link_count: 2,
+            groups: vec!["netops".into()],
+            cml_created_at: Some(DateTime::from_millis(1_763_373_600_000)),
+            modified_at: None,
+        },
+    )
+}
+
+async fn seed(store: &LabStore, worker: &str, labs: Vec<ObservedLab>) {
+    let stored = store.records_for_sync(worker).await.expect("read");
+    let plan = plan_sync(worker, &stored, labs, Listing::Complete, DateTime::now());
+    store.apply(&plan).await.expect("apply");
+}
+
+async fn get(
+    router: &Router,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut req = Request::builder().uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = router
+        .clone()
+        .oneshot(req.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    let (parts, body) = resp.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        to_bytes(body, 64 << 20).await.expect("body").to_vec(),
+    )
+}
+
+async fn get_json(router: &Router, uri: &str) -> (StatusCode, Value) {
+    let (status, _, body) = get(router, uri, &[]).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn worker_labs_have_exactly_the_ui_keys_sorted_by_title() {
+    let a = api("api_ui_shape", open()).await;
+    seed(
+        &a.store,
+        "w1",
+        vec![
+            lab("l-b", "Beta", "STARTED"),
+            lab("l-a", "Alpha", "STOPPED"),
+            lab("l-c", "Beta", "STOPPED"),
+        ],
+    )
+    .await;
+    seed(&a.store, "w2", vec![lab("x", "Other", "STARTED")]).await;
+    let (status, body) = get_json(&a.router, "/api/workers/w1/labs").await;
+    assert_eq!(status, StatusCode::OK);
+    let labs = body.as_array().expect("a bare array");
+    let ids: Vec<&str> = labs.iter().map(|l| l["id"].as_str().expect("id")).collect();
+    assert_eq!(ids, ["l-a", "l-b", "l-c"]);
+    let keys: Vec<&str> = labs[0]
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut expected = [
+        "id",
+        "title",
+        "description",
+        "notes",
+        "state",
+        "owner",
+        "owner_username",
+        "node_count",
+        "link_count",
+        "created",
+        "modified",
+        "groups",
+        "last_synced",
+    ];
+    expected.sort_unstable();
+    let mut keys_sorted = keys.clone();
+    keys_sorted.sort_unstable();
+    assert_eq!(keys_sorted, expected);
+    let l = &labs[0];
+    assert_eq!(l["owner"], "Alice Example");
+    assert_eq!(l["owner_username"], "alice");
+    assert_eq!(l["created"], "2025-11-17T10:00:00Z");
+    assert_eq!(l["modified"], Value::Null);
+    assert_eq!(l["groups"], serde_json::json!(["netops"]));
+    assert!(l["last_synced"].as_str().expect("time").ends_with('Z'));
+    assert!(!l["last_synced"].as_str().expect("time").contains("+00:00"));
+
+    // The legacy path answers the same.
+    let (status, legacy) = get_json(&a.router, "/api/labs/region/us-east-1/workers/w1/labs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(legacy, body);
+    // A worker without records: an empty array, not a 404.
+    let (status, empty) = get_json(&a.router, "/api/workers/nobody/labs").await;
+    assert_eq!((status, empty), (StatusCode::OK, serde_json::json!([])));
+}
+
+#[tokio::test]
+async fn removed_labs_are_hidden_unless_asked_for_and_records_show_history() {
+    let a = api("api_removed", open()).await;
+    seed(
+        &a.store,
+        "w1",
+        vec![lab("l1", "One", "STARTED"), lab("l2", "Two", "STOPPED")],
+    )
+    .await;
+    seed(&a.store, "w1", vec![lab("l1", "One", "STOPPED")]).await;
+    let (_, visible) = get_json(&a.router, "/api/workers/w1/labs").await;
+    assert_eq!(visible.as_array().map(Vec::len), Some(1));
+    let (_, all) = get_json(&a.router, "/api/workers/w1/labs?include_removed=true").await;
+    assert_eq!(all.as_array().map(Vec::len), Some(2));
+
+    let (status, record) = get_json(&a.router, "/api/workers/w1/labs/l1").await;
+    assert_eq!(status, StatusCode::OK);
+    let history = record["operation_history"].as_array().expect("history");
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1]["previous_state"], "STARTED");
+    assert_eq!(history[1]["new_state"], "STOPPED");
+    assert_eq!(
+        history[1]["changed_fields"]["state"],
+        serde_json::json!({"old": "STARTED", "new": "STOPPED"})
+    );
+    assert!(record["first_seen_at"].as_str().is_some());
+    assert_eq!(record["removed_at"], Value::Null);
+    let (_, gone) = get_json(&a.router, "/api/workers/w1/labs/l2").await;
+    assert!(gone["removed_at"].as_str().is_some());
+    assert_eq!(gone["operation_history"][1]["new_state"], "REMOVED");
+
+    let (status, problem) = get_json(&a.router, "/api/workers/w1/labs/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(problem["status"], 404);
+}
+
+#[tokio::test]
+async fn every_bad_input_is_a_400_naming_the_parameter() {
+    let a = api("api_bad_input", open()).await;
+    let cases = [
+        (
+            "/api/workers/w1/labs?include_removed=maybe",
+            "include_removed",
+        ),
+        ("/api/workers/w1/labs?includeRemoved=true", "includeRemoved"),
+        (
+            "/api/workers/w1/labs?include_removed=true&include_removed=false",
+            "include_removed",
+        ),
+        ("/api/workers/w%20x/labs", "worker_id"),
+        ("/api/workers/%7B%22%24ne%22%3A1%7D/labs", "worker_id"),
+        ("/api/labs/region/US_EAST/workers/w1/labs", "aws_region"),
+        ("/api/workers/w1/labs/l%2F1", "lab_id"),
+        ("/api/workers/w1/labs/l1?x=1", "x"),
+        ("/api/labs?limit=0", "limit"),
+        ("/api/labs?limit=1001", "limit"),
+        ("/api/labs?limit=abc", "limit"),
+        ("/api/labs?cursor=not-a-cursor", "cursor"),
+        ("/api/labs?state=RUNNING", "state"),
+        ("/api/labs?state[$ne]=x", "state[$ne]"),
+        ("/api/labs?owner_username=", "owner_username"),
+        ("/api/labs?worker_id=a/b", "worker_id"),
+        ("/api/workers/w1/sync-status?verbose=1", "verbose"),
+    ];
+    for (uri, param) in cases {
+        let (status, headers, body) = get(&a.router, uri, &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(
+            headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{uri}"
+        );
+        let problem: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(problem["param"], param, "{uri}: {problem}");
+        assert_eq!(problem["status"], 400);
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(param)),
+            "{uri}: {problem}"
+        );
+    }
+    let (status, problem) = get_json(&a.router, "/api/nothing-here").await;
+    assert_eq!(
+        (status, problem["status"].clone()),
+        (StatusCode::NOT_FOUND, Value::from(404))
+    );
+}
+
+#[tokio::test]
+async fn etags_turn_repeated_reads_into_304s_until_something_changes() {
+    let a = api("api_etag", open()).await;
+    seed(&a.store, "w1", vec![lab("l1", "One", "STARTED")]).await;
+    let (status, headers, body) = get(&a.router, "/api/workers/w1/labs", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let etag = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .expect("etag")
+        .to_owned();
+    let (status, headers, empty) = get(
+        &a.router,
+        "/api/workers/w1/labs",
+        &[("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert!(empty.is_empty());
+    assert_eq!(
+        headers.get(header::ETAG).and_then(|v| v.to_str().ok()),
+        Some(etag.as_str())
+    );
+    assert!(!body.is_empty());
+
+    seed(&a.store, "w1", vec![lab("l1", "One", "STOPPED")]).await;
+    let (status, headers, _) = get(
+        &a.router,
+        "/api/workers/w1/labs",
+        &[("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "changed data, new tag");
+    assert_ne!(
+        headers.get(header::ETAG).and_then(|v| v.to_str().ok()),
+        Some(etag.as_str())
+    );
+}
+
+#[tokio::test]
+async fn responses_are_gzipped_for_clients_that_accept_it() {
+    let a = api("api_gzip", open()).await;
+    seed(
+        &a.store,
+        "w1",
+        (0..50)
+            .map(|i| {
+                lab(
+                    &format!("l{i:02}"),
+                    "A title long enough to compress well",
+                    "STARTED",
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let (_, plain_headers, plain) = get(&a.router, "/api/workers/w1/labs", &[]).await;
+    let (status, headers, zipped) = get(
+        &a.router,
+        "/api/workers/w1/labs",
+        &[("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+        Some("gzip")
+    );
+    assert!(
+        zipped.len() * 3 < plain.len(),
+        "{} vs {}",
+        zipped.len(),
+        plain.len()
+    );
+    assert!(plain_headers.get(header::CONTENT_ENCODING).is_none());
+}
+
+#[tokio::test]
+async fn paging_through_2500_labs_returns_each_once() {
+    let a = api("api_paging", open()).await;
+    for w in 0..25 {
+        let labs = (0..100)
+            .map(|i| {
+                lab(
+                    &format!("lab-{i:03}"),
+                    "t",
+                    if i % 4 == 0 { "STARTED" } else { "STOPPED" },
+                )
+            })
+            .collect();
+        seed(&a.store, &format!("worker-{w:02}"), labs).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut uri = "/api/labs?limit=333".to_owned();
+    let mut pages = 0;
+    loop {
+        let (status, page) = get_json(&a.router, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        pages += 1;
+        for item in page["items"].as_array().expect("items") {
+            let key = (
+                item["worker_id"].as_str().expect("w").to_owned(),
+                item["id"].as_str().expect("id").to_owned(),
+            );
+            assert!(seen.insert(key.clone()), "duplicate {key:?}");
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => uri = format!("/api/labs?limit=333&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!((seen.len(), pages), (2500, 8));
+    let (_, page) = get_json(
+        &a.router,
+        "/api/labs?state=STARTED&worker_id=worker-03&owner_username=alice&limit=1000",
+    )
+    .await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(25));
+    assert_eq!(page["next_cursor"], Value::Null);
+    let (_, page) = get_json(&a.router, "/api/labs").await;
+    assert_eq!(
+        page["items"].as_array().map(Vec::len),
+        Some(100),
+        "default limit"
+    );
+}
+
+#[tokio::test]
+async fn sync_status_is_served_and_404_when_never_synced() {
+    let a = api("api_status", open()).await;
+    a.status
+        .record_failure(
+            "w1",
+            DateTime::from_millis(1_763_373_600_000),
+            std::time::Duration::from_millis(250),
+            "CML worker w1: unreachable",
+        )
+        .await
+        .expect("status");
+    let (status, body) = get_json(&a.router, "/api/workers/w1/sync-status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["consecutive_failures"], 1);
+    assert_eq!(body["last_attempt_at"], "2025-11-17T10:00:00Z");
+    assert_eq!(body["last_success_at"], Value::Null);
+    let (status, _) = get_json(&a.router, "/api/workers/w2/sync-status").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn static_tokens_guard_the_api_but_not_health_and_metrics() {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(b"service-token-1"));
+    let a = api(
+        "api_tokens",
+        AuthConfig {
+            mode: AuthMode::Tokens,
+            token_hashes: vec![digest],
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+    let (status, headers, _) = get(&a.router, "/api/workers/w1/labs", &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        headers
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    assert_eq!(
+        get(
+            &a.router,
+            "/api/workers/w1/labs",
+            &[("authorization", "Bearer nope")]
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(
+            &a.router,
+            "/api/workers/w1/labs",
+            &[("authorization", "Bearer service-token-1")]
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    for open in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(get(&a.router, open, &[]).await.0, StatusCode::OK, "{open}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_and_status() {
+    let a = api("api_metrics", open()).await;
+    get(&a.router, "/api/workers/w1/labs", &[]).await;
+    get(&a.router, "/api/workers/w2/labs", &[]).await;
+    get(&a.router, "/api/labs?limit=0", &[]).await;
+    let (_, _, body) = get(&a.router, "/metrics", &[]).await;
+    let text = String::from_utf8(body).expect("utf-8");
+    assert!(text.contains("http_requests_total{route=\"/api/workers/{worker_id}/labs\",method=\"GET\",status=\"200\"} 2"), "{text}");
+    assert!(
+        text.contains("http_requests_total{route=\"/api/labs\",method=\"GET\",status=\"400\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("http_request_duration_seconds_count{route=\"/api/labs\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_endpoint() {
+    let a = api("api_openapi", open()).await;
+    let (status, doc) = get_json(&a.router, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    for path in [
+        "/api/workers/{worker_id}/labs",
+        "/api/labs/region/{aws_region}/workers/{worker_id}/labs",
+        "/api/workers/{worker_id}/labs/{lab_id}",
+        "/api/labs",
+        "/api/workers/{worker_id}/sync-status",
+    ] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path}");
+    }
+    assert!(doc["components"]["schemas"]["UiLab"].is_object());
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+#[tokio::test]
+async fn cors_preflight_allows_the_configured_origin_only() {
+    let db = TestDb::new("api_cors").await;
+    let cfg = MongoConfig {
+        database: db.name().to_owned(),
+        ..MongoConfig::default()
+    };
+    let store = LabStore::new(&db.client, &cfg, 50);
+    let state = AppState {
+        store,
+        status: SyncStatusStore::new(&db.db, "s"),
+        db: db.db.clone(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let api_cfg = ApiConfig {
+        cors_allowed_origins: vec!["https://ui.example.com".into()],
+        ..ApiConfig::default()
+    };
+    let router = app(
+        state,
+        Arc::new(Authenticator::from_config(&open(), reqwest::Client::new())),
+        &api_cfg,
+    );
+    let preflight = |origin: &'static str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/api/labs")
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .body(Body::empty())
+            .expect("request")
+    };
+    let ok = router
+        .clone()
+        .oneshot(preflight("https://ui.example.com"))
+        .await
+        .expect("infallible");
+    assert_eq!(
+        ok.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://ui.example.com")
+    );
+    let other = router
+        .oneshot(preflight("https://evil.example"))
+        .await
+        .expect("infallible");
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
