@@ -23,8 +23,13 @@ use tokio::sync::{Mutex, RwLock};
 
 use crate::problem::ApiError;
 
-/// A JWKS is fetched again at most this often when a token names an unknown key.
-const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// An unknown `kid` triggers one JWKS fetch; if the key is still missing, the `kid` is
+/// remembered as unknown this long.
+const UNKNOWN_KID_TTL: Duration = Duration::from_secs(60);
+/// At most this many JWKS fetches per minute, whatever tokens arrive.
+const MAX_FETCHES_PER_MINUTE: usize = 10;
+/// Unknown kids remembered at most (a flood of random kids cannot grow memory).
+const MAX_UNKNOWN_KIDS: usize = 1024;
 /// Keys are refreshed at least this often even when every `kid` is known (rotation).
 const MAX_KEY_AGE: Duration = Duration::from_secs(3600);
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -102,6 +107,8 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 struct KeyCache {
     keys: HashMap<String, (DecodingKey, Algorithm)>,
     fetched_at: Option<Instant>,
+    unknown: HashMap<String, Instant>,
+    fetches: std::collections::VecDeque<Instant>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -171,7 +178,9 @@ impl JwtVerifier {
             })
     }
 
-    /// The key for `kid`: from the cache, or after one (rate-limited) fetch of the JWKS.
+    /// The key for `kid`: from the cache, or after one fetch of the JWKS. Fetches are bounded:
+    /// a `kid` still unknown after a fetch is not fetched for again for a while, and there are
+    /// at most a few fetches a minute.
     async fn key(&self, kid: &str) -> Result<Option<(DecodingKey, Algorithm)>, ApiError> {
         {
             let cache = self.keys.read().await;
@@ -182,25 +191,32 @@ impl JwtVerifier {
         }
         let _one_at_a_time = self.refreshing.lock().await;
         {
-            let cache = self.keys.read().await;
-            let recent = cache
-                .fetched_at
-                .is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL);
-            if recent
-                || cache.keys.contains_key(kid)
-                    && cache.fetched_at.is_some_and(|t| t.elapsed() < MAX_KEY_AGE)
-            {
+            let mut cache = self.keys.write().await;
+            let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < MAX_KEY_AGE);
+            if let (Some(k), true) = (cache.keys.get(kid), fresh) {
+                return Ok(Some(k.clone()));
+            }
+            cache.unknown.retain(|_, t| t.elapsed() < UNKNOWN_KID_TTL);
+            cache
+                .fetches
+                .retain(|t| t.elapsed() < Duration::from_secs(60));
+            let known_unknown = cache.unknown.contains_key(kid);
+            let over_budget = cache.fetches.len() >= MAX_FETCHES_PER_MINUTE;
+            if known_unknown || over_budget {
                 return Ok(cache.keys.get(kid).cloned());
             }
+            cache.fetches.push_back(Instant::now());
         }
         match self.fetch().await {
             Ok(keys) => {
                 let mut cache = self.keys.write().await;
-                *cache = KeyCache {
-                    keys,
-                    fetched_at: Some(Instant::now()),
-                };
-                Ok(cache.keys.get(kid).cloned())
+                cache.keys = keys;
+                cache.fetched_at = Some(Instant::now());
+                let found = cache.keys.get(kid).cloned();
+                if found.is_none() && cache.unknown.len() < MAX_UNKNOWN_KIDS {
+                    cache.unknown.insert(kid.to_owned(), Instant::now());
+                }
+                Ok(found)
             }
             Err(e) => {
                 let cache = self.keys.read().await;

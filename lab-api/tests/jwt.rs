@@ -1,0 +1,322 @@
+//! Bearer JWTs verified against a JWKS served locally by the test, with keys it generates.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, Mutex,
+};
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode},
+    Router,
+};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use cml_labs::{
+    config::{ApiConfig, AuthConfig, AuthMode, MongoConfig},
+    status::SyncStatusStore,
+    store::LabStore,
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use lab_api::{
+    app::{app, AppState},
+    auth::Authenticator,
+    metrics::Metrics,
+};
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use rsa::{pkcs1::EncodeRsaPrivateKey, traits::PublicKeyParts, RsaPrivateKey};
+use serde_json::{json, Value};
+use testkit::TestDb;
+use tower::ServiceExt;
+
+const ISSUER: &str = "https://sso.example.com/realms/cml";
+const AUDIENCE: &str = "cml-labs-api";
+
+struct Rsa {
+    kid: String,
+    encoding: EncodingKey,
+    jwk: Value,
+}
+
+fn rsa_key(kid: &str) -> Rsa {
+    let key = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("RSA key");
+    let der = key.to_pkcs1_der().expect("pkcs1");
+    let jwk = json!({
+        "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+    });
+    Rsa {
+        kid: kid.into(),
+        encoding: EncodingKey::from_rsa_der(der.as_bytes()),
+        jwk,
+    }
+}
+
+fn ec_key(kid: &str) -> (EncodingKey, Value) {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("EC key");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("EC pair");
+    let public = pair.public_key().as_ref();
+    let jwk = json!({
+        "kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
+        "x": URL_SAFE_NO_PAD.encode(&public[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&public[33..65]),
+    });
+    (EncodingKey::from_ec_der(pkcs8.as_ref()), jwk)
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn token(alg: Algorithm, kid: &str, key: &EncodingKey, claims: Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, &claims, key).expect("sign")
+}
+
+fn claims() -> Value {
+    json!({ "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "exp": now() + 300, "iat": now() })
+}
+
+/// A local identity provider: serves a JWKS that the test can change, counting fetches.
+struct Idp {
+    keys: Arc<Mutex<Vec<Value>>>,
+    fetches: Arc<AtomicUsize>,
+    url: String,
+}
+
+async fn idp(keys: Vec<Value>) -> Idp {
+    let keys = Arc::new(Mutex::new(keys));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (k, f) = (keys.clone(), fetches.clone());
+    let app = Router::new().route(
+        "/realms/cml/protocol/openid-connect/certs",
+        axum::routing::get(move || {
+            let (k, f) = (k.clone(), f.clone());
+            async move {
+                f.fetch_add(1, Ordering::SeqCst);
+                axum::Json(json!({ "keys": *k.lock().expect("lock") }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "http://{}/realms/cml/protocol/openid-connect/certs",
+        listener.local_addr().expect("addr")
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Idp { keys, fetches, url }
+}
+
+async fn api(db: &TestDb, jwks_url: &str) -> Router {
+    let cfg = MongoConfig {
+        database: db.name().to_owned(),
+        ..MongoConfig::default()
+    };
+    let state = AppState {
+        store: LabStore::new(&db.client, &cfg, 50),
+        status: SyncStatusStore::new(&db.db, "worker_sync_status"),
+        db: db.db.clone(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let auth = AuthConfig {
+        mode: AuthMode::Jwt,
+        jwks_url: jwks_url.into(),
+        issuer: ISSUER.into(),
+        audience: AUDIENCE.into(),
+        token_hashes: vec![],
+    };
+    app(
+        state,
+        Arc::new(Authenticator::from_config(&auth, reqwest::Client::new())),
+        &ApiConfig::default(),
+    )
+}
+
+async fn status(router: &Router, bearer: Option<&str>) -> (StatusCode, Value) {
+    let mut req = Request::builder().uri("/api/workers/w1/labs");
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = router
+        .clone()
+        .oneshot(req.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_tokens_pass_and_bad_ones_get_401() {
+    let rsa = rsa_key("rsa-1");
+    let (ec, ec_jwk) = ec_key("ec-1");
+    let provider = idp(vec![rsa.jwk.clone(), ec_jwk]).await;
+    let db = TestDb::new("api_jwt").await;
+    let router = api(&db, &provider.url).await;
+
+    assert_eq!(
+        status(&router, None).await.0,
+        StatusCode::UNAUTHORIZED,
+        "no token"
+    );
+    assert_eq!(
+        status(
+            &router,
+            Some(&token(Algorithm::RS256, &rsa.kid, &rsa.encoding, claims()))
+        )
+        .await
+        .0,
+        StatusCode::OK,
+        "RS256"
+    );
+    assert_eq!(
+        status(
+            &router,
+            Some(&token(Algorithm::ES256, "ec-1", &ec, claims()))
+        )
+        .await
+        .0,
+        StatusCode::OK,
+        "ES256"
+    );
+
+    let impostor = rsa_key("rsa-1");
+    let forged = token(Algorithm::RS256, "rsa-1", &impostor.encoding, claims());
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 3600);
+    let mut wrong_aud = claims();
+    wrong_aud["aud"] = json!("another-api");
+    let mut wrong_iss = claims();
+    wrong_iss["iss"] = json!("https://evil.example");
+    let hs = {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("rsa-1".into());
+        jsonwebtoken::encode(&h, &claims(), &EncodingKey::from_secret(b"guess")).expect("sign")
+    };
+    let cases = [
+        ("bad signature", forged, "signature"),
+        (
+            "expired",
+            token(Algorithm::RS256, &rsa.kid, &rsa.encoding, expired),
+            "expired",
+        ),
+        (
+            "wrong audience",
+            token(Algorithm::RS256, &rsa.kid, &rsa.encoding, wrong_aud),
+            "audience",
+        ),
+        (
+            "wrong issuer",
+            token(Algorithm::RS256, &rsa.kid, &rsa.encoding, wrong_iss),
+            "issuer",
+        ),
+        ("HS256", hs, "RS256"),
+        ("garbage", "not.a.jwt".to_owned(), "JWT"),
+    ];
+    for (name, t, why) in cases {
+        let (code, problem) = status(&router, Some(&t)).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{name}");
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| d.contains(why)),
+            "{name}: {problem}"
+        );
+    }
+    assert_eq!(
+        provider.fetches.load(Ordering::SeqCst),
+        1,
+        "keys are cached"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_kid_refreshes_the_keys_once() {
+    let first = rsa_key("k1");
+    let provider = idp(vec![first.jwk.clone()]).await;
+    let db = TestDb::new("api_jwt_rotation").await;
+    let router = api(&db, &provider.url).await;
+    assert_eq!(
+        status(
+            &router,
+            Some(&token(Algorithm::RS256, "k1", &first.encoding, claims()))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+
+    // The identity provider rotates in a new key: the first token that names it triggers a fetch.
+    let second = rsa_key("k2");
+    provider.keys.lock().expect("lock").push(second.jwk.clone());
+    assert_eq!(
+        status(
+            &router,
+            Some(&token(Algorithm::RS256, "k2", &second.encoding, claims()))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(provider.fetches.load(Ordering::SeqCst), 2);
+
+    // An unknown kid costs one fetch, then is remembered: no hammering of the identity provider.
+    for _ in 0..5 {
+        assert_eq!(
+            status(
+                &router,
+                Some(&token(Algorithm::RS256, "k9", &second.encoding, claims()))
+            )
+            .await
+            .0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        provider.fetches.load(Ordering::SeqCst),
+        3,
+        "one fetch for k9"
+    );
+    // A flood of random kids is capped at a few fetches a minute.
+    for i in 0..30 {
+        status(
+            &router,
+            Some(&token(
+                Algorithm::RS256,
+                &format!("random-{i}"),
+                &second.encoding,
+                claims(),
+            )),
+        )
+        .await;
+    }
+    assert_eq!(
+        provider.fetches.load(Ordering::SeqCst),
+        10,
+        "at most 10 fetches a minute"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_identity_provider_is_a_503_not_a_401() {
+    let key = rsa_key("k1");
+    let db = TestDb::new("api_jwt_down").await;
+    let router = api(&db, "http://127.0.0.1:9/certs").await;
+    let (code, problem) = status(
+        &router,
+        Some(&token(Algorithm::RS256, "k1", &key.encoding, claims())),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        !problem.to_string().contains("127.0.0.1:9"),
+        "no internals in 5xx bodies: {problem}"
+    );
+}
