@@ -13,11 +13,20 @@ use crate::{
     problem::{ApiError, Problem},
 };
 
+/// CML lab states (the values of the `state` filter).
+#[allow(non_camel_case_types, dead_code)] // documentation only: the names are the wire values
+#[derive(Debug, utoipa::ToSchema)]
+pub enum LabState {
+    DEFINED_ON_CORE,
+    STOPPED,
+    STARTED,
+}
+
 /// A worker's labs, sorted by title then lab id, in the UI's shape.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/labs", tag = "labs",
     params(
-        ("worker_id" = String, Path, description = "The worker's id"),
+        ("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
     ),
     responses(
@@ -41,8 +50,8 @@ pub async fn worker_labs(
 #[utoipa::path(
     get, path = "/api/labs/region/{aws_region}/workers/{worker_id}/labs", tag = "labs",
     params(
-        ("aws_region" = String, Path, description = "The worker's AWS region, e.g. us-east-1"),
-        ("worker_id" = String, Path, description = "The worker's id"),
+        ("aws_region" = String, Path, description = "The worker's AWS region, e.g. us-east-1", pattern = r"^[a-z0-9-]{1,32}$"),
+        ("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
     ),
     responses(
@@ -78,7 +87,7 @@ async fn labs_of(
 /// One lab's full record, with its change history.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/labs/{lab_id}", tag = "labs",
-    params(("worker_id" = String, Path, description = "The worker's id"), ("lab_id" = String, Path, description = "The CML lab id")),
+    params(("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), ("lab_id" = String, Path, description = "The CML lab id", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "The record", body = LabRecordDto),
         (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
@@ -109,12 +118,12 @@ pub async fn lab(
 #[utoipa::path(
     get, path = "/api/labs", tag = "labs",
     params(
-        ("state" = Option<String>, Query, description = "DEFINED_ON_CORE, STOPPED or STARTED"),
-        ("owner_username" = Option<String>, Query, description = "Only this owner's labs"),
-        ("worker_id" = Option<String>, Query, description = "Only this worker's labs"),
+        ("state" = Option<LabState>, Query, description = "Only labs in this state"),
+        ("owner_username" = Option<String>, Query, description = "Only this owner's labs", min_length = 1, max_length = 64, pattern = r"^[^\u0000-\u001f\u007f]{1,64}$"),
+        ("worker_id" = Option<String>, Query, description = "Only this worker's labs", pattern = r"^[A-Za-z0-9._:-]{1,128}$"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
         ("limit" = Option<usize>, Query, description = "Page size, 1–1000 (default 100)", minimum = 1, maximum = 1000),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page (opaque)", pattern = r"^[A-Za-z0-9_-]{1,1024}$"),
     ),
     responses(
         (status = 200, description = "One page", body = LabPage),
@@ -176,7 +185,7 @@ pub async fn fleet_labs(
 /// How the last sync of a worker went.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/sync-status", tag = "workers",
-    params(("worker_id" = String, Path, description = "The worker's id")),
+    params(("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "The status", body = SyncStatusDto),
         (status = 304, description = "Unchanged since the ETag given in If-None-Match"),

@@ -11,7 +11,7 @@ use crate::{api, dto, problem};
 #[openapi(
     info(title = "lab-api", description = "Read-only access to the labs of a CML fleet, kept fresh by sync-daemon."),
     paths(api::worker_labs, api::legacy_worker_labs, api::lab, api::fleet_labs, api::sync_status),
-    components(schemas(dto::UiLab, dto::FleetLab, dto::LabPage, dto::LabRecordDto, dto::HistoryEntryDto, dto::FieldChangeDto, dto::SyncStatusDto, problem::Problem)),
+    components(schemas(api::LabState, dto::UiLab, dto::FleetLab, dto::LabPage, dto::LabRecordDto, dto::HistoryEntryDto, dto::FieldChangeDto, dto::SyncStatusDto, problem::Problem)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -116,8 +116,8 @@ impl Fixture {
         }
     }
 
-    fn daemon(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut cmd = command("sync-daemon");
+    fn command(&self, binary: &str, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut cmd = command(binary);
         cmd.args(args);
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.envs(extra.iter().copied());
@@ -126,7 +126,7 @@ impl Fixture {
 
     /// `sync-daemon once` to completion.
     pub async fn once(&self, extra: &[(&str, &str)]) -> Output {
-        let cmd = self.daemon(&["once"], extra);
+        let cmd = self.command("sync-daemon", &["once"], extra);
         tokio::process::Command::from(cmd)
             .output()
             .await
@@ -135,14 +135,42 @@ impl Fixture {
 
     /// `sync-daemon run` in the background, its JSON log in a file of its own.
     pub fn spawn(&self, name: &str, extra: &[(&str, &str)]) -> Daemon {
+        self.spawn_binary("sync-daemon", &["run"], name, extra)
+    }
+
+    /// `lab-api` in the background on a free port, authentication off unless `extra` says so.
+    pub async fn spawn_api(&self, name: &str, extra: &[(&str, &str)]) -> (Daemon, String) {
+        let mut env = vec![
+            ("CML_LABS_API__LISTEN", "127.0.0.1:0"),
+            ("CML_LABS_API__AUTH__MODE", "none"),
+        ];
+        env.extend_from_slice(extra);
+        let api = self.spawn_binary("lab-api", &[], name, &env);
+        let listening = api
+            .wait_for("lab-api listening on", 1, Duration::from_secs(30))
+            .await;
+        let addr = listening[0]["address"]
+            .as_str()
+            .expect("address")
+            .to_owned();
+        (api, format!("http://{addr}"))
+    }
+
+    fn spawn_binary(
+        &self,
+        binary: &str,
+        args: &[&str],
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
         let log = self.dir.path().join(format!("{name}.log"));
-        let mut cmd = self.daemon(&["run"], extra);
+        let mut cmd = self.command(binary, args, extra);
         cmd.stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         let child = tokio::process::Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn sync-daemon");
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
         Daemon { child, log }
     }
 
@@ -201,7 +229,7 @@ pub fn message(line: &Value) -> &str {
     line.get("message").and_then(Value::as_str).unwrap_or("")
 }
 
-/// A `sync-daemon run` process.
+/// A background process of ours (`sync-daemon run`, `lab-api`) and its JSON log.
 #[derive(Debug)]
 pub struct Daemon {
     pub child: tokio::process::Child,

@@ -1,0 +1,149 @@
+//! lab-api end to end: the real binary on a real socket, data written by a real sync.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use system_tests::Fixture;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_what_the_daemon_synced_over_a_real_socket() {
+    let f = Fixture::new("api_socket", 2, 6).await;
+    assert!(f.once(&[]).await.status.success());
+    let (mut api, base) = f.spawn_api("api", &[]).await;
+    assert!(
+        api.lines()
+            .iter()
+            .any(|l| system_tests::message(l)
+                .contains("every request is served without authentication")),
+        "mode none warns"
+    );
+    let http = reqwest::Client::new();
+    let w = &f.fleet.fleet.workers[0];
+    let r = http
+        .get(format!("{base}/api/workers/{}/labs", w.id))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
+    let etag = r
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .expect("etag")
+        .to_owned();
+    let labs: Vec<Value> = r.json().await.expect("json");
+    let mut expected: Vec<(String, String)> =
+        w.labs().into_iter().map(|l| (l.title, l.id)).collect();
+    expected.sort();
+    let got: Vec<(String, String)> = labs
+        .iter()
+        .map(|l| {
+            (
+                l["title"].as_str().expect("t").to_owned(),
+                l["id"].as_str().expect("id").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected, "every lab, sorted by title then id");
+    let r = http
+        .get(format!("{base}/api/workers/{}/labs", w.id))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 304);
+    api.signal(libc::SIGTERM);
+    assert!(
+        api.wait_exit(Duration::from_secs(15)).await.success(),
+        "graceful shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_down_is_a_quick_503_and_both_recover_by_themselves() {
+    let mut server = match testkit::StandIn::start() {
+        Ok(s) => s,
+        Err(e) if testkit::external_server() => {
+            eprintln!("skipped: needs the MongoDB stand-in to stop and restart ({e})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let db = testkit::TestDb::on(&server.uri(), "api_mongo_down").await;
+    let f = Fixture::on(db, 1, 3).await;
+    assert!(f.once(&[]).await.status.success());
+    let (mut api, base) = f
+        .spawn_api(
+            "api",
+            &[("CML_LABS_MONGODB__SERVER_SELECTION_TIMEOUT", "2s")],
+        )
+        .await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let labs = format!("{base}/api/workers/{}/labs", f.fleet.fleet.workers[0].id);
+    assert_eq!(http.get(&labs).send().await.expect("GET").status(), 200);
+
+    server.stop();
+    let started = Instant::now();
+    let r = http.get(&labs).send().await.expect("GET");
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let body = r.text().await.expect("body");
+    assert!(
+        !body.contains("127.0.0.1") && !body.to_lowercase().contains("server selection"),
+        "no internals: {body}"
+    );
+    assert!(took < Duration::from_secs(4), "answered in {took:?}");
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        503
+    );
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        200,
+        "alive all the same"
+    );
+
+    server.restart().expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        let data = http
+            .get(&labs)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if ready == 200 && data == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not recovered: readyz {ready}, labs {data}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    api.signal(libc::SIGTERM);
+    assert!(api.wait_exit(Duration::from_secs(15)).await.success());
+}
