@@ -552,3 +552,90 @@ async fn cors_preflight_allows_the_configured_origin_only() {
         .expect("infallible");
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
+
+/// A store whose MongoDB never answers: every query waits for server selection (3 s).
+async fn stalled(api_cfg: &ApiConfig) -> Router {
+    let client = mongodb::Client::with_uri_str(
+        "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=3000&connectTimeoutMS=3000",
+    )
+    .await
+    .expect("client");
+    let cfg = MongoConfig {
+        database: "stalled".into(),
+        ..MongoConfig::default()
+    };
+    let state = AppState {
+        store: LabStore::new(&client, &cfg, 50),
+        status: SyncStatusStore::new(&client.database("stalled"), "s"),
+        db: client.database("stalled"),
+        metrics: Arc::new(Metrics::default()),
+    };
+    app(
+        state,
+        Arc::new(Authenticator::from_config(&open(), reqwest::Client::new())),
+        api_cfg,
+    )
+}
+
+#[tokio::test]
+async fn requests_past_the_timeout_get_a_503() {
+    let cfg = ApiConfig {
+        request_timeout: cml_labs::duration::HumanDuration(std::time::Duration::from_millis(300)),
+        ..ApiConfig::default()
+    };
+    let router = stalled(&cfg).await;
+    let started = std::time::Instant::now();
+    let (status, headers, body) = get(&router, "/api/workers/w1/labs", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let problem: Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("/timeout")),
+        "{problem}"
+    );
+}
+
+#[tokio::test]
+async fn load_beyond_the_concurrency_limit_is_shed_with_503() {
+    let cfg = ApiConfig {
+        max_concurrent_requests: 1,
+        ..ApiConfig::default()
+    };
+    let router = stalled(&cfg).await;
+    let slow = tokio::spawn({
+        let router = router.clone();
+        async move { get(&router, "/api/workers/w1/labs", &[]).await.0 }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = get(&router, "/api/workers/w2/labs", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(500),
+        "shed at once, not queued"
+    );
+    let problem: Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("/overloaded")),
+        "{problem}"
+    );
+    assert_eq!(
+        slow.await.expect("join"),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the stalled one: MongoDB unreachable"
+    );
+}
