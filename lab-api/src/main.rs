@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(
     name = "lab-api",
-    version,
+    version = cml_labs::cli::VERSION,
     about = "Serves lab records from MongoDB to the CML Cloud Manager UI."
 )]
 struct Cli {
@@ -85,7 +85,7 @@ async fn serve(config: Config, telemetry: &Telemetry) -> anyhow::Result<()> {
     let router = app(state, auth, &config.api);
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(address = %addr, auth = ?config.api.auth.mode, version = env!("CARGO_PKG_VERSION"), "lab-api listening on {addr}");
+    tracing::info!(address = %addr, auth = ?config.api.auth.mode, version = cml_labs::cli::VERSION, "lab-api listening on {addr}");
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {

@@ -8,6 +8,13 @@ use crate::{
     secret::redact_uri,
 };
 
+/// The version both binaries report: `BUILD_VERSION` when the build set it (container images
+/// bake in `<version>+<git revision>`), the crate version otherwise.
+pub const VERSION: &str = match option_env!("BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// Where the configuration file is; `CML_LABS_CONFIG` when not given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {

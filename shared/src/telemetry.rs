@@ -42,7 +42,7 @@ impl Telemetry {
         } else {
             let resource = Resource::builder()
                 .with_service_name(service.clone())
-                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                .with_attribute(KeyValue::new("service.version", crate::cli::VERSION))
                 .build();
             match build_providers(endpoint, resource) {
                 Ok((traces, metrics)) => {

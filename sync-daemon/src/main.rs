@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(
     name = "sync-daemon",
-    version,
+    version = cml_labs::cli::VERSION,
     about = "Polls every CML worker and keeps lab_records in MongoDB up to date."
 )]
 struct Cli {
@@ -65,7 +65,7 @@ async fn main() -> ExitCode {
     let shutdown = shutdown_on_signals();
     let code = match command {
         Command::Run => {
-            tracing::info!(instance = %instance, version = env!("CARGO_PKG_VERSION"), "sync-daemon starting");
+            tracing::info!(instance = %instance, version = cml_labs::cli::VERSION, "sync-daemon starting");
             let admin = match admin::serve(ctx.clone(), shutdown.clone()).await {
                 Ok(handle) => handle,
                 Err(e) => {
