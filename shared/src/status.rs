@@ -28,8 +28,44 @@ pub struct WorkerSyncStatus {
     pub last_duration_ms: i64,
 }
 
+/// One worker's sync outcome, ready to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    pub worker_id: String,
+    update: Document,
+}
+
+impl StatusUpdate {
+    pub fn success(worker_id: &str, at: DateTime, took: Duration, lab_count: usize) -> Self {
+        Self {
+            worker_id: worker_id.to_owned(),
+            update: doc! { "$set": {
+                "last_attempt_at": at,
+                "last_success_at": at,
+                "last_error": null,
+                "consecutive_failures": 0_i64,
+                "lab_count": i64::try_from(lab_count).unwrap_or(i64::MAX),
+                "last_duration_ms": millis(took),
+            } },
+        }
+    }
+
+    pub fn failure(worker_id: &str, at: DateTime, took: Duration, error: &str) -> Self {
+        let error: String = error.chars().take(MAX_ERROR_LEN).collect();
+        Self {
+            worker_id: worker_id.to_owned(),
+            update: doc! {
+                "$set": { "last_attempt_at": at, "last_error": error, "last_duration_ms": millis(took) },
+                "$inc": { "consecutive_failures": 1_i64 },
+                "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64 },
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SyncStatusStore {
+    db: Database,
     coll: Collection<WorkerSyncStatus>,
     raw: Collection<Document>,
 }
@@ -37,6 +73,7 @@ pub struct SyncStatusStore {
 impl SyncStatusStore {
     pub fn new(db: &Database, collection: &str) -> Self {
         Self {
+            db: db.clone(),
             coll: db.collection(collection),
             raw: db.collection(collection),
         }
@@ -63,21 +100,8 @@ impl SyncStatusStore {
         took: Duration,
         lab_count: usize,
     ) -> Result<()> {
-        self.raw
-            .update_one(
-                doc! { "worker_id": worker_id },
-                doc! { "$set": {
-                    "last_attempt_at": at,
-                    "last_success_at": at,
-                    "last_error": null,
-                    "consecutive_failures": 0_i64,
-                    "lab_count": i64::try_from(lab_count).unwrap_or(i64::MAX),
-                    "last_duration_ms": millis(took),
-                } },
-            )
-            .upsert(true)
-            .await?;
-        Ok(())
+        self.record_many(&[StatusUpdate::success(worker_id, at, took, lab_count)])
+            .await
     }
 
     /// A failed sync: the count of failures in a row grows; the last lab count stays.
@@ -88,19 +112,33 @@ impl SyncStatusStore {
         took: Duration,
         error: &str,
     ) -> Result<()> {
-        let error: String = error.chars().take(MAX_ERROR_LEN).collect();
-        self.raw
-            .update_one(
-                doc! { "worker_id": worker_id },
-                doc! {
-                    "$set": { "last_attempt_at": at, "last_error": error, "last_duration_ms": millis(took) },
-                    "$inc": { "consecutive_failures": 1_i64 },
-                    "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64 },
-                },
+        self.record_many(&[StatusUpdate::failure(worker_id, at, took, error)])
+            .await
+    }
+
+    /// Records many outcomes in one round trip (a cycle writes all its workers' statuses at once).
+    pub async fn record_many(&self, updates: &[StatusUpdate]) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let statements: Vec<Document> = updates
+            .iter()
+            .map(|u| doc! { "q": { "worker_id": &u.worker_id }, "u": &u.update, "upsert": true })
+            .collect();
+        let reply = self
+            .db
+            .run_command(
+                doc! { "update": self.raw.name(), "updates": statements, "ordered": false },
             )
-            .upsert(true)
             .await?;
-        Ok(())
+        match reply.get_array("writeErrors") {
+            Ok(errors) if !errors.is_empty() => Err(crate::Error::WriteErrors(format!(
+                "{} sync status writes failed: {:?}",
+                errors.len(),
+                errors.first()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub async fn get(&self, worker_id: &str) -> Result<Option<WorkerSyncStatus>> {

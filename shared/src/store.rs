@@ -305,32 +305,35 @@ impl LabStore {
         Ok(self.execute(&statements).await?.matched)
     }
 
-    /// Writes a worker's sync: the record writes in one batch, the `last_synced_at` stamp of
-    /// the unchanged records in another — two round trips at most, one when either is empty.
+    /// Writes a worker's sync in one round trip: every record write and the `last_synced_at`
+    /// stamp of the unchanged records go in one batch (split only past the size limits).
     pub async fn apply(&self, plan: &SyncPlan) -> Result<ApplyOutcome> {
-        let mut outcome = ApplyOutcome::default();
-        let statements: Vec<Statement> = plan
+        let mut statements: Vec<Statement> = plan
             .writes
             .iter()
             .map(|w| write_statement(&plan.worker_id, w, plan.now, self.history_limit))
             .collect();
-        if !statements.is_empty() {
-            let counts = self.execute(&statements).await?;
-            outcome.created = counts.upserted;
-            outcome.matched = counts.matched;
-            // Creates always land (inserted or matched); any other write that matched nothing
-            // lost a race with another writer and is left to the next sync.
-            outcome.conflicts =
-                (statements.len() as u64).saturating_sub(counts.matched + counts.upserted);
-            outcome.round_trips += counts.round_trips;
-        }
+        let singles = statements.len() as u64;
         if !plan.unchanged.is_empty() {
-            let stamp = stamp_statement(&plan.worker_id, &plan.unchanged, plan.now);
-            let counts = self.execute(std::slice::from_ref(&stamp)).await?;
-            outcome.stamped = counts.matched;
-            outcome.round_trips += counts.round_trips;
+            statements.push(stamp_statement(&plan.worker_id, &plan.unchanged, plan.now));
         }
-        Ok(outcome)
+        if statements.is_empty() {
+            return Ok(ApplyOutcome::default());
+        }
+        let counts = self.execute(&statements).await?;
+        // The stamp matches every unchanged record: they exist and are not removed, and nothing
+        // but a purge of removed records deletes records. What remains matched is the record
+        // writes'. Creates always land (inserted, or matched after a race); any other write that
+        // matched nothing lost a race with another writer and is left to the next sync.
+        let stamped = (plan.unchanged.len() as u64).min(counts.matched);
+        let matched = counts.matched - stamped;
+        Ok(ApplyOutcome {
+            created: counts.upserted,
+            matched,
+            conflicts: singles.saturating_sub(matched + counts.upserted),
+            stamped,
+            round_trips: counts.round_trips,
+        })
     }
 
     async fn use_bulk_write_command(&self) -> Result<bool> {

@@ -64,17 +64,19 @@ pub async fn run_pass(
         // Worker spans are children of the cycle's span.
         running.spawn(
             async move {
-                let result = sync_worker(&ctx, &target).await;
+                let (result, status) = sync_worker(&ctx, &target).await;
                 drop(permit);
-                (target, result)
+                (target, result, status)
             }
             .instrument(tracing::Span::current()),
         );
     }
+    let mut statuses = Vec::new();
     while let Some(joined) = running.join_next().await {
-        let Ok((target, result)) = joined else {
+        let Ok((target, result, status)) = joined else {
             continue;
         };
+        statuses.push(status);
         match result {
             Ok(o) => {
                 report.succeeded.push(target.worker_id);
@@ -90,6 +92,9 @@ pub async fn run_pass(
             }
             Err(e) => report.failed.push((target, e.metric_label())),
         }
+    }
+    if let Err(e) = ctx.status.record_many(&statuses).await {
+        tracing::warn!(error = %e, workers = statuses.len(), "Cannot record the sync status of {} workers: {e}", statuses.len());
     }
     report.duration = started.elapsed();
     report

@@ -6,6 +6,7 @@ use bson::DateTime;
 use cml_labs::{
     change::{plan_sync, Listing, PlanCounts},
     cml::{CmlTarget, FetchSource},
+    status::StatusUpdate,
     store::ApplyOutcome,
 };
 use tracing::Instrument;
@@ -23,11 +24,15 @@ pub struct WorkerOutcome {
     pub duration: Duration,
 }
 
-/// Syncs one worker within the configured deadline, logs one line and records the status.
+/// Syncs one worker within the configured deadline and logs one line. Returns the outcome and
+/// the status to record (the pass writes all statuses in one round trip).
 ///
 /// A failure leaves the worker's records as they were: nothing is written before the listing
 /// is complete in memory, and the write itself is per-record atomic.
-pub async fn sync_worker(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutcome> {
+pub async fn sync_worker(
+    ctx: &Context,
+    target: &CmlTarget,
+) -> (Result<WorkerOutcome>, StatusUpdate) {
     let span = tracing::info_span!("worker_sync", worker_id = %target.worker_id);
     async {
         let started = Instant::now();
@@ -57,9 +62,6 @@ pub async fn sync_worker(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutc
                     "Worker {}: synced={}, created={}, updated={}, unchanged={}, removed={}",
                     target.worker_id, c.synced, c.created, c.updated, c.unchanged, c.removed
                 );
-                if let Err(e) = ctx.status.record_success(&target.worker_id, attempt_at, took, c.synced).await {
-                    tracing::warn!(worker_id = %target.worker_id, error = %e, "Cannot record the sync status of worker {}", target.worker_id);
-                }
             }
             Err(e) => {
                 let kind = e.metric_label();
@@ -68,12 +70,13 @@ pub async fn sync_worker(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutc
                     worker_id = %target.worker_id, kind, error = %e, duration_ms = took.as_millis() as u64,
                     "Worker {}: sync failed ({kind}): {e}", target.worker_id
                 );
-                if let Err(se) = ctx.status.record_failure(&target.worker_id, attempt_at, took, &e.to_string()).await {
-                    tracing::warn!(worker_id = %target.worker_id, error = %se, "Cannot record the sync status of worker {}", target.worker_id);
-                }
             }
         }
-        result
+        let status = match &result {
+            Ok(o) => StatusUpdate::success(&target.worker_id, attempt_at, took, o.counts.synced),
+            Err(e) => StatusUpdate::failure(&target.worker_id, attempt_at, took, &e.to_string()),
+        };
+        (result, status)
     }
     .instrument(span)
     .await

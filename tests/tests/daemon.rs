@@ -6,6 +6,7 @@ use std::time::Duration;
 use bson::Bson;
 use cml_labs::record::REMOVED_STATE;
 use cml_sim::Faults;
+use serde_json::Value;
 use system_tests::{log_lines, message, output_text, Fixture};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -708,4 +709,63 @@ async fn a_second_signal_exits_at_once() {
     d.signal(libc::SIGTERM);
     let status = d.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(130));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worker() {
+    let f = Fixture::new("daemon_round_trips", 4, 10).await;
+    let mut d = f.spawn("round_trips", &[("CML_LABS_SYNC__INTERVAL", "2s")]);
+    let admin = d
+        .wait_for("Admin endpoints", 1, Duration::from_secs(30))
+        .await;
+    let base = format!("http://{}", admin[0]["address"].as_str().expect("address"));
+    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
+        .await;
+    let before = mongodb_commands(&base).await;
+    // One lab changes somewhere, the rest stay.
+    let w = f.fleet.fleet.workers[1].clone();
+    let lab = w.labs()[0].clone();
+    w.update_lab(&lab.id, |l| l.title = format!("{} (renamed)", l.title));
+    let completes = d
+        .wait_for("Labs refresh complete", 2, Duration::from_secs(30))
+        .await;
+    let after = mongodb_commands(&base).await;
+    assert_eq!(completes[1]["updated"], 1);
+
+    let per_worker: Vec<Value> = d
+        .lines()
+        .into_iter()
+        .filter(|l| message(l).starts_with("Worker ") && message(l).contains("synced="))
+        .skip(4)
+        .take(4)
+        .collect();
+    assert_eq!(per_worker.len(), 4);
+    for l in &per_worker {
+        assert_eq!(
+            l["cml_calls"], 1,
+            "the token is reused: only populate_lab_tiles: {l}"
+        );
+        assert_eq!(l["mongodb_writes"], 1, "one write round trip: {l}");
+    }
+    // Reads: one `find` of its records per worker, plus the registry read of the cycle.
+    let finds = after.get("find").copied().unwrap_or(0) - before.get("find").copied().unwrap_or(0);
+    assert_eq!(finds, 4 + 1, "{before:?} -> {after:?}");
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+async fn mongodb_commands(base: &str) -> std::collections::HashMap<String, u64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("mongodb_commands_total{command=\""))
+        .filter_map(|rest| {
+            let (name, value) = rest.split_once("\"} ")?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
