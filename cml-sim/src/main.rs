@@ -56,6 +56,9 @@ struct Cli {
     churn_every: Option<Duration>,
     #[arg(long, default_value_t = 0.1)]
     churn_share: f64,
+    /// Latency added to every API call of every worker (milliseconds).
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
     /// Write the fleet into this MongoDB's worker registry.
     #[arg(long, env = "CML_SIM_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
