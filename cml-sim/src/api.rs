@@ -10,6 +10,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -136,19 +137,20 @@ async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option
 
 /// A data answer, broken as the worker's faults say.
 fn data(worker: &SimWorker, value: Value) -> Response {
+    data_bytes(worker, Bytes::from(value.to_string()))
+}
+
+/// A JSON body already serialised, broken as the worker's faults say.
+fn data_bytes(worker: &SimWorker, text: Bytes) -> Response {
     let faults = worker.faults();
-    let text = value.to_string();
     if faults.malformed_json {
-        let cut = text.len() / 2;
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            format!("{}<<not json", &text[..cut]),
-        )
-            .into_response();
+        let mut broken = text[..text.len() / 2].to_vec();
+        broken.extend_from_slice(b"<<not json");
+        return ([(header::CONTENT_TYPE, "application/json")], broken).into_response();
     }
     if faults.truncated_body {
         let full = text.len();
-        let half = text.as_bytes()[..full / 2].to_vec();
+        let half = text.slice(..full / 2);
         // The pause lets the headers and the first half reach the client before the cut.
         let stream = futures::StreamExt::chain(
             futures::stream::iter([Ok::<_, std::io::Error>(half)]),
@@ -163,7 +165,14 @@ fn data(worker: &SimWorker, value: Value) -> Response {
             .body(Body::from_stream(stream))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }
-    ok_json(value)
+    (
+        [
+            (header::SERVER, "nginx"),
+            (header::CONTENT_TYPE, "application/json"),
+        ],
+        text,
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,12 +357,7 @@ async fn populate_lab_tiles(call: Call, headers: HeaderMap) -> Response {
     if worker.faults().bulk_missing {
         return not_found().await;
     }
-    let tiles: serde_json::Map<String, Value> = worker
-        .labs()
-        .into_iter()
-        .map(|l| (l.id.clone(), l.to_tile(worker.personality)))
-        .collect();
-    data(worker, json!({ "lab_tiles": tiles }))
+    data_bytes(worker, worker.tiles_body())
 }
 
 /// `GET users`: Cisco's client resolves lab owners through it.

@@ -38,6 +38,7 @@ pub fn router(fleet: Arc<Fleet>, endpoints: BTreeMap<String, String>) -> Router 
         .route("/workers/{id}/expire-tokens", post(expire_tokens))
         .route("/workers/{id}/calls", get(calls).delete(reset_calls))
         .route("/churn", post(churn))
+        .route("/connections", get(connections))
         .with_state(Ctx {
             fleet,
             endpoints: Arc::new(endpoints),
@@ -73,6 +74,14 @@ async fn workers(State(ctx): State<Ctx>) -> Json<Value> {
             "lab_count": w.lab_ids().len(),
         }))
         .collect::<Vec<_>>()))
+}
+
+/// Client connections open now and accepted since start, over the whole fleet.
+async fn connections(State(ctx): State<Ctx>) -> Json<Value> {
+    Json(json!({
+        "open": ctx.fleet.open_connections(),
+        "accepted": ctx.fleet.accepted_connections(),
+    }))
 }
 
 async fn labs(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {

@@ -1,8 +1,16 @@
-//! A fleet of simulated servers: generation from a seed, credentials, lookup by worker id.
+//! A fleet of simulated servers: generation from a seed, credentials, lookup by worker id,
+//! client connections counted.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use crate::model::{Personality, Rng, SimWorker};
+use crate::model::{Faults, Personality, Rng, SimWorker};
 
 /// How to build a fleet.
 #[derive(Debug, Clone)]
@@ -15,6 +23,9 @@ pub struct FleetConfig {
     pub username: String,
     pub password: String,
     pub token_ttl: Duration,
+    /// Added to every API call of every worker (the `latency_ms` fault), as a stand-in for
+    /// the 0.5–2 s a real CML takes.
+    pub latency: Duration,
 }
 
 impl Default for FleetConfig {
@@ -27,6 +38,7 @@ impl Default for FleetConfig {
             username: "admin".into(),
             password: "local-dev-password".into(),
             token_ttl: Duration::from_secs(24 * 3600),
+            latency: Duration::ZERO,
         }
     }
 }
@@ -40,9 +52,40 @@ pub struct Fleet {
     /// Signs the fleet's tokens.
     pub secret: Vec<u8>,
     pub token_ttl: Duration,
+    /// Client connections open now, over every listener (accepted and not yet closed).
+    connections: AtomicUsize,
+    /// Client connections accepted so far.
+    accepted: AtomicU64,
+}
+
+/// Counts a connection as open until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Fleet>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Fleet {
+    /// Marks a connection as accepted; it counts as open until the guard is dropped.
+    pub fn connection_opened(self: &Arc<Self>) -> OpenConnection {
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(self.clone())
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Client connections accepted since start.
+    pub fn accepted_connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
     pub fn generate(cfg: &FleetConfig) -> Arc<Self> {
         let mut rng = Rng::new(cfg.seed);
         let personalities = if cfg.personalities.is_empty() {
@@ -52,12 +95,17 @@ impl Fleet {
         };
         let workers: Vec<Arc<SimWorker>> = (0..cfg.workers)
             .map(|i| {
-                Arc::new(SimWorker::generate(
+                let worker = SimWorker::generate(
                     i,
                     cfg.labs_per_worker,
                     personalities[i % personalities.len()],
                     &mut rng,
-                ))
+                );
+                worker.set_faults(Faults {
+                    latency_ms: u64::try_from(cfg.latency.as_millis()).unwrap_or(u64::MAX),
+                    ..Faults::default()
+                });
+                Arc::new(worker)
             })
             .collect();
         let by_id = workers.iter().map(|w| (w.id.clone(), w.clone())).collect();
@@ -74,6 +122,8 @@ impl Fleet {
             password: cfg.password.clone(),
             secret,
             token_ttl: cfg.token_ttl,
+            connections: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
         })
     }
 

@@ -6,6 +6,9 @@ use anyhow::Context;
 use clap::Parser;
 use cml_sim::{registry, Addressing, FleetConfig, Personality, ServeOptions};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cml-sim",
@@ -107,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         username: cli.username.clone(),
         password: cli.password.clone(),
         token_ttl: cli.token_ttl,
+        latency: Duration::from_millis(cli.latency_ms),
     };
     let opts = ServeOptions {
         host: cli.host,

@@ -3,13 +3,14 @@
 //! Everything is generated from a seed, so a fleet is the same on every run.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex, MutexGuard,
     },
 };
 
+use bytes::Bytes;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -240,6 +241,13 @@ pub struct Faults {
     pub bulk_missing: bool,
 }
 
+/// Serialised tiles of one worker: the whole body, and each lab's `"id":{tile}` part.
+#[derive(Debug, Default)]
+struct TileCache {
+    body: Option<Bytes>,
+    labs: HashMap<String, String>,
+}
+
 /// One simulated CML server.
 #[derive(Debug)]
 pub struct SimWorker {
@@ -248,6 +256,10 @@ pub struct SimWorker {
     pub aws_region: String,
     pub personality: Personality,
     labs: Mutex<BTreeMap<String, SimLab>>,
+    /// The `populate_lab_tiles` body and each lab's part of it, rebuilt only for what changed
+    /// (a real server's cost is the configured latency, not this process's CPU). Locked only
+    /// while `labs` is held.
+    tiles: Mutex<TileCache>,
     faults: Mutex<Faults>,
     /// Tokens carry the epoch they were issued in; bumping it expires them all.
     token_epoch: AtomicU64,
@@ -288,6 +300,7 @@ impl SimWorker {
             aws_region: rng.pick(&regions).to_string(),
             personality,
             labs: Mutex::new(BTreeMap::new()),
+            tiles: Mutex::new(TileCache::default()),
             faults: Mutex::new(Faults::default()),
             token_epoch: AtomicU64::new(0),
             rng: Mutex::new(Rng::new(rng.next_u64())),
@@ -352,17 +365,53 @@ impl SimWorker {
             }
         });
         let id = lab.id.clone();
-        lock(&self.labs).insert(id.clone(), lab);
+        self.labs_mut(&id).insert(id.clone(), lab);
         id
     }
 
     pub fn delete_lab(&self, lab_id: &str) -> bool {
-        lock(&self.labs).remove(lab_id).is_some()
+        self.labs_mut(lab_id).remove(lab_id).is_some()
+    }
+
+    /// The labs, to change `lab_id`: its cached tile and the body go while the lock is held.
+    fn labs_mut(&self, lab_id: &str) -> MutexGuard<'_, BTreeMap<String, SimLab>> {
+        let labs = lock(&self.labs);
+        let mut tiles = lock(&self.tiles);
+        tiles.body = None;
+        tiles.labs.remove(lab_id);
+        labs
+    }
+
+    /// The `populate_lab_tiles` body: `{"lab_tiles": {id: tile}}`.
+    pub fn tiles_body(&self) -> Bytes {
+        let labs = lock(&self.labs);
+        let mut cache = lock(&self.tiles);
+        if let Some(body) = cache.body.as_ref() {
+            return body.clone();
+        }
+        let mut body = String::from(r#"{"lab_tiles":{"#);
+        for (i, lab) in labs.values().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            let entry = cache.labs.entry(lab.id.clone()).or_insert_with(|| {
+                format!(
+                    "{}:{}",
+                    Value::from(lab.id.as_str()),
+                    lab.to_tile(self.personality)
+                )
+            });
+            body.push_str(entry);
+        }
+        body.push_str("}}");
+        let body = Bytes::from(body);
+        cache.body = Some(body.clone());
+        body
     }
 
     /// Applies `f` to a lab and bumps its `modified` time; false when the lab does not exist.
     pub fn update_lab(&self, lab_id: &str, f: impl FnOnce(&mut SimLab)) -> bool {
-        let mut labs = lock(&self.labs);
+        let mut labs = self.labs_mut(lab_id);
         match labs.get_mut(lab_id) {
             Some(lab) => {
                 f(lab);
@@ -477,6 +526,39 @@ mod tests {
         assert_eq!(gen(7).0, gen(7).0);
         assert_eq!(gen(7).1, gen(7).1);
         assert_ne!(gen(7).0, gen(8).0);
+    }
+
+    #[test]
+    fn the_tiles_body_follows_every_change_of_the_labs() {
+        let mut rng = Rng::new(3);
+        let w = SimWorker::generate(0, 3, Personality::V2_10, &mut rng);
+        let tiles = |w: &SimWorker| -> Value {
+            let v: Value = serde_json::from_slice(&w.tiles_body()).expect("json");
+            v["lab_tiles"].clone()
+        };
+        let first = tiles(&w);
+        assert_eq!(first.as_object().expect("map").len(), 3);
+        assert_eq!(tiles(&w), first, "unchanged labs give the same body");
+        let id = w.lab_ids()[0].clone();
+        assert!(w.update_lab(&id, |l| l.state = "QUEUED".into()));
+        assert_eq!(tiles(&w)[&id]["state"], "QUEUED");
+        let added = w.create_lab(None);
+        assert!(tiles(&w).get(&added).is_some());
+        assert!(w.delete_lab(&id));
+        assert!(tiles(&w).get(&id).is_none());
+        let before = tiles(&w);
+        assert!(w.churn(1.0) > 0);
+        assert_ne!(tiles(&w), before);
+        let fresh: serde_json::Map<String, Value> = w
+            .labs()
+            .iter()
+            .map(|l| (l.id.clone(), l.to_tile(w.personality)))
+            .collect();
+        assert_eq!(
+            tiles(&w),
+            Value::Object(fresh),
+            "the cache is what a fresh build gives"
+        );
     }
 
     #[test]

@@ -177,7 +177,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (acceptor, fleet, api, worker) =
             (acceptor.clone(), fleet.clone(), api.clone(), worker.clone());
+        let open = fleet.connection_opened();
         conns.spawn(async move {
+            let _open = open;
             let fd = stream.as_raw_fd();
             let ctl = ConnControl::default();
             let svc_ctl = ctl.clone();

@@ -168,6 +168,68 @@ async fn a_missing_bulk_endpoint_falls_back_to_one_call_per_lab() {
     assert_eq!(w.calls().get("lab"), Some(&7));
 }
 
+/// Waits (up to 10 s) until the simulator has no client connection open.
+async fn until_no_connection_is_open(f: &RunningFleet) -> usize {
+    for _ in 0..200 {
+        if f.fleet.open_connections() == 0 {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.fleet.open_connections()
+}
+
+#[tokio::test]
+async fn a_sync_reuses_its_connection_and_leaves_nothing_open() {
+    let f = fleet(4, 7, vec![Personality::V2_10], ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    for i in 0..3 {
+        let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
+        assert_eq!(listing.calls, 2, "login and populate_lab_tiles");
+        assert_eq!(
+            until_no_connection_is_open(&f).await,
+            0,
+            "worker {i}: the connection outlived its sync"
+        );
+    }
+    assert_eq!(
+        f.fleet.accepted_connections(),
+        3,
+        "login and populate_lab_tiles share a connection"
+    );
+    f.fleet.workers[3].set_faults(Faults {
+        bulk_missing: true,
+        ..Faults::default()
+    });
+    let listing = client.fetch_labs(&target(&f, 3)).await.expect("fallback");
+    assert_eq!(listing.calls, 1 + 1 + 1 + 7);
+    let opened = f.fleet.accepted_connections() - 3;
+    assert!(
+        (1..=1 + config().fallback_concurrency as u64).contains(&opened),
+        "10 calls of the fallback took {opened} connections"
+    );
+    assert_eq!(until_no_connection_is_open(&f).await, 0);
+}
+
+#[tokio::test]
+async fn the_fleet_latency_delays_every_call() {
+    let cfg = FleetConfig {
+        workers: 1,
+        labs_per_worker: 2,
+        latency: Duration::from_millis(300),
+        ..FleetConfig::default()
+    };
+    let f = cml_sim::start(&cfg, &ServeOptions::default())
+        .await
+        .expect("simulator");
+    let client = CmlClient::new(&config()).expect("client");
+    let started = std::time::Instant::now();
+    let listing = client.fetch_labs(&target(&f, 0)).await.expect("fetch");
+    assert_eq!(listing.calls, 2);
+    // A lower bound only: sleeping never ends early, however loaded the machine.
+    assert!(started.elapsed() >= Duration::from_millis(600));
+}
+
 #[tokio::test]
 async fn a_lab_that_vanished_before_its_details_is_gone_not_an_error() {
     let f = fleet(1, 3, vec![Personality::V2_9], ServeOptions::default()).await;

@@ -83,11 +83,15 @@ pub async fn sync_worker(
 }
 
 async fn sync_inner(ctx: &Context, target: &CmlTarget, started: Instant) -> Result<WorkerOutcome> {
-    let fetched = ctx.cml.fetch_labs(target).await?;
+    // The stored records do not depend on the listing: read them while CML answers, so a
+    // worker costs one CML round trip plus one write, not plus a read as well.
+    let (fetched, stored) = tokio::try_join!(
+        ctx.cml.fetch_labs(target),
+        ctx.store.records_for_sync(&target.worker_id)
+    )?;
     if let Some(note) = &fetched.note {
         tracing::info!(worker_id = %target.worker_id, complete = fetched.listing == Listing::Complete, "Worker {}: {note}", target.worker_id);
     }
-    let stored = ctx.store.records_for_sync(&target.worker_id).await?;
     let plan = plan_sync(
         &target.worker_id,
         &stored,

@@ -1,129 +1,384 @@
 //! CML JSON → observed labs: lenient mapping of lab payloads from CML 2.4 through 2.10+.
 //!
-//! Pure. Missing optional keys, `null`s and unknown keys never fail; only a body of the wrong
-//! overall shape does.
+//! Pure. Missing optional keys, `null`s, values of an unexpected type and unknown keys never
+//! fail; only a body of the wrong overall shape does. Bodies are read straight from their bytes
+//! into the few fields a record needs: node and link lists are counted, not built, and unknown
+//! keys are skipped without allocating (a `populate_lab_tiles` body with its topologies is
+//! large, and a sync pass reads hundreds of them).
 
-use serde_json::{Map, Value};
+use std::{fmt, marker::PhantomData};
+
+use serde::{
+    de::{value::MapAccessDeserializer, IgnoredAny, MapAccess, SeqAccess, Visitor},
+    Deserialize, Deserializer,
+};
 
 use crate::record::{parse_iso_date, LabFields, ObservedLab};
 
-/// Maps one lab object (`GET labs/{id}` or a tile of `populate_lab_tiles`).
+/// Maps one lab body (`GET labs/{id}`).
 ///
 /// `lab_id` is the id the lab was listed under; the object's own `id` wins when present.
-pub fn lab_from_json(lab_id: &str, lab: &Value) -> Result<ObservedLab, String> {
-    let obj = lab
-        .as_object()
-        .ok_or_else(|| format!("lab {lab_id} is not a JSON object"))?;
-    let id = text(obj, "id")
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| lab_id.to_owned());
-    let topology = obj.get("topology").and_then(Value::as_object);
-    let fields = LabFields {
-        title: text(obj, "lab_title")
-            .or_else(|| text(obj, "title"))
-            .unwrap_or_default(),
-        description: text(obj, "lab_description")
-            .or_else(|| text(obj, "description"))
-            .unwrap_or_default(),
-        notes: text(obj, "lab_notes")
-            .or_else(|| text(obj, "notes"))
-            .unwrap_or_default(),
-        state: text(obj, "state").unwrap_or_default(),
-        owner_username: text(obj, "owner_username").unwrap_or_default(),
-        owner_fullname: text(obj, "owner_fullname").unwrap_or_default(),
-        node_count: count(obj, "node_count")
-            .or_else(|| topology.and_then(|t| list_len(t, "nodes")))
-            .unwrap_or(0),
-        link_count: count(obj, "link_count")
-            .or_else(|| topology.and_then(|t| list_len(t, "links")))
-            .unwrap_or(0),
-        groups: groups(obj.get("groups")),
-        cml_created_at: text(obj, "created").and_then(|t| parse_iso_date(&t)),
-        modified_at: text(obj, "modified").and_then(|t| parse_iso_date(&t)),
-    };
-    Ok(ObservedLab::new(id, fields))
+pub fn lab_from_json(lab_id: &str, body: &[u8]) -> Result<ObservedLab, String> {
+    let MaybeLab(lab) = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
+    lab.map(|lab| lab.into_observed(lab_id))
+        .ok_or_else(|| format!("lab {lab_id} is not a JSON object"))
 }
 
-/// Maps a `populate_lab_tiles` body: `{"lab_tiles": {id: lab}}`, or the bare map of servers
+/// Maps a `populate_lab_tiles` body: `{"lab_tiles": {id: lab}}`, or the bare map of labs
 /// before 2.1.
-pub fn labs_from_tiles(body: &Value) -> Result<Vec<ObservedLab>, String> {
-    let root = body
-        .as_object()
-        .ok_or("populate_lab_tiles did not return an object")?;
-    let tiles = match root.get("lab_tiles") {
-        Some(Value::Object(tiles)) => tiles,
-        Some(Value::Null) => return Ok(Vec::new()),
-        Some(_) => return Err("`lab_tiles` is not an object".into()),
-        None => root,
+pub fn labs_from_tiles(body: &[u8]) -> Result<Vec<ObservedLab>, String> {
+    let root: TilesBody = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
+    let entries = match root {
+        TilesBody::NotObject => return Err("populate_lab_tiles did not return an object".into()),
+        TilesBody::Object {
+            lab_tiles: Some(TileMap::Null),
+            ..
+        } => return Ok(Vec::new()),
+        TilesBody::Object {
+            lab_tiles: Some(TileMap::Other),
+            ..
+        } => return Err("`lab_tiles` is not an object".into()),
+        TilesBody::Object {
+            lab_tiles: Some(TileMap::Labs(entries)),
+            ..
+        } => entries,
+        TilesBody::Object {
+            lab_tiles: None,
+            bare,
+        } => bare,
     };
-    tiles
-        .iter()
-        .map(|(id, lab)| lab_from_json(id, lab))
+    entries
+        .into_iter()
+        .map(|(id, MaybeLab(lab))| {
+            lab.map(|lab| lab.into_observed(&id))
+                .ok_or_else(|| format!("lab {id} is not a JSON object"))
+        })
         .collect()
 }
 
 /// Maps a `labs?show_all=true` body: a JSON array of lab ids.
-pub fn lab_ids(body: &Value) -> Result<Vec<String>, String> {
-    let list = body
-        .as_array()
-        .ok_or("the labs listing is not a JSON array")?;
-    list.iter()
-        .map(|v| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| format!("the labs listing holds a non-string id: {v}"))
+pub fn lab_ids(body: &[u8]) -> Result<Vec<String>, String> {
+    let list: Vec<serde_json::Value> = match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Array(list)) => list,
+        Ok(_) => return Err("the labs listing is not a JSON array".into()),
+        Err(e) => return Err(format!("not JSON ({e})")),
+    };
+    list.into_iter()
+        .map(|v| match v {
+            serde_json::Value::String(id) => Ok(id),
+            other => Err(format!("the labs listing holds a non-string id: {other}")),
         })
         .collect()
 }
 
-fn text(obj: &Map<String, Value>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
+/// The fields of a lab object a record is made of; everything else is skipped.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawLab {
+    id: Text,
+    lab_title: Text,
+    title: Text,
+    lab_description: Text,
+    description: Text,
+    lab_notes: Text,
+    notes: Text,
+    state: Text,
+    owner_username: Text,
+    owner_fullname: Text,
+    node_count: Count,
+    link_count: Count,
+    topology: Topology,
+    groups: Groups,
+    created: Text,
+    modified: Text,
+}
+
+impl RawLab {
+    fn into_observed(self, listed_as: &str) -> ObservedLab {
+        let id = self
+            .id
+            .0
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| listed_as.to_owned());
+        let topology = self.topology.0.unwrap_or_default();
+        let fields = LabFields {
+            title: self.lab_title.or(self.title),
+            description: self.lab_description.or(self.description),
+            notes: self.lab_notes.or(self.notes),
+            state: self.state.0.unwrap_or_default(),
+            owner_username: self.owner_username.0.unwrap_or_default(),
+            owner_fullname: self.owner_fullname.0.unwrap_or_default(),
+            node_count: self.node_count.0.or(topology.nodes.0).unwrap_or(0),
+            link_count: self.link_count.0.or(topology.links.0).unwrap_or(0),
+            groups: self.groups.0,
+            cml_created_at: self.created.0.and_then(|t| parse_iso_date(&t)),
+            modified_at: self.modified.0.and_then(|t| parse_iso_date(&t)),
+        };
+        ObservedLab::new(id, fields)
     }
 }
 
-fn count(obj: &Map<String, Value>, key: &str) -> Option<i32> {
-    let n = obj.get(key)?;
-    let v = n
-        .as_i64()
-        .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))?;
-    Some(v.clamp(0, i64::from(i32::MAX)) as i32)
+/// What a lenient value makes of each JSON kind; a kind it does not take becomes the default
+/// (nested arrays and objects are skipped).
+trait Lenient: Default {
+    fn from_str(_: &str) -> Self {
+        Self::default()
+    }
+    fn from_i64(_: i64) -> Self {
+        Self::default()
+    }
+    fn from_u64(v: u64) -> Self {
+        Self::from_i64(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+    fn from_f64(_: f64) -> Self {
+        Self::default()
+    }
+    fn from_bool(_: bool) -> Self {
+        Self::default()
+    }
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
 }
 
-fn list_len(obj: &Map<String, Value>, key: &str) -> Option<i32> {
-    obj.get(key)?
-        .as_array()
-        .map(|a| i32::try_from(a.len()).unwrap_or(i32::MAX))
+struct LenientVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Lenient> Visitor<'de> for LenientVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<T, E> {
+        Ok(T::from_str(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<T, E> {
+        Ok(T::from_i64(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<T, E> {
+        Ok(T::from_u64(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<T, E> {
+        Ok(T::from_f64(v))
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<T, E> {
+        Ok(T::from_bool(v))
+    }
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_none<E>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::from_seq(seq)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::from_map(map)
+    }
+}
+
+macro_rules! lenient_deserialize {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(LenientVisitor::<Self>(PhantomData))
+            }
+        }
+    )*};
+}
+lenient_deserialize!(
+    Text, Count, ListLen, Groups, GroupName, Topology, MaybeLab, TileMap, TilesBody
+);
+
+/// A string; numbers and booleans as their JSON text.
+#[derive(Debug, Default)]
+struct Text(Option<String>);
+
+impl Text {
+    fn or(self, other: Text) -> String {
+        self.0.or(other.0).unwrap_or_default()
+    }
+}
+
+impl Lenient for Text {
+    fn from_str(v: &str) -> Self {
+        Self(Some(v.to_owned()))
+    }
+    fn from_i64(v: i64) -> Self {
+        Self(Some(v.to_string()))
+    }
+    fn from_u64(v: u64) -> Self {
+        Self(Some(v.to_string()))
+    }
+    fn from_f64(v: f64) -> Self {
+        Self(serde_json::Number::from_f64(v).map(|n| n.to_string()))
+    }
+    fn from_bool(v: bool) -> Self {
+        Self(Some(v.to_string()))
+    }
+}
+
+/// A non-negative count; fractions are cut, out-of-range values clamped.
+#[derive(Debug, Default)]
+struct Count(Option<i32>);
+
+impl Lenient for Count {
+    fn from_i64(v: i64) -> Self {
+        Self(Some(v.clamp(0, i64::from(i32::MAX)) as i32))
+    }
+    fn from_f64(v: f64) -> Self {
+        if v.is_finite() {
+            Self::from_i64(v as i64)
+        } else {
+            Self::default()
+        }
+    }
+}
+
+/// The length of an array, its elements skipped.
+#[derive(Debug, Default)]
+struct ListLen(Option<i32>);
+
+impl Lenient for ListLen {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut n: i32 = 0;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            n = n.saturating_add(1);
+        }
+        Ok(Self(Some(n)))
+    }
+}
+
+/// `topology.nodes` and `topology.links`, counted.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TopologyCounts {
+    nodes: ListLen,
+    links: ListLen,
+}
+
+#[derive(Debug, Default)]
+struct Topology(Option<TopologyCounts>);
+
+impl Lenient for Topology {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        TopologyCounts::deserialize(MapAccessDeserializer::new(map)).map(|t| Self(Some(t)))
+    }
 }
 
 /// Older servers list `{id, name, permission}` objects; 2.9 an empty list; 2.10+ nothing or null.
-fn groups(value: Option<&Value>) -> Vec<String> {
-    let Some(Value::Array(items)) = value else {
-        return Vec::new();
-    };
-    items
-        .iter()
-        .filter_map(|g| match g {
-            Value::String(name) => Some(name.clone()),
-            Value::Object(o) => o
-                .get("name")
-                .and_then(Value::as_str)
-                .or_else(|| o.get("id").and_then(Value::as_str))
-                .map(str::to_owned),
-            _ => None,
-        })
-        .collect()
+#[derive(Debug, Default)]
+struct Groups(Vec<String>);
+
+impl Lenient for Groups {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut names = Vec::new();
+        while let Some(GroupName(name)) = seq.next_element()? {
+            names.extend(name);
+        }
+        Ok(Self(names))
+    }
+}
+
+/// A group given by name, or an object with a `name` (else an `id`).
+#[derive(Debug, Default)]
+struct GroupName(Option<String>);
+
+impl Lenient for GroupName {
+    fn from_str(v: &str) -> Self {
+        Self(Some(v.to_owned()))
+    }
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        #[derive(Default, Deserialize)]
+        #[serde(default)]
+        struct Group {
+            name: Text,
+            id: Text,
+        }
+        let g = Group::deserialize(MapAccessDeserializer::new(map))?;
+        Ok(Self(g.name.0.or(g.id.0)))
+    }
+}
+
+/// A lab object, or `None` for any other kind of value.
+#[derive(Debug, Default)]
+struct MaybeLab(Option<RawLab>);
+
+impl Lenient for MaybeLab {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        RawLab::deserialize(MapAccessDeserializer::new(map)).map(|lab| Self(Some(lab)))
+    }
+}
+
+/// The value of `lab_tiles`.
+#[derive(Debug, Default)]
+enum TileMap {
+    Labs(Vec<(String, MaybeLab)>),
+    Null,
+    #[default]
+    Other,
+}
+
+impl Lenient for TileMap {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut labs = Vec::new();
+        while let Some(entry) = map.next_entry::<String, MaybeLab>()? {
+            labs.push(entry);
+        }
+        Ok(Self::Labs(labs))
+    }
+}
+
+/// A `populate_lab_tiles` body: the `lab_tiles` wrapper, or (before 2.1) labs at the top.
+#[derive(Debug, Default)]
+enum TilesBody {
+    Object {
+        lab_tiles: Option<TileMap>,
+        bare: Vec<(String, MaybeLab)>,
+    },
+    #[default]
+    NotObject,
+}
+
+impl Lenient for TilesBody {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut lab_tiles = None;
+        let mut bare = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "lab_tiles" {
+                lab_tiles = Some(
+                    map.next_value::<Option<TileMap>>()?
+                        .unwrap_or(TileMap::Null),
+                );
+            } else {
+                bare.push((key, map.next_value()?));
+            }
+        }
+        Ok(Self::Object { lab_tiles, bare })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use bson::DateTime;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    use proptest::prelude::*;
 
     use super::*;
+
+    fn bytes(v: &Value) -> Vec<u8> {
+        serde_json::to_vec(v).expect("serialises")
+    }
 
     fn lab_2_4() -> Value {
         json!({
@@ -145,7 +400,7 @@ mod tests {
 
     #[test]
     fn a_2_4_payload_maps_group_objects_to_names_and_lacks_fullname() {
-        let lab = lab_from_json("x", &lab_2_4()).expect("maps");
+        let lab = lab_from_json("x", &bytes(&lab_2_4())).expect("maps");
         assert_eq!(lab.lab_id, "90f84e38-a71c-4d57-8d90-00fa8a197385");
         assert_eq!(lab.fields.groups, ["admins", "netops"]);
         assert_eq!(lab.fields.owner_fullname, "");
@@ -163,7 +418,7 @@ mod tests {
         v["owner_fullname"] = json!("Admin User");
         v["created"] = json!("2022-06-10T14:23:33Z");
         v["effective_permissions"] = json!(["lab_admin"]);
-        let lab = lab_from_json("x", &v).expect("maps");
+        let lab = lab_from_json("x", &bytes(&v)).expect("maps");
         assert!(lab.fields.groups.is_empty());
         assert_eq!(lab.fields.owner_fullname, "Admin User");
         assert_eq!(
@@ -179,13 +434,13 @@ mod tests {
         v["autostart"] = json!({"enabled": false, "priority": null, "delay": null});
         v["node_staging"] =
             json!({"enabled": false, "start_remaining": true, "abort_on_failure": false});
-        assert!(lab_from_json("x", &v)
+        assert!(lab_from_json("x", &bytes(&v))
             .expect("maps")
             .fields
             .groups
             .is_empty());
         v["groups"] = Value::Null;
-        assert!(lab_from_json("x", &v)
+        assert!(lab_from_json("x", &bytes(&v))
             .expect("maps")
             .fields
             .groups
@@ -196,21 +451,21 @@ mod tests {
     fn missing_and_null_fields_become_empty_values() {
         let lab = lab_from_json(
             "only-id",
-            &json!({"state": null, "node_count": null, "created": "not a date"}),
+            &bytes(&json!({"state": null, "node_count": null, "created": "not a date"})),
         )
         .expect("maps");
         assert_eq!(lab.lab_id, "only-id");
         assert_eq!(lab.fields.state, "");
         assert_eq!(lab.fields.node_count, 0);
         assert_eq!(lab.fields.cml_created_at, None);
-        assert!(lab_from_json("x", &json!("a string")).is_err());
+        assert!(lab_from_json("x", &bytes(&json!("a string"))).is_err());
     }
 
     #[test]
     fn counts_fall_back_to_the_topology() {
         let lab = lab_from_json(
             "x",
-            &json!({"topology": {"nodes": [{}, {}, {}], "links": [{}]}}),
+            &bytes(&json!({"topology": {"nodes": [{}, {}, {}], "links": [{}]}})),
         )
         .expect("maps");
         assert_eq!((lab.fields.node_count, lab.fields.link_count), (3, 1));
@@ -220,20 +475,130 @@ mod tests {
     fn tiles_with_and_without_the_wrapper() {
         let tile = lab_2_4();
         let wrapped = json!({"lab_tiles": {"90f84e38-a71c-4d57-8d90-00fa8a197385": tile}});
-        assert_eq!(labs_from_tiles(&wrapped).expect("maps").len(), 1);
+        assert_eq!(labs_from_tiles(&bytes(&wrapped)).expect("maps").len(), 1);
         let bare = json!({"90f84e38-a71c-4d57-8d90-00fa8a197385": lab_2_4()});
-        assert_eq!(labs_from_tiles(&bare).expect("maps").len(), 1);
-        assert!(labs_from_tiles(&json!({"lab_tiles": {}}))
+        assert_eq!(labs_from_tiles(&bytes(&bare)).expect("maps").len(), 1);
+        assert!(labs_from_tiles(&bytes(&json!({"lab_tiles": {}})))
             .expect("maps")
             .is_empty());
-        assert!(labs_from_tiles(&json!([1, 2])).is_err());
-        assert!(labs_from_tiles(&json!({"lab_tiles": {"x": 5}})).is_err());
+        assert!(labs_from_tiles(&bytes(&json!([1, 2]))).is_err());
+        assert!(labs_from_tiles(&bytes(&json!({"lab_tiles": {"x": 5}}))).is_err());
     }
 
     #[test]
     fn lab_ids_must_be_a_list_of_strings() {
-        assert_eq!(lab_ids(&json!(["a", "b"])).expect("list"), ["a", "b"]);
-        assert!(lab_ids(&json!({"description": "nope"})).is_err());
-        assert!(lab_ids(&json!([1])).is_err());
+        assert_eq!(
+            lab_ids(&bytes(&json!(["a", "b"]))).expect("list"),
+            ["a", "b"]
+        );
+        assert!(lab_ids(&bytes(&json!({"description": "nope"}))).is_err());
+        assert!(lab_ids(&bytes(&json!([1]))).is_err());
+    }
+
+    #[test]
+    fn values_of_an_unexpected_type_become_empty_values() {
+        let lab = lab_from_json(
+            "x",
+            &bytes(&json!({
+                "id": 42, "lab_title": ["a"], "title": "fallback title", "state": {"x": 1},
+                "owner_username": true, "node_count": "three", "link_count": 2.9,
+                "topology": "none", "groups": "netops", "created": 5,
+            })),
+        )
+        .expect("maps");
+        assert_eq!(lab.lab_id, "42");
+        assert_eq!(lab.fields.title, "fallback title");
+        assert_eq!(lab.fields.state, "");
+        assert_eq!(lab.fields.owner_username, "true");
+        assert_eq!((lab.fields.node_count, lab.fields.link_count), (0, 2));
+        assert!(lab.fields.groups.is_empty());
+        assert_eq!(lab.fields.cml_created_at, None);
+        let counts = lab_from_json("x", &bytes(&json!({"node_count": -4, "link_count": 1e12})))
+            .expect("maps");
+        assert_eq!(
+            (counts.fields.node_count, counts.fields.link_count),
+            (0, i32::MAX)
+        );
+    }
+
+    #[test]
+    fn a_null_tile_map_is_an_empty_listing_and_bad_tiles_name_the_lab() {
+        assert!(labs_from_tiles(br#"{"lab_tiles": null}"#)
+            .expect("maps")
+            .is_empty());
+        let err = labs_from_tiles(br#"{"lab_tiles": {"ok": {}, "bad": [1]}}"#).expect_err("bad");
+        assert_eq!(err, "lab bad is not a JSON object");
+        assert!(labs_from_tiles(b"{\"lab_tiles\": {").is_err());
+        assert!(labs_from_tiles(b"").is_err());
+    }
+
+    #[test]
+    fn big_topologies_are_counted_and_the_id_and_groups_of_older_servers_kept() {
+        let nodes: Vec<Value> = (0..40)
+            .map(|i| json!({"id": format!("n{i}"), "label": "r", "interfaces": [{"id": "i"}]}))
+            .collect();
+        let body = json!({"lab_tiles": {"listed-id": {
+            "lab_title": "T", "topology": {"nodes": nodes, "links": [{}, {}], "extra": {"deep": [[[]]]}},
+            "groups": [{"id": "g-1"}, {"name": "netops", "id": "g-2"}, 7, "admins"],
+        }}});
+        let labs = labs_from_tiles(&bytes(&body)).expect("maps");
+        assert_eq!(labs.len(), 1);
+        assert_eq!(labs[0].lab_id, "listed-id");
+        assert_eq!(
+            (labs[0].fields.node_count, labs[0].fields.link_count),
+            (40, 2)
+        );
+        assert_eq!(labs[0].fields.groups, ["admins", "g-1", "netops"]);
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[a-z0-9 ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z_]{1,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const KEYS: [&str; 16] = [
+        "id",
+        "lab_title",
+        "title",
+        "lab_description",
+        "description",
+        "lab_notes",
+        "notes",
+        "state",
+        "owner_username",
+        "owner_fullname",
+        "node_count",
+        "link_count",
+        "topology",
+        "groups",
+        "created",
+        "modified",
+    ];
+
+    proptest! {
+        /// Whatever CML puts in any field (known or not), a lab object maps.
+        #[test]
+        fn any_lab_object_maps(values in proptest::collection::vec(any_json(), 16), extra in any_json()) {
+            let mut lab = serde_json::Map::new();
+            for (key, value) in KEYS.iter().zip(values) {
+                lab.insert((*key).to_owned(), value);
+            }
+            lab.insert("unknown_key".into(), extra);
+            let tiles = json!({"lab_tiles": {"listed": Value::Object(lab.clone())}});
+            prop_assert!(lab_from_json("listed", &bytes(&Value::Object(lab))).is_ok());
+            prop_assert_eq!(labs_from_tiles(&bytes(&tiles)).map(|l| l.len()), Ok(1));
+        }
     }
 }
