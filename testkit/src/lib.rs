@@ -284,6 +284,20 @@ pub fn external_server() -> bool {
     std::env::var("MONGODB_URI").is_ok_and(|u| !u.trim().is_empty())
 }
 
+/// A stand-in of the test's own, for tests that stop and restart their server. `None` (the
+/// test is skipped, with a note) when the stand-in cannot start while tests run against an
+/// external server; without one, that is a failure.
+pub fn own_stand_in() -> Option<StandIn> {
+    match StandIn::start() {
+        Ok(server) => Some(server),
+        Err(e) if external_server() => {
+            eprintln!("skipped: needs the MongoDB stand-in to stop and restart ({e})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// The names of commands a client sent, in order.
 #[derive(Debug, Clone, Default)]
 pub struct CommandLog(Arc<Mutex<Vec<String>>>);

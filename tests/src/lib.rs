@@ -270,6 +270,14 @@ impl Daemon {
         }
     }
 
+    /// `http://<address>` of the admin endpoints, once the daemon has logged where they are.
+    pub async fn admin_base(&self) -> String {
+        let lines = self
+            .wait_for("Admin endpoints", 1, Duration::from_secs(30))
+            .await;
+        format!("http://{}", lines[0]["address"].as_str().expect("address"))
+    }
+
     pub fn signal(&self, signal: i32) {
         if let Some(pid) = self.child.id() {
             // SAFETY: plain syscall on our own child's pid.

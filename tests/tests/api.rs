@@ -61,13 +61,8 @@ async fn serves_what_the_daemon_synced_over_a_real_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_down_is_a_quick_503_and_both_recover_by_themselves() {
-    let mut server = match testkit::StandIn::start() {
-        Ok(s) => s,
-        Err(e) if testkit::external_server() => {
-            eprintln!("skipped: needs the MongoDB stand-in to stop and restart ({e})");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(mut server) = testkit::own_stand_in() else {
+        return;
     };
     let db = testkit::TestDb::on(&server.uri(), "api_mongo_down").await;
     let f = Fixture::on(db, 1, 3).await;

@@ -438,13 +438,8 @@ async fn two_replicas_sync_one_at_a_time_and_the_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
     // This test stops its server, so it always runs on a stand-in of its own.
-    let mut server = match testkit::StandIn::start() {
-        Ok(s) => s,
-        Err(e) if testkit::external_server() => {
-            eprintln!("skipped: needs the MongoDB stand-in to stop and restart ({e})");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(mut server) = testkit::own_stand_in() else {
+        return;
     };
     let db = testkit::TestDb::on(&server.uri(), "daemon_mongo_restart").await;
     let f = Fixture::on(db, 3, 4).await;
@@ -599,10 +594,7 @@ async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
 async fn the_admin_port_serves_health_readiness_and_metrics() {
     let f = Fixture::new("daemon_admin", 2, 5).await;
     let mut d = f.spawn("admin", &[("CML_LABS_SYNC__INTERVAL", "1h")]);
-    let admin = d
-        .wait_for("Admin endpoints", 1, Duration::from_secs(30))
-        .await;
-    let base = format!("http://{}", admin[0]["address"].as_str().expect("address"));
+    let base = d.admin_base().await;
     d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
         .await;
     let http = reqwest::Client::new();
@@ -715,10 +707,7 @@ async fn a_second_signal_exits_at_once() {
 async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worker() {
     let f = Fixture::new("daemon_round_trips", 4, 10).await;
     let mut d = f.spawn("round_trips", &[("CML_LABS_SYNC__INTERVAL", "2s")]);
-    let admin = d
-        .wait_for("Admin endpoints", 1, Duration::from_secs(30))
-        .await;
-    let base = format!("http://{}", admin[0]["address"].as_str().expect("address"));
+    let base = d.admin_base().await;
     d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
         .await;
     let before = mongodb_commands(&base).await;

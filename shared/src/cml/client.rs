@@ -56,13 +56,18 @@ pub struct LabListing {
     pub note: Option<String>,
 }
 
-/// A body that must be JSON of any shape.
-fn json_body(target: &CmlTarget, path: &str, bytes: &[u8]) -> Result<Value> {
-    serde_json::from_slice(bytes).map_err(|e| Error::CmlMalformed {
+/// A body of the wrong shape from `path`.
+fn malformed(target: &CmlTarget, path: &str, detail: String) -> Error {
+    Error::CmlMalformed {
         worker: target.worker_id.clone(),
         path: path.to_owned(),
-        detail: format!("not JSON ({e})"),
-    })
+        detail,
+    }
+}
+
+/// A body that must be JSON of any shape.
+fn json_body(target: &CmlTarget, path: &str, bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| malformed(target, path, format!("not JSON ({e})")))
 }
 
 /// One piece of work with one worker: its own connections (reused from call to call, closed
@@ -266,11 +271,7 @@ impl CmlClient {
         let body = self
             .get(target, "labs?show_all=true", true, session)
             .await?;
-        payload::lab_ids(&body).map_err(|detail| Error::CmlMalformed {
-            worker: target.worker_id.clone(),
-            path: "labs".into(),
-            detail,
-        })
+        payload::lab_ids(&body).map_err(|detail| malformed(target, "labs", detail))
     }
 
     async fn lab(
@@ -283,11 +284,7 @@ impl CmlClient {
         match self.get(target, &path, true, session).await {
             Ok(body) => payload::lab_from_json(lab_id, &body)
                 .map(Some)
-                .map_err(|detail| Error::CmlMalformed {
-                    worker: target.worker_id.clone(),
-                    path,
-                    detail,
-                }),
+                .map_err(|detail| malformed(target, &path, detail)),
             Err(Error::CmlStatus { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -358,11 +355,11 @@ impl CmlClient {
         {
             Ok(Value::String(token)) if !token.is_empty() => token,
             Ok(other) => {
-                return Err(Error::CmlMalformed {
-                    worker: target.worker_id.clone(),
-                    path: "authenticate".into(),
-                    detail: format!("expected a token string, got {}", kind_of(&other)),
-                })
+                return Err(malformed(
+                    target,
+                    "authenticate",
+                    format!("expected a token string, got {}", kind_of(&other)),
+                ))
             }
             Err(Error::CmlStatus {
                 status: 401 | 403, ..
@@ -438,11 +435,11 @@ impl CmlClient {
             };
         }
         if e.is_body() || e.is_decode() {
-            return Error::CmlMalformed {
-                worker,
-                path: path.to_owned(),
-                detail: format!("incomplete body ({})", source_chain(&e)),
-            };
+            return malformed(
+                target,
+                path,
+                format!("incomplete body ({})", source_chain(&e)),
+            );
         }
         Error::CmlUnreachable {
             worker,
