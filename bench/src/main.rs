@@ -10,14 +10,14 @@ use std::{
 use anyhow::Context;
 use bson::{doc, DateTime, Document};
 use clap::{Parser, Subcommand};
-use cml_labs::{
+use futures::TryStreamExt;
+use shared::{
     change::{plan_sync, Listing},
     config::MongoConfig,
     record::{LabFields, ObservedLab},
     secret::Secret,
     store::LabStore,
 };
-use futures::TryStreamExt;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -199,7 +199,7 @@ async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Resul
             observed,
             Listing::Complete,
             DateTime::now(),
-        );
+        )?;
         store
             .apply(&plan)
             .await

@@ -110,9 +110,10 @@ async fn not_found() -> Response {
     )
 }
 
-/// What every call goes through first: count, latency, hang, reset, random errors.
+/// What every call goes through first: count, hold, latency, hang, reset, errors.
 async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option<Response> {
     worker.count_call(endpoint);
+    worker.while_held().await;
     let faults = worker.faults();
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
@@ -123,6 +124,12 @@ async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option
     }
     if faults.hang {
         std::future::pending::<()>().await;
+    }
+    if worker.take_failure() {
+        return Some(cml_error(
+            StatusCode::BAD_GATEWAY,
+            "502 injected by the simulator",
+        ));
     }
     if faults.error_rate > 0.0 && worker.roll() < faults.error_rate {
         let status = worker.pick_status(&faults.error_statuses);
@@ -185,7 +192,7 @@ fn login(fleet: &Fleet, worker: &SimWorker, creds: &Credentials) -> Option<(Stri
     if creds.username != fleet.username || creds.password != fleet.password {
         return None;
     }
-    let now = chrono::Utc::now().timestamp();
+    let now = fleet.now().timestamp();
     let user_id = SimWorker::users()[0].id.clone();
     let claims = Claims {
         iss: "com.cisco.virl".into(),
@@ -246,7 +253,7 @@ fn authorize(fleet: &Fleet, worker: &SimWorker, headers: &HeaderMap) -> Result<C
                 "Not authenticated: 401 Unauthorized: Invalid token.",
             )
         })?;
-    if claims.exp <= chrono::Utc::now().timestamp() || claims.epoch != worker.token_epoch() {
+    if claims.exp <= fleet.now().timestamp() || claims.epoch != worker.token_epoch() {
         return Err(cml_error(
             StatusCode::UNAUTHORIZED,
             "Not authenticated: 401 Unauthorized: Token has expired.",

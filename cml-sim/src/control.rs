@@ -12,9 +12,11 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use shared::record::LabState;
+
 use crate::{
     fleet::Fleet,
-    model::{Faults, SimWorker, LAB_STATES},
+    model::{Faults, SimWorker},
 };
 
 #[derive(Debug, Clone)]
@@ -102,11 +104,8 @@ struct LabPatch {
 
 impl LabPatch {
     fn validate(&self) -> Result<(), Response> {
-        match &self.state {
-            Some(s) if !LAB_STATES.contains(&s.as_str()) => Err(problem(
-                StatusCode::BAD_REQUEST,
-                format!("state must be one of {LAB_STATES:?}"),
-            )),
+        match self.state.as_deref().map(str::parse::<LabState>) {
+            Some(Err(e)) => Err(problem(StatusCode::BAD_REQUEST, e)),
             _ => Ok(()),
         }
     }

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -56,6 +56,8 @@ pub struct Fleet {
     connections: AtomicUsize,
     /// Client connections accepted so far.
     accepted: AtomicU64,
+    /// How far the fleet's clock runs ahead of the real one (tokens expire by it), in ms.
+    clock_offset_ms: AtomicI64,
 }
 
 /// Counts a connection as open until dropped.
@@ -124,7 +126,20 @@ impl Fleet {
             token_ttl: cfg.token_ttl,
             connections: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
+            clock_offset_ms: AtomicI64::new(0),
         })
+    }
+
+    /// The fleet's time: the real time plus whatever [`Fleet::advance_clock`] added.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+            + chrono::Duration::milliseconds(self.clock_offset_ms.load(Ordering::SeqCst))
+    }
+
+    /// Moves the fleet's clock forward (tokens issued before expire by it), so tests need not wait.
+    pub fn advance_clock(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.clock_offset_ms.fetch_add(ms, Ordering::SeqCst);
     }
 
     pub fn worker(&self, id: &str) -> Option<Arc<SimWorker>> {

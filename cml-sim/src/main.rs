@@ -179,17 +179,8 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    shutdown_signal().await;
+    shared::service::shutdown_signal().cancelled().await;
     tracing::info!("Stopping the simulated fleet");
     drop(running);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

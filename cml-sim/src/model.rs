@@ -14,6 +14,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use shared::record::LabState;
+use tokio::sync::watch;
 
 /// A small, fast, deterministic generator (SplitMix64); quality is ample for test data.
 #[derive(Debug, Clone)]
@@ -99,9 +101,6 @@ impl Personality {
         }
     }
 }
-
-/// CML lab states (QUEUED/BOOTED/STARTING are node states, not lab states).
-pub const LAB_STATES: [&str; 3] = ["DEFINED_ON_CORE", "STOPPED", "STARTED"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimUser {
@@ -229,6 +228,11 @@ pub struct Faults {
     pub error_statuses: Vec<u16>,
     /// Never answer.
     pub hang: bool,
+    /// Hold every call (counted, then waiting) until this is cleared again: tests use it to
+    /// know a call is in flight.
+    pub hold: bool,
+    /// Answer the next this many calls with 502, then answer normally again.
+    pub fail_next: u32,
     /// Reset the connection instead of answering.
     pub reset: bool,
     /// Answer data endpoints with broken JSON.
@@ -260,7 +264,8 @@ pub struct SimWorker {
     /// (a real server's cost is the configured latency, not this process's CPU). Locked only
     /// while `labs` is held.
     tiles: Mutex<TileCache>,
-    faults: Mutex<Faults>,
+    /// The faults, watched by held calls so they go on once `hold` is cleared.
+    faults: watch::Sender<Faults>,
     /// Tokens carry the epoch they were issued in; bumping it expires them all.
     token_epoch: AtomicU64,
     rng: Mutex<Rng>,
@@ -301,7 +306,7 @@ impl SimWorker {
             personality,
             labs: Mutex::new(BTreeMap::new()),
             tiles: Mutex::new(TileCache::default()),
-            faults: Mutex::new(Faults::default()),
+            faults: watch::Sender::new(Faults::default()),
             token_epoch: AtomicU64::new(0),
             rng: Mutex::new(Rng::new(rng.next_u64())),
             calls: Mutex::new(BTreeMap::new()),
@@ -355,7 +360,7 @@ impl SimWorker {
                 } else {
                     String::new()
                 },
-                state: rng.pick(&LAB_STATES).to_string(),
+                state: rng.pick(&LabState::ALL).to_string(),
                 owner: rng.pick(&users).clone(),
                 node_count: nodes,
                 link_count: nodes.saturating_sub(1),
@@ -435,11 +440,29 @@ impl SimWorker {
     }
 
     pub fn faults(&self) -> Faults {
-        lock(&self.faults).clone()
+        self.faults.borrow().clone()
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        *lock(&self.faults) = faults;
+        self.faults.send_replace(faults);
+    }
+
+    /// Waits while calls are held (the `hold` fault).
+    pub async fn while_held(&self) {
+        let mut faults = self.faults.subscribe();
+        // The sender lives as long as the worker, so this only ends when `hold` is cleared.
+        let _ = faults.wait_for(|f| !f.hold).await;
+    }
+
+    /// Takes one of the `fail_next` failures, if any are left.
+    pub fn take_failure(&self) -> bool {
+        let mut taken = false;
+        self.faults.send_if_modified(|f| {
+            taken = f.fail_next > 0;
+            f.fail_next = f.fail_next.saturating_sub(1);
+            taken
+        });
+        taken
     }
 
     pub fn token_epoch(&self) -> u64 {
@@ -458,7 +481,7 @@ impl SimWorker {
         for id in ids {
             let (hit, next) = {
                 let mut rng = lock(&self.rng);
-                (rng.unit() < share, rng.pick(&LAB_STATES).to_string())
+                (rng.unit() < share, rng.pick(&LabState::ALL).to_string())
             };
             if hit && self.update_lab(&id, |l| l.state = next.clone()) {
                 changed += 1;

@@ -1,41 +1,39 @@
-//! The read endpoints over `lab_records` and `worker_sync_status`.
+//! The read endpoints over `lab_records` and `worker_sync_status`, each declared once with its
+//! documentation: [`routes`] routes exactly what the OpenAPI document describes.
 
 use axum::{
     extract::{Path, RawQuery, State},
     Json,
 };
-use cml_labs::{cursor::PageCursor, store::LabFilter};
+use shared::{cursor::PageCursor, record::LabState, store::LabFilter};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     app::AppState,
     dto::{FleetLab, LabPage, LabRecordDto, SyncStatusDto, UiLab},
-    params,
+    openapi::ReadErrors,
+    params::{self, Cursor, Id, Region, Username},
     problem::{ApiError, Problem},
 };
 
-/// CML lab states (the values of the `state` filter).
-#[allow(non_camel_case_types, dead_code)] // documentation only: the names are the wire values
-#[derive(Debug, utoipa::ToSchema)]
-pub enum LabState {
-    DEFINED_ON_CORE,
-    STOPPED,
-    STARTED,
+/// Every endpoint under `/api`, with its documentation.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(worker_labs))
+        .routes(routes!(legacy_worker_labs))
+        .routes(routes!(lab))
+        .routes(routes!(fleet_labs))
+        .routes(routes!(sync_status))
 }
 
 /// A worker's labs, sorted by title then lab id, in the UI's shape.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/labs", tag = "labs",
     params(
-        ("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$"),
+        ("worker_id" = Id, Path, description = "The worker's id"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
     ),
-    responses(
-        (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
-        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
-        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
-    ),
+    responses((status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]), ReadErrors),
     security(("bearer" = []))
 )]
 pub async fn worker_labs(
@@ -50,17 +48,11 @@ pub async fn worker_labs(
 #[utoipa::path(
     get, path = "/api/labs/region/{aws_region}/workers/{worker_id}/labs", tag = "labs",
     params(
-        ("aws_region" = String, Path, description = "The worker's AWS region, e.g. us-east-1", pattern = r"^[a-z0-9-]{1,32}$"),
-        ("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$"),
+        ("aws_region" = Region, Path, description = "The worker's AWS region"),
+        ("worker_id" = Id, Path, description = "The worker's id"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
     ),
-    responses(
-        (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
-        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
-        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
-    ),
+    responses((status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]), ReadErrors),
     security(("bearer" = []))
 )]
 pub async fn legacy_worker_labs(
@@ -87,14 +79,14 @@ async fn labs_of(
 /// One lab's full record, with its change history.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/labs/{lab_id}", tag = "labs",
-    params(("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), ("lab_id" = String, Path, description = "The CML lab id", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
+    params(
+        ("worker_id" = Id, Path, description = "The worker's id"),
+        ("lab_id" = Id, Path, description = "The CML lab id"),
+    ),
     responses(
         (status = 200, description = "The record", body = LabRecordDto),
-        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
-        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such lab on that worker", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
     ),
     security(("bearer" = []))
 )]
@@ -119,19 +111,13 @@ pub async fn lab(
     get, path = "/api/labs", tag = "labs",
     params(
         ("state" = Option<LabState>, Query, description = "Only labs in this state"),
-        ("owner_username" = Option<String>, Query, description = "Only this owner's labs", min_length = 1, max_length = 64, pattern = r"^[^\u0000-\u001f\u007f]{1,64}$"),
-        ("worker_id" = Option<String>, Query, description = "Only this worker's labs", pattern = r"^[A-Za-z0-9._:-]{1,128}$"),
+        ("owner_username" = Option<Username>, Query, description = "Only this owner's labs"),
+        ("worker_id" = Option<Id>, Query, description = "Only this worker's labs"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
         ("limit" = Option<usize>, Query, description = "Page size, 1–1000 (default 100)", minimum = 1, maximum = 1000),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page (opaque)", pattern = r"^[A-Za-z0-9_-]{1,1024}$"),
+        ("cursor" = Option<Cursor>, Query, description = "`next_cursor` of the previous page (opaque)"),
     ),
-    responses(
-        (status = 200, description = "One page", body = LabPage),
-        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
-        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
-    ),
+    responses((status = 200, description = "One page", body = LabPage), ReadErrors),
     security(("bearer" = []))
 )]
 pub async fn fleet_labs(
@@ -169,15 +155,7 @@ pub async fn fleet_labs(
     };
     let page = s.store.list(&filter, after.as_ref(), limit).await?;
     Ok(Json(LabPage {
-        items: page
-            .records
-            .iter()
-            .map(|r| FleetLab {
-                worker_id: r.worker_id.clone(),
-                lab: UiLab::from(r),
-                removed_at: r.removed_at.map(crate::dto::iso),
-            })
-            .collect(),
+        items: page.records.iter().map(FleetLab::from).collect(),
         next_cursor: page.next.map(|c| c.encode()),
     }))
 }
@@ -185,14 +163,11 @@ pub async fn fleet_labs(
 /// How the last sync of a worker went.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/sync-status", tag = "workers",
-    params(("worker_id" = String, Path, description = "The worker's id", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
+    params(("worker_id" = Id, Path, description = "The worker's id")),
     responses(
         (status = 200, description = "The status", body = SyncStatusDto),
-        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
-        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or a bad token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The worker was never synced", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB unreachable or overloaded", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
     ),
     security(("bearer" = []))
 )]

@@ -1,19 +1,26 @@
-//! The HTTP application: routes, auth, ETags, compression, CORS, timeouts, load shedding,
-//! metrics, tracing. `app()` builds it from explicit dependencies, so tests drive it directly.
+//! The service: [`router`] builds the HTTP application from explicit dependencies (tests drive
+//! it with `oneshot`); [`App`] binds it to `api.listen` and serves it until shutdown.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     error_handling::HandleErrorLayer,
-    extract::State,
-    http::{header, HeaderValue, Method, StatusCode},
+    http::{header, HeaderValue, Method},
     middleware,
     response::{IntoResponse, Response},
     routing::get,
     BoxError, Json, Router,
 };
-use cml_labs::{config::ApiConfig, status::SyncStatusStore, store::LabStore};
-use mongodb::Database;
+use mongodb::{Client, Database};
+use shared::{
+    config::{ApiConfig, AuthMode, Config, MongoConfig},
+    metrics::Registry,
+    mongo,
+    service::{probes, HttpListener},
+    status::SyncStatusReader,
+    store::LabStore,
+};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::{
     compression::CompressionLayer,
@@ -21,46 +28,66 @@ use tower_http::{
     trace::TraceLayer,
 };
 use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::{api, auth::Authenticator, etag, metrics::Metrics, openapi::ApiDoc, problem::ApiError};
+
+/// Paths served besides the API: probes, metrics and the OpenAPI document (never authenticated).
+pub const OPEN_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
 
 /// What handlers need; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub store: LabStore,
-    pub status: SyncStatusStore,
+    pub status: SyncStatusReader,
     pub db: Database,
-    pub metrics: Arc<Metrics>,
 }
 
-pub fn app(state: AppState, auth: Arc<Authenticator>, cfg: &ApiConfig) -> Router {
-    let api = Router::new()
-        .route("/api/workers/{worker_id}/labs", get(api::worker_labs))
-        .route(
-            "/api/labs/region/{aws_region}/workers/{worker_id}/labs",
-            get(api::legacy_worker_labs),
-        )
-        .route("/api/workers/{worker_id}/labs/{lab_id}", get(api::lab))
-        .route(
-            "/api/workers/{worker_id}/sync-status",
-            get(api::sync_status),
-        )
-        .route("/api/labs", get(api::fleet_labs))
+impl AppState {
+    pub fn new(client: &Client, cfg: &MongoConfig) -> Self {
+        let db = client.database(&cfg.database);
+        Self {
+            // The API never writes: the history limit is the daemon's business.
+            store: LabStore::new(client, cfg, 1),
+            status: SyncStatusReader::new(&db, &cfg.sync_status_collection),
+            db,
+        }
+    }
+}
+
+/// The API's routes and their OpenAPI document, from the same declarations.
+pub fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(api::routes())
+        .split_for_parts()
+}
+
+/// The HTTP application: routes, auth, ETags, compression, CORS, timeouts, load shedding,
+/// request metrics and the request log.
+pub fn router(
+    state: AppState,
+    auth: Arc<Authenticator>,
+    cfg: &ApiConfig,
+) -> (Router, Arc<Metrics>) {
+    let (api, doc) = documented_routes();
+    let metrics = Arc::new(Metrics::new(
+        doc.paths
+            .paths
+            .keys()
+            .cloned()
+            .chain(OPEN_PATHS.map(str::to_owned)),
+    ));
+    let api = api
         .route_layer(middleware::from_fn(etag::middleware))
         .route_layer(middleware::from_fn_with_state(auth, crate::auth::require));
-    let open = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }));
-    Router::new()
-        .merge(api)
+    let doc = Arc::new(doc);
+    let open = probes(state.db.clone(), metrics.registry.clone()).route(
+        "/openapi.json",
+        get(move || async move { Json(doc.as_ref().clone()) }),
+    );
+    let router = api
         .merge(open)
         .fallback(|| async { ApiError::NotFound("No such endpoint.".into()) })
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            crate::metrics::record,
-        ))
         .with_state(state)
         .layer(
             ServiceBuilder::new()
@@ -69,9 +96,15 @@ pub fn app(state: AppState, auth: Arc<Authenticator>, cfg: &ApiConfig) -> Router
                 .concurrency_limit(cfg.max_concurrent_requests.max(1))
                 .timeout(cfg.request_timeout.get()),
         )
+        .layer(middleware::from_fn_with_state(
+            metrics.clone(),
+            crate::metrics::observe,
+        ))
         .layer(CompressionLayer::new().gzip(true))
         .layer(cors(&cfg.cors_allowed_origins))
-        .layer(TraceLayer::new_for_http())
+        // Spans per request; failures are logged once, by `observe`.
+        .layer(TraceLayer::new_for_http().on_failure(()));
+    (router, metrics)
 }
 
 /// Shed load with 503 instead of queueing without bound; a request past its time gets 503 too.
@@ -103,20 +136,58 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(2), cml_labs::mongo::ping(&s.db)).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "MongoDB does not answer\n").into_response(),
-    }
+/// A built service: the application, bound to its address.
+#[derive(Debug)]
+pub struct App {
+    router: Router,
+    metrics: Arc<Metrics>,
+    listener: HttpListener,
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
-        .into_response()
+impl App {
+    /// Connects (lazily) to MongoDB and binds `api.listen` (port 0 picks a free port: see
+    /// [`App::local_addr`]).
+    pub async fn build(config: &Config) -> Result<Self, ApiError> {
+        if config.api.auth.mode == AuthMode::None {
+            tracing::warn!(
+                event = "auth_disabled",
+                "api.auth.mode is \"none\": every request is served without authentication"
+            );
+        }
+        let client = mongo::connect(&config.mongodb, "lab-api", None).await?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ApiError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let auth = Arc::new(Authenticator::from_config(&config.api.auth, http));
+        let (router, metrics) = router(AppState::new(&client, &config.mongodb), auth, &config.api);
+        let addr = config.api.listen.clone();
+        let listener = HttpListener::bind(&addr, "api")
+            .await
+            .map_err(|source| ApiError::Listen { addr, source })?;
+        Ok(Self {
+            router,
+            metrics,
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr()
+    }
+
+    /// The metrics registry (for OTLP export).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.metrics.registry.clone()
+    }
+
+    /// Serves until `shutdown`, then lets requests in flight finish.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
+        self.listener
+            .serve(self.router, shutdown)
+            .await
+            .map_err(|e| ApiError::Internal(format!("the server failed: {e}")))?;
+        tracing::info!(event = "api_stopped", "lab-api stopped");
+        Ok(())
+    }
 }

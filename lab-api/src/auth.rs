@@ -13,12 +13,12 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use cml_labs::config::{AuthConfig, AuthMode};
 use jsonwebtoken::{
     jwk::{AlgorithmParameters, JwkSet},
     Algorithm, DecodingKey, Validation,
 };
 use sha2::{Digest, Sha256};
+use shared::config::{AuthConfig, AuthMode};
 use tokio::sync::{Mutex, RwLock};
 
 use crate::problem::ApiError;

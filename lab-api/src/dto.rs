@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use bson::{Bson, DateTime};
 use chrono::SecondsFormat;
-use cml_labs::{record::LabRecord, status::WorkerSyncStatus};
 use serde::Serialize;
 use serde_json::Value;
+use shared::{record::LabRecord, status::WorkerSyncStatus};
 use utoipa::ToSchema;
 
 /// ISO-8601 in UTC with a `Z`, e.g. `2025-11-17T10:00:00Z` (milliseconds only when present).
@@ -39,23 +39,24 @@ pub struct UiLab {
 
 impl From<&LabRecord> for UiLab {
     fn from(r: &LabRecord) -> Self {
+        let f = &r.fields;
         Self {
             id: r.lab_id.clone(),
-            title: r.title.clone(),
-            description: r.description.clone(),
-            notes: r.notes.clone(),
-            state: r.state.clone(),
-            owner: if r.owner_fullname.trim().is_empty() {
-                r.owner_username.clone()
+            title: f.title.clone(),
+            description: f.description.clone(),
+            notes: f.notes.clone(),
+            state: f.state.clone(),
+            owner: if f.owner_fullname.trim().is_empty() {
+                f.owner_username.clone()
             } else {
-                r.owner_fullname.clone()
+                f.owner_fullname.clone()
             },
-            owner_username: r.owner_username.clone(),
-            node_count: r.node_count,
-            link_count: r.link_count,
-            created: r.cml_created_at.map(iso),
-            modified: r.modified_at.map(iso),
-            groups: r.groups.clone(),
+            owner_username: f.owner_username.clone(),
+            node_count: f.node_count,
+            link_count: f.link_count,
+            created: f.cml_created_at.map(iso),
+            modified: f.modified_at.map(iso),
+            groups: f.groups.clone(),
             last_synced: iso(r.last_synced_at),
         }
     }
@@ -68,6 +69,16 @@ pub struct FleetLab {
     #[serde(flatten)]
     pub lab: UiLab,
     pub removed_at: Option<String>,
+}
+
+impl From<&LabRecord> for FleetLab {
+    fn from(r: &LabRecord) -> Self {
+        Self {
+            worker_id: r.worker_id.clone(),
+            lab: UiLab::from(r),
+            removed_at: r.removed_at.map(iso),
+        }
+    }
 }
 
 /// One page of the cross-worker listing.
@@ -134,7 +145,7 @@ impl From<&LabRecord> for LabRecordDto {
             record_id: r.id.clone(),
             worker_id: r.worker_id.clone(),
             lab: UiLab::from(r),
-            owner_fullname: r.owner_fullname.clone(),
+            owner_fullname: r.fields.owner_fullname.clone(),
             first_seen_at: iso(r.first_seen_at),
             removed_at: r.removed_at.map(iso),
             operation_history: r

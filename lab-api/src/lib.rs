@@ -1,4 +1,7 @@
 //! lab-api: the stateless, read-only HTTP API over `lab_records`, in the shape the UI reads.
+//!
+//! [`app::App`] is the service and [`app::router`] its application; [`api`] holds the
+//! endpoints with their documentation.
 
 pub mod api;
 pub mod app;

@@ -1,105 +1,161 @@
-//! Request metrics (count and latency by route and status), exported as Prometheus text.
+//! Request metrics and the request log: every request counted and timed under its route
+//! template, requests in flight, and one log line per server error (`warn` for shed requests
+//! and timeouts, `error` otherwise). Labels come from closed sets: the router's own templates,
+//! a fixed list of methods, and the status code.
 
-use std::{sync::Mutex, time::Instant};
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::Method,
     middleware::Next,
     response::Response,
 };
-use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
-    registry::Registry,
+use shared::metrics::{
+    Counter, Family, Gauge, Histogram, Label, LabelSet, LabelValue, Registry, LATENCY_BUCKETS,
 };
+use tokio::time::Instant;
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+use crate::problem::Failure;
+
+/// The route label of requests that matched no route.
+const UNMATCHED: &str = "unmatched";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
-    /// The route template (`/api/workers/{worker_id}/labs`), never the raw path.
-    pub route: String,
-    pub method: String,
-    pub status: u16,
+    route: LabelValue,
+    method: &'static str,
+    status: u16,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
+impl LabelSet for RequestLabels {
+    fn labels(&self) -> Vec<Label> {
+        vec![
+            ("route", self.route.clone()),
+            ("method", LabelValue::Name(self.method)),
+            ("status", LabelValue::Number(self.status)),
+        ]
+    }
 }
 
-type Histograms = Family<RouteLabels, Histogram, fn() -> Histogram>;
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteLabel(LabelValue);
+
+impl LabelSet for RouteLabel {
+    fn labels(&self) -> Vec<Label> {
+        vec![("route", self.0.clone())]
+    }
+}
 
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Mutex<Registry>,
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Histograms,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        fn buckets() -> Histogram {
-            Histogram::new([
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ])
-        }
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency: Histograms = Family::new_with_constructor(buckets);
-        let mut r = Registry::default();
-        r.register(
-            "http_requests",
-            "HTTP requests by route, method and status",
-            requests.clone(),
-        );
-        r.register(
-            "http_request_duration_seconds",
-            "HTTP request latency by route",
-            latency.clone(),
-        );
-        Self {
-            registry: Mutex::new(r),
-            requests,
-            latency,
-        }
-    }
+    pub registry: Arc<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabel, Histogram>,
+    in_flight: Gauge,
+    /// Every route template the router serves, as label values.
+    routes: HashMap<String, Arc<str>>,
 }
 
 impl Metrics {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = encode(
-            &mut out,
-            &self.registry.lock().unwrap_or_else(|p| p.into_inner()),
-        );
-        out
+    /// Metrics for a router serving `routes` (its templates, e.g. `/api/labs`).
+    pub fn new(routes: impl IntoIterator<Item = String>) -> Self {
+        let mut r = Registry::default();
+        Self {
+            requests: r.counters("http_requests", "HTTP requests by route, method and status"),
+            latency: r.histograms(
+                "http_request_duration_seconds",
+                "HTTP request latency by route",
+                LATENCY_BUCKETS,
+            ),
+            in_flight: r.gauge(
+                "http_requests_in_flight",
+                "HTTP requests being answered now",
+            ),
+            routes: routes
+                .into_iter()
+                .map(|t| (t.clone(), Arc::from(t)))
+                .collect(),
+            registry: Arc::new(r),
+        }
+    }
+
+    fn route(&self, request: &Request) -> LabelValue {
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .and_then(|p| self.routes.get(p.as_str()))
+            .map_or(LabelValue::Name(UNMATCHED), |t| {
+                LabelValue::Known(t.clone())
+            })
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> f64 {
+        self.in_flight.get()
     }
 }
 
-/// Middleware: counts and times every request under its route template.
-pub async fn record(
-    State(metrics): State<std::sync::Arc<Metrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
+/// The method label: the methods HTTP defines; anything else is `other`.
+fn method(m: &Method) -> &'static str {
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(k, _)| k == m)
+        .map_or("other", |(_, name)| name)
+}
+
+/// Leaves the in-flight count right however the request ends (a client that goes away
+/// drops the request's future).
+struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.add(-1.0);
+    }
+}
+
+/// Middleware: counts and times every request under its route template and logs each server
+/// error once, with the details the client never sees.
+pub async fn observe(State(m): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let route = m.route(&request);
+    let method = method(request.method());
+    m.in_flight.add(1.0);
+    let _in_flight = InFlight(m.in_flight.clone());
     let started = Instant::now();
     let response = next.run(request).await;
-    metrics
-        .latency
-        .get_or_create(&RouteLabels {
+    let took = started.elapsed();
+    let status = response.status();
+    m.latency
+        .get(&RouteLabel(route.clone()))
+        .observe(took.as_secs_f64());
+    m.requests
+        .get(&RequestLabels {
             route: route.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
             method,
-            status: response.status().as_u16(),
+            status: status.as_u16(),
         })
         .inc();
+    if status.is_server_error() {
+        let failure = response.extensions().get::<Failure>();
+        let kind = failure.map_or("unknown", |f| f.kind);
+        let detail = failure.map_or("", |f| f.detail.as_str());
+        let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        if matches!(kind, "overloaded" | "timeout") {
+            tracing::warn!(event = "request_failed", status = status.as_u16(), kind, route = %route, method, took_ms, detail, "Request not served");
+        } else {
+            tracing::error!(event = "request_failed", status = status.as_u16(), kind, route = %route, method, took_ms, detail, "Request failed");
+        }
+    }
     response
 }

@@ -1,20 +1,43 @@
-//! The OpenAPI document, generated from the handlers' annotations and the DTO types.
+//! The OpenAPI document: its base (info, security, shared schemas), and the error responses
+//! every read endpoint shares. Paths come from the handlers themselves, as they are routed.
 
 use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
-    Modify, OpenApi,
+    IntoResponses, Modify, OpenApi,
 };
 
-use crate::{api, dto, problem};
+use shared::record::LabState;
+
+use crate::{
+    params::{Cursor, Id, Region, Username},
+    problem::Problem,
+};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "lab-api", description = "Read-only access to the labs of a CML fleet, kept fresh by sync-daemon."),
-    paths(api::worker_labs, api::legacy_worker_labs, api::lab, api::fleet_labs, api::sync_status),
-    components(schemas(api::LabState, dto::UiLab, dto::FleetLab, dto::LabPage, dto::LabRecordDto, dto::HistoryEntryDto, dto::FieldChangeDto, dto::SyncStatusDto, problem::Problem)),
+    // Parameter types: the routes reference them, the document must define them.
+    components(schemas(Problem, Id, Region, Username, Cursor, LabState)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
+
+/// What any authenticated read can answer besides its data.
+#[derive(Debug, IntoResponses)]
+pub enum ReadErrors {
+    /// Unchanged since the ETag given in If-None-Match.
+    #[response(status = 304)]
+    NotModified,
+    /// A bad parameter: `param` names it.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// No token, or a bad one.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// MongoDB or the identity provider unreachable, the request too slow, or overloaded.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
 
 struct BearerAuth;
 

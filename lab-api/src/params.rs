@@ -1,8 +1,38 @@
 //! Strict reading of path and query parameters: unknown names, repeats and bad values are 400s.
+//! Each rule is written once here; the OpenAPI document states the same rules through the
+//! schema types below.
 
 use std::collections::HashMap;
 
+use shared::record::LabState;
+use utoipa::ToSchema;
+
 use crate::problem::ApiError;
+
+/// A worker or lab id: UUIDs in practice; letters, digits and `-_.:`, 1 to 128 characters.
+#[derive(Debug, ToSchema)]
+#[schema(
+    example = "0f3c2b9e-5a41-4d5e-9b7e-2c1a9e0d7f10",
+    pattern = r"^[A-Za-z0-9._:-]{1,128}$"
+)]
+pub struct Id(pub String);
+
+/// An AWS region name such as `us-east-1`.
+#[derive(Debug, ToSchema)]
+#[schema(example = "us-east-1", pattern = r"^[a-z0-9-]{1,32}$")]
+pub struct Region(pub String);
+
+/// A CML username: 1 to 64 characters, no control characters.
+#[derive(Debug, ToSchema)]
+#[schema(example = "alice", pattern = r"^[^\u0000-\u001f\u007f]{1,64}$")]
+pub struct Username(pub String);
+
+/// The `next_cursor` of the previous page (opaque).
+#[derive(Debug, ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9_-]{1,1024}$")]
+pub struct Cursor(pub String);
+
+const ID_MAX: usize = 128;
 
 /// The query string as name → value, refusing names not in `allowed` and repeated names.
 pub fn query(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
@@ -28,10 +58,10 @@ pub fn query(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, Stri
     Ok(out)
 }
 
-/// Worker and lab ids: UUIDs in practice; letters, digits and `-_.:` up to 128 characters.
+/// Checks a worker or lab id (see [`Id`]).
 pub fn id<'a>(param: &str, value: &'a str) -> Result<&'a str, ApiError> {
     let ok = !value.is_empty()
-        && value.len() <= 128
+        && value.len() <= ID_MAX
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
@@ -45,7 +75,7 @@ pub fn id<'a>(param: &str, value: &'a str) -> Result<&'a str, ApiError> {
     }
 }
 
-/// AWS region names such as `us-east-1`.
+/// Checks a region name (see [`Region`]).
 pub fn region(value: &str) -> Result<&str, ApiError> {
     let ok = !value.is_empty()
         && value.len() <= 32
@@ -88,20 +118,17 @@ pub fn limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {
 }
 
 /// A lab state filter: CML's lab states only.
-pub fn state(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
-    match params.get("state") {
-        None => Ok(None),
-        Some(s) if ["DEFINED_ON_CORE", "STOPPED", "STARTED"].contains(&s.as_str()) => {
-            Ok(Some(s.clone()))
-        }
-        Some(_) => Err(ApiError::bad(
-            "state",
-            "must be DEFINED_ON_CORE, STOPPED or STARTED",
-        )),
-    }
+pub fn state(params: &HashMap<String, String>) -> Result<Option<LabState>, ApiError> {
+    params
+        .get("state")
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ApiError::bad("state", format!("must be {}", LabState::list())))
+        })
+        .transpose()
 }
 
-/// Usernames: non-empty, at most 64 characters, no control characters.
+/// Checks a username filter (see [`Username`]).
 pub fn username(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
     match params.get("owner_username") {
         None => Ok(None),
@@ -145,5 +172,23 @@ mod tests {
         assert!(boolean(&p("include_removed", "yes"), "include_removed").is_err());
         assert!(username(&p("owner_username", "")).is_err());
         assert!(region("us-east-1").is_ok() && region("US_EAST").is_err());
+        assert_eq!(
+            state(&p("state", "STARTED")).ok(),
+            Some(Some(LabState::Started))
+        );
+    }
+
+    /// The document states the rule `id` checks.
+    #[test]
+    fn the_id_schema_states_the_rule_the_validator_checks() {
+        let schema = serde_json::to_value(<Id as utoipa::PartialSchema>::schema()).expect("json");
+        let pattern = schema["pattern"].as_str().expect("a pattern");
+        assert_eq!(pattern, format!("^[A-Za-z0-9._:-]{{1,{ID_MAX}}}$"));
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "._:-".contains(c);
+        for c in (0u8..=127).map(char::from) {
+            assert_eq!(id("x", &c.to_string()).is_ok(), allowed(c), "{c:?}");
+        }
+        assert!(id("x", &"a".repeat(ID_MAX)).is_ok());
+        assert!(id("x", &"a".repeat(ID_MAX + 1)).is_err());
     }
 }

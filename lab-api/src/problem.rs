@@ -1,5 +1,6 @@
 //! Errors as RFC 9457 problem documents. Client mistakes say exactly what is wrong; server
-//! failures say only that something failed (details go to the log, never to the client).
+//! failures say only that something failed. Their details travel to the request middleware
+//! (a response extension), which logs them once; they never reach the client.
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
@@ -27,6 +28,19 @@ pub enum ApiError {
     Timeout,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// What a 5xx response leaves for the request middleware to log: its kind and the details the
+/// client never sees.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: &'static str,
+    pub detail: String,
 }
 
 impl ApiError {
@@ -45,15 +59,15 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::Timeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::Listen { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
-impl From<cml_labs::Error> for ApiError {
-    fn from(e: cml_labs::Error) -> Self {
+impl From<shared::Error> for ApiError {
+    fn from(e: shared::Error) -> Self {
         match e {
-            cml_labs::Error::InvalidCursor => {
+            shared::Error::InvalidCursor => {
                 ApiError::bad("cursor", "is not a cursor this API issued")
             }
             e if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
@@ -102,16 +116,12 @@ impl IntoResponse for ApiError {
                 "The request took too long; try again shortly.".to_owned(),
                 None,
             ),
-            ApiError::Internal(_) => (
+            ApiError::Internal(_) | ApiError::Listen { .. } => (
                 "internal",
                 "The request failed on the server.".to_owned(),
                 None,
             ),
         };
-        if status.is_server_error() {
-            // The details stay here; the client only learns that it failed.
-            tracing::error!(status = status.as_u16(), error = %self, "Request failed: {self}");
-        }
         let body = Problem {
             kind: format!("https://cml-labs.invalid/problems/{kind}"),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
@@ -133,6 +143,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
+        if status.is_server_error() {
+            response.extensions_mut().insert(Failure {
+                kind,
+                detail: self.to_string(),
+            });
         }
         response
     }

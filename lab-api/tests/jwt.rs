@@ -11,20 +11,15 @@ use axum::{
     Router,
 };
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use cml_labs::{
-    config::{ApiConfig, AuthConfig, AuthMode, MongoConfig},
-    status::SyncStatusStore,
-    store::LabStore,
-};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use lab_api::{
-    app::{app, AppState},
+    app::{router, AppState},
     auth::Authenticator,
-    metrics::Metrics,
 };
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rsa::{pkcs1::EncodeRsaPrivateKey, traits::PublicKeyParts, RsaPrivateKey};
 use serde_json::{json, Value};
+use shared::config::{ApiConfig, AuthConfig, AuthMode, MongoConfig};
 use testkit::TestDb;
 use tower::ServiceExt;
 
@@ -118,12 +113,7 @@ async fn api(db: &TestDb, jwks_url: &str) -> Router {
         database: db.name().to_owned(),
         ..MongoConfig::default()
     };
-    let state = AppState {
-        store: LabStore::new(&db.client, &cfg, 50),
-        status: SyncStatusStore::new(&db.db, "worker_sync_status"),
-        db: db.db.clone(),
-        metrics: Arc::new(Metrics::default()),
-    };
+    let state = AppState::new(&db.client, &cfg);
     let auth = AuthConfig {
         mode: AuthMode::Jwt,
         jwks_url: jwks_url.into(),
@@ -131,11 +121,12 @@ async fn api(db: &TestDb, jwks_url: &str) -> Router {
         audience: AUDIENCE.into(),
         token_hashes: vec![],
     };
-    app(
+    router(
         state,
         Arc::new(Authenticator::from_config(&auth, reqwest::Client::new())),
         &ApiConfig::default(),
     )
+    .0
 }
 
 async fn status(router: &Router, bearer: Option<&str>) -> (StatusCode, Value) {

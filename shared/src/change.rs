@@ -1,12 +1,16 @@
 //! Change detection: from the stored records of one worker and a fresh listing, the writes a sync needs.
 //!
 //! Pure: no I/O, no clock. The store turns a [`SyncPlan`] into MongoDB statements.
+//! The only failure is a tracked field that BSON cannot encode (none can today).
 
 use std::collections::{BTreeMap, HashMap};
 
 use bson::{Bson, DateTime};
 
-use crate::record::{FieldChange, HistoryEntry, LabFields, LabRecord, ObservedLab, REMOVED_STATE};
+use crate::{
+    record::{FieldChange, HistoryEntry, LabFields, LabRecord, ObservedLab, REMOVED_STATE},
+    Result,
+};
 
 /// Whether a listing of a worker's labs is known to be the whole truth.
 ///
@@ -99,19 +103,25 @@ impl SyncPlan {
     }
 }
 
-/// Compares every tracked field; the result holds exactly the fields that changed.
+/// Compares every tracked field; the result holds exactly the fields that changed, named as
+/// stored, in declaration order.
 ///
 /// Strings that differ only in whitespace (leading, trailing, runs, line endings) and groups
 /// that differ only in order are the same value.
-pub fn diff(old: &LabFields, new: &LabFields) -> BTreeMap<String, FieldChange> {
+pub fn diff(old: &LabFields, new: &LabFields) -> Result<BTreeMap<String, FieldChange>> {
     let old = old.clone().canonical();
     let new = new.clone().canonical();
-    old.values()
+    if old == new {
+        // Most labs did not change: no documents to build.
+        return Ok(BTreeMap::new());
+    }
+    Ok(old
+        .to_document()?
         .into_iter()
-        .zip(new.values())
+        .zip(new.to_document()?)
         .filter(|((_, o), (_, n))| !equivalent(o, n))
-        .map(|((name, o), (_, n))| (name.to_owned(), FieldChange { old: o, new: n }))
-        .collect()
+        .map(|((name, o), (_, n))| (name, FieldChange { old: o, new: n }))
+        .collect())
 }
 
 fn equivalent(a: &Bson, b: &Bson) -> bool {
@@ -131,7 +141,7 @@ pub fn plan_sync(
     observed: Vec<ObservedLab>,
     listing: Listing,
     now: DateTime,
-) -> SyncPlan {
+) -> Result<SyncPlan> {
     let by_id: HashMap<&str, &LabRecord> = stored.iter().map(|r| (r.lab_id.as_str(), r)).collect();
     // A listing that names a lab twice keeps the last description of it.
     let observed: BTreeMap<String, ObservedLab> = observed
@@ -153,7 +163,7 @@ pub fn plan_sync(
                 lab: lab.clone(),
             }),
             Some(record) => {
-                let mut changed = diff(&record.fields(), &lab.fields);
+                let mut changed = diff(&record.fields, &lab.fields)?;
                 let reappeared = record.removed_at.is_some();
                 if reappeared {
                     changed.insert(
@@ -174,7 +184,7 @@ pub fn plan_sync(
                         previous_state: Some(if reappeared {
                             REMOVED_STATE.to_owned()
                         } else {
-                            record.state.clone()
+                            record.fields.state.clone()
                         }),
                         new_state: lab.fields.state.clone(),
                         changed_fields: changed,
@@ -199,7 +209,7 @@ pub fn plan_sync(
                 expected_last_synced: record.last_synced_at,
                 entry: HistoryEntry {
                     timestamp: now,
-                    previous_state: Some(record.state.clone()),
+                    previous_state: Some(record.fields.state.clone()),
                     new_state: REMOVED_STATE.to_owned(),
                     changed_fields: BTreeMap::from([(
                         "removed_at".to_owned(),
@@ -213,12 +223,12 @@ pub fn plan_sync(
         }
     }
 
-    SyncPlan {
+    Ok(SyncPlan {
         worker_id: worker_id.to_owned(),
         now,
         writes,
         unchanged,
-    }
+    })
 }
 
 /// Appends `entry` and keeps the newest `limit` entries, oldest first — what `$push` with
@@ -235,6 +245,20 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn plan_of(
+        worker_id: &str,
+        stored: &[LabRecord],
+        observed: Vec<ObservedLab>,
+        listing: Listing,
+        now: DateTime,
+    ) -> SyncPlan {
+        plan_sync(worker_id, stored, observed, listing, now).expect("plain fields encode")
+    }
+
+    fn changes(old: &LabFields, new: &LabFields) -> BTreeMap<String, FieldChange> {
+        diff(old, new).expect("plain fields encode")
+    }
 
     fn fields(state: &str) -> LabFields {
         LabFields {
@@ -269,18 +293,7 @@ mod tests {
                         .iter_mut()
                         .find(|r| r.lab_id == lab.lab_id)
                         .expect("exists");
-                    let f = &lab.fields;
-                    r.title.clone_from(&f.title);
-                    r.description.clone_from(&f.description);
-                    r.notes.clone_from(&f.notes);
-                    r.state.clone_from(&f.state);
-                    r.owner_username.clone_from(&f.owner_username);
-                    r.owner_fullname.clone_from(&f.owner_fullname);
-                    r.node_count = f.node_count;
-                    r.link_count = f.link_count;
-                    r.groups.clone_from(&f.groups);
-                    r.cml_created_at = f.cml_created_at;
-                    r.modified_at = f.modified_at;
+                    r.fields.clone_from(&lab.fields);
                     r.removed_at = None;
                     r.last_synced_at = plan.now;
                     push_capped(&mut r.operation_history, entry.clone(), limit);
@@ -305,7 +318,7 @@ mod tests {
         now: DateTime,
         limit: usize,
     ) -> SyncPlan {
-        let plan = plan_sync("w", records, observed, listing, now);
+        let plan = plan_of("w", records, observed, listing, now);
         apply(records, &plan, limit);
         plan
     }
@@ -316,23 +329,12 @@ mod tests {
         entry: HistoryEntry,
         now: DateTime,
     ) -> LabRecord {
-        let f = &lab.fields;
         LabRecord {
             object_id: None,
             id: "id".into(),
             worker_id: worker.into(),
             lab_id: lab.lab_id.clone(),
-            title: f.title.clone(),
-            description: f.description.clone(),
-            notes: f.notes.clone(),
-            state: f.state.clone(),
-            owner_username: f.owner_username.clone(),
-            owner_fullname: f.owner_fullname.clone(),
-            node_count: f.node_count,
-            link_count: f.link_count,
-            groups: f.groups.clone(),
-            cml_created_at: f.cml_created_at,
-            modified_at: f.modified_at,
+            fields: lab.fields.clone(),
             first_seen_at: now,
             last_synced_at: now,
             operation_history: vec![entry],
@@ -342,7 +344,7 @@ mod tests {
 
     #[test]
     fn a_new_lab_is_created_with_a_first_entry() {
-        let plan = plan_sync(
+        let plan = plan_of(
             "w",
             &[],
             vec![ObservedLab::new("l1", fields("STOPPED"))],
@@ -378,7 +380,7 @@ mod tests {
         let mut next = fields("STARTED");
         next.node_count = 5;
         next.notes = "new notes".into();
-        let plan = plan_sync(
+        let plan = plan_of(
             "w",
             &records,
             vec![ObservedLab::new("l1", next)],
@@ -447,9 +449,9 @@ mod tests {
         let mut v = base.clone();
         v.modified_at = Some(DateTime::from_millis(5));
         variants.push(("modified_at", v));
-        assert_eq!(variants.len(), crate::record::TRACKED_FIELDS.len());
+        assert_eq!(variants.len(), LabFields::names().len());
         for (name, changed) in variants {
-            let d = diff(&base, &changed);
+            let d = changes(&base, &changed);
             assert_eq!(d.keys().collect::<Vec<_>>(), [name], "changing {name}");
         }
     }
@@ -468,7 +470,7 @@ mod tests {
             DateTime::from_millis(1),
             50,
         );
-        let plan = plan_sync(
+        let plan = plan_of(
             "w",
             &records,
             vec![],
@@ -476,7 +478,7 @@ mod tests {
             DateTime::from_millis(2),
         );
         assert!(plan.is_empty());
-        let plan = plan_sync(
+        let plan = plan_of(
             "w",
             &records,
             vec![ObservedLab::new("l1", fields("STOPPED"))],
@@ -508,8 +510,8 @@ mod tests {
             Some(REMOVED_STATE)
         );
         // Still gone: nothing more to write.
-        assert!(plan_sync("w", &records, vec![], Listing::Complete, t(3)).is_empty());
-        let plan = plan_sync(
+        assert!(plan_of("w", &records, vec![], Listing::Complete, t(3)).is_empty());
+        let plan = plan_of(
             "w",
             &records,
             vec![ObservedLab::new("l1", fields("STARTED"))],
@@ -621,7 +623,7 @@ mod tests {
             let mut records = Vec::new();
             for (i, (f, present)) in seq.into_iter().enumerate() {
                 let observed = if present { vec![ObservedLab::new("l1", f)] } else { vec![] };
-                let plan = plan_sync("w", &records, observed, Listing::Complete, DateTime::from_millis(i as i64));
+                let plan = plan_of("w", &records, observed, Listing::Complete, DateTime::from_millis(i as i64));
                 apply(&mut records, &plan, limit);
                 for r in &records {
                     prop_assert!(r.operation_history.len() <= limit);
@@ -638,7 +640,7 @@ mod tests {
             let len = |r: &Vec<LabRecord>| r.first().map_or(0, |r| r.operation_history.len());
             let start = len(&records);
             observe(&mut records, vec![ObservedLab::new("l1", seen.clone())], Listing::Complete, DateTime::from_millis(2), 50);
-            let second = plan_sync("w", &records, vec![ObservedLab::new("l1", seen)], Listing::Complete, DateTime::from_millis(3));
+            let second = plan_of("w", &records, vec![ObservedLab::new("l1", seen)], Listing::Complete, DateTime::from_millis(3));
             prop_assert!(second.writes.is_empty(), "the second observation changed nothing");
             apply(&mut records, &second, 50);
             prop_assert!(len(&records) <= start + 1);
@@ -655,12 +657,12 @@ mod tests {
             let n = g.groups.len();
             if n > 0 { g.groups.rotate_left(rotate % n); }
             if seed & 16 == 0 { g.groups.extend(f.groups.first().cloned()); }
-            prop_assert!(diff(&f, &g).is_empty(), "{:?}", diff(&f, &g));
+            prop_assert!(changes(&f, &g).is_empty(), "{:?}", changes(&f, &g));
         }
 
         #[test]
         fn diff_is_empty_exactly_when_canonical_fields_match_modulo_whitespace(a in arb_fields(), b in arb_fields()) {
-            let d = diff(&a, &b);
+            let d = changes(&a, &b);
             let norm = |f: &LabFields| {
                 let mut f = f.clone().canonical();
                 for s in [&mut f.title, &mut f.description, &mut f.notes, &mut f.state, &mut f.owner_username, &mut f.owner_fullname] {

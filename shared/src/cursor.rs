@@ -16,7 +16,8 @@ const MAX_ENCODED_LEN: usize = 1024;
 
 impl PageCursor {
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(&[&self.worker_id, &self.lab_id]).unwrap_or_default();
+        // Rendering a JSON value cannot fail, unlike serialising through serde.
+        let json = serde_json::json!([self.worker_id, self.lab_id]).to_string();
         URL_SAFE_NO_PAD.encode(json)
     }
 
@@ -29,10 +30,12 @@ impl PageCursor {
             .map_err(|_| Error::InvalidCursor)?;
         let [worker_id, lab_id]: [String; 2] =
             serde_json::from_slice(&bytes).map_err(|_| Error::InvalidCursor)?;
-        if worker_id.is_empty() || lab_id.is_empty() {
+        let cursor = Self { worker_id, lab_id };
+        // Only the exact text `encode` gives is a cursor (no padding, no other JSON spelling).
+        if cursor.worker_id.is_empty() || cursor.lab_id.is_empty() || cursor.encode() != text {
             return Err(Error::InvalidCursor);
         }
-        Ok(Self { worker_id, lab_id })
+        Ok(cursor)
     }
 }
 
@@ -49,9 +52,27 @@ mod tests {
             prop_assert_eq!(PageCursor::decode(&c.encode()).expect("decodes"), c);
         }
 
+        /// Text this API did not issue is refused: whatever decodes is exactly what `encode`
+        /// gives for the same position (so no second spelling of a cursor is accepted).
         #[test]
-        fn garbage_is_rejected_not_a_panic(s in ".{0,80}") {
-            let _ = PageCursor::decode(&s);
+        fn only_issued_cursors_decode(s in "[A-Za-z0-9_-]{0,80}|.{0,80}") {
+            if let Ok(c) = PageCursor::decode(&s) {
+                prop_assert_eq!(c.encode(), s);
+            }
+        }
+
+        /// The same position spelt another way (spaces, an escaped letter) was not issued.
+        #[test]
+        fn other_spellings_of_a_position_are_refused(w in "[a-z]{1,10}", l in "[a-z]{1,10}", style in 0..3u8) {
+            let json = match style {
+                0 => format!("[\"{w}\", \"{l}\"]"),
+                1 => format!(" [\"{w}\",\"{l}\"]"),
+                _ => format!("[\"\\u{:04x}{}\",\"{l}\"]", w.as_bytes()[0], &w[1..]),
+            };
+            let text = URL_SAFE_NO_PAD.encode(json);
+            prop_assert!(PageCursor::decode(&text).is_err(), "{}", text);
+            let issued = PageCursor { worker_id: w, lab_id: l }.encode();
+            prop_assert!(PageCursor::decode(&issued).is_ok());
         }
     }
 

@@ -1,4 +1,4 @@
-//! The error type of the shared library.
+//! The error type of the core library: configuration, MongoDB, BSON, cursors.
 
 use crate::config::ConfigError;
 
@@ -18,33 +18,6 @@ pub enum Error {
     WriteErrors(String),
     #[error("invalid page cursor")]
     InvalidCursor,
-    #[error("CML worker {worker}: unreachable: {detail}")]
-    CmlUnreachable { worker: String, detail: String },
-    #[error("CML worker {worker}: no answer within {timeout_ms} ms")]
-    CmlTimeout { worker: String, timeout_ms: u64 },
-    #[error("CML worker {worker}: authentication failed (wrong username or password)")]
-    CmlAuthFailed { worker: String },
-    #[error("CML worker {worker}: {path} answered HTTP {status}: {description}")]
-    CmlStatus {
-        worker: String,
-        path: String,
-        status: u16,
-        description: String,
-    },
-    #[error("CML worker {worker}: malformed answer from {path}: {detail}")]
-    CmlMalformed {
-        worker: String,
-        path: String,
-        detail: String,
-    },
-    #[error("CML worker {worker}: bad endpoint `{endpoint}`: {detail}")]
-    CmlEndpoint {
-        worker: String,
-        endpoint: String,
-        detail: String,
-    },
-    #[error("cannot build the HTTP client: {0}")]
-    HttpClient(String),
 }
 
 impl Error {
@@ -56,13 +29,6 @@ impl Error {
             Error::Decode(_) | Error::Encode(_) => "bson",
             Error::WriteErrors(_) => "mongodb_write",
             Error::InvalidCursor => "invalid_cursor",
-            Error::CmlUnreachable { .. } => "cml_unreachable",
-            Error::CmlTimeout { .. } => "cml_timeout",
-            Error::CmlAuthFailed { .. } => "cml_auth_failed",
-            Error::CmlStatus { .. } => "cml_http_status",
-            Error::CmlMalformed { .. } => "cml_malformed",
-            Error::CmlEndpoint { .. } => "cml_endpoint",
-            Error::HttpClient(_) => "http_client",
         }
     }
 

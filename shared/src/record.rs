@@ -1,42 +1,98 @@
-//! The lab record: one CML lab on one worker as stored in `lab_records`, and a lab as observed in CML.
+//! The lab record: one CML lab on one worker as stored in `lab_records`, a lab as observed in
+//! CML, and the tracked fields both are made of.
 
 use std::collections::BTreeMap;
 
-use bson::{oid::ObjectId, Bson, DateTime};
+use bson::{oid::ObjectId, Bson, DateTime, Document};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// `new_state` of the history entry written when a lab disappears from its CML server.
 pub const REMOVED_STATE: &str = "REMOVED";
 
-/// The fields compared between syncs, in the order they are reported.
-pub const TRACKED_FIELDS: [&str; 11] = [
-    "title",
-    "description",
-    "notes",
-    "state",
-    "owner_username",
-    "owner_fullname",
-    "node_count",
-    "link_count",
-    "groups",
-    "cml_created_at",
-    "modified_at",
-];
+/// The states a CML lab can be in (`QUEUED`, `BOOTED` and `STARTING` are node states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum LabState {
+    #[serde(rename = "DEFINED_ON_CORE")]
+    DefinedOnCore,
+    #[serde(rename = "STOPPED")]
+    Stopped,
+    #[serde(rename = "STARTED")]
+    Started,
+}
+
+impl LabState {
+    pub const ALL: [LabState; 3] = [
+        LabState::DefinedOnCore,
+        LabState::Stopped,
+        LabState::Started,
+    ];
+
+    /// The name CML uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabState::DefinedOnCore => "DEFINED_ON_CORE",
+            LabState::Stopped => "STOPPED",
+            LabState::Started => "STARTED",
+        }
+    }
+
+    /// "DEFINED_ON_CORE, STOPPED or STARTED", for messages.
+    pub fn list() -> String {
+        let names: Vec<&str> = Self::ALL.iter().map(|s| s.as_str()).collect();
+        format!(
+            "{} or {}",
+            names[..names.len() - 1].join(", "),
+            names[names.len() - 1]
+        )
+    }
+}
+
+impl std::fmt::Display for LabState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LabState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a lab state ({})", Self::list()))
+    }
+}
 
 /// What CML says about a lab: the tracked fields, nothing of our own bookkeeping.
+///
+/// This struct is the one declaration of the tracked fields: they are stored under these names
+/// (flattened into [`LabRecord`]), compared between syncs and named in history entries in this
+/// order. Reading is lenient so that documents of the system this replaces still load.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LabFields {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub title: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub description: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub notes: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub state: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub owner_username: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub owner_fullname: String,
+    #[serde(default, deserialize_with = "lenient_count")]
     pub node_count: i32,
+    #[serde(default, deserialize_with = "lenient_count")]
     pub link_count: i32,
     /// Group names, sorted and without duplicates: CML gives them in no particular order.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub groups: Vec<String>,
+    #[serde(default, deserialize_with = "lenient_optional_date")]
     pub cml_created_at: Option<DateTime>,
+    #[serde(default, deserialize_with = "lenient_optional_date")]
     pub modified_at: Option<DateTime>,
 }
 
@@ -55,25 +111,17 @@ impl LabFields {
         self
     }
 
-    /// Each tracked field with its BSON value, in [`TRACKED_FIELDS`] order.
-    pub fn values(&self) -> [(&'static str, Bson); 11] {
-        let date = |d: Option<DateTime>| d.map_or(Bson::Null, Bson::DateTime);
-        [
-            ("title", Bson::String(self.title.clone())),
-            ("description", Bson::String(self.description.clone())),
-            ("notes", Bson::String(self.notes.clone())),
-            ("state", Bson::String(self.state.clone())),
-            ("owner_username", Bson::String(self.owner_username.clone())),
-            ("owner_fullname", Bson::String(self.owner_fullname.clone())),
-            ("node_count", Bson::Int32(self.node_count)),
-            ("link_count", Bson::Int32(self.link_count)),
-            (
-                "groups",
-                Bson::Array(self.groups.iter().cloned().map(Bson::String).collect()),
-            ),
-            ("cml_created_at", date(self.cml_created_at)),
-            ("modified_at", date(self.modified_at)),
-        ]
+    /// The tracked fields as a document, in declaration order, dates as BSON dates.
+    pub fn to_document(&self) -> Result<Document, bson::ser::Error> {
+        bson::to_document(self)
+    }
+
+    /// The names of the tracked fields, in declaration order.
+    pub fn names() -> Vec<String> {
+        Self::default()
+            .to_document()
+            .map(|d| d.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -126,28 +174,8 @@ pub struct LabRecord {
     pub id: String,
     pub worker_id: String,
     pub lab_id: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub title: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub description: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub notes: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub state: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub owner_username: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub owner_fullname: String,
-    #[serde(default, deserialize_with = "lenient_count")]
-    pub node_count: i32,
-    #[serde(default, deserialize_with = "lenient_count")]
-    pub link_count: i32,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub groups: Vec<String>,
-    #[serde(default, deserialize_with = "lenient_optional_date")]
-    pub cml_created_at: Option<DateTime>,
-    #[serde(default, deserialize_with = "lenient_optional_date")]
-    pub modified_at: Option<DateTime>,
+    #[serde(flatten)]
+    pub fields: LabFields,
     #[serde(deserialize_with = "lenient_date")]
     pub first_seen_at: DateTime,
     #[serde(deserialize_with = "lenient_date")]
@@ -159,23 +187,6 @@ pub struct LabRecord {
 }
 
 impl LabRecord {
-    /// The tracked fields as stored.
-    pub fn fields(&self) -> LabFields {
-        LabFields {
-            title: self.title.clone(),
-            description: self.description.clone(),
-            notes: self.notes.clone(),
-            state: self.state.clone(),
-            owner_username: self.owner_username.clone(),
-            owner_fullname: self.owner_fullname.clone(),
-            node_count: self.node_count,
-            link_count: self.link_count,
-            groups: self.groups.clone(),
-            cml_created_at: self.cml_created_at,
-            modified_at: self.modified_at,
-        }
-    }
-
     pub fn is_removed(&self) -> bool {
         self.removed_at.is_some()
     }
@@ -271,9 +282,12 @@ mod tests {
             r.first_seen_at.try_to_rfc3339_string().expect("fmt"),
             "2025-11-17T09:00:00Z"
         );
-        assert_eq!(r.cml_created_at, parse_iso_date("2025-11-17T10:00:00Z"));
-        assert_eq!(r.node_count, 5);
-        assert_eq!(r.title, "");
+        assert_eq!(
+            r.fields.cml_created_at,
+            parse_iso_date("2025-11-17T10:00:00Z")
+        );
+        assert_eq!(r.fields.node_count, 5);
+        assert_eq!(r.fields.title, "");
         assert_eq!(
             r.operation_history[0].changed_fields["node_count"].new,
             Bson::Int32(5)
@@ -288,17 +302,11 @@ mod tests {
             id: "x".into(),
             worker_id: "w".into(),
             lab_id: "l".into(),
-            title: String::new(),
-            description: String::new(),
-            notes: String::new(),
-            state: "STOPPED".into(),
-            owner_username: String::new(),
-            owner_fullname: String::new(),
-            node_count: 0,
-            link_count: 0,
-            groups: vec![],
-            cml_created_at: Some(now),
-            modified_at: None,
+            fields: LabFields {
+                state: "STOPPED".into(),
+                cml_created_at: Some(now),
+                ..LabFields::default()
+            },
             first_seen_at: now,
             last_synced_at: now,
             operation_history: vec![],

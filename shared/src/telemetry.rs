@@ -1,5 +1,5 @@
 //! Telemetry set-up shared by both binaries: JSON or pretty logs, and OTLP export of traces
-//! and metrics when `telemetry.otlp_endpoint` is set.
+//! and of the metrics registry when `telemetry.otlp_endpoint` is set.
 
 use std::sync::Arc;
 
@@ -12,7 +12,10 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{metrics::SdkMeterProvider, trace::SdkTracerProvider, Resource};
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-use crate::config::{LogFormat, TelemetryConfig};
+use crate::{
+    config::{LogFormat, TelemetryConfig},
+    metrics::{MetricKind, Registry, Value},
+};
 
 /// Keeps the exporters alive; [`Telemetry::shutdown`] flushes what is buffered.
 #[derive(Debug, Default)]
@@ -69,15 +72,19 @@ impl Telemetry {
                 )
                 .try_init(),
             LogFormat::Pretty => registry
-                .with(fmt::layer().with_writer(std::io::stderr))
+                .with(
+                    fmt::layer()
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                        .with_writer(std::io::stderr),
+                )
                 .try_init(),
         };
         match (&export_error, endpoint.is_empty()) {
             (Some(e), _) => {
-                tracing::error!(endpoint, error = %e, "Cannot set up OTLP export; continuing without it")
+                tracing::error!(event = "otlp_export_failed", endpoint, error = %e, "Cannot set up OTLP export; continuing without it")
             }
             (None, false) => {
-                tracing::info!(endpoint, service = %service, "Exporting traces and metrics over OTLP to {endpoint}")
+                tracing::info!(event = "otlp_export_started", endpoint, service = %service, "Exporting traces and metrics over OTLP")
             }
             (None, true) => {}
         }
@@ -89,14 +96,25 @@ impl Telemetry {
         self.meter_provider.as_ref().map(|p| p.meter(name))
     }
 
-    /// Flushes and stops the exporters (they run on threads of their own, so this blocks).
-    pub fn shutdown(self) {
-        if let Some(p) = self.tracer_provider {
-            let _ = p.shutdown();
+    /// Exports `registry` over OTLP too, when there is an OTLP endpoint.
+    pub fn export_metrics(&self, name: &'static str, registry: Arc<Registry>) {
+        if let Some(meter) = self.meter(name) {
+            export_metrics(&meter, registry);
         }
-        if let Some(p) = self.meter_provider {
-            let _ = p.shutdown();
-        }
+    }
+
+    /// Flushes and stops the exporters. They run on threads of their own and block while
+    /// flushing, so this waits for them off the async runtime.
+    pub async fn shutdown(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(p) = self.tracer_provider {
+                let _ = p.shutdown();
+            }
+            if let Some(p) = self.meter_provider {
+                let _ = p.shutdown();
+            }
+        })
+        .await;
     }
 }
 
@@ -128,154 +146,63 @@ fn build_providers(
     Ok((traces, meters))
 }
 
-/// Installs only the log subscriber (tests and tools).
-pub fn init_logging(cfg: &TelemetryConfig) {
-    let plain = TelemetryConfig {
-        otlp_endpoint: String::new(),
-        ..cfg.clone()
-    };
-    let _ = Telemetry::init(&plain, "cml-labs");
-}
-
-/// One sample of a Prometheus text exposition.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
-}
-
-/// The kind of a metric family, from its `# TYPE` line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FamilyKind {
-    Counter,
-    Gauge,
-    Histogram,
-}
-
-/// Parses a Prometheus/OpenMetrics text exposition: the families (`# TYPE`) and the samples.
-pub fn parse_exposition(text: &str) -> (Vec<(String, FamilyKind)>, Vec<Sample>) {
-    let mut families = Vec::new();
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut parts = rest.split_whitespace();
-            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let kind = match kind {
-                "counter" => FamilyKind::Counter,
-                "gauge" => FamilyKind::Gauge,
-                "histogram" => FamilyKind::Histogram,
-                _ => continue,
-            };
-            families.push((name.to_owned(), kind));
-            continue;
-        }
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (head, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
+/// Exports every family of `registry` through an OTLP meter as well: counters and gauges as
+/// observable instruments, histograms as their `_sum` and `_count`. Each export reads the
+/// series straight from the registry: one source of truth, two exports.
+pub fn export_metrics(meter: &Meter, registry: Arc<Registry>) {
+    for (index, desc) in registry.families().iter().enumerate() {
+        let read = {
+            let registry = registry.clone();
+            move || registry.families()[index].series()
         };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match head.split_once('{') {
-            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
-            None => (head, Vec::new()),
-        };
-        samples.push(Sample {
-            name: name.to_owned(),
-            labels,
-            value,
-        });
-    }
-    (families, samples)
-}
-
-fn parse_labels(text: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(eq) = rest.find("=\"") {
-        let key = rest[..eq].trim_start_matches(',').trim().to_owned();
-        let after = &rest[eq + 2..];
-        // Label values escape `"` and `\`; find the closing quote.
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        value.push(match n {
-                            'n' => '\n',
-                            other => other,
-                        });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        out.push((key, value));
-        rest = &after[end..];
-    }
-    out
-}
-
-/// Exports the metrics of a Prometheus registry through an OTLP meter as well: every counter
-/// and gauge (and the `_sum`/`_count` of every histogram) becomes an observable instrument
-/// read from `render` at each export. One source of truth, two exports.
-pub fn bridge_prometheus(meter: &Meter, render: Arc<dyn Fn() -> String + Send + Sync>) {
-    let (families, _) = parse_exposition(&render());
-    for (family, kind) in families {
-        let series: Vec<(String, bool)> = match kind {
-            FamilyKind::Counter => vec![(format!("{family}_total"), true)],
-            FamilyKind::Gauge => vec![(family.clone(), false)],
-            FamilyKind::Histogram => vec![
-                (format!("{family}_sum"), true),
-                (format!("{family}_count"), true),
-            ],
-        };
-        for (sample_name, monotonic) in series {
-            let render = render.clone();
-            let wanted = sample_name.clone();
-            let read = move || -> Vec<(f64, Vec<KeyValue>)> {
-                parse_exposition(&render())
-                    .1
-                    .into_iter()
-                    .filter(|s| s.name == wanted)
-                    .map(|s| {
-                        (
-                            s.value,
-                            s.labels
-                                .into_iter()
-                                .map(|(k, v)| KeyValue::new(k, v))
-                                .collect(),
-                        )
-                    })
-                    .collect()
-            };
-            if monotonic {
+        match desc.kind {
+            MetricKind::Counter => {
                 meter
-                    .f64_observable_counter(sample_name)
+                    .u64_observable_counter(format!("{}_total", desc.name))
+                    .with_description(desc.help)
                     .with_callback(move |o| {
-                        for (v, attrs) in read() {
-                            o.observe(v, &attrs);
+                        for s in read() {
+                            if let Value::Counter(n) = s.value {
+                                o.observe(n, &attributes(&s.labels));
+                            }
                         }
                     })
                     .build();
-            } else {
+            }
+            MetricKind::Gauge => {
                 meter
-                    .f64_observable_gauge(sample_name)
+                    .f64_observable_gauge(desc.name)
+                    .with_description(desc.help)
                     .with_callback(move |o| {
-                        for (v, attrs) in read() {
-                            o.observe(v, &attrs);
+                        for s in read() {
+                            if let Value::Gauge(g) = s.value {
+                                o.observe(g, &attributes(&s.labels));
+                            }
+                        }
+                    })
+                    .build();
+            }
+            MetricKind::Histogram => {
+                let read_count = read.clone();
+                meter
+                    .f64_observable_counter(format!("{}_sum", desc.name))
+                    .with_description(desc.help)
+                    .with_callback(move |o| {
+                        for s in read() {
+                            if let Value::Histogram(h) = s.value {
+                                o.observe(h.sum, &attributes(&s.labels));
+                            }
+                        }
+                    })
+                    .build();
+                meter
+                    .u64_observable_counter(format!("{}_count", desc.name))
+                    .with_description(desc.help)
+                    .with_callback(move |o| {
+                        for s in read_count() {
+                            if let Value::Histogram(h) = s.value {
+                                o.observe(h.count, &attributes(&s.labels));
+                            }
                         }
                     })
                     .build();
@@ -284,38 +211,9 @@ pub fn bridge_prometheus(meter: &Meter, render: Arc<dyn Fn() -> String + Send + 
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_families_samples_and_escaped_labels() {
-        let text = "# HELP a_total things\n# TYPE a counter\na_total{kind=\"x\",path=\"q\\\"uote\"} 3\n\
-                    # TYPE g gauge\ng 1.5\n# TYPE h histogram\nh_sum 2.0\nh_count 4\nh_bucket{le=\"0.5\"} 1\n# EOF\n";
-        let (families, samples) = parse_exposition(text);
-        assert_eq!(
-            families,
-            vec![
-                ("a".into(), FamilyKind::Counter),
-                ("g".into(), FamilyKind::Gauge),
-                ("h".into(), FamilyKind::Histogram)
-            ]
-        );
-        assert_eq!(
-            samples[0],
-            Sample {
-                name: "a_total".into(),
-                labels: vec![
-                    ("kind".into(), "x".into()),
-                    ("path".into(), "q\"uote".into())
-                ],
-                value: 3.0
-            }
-        );
-        assert_eq!(samples[1].value, 1.5);
-        assert_eq!(
-            samples.iter().filter(|s| s.name.starts_with("h_")).count(),
-            3
-        );
-    }
+fn attributes(labels: &[crate::metrics::Label]) -> Vec<KeyValue> {
+    labels
+        .iter()
+        .map(|(k, v)| KeyValue::new(*k, v.to_string()))
+        .collect()
 }

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use bson::{doc, Bson, DateTime, Document};
-use cml_labs::{
+use shared::{
     change::{plan_sync, Listing, SyncPlan},
     config::{BatchWriteMode, MongoConfig},
     cursor::PageCursor,
-    record::{LabFields, LabRecord, ObservedLab, REMOVED_STATE},
+    record::{LabFields, LabRecord, LabState, ObservedLab, REMOVED_STATE},
     store::{cutoff, LabFilter, LabStore},
 };
 use testkit::TestDb;
@@ -43,6 +43,23 @@ fn lab(id: &str, state: &str, title: &str) -> ObservedLab {
     )
 }
 
+/// The sync clock of the tests: a later instant at every call, so no test waits for the wall
+/// clock to move.
+fn tick() -> DateTime {
+    static NEXT: std::sync::atomic::AtomicI64 =
+        std::sync::atomic::AtomicI64::new(1_750_000_000_000);
+    DateTime::from_millis(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+fn plan_at_tick(
+    worker: &str,
+    stored: &[LabRecord],
+    labs: Vec<ObservedLab>,
+    listing: Listing,
+) -> SyncPlan {
+    plan_sync(worker, stored, labs, listing, tick()).expect("plan")
+}
+
 /// Reads the worker's records, plans against a fresh listing, applies. Returns the plan.
 async fn sync(
     store: &LabStore,
@@ -51,7 +68,7 @@ async fn sync(
     listing: Listing,
 ) -> SyncPlan {
     let stored = store.records_for_sync(worker).await.expect("read");
-    let plan = plan_sync(worker, &stored, labs, listing, DateTime::now());
+    let plan = plan_at_tick(worker, &stored, labs, listing);
     store.apply(&plan).await.expect("apply");
     plan
 }
@@ -144,7 +161,7 @@ async fn a_first_sync_creates_records_with_bson_dates() {
         // Typed round trip: what was written reads back equal.
         let record = store.lab("w1", "l1").await.expect("get").expect("exists");
         assert_eq!(
-            record.cml_created_at,
+            record.fields.cml_created_at,
             Some(DateTime::from_millis(1_700_000_000_000))
         );
         assert_eq!(record.first_seen_at, record.last_synced_at);
@@ -167,7 +184,6 @@ async fn the_record_id_and_first_seen_never_change() {
     )
     .await;
     let before = store.lab("w", "l1").await.expect("get").expect("exists");
-    tokio::time::sleep(Duration::from_millis(5)).await;
     sync(
         &store,
         "w",
@@ -198,8 +214,8 @@ async fn a_change_writes_one_entry_with_every_changed_field() {
         let plan = sync(&store, "w", vec![changed], Listing::Complete).await;
         assert_eq!(plan.counts().updated, 1);
         let r = store.lab("w", "l1").await.expect("get").expect("exists");
-        assert_eq!(r.state, "STARTED");
-        assert_eq!(r.title, "A renamed");
+        assert_eq!(r.fields.state, "STARTED");
+        assert_eq!(r.fields.title, "A renamed");
         assert_eq!(r.operation_history.len(), 2);
         let e = &r.operation_history[1];
         assert_eq!(e.previous_state.as_deref(), Some("STOPPED"));
@@ -262,14 +278,13 @@ async fn an_unchanged_sync_only_stamps_last_synced_at() {
     )
     .await;
     let before = store.lab("w", "l1").await.expect("get").expect("exists");
-    tokio::time::sleep(Duration::from_millis(5)).await;
     let mut same = lab("l1", "STOPPED", "  A ");
     same.fields.groups = vec!["g".into(), "g".into()];
     let plan = sync(&store, "w", vec![same], Listing::Complete).await;
     assert_eq!(plan.counts().unchanged, 1);
     let after = store.lab("w", "l1").await.expect("get").expect("exists");
     assert_eq!(after.operation_history, before.operation_history);
-    assert_eq!(after.title, "A");
+    assert_eq!(after.fields.title, "A");
     assert!(after.last_synced_at > before.last_synced_at);
 }
 
@@ -283,13 +298,7 @@ async fn apply_takes_one_round_trip() {
             .collect();
         let stored = store.records_for_sync("w").await.expect("read");
         db.commands.take();
-        let plan = plan_sync(
-            "w",
-            &stored,
-            labs.clone(),
-            Listing::Complete,
-            DateTime::now(),
-        );
+        let plan = plan_at_tick("w", &stored, labs.clone(), Listing::Complete);
         let outcome = store.apply(&plan).await.expect("apply");
         let sent = db.commands.take();
         assert_eq!(outcome.created, 200, "{mode:?}");
@@ -304,7 +313,7 @@ async fn apply_takes_one_round_trip() {
         }
         let stored = store.records_for_sync("w").await.expect("read");
         db.commands.take();
-        let plan = plan_sync("w", &stored, next, Listing::Complete, DateTime::now());
+        let plan = plan_at_tick("w", &stored, next, Listing::Complete);
         let c = plan.counts();
         assert_eq!((c.updated, c.removed, c.unchanged), (4, 1, 195));
         let outcome = store.apply(&plan).await.expect("apply");
@@ -332,19 +341,17 @@ async fn two_tasks_creating_the_same_lab_at_once_leave_one_record() {
         for round in 0..10 {
             let worker = format!("w{round}");
             // Both read "no records" before either writes: the worst interleaving.
-            let plan_a = plan_sync(
+            let plan_a = plan_at_tick(
                 &worker,
                 &[],
                 vec![lab("l1", "STOPPED", "A")],
                 Listing::Complete,
-                DateTime::now(),
             );
-            let plan_b = plan_sync(
+            let plan_b = plan_at_tick(
                 &worker,
                 &[],
                 vec![lab("l1", "STOPPED", "A")],
                 Listing::Complete,
-                DateTime::now(),
             );
             let (a, b) = tokio::join!(store.apply(&plan_a), store.apply(&plan_b));
             let (a, b) = (a.expect("a"), b.expect("b"));
@@ -378,7 +385,6 @@ async fn a_stale_plan_does_not_overwrite_a_newer_sync() {
     )
     .await;
     let stale_read = store.records_for_sync("w").await.expect("read");
-    tokio::time::sleep(Duration::from_millis(5)).await;
     sync(
         &store,
         "w",
@@ -386,17 +392,16 @@ async fn a_stale_plan_does_not_overwrite_a_newer_sync() {
         Listing::Complete,
     )
     .await;
-    let stale = plan_sync(
+    let stale = plan_at_tick(
         "w",
         &stale_read,
         vec![lab("l1", "DEFINED_ON_CORE", "A")],
         Listing::Complete,
-        DateTime::now(),
     );
     let outcome = store.apply(&stale).await.expect("apply");
     assert_eq!(outcome.conflicts, 1);
     let r = store.lab("w", "l1").await.expect("get").expect("exists");
-    assert_eq!(r.state, "STARTED");
+    assert_eq!(r.fields.state, "STARTED");
     assert_eq!(r.operation_history.len(), 2);
 }
 
@@ -465,7 +470,7 @@ async fn vanish_reappear_and_purge() {
         // Purge keeps tombstones younger than the retention.
         assert_eq!(
             store
-                .purge_removed(cutoff(DateTime::now(), Duration::from_secs(3600)))
+                .purge_removed(cutoff(tick(), Duration::from_secs(3600)))
                 .await
                 .expect("purge"),
             0
@@ -500,7 +505,7 @@ async fn vanish_reappear_and_purge() {
             Listing::Complete,
         )
         .await;
-        let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 8 * 86_400_000);
+        let later = DateTime::from_millis(tick().timestamp_millis() + 8 * 86_400_000);
         assert_eq!(
             store
                 .purge_removed(cutoff(later, Duration::from_secs(7 * 86_400)))
@@ -601,7 +606,7 @@ async fn paging_through_2500_records_returns_each_once() {
     assert_eq!(pages, 2500usize.div_ceil(97));
 
     let filter = LabFilter {
-        state: Some("STARTED".into()),
+        state: Some(LabState::Started),
         worker_id: Some("worker-07".into()),
         ..LabFilter::default()
     };
@@ -611,7 +616,7 @@ async fn paging_through_2500_records_returns_each_once() {
     assert!(page
         .records
         .iter()
-        .all(|r: &LabRecord| r.state == "STARTED" && r.worker_id == "worker-07"));
+        .all(|r: &LabRecord| r.fields.state == "STARTED" && r.worker_id == "worker-07"));
 }
 
 #[tokio::test]
@@ -626,7 +631,7 @@ async fn filter_values_are_never_operators() {
     )
     .await;
     let filter = LabFilter {
-        state: Some("{\"$ne\": null}".into()),
+        worker_id: Some("{\"$ne\": null}".into()),
         ..LabFilter::default()
     };
     assert!(store
@@ -664,7 +669,7 @@ async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
         .expect("legacy insert");
     let stored = store.records_for_sync("w").await.expect("lenient read");
     assert_eq!(
-        stored[0].cml_created_at,
+        stored[0].fields.cml_created_at,
         Some(DateTime::from_millis(1_700_000_000_000))
     );
 
@@ -702,6 +707,6 @@ async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
     .await;
     assert_eq!(plan.counts().updated, 1, "only the state changed: {plan:?}");
     let r = store.lab("w", "l1").await.expect("get").expect("exists");
-    assert_eq!(r.state, "STARTED");
+    assert_eq!(r.fields.state, "STARTED");
     assert_eq!(r.operation_history.len(), 1);
 }

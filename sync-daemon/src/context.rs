@@ -2,21 +2,21 @@
 
 use std::sync::Arc;
 
-use cml_labs::{
-    cml::{CmlClient, CmlTarget},
-    config::Config,
-    lease::Lease,
-    mongo,
-    status::SyncStatusStore,
-    store::LabStore,
-    workers::WorkerRegistry,
-};
+use cml_client::{CmlClient, CmlTarget};
 use mongodb::{
     event::{command::CommandEvent, EventHandler},
     Database,
 };
+use shared::{config::Config, mongo, store::LabStore};
 
-use crate::{metrics::Metrics, Result};
+use crate::{
+    events::{Event, LegacyUpgraded, StoragePrepared},
+    lease::Lease,
+    metrics::Metrics,
+    registry::WorkerRegistry,
+    status::StatusWriter,
+    Result,
+};
 
 /// The name of the lease document all replicas compete for.
 pub const LEASE_NAME: &str = "sync-daemon";
@@ -26,7 +26,7 @@ pub struct Context {
     pub config: Config,
     pub db: Database,
     pub store: LabStore,
-    pub status: SyncStatusStore,
+    pub status: StatusWriter,
     pub registry: WorkerRegistry,
     pub cml: CmlClient,
     pub lease: Lease,
@@ -36,6 +36,16 @@ pub struct Context {
 impl Context {
     /// Connects (lazily) to MongoDB and builds the clients. `instance` names this replica.
     pub async fn build(config: Config, instance: &str) -> Result<Arc<Self>> {
+        let cml = CmlClient::new(&config.cml)?;
+        Self::with_cml_client(config, instance, cml).await
+    }
+
+    /// [`Context::build`] with a CML client of the caller's (tests add request hooks to it).
+    pub async fn with_cml_client(
+        config: Config,
+        instance: &str,
+        cml: CmlClient,
+    ) -> Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::default());
         let counted = metrics.clone();
         let monitor = EventHandler::callback(move |event: CommandEvent| {
@@ -46,12 +56,10 @@ impl Context {
         let client = mongo::connect(&config.mongodb, "sync-daemon", Some(monitor)).await?;
         let db = client.database(&config.mongodb.database);
         let requests = metrics.clone();
-        let cml = CmlClient::new(&config.cml)?.with_request_hook(Arc::new(move || {
-            requests.cml_requests.inc();
-        }));
+        let cml = cml.with_request_hook(Arc::new(move |_| requests.cml_requests.inc()));
         Ok(Arc::new(Self {
             store: LabStore::new(&client, &config.mongodb, config.sync.history_limit),
-            status: SyncStatusStore::new(&db, &config.mongodb.sync_status_collection),
+            status: StatusWriter::new(&db, &config.mongodb.sync_status_collection),
             registry: WorkerRegistry::new(&db, &config.mongodb.workers_collection),
             lease: Lease::new(
                 &db,
@@ -71,22 +79,19 @@ impl Context {
     pub async fn prepare_storage(&self) -> Result<()> {
         self.store.ensure_indexes().await?;
         self.status.ensure_indexes().await?;
-        tracing::info!(
-            collection = self.store.collection_name(),
-            "Lab record indexes created"
-        );
+        StoragePrepared {
+            collection: self.store.collection_name(),
+        }
+        .emit(&self.metrics);
         let upgraded = self.store.upgrade_legacy_documents().await?;
         if upgraded > 0 {
-            tracing::info!(
-                upgraded,
-                "Upgraded {upgraded} lab records written by the previous system"
-            );
+            LegacyUpgraded { upgraded }.emit(&self.metrics);
         }
         Ok(())
     }
 
     /// The workers to sync now: the active ones of the registry (when enabled) and the static
-    /// ones of the configuration, each once.
+    /// ones of the configuration, each once (the registry's endpoint wins).
     pub async fn workers(&self) -> Result<Vec<CmlTarget>> {
         let mut targets: Vec<CmlTarget> = Vec::new();
         if self.config.sync.workers_from_registry {

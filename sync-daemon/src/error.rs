@@ -4,31 +4,44 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Store, MongoDB, CML client or configuration failure.
+    /// MongoDB, the store or the configuration.
     #[error(transparent)]
-    Labs(#[from] cml_labs::Error),
+    Store(#[from] shared::Error),
+    /// Talking to a CML worker.
+    #[error(transparent)]
+    Cml(#[from] cml_client::Error),
     #[error("worker sync did not finish within {0:?}")]
     Deadline(Duration),
+    #[error("worker sync panicked: {0}")]
+    Panicked(String),
     #[error("cannot listen on the admin address {addr}: {source}")]
     AdminListen {
         addr: String,
         source: std::io::Error,
     },
+    #[error("the admin server failed: {0}")]
+    AdminServe(std::io::Error),
     #[error("another replica ({holder}) holds the sync lease")]
     LeaseHeld { holder: String },
     #[error("worker {0} is not an active worker (registry or sync.static_workers)")]
     UnknownWorker(String),
+    #[error("worker syncs in flight did not finish within the shutdown grace of {0:?}")]
+    Drain(Duration),
 }
 
 impl Error {
     /// A short, fixed label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Labs(e) => e.metric_label(),
+            Error::Store(e) => e.metric_label(),
+            Error::Cml(e) => e.metric_label(),
             Error::Deadline(_) => "deadline",
+            Error::Panicked(_) => "panic",
             Error::AdminListen { .. } => "admin_listen",
+            Error::AdminServe(_) => "admin_serve",
             Error::LeaseHeld { .. } => "lease_held",
             Error::UnknownWorker(_) => "unknown_worker",
+            Error::Drain(_) => "drain",
         }
     }
 }

@@ -1,12 +1,21 @@
 //! sync-daemon: polls every CML worker of the fleet and keeps `lab_records` in MongoDB up to date.
+//!
+//! [`app::App`] is the service; [`daemon`] its loop and `once`; [`schedule::Schedule`] decides
+//! what syncs when (pure), [`runner::Runner`] does it, [`worker`] syncs one worker.
 
-pub mod admin;
+pub mod app;
 pub mod backoff;
 pub mod context;
-pub mod cycle;
 pub mod daemon;
 pub mod error;
+pub mod events;
+pub mod lease;
 pub mod metrics;
+pub mod pass;
+pub mod registry;
+pub mod runner;
+pub mod schedule;
+pub mod status;
 pub mod worker;
 
 pub use error::{Error, Result};

@@ -1,96 +1,122 @@
-//! The sync of one worker: fetch its labs, diff against its records, write, record the status.
+//! The sync of one worker: fetch its labs, diff them against its records, write the changes —
+//! within the worker deadline — and tell the outcome (one log line, its metrics).
+//!
+//! A failure leaves the worker's records as they were: nothing is written before the listing is
+//! complete in memory, and every record write is atomic.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bson::DateTime;
-use cml_labs::{
+use cml_client::{CmlTarget, FetchSource};
+use shared::{
     change::{plan_sync, Listing, PlanCounts},
-    cml::{CmlTarget, FetchSource},
-    status::StatusUpdate,
     store::ApplyOutcome,
 };
-use tracing::Instrument;
+use tokio::time::Instant;
 
-use crate::{context::Context, Error, Result};
+use crate::{
+    context::Context,
+    events::{Event, ListingNote, WorkerSyncFailed, WorkerSynced},
+    status::StatusUpdate,
+    Error, Result,
+};
 
 /// What one successful worker sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerOutcome {
     pub counts: PlanCounts,
     pub applied: ApplyOutcome,
-    pub listing: Listing,
-    pub source: FetchSource,
+    /// Whether the listing was the whole truth (only then are vanished labs marked removed).
+    pub complete: bool,
+    /// `bulk` (one `populate_lab_tiles`) or `fallback` (one call per lab).
+    pub source: &'static str,
     pub cml_calls: u32,
-    pub duration: Duration,
 }
 
-/// Syncs one worker within the configured deadline and logs one line. Returns the outcome and
-/// the status to record (the pass writes all statuses in one round trip).
-///
-/// A failure leaves the worker's records as they were: nothing is written before the listing
-/// is complete in memory, and the write itself is per-record atomic.
-pub async fn sync_worker(
-    ctx: &Context,
-    target: &CmlTarget,
-) -> (Result<WorkerOutcome>, StatusUpdate) {
-    let span = tracing::info_span!("worker_sync", worker_id = %target.worker_id);
-    async {
-        let started = Instant::now();
-        let attempt_at = DateTime::now();
-        let deadline = ctx.config.sync.worker_deadline.get();
-        let result = match tokio::time::timeout(deadline, sync_inner(ctx, target, started)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Deadline(deadline)),
-        };
-        let took = started.elapsed();
-        ctx.metrics.worker_duration.observe(took.as_secs_f64());
-        match &result {
-            Ok(o) => {
-                let c = o.counts;
-                ctx.metrics.success();
-                ctx.metrics.labs_synced.inc_by(c.synced as u64);
-                ctx.metrics.labs_created.inc_by(o.applied.created);
-                ctx.metrics.labs_updated.inc_by(c.updated as u64);
-                ctx.metrics.labs_removed.inc_by(c.removed as u64);
-                ctx.metrics.write_conflicts.inc_by(o.applied.conflicts);
-                tracing::info!(
-                    worker_id = %target.worker_id,
-                    synced = c.synced, created = c.created, updated = c.updated, unchanged = c.unchanged,
-                    removed = c.removed, reappeared = c.reappeared, conflicts = o.applied.conflicts,
-                    complete = o.listing == Listing::Complete, source = ?o.source, cml_calls = o.cml_calls,
-                    mongodb_writes = o.applied.round_trips, duration_ms = took.as_millis() as u64,
-                    "Worker {}: synced={}, created={}, updated={}, unchanged={}, removed={}",
-                    target.worker_id, c.synced, c.created, c.updated, c.unchanged, c.removed
-                );
-            }
-            Err(e) => {
-                let kind = e.metric_label();
-                ctx.metrics.failure(kind);
-                tracing::warn!(
-                    worker_id = %target.worker_id, kind, error = %e, duration_ms = took.as_millis() as u64,
-                    "Worker {}: sync failed ({kind}): {e}", target.worker_id
-                );
-            }
+/// One worker's sync, done or failed: when it began, how long it took, what came of it.
+#[derive(Debug)]
+pub struct WorkerSync {
+    pub target: CmlTarget,
+    pub attempt_at: DateTime,
+    pub took: Duration,
+    pub result: Result<WorkerOutcome>,
+}
+
+impl WorkerSync {
+    /// A sync that never returned (its task panicked): a failure like any other.
+    pub fn panicked(target: CmlTarget, attempt_at: DateTime, took: Duration, why: String) -> Self {
+        Self {
+            target,
+            attempt_at,
+            took,
+            result: Err(Error::Panicked(why)),
         }
-        let status = match &result {
-            Ok(o) => StatusUpdate::success(&target.worker_id, attempt_at, took, o.counts.synced),
-            Err(e) => StatusUpdate::failure(&target.worker_id, attempt_at, took, &e.to_string()),
-        };
-        (result, status)
     }
-    .instrument(span)
-    .await
+
+    /// The status document update this outcome makes.
+    pub fn status(&self) -> StatusUpdate {
+        let id = &self.target.worker_id;
+        match &self.result {
+            Ok(o) => StatusUpdate::success(id, self.attempt_at, self.took, o.counts.synced),
+            Err(e) => StatusUpdate::failure(id, self.attempt_at, self.took, &e.to_string()),
+        }
+    }
+
+    /// One log line and the metrics of this outcome.
+    pub fn emit(&self, ctx: &Context) {
+        let worker_id = &self.target.worker_id;
+        match &self.result {
+            Ok(outcome) => WorkerSynced {
+                worker_id,
+                outcome,
+                took: self.took,
+            }
+            .emit(&ctx.metrics),
+            Err(error) => WorkerSyncFailed {
+                worker_id,
+                error,
+                took: self.took,
+            }
+            .emit(&ctx.metrics),
+        }
+    }
 }
 
-async fn sync_inner(ctx: &Context, target: &CmlTarget, started: Instant) -> Result<WorkerOutcome> {
+/// Syncs one worker within `sync.worker_deadline`.
+pub async fn sync_worker(ctx: &Context, target: CmlTarget) -> WorkerSync {
+    let started = Instant::now();
+    let attempt_at = DateTime::now();
+    let deadline = ctx.config.sync.worker_deadline.get();
+    let result = match tokio::time::timeout(deadline, fetch_and_write(ctx, &target)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Deadline(deadline)),
+    };
+    let sync = WorkerSync {
+        target,
+        attempt_at,
+        took: started.elapsed(),
+        result,
+    };
+    sync.emit(ctx);
+    sync
+}
+
+async fn fetch_and_write(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutcome> {
     // The stored records do not depend on the listing: read them while CML answers, so a
     // worker costs one CML round trip plus one write, not plus a read as well.
-    let (fetched, stored) = tokio::try_join!(
+    let (fetched, stored) = tokio::join!(
         ctx.cml.fetch_labs(target),
         ctx.store.records_for_sync(&target.worker_id)
-    )?;
+    );
+    let (fetched, stored) = (fetched?, stored?);
+    let complete = fetched.listing == Listing::Complete;
     if let Some(note) = &fetched.note {
-        tracing::info!(worker_id = %target.worker_id, complete = fetched.listing == Listing::Complete, "Worker {}: {note}", target.worker_id);
+        ListingNote {
+            worker_id: &target.worker_id,
+            note,
+            complete,
+        }
+        .emit(&ctx.metrics);
     }
     let plan = plan_sync(
         &target.worker_id,
@@ -98,15 +124,16 @@ async fn sync_inner(ctx: &Context, target: &CmlTarget, started: Instant) -> Resu
         fetched.labs,
         fetched.listing,
         DateTime::now(),
-    );
-    let counts = plan.counts();
+    )?;
     let applied = ctx.store.apply(&plan).await?;
     Ok(WorkerOutcome {
-        counts,
+        counts: plan.counts(),
         applied,
-        listing: fetched.listing,
-        source: fetched.source,
+        complete,
+        source: match fetched.source {
+            FetchSource::Bulk => "bulk",
+            FetchSource::Fallback => "fallback",
+        },
         cml_calls: fetched.calls,
-        duration: started.elapsed(),
     })
 }

@@ -402,3 +402,23 @@ pub fn unique_db_name(test: &str) -> String {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("t_{clean}_{}", &suffix[..12])
 }
+
+/// Waits until `check` returns `Some`, polling every 20 ms; panics with `what` after `timeout`.
+/// Tests wait on conditions (a document, a counter, a socket), never on the clock alone.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub mod logs;
+pub mod metrics;

@@ -13,7 +13,7 @@ use serde::{
     Deserialize, Deserializer,
 };
 
-use crate::record::{parse_iso_date, LabFields, ObservedLab};
+use shared::record::{parse_iso_date, LabFields, ObservedLab};
 
 /// Maps one lab body (`GET labs/{id}`).
 ///

@@ -1,4 +1,5 @@
-//! HTTP side of the CML client. Mapping of payloads lives in [`super::payload`].
+//! Talking to CML servers over HTTP: sessions, tokens, the bulk call and its fallback, errors.
+//! Mapping of payloads lives in [`crate::payload`].
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,10 +16,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use url::Url;
 
-use super::payload;
-use crate::{
-    change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret, Error, Result,
-};
+use shared::{change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret};
+
+use crate::{payload, Error, Result};
 
 /// A CML server to talk to: the worker id (for tokens, logs, errors) and its endpoint, e.g.
 /// `https://10.0.0.5` or `https://proxy.example/cml-7` (a path prefix is kept).
@@ -58,7 +58,7 @@ pub struct LabListing {
 
 /// A body of the wrong shape from `path`.
 fn malformed(target: &CmlTarget, path: &str, detail: String) -> Error {
-    Error::CmlMalformed {
+    Error::Malformed {
         worker: target.worker_id.clone(),
         path: path.to_owned(),
         detail,
@@ -84,8 +84,9 @@ struct Session {
 /// A bearer token and the worker's lock that serialises re-authentication.
 type TokenSlot = Arc<tokio::sync::Mutex<Option<String>>>;
 
-/// Called once per HTTP request sent (the daemon counts them in its metrics).
-pub type RequestHook = Arc<dyn Fn() + Send + Sync>;
+/// Called with the server's target once per HTTP request sent (the daemon counts requests in
+/// its metrics; tests inject faults of the caller's own).
+pub type RequestHook = Arc<dyn Fn(&CmlTarget) + Send + Sync>;
 
 /// Talks to CML workers. Each piece of work with a worker (a sync, a single call) gets a
 /// [`Session`] with connections of its own, closed when it ends.
@@ -99,7 +100,7 @@ pub struct CmlClient {
     fallback_concurrency: usize,
     tokens: Mutex<HashMap<String, TokenSlot>>,
     warned_insecure: Mutex<HashSet<String>>,
-    on_request: Option<RequestHook>,
+    on_request: Vec<RequestHook>,
 }
 
 impl std::fmt::Debug for CmlClient {
@@ -113,9 +114,9 @@ impl std::fmt::Debug for CmlClient {
 }
 
 impl CmlClient {
-    /// Calls `hook` for every request sent from now on.
+    /// Also calls `hook` for every request sent from now on (after the hooks added before).
     pub fn with_request_hook(mut self, hook: RequestHook) -> Self {
-        self.on_request = Some(hook);
+        self.on_request.push(hook);
         self
     }
 
@@ -139,7 +140,7 @@ impl CmlClient {
             fallback_concurrency: cfg.fallback_concurrency.max(1),
             tokens: Mutex::new(HashMap::new()),
             warned_insecure: Mutex::new(HashSet::new()),
-            on_request: None,
+            on_request: Vec::new(),
         };
         // Fail at start, not at the first sync, if the TLS settings cannot make a client.
         client.session()?;
@@ -214,14 +215,12 @@ impl CmlClient {
                 }
                 Err(detail) => format!("populate_lab_tiles was malformed ({detail})"),
             },
-            Err(Error::CmlStatus {
+            Err(Error::Status {
                 status: 404 | 405, ..
             }) => "populate_lab_tiles is not offered".to_owned(),
             // The server cannot be reached or refuses us: the fallback would fail the same way.
             Err(
-                e @ (Error::CmlUnreachable { .. }
-                | Error::CmlTimeout { .. }
-                | Error::CmlAuthFailed { .. }),
+                e @ (Error::Unreachable { .. } | Error::Timeout { .. } | Error::AuthFailed { .. }),
             ) => return Err(e),
             Err(e) => format!("populate_lab_tiles failed ({e})"),
         };
@@ -285,7 +284,7 @@ impl CmlClient {
             Ok(body) => payload::lab_from_json(lab_id, &body)
                 .map(Some)
                 .map_err(|detail| malformed(target, &path, detail)),
-            Err(Error::CmlStatus { status: 404, .. }) => Ok(None),
+            Err(Error::Status { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -309,7 +308,7 @@ impl CmlClient {
             .send(target, Method::GET, path, Some(&token), None, session)
             .await
         {
-            Err(Error::CmlStatus { status: 401, .. }) => {
+            Err(Error::Status { status: 401, .. }) => {
                 let fresh = self.token(target, &slot, Some(&token), session).await?;
                 self.send(target, Method::GET, path, Some(&fresh), None, session)
                     .await
@@ -361,10 +360,10 @@ impl CmlClient {
                     format!("expected a token string, got {}", kind_of(&other)),
                 ))
             }
-            Err(Error::CmlStatus {
+            Err(Error::Status {
                 status: 401 | 403, ..
             }) => {
-                return Err(Error::CmlAuthFailed {
+                return Err(Error::AuthFailed {
                     worker: target.worker_id.clone(),
                 })
             }
@@ -372,14 +371,6 @@ impl CmlClient {
         };
         *cached = Some(token.clone());
         Ok(token)
-    }
-
-    /// Drops the cached token of a worker (e.g. when it leaves the fleet).
-    pub fn forget(&self, worker_id: &str) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(worker_id);
     }
 
     async fn send(
@@ -391,7 +382,7 @@ impl CmlClient {
         body: Option<Value>,
         session: &Session,
     ) -> Result<Bytes> {
-        let url = api_url(&target.endpoint, path).map_err(|detail| Error::CmlEndpoint {
+        let url = api_url(&target.endpoint, path).map_err(|detail| Error::Endpoint {
             worker: target.worker_id.clone(),
             endpoint: target.endpoint.clone(),
             detail,
@@ -407,8 +398,8 @@ impl CmlClient {
             request = request.json(&body);
         }
         session.calls.fetch_add(1, Ordering::Relaxed);
-        if let Some(hook) = &self.on_request {
-            hook();
+        for hook in &self.on_request {
+            hook(target);
         }
         let endpoint_path = path.split('?').next().unwrap_or(path).to_owned();
         let transport = |e: reqwest::Error| self.transport_error(target, &endpoint_path, e);
@@ -416,7 +407,7 @@ impl CmlClient {
         let status = response.status();
         let bytes = response.bytes().await.map_err(transport)?;
         if !status.is_success() {
-            return Err(Error::CmlStatus {
+            return Err(Error::Status {
                 worker: target.worker_id.clone(),
                 path: endpoint_path,
                 status: status.as_u16(),
@@ -429,7 +420,7 @@ impl CmlClient {
     fn transport_error(&self, target: &CmlTarget, path: &str, e: reqwest::Error) -> Error {
         let worker = target.worker_id.clone();
         if e.is_timeout() {
-            return Error::CmlTimeout {
+            return Error::Timeout {
                 worker,
                 timeout_ms: u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX),
             };
@@ -441,7 +432,7 @@ impl CmlClient {
                 format!("incomplete body ({})", source_chain(&e)),
             );
         }
-        Error::CmlUnreachable {
+        Error::Unreachable {
             worker,
             detail: source_chain(&e),
         }
@@ -468,7 +459,7 @@ impl CmlClient {
 }
 
 /// `<endpoint>/api/v0/<path>`, keeping any path prefix of the endpoint.
-pub(crate) fn api_url(endpoint: &str, path: &str) -> std::result::Result<Url, String> {
+fn api_url(endpoint: &str, path: &str) -> std::result::Result<Url, String> {
     let mut base = Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
     if !matches!(base.scheme(), "http" | "https") {
         return Err(format!("scheme `{}` is not http or https", base.scheme()));

@@ -4,10 +4,23 @@
 use std::time::Duration;
 
 use bson::Bson;
-use cml_labs::record::REMOVED_STATE;
 use cml_sim::Faults;
-use serde_json::Value;
-use system_tests::{log_lines, message, output_text, Fixture};
+use shared::record::REMOVED_STATE;
+use system_tests::{log_lines, message, metrics, output_text, wait_metric, Fixture};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `sync_cycles_total{outcome="success"}` at `base` is at least `n`.
+async fn cycles_done(base: &str, n: f64) -> String {
+    wait_metric(
+        base,
+        "sync_cycles_total",
+        &[("outcome", "success")],
+        n,
+        WAIT,
+    )
+    .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_cycle_populates_every_worker_of_a_mixed_version_fleet() {
@@ -48,10 +61,10 @@ async fn the_first_cycle_populates_every_worker_of_a_mixed_version_fleet() {
                 .find(|r| r.worker_id == w.id && r.lab_id == lab.id)
                 .expect("record");
             assert_eq!(
-                (r.title.as_str(), r.state.as_str()),
+                (r.fields.title.as_str(), r.fields.state.as_str()),
                 (lab.title.as_str(), lab.state.as_str())
             );
-            assert_eq!(r.node_count as u32, lab.node_count);
+            assert_eq!(r.fields.node_count as u32, lab.node_count);
             assert_eq!(r.operation_history.len(), 1);
         }
         let status = f.status(&w.id).await;
@@ -96,7 +109,7 @@ async fn a_state_change_gives_one_entry_and_sixty_changes_keep_fifty() {
     }
     let r = f.record(&w.id, &lab.id).await;
     assert_eq!(r.operation_history.len(), 50);
-    assert_eq!(r.title, "renamed 59");
+    assert_eq!(r.fields.title, "renamed 59");
     assert_eq!(
         r.operation_history[49].changed_fields["title"].new,
         Bson::String("renamed 59".into())
@@ -251,7 +264,10 @@ async fn a_faulty_worker_keeps_its_records_and_never_holds_up_the_others() {
                     .iter()
                     .find(|r| r.worker_id == w.id && r.lab_id == lab.id)
                     .expect("record");
-                assert_eq!(r.title, lab.title, "{name}: the healthy workers are synced");
+                assert_eq!(
+                    r.fields.title, lab.title,
+                    "{name}: the healthy workers are synced"
+                );
             }
         }
         let status = f.status(&bad.id).await;
@@ -324,45 +340,52 @@ async fn once_for_one_worker_syncs_only_that_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_cycle_drains_and_leaves_no_partial_record() {
     let f = Fixture::new("daemon_sigterm", 4, 6).await;
-    for w in &f.fleet.fleet.workers {
-        w.set_faults(Faults {
-            latency_ms: 700,
-            ..Faults::default()
-        });
+    let workers = f.fleet.fleet.workers.clone();
+    // Every CML call waits at the gate: the test knows which syncs are in flight.
+    let held = Faults {
+        hold: true,
+        ..Faults::default()
+    };
+    for w in &workers {
+        w.set_faults(held.clone());
     }
     let mut d = f.spawn(
         "sigterm",
         &[
             ("CML_LABS_SYNC__CONCURRENCY", "2"),
-            ("CML_LABS_SYNC__SHUTDOWN_GRACE", "10s"),
+            ("CML_LABS_SYNC__SHUTDOWN_GRACE", "20s"),
         ],
     );
-    d.wait_for("Starting labs refresh cycle", 1, Duration::from_secs(30))
-        .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let contacted = || workers.iter().filter(|w| !w.calls().is_empty()).count();
+    testkit::eventually("two workers are being synced", WAIT, || async {
+        (contacted() == 2).then_some(())
+    })
+    .await;
     d.signal(libc::SIGTERM);
-    let status = d.wait_exit(Duration::from_secs(20)).await;
+    d.wait_event("shutdown_started", 1, WAIT).await;
+    // Draining: the two in flight may finish; no other may start.
+    for w in &workers {
+        w.set_faults(Faults::default());
+    }
+    let status = d.wait_exit(WAIT).await;
     assert!(status.success(), "clean exit: {status:?}");
-    let lines = d.lines();
-    let messages: Vec<&str> = lines.iter().map(message).collect();
-    assert!(
-        messages.iter().any(|m| m.starts_with("Shutting down")),
-        "{messages:?}"
+    assert_eq!(contacted(), 2, "no worker started after SIGTERM");
+    assert_eq!(
+        d.events("worker_synced").len(),
+        2,
+        "the two in flight finished"
     );
-    assert!(
-        messages.contains(&"Released the sync lease"),
-        "{messages:?}"
-    );
-    let synced = messages
-        .iter()
-        .filter(|m| m.starts_with("Worker ") && m.contains("synced="))
-        .count();
-    assert!(
-        synced < 4,
-        "no new worker started after SIGTERM ({synced} synced)"
-    );
+    assert_eq!(d.events("lease_released").len(), 1);
+    let completed = d.events("cycle_completed");
+    assert_eq!(completed[0]["skipped_workers"], 2, "{completed:?}");
     // Workers that ran are complete; the others have nothing. No half-written record.
-    for r in f.records().await {
+    let records = f.records().await;
+    for w in &workers {
+        let n = records.iter().filter(|r| r.worker_id == w.id).count();
+        let expected = if w.calls().is_empty() { 0 } else { 6 };
+        assert_eq!(n, expected, "worker {} has {n} of 6 records", w.id);
+    }
+    for r in &records {
         let lab = f
             .fleet
             .fleet
@@ -370,16 +393,10 @@ async fn sigterm_mid_cycle_drains_and_leaves_no_partial_record() {
             .and_then(|w| w.lab(&r.lab_id))
             .expect("a lab of the fleet");
         assert_eq!(
-            (r.title.as_str(), r.state.as_str()),
+            (r.fields.title.as_str(), r.fields.state.as_str()),
             (lab.title.as_str(), lab.state.as_str())
         );
-        assert_eq!(r.operation_history.len(), 1);
         assert!(!r.id.is_empty());
-    }
-    let records = f.records().await;
-    for w in &f.fleet.fleet.workers {
-        let n = records.iter().filter(|r| r.worker_id == w.id).count();
-        assert!(n == 0 || n == 6, "worker {} has {n} of 6 records", w.id);
     }
     // The lease was released: another replica may take it at once.
     let lease =
@@ -405,34 +422,31 @@ async fn two_replicas_sync_one_at_a_time_and_the_standby_takes_over() {
         ("CML_LABS_SYNC__INTERVAL", "1s"),
         ("CML_LABS_SYNC__LEASE_TTL", "2s"),
     ];
-    let a = f.spawn("a", &env);
-    a.wait_for("Acquired the sync lease", 1, Duration::from_secs(20))
-        .await;
+    let mut a = f.spawn("a", &env);
+    let a_admin = a.admin_base().await;
+    wait_metric(&a_admin, "sync_lease_held", &[], 1.0, WAIT).await;
     let mut b = f.spawn("b", &env);
-    b.wait_for(
-        "This replica does not hold the sync lease",
-        1,
-        Duration::from_secs(20),
-    )
-    .await;
-    a.wait_for("Labs refresh complete", 3, Duration::from_secs(20))
-        .await;
+    let b_admin = b.admin_base().await;
+    b.wait_event("lease_standby", 1, WAIT).await;
+    cycles_done(&a_admin, 3.0).await;
+    let standby = metrics(&b_admin).await;
     assert_eq!(
-        b.count("Starting labs refresh cycle"),
-        0,
-        "the standby never syncs while the lease is held"
+        testkit::metrics::sum(&standby, "sync_cycles_total"),
+        0.0,
+        "the standby never syncs while the lease is held: {standby}"
+    );
+    assert_eq!(
+        testkit::metrics::value(&standby, "sync_lease_held", &[]),
+        Some(0.0)
     );
 
     // The holder dies without releasing: the standby takes over once the lease expires.
-    let mut a = a;
     a.signal(libc::SIGKILL);
     a.wait_exit(Duration::from_secs(5)).await;
-    b.wait_for("Acquired the sync lease", 1, Duration::from_secs(15))
-        .await;
-    b.wait_for("Labs refresh complete", 1, Duration::from_secs(15))
-        .await;
+    wait_metric(&b_admin, "sync_lease_held", &[], 1.0, WAIT).await;
+    cycles_done(&b_admin, 1.0).await;
     b.signal(libc::SIGTERM);
-    assert!(b.wait_exit(Duration::from_secs(15)).await.success());
+    assert!(b.wait_exit(WAIT).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,8 +472,8 @@ async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
             ("CML_LABS_MONGODB__SERVER_SELECTION_TIMEOUT", "1s"),
         ],
     );
-    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
-        .await;
+    let admin = d.admin_base().await;
+    cycles_done(&admin, 1.0).await;
 
     let w = f.fleet.fleet.workers[0].clone();
     let lab = w.labs()[0].clone();
@@ -470,63 +484,61 @@ async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
     };
     w.update_lab(&lab.id, |l| l.state = next.to_owned());
     // Stop MongoDB while a cycle is in flight (each CML call takes 300 ms).
-    d.wait_for("Starting labs refresh cycle", 2, Duration::from_secs(30))
-        .await;
+    d.wait_event("cycle_started", 2, WAIT).await;
     server.stop();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let completes_before_restart = d.count("Labs refresh complete");
+    // Workers fail on MongoDB meanwhile; the daemon lives on.
+    wait_metric(
+        &admin,
+        "sync_worker_failures_total",
+        &[("kind", "mongodb")],
+        1.0,
+        WAIT,
+    )
+    .await;
     assert!(
         d.child.try_wait().expect("wait").is_none(),
         "still running without MongoDB"
     );
+    let clean_before_restart = testkit::metrics::value(
+        &metrics(&admin).await,
+        "sync_cycles_total",
+        &[("outcome", "success")],
+    )
+    .unwrap_or(0.0);
     server.restart().expect("restart");
 
     // The change lands once MongoDB is back, without a restart of the daemon.
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let state =
-            f.db.db
-                .collection::<cml_labs::record::LabRecord>("lab_records")
-                .find_one(bson::doc! { "worker_id": &w.id, "lab_id": &lab.id })
-                .await
-                .ok()
-                .flatten()
-                .map(|r| r.state);
-        if state.as_deref() == Some(next) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not synced after restart; log:\n{}",
-            system_tests::tail(&d.log, 30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let completes = d
-        .wait_for(
-            "Labs refresh complete",
-            completes_before_restart + 1,
-            Duration::from_secs(30),
-        )
-        .await;
-    assert!(
-        completes[completes_before_restart..]
-            .iter()
-            .any(|l| l["failed_workers"] == 0),
-        "a clean cycle after the restart: {completes:?}"
-    );
+    testkit::eventually(
+        "the change is synced after the restart",
+        Duration::from_secs(40),
+        || async {
+            let record =
+                f.db.db
+                    .collection::<shared::record::LabRecord>("lab_records")
+                    .find_one(bson::doc! { "worker_id": &w.id, "lab_id": &lab.id })
+                    .await
+                    .ok()
+                    .flatten()?;
+            (record.fields.state == next).then_some(())
+        },
+    )
+    .await;
+    // A clean cycle after the restart.
+    cycles_done(&admin, clean_before_restart + 1.0).await;
     assert!(d.child.try_wait().expect("wait").is_none(), "never crashed");
     d.signal(libc::SIGTERM);
-    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+    assert!(d.wait_exit(WAIT).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
     let f = Fixture::new("daemon_retry", 2, 3).await;
     let bad = f.fleet.fleet.workers[0].clone();
+    // Its first four calls fail, then it answers. A failing sync makes two calls (its login for
+    // the bulk call, then the login of the per-lab fallback), so the cycle's sync and the first
+    // retry fail and the second retry succeeds.
     bad.set_faults(Faults {
-        error_rate: 1.0,
-        error_statuses: vec![502],
+        fail_next: 4,
         ..Faults::default()
     });
     let mut d = f.spawn(
@@ -536,41 +548,38 @@ async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
             ("CML_LABS_SYNC__RETRY_BASE", "1s"),
         ],
     );
-    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
-        .await;
-    let scheduled = d
-        .wait_for(
-            &format!("Worker {} will be retried in", bad.id),
-            1,
-            Duration::from_secs(10),
-        )
-        .await;
-    assert_eq!(scheduled[0]["failures"], 1);
-    // Still failing: the second retry waits longer (up to 2 s here), then it heals.
-    d.wait_for("Retrying 1 failed workers", 1, Duration::from_secs(10))
-        .await;
-    let second = d
-        .wait_for(
-            &format!("Worker {} will be retried in", bad.id),
-            2,
-            Duration::from_secs(10),
-        )
-        .await;
-    assert_eq!(second[1]["failures"], 2);
+    let admin = d.admin_base().await;
+    // Healed: both workers synced, the bad one by its second retry.
+    wait_metric(
+        &admin,
+        "sync_worker_syncs_total",
+        &[("outcome", "success")],
+        2.0,
+        WAIT,
+    )
+    .await;
+    let scheduled: Vec<_> = d
+        .events("retry_scheduled")
+        .into_iter()
+        .filter(|l| l["worker_id"] == bad.id.as_str())
+        .collect();
+    assert_eq!(scheduled.len(), 2, "{scheduled:?}");
+    assert_eq!(
+        (
+            scheduled[0]["failures"].as_u64(),
+            scheduled[1]["failures"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    // The second delay is a doubled, jittered step: between 1 and 2 times retry_base.
     assert!(
-        second[1]["retry_in_ms"]
+        scheduled[1]["retry_in_ms"]
             .as_u64()
             .is_some_and(|ms| (1000..=2000).contains(&ms)),
         "{:?}",
-        second[1]
+        scheduled[1]
     );
-    bad.set_faults(Faults::default());
-    d.wait_for(
-        "Retry of failed workers complete",
-        2,
-        Duration::from_secs(10),
-    )
-    .await;
+    assert_eq!(d.events("retries_completed").len(), 2);
     let records = f.records().await;
     assert_eq!(
         records.iter().filter(|r| r.worker_id == bad.id).count(),
@@ -578,7 +587,7 @@ async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
         "synced by a retry, not a cycle"
     );
     assert_eq!(
-        d.count("Starting labs refresh cycle"),
+        d.events("cycle_started").len(),
         1,
         "no extra cycle was needed"
     );
@@ -587,7 +596,7 @@ async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
         Some(0)
     );
     d.signal(libc::SIGTERM);
-    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+    assert!(d.wait_exit(WAIT).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,8 +604,7 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
     let f = Fixture::new("daemon_admin", 2, 5).await;
     let mut d = f.spawn("admin", &[("CML_LABS_SYNC__INTERVAL", "1h")]);
     let base = d.admin_base().await;
-    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
-        .await;
+    cycles_done(&base, 1.0).await;
     let http = reqwest::Client::new();
     let get = |path: &str| {
         let req = http.get(format!("{base}{path}"));
@@ -625,7 +633,7 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
         "{text}"
     );
     d.signal(libc::SIGTERM);
-    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+    assert!(d.wait_exit(WAIT).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -657,14 +665,8 @@ async fn traces_and_metrics_go_to_the_otlp_endpoint() {
             ("CML_LABS_TELEMETRY__OTLP_ENDPOINT", &endpoint),
         ],
     );
-    d.wait_for(
-        "Exporting traces and metrics over OTLP",
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
-    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
-        .await;
+    d.wait_event("otlp_export_started", 1, WAIT).await;
+    cycles_done(&d.admin_base().await, 1.0).await;
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(30)).await.success());
     let got = received.lock().expect("lock").clone();
@@ -688,12 +690,12 @@ async fn a_second_signal_exits_at_once() {
             ("CML_LABS_SYNC__WORKER_DEADLINE", "120s"),
         ],
     );
-    d.wait_for("Starting labs refresh cycle", 1, Duration::from_secs(30))
-        .await;
+    testkit::eventually("the hung worker is called", WAIT, || async {
+        (!f.fleet.fleet.workers[0].calls().is_empty()).then_some(())
+    })
+    .await;
     d.signal(libc::SIGTERM);
-    d.wait_for("Shutting down", 1, Duration::from_secs(10))
-        .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.wait_event("shutdown_started", 1, WAIT).await;
     assert!(
         d.child.try_wait().expect("wait").is_none(),
         "draining the hung worker"
@@ -708,23 +710,19 @@ async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worke
     let f = Fixture::new("daemon_round_trips", 4, 10).await;
     let mut d = f.spawn("round_trips", &[("CML_LABS_SYNC__INTERVAL", "2s")]);
     let base = d.admin_base().await;
-    d.wait_for("Labs refresh complete", 1, Duration::from_secs(30))
-        .await;
+    cycles_done(&base, 1.0).await;
     let before = mongodb_commands(&base).await;
     // One lab changes somewhere, the rest stay.
     let w = f.fleet.fleet.workers[1].clone();
     let lab = w.labs()[0].clone();
     w.update_lab(&lab.id, |l| l.title = format!("{} (renamed)", l.title));
-    let completes = d
-        .wait_for("Labs refresh complete", 2, Duration::from_secs(30))
-        .await;
+    cycles_done(&base, 2.0).await;
     let after = mongodb_commands(&base).await;
-    assert_eq!(completes[1]["updated"], 1);
+    assert_eq!(d.events("cycle_completed")[1]["updated"], 1);
 
-    let per_worker: Vec<Value> = d
-        .lines()
+    let per_worker: Vec<_> = d
+        .events("worker_synced")
         .into_iter()
-        .filter(|l| message(l).starts_with("Worker ") && message(l).contains("synced="))
         .skip(4)
         .take(4)
         .collect();
@@ -740,21 +738,13 @@ async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worke
     let finds = after.get("find").copied().unwrap_or(0) - before.get("find").copied().unwrap_or(0);
     assert_eq!(finds, 4 + 1, "{before:?} -> {after:?}");
     d.signal(libc::SIGTERM);
-    assert!(d.wait_exit(Duration::from_secs(20)).await.success());
+    assert!(d.wait_exit(WAIT).await.success());
 }
 
 async fn mongodb_commands(base: &str) -> std::collections::HashMap<String, u64> {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .filter_map(|l| l.strip_prefix("mongodb_commands_total{command=\""))
-        .filter_map(|rest| {
-            let (name, value) = rest.split_once("\"} ")?;
-            Some((name.to_owned(), value.trim().parse().ok()?))
-        })
+    testkit::metrics::parse(&metrics(base).await)
+        .into_iter()
+        .filter(|s| s.name == "mongodb_commands_total")
+        .filter_map(|s| Some((s.labels.first()?.1.clone(), s.value as u64)))
         .collect()
 }

@@ -1,17 +1,22 @@
-//! The sync lease: one document that lets exactly one sync-daemon replica sync at a time.
+//! The sync lease: one document that lets exactly one sync-daemon replica sync at a time, and
+//! the keeper that holds it for this replica.
 //!
 //! The holder renews it well before it expires; another replica takes it only once it has
 //! expired. Replicas compare against their own clocks, so clocks must agree to well within the
 //! lease's lifetime (NTP does that easily for a 30 s lease).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bson::{doc, DateTime, Document};
-use mongodb::{error::ErrorKind, Collection, Database};
+use mongodb::{Collection, Database};
+use shared::{mongo::is_duplicate_key, Result};
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
 
-use crate::Result;
-
-const DUPLICATE_KEY: i32 = 11000;
+use crate::{
+    context::Context,
+    events::{self, Event, LeaseError},
+};
 
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -102,6 +107,20 @@ impl Lease {
         Ok(())
     }
 
+    /// How long ago the last cycle (of any replica) started, by this replica's clock.
+    pub async fn since_last_cycle(&self) -> Result<Option<Duration>> {
+        Ok(self
+            .state()
+            .await?
+            .and_then(|s| s.last_cycle_at)
+            .map(|last| {
+                let ms = DateTime::now()
+                    .timestamp_millis()
+                    .saturating_sub(last.timestamp_millis());
+                Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+            }))
+    }
+
     pub async fn state(&self) -> Result<Option<LeaseState>> {
         let Some(d) = self.coll.find_one(doc! { "_id": &self.name }).await? else {
             return Ok(None);
@@ -117,10 +136,87 @@ impl Lease {
     }
 }
 
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match &*e.kind {
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
-        _ => e.to_string().contains("E11000"),
+/// Holds the lease for this replica: tries to take it, renews it every third of its lifetime,
+/// and tells the loop when it was taken or lost.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    held: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    pub fn start(ctx: Arc<Context>, shutdown: CancellationToken) -> Self {
+        let (tx, held) = watch::channel(false);
+        let task = tokio::spawn(keep(ctx, tx, shutdown));
+        Self { held, task }
+    }
+
+    pub fn held(&self) -> bool {
+        *self.held.borrow()
+    }
+
+    /// Waits until the lease is taken or lost; `None` once the keeper has stopped.
+    pub async fn changed(&mut self) -> Option<bool> {
+        self.held.changed().await.ok()?;
+        Some(*self.held.borrow_and_update())
+    }
+
+    /// Stops renewing and gives the lease up, so a standby need not wait for it to expire.
+    pub async fn release(self, ctx: &Context) {
+        self.task.abort();
+        if *self.held.borrow() {
+            match ctx.lease.release().await {
+                Ok(()) => events::Lease::Released {
+                    holder: ctx.lease.holder(),
+                }
+                .emit(&ctx.metrics),
+                Err(e) => LeaseError {
+                    error: &e.into(),
+                    action: "release",
+                }
+                .emit(&ctx.metrics),
+            }
+        }
+        ctx.metrics.lease_held.set(0.0);
+    }
+}
+
+async fn keep(ctx: Arc<Context>, tx: watch::Sender<bool>, shutdown: CancellationToken) {
+    let ttl = ctx.lease.ttl();
+    let mut last_renewal: Option<Instant> = None;
+    let mut first = true;
+    loop {
+        let was = *tx.borrow();
+        let held = match ctx.lease.try_acquire(DateTime::now()).await {
+            Ok(true) => {
+                last_renewal = Some(Instant::now());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                LeaseError {
+                    error: &e.into(),
+                    action: "renew",
+                }
+                .emit(&ctx.metrics);
+                // Unsure whether it still holds: keep it only while it surely has not expired.
+                was && last_renewal.is_some_and(|t| t.elapsed() < ttl * 2 / 3)
+            }
+        };
+        let holder = ctx.lease.holder();
+        match (was, held) {
+            (false, true) => events::Lease::Acquired { holder }.emit(&ctx.metrics),
+            (true, false) => events::Lease::Lost { holder }.emit(&ctx.metrics),
+            (false, false) if first => events::Lease::StandingBy { holder }.emit(&ctx.metrics),
+            _ => {}
+        }
+        first = false;
+        if held != was {
+            let _ = tx.send(held);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
     }
 }

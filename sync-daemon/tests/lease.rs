@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bson::DateTime;
-use cml_labs::lease::Lease;
+use sync_daemon::lease::Lease;
 use testkit::TestDb;
 
 fn at(ms: i64) -> DateTime {

@@ -1,6 +1,7 @@
 //! Support for the end-to-end tests in `tests/`: the project's binaries (built once per run),
-//! a simulated CML fleet registered in a test database, and daemon processes whose JSON logs
-//! the tests read.
+//! a simulated CML fleet registered in a test database, and processes of ours whose address
+//! comes from their one machine-readable `listening` line and whose state tests read from
+//! their metrics, their documents and their named log events.
 
 #![allow(unsafe_code)] // libc::kill on a child process we own
 
@@ -12,10 +13,10 @@ use std::{
 };
 
 use bson::{doc, Document};
-use cml_labs::record::LabRecord;
 use cml_sim::{FleetConfig, Personality, RunningFleet, ServeOptions};
 use futures::TryStreamExt;
 use serde_json::Value;
+use shared::record::LabRecord;
 use testkit::TestDb;
 
 /// Path of a workspace binary (`sync-daemon`, `lab-api`), built on first use with the same
@@ -146,14 +147,8 @@ impl Fixture {
         ];
         env.extend_from_slice(extra);
         let api = self.spawn_binary("lab-api", &[], name, &env);
-        let listening = api
-            .wait_for("lab-api listening on", 1, Duration::from_secs(30))
-            .await;
-        let addr = listening[0]["address"]
-            .as_str()
-            .expect("address")
-            .to_owned();
-        (api, format!("http://{addr}"))
+        let base = api.base_url("api").await;
+        (api, base)
     }
 
     fn spawn_binary(
@@ -241,41 +236,56 @@ impl Daemon {
         log_lines(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
-    pub fn count(&self, message_prefix: &str) -> usize {
+    /// The log lines of one named event (the `event` field).
+    pub fn events(&self, event: &str) -> Vec<Value> {
         self.lines()
-            .iter()
-            .filter(|l| message(l).starts_with(message_prefix))
-            .count()
+            .into_iter()
+            .filter(|l| l["event"] == event)
+            .collect()
     }
 
-    /// Waits until `n` log lines start with `message_prefix`; panics with the log on timeout.
-    pub async fn wait_for(&self, message_prefix: &str, n: usize, timeout: Duration) -> Vec<Value> {
+    /// Waits until `n` lines of `event` were logged; panics with the log on timeout.
+    pub async fn wait_event(&self, event: &str, n: usize, timeout: Duration) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let matching: Vec<Value> = self
-                .lines()
-                .into_iter()
-                .filter(|l| message(l).starts_with(message_prefix))
-                .collect();
-            if matching.len() >= n {
-                return matching;
+            let lines = self.events(event);
+            if lines.len() >= n {
+                return lines;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "no {n}× `{message_prefix}` within {timeout:?}; log:\n{}",
+                    "no {n}× `{event}` within {timeout:?}; log:\n{}",
                     tail(&self.log, 40)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// `http://<address>` of the admin endpoints, once the daemon has logged where they are.
+    /// `http://<address>` of what the process serves on `endpoint` (`api`, `admin`), from its
+    /// one machine-readable `listening` line.
+    pub async fn base_url(&self, endpoint: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self
+                .events("listening")
+                .into_iter()
+                .find(|l| l["endpoint"] == endpoint)
+            {
+                return format!("http://{}", line["address"].as_str().expect("address"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no listening line for {endpoint}; log:\n{}",
+                tail(&self.log, 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://<address>` of the daemon's admin endpoints.
     pub async fn admin_base(&self) -> String {
-        let lines = self
-            .wait_for("Admin endpoints", 1, Duration::from_secs(30))
-            .await;
-        format!("http://{}", lines[0]["address"].as_str().expect("address"))
+        self.base_url("admin").await
     }
 
     pub fn signal(&self, signal: i32) {
@@ -289,7 +299,7 @@ impl Daemon {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!(
-                "sync-daemon did not exit within {timeout:?}; log:\n{}",
+                "the process did not exit within {timeout:?}; log:\n{}",
                 tail(&self.log, 40)
             ),
         }
@@ -300,4 +310,33 @@ pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The metrics text the process serves at `base` now (empty when it does not answer).
+pub async fn metrics(base: &str) -> String {
+    match reqwest::get(format!("{base}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Waits until the metric `name` with `labels` (served at `base`) is at least `at_least`;
+/// returns the metrics text then.
+pub async fn wait_metric(
+    base: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    at_least: f64,
+    timeout: Duration,
+) -> String {
+    testkit::eventually(
+        &format!("{name}{labels:?} >= {at_least} at {base}"),
+        timeout,
+        || async {
+            let text = metrics(base).await;
+            (testkit::metrics::value(&text, name, labels).unwrap_or(0.0) >= at_least)
+                .then_some(text)
+        },
+    )
+    .await
 }

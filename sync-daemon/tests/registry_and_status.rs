@@ -1,10 +1,21 @@
-//! The worker registry reader and the sync status store against a real MongoDB-wire server.
+//! The worker registry reader and the sync status writer against a real MongoDB-wire server.
 
 use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
-use cml_labs::{status::SyncStatusStore, workers::WorkerRegistry};
+use cml_client::{CmlClient, CmlTarget};
+use cml_sim::{FleetConfig, Personality, ServeOptions};
+use shared::{config::CmlConfig, secret::Secret, status::SyncStatusReader};
+use sync_daemon::{
+    registry::WorkerRegistry,
+    status::{StatusUpdate, StatusWriter},
+};
 use testkit::TestDb;
+
+/// Writes one worker's outcome, as a pass does for all of its workers.
+async fn record(status: &StatusWriter, update: StatusUpdate) {
+    status.record_many(&[update]).await.expect("status written");
+}
 
 #[tokio::test]
 async fn only_running_workers_with_an_endpoint_are_active() {
@@ -35,25 +46,28 @@ async fn only_running_workers_with_an_endpoint_are_active() {
 #[tokio::test]
 async fn sync_status_counts_failures_and_resets_on_success() {
     let db = TestDb::new("sync_status").await;
-    let status = SyncStatusStore::new(&db.db, "worker_sync_status");
+    let status = StatusWriter::new(&db.db, "worker_sync_status");
     status.ensure_indexes().await.expect("indexes");
     status.ensure_indexes().await.expect("idempotent");
+    let read = SyncStatusReader::new(&db.db, "worker_sync_status");
     let t = |ms: i64| DateTime::from_millis(1_700_000_000_000 + ms);
 
-    status
-        .record_failure(
+    record(
+        &status,
+        StatusUpdate::failure(
             "w1",
             t(0),
             Duration::from_millis(120),
             "CML unreachable: connect timeout",
-        )
-        .await
-        .expect("fail 1");
-    status
-        .record_failure("w1", t(1000), Duration::from_millis(80), &"x".repeat(5000))
-        .await
-        .expect("fail 2");
-    let s = status.get("w1").await.expect("get").expect("exists");
+        ),
+    )
+    .await;
+    record(
+        &status,
+        StatusUpdate::failure("w1", t(1000), Duration::from_millis(80), &"x".repeat(5000)),
+    )
+    .await;
+    let s = read.get("w1").await.expect("get").expect("exists");
     assert_eq!(s.consecutive_failures, 2);
     assert_eq!(s.last_success_at, None);
     assert_eq!(s.last_attempt_at, t(1000));
@@ -63,11 +77,12 @@ async fn sync_status_counts_failures_and_resets_on_success() {
         "error text is capped"
     );
 
-    status
-        .record_success("w1", t(2000), Duration::from_millis(950), 42)
-        .await
-        .expect("ok");
-    let s = status.get("w1").await.expect("get").expect("exists");
+    record(
+        &status,
+        StatusUpdate::success("w1", t(2000), Duration::from_millis(950), 42),
+    )
+    .await;
+    let s = read.get("w1").await.expect("get").expect("exists");
     assert_eq!(
         (s.consecutive_failures, s.lab_count, s.last_duration_ms),
         (0, 42, 950)
@@ -75,11 +90,12 @@ async fn sync_status_counts_failures_and_resets_on_success() {
     assert_eq!(s.last_success_at, Some(t(2000)));
     assert_eq!(s.last_error, None);
 
-    status
-        .record_failure("w1", t(3000), Duration::from_millis(10), "HTTP 503")
-        .await
-        .expect("fail 3");
-    let s = status.get("w1").await.expect("get").expect("exists");
+    record(
+        &status,
+        StatusUpdate::failure("w1", t(3000), Duration::from_millis(10), "HTTP 503"),
+    )
+    .await;
+    let s = read.get("w1").await.expect("get").expect("exists");
     assert_eq!(
         (s.consecutive_failures, s.lab_count),
         (1, 42),
@@ -87,11 +103,12 @@ async fn sync_status_counts_failures_and_resets_on_success() {
     );
     assert_eq!(s.last_success_at, Some(t(2000)));
 
-    status
-        .record_success("w0", t(0), Duration::ZERO, 0)
-        .await
-        .expect("ok");
-    let all: Vec<String> = status
+    record(
+        &status,
+        StatusUpdate::success("w0", t(0), Duration::ZERO, 0),
+    )
+    .await;
+    let all: Vec<String> = read
         .all()
         .await
         .expect("all")
@@ -106,4 +123,56 @@ async fn sync_status_counts_failures_and_resets_on_success() {
         .await
         .expect("count");
     assert_eq!(n, 2, "one document per worker");
+}
+
+#[tokio::test]
+async fn the_simulator_registers_its_fleet_for_discovery() {
+    let db = TestDb::new("sim_registry").await;
+    let f = cml_sim::start(
+        &FleetConfig {
+            workers: 4,
+            labs_per_worker: 2,
+            personalities: Personality::ALL.to_vec(),
+            ..FleetConfig::default()
+        },
+        &ServeOptions::default(),
+    )
+    .await
+    .expect("simulator");
+    let n = cml_sim::registry::write_registry(
+        &db.client,
+        db.name(),
+        "cml_workers",
+        &f.fleet,
+        &f.endpoints,
+    )
+    .await
+    .expect("write");
+    assert_eq!(n, 4);
+    // Idempotent: written again, still one document per worker.
+    cml_sim::registry::write_registry(&db.client, db.name(), "cml_workers", &f.fleet, &f.endpoints)
+        .await
+        .expect("rewrite");
+    let active = WorkerRegistry::new(&db.db, "cml_workers")
+        .active_workers()
+        .await
+        .expect("read");
+    assert_eq!(active.len(), 4);
+    let client = CmlClient::new(&CmlConfig {
+        password: Secret::new("local-dev-password"),
+        ..CmlConfig::default()
+    })
+    .expect("client");
+    for w in active {
+        let endpoint = w.https_endpoint.clone().expect("endpoint");
+        assert_eq!(endpoint, f.endpoint(&w.id));
+        let listing = client
+            .fetch_labs(&CmlTarget {
+                worker_id: w.id,
+                endpoint,
+            })
+            .await
+            .expect("fetch");
+        assert_eq!(listing.labs.len(), 2);
+    }
 }

@@ -1,11 +1,12 @@
-//! The worker registry (`cml_workers`): which CML servers are active and where they answer.
+//! Reading the worker registry (`cml_workers`): which CML servers are active and where they
+//! answer. The registry belongs to the fleet manager; sync-daemon never writes it.
 
 use bson::{doc, Document};
+use cml_client::CmlTarget;
 use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
-
-use crate::{cml::CmlTarget, Result};
+use shared::Result;
 
 /// A registry document, reduced to what syncing needs. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

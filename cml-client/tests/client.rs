@@ -2,15 +2,9 @@
 
 use std::time::Duration;
 
-use cml_labs::{
-    change::Listing,
-    cml::{CmlClient, CmlTarget, FetchSource},
-    config::CmlConfig,
-    duration::HumanDuration,
-    secret::Secret,
-    Error,
-};
+use cml_client::{CmlClient, CmlTarget, Error, FetchSource};
 use cml_sim::{Addressing, Faults, FleetConfig, Personality, RunningFleet, ServeOptions};
+use shared::{change::Listing, config::CmlConfig, duration::HumanDuration, secret::Secret};
 
 fn config() -> CmlConfig {
     CmlConfig {
@@ -137,7 +131,7 @@ async fn wrong_credentials_are_their_own_error() {
         .fetch_labs(&target(&f, 0))
         .await
         .expect_err("403");
-    assert!(matches!(err, Error::CmlAuthFailed { .. }), "{err:?}");
+    assert!(matches!(err, Error::AuthFailed { .. }), "{err:?}");
     assert!(
         !err.to_string().contains("not-the-password-7f3a"),
         "the password never appears: {err}"
@@ -279,7 +273,7 @@ async fn every_fault_gives_its_error_kind() {
                 latency_ms: 1500,
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlTimeout { .. }),
+            |e| matches!(e, Error::Timeout { .. }),
         ),
         (
             "hang",
@@ -287,7 +281,7 @@ async fn every_fault_gives_its_error_kind() {
                 hang: true,
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlTimeout { .. }),
+            |e| matches!(e, Error::Timeout { .. }),
         ),
         (
             "reset",
@@ -295,7 +289,7 @@ async fn every_fault_gives_its_error_kind() {
                 reset: true,
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlUnreachable { .. }),
+            |e| matches!(e, Error::Unreachable { .. }),
         ),
         (
             "always 503",
@@ -304,7 +298,7 @@ async fn every_fault_gives_its_error_kind() {
                 error_statuses: vec![503],
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlStatus { status: 503, .. }),
+            |e| matches!(e, Error::Status { status: 503, .. }),
         ),
         (
             "malformed JSON",
@@ -312,7 +306,7 @@ async fn every_fault_gives_its_error_kind() {
                 malformed_json: true,
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlMalformed { .. }),
+            |e| matches!(e, Error::Malformed { .. }),
         ),
         (
             "truncated body",
@@ -320,7 +314,7 @@ async fn every_fault_gives_its_error_kind() {
                 truncated_body: true,
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlMalformed { .. }),
+            |e| matches!(e, Error::Malformed { .. }),
         ),
         (
             "no bulk and labs 404",
@@ -329,7 +323,7 @@ async fn every_fault_gives_its_error_kind() {
                 labs_list_404: true,
                 ..Faults::default()
             },
-            |e| matches!(e, Error::CmlStatus { status: 404, .. }),
+            |e| matches!(e, Error::Status { status: 404, .. }),
         ),
     ];
     for (name, faults, expected) in cases {
@@ -421,7 +415,7 @@ async fn tls_is_verified_by_default_and_can_use_a_ca_bundle_or_be_turned_off() {
         .fetch_labs(&t)
         .await
         .expect_err("self-signed");
-    assert!(matches!(err, Error::CmlUnreachable { .. }), "{err:?}");
+    assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
 
     let ca = f
         .ca_path
@@ -474,48 +468,11 @@ async fn tokens_expire_by_themselves_too() {
         .expect("simulator");
     let client = CmlClient::new(&config()).expect("client");
     client.fetch_labs(&target(&f, 0)).await.expect("first");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The simulator's clock moves past the token's lifetime; nobody waits for it.
+    f.fleet.advance_clock(Duration::from_secs(2));
     client
         .fetch_labs(&target(&f, 0))
         .await
         .expect("after the token's lifetime");
     assert_eq!(f.fleet.workers[0].calls().get("authenticate"), Some(&2));
-}
-
-#[tokio::test]
-async fn the_simulator_registers_its_fleet_for_discovery() {
-    let db = testkit::TestDb::new("sim_registry").await;
-    let f = fleet(4, 2, Personality::ALL.to_vec(), ServeOptions::default()).await;
-    let n = cml_sim::registry::write_registry(
-        &db.client,
-        db.name(),
-        "cml_workers",
-        &f.fleet,
-        &f.endpoints,
-    )
-    .await
-    .expect("write");
-    assert_eq!(n, 4);
-    // Idempotent: written again, still one document per worker.
-    cml_sim::registry::write_registry(&db.client, db.name(), "cml_workers", &f.fleet, &f.endpoints)
-        .await
-        .expect("rewrite");
-    let active = cml_labs::workers::WorkerRegistry::new(&db.db, "cml_workers")
-        .active_workers()
-        .await
-        .expect("read");
-    assert_eq!(active.len(), 4);
-    let client = CmlClient::new(&config()).expect("client");
-    for w in active {
-        let endpoint = w.https_endpoint.clone().expect("endpoint");
-        assert_eq!(endpoint, f.endpoint(&w.id));
-        let listing = client
-            .fetch_labs(&CmlTarget {
-                worker_id: w.id,
-                endpoint,
-            })
-            .await
-            .expect("fetch");
-        assert_eq!(listing.labs.len(), 2);
-    }
 }

@@ -1,6 +1,6 @@
 //! lab-api end to end: the real binary on a real socket, data written by a real sync.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use system_tests::Fixture;
@@ -10,13 +10,7 @@ async fn serves_what_the_daemon_synced_over_a_real_socket() {
     let f = Fixture::new("api_socket", 2, 6).await;
     assert!(f.once(&[]).await.status.success());
     let (mut api, base) = f.spawn_api("api", &[]).await;
-    assert!(
-        api.lines()
-            .iter()
-            .any(|l| system_tests::message(l)
-                .contains("every request is served without authentication")),
-        "mode none warns"
-    );
+    assert_eq!(api.events("auth_disabled").len(), 1, "mode none warns");
     let http = reqwest::Client::new();
     let w = &f.fleet.fleet.workers[0];
     let r = http
@@ -81,9 +75,7 @@ async fn mongodb_down_is_a_quick_503_and_both_recover_by_themselves() {
     assert_eq!(http.get(&labs).send().await.expect("GET").status(), 200);
 
     server.stop();
-    let started = Instant::now();
     let r = http.get(&labs).send().await.expect("GET");
-    let took = started.elapsed();
     assert_eq!(r.status(), 503);
     assert_eq!(
         r.headers()
@@ -96,7 +88,9 @@ async fn mongodb_down_is_a_quick_503_and_both_recover_by_themselves() {
         !body.contains("127.0.0.1") && !body.to_lowercase().contains("server selection"),
         "no internals: {body}"
     );
-    assert!(took < Duration::from_secs(4), "answered in {took:?}");
+    // Within the server selection timeout (2 s), not the client's 20 s: the problem says
+    // "unavailable", which only the store's own error gives.
+    assert!(body.contains("/unavailable"), "{body}");
     assert_eq!(
         http.get(format!("{base}/readyz"))
             .send()
@@ -116,29 +110,18 @@ async fn mongodb_down_is_a_quick_503_and_both_recover_by_themselves() {
     );
 
     server.restart().expect("restart");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = http
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0);
-        let data = http
-            .get(&labs)
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0);
-        if ready == 200 && data == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not recovered: readyz {ready}, labs {data}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    testkit::eventually(
+        "readyz and the labs answer 200 again",
+        Duration::from_secs(30),
+        || async {
+            let status =
+                |r: reqwest::Result<reqwest::Response>| r.map(|r| r.status().as_u16()).ok();
+            let ready = status(http.get(format!("{base}/readyz")).send().await)?;
+            let data = status(http.get(&labs).send().await)?;
+            (ready == 200 && data == 200).then_some(())
+        },
+    )
+    .await;
     api.signal(libc::SIGTERM);
     assert!(api.wait_exit(Duration::from_secs(15)).await.success());
 }

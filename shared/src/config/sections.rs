@@ -1,0 +1,225 @@
+//! The sections of the configuration, their keys and their defaults.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{duration::HumanDuration, secret::Secret};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mongodb: MongoConfig,
+    pub cml: CmlConfig,
+    pub sync: SyncConfig,
+    pub api: ApiConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoConfig {
+    /// May carry credentials: only ever shown through [`crate::secret::redact_uri`].
+    pub uri: Secret,
+    pub database: String,
+    pub lab_records_collection: String,
+    pub workers_collection: String,
+    pub sync_status_collection: String,
+    /// The lease that lets one sync-daemon replica sync at a time.
+    pub lease_collection: String,
+    pub server_selection_timeout: HumanDuration,
+    pub read_preference: ReadPreferenceMode,
+    /// How batched record writes travel: `auto` uses the 8.0+ `bulkWrite` command when the server
+    /// offers it and the classic multi-statement `update` command otherwise.
+    pub batch_writes: BatchWriteMode,
+}
+
+impl Default for MongoConfig {
+    fn default() -> Self {
+        Self {
+            uri: Secret::new("mongodb://127.0.0.1:27017"),
+            database: "cml_cloud_manager".into(),
+            lab_records_collection: "lab_records".into(),
+            workers_collection: "cml_workers".into(),
+            sync_status_collection: "worker_sync_status".into(),
+            lease_collection: "sync_lease".into(),
+            server_selection_timeout: HumanDuration::from_secs(2),
+            read_preference: ReadPreferenceMode::Primary,
+            batch_writes: BatchWriteMode::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadPreferenceMode {
+    Primary,
+    PrimaryPreferred,
+    Secondary,
+    SecondaryPreferred,
+    Nearest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchWriteMode {
+    Auto,
+    UpdateCommand,
+    BulkWrite,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CmlConfig {
+    pub username: String,
+    pub password: Secret,
+    pub verify_tls: bool,
+    /// PEM file of extra trusted CAs; empty for none.
+    pub ca_bundle: String,
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+    pub use_private_ip: bool,
+    /// Lab detail calls in flight per worker when `populate_lab_tiles` is unavailable.
+    pub fallback_concurrency: usize,
+}
+
+impl Default for CmlConfig {
+    fn default() -> Self {
+        Self {
+            username: "admin".into(),
+            password: Secret::default(),
+            verify_tls: true,
+            ca_bundle: String::new(),
+            connect_timeout: HumanDuration::from_secs(10),
+            request_timeout: HumanDuration::from_secs(30),
+            use_private_ip: false,
+            fallback_concurrency: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub interval: HumanDuration,
+    pub run_immediately: bool,
+    pub concurrency: usize,
+    pub worker_deadline: HumanDuration,
+    pub history_limit: usize,
+    pub removed_retention: HumanDuration,
+    pub admin_listen: String,
+    pub workers_from_registry: bool,
+    pub static_workers: Vec<StaticWorker>,
+    /// A replica that stops renewing the lease loses it after this long.
+    pub lease_ttl: HumanDuration,
+    /// On SIGTERM, how long in-flight worker syncs may take to finish.
+    pub shutdown_grace: HumanDuration,
+    /// Delay before the first retry of a failed worker (doubles per failure, jittered,
+    /// capped at `interval`).
+    pub retry_base: HumanDuration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration::from_secs(30 * 60),
+            run_immediately: true,
+            concurrency: 16,
+            worker_deadline: HumanDuration::from_secs(5 * 60),
+            history_limit: 50,
+            removed_retention: HumanDuration::from_secs(7 * 86_400),
+            admin_listen: "0.0.0.0:9090".into(),
+            workers_from_registry: true,
+            static_workers: Vec::new(),
+            lease_ttl: HumanDuration::from_secs(30),
+            shutdown_grace: HumanDuration::from_secs(25),
+            retry_base: HumanDuration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticWorker {
+    pub id: String,
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: String,
+    pub request_timeout: HumanDuration,
+    pub max_concurrent_requests: usize,
+    pub cors_allowed_origins: Vec<String>,
+    pub auth: AuthConfig,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            request_timeout: HumanDuration::from_secs(10),
+            max_concurrent_requests: 512,
+            cors_allowed_origins: Vec::new(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub jwks_url: String,
+    pub issuer: String,
+    pub audience: String,
+    /// SHA-256 hex digests of the accepted static API tokens; the tokens themselves are never stored.
+    pub token_hashes: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Jwt,
+            jwks_url: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            token_hashes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Jwt,
+    Tokens,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub otlp_endpoint: String,
+    /// Empty: the binary's own name.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            otlp_endpoint: String::new(),
+            service_name: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}

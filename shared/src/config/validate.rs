@@ -1,0 +1,235 @@
+//! Checks serde cannot express: ranges, addresses, URLs, names, and settings that only make
+//! sense together. Each binary checks only the sections it reads.
+
+use std::{collections::HashSet, net::SocketAddr, path::Path};
+
+use super::{
+    ApiConfig, AuthMode, CmlConfig, Config, MongoConfig, Role, SyncConfig, TelemetryConfig,
+};
+use crate::duration::HumanDuration;
+
+impl Config {
+    /// Semantic checks serde cannot express. Returns `(dotted key, message)` pairs.
+    pub fn validate(&self, role: Role) -> Vec<(String, String)> {
+        let mut v = Validator::default();
+        self.mongodb.validate(&mut v);
+        self.telemetry.validate(&mut v);
+        match role {
+            Role::SyncDaemon => {
+                self.cml.validate(&mut v);
+                self.sync.validate(&mut v);
+            }
+            Role::LabApi => self.api.validate(&mut v),
+        }
+        v.problems
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<(String, String)>,
+}
+
+impl Validator {
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push((key.to_owned(), message.into()));
+    }
+
+    fn check(&mut self, ok: bool, key: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(key, message());
+        }
+    }
+
+    fn positive(&mut self, key: &str, d: HumanDuration) {
+        self.check(!d.get().is_zero(), key, || {
+            "must be longer than zero".into()
+        });
+    }
+
+    fn range(&mut self, key: &str, value: usize, min: usize, max: usize) {
+        self.check((min..=max).contains(&value), key, || {
+            format!("must be between {min} and {max}, got {value}")
+        });
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &str) {
+        self.check(value.parse::<SocketAddr>().is_ok(), key, || {
+            format!("`{value}` is not an address like \"0.0.0.0:8080\"")
+        });
+    }
+
+    fn name(&mut self, key: &str, value: &str, forbidden: &[char]) {
+        if value.is_empty() {
+            self.fail(key, "must not be empty");
+        } else if let Some(c) = value.chars().find(|c| forbidden.contains(c) || *c == '\0') {
+            self.fail(key, format!("must not contain {c:?}"));
+        }
+    }
+
+    fn http_url(&mut self, key: &str, value: &str) {
+        if value.is_empty() {
+            return self.fail(key, "must be set to an http(s) URL");
+        }
+        let rest = value
+            .strip_prefix("https://")
+            .or_else(|| value.strip_prefix("http://"));
+        self.check(
+            rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')),
+            key,
+            || format!("`{value}` is not an http(s) URL"),
+        );
+    }
+}
+
+impl MongoConfig {
+    fn validate(&self, v: &mut Validator) {
+        let uri = self.uri.expose();
+        // The URI itself is a secret: the message says what is wrong without echoing it.
+        v.check(
+            uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://"),
+            "mongodb.uri",
+            || "must start with mongodb:// or mongodb+srv://".into(),
+        );
+        v.name(
+            "mongodb.database",
+            &self.database,
+            &['/', '\\', '.', ' ', '"', '$'],
+        );
+        for (key, value) in [
+            (
+                "mongodb.lab_records_collection",
+                &self.lab_records_collection,
+            ),
+            ("mongodb.workers_collection", &self.workers_collection),
+            (
+                "mongodb.sync_status_collection",
+                &self.sync_status_collection,
+            ),
+        ] {
+            v.name(key, value, &['$']);
+        }
+        v.positive(
+            "mongodb.server_selection_timeout",
+            self.server_selection_timeout,
+        );
+    }
+}
+
+impl CmlConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(!self.username.trim().is_empty(), "cml.username", || {
+            "must not be empty".into()
+        });
+        v.check(!self.password.is_empty(), "cml.password", || {
+            "must be set (usually through CML_LABS_CML__PASSWORD)".into()
+        });
+        if !self.ca_bundle.is_empty() {
+            v.check(
+                Path::new(&self.ca_bundle).is_file(),
+                "cml.ca_bundle",
+                || format!("{} is not a readable file", self.ca_bundle),
+            );
+        }
+        v.positive("cml.connect_timeout", self.connect_timeout);
+        v.positive("cml.request_timeout", self.request_timeout);
+        v.range("cml.fallback_concurrency", self.fallback_concurrency, 1, 64);
+    }
+}
+
+impl SyncConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(self.interval.get().as_secs() >= 1, "sync.interval", || {
+            "must be at least 1s".into()
+        });
+        v.range("sync.concurrency", self.concurrency, 1, 1024);
+        v.positive("sync.worker_deadline", self.worker_deadline);
+        v.range("sync.history_limit", self.history_limit, 1, 1000);
+        v.check(
+            self.lease_ttl.get() >= std::time::Duration::from_secs(1),
+            "sync.lease_ttl",
+            || "must be at least 1s".into(),
+        );
+        v.positive("sync.retry_base", self.retry_base);
+        v.socket_addr("sync.admin_listen", &self.admin_listen);
+        if !self.workers_from_registry && self.static_workers.is_empty() {
+            v.fail(
+                "sync.workers_from_registry",
+                "is false and sync.static_workers is empty: there is nothing to sync",
+            );
+        }
+        let mut ids = HashSet::new();
+        for (i, w) in self.static_workers.iter().enumerate() {
+            let key = format!("sync.static_workers[{i}]");
+            if w.id.trim().is_empty() {
+                v.fail(&format!("{key}.id"), "must not be empty");
+            } else if !ids.insert(w.id.as_str()) {
+                v.fail(&format!("{key}.id"), format!("`{}` is listed twice", w.id));
+            }
+            v.http_url(&format!("{key}.endpoint"), &w.endpoint);
+        }
+    }
+}
+
+impl ApiConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.socket_addr("api.listen", &self.listen);
+        v.positive("api.request_timeout", self.request_timeout);
+        v.range(
+            "api.max_concurrent_requests",
+            self.max_concurrent_requests,
+            1,
+            1_000_000,
+        );
+        for (i, origin) in self.cors_allowed_origins.iter().enumerate() {
+            if origin != "*" {
+                v.http_url(&format!("api.cors_allowed_origins[{i}]"), origin);
+            }
+        }
+        let auth = &self.auth;
+        match auth.mode {
+            AuthMode::Jwt => {
+                v.http_url("api.auth.jwks_url", &auth.jwks_url);
+                v.check(!auth.issuer.is_empty(), "api.auth.issuer", || {
+                    "must be set when api.auth.mode is \"jwt\"".into()
+                });
+                v.check(!auth.audience.is_empty(), "api.auth.audience", || {
+                    "must be set when api.auth.mode is \"jwt\"".into()
+                });
+            }
+            AuthMode::Tokens => {
+                v.check(
+                    !auth.token_hashes.is_empty(),
+                    "api.auth.token_hashes",
+                    || "must list at least one token hash when api.auth.mode is \"tokens\"".into(),
+                );
+            }
+            AuthMode::None => {}
+        }
+        for (i, hash) in auth.token_hashes.iter().enumerate() {
+            v.check(
+                hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+                &format!("api.auth.token_hashes[{i}]"),
+                || "must be a SHA-256 digest in hex (64 characters)".into(),
+            );
+        }
+    }
+}
+
+impl TelemetryConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok(),
+            "telemetry.log_level",
+            || {
+                format!(
+                    "`{}` is not a level or filter like \"info\" or \"info,cml_labs=debug\"",
+                    self.log_level
+                )
+            },
+        );
+        if !self.otlp_endpoint.is_empty() {
+            v.http_url("telemetry.otlp_endpoint", &self.otlp_endpoint);
+        }
+    }
+}

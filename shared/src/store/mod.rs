@@ -1,0 +1,275 @@
+//! The `lab_records` collection: the handle, its indexes, the queries both services make, and
+//! maintenance (tombstone purges, upgrading documents of the previous system). Writing a sync
+//! plan is in [`write`].
+
+mod write;
+
+use std::time::Duration;
+
+use bson::{doc, Bson, DateTime, Document};
+use futures::TryStreamExt;
+use mongodb::{options::IndexOptions, Client, Collection, Database, IndexModel};
+use tokio::sync::OnceCell;
+
+pub use write::ApplyOutcome;
+use write::{history_document, Statement};
+
+use crate::{
+    config::{BatchWriteMode, MongoConfig},
+    cursor::PageCursor,
+    mongo,
+    record::{LabRecord, LabState},
+    Result,
+};
+
+/// Access to `lab_records`. Cheap to clone; holds no state but the handle and the server's
+/// capabilities, learned once.
+#[derive(Debug, Clone)]
+pub struct LabStore {
+    client: Client,
+    db: Database,
+    records: Collection<LabRecord>,
+    raw: Collection<Document>,
+    history_limit: usize,
+    batch_mode: BatchWriteMode,
+    bulk_write_command: std::sync::Arc<OnceCell<bool>>,
+}
+
+/// Filters of the cross-worker listing. Values are compared for equality only: a value is
+/// never interpreted as a query operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabFilter {
+    pub worker_id: Option<String>,
+    pub state: Option<LabState>,
+    pub owner_username: Option<String>,
+    pub include_removed: bool,
+}
+
+/// One page of the cross-worker listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub records: Vec<LabRecord>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<PageCursor>,
+}
+
+impl LabStore {
+    pub fn new(client: &Client, cfg: &MongoConfig, history_limit: usize) -> Self {
+        let db = client.database(&cfg.database);
+        Self {
+            client: client.clone(),
+            records: db.collection(&cfg.lab_records_collection),
+            raw: db.collection(&cfg.lab_records_collection),
+            db,
+            history_limit: history_limit.max(1),
+            batch_mode: cfg.batch_writes,
+            bulk_write_command: Default::default(),
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn collection_name(&self) -> &str {
+        self.raw.name()
+    }
+
+    /// Creates the indexes queries rely on. Idempotent; an index that already exists with the
+    /// same keys (under any name, e.g. made by the system this replaces) is left alone.
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        let wanted = [
+            mongo::index(doc! { "worker_id": 1 }, "worker_id_1", false),
+            mongo::index(
+                doc! { "worker_id": 1, "lab_id": 1 },
+                "worker_id_1_lab_id_1",
+                true,
+            ),
+            mongo::index(doc! { "last_synced_at": 1 }, "last_synced_at_1", false),
+            // Tombstone purges look only at removed records.
+            IndexModel::builder()
+                .keys(doc! { "removed_at": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("removed_at_1".to_owned())
+                        .partial_filter_expression(doc! { "removed_at": { "$type": "date" } })
+                        .build(),
+                )
+                .build(),
+        ];
+        mongo::ensure_indexes(&self.raw, wanted).await
+    }
+
+    /// Every record of a worker, removed ones included, without `operation_history`:
+    /// what the daemon diffs a fresh listing against.
+    pub async fn records_for_sync(&self, worker_id: &str) -> Result<Vec<LabRecord>> {
+        let cursor = self
+            .records
+            .find(doc! { "worker_id": worker_id })
+            .projection(doc! { "operation_history": 0 })
+            .await?;
+        Ok(cursor.try_collect().await?)
+    }
+
+    /// A worker's labs sorted by title then lab id, without `operation_history`.
+    pub async fn labs_of_worker(
+        &self,
+        worker_id: &str,
+        include_removed: bool,
+    ) -> Result<Vec<LabRecord>> {
+        let mut filter = doc! { "worker_id": worker_id };
+        if !include_removed {
+            filter.insert("removed_at", Bson::Null);
+        }
+        let cursor = self
+            .records
+            .find(filter)
+            .sort(doc! { "title": 1, "lab_id": 1 })
+            .projection(doc! { "operation_history": 0 })
+            .await?;
+        Ok(cursor.try_collect().await?)
+    }
+
+    /// One record, with its history.
+    pub async fn lab(&self, worker_id: &str, lab_id: &str) -> Result<Option<LabRecord>> {
+        Ok(self
+            .records
+            .find_one(doc! { "worker_id": worker_id, "lab_id": lab_id })
+            .await?)
+    }
+
+    /// The cross-worker listing, ordered by (worker_id, lab_id) so a cursor is just the last key.
+    pub async fn list(
+        &self,
+        filter: &LabFilter,
+        after: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Page> {
+        let limit = limit.max(1);
+        let mut clauses = Vec::new();
+        if let Some(w) = &filter.worker_id {
+            clauses.push(doc! { "worker_id": w });
+        }
+        if let Some(s) = &filter.state {
+            clauses.push(doc! { "state": s.as_str() });
+        }
+        if let Some(o) = &filter.owner_username {
+            clauses.push(doc! { "owner_username": o });
+        }
+        if !filter.include_removed {
+            clauses.push(doc! { "removed_at": Bson::Null });
+        }
+        if let Some(c) = after {
+            clauses.push(doc! { "$or": [
+                { "worker_id": { "$gt": &c.worker_id } },
+                { "worker_id": &c.worker_id, "lab_id": { "$gt": &c.lab_id } },
+            ] });
+        }
+        let query = match clauses.len() {
+            0 => Document::new(),
+            1 => clauses.remove(0),
+            _ => doc! { "$and": clauses },
+        };
+        let mut records: Vec<LabRecord> = self
+            .records
+            .find(query)
+            .sort(doc! { "worker_id": 1, "lab_id": 1 })
+            .projection(doc! { "operation_history": 0 })
+            .limit(i64::try_from(limit + 1).unwrap_or(i64::MAX))
+            .await?
+            .try_collect()
+            .await?;
+        let next = if records.len() > limit {
+            records.truncate(limit);
+            records.last().map(|r| PageCursor {
+                worker_id: r.worker_id.clone(),
+                lab_id: r.lab_id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(Page { records, next })
+    }
+
+    /// Deletes records marked removed before `cutoff`. Returns how many went.
+    pub async fn purge_removed(&self, cutoff: DateTime) -> Result<u64> {
+        let result = self
+            .raw
+            .delete_many(doc! { "removed_at": { "$type": "date", "$lt": cutoff } })
+            .await?;
+        Ok(result.deleted_count)
+    }
+
+    /// Rewrites documents left by the system this replaces so they follow the stored contract:
+    /// ISO-string dates become BSON dates, a missing record `id` gets one. Safe to run at every
+    /// start; returns how many documents were rewritten.
+    pub async fn upgrade_legacy_documents(&self) -> Result<u64> {
+        let string_dates: Vec<Document> = [
+            "first_seen_at",
+            "last_synced_at",
+            "cml_created_at",
+            "modified_at",
+            "removed_at",
+            "operation_history.timestamp",
+        ]
+        .into_iter()
+        .map(|f| doc! { f: { "$type": "string" } })
+        .chain([doc! { "id": { "$exists": false } }, doc! { "id": "" }])
+        .collect();
+        let legacy: Vec<LabRecord> = self
+            .records
+            .find(doc! { "$or": string_dates })
+            .await?
+            .try_collect()
+            .await?;
+        let mut statements = Vec::new();
+        for r in &legacy {
+            let Some(id) = r.object_id else { continue };
+            let history = r
+                .operation_history
+                .iter()
+                .map(history_document)
+                .collect::<Result<Vec<Bson>>>()?;
+            let mut set = doc! {
+                "first_seen_at": r.first_seen_at,
+                "last_synced_at": r.last_synced_at,
+                "cml_created_at": r.fields.cml_created_at,
+                "modified_at": r.fields.modified_at,
+                "removed_at": r.removed_at,
+                "operation_history": history,
+            };
+            if r.id.is_empty() {
+                set.insert("id", uuid::Uuid::new_v4().to_string());
+            }
+            statements.push(Statement {
+                filter: doc! { "_id": id },
+                update: doc! { "$set": set },
+                upsert: false,
+                multi: false,
+            });
+        }
+        if statements.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.execute(&statements).await?.matched)
+    }
+}
+
+/// How long ago `cutoff` is from `now`, for purges: `now - retention`.
+pub fn cutoff(now: DateTime, retention: Duration) -> DateTime {
+    let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    DateTime::from_millis(now.timestamp_millis().saturating_sub(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cutoff_subtracts_the_retention() {
+        assert_eq!(
+            cutoff(DateTime::from_millis(10_000), Duration::from_secs(3)),
+            DateTime::from_millis(7_000)
+        );
+    }
+}

@@ -1,0 +1,414 @@
+//! Writing a sync plan: one statement per record write plus one stamp of the unchanged records,
+//! sent in as few commands as MongoDB's limits allow (normally one round trip).
+
+use bson::{doc, Bson, DateTime, Document};
+use mongodb::{
+    error::ErrorKind,
+    options::{UpdateManyModel, UpdateOneModel, WriteModel},
+    Namespace,
+};
+
+use super::LabStore;
+use crate::{
+    change::{RecordWrite, SyncPlan},
+    config::BatchWriteMode,
+    mongo::{self, DUPLICATE_KEY},
+    record::{HistoryEntry, LabFields},
+    Error, Result,
+};
+
+/// Commands are single BSON documents (16 MiB at most); statements are batched well below that.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// The server's `maxWriteBatchSize` since 3.6.
+const MAX_BATCH_STATEMENTS: usize = 100_000;
+
+/// What applying a plan did, as MongoDB counted it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Records inserted.
+    pub created: u64,
+    /// Record writes (updates, removals, creates raced by another writer) that matched a record.
+    pub matched: u64,
+    /// Updates and removals skipped because the record was synced by someone else in between.
+    pub conflicts: u64,
+    /// Unchanged records whose `last_synced_at` was stamped.
+    pub stamped: u64,
+    /// Commands sent to MongoDB.
+    pub round_trips: u32,
+}
+
+/// One statement of the `update` command.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Statement {
+    pub filter: Document,
+    pub update: Document,
+    pub upsert: bool,
+    pub multi: bool,
+}
+
+impl Statement {
+    fn to_document(&self) -> Document {
+        doc! { "q": &self.filter, "u": &self.update, "upsert": self.upsert, "multi": self.multi }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BatchCounts {
+    pub matched: u64,
+    pub upserted: u64,
+    pub round_trips: u32,
+}
+
+impl LabStore {
+    /// Writes a worker's sync in one round trip: every record write and the `last_synced_at`
+    /// stamp of the unchanged records go in one batch (split only past the size limits).
+    pub async fn apply(&self, plan: &SyncPlan) -> Result<ApplyOutcome> {
+        let mut statements = plan
+            .writes
+            .iter()
+            .map(|w| write_statement(&plan.worker_id, w, plan.now, self.history_limit))
+            .collect::<Result<Vec<Statement>>>()?;
+        let singles = statements.len() as u64;
+        if !plan.unchanged.is_empty() {
+            statements.push(stamp_statement(&plan.worker_id, &plan.unchanged, plan.now));
+        }
+        if statements.is_empty() {
+            return Ok(ApplyOutcome::default());
+        }
+        let counts = self.execute(&statements).await?;
+        // The stamp matches every unchanged record: they exist and are not removed, and nothing
+        // but a purge of removed records deletes records. What remains matched is the record
+        // writes'. Creates always land (inserted, or matched after a race); any other write that
+        // matched nothing lost a race with another writer and is left to the next sync.
+        let stamped = (plan.unchanged.len() as u64).min(counts.matched);
+        let matched = counts.matched - stamped;
+        Ok(ApplyOutcome {
+            created: counts.upserted,
+            matched,
+            conflicts: singles.saturating_sub(matched + counts.upserted),
+            stamped,
+            round_trips: counts.round_trips,
+        })
+    }
+
+    async fn use_bulk_write_command(&self) -> Result<bool> {
+        match self.batch_mode {
+            BatchWriteMode::UpdateCommand => Ok(false),
+            BatchWriteMode::BulkWrite => Ok(true),
+            BatchWriteMode::Auto => self
+                .bulk_write_command
+                .get_or_try_init(|| async {
+                    Ok(mongo::server_info(&self.db)
+                        .await?
+                        .supports_bulk_write_command())
+                })
+                .await
+                .copied(),
+        }
+    }
+
+    /// Sends statements in as few commands as the size limits allow. Upserts that lose a race
+    /// on the unique index (a duplicate key error) are retried once: they then match.
+    pub(crate) async fn execute(&self, statements: &[Statement]) -> Result<BatchCounts> {
+        let bulk = self.use_bulk_write_command().await?;
+        let mut total = BatchCounts::default();
+        for chunk in chunks(statements) {
+            let mut pending: Vec<Statement> = chunk.to_vec();
+            for attempt in 0..2 {
+                let (counts, retry) = if bulk {
+                    self.run_bulk_write(&pending).await?
+                } else {
+                    self.run_update_command(&pending).await?
+                };
+                total.matched += counts.matched;
+                total.upserted += counts.upserted;
+                total.round_trips += 1;
+                if retry.is_empty() {
+                    break;
+                }
+                if attempt == 1 {
+                    return Err(Error::WriteErrors(format!(
+                        "{} upserts still hit a duplicate key after a retry",
+                        retry.len()
+                    )));
+                }
+                pending = retry.into_iter().map(|i| pending[i].clone()).collect();
+            }
+        }
+        Ok(total)
+    }
+
+    /// The classic `update` command: one round trip on every server version.
+    async fn run_update_command(
+        &self,
+        statements: &[Statement],
+    ) -> Result<(BatchCounts, Vec<usize>)> {
+        let updates: Vec<Document> = statements.iter().map(Statement::to_document).collect();
+        let reply = mongo::update_command(&self.db, self.raw.name(), updates, |i| {
+            statements.get(i).is_some_and(|s| s.upsert)
+        })
+        .await?;
+        Ok((
+            BatchCounts {
+                matched: reply.matched,
+                upserted: reply.upserted,
+                round_trips: 1,
+            },
+            reply.duplicate_upserts,
+        ))
+    }
+
+    /// The 8.0+ `bulkWrite` command through the driver.
+    async fn run_bulk_write(&self, statements: &[Statement]) -> Result<(BatchCounts, Vec<usize>)> {
+        let ns = Namespace::new(self.db.name(), self.raw.name());
+        let models: Vec<WriteModel> = statements
+            .iter()
+            .map(|s| {
+                if s.multi {
+                    UpdateManyModel::builder()
+                        .namespace(ns.clone())
+                        .filter(s.filter.clone())
+                        .update(s.update.clone())
+                        .upsert(s.upsert)
+                        .build()
+                        .into()
+                } else {
+                    UpdateOneModel::builder()
+                        .namespace(ns.clone())
+                        .filter(s.filter.clone())
+                        .update(s.update.clone())
+                        .upsert(s.upsert)
+                        .build()
+                        .into()
+                }
+            })
+            .collect();
+        let e = match self.client.bulk_write(models).ordered(false).await {
+            Ok(r) => {
+                return Ok((
+                    BatchCounts {
+                        matched: r.matched_count.max(0) as u64,
+                        upserted: r.upserted_count.max(0) as u64,
+                        round_trips: 1,
+                    },
+                    Vec::new(),
+                ))
+            }
+            Err(e) => e,
+        };
+        let ErrorKind::BulkWrite(ref bw) = *e.kind else {
+            return Err(e.into());
+        };
+        let mut retry = Vec::new();
+        let mut fatal = Vec::new();
+        for (&i, we) in &bw.write_errors {
+            if we.code == DUPLICATE_KEY && statements.get(i).is_some_and(|s| s.upsert) {
+                retry.push(i);
+            } else {
+                fatal.push(format!("statement {i}: code {}: {}", we.code, we.message));
+            }
+        }
+        for wce in &bw.write_concern_errors {
+            fatal.push(format!("write concern: {}", wce.message));
+        }
+        if !fatal.is_empty() {
+            return Err(Error::WriteErrors(fatal.join("; ")));
+        }
+        retry.sort_unstable();
+        let (matched, upserted) = match &bw.partial_result {
+            Some(mongodb::error::PartialBulkWriteResult::Summary(s)) => {
+                (s.matched_count, s.upserted_count)
+            }
+            Some(mongodb::error::PartialBulkWriteResult::Verbose(v)) => {
+                (v.summary.matched_count, v.summary.upserted_count)
+            }
+            None => (0, 0),
+        };
+        Ok((
+            BatchCounts {
+                matched: matched.max(0) as u64,
+                upserted: upserted.max(0) as u64,
+                round_trips: 1,
+            },
+            retry,
+        ))
+    }
+}
+
+/// Splits statements into commands that stay under the server's size and count limits.
+fn chunks(statements: &[Statement]) -> Vec<&[Statement]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, s) in statements.iter().enumerate() {
+        let size = bson::to_vec(&s.to_document()).map_or(0, |v| v.len());
+        if i > start && (bytes + size > MAX_BATCH_BYTES || i - start >= MAX_BATCH_STATEMENTS) {
+            out.push(&statements[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < statements.len() {
+        out.push(&statements[start..]);
+    }
+    out
+}
+
+pub(crate) fn history_document(entry: &HistoryEntry) -> Result<Bson> {
+    Ok(bson::to_bson(entry)?)
+}
+
+fn fields_document(fields: &LabFields) -> Result<Document> {
+    Ok(fields.to_document()?)
+}
+
+/// The MongoDB statement for one record write of a plan.
+pub(crate) fn write_statement(
+    worker_id: &str,
+    write: &RecordWrite,
+    now: DateTime,
+    history_limit: usize,
+) -> Result<Statement> {
+    let push = |entry: &HistoryEntry| -> Result<Document> {
+        Ok(doc! { "operation_history": {
+            "$each": [history_document(entry)?],
+            "$slice": -(i64::try_from(history_limit).unwrap_or(i64::MAX)),
+        } })
+    };
+    Ok(match write {
+        // Everything goes in with `$setOnInsert`: if another writer created the record a
+        // moment earlier, this write only stamps it, and the next sync diffs against it.
+        RecordWrite::Create { lab, entry } => {
+            let mut on_insert = fields_document(&lab.fields)?;
+            on_insert.insert("id", uuid::Uuid::new_v4().to_string());
+            on_insert.insert("first_seen_at", now);
+            on_insert.insert("removed_at", Bson::Null);
+            on_insert.insert("operation_history", vec![history_document(entry)?]);
+            Statement {
+                filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id },
+                update: doc! { "$setOnInsert": on_insert, "$set": { "last_synced_at": now } },
+                upsert: true,
+                multi: false,
+            }
+        }
+        RecordWrite::Update {
+            lab,
+            expected_last_synced,
+            entry,
+            ..
+        } => {
+            let mut set = fields_document(&lab.fields)?;
+            set.insert("last_synced_at", now);
+            set.insert("removed_at", Bson::Null);
+            Statement {
+                filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id, "last_synced_at": expected_last_synced },
+                update: doc! { "$set": set, "$push": push(entry)? },
+                upsert: false,
+                multi: false,
+            }
+        }
+        RecordWrite::Remove {
+            lab_id,
+            expected_last_synced,
+            entry,
+        } => Statement {
+            filter: doc! { "worker_id": worker_id, "lab_id": lab_id, "last_synced_at": expected_last_synced, "removed_at": Bson::Null },
+            update: doc! { "$set": { "removed_at": now }, "$push": push(entry)? },
+            upsert: false,
+            multi: false,
+        },
+    })
+}
+
+/// Stamps `last_synced_at` on the records that did not change.
+fn stamp_statement(worker_id: &str, lab_ids: &[String], now: DateTime) -> Statement {
+    Statement {
+        filter: doc! { "worker_id": worker_id, "lab_id": { "$in": lab_ids } },
+        update: doc! { "$set": { "last_synced_at": now } },
+        upsert: false,
+        multi: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::ObservedLab;
+
+    fn entry() -> HistoryEntry {
+        HistoryEntry {
+            timestamp: DateTime::from_millis(5),
+            previous_state: None,
+            new_state: "STOPPED".into(),
+            changed_fields: Default::default(),
+        }
+    }
+
+    #[test]
+    fn create_sets_everything_on_insert_only() {
+        let w = RecordWrite::Create {
+            lab: ObservedLab::new("l1", LabFields::default()),
+            entry: entry(),
+        };
+        let s = write_statement("w1", &w, DateTime::from_millis(5), 50).expect("encodes");
+        assert!(s.upsert && !s.multi);
+        assert_eq!(s.filter, doc! { "worker_id": "w1", "lab_id": "l1" });
+        let on_insert = s.update.get_document("$setOnInsert").expect("setOnInsert");
+        for key in LabFields::names().iter().map(String::as_str).chain([
+            "id",
+            "first_seen_at",
+            "operation_history",
+            "removed_at",
+        ]) {
+            assert!(on_insert.contains_key(key), "{key}");
+        }
+        assert_eq!(
+            s.update.get_document("$set").expect("$set"),
+            &doc! { "last_synced_at": DateTime::from_millis(5) }
+        );
+    }
+
+    #[test]
+    fn update_is_conditional_and_caps_history() {
+        let w = RecordWrite::Update {
+            lab: ObservedLab::new("l1", LabFields::default()),
+            expected_last_synced: DateTime::from_millis(1),
+            reappeared: false,
+            entry: entry(),
+        };
+        let s = write_statement("w1", &w, DateTime::from_millis(5), 50).expect("encodes");
+        assert!(!s.upsert);
+        assert_eq!(
+            s.filter.get_datetime("last_synced_at").ok(),
+            Some(&DateTime::from_millis(1))
+        );
+        let push = s
+            .update
+            .get_document("$push")
+            .and_then(|p| p.get_document("operation_history"))
+            .expect("push");
+        assert_eq!(push.get_i64("$slice").ok(), Some(-50));
+        assert_eq!(push.get_array("$each").map(Vec::len).ok(), Some(1));
+    }
+
+    #[test]
+    fn chunks_respect_the_byte_budget() {
+        let big = Statement {
+            filter: doc! {},
+            update: doc! { "$set": { "notes": "x".repeat(3 * 1024 * 1024) } },
+            upsert: false,
+            multi: false,
+        };
+        let small = Statement {
+            filter: doc! {},
+            update: doc! {},
+            upsert: false,
+            multi: false,
+        };
+        let list = vec![big.clone(), big.clone(), big.clone(), small.clone()];
+        let sizes: Vec<usize> = chunks(&list).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [2, 2]);
+        assert_eq!(chunks(&[small]).len(), 1);
+        assert!(chunks(&[]).is_empty());
+    }
+}

@@ -1,0 +1,405 @@
+//! What the daemon tells operators: one type per outcome, whose `emit` writes one log line (a
+//! fixed sentence, its facts as fields, and an `event` name that tools and tests match on) and
+//! bumps that outcome's metrics. The design notes' operator lines keep their wording
+//! (`Lab record indexes created`, `Starting labs refresh cycle`, `Worker <id>: synced=…`,
+//! `Labs refresh complete: …`).
+
+use std::time::Duration;
+
+use bson::DateTime;
+use shared::metrics::{Kind, Outcome};
+
+use crate::{metrics::Metrics, pass::PassReport, worker::WorkerOutcome, Error};
+
+/// An outcome worth a log line and its metrics.
+pub trait Event {
+    fn emit(&self, metrics: &Metrics);
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Indexes exist (created now or before).
+#[derive(Debug)]
+pub struct StoragePrepared<'a> {
+    pub collection: &'a str,
+}
+
+impl Event for StoragePrepared<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "indexes_ready",
+            collection = self.collection,
+            "Lab record indexes created"
+        );
+    }
+}
+
+/// Documents of the previous system were rewritten to the stored contract.
+#[derive(Debug)]
+pub struct LegacyUpgraded {
+    pub upgraded: u64,
+}
+
+impl Event for LegacyUpgraded {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "legacy_records_upgraded",
+            upgraded = self.upgraded,
+            "Upgraded lab records written by the previous system"
+        );
+    }
+}
+
+/// MongoDB cannot be prepared yet; the daemon tries again.
+#[derive(Debug)]
+pub struct StorageNotReady<'a> {
+    pub error: &'a Error,
+    pub attempt: u32,
+    pub retry_in: Duration,
+}
+
+impl Event for StorageNotReady<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::error!(
+            event = "storage_not_ready", error = %self.error, attempt = self.attempt,
+            retry_in_ms = ms(self.retry_in),
+            "Cannot prepare MongoDB (indexes); retrying"
+        );
+    }
+}
+
+/// A cycle begins.
+#[derive(Debug)]
+pub struct CycleStarted {
+    pub workers: usize,
+}
+
+impl Event for CycleStarted {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "cycle_started",
+            workers = self.workers,
+            "Starting labs refresh cycle"
+        );
+    }
+}
+
+/// The worker list could not be read, so the cycle did not start.
+#[derive(Debug)]
+pub struct CycleSkipped<'a> {
+    pub error: &'a Error,
+    pub retry_in: Duration,
+}
+
+impl Event for CycleSkipped<'_> {
+    fn emit(&self, m: &Metrics) {
+        m.cycles.get(&Outcome("registry_failed")).inc();
+        tracing::warn!(
+            event = "cycle_skipped", error = %self.error, kind = self.error.metric_label(),
+            retry_in_ms = ms(self.retry_in),
+            "Cannot read the worker registry; the cycle is skipped"
+        );
+    }
+}
+
+/// A cycle is over: every worker synced, failed or was skipped.
+#[derive(Debug)]
+pub struct CycleCompleted<'a> {
+    pub report: &'a PassReport,
+    pub purged: u64,
+}
+
+impl Event for CycleCompleted<'_> {
+    fn emit(&self, m: &Metrics) {
+        let r = self.report;
+        let t = r.totals;
+        m.cycles.get(&Outcome(r.outcome())).inc();
+        m.cycle_duration.observe(r.duration.as_secs_f64());
+        m.last_cycle_end
+            .set(DateTime::now().timestamp_millis() as f64 / 1000.0);
+        m.labs_purged.inc_by(self.purged);
+        let failed: Vec<&str> = r.failed.iter().map(|(w, _)| w.worker_id.as_str()).collect();
+        tracing::info!(
+            event = "cycle_completed", workers = r.workers, synced = t.synced, created = t.created,
+            updated = t.updated, unchanged = t.unchanged, removed = t.removed, purged = self.purged,
+            failed_workers = r.failed.len(), skipped_workers = r.skipped.len(), failed = ?failed,
+            cml_calls = r.cml_calls, mongodb_writes = r.mongodb_writes, duration_ms = ms(r.duration),
+            "Labs refresh complete: synced={}, created={}, updated={}, unchanged={}, removed={}, purged={}, failed_workers={}, duration_ms={}",
+            t.synced, t.created, t.updated, t.unchanged, t.removed, self.purged, r.failed.len(), ms(r.duration)
+        );
+    }
+}
+
+/// A batch of retries begins.
+#[derive(Debug)]
+pub struct RetriesStarted {
+    pub workers: usize,
+}
+
+impl Event for RetriesStarted {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "retries_started",
+            workers = self.workers,
+            "Retrying failed workers"
+        );
+    }
+}
+
+/// A batch of retries is over.
+#[derive(Debug)]
+pub struct RetriesCompleted<'a> {
+    pub report: &'a PassReport,
+}
+
+impl Event for RetriesCompleted<'_> {
+    fn emit(&self, m: &Metrics) {
+        let r = self.report;
+        m.cycles
+            .get(&Outcome(if r.outcome() == "success" {
+                "retry_success"
+            } else {
+                "retry_partial"
+            }))
+            .inc();
+        let failed: Vec<&str> = r.failed.iter().map(|(w, _)| w.worker_id.as_str()).collect();
+        tracing::info!(
+            event = "retries_completed", workers = r.workers, synced = r.totals.synced,
+            failed_workers = r.failed.len(), failed = ?failed, duration_ms = ms(r.duration),
+            "Retry of failed workers complete"
+        );
+    }
+}
+
+/// One worker synced: its labs are written and its listing compared.
+#[derive(Debug)]
+pub struct WorkerSynced<'a> {
+    pub worker_id: &'a str,
+    pub outcome: &'a WorkerOutcome,
+    pub took: Duration,
+}
+
+impl Event for WorkerSynced<'_> {
+    fn emit(&self, m: &Metrics) {
+        let o = self.outcome;
+        let c = o.counts;
+        m.worker_syncs.get(&Outcome("success")).inc();
+        m.worker_duration.observe(self.took.as_secs_f64());
+        m.labs_synced.inc_by(c.synced as u64);
+        m.labs_created.inc_by(o.applied.created);
+        m.labs_updated.inc_by(c.updated as u64);
+        m.labs_removed.inc_by(c.removed as u64);
+        m.write_conflicts.inc_by(o.applied.conflicts);
+        tracing::info!(
+            event = "worker_synced",
+            worker_id = self.worker_id,
+            synced = c.synced,
+            created = c.created,
+            updated = c.updated,
+            unchanged = c.unchanged,
+            removed = c.removed,
+            reappeared = c.reappeared,
+            conflicts = o.applied.conflicts,
+            complete = o.complete,
+            source = o.source,
+            cml_calls = o.cml_calls,
+            mongodb_writes = o.applied.round_trips,
+            duration_ms = ms(self.took),
+            "Worker {}: synced={}, created={}, updated={}, unchanged={}, removed={}",
+            self.worker_id,
+            c.synced,
+            c.created,
+            c.updated,
+            c.unchanged,
+            c.removed
+        );
+    }
+}
+
+/// One worker's sync failed; its records are as they were.
+#[derive(Debug)]
+pub struct WorkerSyncFailed<'a> {
+    pub worker_id: &'a str,
+    pub error: &'a Error,
+    pub took: Duration,
+}
+
+impl Event for WorkerSyncFailed<'_> {
+    fn emit(&self, m: &Metrics) {
+        let kind = self.error.metric_label();
+        m.worker_syncs.get(&Outcome("failure")).inc();
+        m.worker_failures.get(&Kind(kind)).inc();
+        m.worker_duration.observe(self.took.as_secs_f64());
+        tracing::warn!(
+            event = "worker_sync_failed", worker_id = self.worker_id, kind, error = %self.error,
+            duration_ms = ms(self.took),
+            "Worker sync failed; its records are left as they were"
+        );
+    }
+}
+
+/// A worker's listing needed the fallback, or is partial.
+#[derive(Debug)]
+pub struct ListingNote<'a> {
+    pub worker_id: &'a str,
+    pub note: &'a str,
+    pub complete: bool,
+}
+
+impl Event for ListingNote<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "listing_fallback",
+            worker_id = self.worker_id,
+            complete = self.complete,
+            note = self.note,
+            "Worker labs fetched without populate_lab_tiles"
+        );
+    }
+}
+
+/// A failed worker will be synced again before the next cycle.
+#[derive(Debug)]
+pub struct RetryScheduled<'a> {
+    pub worker_id: &'a str,
+    pub failures: u32,
+    pub retry_in: Duration,
+}
+
+impl Event for RetryScheduled<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "retry_scheduled",
+            worker_id = self.worker_id,
+            failures = self.failures,
+            retry_in_ms = ms(self.retry_in),
+            "Failed worker will be retried"
+        );
+    }
+}
+
+/// A pass's statuses could not be written.
+#[derive(Debug)]
+pub struct StatusWriteFailed<'a> {
+    pub error: &'a Error,
+    pub workers: usize,
+}
+
+impl Event for StatusWriteFailed<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "status_write_failed", error = %self.error, workers = self.workers,
+            "Cannot record the sync status of workers"
+        );
+    }
+}
+
+/// Old tombstones could not be purged this cycle.
+#[derive(Debug)]
+pub struct PurgeFailed<'a> {
+    pub error: &'a Error,
+}
+
+impl Event for PurgeFailed<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(event = "purge_failed", error = %self.error, "Cannot purge removed lab records");
+    }
+}
+
+/// The lease changed hands, as seen by this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease<'a> {
+    Acquired { holder: &'a str },
+    StandingBy { holder: &'a str },
+    Lost { holder: &'a str },
+    Released { holder: &'a str },
+}
+
+impl Event for Lease<'_> {
+    fn emit(&self, m: &Metrics) {
+        match *self {
+            Lease::Acquired { holder } => {
+                m.lease_held.set(1.0);
+                tracing::info!(event = "lease_acquired", holder, "Acquired the sync lease");
+            }
+            Lease::StandingBy { holder } => {
+                m.lease_held.set(0.0);
+                tracing::warn!(
+                    event = "lease_standby",
+                    holder,
+                    "This replica does not hold the sync lease; standing by"
+                );
+            }
+            Lease::Lost { holder } => {
+                m.lease_held.set(0.0);
+                tracing::warn!(
+                    event = "lease_lost",
+                    holder,
+                    "Lost the sync lease: no new worker syncs start"
+                );
+            }
+            Lease::Released { holder } => {
+                m.lease_held.set(0.0);
+                tracing::info!(event = "lease_released", holder, "Released the sync lease");
+            }
+        }
+    }
+}
+
+/// Talking to the lease document failed.
+#[derive(Debug)]
+pub struct LeaseError<'a> {
+    pub error: &'a Error,
+    /// What was being done: `renew` or `release` or `note_cycle`.
+    pub action: &'static str,
+}
+
+impl Event for LeaseError<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "lease_error", action = self.action, error = %self.error,
+            "Cannot update the sync lease; it expires by itself if this persists"
+        );
+    }
+}
+
+/// Worker syncs still ran when the shutdown grace ran out.
+#[derive(Debug)]
+pub struct DrainTimedOut {
+    pub grace: Duration,
+    pub running: usize,
+}
+
+impl Event for DrainTimedOut {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "drain_timed_out",
+            grace_ms = ms(self.grace),
+            running = self.running,
+            "Worker syncs in flight did not finish within the shutdown grace; stopping anyway"
+        );
+    }
+}
+
+/// The daemon starts or stops.
+#[derive(Debug)]
+pub enum Lifecycle<'a> {
+    Starting { instance: &'a str },
+    Stopped,
+}
+
+impl Event for Lifecycle<'_> {
+    fn emit(&self, _: &Metrics) {
+        match self {
+            Lifecycle::Starting { instance } => tracing::info!(
+                event = "daemon_starting",
+                instance = *instance,
+                version = shared::cli::VERSION,
+                "sync-daemon starting"
+            ),
+            Lifecycle::Stopped => tracing::info!(event = "daemon_stopped", "sync-daemon stopped"),
+        }
+    }
+}

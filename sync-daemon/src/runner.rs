@@ -1,0 +1,325 @@
+//! Runs what the schedule says: opens passes (reading the registry for a cycle), starts worker
+//! syncs as tasks under the global cap, turns every ending — a panic included — into a recorded
+//! outcome, and closes passes (their statuses in one write; a cycle's purge and log line).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use bson::DateTime;
+use cml_client::CmlTarget;
+use shared::store::cutoff;
+use tokio::{task::JoinSet, time::Instant};
+use tracing::Instrument;
+
+use crate::{
+    backoff::random_unit,
+    context::Context,
+    events::{
+        CycleCompleted, CycleSkipped, CycleStarted, DrainTimedOut, Event, LeaseError, PurgeFailed,
+        RetriesCompleted, RetriesStarted, RetryScheduled, StatusWriteFailed,
+    },
+    pass::{Pass, PassReport, Passes},
+    schedule::{Opened, PassId, PassKind, Schedule},
+    worker::{sync_worker, WorkerSync},
+};
+
+/// What a running sync task is for, so its ending is recorded even if it panics.
+#[derive(Debug)]
+struct InFlight {
+    target: CmlTarget,
+    attempt_at: DateTime,
+    started: Instant,
+}
+
+#[derive(Debug)]
+pub struct Runner {
+    ctx: Arc<Context>,
+    schedule: Schedule,
+    passes: Passes,
+    tasks: JoinSet<WorkerSync>,
+    in_flight: HashMap<tokio::task::Id, InFlight>,
+    /// Log when a failed worker will be retried (the long-running loop retries; `once` does not).
+    announce_retries: bool,
+    /// No new sync starts (shutdown, lease lost).
+    stopped: bool,
+    /// Reports kept for whoever waits for these passes.
+    watched: HashMap<PassId, Option<PassReport>>,
+}
+
+impl Runner {
+    pub fn new(ctx: Arc<Context>, announce_retries: bool) -> Self {
+        let sync = &ctx.config.sync;
+        let schedule = Schedule::new(
+            Instant::now(),
+            sync.interval.get(),
+            sync.run_immediately,
+            sync.retry_base.get(),
+            sync.concurrency,
+        );
+        Self {
+            ctx,
+            schedule,
+            passes: Passes::default(),
+            tasks: JoinSet::new(),
+            in_flight: HashMap::new(),
+            announce_retries,
+            stopped: false,
+            watched: HashMap::new(),
+        }
+    }
+
+    /// When something is due next (a cycle or a retry).
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.schedule.next_wake()
+    }
+
+    /// This replica holds the lease (again): syncs may start, on the last holder's schedule.
+    pub fn took_over(&mut self, since_last_cycle: Option<Duration>) {
+        self.stopped = false;
+        self.schedule.took_over(Instant::now(), since_last_cycle);
+    }
+
+    /// Opens whatever is due (a cycle, reading the worker list; due retries) and starts syncs.
+    pub async fn start_due(&mut self) {
+        let now = Instant::now();
+        if self.schedule.cycle_due(now) {
+            match self.ctx.workers().await {
+                Ok(targets) => {
+                    self.start_cycle(targets).await;
+                }
+                Err(error) => {
+                    let retry_in = self.schedule.cycle_not_started(now, random_unit());
+                    CycleSkipped {
+                        error: &error,
+                        retry_in,
+                    }
+                    .emit(&self.ctx.metrics);
+                }
+            }
+        }
+        if let Some(opened) = self.schedule.due_retries(now) {
+            RetriesStarted {
+                workers: opened.workers.len(),
+            }
+            .emit(&self.ctx.metrics);
+            let span = tracing::info_span!("labs_retry", workers = opened.workers.len());
+            self.track(opened, span).await;
+        }
+        self.start_syncs();
+    }
+
+    /// Opens a cycle over `targets` now; returns its pass.
+    pub async fn start_cycle(&mut self, targets: Vec<CmlTarget>) -> PassId {
+        CycleStarted {
+            workers: targets.len(),
+        }
+        .emit(&self.ctx.metrics);
+        if let Err(e) = self.ctx.lease.record_cycle(DateTime::now()).await {
+            LeaseError {
+                error: &e.into(),
+                action: "note_cycle",
+            }
+            .emit(&self.ctx.metrics);
+        }
+        let opened = self.schedule.start_cycle(targets);
+        let pass = opened.pass;
+        let span = tracing::info_span!("labs_refresh", workers = opened.workers.len());
+        self.track(opened, span).await;
+        self.start_syncs();
+        pass
+    }
+
+    /// Keeps the report of `pass` for [`Runner::take_report`].
+    pub fn watch(&mut self, pass: PassId) {
+        self.watched.entry(pass).or_insert(None);
+    }
+
+    /// The report of a watched pass, once it closed.
+    pub fn take_report(&mut self, pass: PassId) -> Option<PassReport> {
+        match self.watched.get(&pass) {
+            Some(Some(_)) => self.watched.remove(&pass).flatten(),
+            _ => None,
+        }
+    }
+
+    async fn track(&mut self, opened: Opened, span: tracing::Span) {
+        if let Some(pass) = self.passes.open(&opened, span, Instant::now()) {
+            self.close(pass).await;
+        }
+    }
+
+    fn start_syncs(&mut self) {
+        if self.stopped {
+            return;
+        }
+        while let Some(start) = self.schedule.next_start() {
+            let span = tracing::info_span!(
+                parent: &self.passes.span(start.owner),
+                "worker_sync",
+                worker_id = %start.target.worker_id
+            );
+            let ctx = self.ctx.clone();
+            let target = start.target.clone();
+            let handle = self
+                .tasks
+                .spawn(async move { sync_worker(&ctx, target).await }.instrument(span));
+            self.in_flight.insert(
+                handle.id(),
+                InFlight {
+                    target: start.target,
+                    attempt_at: DateTime::now(),
+                    started: Instant::now(),
+                },
+            );
+        }
+        self.ctx
+            .metrics
+            .workers_in_flight
+            .set(self.tasks.len() as f64);
+    }
+
+    /// The next worker sync to end; `None` when none runs. A sync whose task panicked ends as
+    /// a failure of its own kind, logged and counted like any other.
+    pub async fn join_next(&mut self) -> Option<WorkerSync> {
+        let (id, sync) = match self.tasks.join_next_with_id().await? {
+            Ok(done) => done,
+            Err(e) => {
+                let id = e.id();
+                let why = if e.is_panic() {
+                    panic_message(e.into_panic())
+                } else {
+                    e.to_string()
+                };
+                let f = self.in_flight.remove(&id)?;
+                let sync = WorkerSync::panicked(f.target, f.attempt_at, f.started.elapsed(), why);
+                sync.emit(&self.ctx);
+                return Some(sync);
+            }
+        };
+        self.in_flight.remove(&id);
+        Some(sync)
+    }
+
+    /// Records a sync's end: its retry, the passes it completes; then starts what may start.
+    pub async fn finished(&mut self, sync: WorkerSync) {
+        let now = Instant::now();
+        let done = self.schedule.finished(
+            &sync.target.worker_id,
+            sync.result.is_ok(),
+            now,
+            random_unit(),
+        );
+        if let (Some(retry_in), true) = (done.retry_in, self.announce_retries) {
+            RetryScheduled {
+                worker_id: &sync.target.worker_id,
+                failures: done.failures,
+                retry_in,
+            }
+            .emit(&self.ctx.metrics);
+        }
+        for pass in self.passes.record(&done.passes, &sync, now) {
+            self.close(pass).await;
+        }
+        self.start_syncs();
+    }
+
+    /// No new sync starts; queued ones are skipped. Running ones go on.
+    pub async fn stop(&mut self) {
+        self.stopped = true;
+        for skipped in self.schedule.stop() {
+            for pass in self
+                .passes
+                .skip(&skipped.passes, &skipped.target, Instant::now())
+            {
+                self.close(pass).await;
+            }
+        }
+    }
+
+    /// Waits up to `grace` for the syncs that run. False when some were still running: they
+    /// are abandoned (each record write is atomic, so none is left half-written).
+    pub async fn drain(&mut self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        while !self.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.join_next()).await {
+                Ok(Some(sync)) => self.finished(sync).await,
+                Ok(None) => break,
+                Err(_) => {
+                    DrainTimedOut {
+                        grace,
+                        running: self.tasks.len(),
+                    }
+                    .emit(&self.ctx.metrics);
+                    self.tasks.abort_all();
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    async fn close(&mut self, pass: Pass) {
+        let Pass {
+            id,
+            kind,
+            span,
+            statuses,
+            report,
+            ..
+        } = pass;
+        let ctx = self.ctx.clone();
+        let stopped = self.stopped;
+        async {
+            if let Err(e) = ctx.status.record_many(&statuses).await {
+                StatusWriteFailed {
+                    error: &e.into(),
+                    workers: statuses.len(),
+                }
+                .emit(&ctx.metrics);
+            }
+            match kind {
+                PassKind::Cycle => {
+                    let purged = if stopped { 0 } else { purge(&ctx).await };
+                    CycleCompleted {
+                        report: &report,
+                        purged,
+                    }
+                    .emit(&ctx.metrics);
+                }
+                PassKind::Retry => RetriesCompleted { report: &report }.emit(&ctx.metrics),
+                PassKind::Requested => {}
+            }
+        }
+        .instrument(span)
+        .await;
+        if kind == PassKind::Cycle {
+            self.schedule.cycle_finished(id, Instant::now());
+        }
+        if let Some(slot) = self.watched.get_mut(&id) {
+            *slot = Some(report);
+        }
+    }
+}
+
+/// Deletes tombstones older than `sync.removed_retention`; returns how many went.
+async fn purge(ctx: &Context) -> u64 {
+    let retention = ctx.config.sync.removed_retention.get();
+    match ctx
+        .store
+        .purge_removed(cutoff(DateTime::now(), retention))
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            PurgeFailed { error: &e.into() }.emit(&ctx.metrics);
+            0
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

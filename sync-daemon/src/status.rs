@@ -1,0 +1,98 @@
+//! Writing per-worker sync status (`worker_sync_status`): the last attempt, the last success,
+//! failures in a row. A pass writes all its workers' statuses in one round trip.
+
+use std::time::Duration;
+
+use bson::{doc, DateTime, Document};
+use mongodb::{Collection, Database};
+use shared::{mongo, Result};
+
+/// Longest error text kept: a CML error body can be long and is of no use past this.
+const MAX_ERROR_LEN: usize = 1024;
+
+/// One worker's sync outcome, ready to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    pub worker_id: String,
+    update: Document,
+}
+
+impl StatusUpdate {
+    pub fn success(worker_id: &str, at: DateTime, took: Duration, lab_count: usize) -> Self {
+        Self {
+            worker_id: worker_id.to_owned(),
+            update: doc! { "$set": {
+                "last_attempt_at": at,
+                "last_success_at": at,
+                "last_error": null,
+                "consecutive_failures": 0_i64,
+                "lab_count": i64::try_from(lab_count).unwrap_or(i64::MAX),
+                "last_duration_ms": millis(took),
+            } },
+        }
+    }
+
+    pub fn failure(worker_id: &str, at: DateTime, took: Duration, error: &str) -> Self {
+        let error: String = error.chars().take(MAX_ERROR_LEN).collect();
+        Self {
+            worker_id: worker_id.to_owned(),
+            update: doc! {
+                "$set": { "last_attempt_at": at, "last_error": error, "last_duration_ms": millis(took) },
+                "$inc": { "consecutive_failures": 1_i64 },
+                "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64 },
+            },
+        }
+    }
+}
+
+/// Writes `worker_sync_status`.
+#[derive(Debug, Clone)]
+pub struct StatusWriter {
+    db: Database,
+    raw: Collection<Document>,
+}
+
+impl StatusWriter {
+    pub fn new(db: &Database, collection: &str) -> Self {
+        Self {
+            db: db.clone(),
+            raw: db.collection(collection),
+        }
+    }
+
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        mongo::ensure_indexes(
+            &self.raw,
+            [mongo::index(doc! { "worker_id": 1 }, "worker_id_1", true)],
+        )
+        .await
+    }
+
+    /// Records many outcomes in one round trip.
+    pub async fn record_many(&self, updates: &[StatusUpdate]) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let statements: Vec<Document> = updates
+            .iter()
+            .map(|u| doc! { "q": { "worker_id": &u.worker_id }, "u": &u.update, "upsert": true })
+            .collect();
+        // Two passes upserting one new worker at once may race on the unique index; the loser
+        // is retried once, when it matches.
+        let reply =
+            mongo::update_command(&self.db, self.raw.name(), statements.clone(), |_| true).await?;
+        if !reply.duplicate_upserts.is_empty() {
+            let again = reply
+                .duplicate_upserts
+                .iter()
+                .map(|&i| statements[i].clone())
+                .collect();
+            mongo::update_command(&self.db, self.raw.name(), again, |_| false).await?;
+        }
+        Ok(())
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
