@@ -82,76 +82,82 @@ async fn main() -> anyhow::Result<()> {
             workers,
             labs,
         } => seed(&uri, &db, workers, labs).await,
-        Command::Floor { uri, db, load } => {
-            let client = mongodb::Client::with_uri_str(&uri).await?;
-            let coll = client.database(&db).collection::<Document>("lab_records");
-            let coll = Arc::new(coll);
-            run(load, move |w| {
-                let coll = coll.clone();
-                async move {
-                    let docs: Vec<Document> = coll
-                        .find(doc! { "worker_id": &w, "removed_at": null })
-                        .sort(doc! { "title": 1, "lab_id": 1 })
-                        .projection(doc! { "operation_history": 0 })
-                        .await?
-                        .try_collect()
-                        .await?;
-                    let body = serde_json::to_vec(&docs)?;
-                    anyhow::ensure!(body.len() > 2, "no records for {w}");
-                    Ok(())
-                }
-            })
-            .await
-        }
+        Command::Floor { uri, db, load } => floor(&uri, &db, load).await,
         Command::Http {
             url,
             if_none_match,
             load,
-        } => {
-            let http = reqwest::Client::builder()
-                .pool_max_idle_per_host(load.concurrency)
-                .build()?;
-            let mut etags = Vec::new();
-            if if_none_match {
-                for i in 0..load.workers {
-                    let r = http
-                        .get(format!("{url}/api/workers/{}/labs", worker_id(i)))
-                        .send()
-                        .await?;
-                    etags.push(
-                        r.headers()
-                            .get("etag")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned(),
-                    );
-                }
-            }
-            let (http, etags, url) = (Arc::new(http), Arc::new(etags), Arc::new(url));
-            run(load, move |w| {
-                let (http, etags, url) = (http.clone(), etags.clone(), url.clone());
-                async move {
-                    let mut req = http.get(format!("{url}/api/workers/{w}/labs"));
-                    let index: usize = w
-                        .rsplit('-')
-                        .next()
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0);
-                    if let Some(tag) = etags.get(index) {
-                        req = req.header("if-none-match", tag);
-                    }
-                    let r = req.send().await?;
-                    let status = r.status().as_u16();
-                    let body = r.bytes().await?;
-                    let expected = if etags.is_empty() { 200 } else { 304 };
-                    anyhow::ensure!(status == expected, "HTTP {status}, expected {expected}");
-                    anyhow::ensure!(expected == 304 || body.len() > 2, "empty list for {w}");
-                    Ok(())
-                }
-            })
-            .await
+        } => http(url, if_none_match, load).await,
+    }
+}
+
+/// The raw-driver floor: the same find and JSON serialisation lab-api does, nothing else.
+async fn floor(uri: &str, db: &str, load: Load) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let coll = Arc::new(client.database(db).collection::<Document>("lab_records"));
+    run(load, move |w| {
+        let coll = coll.clone();
+        async move {
+            let docs: Vec<Document> = coll
+                .find(doc! { "worker_id": &w, "removed_at": null })
+                .sort(doc! { "title": 1, "lab_id": 1 })
+                .projection(doc! { "operation_history": 0 })
+                .await?
+                .try_collect()
+                .await?;
+            let body = serde_json::to_vec(&docs)?;
+            anyhow::ensure!(body.len() > 2, "no records for {w}");
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Load on lab-api's worker labs endpoint; with `if_none_match`, every request revalidates
+/// the ETag it got first (the 304 path).
+async fn http(url: String, if_none_match: bool, load: Load) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(load.concurrency)
+        .build()?;
+    let mut etags = Vec::new();
+    if if_none_match {
+        for i in 0..load.workers {
+            let r = http
+                .get(format!("{url}/api/workers/{}/labs", worker_id(i)))
+                .send()
+                .await?;
+            etags.push(
+                r.headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned(),
+            );
         }
     }
+    let (http, etags, url) = (Arc::new(http), Arc::new(etags), Arc::new(url));
+    run(load, move |w| {
+        let (http, etags, url) = (http.clone(), etags.clone(), url.clone());
+        async move {
+            let mut req = http.get(format!("{url}/api/workers/{w}/labs"));
+            let index: usize = w
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if let Some(tag) = etags.get(index) {
+                req = req.header("if-none-match", tag);
+            }
+            let r = req.send().await?;
+            let status = r.status().as_u16();
+            let body = r.bytes().await?;
+            let expected = if etags.is_empty() { 200 } else { 304 };
+            anyhow::ensure!(status == expected, "HTTP {status}, expected {expected}");
+            anyhow::ensure!(expected == 304 || body.len() > 2, "empty list for {w}");
+            Ok(())
+        }
+    })
+    .await
 }
 
 async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Result<()> {

@@ -225,10 +225,21 @@ impl CmlClient {
             Err(e) => format!("populate_lab_tiles failed ({e})"),
         };
 
-        let ids = self.lab_ids(target, &session).await?;
+        self.fallback(target, &session, note).await
+    }
+
+    /// The listing plus one call per lab, a few at a time. A lab that 404s was deleted in
+    /// between (gone, not an error); any other failed call makes the listing partial.
+    async fn fallback(
+        &self,
+        target: &CmlTarget,
+        session: &Session,
+        note: String,
+    ) -> Result<LabListing> {
+        let ids = self.lab_ids(target, session).await?;
         let results: Vec<(String, Result<Option<ObservedLab>>)> = stream::iter(ids)
             .map(|id| async {
-                let r = self.lab(target, &id, &session).await;
+                let r = self.lab(target, &id, session).await;
                 (id, r)
             })
             .buffer_unordered(self.fallback_concurrency)
@@ -239,7 +250,6 @@ impl CmlClient {
         for (id, r) in results {
             match r {
                 Ok(Some(lab)) => labs.push(lab),
-                // Deleted between the listing and the details: gone, not an error.
                 Ok(None) => {}
                 Err(e) => failed.push(format!("{id}: {}", e.metric_label())),
             }
@@ -449,10 +459,10 @@ impl CmlClient {
             .insert(target.worker_id.clone());
         if first {
             tracing::warn!(
+                event = "tls_unverified",
                 worker_id = %target.worker_id,
                 endpoint = %target.endpoint,
-                "TLS certificate of CML worker {} is not verified (cml.verify_tls = false)",
-                target.worker_id
+                "The CML worker's TLS certificate is not verified (cml.verify_tls = false)"
             );
         }
     }

@@ -1,10 +1,11 @@
 //! `cml-sim`: serves a simulated CML fleet on loopback for local runs, demos and tests.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use cml_sim::{registry, Addressing, FleetConfig, Personality, ServeOptions};
+use cml_sim::{registry, Addressing, Fleet, FleetConfig, Personality, RunningFleet, ServeOptions};
+use shared::duration::HumanDuration;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -72,20 +73,7 @@ struct Cli {
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30s, 5m or 24h"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => return Ok(Duration::from_millis(n)),
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("`{s}` is not a duration like 30s, 5m or 24h")),
-    };
-    Ok(Duration::from_secs(secs))
+    s.parse::<HumanDuration>().map(HumanDuration::get)
 }
 
 #[tokio::main]
@@ -94,24 +82,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let personalities = cli
-        .versions
-        .iter()
-        .map(|v| {
-            Personality::parse(v)
-                .with_context(|| format!("unknown CML version {v} (2.4, 2.9 or 2.10)"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let cfg = FleetConfig {
-        workers: cli.workers,
-        labs_per_worker: cli.labs_per_worker,
-        seed: cli.seed,
-        personalities,
-        username: cli.username.clone(),
-        password: cli.password.clone(),
-        token_ttl: cli.token_ttl,
-        latency: Duration::from_millis(cli.latency_ms),
-    };
     let opts = ServeOptions {
         host: cli.host,
         addressing: cli.addressing,
@@ -119,17 +89,10 @@ async fn main() -> anyhow::Result<()> {
         tls: cli.tls,
         state_dir: Some(cli.state_dir.clone()),
     };
-    let running = cml_sim::start(&cfg, &opts)
+    let running = cml_sim::start(&fleet_config(&cli)?, &opts)
         .await
         .context("cannot serve the fleet")?;
-
-    let control = tokio::net::TcpListener::bind((cli.host, cli.control_port))
-        .await
-        .context("cannot bind the control port")?;
-    let control_url = format!("http://{}", control.local_addr()?);
-    let router = cml_sim::control::router(running.fleet.clone(), running.endpoints.clone());
-    tokio::spawn(async move { axum::serve(control, router).await });
-
+    let control_url = serve_control(&cli, &running).await?;
     let summary = serde_json::json!({
         "control": control_url,
         "workers": running.endpoints,
@@ -140,47 +103,85 @@ async fn main() -> anyhow::Result<()> {
         "endpoints.json",
         &serde_json::to_string_pretty(&summary)?,
     )?;
-
     if let Some(uri) = &cli.mongodb_uri {
-        let client = mongodb::Client::with_uri_str(uri)
-            .await
-            .context("bad --mongodb-uri")?;
-        let n = registry::write_registry(
-            &client,
-            &cli.mongodb_database,
-            &cli.workers_collection,
-            &running.fleet,
-            &running.endpoints,
-        )
-        .await
-        .context("cannot write the worker registry")?;
-        tracing::info!(workers = n, database = %cli.mongodb_database, "Wrote {n} workers into the registry");
+        register(&cli, uri, &running).await?;
     }
     tracing::info!(
         workers = cli.workers, labs_per_worker = cli.labs_per_worker, control = %control_url,
-        "Simulated CML fleet ready; endpoints in {}", cli.state_dir.join("endpoints.json").display()
+        endpoints = %cli.state_dir.join("endpoints.json").display(),
+        "Simulated CML fleet ready"
     );
     println!(
         "cml-sim ready control={control_url} state_dir={}",
         cli.state_dir.display()
     );
-
     if let Some(every) = cli.churn_every {
-        let fleet = running.fleet.clone();
-        let share = cli.churn_share;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let changed = fleet.churn(share);
-                tracing::info!(changed, "Churned lab states");
-            }
-        });
+        tokio::spawn(churn(running.fleet.clone(), every, cli.churn_share));
     }
     shared::service::shutdown_signal().cancelled().await;
     tracing::info!("Stopping the simulated fleet");
     drop(running);
     Ok(())
+}
+
+fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
+    let personalities = cli
+        .versions
+        .iter()
+        .map(|v| {
+            Personality::parse(v)
+                .with_context(|| format!("unknown CML version {v} (2.4, 2.9 or 2.10)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(FleetConfig {
+        workers: cli.workers,
+        labs_per_worker: cli.labs_per_worker,
+        seed: cli.seed,
+        personalities,
+        username: cli.username.clone(),
+        password: cli.password.clone(),
+        token_ttl: cli.token_ttl,
+        latency: Duration::from_millis(cli.latency_ms),
+    })
+}
+
+/// Serves the control API; returns its URL.
+async fn serve_control(cli: &Cli, running: &RunningFleet) -> anyhow::Result<String> {
+    let control = tokio::net::TcpListener::bind((cli.host, cli.control_port))
+        .await
+        .context("cannot bind the control port")?;
+    let url = format!("http://{}", control.local_addr()?);
+    let router = cml_sim::control::router(running.fleet.clone(), running.endpoints.clone());
+    tokio::spawn(async move { axum::serve(control, router).await });
+    Ok(url)
+}
+
+/// Writes the fleet into the worker registry at `uri`.
+async fn register(cli: &Cli, uri: &str, running: &RunningFleet) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri)
+        .await
+        .context("bad --mongodb-uri")?;
+    let n = registry::write_registry(
+        &client,
+        &cli.mongodb_database,
+        &cli.workers_collection,
+        &running.fleet,
+        &running.endpoints,
+    )
+    .await
+    .context("cannot write the worker registry")?;
+    tracing::info!(workers = n, database = %cli.mongodb_database, "Wrote the workers into the registry");
+    Ok(())
+}
+
+/// Moves a share of the labs to another state every so often (demos and benchmarks).
+async fn churn(fleet: Arc<Fleet>, every: Duration, share: f64) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let changed = fleet.churn(share);
+        tracing::info!(changed, "Churned lab states");
+    }
 }

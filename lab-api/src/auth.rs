@@ -254,7 +254,7 @@ impl JwtVerifier {
                 keys.insert(kid, (key, alg));
             }
         }
-        tracing::info!(keys = keys.len(), url = %self.jwks_url, "Fetched {} signing keys from the JWKS", keys.len());
+        tracing::info!(event = "jwks_fetched", keys = keys.len(), url = %self.jwks_url, "Fetched the signing keys of the JWKS");
         Ok(keys)
     }
 }

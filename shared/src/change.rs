@@ -148,87 +148,98 @@ pub fn plan_sync(
         .into_iter()
         .map(|lab| (lab.lab_id.clone(), lab))
         .collect();
-
     let mut writes = Vec::new();
     let mut unchanged = Vec::new();
     for (lab_id, lab) in &observed {
         match by_id.get(lab_id.as_str()) {
-            None => writes.push(RecordWrite::Create {
-                entry: HistoryEntry {
-                    timestamp: now,
-                    previous_state: None,
-                    new_state: lab.fields.state.clone(),
-                    changed_fields: BTreeMap::new(),
-                },
-                lab: lab.clone(),
-            }),
-            Some(record) => {
-                let mut changed = diff(&record.fields, &lab.fields)?;
-                let reappeared = record.removed_at.is_some();
-                if reappeared {
-                    changed.insert(
-                        "removed_at".to_owned(),
-                        FieldChange {
-                            old: record.removed_at.map_or(Bson::Null, Bson::DateTime),
-                            new: Bson::Null,
-                        },
-                    );
-                }
-                if changed.is_empty() {
-                    unchanged.push(lab_id.clone());
-                    continue;
-                }
-                writes.push(RecordWrite::Update {
-                    entry: HistoryEntry {
-                        timestamp: now,
-                        previous_state: Some(if reappeared {
-                            REMOVED_STATE.to_owned()
-                        } else {
-                            record.fields.state.clone()
-                        }),
-                        new_state: lab.fields.state.clone(),
-                        changed_fields: changed,
-                    },
-                    lab: lab.clone(),
-                    expected_last_synced: record.last_synced_at,
-                    reappeared,
-                });
-            }
+            None => writes.push(create(lab, now)),
+            Some(record) => match update(record, lab, now)? {
+                Some(write) => writes.push(write),
+                None => unchanged.push(lab_id.clone()),
+            },
         }
     }
-
     if listing == Listing::Complete {
         let mut gone: Vec<&LabRecord> = stored
             .iter()
             .filter(|r| r.removed_at.is_none() && !observed.contains_key(&r.lab_id))
             .collect();
         gone.sort_by(|a, b| a.lab_id.cmp(&b.lab_id));
-        for record in gone {
-            writes.push(RecordWrite::Remove {
-                lab_id: record.lab_id.clone(),
-                expected_last_synced: record.last_synced_at,
-                entry: HistoryEntry {
-                    timestamp: now,
-                    previous_state: Some(record.fields.state.clone()),
-                    new_state: REMOVED_STATE.to_owned(),
-                    changed_fields: BTreeMap::from([(
-                        "removed_at".to_owned(),
-                        FieldChange {
-                            old: Bson::Null,
-                            new: Bson::DateTime(now),
-                        },
-                    )]),
-                },
-            });
-        }
+        writes.extend(gone.into_iter().map(|record| remove(record, now)));
     }
-
     Ok(SyncPlan {
         worker_id: worker_id.to_owned(),
         now,
         writes,
         unchanged,
     })
+}
+
+/// A lab never seen before on this worker.
+fn create(lab: &ObservedLab, now: DateTime) -> RecordWrite {
+    RecordWrite::Create {
+        entry: HistoryEntry {
+            timestamp: now,
+            previous_state: None,
+            new_state: lab.fields.state.clone(),
+            changed_fields: BTreeMap::new(),
+        },
+        lab: lab.clone(),
+    }
+}
+
+/// A known lab seen again: the write its changes need, or `None` when nothing changed.
+fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option<RecordWrite>> {
+    let mut changed = diff(&record.fields, &lab.fields)?;
+    let reappeared = record.removed_at.is_some();
+    if reappeared {
+        changed.insert(
+            "removed_at".to_owned(),
+            FieldChange {
+                old: record.removed_at.map_or(Bson::Null, Bson::DateTime),
+                new: Bson::Null,
+            },
+        );
+    }
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    let previous_state = if reappeared {
+        REMOVED_STATE.to_owned()
+    } else {
+        record.fields.state.clone()
+    };
+    Ok(Some(RecordWrite::Update {
+        entry: HistoryEntry {
+            timestamp: now,
+            previous_state: Some(previous_state),
+            new_state: lab.fields.state.clone(),
+            changed_fields: changed,
+        },
+        lab: lab.clone(),
+        expected_last_synced: record.last_synced_at,
+        reappeared,
+    }))
+}
+
+/// A known lab missing from a complete listing.
+fn remove(record: &LabRecord, now: DateTime) -> RecordWrite {
+    RecordWrite::Remove {
+        lab_id: record.lab_id.clone(),
+        expected_last_synced: record.last_synced_at,
+        entry: HistoryEntry {
+            timestamp: now,
+            previous_state: Some(record.fields.state.clone()),
+            new_state: REMOVED_STATE.to_owned(),
+            changed_fields: BTreeMap::from([(
+                "removed_at".to_owned(),
+                FieldChange {
+                    old: Bson::Null,
+                    new: Bson::DateTime(now),
+                },
+            )]),
+        },
+    }
 }
 
 /// Appends `entry` and keeps the newest `limit` entries, oldest first — what `$push` with
@@ -449,7 +460,7 @@ mod tests {
         let mut v = base.clone();
         v.modified_at = Some(DateTime::from_millis(5));
         variants.push(("modified_at", v));
-        assert_eq!(variants.len(), LabFields::names().len());
+        assert_eq!(variants.len(), LabFields::names().expect("encodes").len());
         for (name, changed) in variants {
             let d = changes(&base, &changed);
             assert_eq!(d.keys().collect::<Vec<_>>(), [name], "changing {name}");

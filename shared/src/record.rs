@@ -117,11 +117,8 @@ impl LabFields {
     }
 
     /// The names of the tracked fields, in declaration order.
-    pub fn names() -> Vec<String> {
-        Self::default()
-            .to_document()
-            .map(|d| d.keys().cloned().collect())
-            .unwrap_or_default()
+    pub fn names() -> Result<Vec<String>, bson::ser::Error> {
+        Ok(Self::default().to_document()?.keys().cloned().collect())
     }
 }
 
@@ -254,6 +251,42 @@ mod tests {
     use bson::doc;
 
     use super::*;
+
+    #[test]
+    fn lab_states_read_and_print_as_cml_names() {
+        for state in LabState::ALL {
+            assert_eq!(state.as_str().parse::<LabState>(), Ok(state));
+            let json = serde_json::to_string(&state).expect("json");
+            assert_eq!(json, format!("\"{state}\""));
+        }
+        assert!("BOOTED".parse::<LabState>().is_err(), "a node state");
+        assert_eq!(LabState::list(), "DEFINED_ON_CORE, STOPPED or STARTED");
+    }
+
+    #[test]
+    fn tracked_fields_are_stored_under_their_names_in_declaration_order() {
+        let names = LabFields::names().expect("encodes");
+        assert_eq!(names.first().map(String::as_str), Some("title"));
+        assert_eq!(names.len(), 11);
+        let record = bson::to_document(&LabRecord {
+            object_id: None,
+            id: "x".into(),
+            worker_id: "w".into(),
+            lab_id: "l".into(),
+            fields: LabFields::default(),
+            first_seen_at: DateTime::from_millis(0),
+            last_synced_at: DateTime::from_millis(0),
+            operation_history: vec![],
+            removed_at: None,
+        })
+        .expect("encodes");
+        for name in &names {
+            assert!(
+                record.contains_key(name),
+                "{name} is a top-level key of the record"
+            );
+        }
+    }
 
     #[test]
     fn canonical_groups_are_sorted_trimmed_and_unique() {

@@ -183,56 +183,62 @@ impl LabStore {
                 }
             })
             .collect();
-        let e = match self.client.bulk_write(models).ordered(false).await {
-            Ok(r) => {
-                return Ok((
-                    BatchCounts {
-                        matched: r.matched_count.max(0) as u64,
-                        upserted: r.upserted_count.max(0) as u64,
-                        round_trips: 1,
-                    },
-                    Vec::new(),
-                ))
-            }
-            Err(e) => e,
-        };
-        let ErrorKind::BulkWrite(ref bw) = *e.kind else {
-            return Err(e.into());
-        };
-        let mut retry = Vec::new();
-        let mut fatal = Vec::new();
-        for (&i, we) in &bw.write_errors {
-            if we.code == DUPLICATE_KEY && statements.get(i).is_some_and(|s| s.upsert) {
-                retry.push(i);
-            } else {
-                fatal.push(format!("statement {i}: code {}: {}", we.code, we.message));
-            }
+        match self.client.bulk_write(models).ordered(false).await {
+            Ok(r) => Ok((
+                BatchCounts {
+                    matched: r.matched_count.max(0) as u64,
+                    upserted: r.upserted_count.max(0) as u64,
+                    round_trips: 1,
+                },
+                Vec::new(),
+            )),
+            Err(e) => partial_bulk_write(e, statements),
         }
-        for wce in &bw.write_concern_errors {
-            fatal.push(format!("write concern: {}", wce.message));
-        }
-        if !fatal.is_empty() {
-            return Err(Error::WriteErrors(fatal.join("; ")));
-        }
-        retry.sort_unstable();
-        let (matched, upserted) = match &bw.partial_result {
-            Some(mongodb::error::PartialBulkWriteResult::Summary(s)) => {
-                (s.matched_count, s.upserted_count)
-            }
-            Some(mongodb::error::PartialBulkWriteResult::Verbose(v)) => {
-                (v.summary.matched_count, v.summary.upserted_count)
-            }
-            None => (0, 0),
-        };
-        Ok((
-            BatchCounts {
-                matched: matched.max(0) as u64,
-                upserted: upserted.max(0) as u64,
-                round_trips: 1,
-            },
-            retry,
-        ))
     }
+}
+
+/// What a `bulkWrite` that reported errors did: its counts and the upserts to retry (those that
+/// lost a race on the unique index); any other error fails the batch.
+fn partial_bulk_write(
+    e: mongodb::error::Error,
+    statements: &[Statement],
+) -> Result<(BatchCounts, Vec<usize>)> {
+    let ErrorKind::BulkWrite(ref bw) = *e.kind else {
+        return Err(e.into());
+    };
+    let mut retry = Vec::new();
+    let mut fatal = Vec::new();
+    for (&i, we) in &bw.write_errors {
+        if we.code == DUPLICATE_KEY && statements.get(i).is_some_and(|s| s.upsert) {
+            retry.push(i);
+        } else {
+            fatal.push(format!("statement {i}: code {}: {}", we.code, we.message));
+        }
+    }
+    for wce in &bw.write_concern_errors {
+        fatal.push(format!("write concern: {}", wce.message));
+    }
+    if !fatal.is_empty() {
+        return Err(Error::WriteErrors(fatal.join("; ")));
+    }
+    retry.sort_unstable();
+    let (matched, upserted) = match &bw.partial_result {
+        Some(mongodb::error::PartialBulkWriteResult::Summary(s)) => {
+            (s.matched_count, s.upserted_count)
+        }
+        Some(mongodb::error::PartialBulkWriteResult::Verbose(v)) => {
+            (v.summary.matched_count, v.summary.upserted_count)
+        }
+        None => (0, 0),
+    };
+    Ok((
+        BatchCounts {
+            matched: matched.max(0) as u64,
+            upserted: upserted.max(0) as u64,
+            round_trips: 1,
+        },
+        retry,
+    ))
 }
 
 /// Splits statements into commands that stay under the server's size and count limits.
@@ -354,12 +360,12 @@ mod tests {
         assert!(s.upsert && !s.multi);
         assert_eq!(s.filter, doc! { "worker_id": "w1", "lab_id": "l1" });
         let on_insert = s.update.get_document("$setOnInsert").expect("setOnInsert");
-        for key in LabFields::names().iter().map(String::as_str).chain([
-            "id",
-            "first_seen_at",
-            "operation_history",
-            "removed_at",
-        ]) {
+        for key in LabFields::names()
+            .expect("encodes")
+            .iter()
+            .map(String::as_str)
+            .chain(["id", "first_seen_at", "operation_history", "removed_at"])
+        {
             assert!(on_insert.contains_key(key), "{key}");
         }
         assert_eq!(
