@@ -89,6 +89,18 @@ impl RunningFleet {
     pub fn shutdown(&mut self) {
         self.tasks.abort_all();
     }
+
+    /// Writes this fleet into `database.collection` of a worker registry (see
+    /// [`crate::registry::write_registry`]); returns how many workers.
+    pub async fn register(
+        &self,
+        client: &mongodb::Client,
+        database: &str,
+        collection: &str,
+    ) -> mongodb::error::Result<usize> {
+        crate::registry::write_registry(client, database, collection, &self.fleet, &self.endpoints)
+            .await
+    }
 }
 
 impl Drop for RunningFleet {

@@ -30,15 +30,10 @@ async fn fleet(db: &TestDb, workers: usize, labs: usize) -> RunningFleet {
     )
     .await
     .expect("simulator");
-    cml_sim::registry::write_registry(
-        &db.client,
-        db.name(),
-        "cml_workers",
-        &fleet.fleet,
-        &fleet.endpoints,
-    )
-    .await
-    .expect("registry");
+    fleet
+        .register(&db.client, db.name(), "cml_workers")
+        .await
+        .expect("registry");
     fleet
 }
 
@@ -51,6 +46,15 @@ fn config(db: &TestDb) -> Config {
     c.sync.interval = HumanDuration::from_secs(3600);
     c.sync.retry_base = HumanDuration(Duration::from_millis(200));
     c
+}
+
+async fn metrics(admin: &str) -> String {
+    reqwest::get(format!("{admin}/metrics"))
+        .await
+        .expect("admin answers")
+        .text()
+        .await
+        .expect("body")
 }
 
 async fn status(db: &TestDb, worker: &str) -> Option<Document> {
@@ -102,16 +106,11 @@ async fn a_panicking_worker_sync_is_a_recorded_failure_and_is_retried() {
         "{error}"
     );
     // Counted under its own kind.
-    let metrics = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .expect("admin answers")
-        .text()
-        .await
-        .expect("body");
+    let text = metrics(&admin).await;
     assert_eq!(
-        testkit::metrics::value(&metrics, "sync_worker_failures_total", &[("kind", "panic")]),
+        testkit::metrics::value(&text, "sync_worker_failures_total", &[("kind", "panic")]),
         Some(1.0),
-        "{metrics}"
+        "{text}"
     );
     // Retried: the worker heals without a new cycle.
     eventually("the retry syncs the worker", WAIT, || async {
@@ -139,20 +138,15 @@ async fn a_panicking_worker_sync_is_a_recorded_failure_and_is_retried() {
         .iter()
         .any(|l| l["worker_id"] == bad.as_str() && l["failures"] == 1));
     // Healed by a retry, not by a second cycle (this app's own counters).
-    let metrics = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .expect("admin answers")
-        .text()
-        .await
-        .expect("body");
+    let text = metrics(&admin).await;
     let cycles =
-        |outcome| testkit::metrics::value(&metrics, "sync_cycles_total", &[("outcome", outcome)]);
+        |outcome| testkit::metrics::value(&text, "sync_cycles_total", &[("outcome", outcome)]);
     assert_eq!(
         (cycles("partial"), cycles("success")),
         (Some(1.0), None),
-        "{metrics}"
+        "{text}"
     );
-    assert_eq!(cycles("retry_success"), Some(1.0), "{metrics}");
+    assert_eq!(cycles("retry_success"), Some(1.0), "{text}");
 
     stop.cancel();
     running.await.expect("joined").expect("clean stop");
@@ -176,7 +170,7 @@ async fn the_admin_address_comes_from_the_app_and_serves_probes_and_metrics() {
     };
     assert_eq!(get("/healthz").await.map(|r| r.0), Some(200));
     assert_eq!(get("/readyz").await.map(|r| r.0), Some(200));
-    let metrics = eventually("both workers synced", WAIT, || async {
+    let text = eventually("both workers synced", WAIT, || async {
         get("/metrics").await.map(|r| r.1).filter(|text| {
             testkit::metrics::value(text, "sync_worker_syncs_total", &[("outcome", "success")])
                 == Some(2.0)
@@ -184,11 +178,11 @@ async fn the_admin_address_comes_from_the_app_and_serves_probes_and_metrics() {
     })
     .await;
     assert_eq!(
-        testkit::metrics::value(&metrics, "cml_labs_created_total", &[]),
+        testkit::metrics::value(&text, "cml_labs_created_total", &[]),
         Some(8.0)
     );
     assert_eq!(
-        testkit::metrics::value(&metrics, "sync_lease_held", &[]),
+        testkit::metrics::value(&text, "sync_lease_held", &[]),
         Some(1.0)
     );
     drop(f);

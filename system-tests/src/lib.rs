@@ -89,15 +89,10 @@ impl Fixture {
         let fleet = cml_sim::start(&cfg, &ServeOptions::default())
             .await
             .expect("simulator");
-        cml_sim::registry::write_registry(
-            &db.client,
-            db.name(),
-            "cml_workers",
-            &fleet.fleet,
-            &fleet.endpoints,
-        )
-        .await
-        .expect("registry");
+        fleet
+            .register(&db.client, db.name(), "cml_workers")
+            .await
+            .expect("registry");
         let env = [
             ("CML_LABS_MONGODB__URI", db.uri.as_str()),
             ("CML_LABS_MONGODB__DATABASE", db.name()),
