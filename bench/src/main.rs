@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use shared::{
     change::{plan_sync, Listing},
     config::MongoConfig,
-    record::{LabFields, ObservedLab},
+    record::{LabFields, LabState, ObservedLab},
     secret::Secret,
     store::LabStore,
 };
@@ -183,7 +183,7 @@ async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Resul
                         } else {
                             String::new()
                         },
-                        state: ["DEFINED_ON_CORE", "STOPPED", "STARTED"][i % 3].into(),
+                        state: LabState::ALL[i % 3].to_string(),
                         owner_username: format!("user{}", i % 7),
                         owner_fullname: format!("User {}", i % 7),
                         node_count: (i % 12) as i32,
@@ -195,6 +195,7 @@ async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Resul
                         modified_at: Some(DateTime::from_millis(
                             1_700_000_500_000 + i as i64 * 60_000,
                         )),
+                        ..LabFields::default()
                     },
                 )
             })

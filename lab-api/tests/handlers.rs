@@ -70,7 +70,7 @@ fn lab(id: &str, title: &str, state: &str) -> ObservedLab {
             link_count: 2,
             groups: vec!["netops".into()],
             cml_created_at: Some(DateTime::from_millis(1_763_373_600_000)),
-            modified_at: None,
+            ..LabFields::default()
         },
     )
 }
