@@ -324,6 +324,61 @@ mod tests {
         assert_eq!(keys(api_broken, Role::LabApi), ["api.listen"]);
     }
 
+    /// Every key of the configuration, dotted, with its default (secrets are left out of the
+    /// comparison: they serialise redacted).
+    fn keys(value: &toml::Value, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    keys(v, &path, out);
+                }
+            }
+            leaf => out.push((prefix.to_owned(), leaf.clone())),
+        }
+    }
+
+    #[test]
+    fn the_example_file_and_the_readme_list_every_key_with_its_default() {
+        let example: toml::Value =
+            toml::from_str(include_str!("../../../config/example.toml")).expect("example parses");
+        let readme = include_str!("../../../README.md");
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
+        let mut all = Vec::new();
+        keys(&defaults, "", &mut all);
+        assert!(all.len() > 30, "{all:?}");
+        for (path, default) in all {
+            let leaf = path.rsplit('.').next().unwrap_or(&path);
+            assert!(
+                readme.contains(&format!("`{path}`")) || readme.contains(&format!("`{leaf}`")),
+                "the README's configuration reference does not name `{path}`"
+            );
+            if path == "sync.static_workers" {
+                continue; // an example list, commented out in the file
+            }
+            let listed = path
+                .split('.')
+                .try_fold(&example, |v, k| v.get(k))
+                .unwrap_or_else(|| panic!("config/example.toml does not list `{path}`"));
+            if !["mongodb.uri", "cml.password"].contains(&path.as_str()) {
+                // Durations may be spelt otherwise ("7d", "7days"): compare what they mean.
+                let duration = |v: &toml::Value| v.as_str()?.parse::<HumanDuration>().ok();
+                let same = match (duration(listed), duration(&default)) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => listed == &default,
+                };
+                assert!(
+                    same,
+                    "config/example.toml: `{path}` is {listed}, its default {default}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn missing_config_file_is_an_error() {
         let err = Config::load(
