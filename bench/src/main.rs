@@ -160,6 +160,8 @@ async fn http(url: String, if_none_match: bool, load: Load) -> anyhow::Result<()
     .await
 }
 
+// Every field is set today; `..LabFields::default()` lets a tracked field added later default.
+#[allow(clippy::needless_update)]
 async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Result<()> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let cfg = MongoConfig {
