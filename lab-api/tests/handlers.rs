@@ -659,6 +659,7 @@ async fn requests_past_the_timeout_get_a_503() {
 
 #[tokio::test]
 async fn load_beyond_the_concurrency_limit_is_shed_with_503() {
+    let logs = testkit::logs::Logs::capture();
     let cfg = ApiConfig {
         max_concurrent_requests: 1,
         ..ApiConfig::default()
@@ -693,5 +694,23 @@ async fn load_beyond_the_concurrency_limit_is_shed_with_503() {
         slow.await.expect("join"),
         StatusCode::SERVICE_UNAVAILABLE,
         "the stalled one: MongoDB unreachable"
+    );
+    // Each server error is logged once: the shed request at `warn`, MongoDB down at `error`.
+    let failed = logs.events("request_failed");
+    let of_kind =
+        |kind: &str| -> Vec<&Value> { failed.iter().filter(|l| l["kind"] == kind).collect() };
+    let shed = of_kind("overloaded");
+    assert_eq!(shed.len(), 1, "{failed:?}");
+    assert_eq!(shed[0]["level"], "WARN");
+    let down = of_kind("unavailable");
+    assert!(
+        down.iter().all(|l| l["level"] == "ERROR") && !down.is_empty(),
+        "{failed:?}"
+    );
+    assert!(
+        logs.lines()
+            .iter()
+            .all(|l| l["level"] != "ERROR" || l["event"] == "request_failed"),
+        "no second error line for the same failure"
     );
 }

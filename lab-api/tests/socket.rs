@@ -1,0 +1,44 @@
+//! lab-api as a service in this process, on a real socket: port 0, the address read from the
+//! value, a graceful stop.
+
+use lab_api::app::App;
+use shared::{
+    config::{AuthMode, Config},
+    secret::Secret,
+};
+use testkit::TestDb;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_the_port_it_picked_and_stops_on_request() {
+    let db = TestDb::new("api_socket_inproc").await;
+    let mut config = Config::default();
+    config.mongodb.uri = Secret::new(db.uri.clone());
+    config.mongodb.database = db.name().to_owned();
+    config.api.listen = "127.0.0.1:0".into();
+    config.api.auth.mode = AuthMode::None;
+    let app = App::build(&config).await.expect("builds");
+    let addr = app.local_addr();
+    assert_ne!(addr.port(), 0, "a real port was picked");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(app.run(stop.clone()));
+    let base = format!("http://{addr}");
+    let labs = reqwest::get(format!("{base}/api/workers/w1/labs"))
+        .await
+        .expect("answers");
+    assert_eq!(labs.status(), 200);
+    assert_eq!(labs.text().await.expect("body"), "[]");
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .expect("answers")
+            .status(),
+        200
+    );
+    stop.cancel();
+    serving.await.expect("joined").expect("stopped cleanly");
+    assert!(
+        reqwest::get(format!("{base}/healthz")).await.is_err(),
+        "the port is closed after the stop"
+    );
+}
