@@ -396,6 +396,7 @@ async fn sigterm_mid_cycle_drains_and_leaves_no_partial_record() {
             (r.fields.title.as_str(), r.fields.state.as_str()),
             (lab.title.as_str(), lab.state.as_str())
         );
+        assert_eq!(r.operation_history.len(), 1);
         assert!(!r.id.is_empty());
     }
     // The lease was released: another replica may take it at once.
