@@ -18,7 +18,10 @@ use url::Url;
 
 use shared::{change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret};
 
-use crate::{payload, Error, Result};
+use crate::{
+    payload::{self, clip, PayloadError},
+    Error, Result,
+};
 
 /// A CML server to talk to: the worker id (for tokens, logs, errors) and its endpoint, e.g.
 /// `https://10.0.0.5` or `https://proxy.example/cml-7` (a path prefix is kept).
@@ -61,7 +64,7 @@ fn malformed(target: &CmlTarget, path: &str, detail: String) -> Error {
     Error::Malformed {
         worker: target.worker_id.clone(),
         path: path.to_owned(),
-        detail,
+        detail: clip(&detail),
     }
 }
 
@@ -98,6 +101,8 @@ pub struct CmlClient {
     verify_tls: bool,
     request_timeout: Duration,
     fallback_concurrency: usize,
+    max_response_bytes: usize,
+    max_labs: usize,
     tokens: Mutex<HashMap<String, TokenSlot>>,
     warned_insecure: Mutex<HashSet<String>>,
     on_request: Vec<RequestHook>,
@@ -138,6 +143,8 @@ impl CmlClient {
             verify_tls: cfg.verify_tls,
             request_timeout: cfg.request_timeout.get(),
             fallback_concurrency: cfg.fallback_concurrency.max(1),
+            max_response_bytes: cfg.max_response_bytes,
+            max_labs: cfg.max_labs_per_worker,
             tokens: Mutex::new(HashMap::new()),
             warned_insecure: Mutex::new(HashSet::new()),
             on_request: Vec::new(),
@@ -154,6 +161,9 @@ impl CmlClient {
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .user_agent(concat!("cml-labs-sync/", env!("CARGO_PKG_VERSION")))
+            // A redirect would re-send the login, the fleet-wide password, to another origin,
+            // or take another origin's answer as the worker's labs: never follow one.
+            .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(!self.verify_tls);
         for cert in &self.ca_certificates {
             builder = builder.add_root_certificate(cert.clone());
@@ -203,7 +213,13 @@ impl CmlClient {
         self.warn_once_if_insecure(target);
         let session = self.session()?;
         let note = match self.get(target, "populate_lab_tiles", true, &session).await {
-            Ok(body) => match payload::labs_from_tiles(&body) {
+            Ok(body) => match payload::labs_from_tiles(&body, self.max_labs) {
+                Err(PayloadError::TooManyLabs(limit)) => {
+                    return Err(Error::TooManyLabs {
+                        worker: target.worker_id.clone(),
+                        limit,
+                    })
+                }
                 Ok(labs) => {
                     return Ok(LabListing {
                         labs,
@@ -213,14 +229,21 @@ impl CmlClient {
                         note: None,
                     })
                 }
-                Err(detail) => format!("populate_lab_tiles was malformed ({detail})"),
+                Err(PayloadError::Malformed(detail)) => {
+                    format!("populate_lab_tiles was malformed ({detail})")
+                }
             },
             Err(Error::Status {
                 status: 404 | 405, ..
             }) => "populate_lab_tiles is not offered".to_owned(),
-            // The server cannot be reached or refuses us: the fallback would fail the same way.
+            // The server cannot be reached, refuses us, or misbehaves in a way the fallback
+            // would meet again (or that must not be pursued: a redirect, a body too large).
             Err(
-                e @ (Error::Unreachable { .. } | Error::Timeout { .. } | Error::AuthFailed { .. }),
+                e @ (Error::Unreachable { .. }
+                | Error::Timeout { .. }
+                | Error::AuthFailed { .. }
+                | Error::Redirect { .. }
+                | Error::TooLarge { .. }),
             ) => return Err(e),
             Err(e) => format!("populate_lab_tiles failed ({e})"),
         };
@@ -280,7 +303,13 @@ impl CmlClient {
         let body = self
             .get(target, "labs?show_all=true", true, session)
             .await?;
-        payload::lab_ids(&body).map_err(|detail| malformed(target, "labs", detail))
+        payload::lab_ids(&body, self.max_labs).map_err(|e| match e {
+            PayloadError::TooManyLabs(limit) => Error::TooManyLabs {
+                worker: target.worker_id.clone(),
+                limit,
+            },
+            PayloadError::Malformed(detail) => malformed(target, "labs", detail),
+        })
     }
 
     async fn lab(
@@ -415,8 +444,25 @@ impl CmlClient {
         let transport = |e: reqwest::Error| self.transport_error(target, &endpoint_path, e);
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(transport)?;
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|l| clip(&String::from_utf8_lossy(l.as_bytes())))
+                .unwrap_or_default();
+            return Err(Error::Redirect {
+                worker: target.worker_id.clone(),
+                path: endpoint_path,
+                status: status.as_u16(),
+                location,
+            });
+        }
         if !status.is_success() {
+            // Only the start of an error body is of use.
+            let bytes = match read_capped(response, MAX_ERROR_BODY, true).await {
+                Ok(bytes) | Err(Capped::TooLarge(bytes)) => bytes,
+                Err(Capped::Transport(_)) => Bytes::new(),
+            };
             return Err(Error::Status {
                 worker: target.worker_id.clone(),
                 path: endpoint_path,
@@ -424,7 +470,16 @@ impl CmlClient {
                 description: error_description(status, &bytes),
             });
         }
-        Ok(bytes)
+        read_capped(response, self.max_response_bytes, false)
+            .await
+            .map_err(|e| match e {
+                Capped::TooLarge(_) => Error::TooLarge {
+                    worker: target.worker_id.clone(),
+                    path: endpoint_path.clone(),
+                    limit: self.max_response_bytes,
+                },
+                Capped::Transport(e) => transport(e),
+            })
     }
 
     fn transport_error(&self, target: &CmlTarget, path: &str, e: reqwest::Error) -> Error {
@@ -468,6 +523,41 @@ impl CmlClient {
     }
 }
 
+/// Bytes of an error body kept for its description.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Why a body was not read whole.
+enum Capped {
+    /// Past the limit: what was read up to it (the rest is never read).
+    TooLarge(Bytes),
+    Transport(reqwest::Error),
+}
+
+/// Reads a body as it streams in, never holding more than `max` bytes of it. With `partial`,
+/// a longer body's first `max` bytes are read; without, a body announced longer is not read.
+async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+    partial: bool,
+) -> Result<Bytes, Capped> {
+    let announced_longer = response
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(max).unwrap_or(u64::MAX));
+    if announced_longer && !partial {
+        return Err(Capped::TooLarge(Bytes::new()));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(Capped::Transport)? {
+        if body.len() + chunk.len() > max {
+            let room = max - body.len();
+            body.extend_from_slice(&chunk[..room]);
+            return Err(Capped::TooLarge(body.freeze()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// `<endpoint>/api/v0/<path>`, keeping any path prefix of the endpoint.
 fn api_url(endpoint: &str, path: &str) -> std::result::Result<Url, String> {
     let mut base = Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
@@ -491,14 +581,13 @@ fn urlencode(segment: &str) -> String {
 fn error_description(status: StatusCode, body: &[u8]) -> String {
     if let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(body) {
         if let Some(d) = o.get("description") {
-            return match d {
+            return clip(&match d {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
-            };
+            });
         }
     }
-    let text = String::from_utf8_lossy(body);
-    let text: String = text.trim().chars().take(200).collect();
+    let text = clip(String::from_utf8_lossy(body).trim());
     if text.is_empty() {
         status
             .canonical_reason()
@@ -532,7 +621,7 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cause = c.source();
     }
-    text
+    clip(&text)
 }
 
 #[cfg(test)]

@@ -29,6 +29,21 @@ pub enum Error {
         endpoint: String,
         detail: String,
     },
+    #[error("CML worker {worker}: {path} answered with a redirect ({status} to `{location}`); redirects are not followed")]
+    Redirect {
+        worker: String,
+        path: String,
+        status: u16,
+        location: String,
+    },
+    #[error("CML worker {worker}: the answer of {path} is larger than {limit} bytes (cml.max_response_bytes)")]
+    TooLarge {
+        worker: String,
+        path: String,
+        limit: usize,
+    },
+    #[error("CML worker {worker}: it lists more than {limit} labs (cml.max_labs_per_worker)")]
+    TooManyLabs { worker: String, limit: usize },
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(String),
 }
@@ -43,6 +58,9 @@ impl Error {
             Error::Status { .. } => "cml_http_status",
             Error::Malformed { .. } => "cml_malformed",
             Error::Endpoint { .. } => "cml_endpoint",
+            Error::Redirect { .. } => "cml_redirect",
+            Error::TooLarge { .. } => "cml_too_large",
+            Error::TooManyLabs { .. } => "cml_too_many_labs",
             Error::HttpClient(_) => "http_client",
         }
     }

@@ -9,7 +9,9 @@
 use std::{fmt, marker::PhantomData};
 
 use serde::{
-    de::{value::MapAccessDeserializer, IgnoredAny, MapAccess, SeqAccess, Visitor},
+    de::{
+        value::MapAccessDeserializer, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    },
     Deserialize, Deserializer,
 };
 
@@ -21,54 +23,96 @@ use shared::record::{parse_iso_date, LabFields, ObservedLab};
 pub fn lab_from_json(lab_id: &str, body: &[u8]) -> Result<ObservedLab, String> {
     let MaybeLab(lab) = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
     lab.map(|lab| lab.into_observed(lab_id))
-        .ok_or_else(|| format!("lab {lab_id} is not a JSON object"))
+        .ok_or_else(|| format!("lab {} is not a JSON object", clip(lab_id)))
+}
+
+/// Why a body could not be mapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadError {
+    /// The body is not of the expected shape.
+    Malformed(String),
+    /// It names more labs than the given maximum.
+    TooManyLabs(usize),
+}
+
+impl From<String> for PayloadError {
+    fn from(detail: String) -> Self {
+        PayloadError::Malformed(detail)
+    }
 }
 
 /// Maps a `populate_lab_tiles` body: `{"lab_tiles": {id: lab}}`, or the bare map of labs
-/// before 2.1.
-pub fn labs_from_tiles(body: &[u8]) -> Result<Vec<ObservedLab>, String> {
-    let root: TilesBody = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
+/// before 2.1. More than `max_labs` labs is an error; the ones past it are skipped unread.
+pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<Vec<ObservedLab>, PayloadError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let root = TilesSeed { max_labs }
+        .deserialize(&mut de)
+        .and_then(|root| de.end().map(|()| root))
+        .map_err(|e| format!("not JSON ({e})"))?;
     let entries = match root {
-        TilesBody::NotObject => return Err("populate_lab_tiles did not return an object".into()),
+        TilesBody::NotObject => {
+            return Err("populate_lab_tiles did not return an object"
+                .to_owned()
+                .into())
+        }
         TilesBody::Object {
-            lab_tiles: Some(TileMap::Null),
+            tiles,
+            overflow: true,
+        } => {
+            let _ = tiles;
+            return Err(PayloadError::TooManyLabs(max_labs));
+        }
+        TilesBody::Object {
+            tiles: TileMap::Null,
             ..
         } => return Ok(Vec::new()),
         TilesBody::Object {
-            lab_tiles: Some(TileMap::Other),
+            tiles: TileMap::Other,
             ..
-        } => return Err("`lab_tiles` is not an object".into()),
+        } => return Err("`lab_tiles` is not an object".to_owned().into()),
         TilesBody::Object {
-            lab_tiles: Some(TileMap::Labs(entries)),
+            tiles: TileMap::Labs(entries),
             ..
         } => entries,
-        TilesBody::Object {
-            lab_tiles: None,
-            bare,
-        } => bare,
     };
     entries
         .into_iter()
         .map(|(id, MaybeLab(lab))| {
             lab.map(|lab| lab.into_observed(&id))
-                .ok_or_else(|| format!("lab {id} is not a JSON object"))
+                .ok_or_else(|| format!("lab {} is not a JSON object", clip(&id)).into())
         })
         .collect()
 }
 
-/// Maps a `labs?show_all=true` body: a JSON array of lab ids.
-pub fn lab_ids(body: &[u8]) -> Result<Vec<String>, String> {
+/// Maps a `labs?show_all=true` body: a JSON array of lab ids, at most `max_labs` of them.
+pub fn lab_ids(body: &[u8], max_labs: usize) -> Result<Vec<String>, PayloadError> {
     let list: Vec<serde_json::Value> = match serde_json::from_slice(body) {
         Ok(serde_json::Value::Array(list)) => list,
-        Ok(_) => return Err("the labs listing is not a JSON array".into()),
-        Err(e) => return Err(format!("not JSON ({e})")),
+        Ok(_) => return Err("the labs listing is not a JSON array".to_owned().into()),
+        Err(e) => return Err(format!("not JSON ({e})").into()),
     };
+    if list.len() > max_labs {
+        return Err(PayloadError::TooManyLabs(max_labs));
+    }
     list.into_iter()
         .map(|v| match v {
             serde_json::Value::String(id) => Ok(id),
-            other => Err(format!("the labs listing holds a non-string id: {other}")),
+            other => Err(format!(
+                "the labs listing holds a non-string id: {}",
+                clip(&other.to_string())
+            )
+            .into()),
         })
         .collect()
+}
+
+/// Text from a CML server, cut to a length fit for an error message or a log line.
+pub fn clip(text: &str) -> String {
+    const MAX: usize = 200;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}… ({} bytes in all)", &text[..at], text.len()),
+        None => text.to_owned(),
+    }
 }
 
 /// The fields of a lab object a record is made of; everything else is skipped.
@@ -195,9 +239,7 @@ macro_rules! lenient_deserialize {
         }
     )*};
 }
-lenient_deserialize!(
-    Text, Count, ListLen, Groups, GroupName, Topology, MaybeLab, TileMap, TilesBody
-);
+lenient_deserialize!(Text, Count, ListLen, Groups, GroupName, Topology, MaybeLab);
 
 /// A string; numbers and booleans as their JSON text.
 #[derive(Debug, Default)]
@@ -320,50 +362,168 @@ impl Lenient for MaybeLab {
 }
 
 /// The value of `lab_tiles`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 enum TileMap {
     Labs(Vec<(String, MaybeLab)>),
     Null,
-    #[default]
     Other,
 }
 
-impl Lenient for TileMap {
-    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut labs = Vec::new();
-        while let Some(entry) = map.next_entry::<String, MaybeLab>()? {
-            labs.push(entry);
-        }
-        Ok(Self::Labs(labs))
-    }
-}
-
 /// A `populate_lab_tiles` body: the `lab_tiles` wrapper, or (before 2.1) labs at the top.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 enum TilesBody {
     Object {
-        lab_tiles: Option<TileMap>,
-        bare: Vec<(String, MaybeLab)>,
+        tiles: TileMap,
+        /// More labs than the maximum: those past it were skipped unread.
+        overflow: bool,
     },
-    #[default]
     NotObject,
 }
 
-impl Lenient for TilesBody {
-    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut lab_tiles = None;
-        let mut bare = Vec::new();
+/// Reads a tiles body, keeping at most `max_labs` labs.
+struct TilesSeed {
+    max_labs: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for TilesSeed {
+    type Value = TilesBody;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TilesBody, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TilesSeed {
+    type Value = TilesBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TilesBody, A::Error> {
+        let mut wrapped = None;
+        let mut bare = Labs::new(self.max_labs);
         while let Some(key) = map.next_key::<String>()? {
             if key == "lab_tiles" {
-                lab_tiles = Some(
-                    map.next_value::<Option<TileMap>>()?
-                        .unwrap_or(TileMap::Null),
-                );
+                wrapped = Some(map.next_value_seed(TileMapSeed {
+                    max_labs: self.max_labs,
+                })?);
             } else {
-                bare.push((key, map.next_value()?));
+                bare.push(key, &mut map)?;
             }
         }
-        Ok(Self::Object { lab_tiles, bare })
+        Ok(match wrapped {
+            Some((tiles, overflow)) => TilesBody::Object { tiles, overflow },
+            None => TilesBody::Object {
+                overflow: bare.overflow,
+                tiles: TileMap::Labs(bare.labs),
+            },
+        })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TilesBody, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(TilesBody::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<TilesBody, E> {
+        Ok(TilesBody::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<TilesBody, E> {
+        Ok(TilesBody::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<TilesBody, E> {
+        Ok(TilesBody::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<TilesBody, E> {
+        Ok(TilesBody::NotObject)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<TilesBody, E> {
+        Ok(TilesBody::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<TilesBody, E> {
+        Ok(TilesBody::NotObject)
+    }
+}
+
+/// Reads the value of `lab_tiles`, keeping at most `max_labs` labs.
+struct TileMapSeed {
+    max_labs: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for TileMapSeed {
+    type Value = (TileMap, bool);
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(TileMap, bool), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TileMapSeed {
+    type Value = (TileMap, bool);
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(TileMap, bool), A::Error> {
+        let mut labs = Labs::new(self.max_labs);
+        while let Some(key) = map.next_key::<String>()? {
+            labs.push(key, &mut map)?;
+        }
+        Ok((TileMap::Labs(labs.labs), labs.overflow))
+    }
+    fn visit_unit<E>(self) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Null, false))
+    }
+    fn visit_none<E>(self) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Null, false))
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(TileMap, bool), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(TileMap, bool), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok((TileMap::Other, false))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Other, false))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Other, false))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Other, false))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Other, false))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(TileMap, bool), E> {
+        Ok((TileMap::Other, false))
+    }
+}
+
+/// Labs read from a map, up to a maximum; past it, values are skipped unread.
+struct Labs {
+    labs: Vec<(String, MaybeLab)>,
+    max: usize,
+    overflow: bool,
+}
+
+impl Labs {
+    fn new(max: usize) -> Self {
+        Self {
+            labs: Vec::new(),
+            max,
+            overflow: false,
+        }
+    }
+
+    fn push<'de, A: MapAccess<'de>>(&mut self, key: String, map: &mut A) -> Result<(), A::Error> {
+        if self.labs.len() < self.max {
+            let lab: MaybeLab = map.next_value()?;
+            self.labs.push((key, lab));
+        } else {
+            self.overflow = true;
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
     }
 }
 
@@ -375,6 +535,49 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    const MAX: usize = 10_000;
+
+    fn tiles(body: &[u8]) -> Result<Vec<ObservedLab>, PayloadError> {
+        labs_from_tiles(body, MAX)
+    }
+
+    fn ids(body: &[u8]) -> Result<Vec<String>, PayloadError> {
+        lab_ids(body, MAX)
+    }
+
+    #[test]
+    fn more_labs_than_the_maximum_is_its_own_error_and_the_rest_is_not_read() {
+        let many: serde_json::Map<String, Value> = (0..5)
+            .map(|i| (format!("l{i}"), json!({"lab_title": "t"})))
+            .collect();
+        let wrapped = bytes(&json!({ "lab_tiles": many.clone() }));
+        assert_eq!(labs_from_tiles(&wrapped, 5).map(|l| l.len()), Ok(5));
+        assert_eq!(
+            labs_from_tiles(&wrapped, 4),
+            Err(PayloadError::TooManyLabs(4))
+        );
+        assert_eq!(
+            labs_from_tiles(&bytes(&Value::Object(many)), 4),
+            Err(PayloadError::TooManyLabs(4))
+        );
+        assert_eq!(
+            lab_ids(&bytes(&json!(["a", "b", "c"])), 2),
+            Err(PayloadError::TooManyLabs(2))
+        );
+    }
+
+    #[test]
+    fn text_from_cml_in_errors_is_clipped() {
+        let long_id = "x".repeat(1_000_000);
+        let body = bytes(&json!({ "lab_tiles": { long_id.clone(): [1] } }));
+        let Err(PayloadError::Malformed(detail)) = tiles(&body) else {
+            panic!("malformed")
+        };
+        assert!(detail.len() < 300, "{} bytes", detail.len());
+        assert!(clip(&long_id).contains("1000000 bytes in all"));
+        assert_eq!(clip("short"), "short");
+    }
 
     fn bytes(v: &Value) -> Vec<u8> {
         serde_json::to_vec(v).expect("serialises")
@@ -475,24 +678,21 @@ mod tests {
     fn tiles_with_and_without_the_wrapper() {
         let tile = lab_2_4();
         let wrapped = json!({"lab_tiles": {"90f84e38-a71c-4d57-8d90-00fa8a197385": tile}});
-        assert_eq!(labs_from_tiles(&bytes(&wrapped)).expect("maps").len(), 1);
+        assert_eq!(tiles(&bytes(&wrapped)).expect("maps").len(), 1);
         let bare = json!({"90f84e38-a71c-4d57-8d90-00fa8a197385": lab_2_4()});
-        assert_eq!(labs_from_tiles(&bytes(&bare)).expect("maps").len(), 1);
-        assert!(labs_from_tiles(&bytes(&json!({"lab_tiles": {}})))
+        assert_eq!(tiles(&bytes(&bare)).expect("maps").len(), 1);
+        assert!(tiles(&bytes(&json!({"lab_tiles": {}})))
             .expect("maps")
             .is_empty());
-        assert!(labs_from_tiles(&bytes(&json!([1, 2]))).is_err());
-        assert!(labs_from_tiles(&bytes(&json!({"lab_tiles": {"x": 5}}))).is_err());
+        assert!(tiles(&bytes(&json!([1, 2]))).is_err());
+        assert!(tiles(&bytes(&json!({"lab_tiles": {"x": 5}}))).is_err());
     }
 
     #[test]
     fn lab_ids_must_be_a_list_of_strings() {
-        assert_eq!(
-            lab_ids(&bytes(&json!(["a", "b"]))).expect("list"),
-            ["a", "b"]
-        );
-        assert!(lab_ids(&bytes(&json!({"description": "nope"}))).is_err());
-        assert!(lab_ids(&bytes(&json!([1]))).is_err());
+        assert_eq!(ids(&bytes(&json!(["a", "b"]))).expect("list"), ["a", "b"]);
+        assert!(ids(&bytes(&json!({"description": "nope"}))).is_err());
+        assert!(ids(&bytes(&json!([1]))).is_err());
     }
 
     #[test]
@@ -523,13 +723,14 @@ mod tests {
 
     #[test]
     fn a_null_tile_map_is_an_empty_listing_and_bad_tiles_name_the_lab() {
-        assert!(labs_from_tiles(br#"{"lab_tiles": null}"#)
-            .expect("maps")
-            .is_empty());
-        let err = labs_from_tiles(br#"{"lab_tiles": {"ok": {}, "bad": [1]}}"#).expect_err("bad");
-        assert_eq!(err, "lab bad is not a JSON object");
-        assert!(labs_from_tiles(b"{\"lab_tiles\": {").is_err());
-        assert!(labs_from_tiles(b"").is_err());
+        assert!(tiles(br#"{"lab_tiles": null}"#).expect("maps").is_empty());
+        let err = tiles(br#"{"lab_tiles": {"ok": {}, "bad": [1]}}"#).expect_err("bad");
+        assert_eq!(
+            err,
+            PayloadError::Malformed("lab bad is not a JSON object".into())
+        );
+        assert!(tiles(b"{\"lab_tiles\": {").is_err());
+        assert!(tiles(b"").is_err());
     }
 
     #[test]
@@ -541,7 +742,7 @@ mod tests {
             "lab_title": "T", "topology": {"nodes": nodes, "links": [{}, {}], "extra": {"deep": [[[]]]}},
             "groups": [{"id": "g-1"}, {"name": "netops", "id": "g-2"}, 7, "admins"],
         }}});
-        let labs = labs_from_tiles(&bytes(&body)).expect("maps");
+        let labs = tiles(&bytes(&body)).expect("maps");
         assert_eq!(labs.len(), 1);
         assert_eq!(labs[0].lab_id, "listed-id");
         assert_eq!(
@@ -596,9 +797,9 @@ mod tests {
                 lab.insert((*key).to_owned(), value);
             }
             lab.insert("unknown_key".into(), extra);
-            let tiles = json!({"lab_tiles": {"listed": Value::Object(lab.clone())}});
+            let body = json!({"lab_tiles": {"listed": Value::Object(lab.clone())}});
             prop_assert!(lab_from_json("listed", &bytes(&Value::Object(lab))).is_ok());
-            prop_assert_eq!(labs_from_tiles(&bytes(&tiles)).map(|l| l.len()), Ok(1));
+            prop_assert_eq!(tiles(&bytes(&body)).map(|l| l.len()), Ok(1));
         }
     }
 }

@@ -476,3 +476,132 @@ async fn tokens_expire_by_themselves_too() {
         .expect("after the token's lifetime");
     assert_eq!(f.fleet.workers[0].calls().get("authenticate"), Some(&2));
 }
+
+/// A server of another origin that records every request it gets (method, path, body).
+async fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method, uri: axum::http::Uri, body: String| {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .expect("lock")
+                    .push(format!("{method} {uri} {body}"));
+                // What a thief would answer: a plausible token, plausible labs.
+                axum::Json(serde_json::json!({"lab_tiles": {"stolen": {"lab_title": "x"}}}))
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed_so_the_password_stays_home() {
+    let (elsewhere, seen) = collector().await;
+    let f = fleet(2, 2, vec![Personality::V2_10], ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    f.fleet.workers[0].set_faults(Faults {
+        redirect_login_to: Some(format!("{elsewhere}/api/v0/authenticate")),
+        ..Faults::default()
+    });
+    let err = client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect_err("redirected");
+    assert_eq!(err.metric_label(), "cml_redirect", "{err}");
+    assert!(err.to_string().contains("307"), "{err}");
+    // A redirect of the labs listing is not taken as the worker's labs either.
+    client
+        .fetch_labs(&target(&f, 1))
+        .await
+        .expect("logs in first");
+    f.fleet.workers[1].set_faults(Faults {
+        redirect_tiles_to: Some(format!("{elsewhere}/api/v0/populate_lab_tiles")),
+        ..Faults::default()
+    });
+    let err = client
+        .fetch_labs(&target(&f, 1))
+        .await
+        .expect_err("redirected");
+    assert_eq!(err.metric_label(), "cml_redirect", "{err}");
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "nothing reached the other origin: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_past_the_limit_fails_the_worker_while_it_streams() {
+    let f = fleet(1, 3, vec![Personality::V2_9], ServeOptions::default()).await;
+    let client = CmlClient::new(&CmlConfig {
+        max_response_bytes: 1024 * 1024,
+        ..config()
+    })
+    .expect("client");
+    client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect("small enough");
+    f.fleet.workers[0].set_faults(Faults {
+        tiles_padding_bytes: 50 * 1024 * 1024,
+        ..Faults::default()
+    });
+    let err = client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect_err("too large");
+    assert_eq!(err.metric_label(), "cml_too_large", "{err}");
+    assert_eq!(
+        f.fleet.workers[0].calls().get("labs"),
+        None,
+        "no fallback after a body too large"
+    );
+}
+
+#[tokio::test]
+async fn more_labs_than_the_cap_fail_the_worker() {
+    let f = fleet(1, 30, vec![Personality::V2_10], ServeOptions::default()).await;
+    let client = CmlClient::new(&CmlConfig {
+        max_labs_per_worker: 20,
+        ..config()
+    })
+    .expect("client");
+    let err = client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect_err("too many");
+    assert_eq!(err.metric_label(), "cml_too_many_labs", "{err}");
+    // The fallback's id list is held to the same cap.
+    f.fleet.workers[0].set_faults(Faults {
+        bulk_missing: true,
+        ..Faults::default()
+    });
+    let err = client
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect_err("too many");
+    assert_eq!(err.metric_label(), "cml_too_many_labs", "{err}");
+}
+
+#[tokio::test]
+async fn text_from_a_cml_server_in_errors_is_clipped() {
+    let f = fleet(1, 1, vec![Personality::V2_9], ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    f.fleet.workers[0].set_faults(Faults {
+        error_rate: 1.0,
+        error_statuses: vec![500],
+        error_description_bytes: 5 * 1024 * 1024,
+        ..Faults::default()
+    });
+    let err = client.fetch_labs(&target(&f, 0)).await.expect_err("fails");
+    let text = err.to_string();
+    assert!(text.len() < 1024, "{} bytes", text.len());
+    assert!(text.contains("injected by the simulator"), "{text}");
+}

@@ -11,6 +11,7 @@ use axum::{
     Json, Router,
 };
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -125,19 +126,18 @@ async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option
     if faults.hang {
         std::future::pending::<()>().await;
     }
+    let injected = |status: u16| {
+        let mut text = format!("{status} injected by the simulator");
+        text.extend(std::iter::repeat_n('!', faults.error_description_bytes));
+        text
+    };
     if worker.take_failure() {
-        return Some(cml_error(
-            StatusCode::BAD_GATEWAY,
-            "502 injected by the simulator",
-        ));
+        return Some(cml_error(StatusCode::BAD_GATEWAY, injected(502)));
     }
     if faults.error_rate > 0.0 && worker.roll() < faults.error_rate {
         let status = worker.pick_status(&faults.error_statuses);
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Some(cml_error(
-            code,
-            format!("{status} injected by the simulator"),
-        ));
+        return Some(cml_error(code, injected(status)));
     }
     None
 }
@@ -159,7 +159,7 @@ fn data_bytes(worker: &SimWorker, text: Bytes) -> Response {
         let full = text.len();
         let half = text.slice(..full / 2);
         // The pause lets the headers and the first half reach the client before the cut.
-        let stream = futures::StreamExt::chain(
+        let stream = StreamExt::chain(
             futures::stream::iter([Ok::<_, std::io::Error>(half)]),
             futures::stream::once(async {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -205,12 +205,20 @@ fn login(fleet: &Fleet, worker: &SimWorker, creds: &Credentials) -> Option<(Stri
     Some((token::issue(&fleet.secret, &claims), user_id))
 }
 
+/// A redirect to `location`, as a misconfigured or hostile server might answer.
+fn redirect(status: StatusCode, location: &str) -> Response {
+    (status, [(header::LOCATION, location.to_owned())]).into_response()
+}
+
 async fn authenticate(
     Call { fleet, worker, ctl }: Call,
     Json(creds): Json<Credentials>,
 ) -> Response {
     if let Some(r) = before(&worker, &ctl, "authenticate").await {
         return r;
+    }
+    if let Some(to) = worker.faults().redirect_login_to {
+        return redirect(StatusCode::TEMPORARY_REDIRECT, &to);
     }
     match login(&fleet, &worker, &creds) {
         Some((token, _)) => ok_json(Value::String(token)),
@@ -361,10 +369,44 @@ async fn populate_lab_tiles(call: Call, headers: HeaderMap) -> Response {
         return r;
     }
     let worker = &call.worker;
-    if worker.faults().bulk_missing {
+    let faults = worker.faults();
+    if faults.bulk_missing {
         return not_found().await;
     }
+    if let Some(to) = faults.redirect_tiles_to {
+        return redirect(StatusCode::FOUND, &to);
+    }
+    if faults.empty_tiles {
+        return data(worker, json!({ "lab_tiles": {} }));
+    }
+    if faults.tiles_padding_bytes > 0 {
+        return padded_tiles(worker.tiles_body(), faults.tiles_padding_bytes);
+    }
     data_bytes(worker, worker.tiles_body())
+}
+
+/// The tiles body with one more lab whose title is `padding` bytes long, streamed in chunks:
+/// a server answering hundreds of megabytes, without this process holding them.
+fn padded_tiles(body: Bytes, padding: u64) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    // `{"lab_tiles":{` + the real labs + `,"padding-lab":{"lab_title":"xxx…"}` + `}}`
+    let head = body.slice(..body.len() - 2);
+    let open = Bytes::from_static(br#","padding-lab":{"lab_title":""#);
+    let close = Bytes::from_static(br#""}}}"#);
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let full_chunks = padding / CHUNK as u64;
+    let rest = (padding % CHUNK as u64) as usize;
+    let middle = futures::stream::iter((0..full_chunks).map(move |_| chunk.clone())).chain(
+        futures::stream::iter((rest > 0).then(|| Bytes::from(vec![b'x'; rest]))),
+    );
+    let stream = futures::stream::iter([head, open])
+        .chain(middle)
+        .chain(futures::stream::iter([close]))
+        .map(Ok::<_, std::io::Error>);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// `GET users`: Cisco's client resolves lab owners through it.

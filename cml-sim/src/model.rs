@@ -233,6 +233,8 @@ pub struct Faults {
     pub hold: bool,
     /// Answer the next this many calls with 502, then answer normally again.
     pub fail_next: u32,
+    /// Injected error answers carry a `description` this many bytes long.
+    pub error_description_bytes: usize,
     /// Reset the connection instead of answering.
     pub reset: bool,
     /// Answer data endpoints with broken JSON.
@@ -243,6 +245,15 @@ pub struct Faults {
     pub labs_list_404: bool,
     /// `populate_lab_tiles` does not exist (404), as on servers that predate it.
     pub bulk_missing: bool,
+    /// `populate_lab_tiles` answers `{"lab_tiles": {}}` (a proxy or a server still starting).
+    pub empty_tiles: bool,
+    /// `populate_lab_tiles` carries this many more bytes, in the title of one more lab
+    /// (streamed: the simulator never holds them).
+    pub tiles_padding_bytes: u64,
+    /// `authenticate` answers `307 Temporary Redirect` to this URL.
+    pub redirect_login_to: Option<String>,
+    /// `populate_lab_tiles` answers `302 Found` to this URL.
+    pub redirect_tiles_to: Option<String>,
 }
 
 /// Serialised tiles of one worker: the whole body, and each lab's `"id":{tile}` part.

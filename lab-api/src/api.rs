@@ -1,16 +1,15 @@
 //! The read endpoints over `lab_records` and `worker_sync_status`, each declared once with its
 //! documentation: [`routes`] routes exactly what the OpenAPI document describes.
 
-use axum::{
-    extract::{Path, RawQuery, State},
-    Json,
-};
+use axum::extract::{Path, RawQuery, State};
+use futures::TryStreamExt;
 use shared::{cursor::PageCursor, record::LabState, store::LabFilter};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     app::AppState,
     dto::{FleetLab, LabPage, LabRecordDto, SyncStatusDto, UiLab},
+    etag::Tagged,
     openapi::ReadErrors,
     params::{self, Cursor, Id, Region, Username},
     problem::{ApiError, Problem},
@@ -33,14 +32,18 @@ pub fn routes() -> OpenApiRouter<AppState> {
         ("worker_id" = Id, Path, description = "The worker's id"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
     ),
-    responses((status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]), ReadErrors),
+    responses(
+        (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
+        (status = 422, description = "More labs than one response carries (`api.max_labs_per_response`): page with `/api/labs?worker_id=…`", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn worker_labs(
     State(s): State<AppState>,
     Path(worker_id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Vec<UiLab>>, ApiError> {
+) -> Result<Tagged, ApiError> {
     labs_of(&s, &worker_id, q.as_deref()).await
 }
 
@@ -52,28 +55,43 @@ pub async fn worker_labs(
         ("worker_id" = Id, Path, description = "The worker's id"),
         ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
     ),
-    responses((status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]), ReadErrors),
+    responses(
+        (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
+        (status = 422, description = "More labs than one response carries (`api.max_labs_per_response`): page with `/api/labs?worker_id=…`", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn legacy_worker_labs(
     State(s): State<AppState>,
     Path((region, worker_id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Vec<UiLab>>, ApiError> {
+) -> Result<Tagged, ApiError> {
     params::region(&region)?;
     labs_of(&s, &worker_id, q.as_deref()).await
 }
 
-async fn labs_of(
-    s: &AppState,
-    worker_id: &str,
-    query: Option<&str>,
-) -> Result<Json<Vec<UiLab>>, ApiError> {
+/// Written as the records arrive, at most `max_labs_per_response` of them.
+async fn labs_of(s: &AppState, worker_id: &str, query: Option<&str>) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", worker_id)?;
     let q = params::query(query, &["include_removed"])?;
     let include_removed = params::boolean(&q, "include_removed")?;
-    let records = s.store.labs_of_worker(worker_id, include_removed).await?;
-    Ok(Json(records.iter().map(UiLab::from).collect()))
+    let max = s.max_labs_per_response;
+    let mut records = s
+        .store
+        .labs_of_worker(worker_id, include_removed, max.saturating_add(1))
+        .await?;
+    let mut body = Tagged::array();
+    while let Some(record) = records.try_next().await? {
+        if body.len() == max {
+            return Err(ApiError::TooManyLabs {
+                worker_id: worker_id.to_owned(),
+                max,
+            });
+        }
+        body.push(&UiLab::from(&record))?;
+    }
+    Ok(body.close())
 }
 
 /// One lab's full record, with its change history.
@@ -94,12 +112,12 @@ pub async fn lab(
     State(s): State<AppState>,
     Path((worker_id, lab_id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
-) -> Result<Json<LabRecordDto>, ApiError> {
+) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", &worker_id)?;
     let lab_id = params::id("lab_id", &lab_id)?;
     params::query(q.as_deref(), &[])?;
     match s.store.lab(worker_id, lab_id).await? {
-        Some(r) => Ok(Json(LabRecordDto::from(&r))),
+        Some(r) => Tagged::json(&LabRecordDto::from(&r)),
         None => Err(ApiError::NotFound(format!(
             "Worker {worker_id} has no lab {lab_id}."
         ))),
@@ -123,7 +141,7 @@ pub async fn lab(
 pub async fn fleet_labs(
     State(s): State<AppState>,
     RawQuery(q): RawQuery,
-) -> Result<Json<LabPage>, ApiError> {
+) -> Result<Tagged, ApiError> {
     let q = params::query(
         q.as_deref(),
         &[
@@ -154,10 +172,10 @@ pub async fn fleet_labs(
         None => None,
     };
     let page = s.store.list(&filter, after.as_ref(), limit).await?;
-    Ok(Json(LabPage {
+    Tagged::json(&LabPage {
         items: page.records.iter().map(FleetLab::from).collect(),
         next_cursor: page.next.map(|c| c.encode()),
-    }))
+    })
 }
 
 /// How the last sync of a worker went.
@@ -175,11 +193,11 @@ pub async fn sync_status(
     State(s): State<AppState>,
     Path(worker_id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Json<SyncStatusDto>, ApiError> {
+) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", &worker_id)?;
     params::query(q.as_deref(), &[])?;
     match s.status.get(worker_id).await? {
-        Some(st) => Ok(Json(SyncStatusDto::from(&st))),
+        Some(st) => Tagged::json(&SyncStatusDto::from(&st)),
         None => Err(ApiError::NotFound(format!(
             "Worker {worker_id} was never synced."
         ))),

@@ -16,7 +16,7 @@ use shared::{
     config::{ApiConfig, AuthMode, Config, MongoConfig},
     metrics::Registry,
     mongo,
-    service::{probes, HttpListener},
+    service::{probes, HttpListener, ServerLimits},
     status::SyncStatusReader,
     store::LabStore,
 };
@@ -41,6 +41,8 @@ pub struct AppState {
     pub store: LabStore,
     pub status: SyncStatusReader,
     pub db: Database,
+    /// `api.max_labs_per_response`, set by [`router`] from the configuration.
+    pub max_labs_per_response: usize,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ impl AppState {
             store: LabStore::new(client, cfg, 1),
             status: SyncStatusReader::new(&db, &cfg.sync_status_collection),
             db,
+            max_labs_per_response: ApiConfig::default().max_labs_per_response,
         }
     }
 }
@@ -64,11 +67,15 @@ pub fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The HTTP application: routes, auth, ETags, compression, CORS, timeouts, load shedding,
 /// request metrics and the request log.
+///
+/// The concurrency limit wraps the whole router as one service, so it holds for the service as
+/// a whole, not per route; each request's timeout runs inside the router.
 pub fn router(
-    state: AppState,
+    mut state: AppState,
     auth: Arc<Authenticator>,
     cfg: &ApiConfig,
 ) -> (Router, Arc<Metrics>) {
+    state.max_labs_per_response = cfg.max_labs_per_response;
     let (api, doc) = documented_routes();
     let metrics = Arc::new(Metrics::new(
         doc.paths
@@ -85,26 +92,31 @@ pub fn router(
         "/openapi.json",
         get(move || async move { Json(doc.as_ref().clone()) }),
     );
-    let router = api
+    let routes = api
         .merge(open)
         .fallback(|| async { ApiError::NotFound("No such endpoint.".into()) })
         .with_state(state)
+        // Per request, inside the router: a request past its time keeps its route's label.
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(overload_or_timeout))
-                .load_shed()
-                .concurrency_limit(cfg.max_concurrent_requests.max(1))
                 .timeout(cfg.request_timeout.get()),
         )
+        .layer(middleware::from_fn(crate::metrics::remember_route));
+    // Around the whole router: one limit for the service.
+    let service = ServiceBuilder::new()
+        .layer(TraceLayer::new_for_http().on_failure(()))
+        .layer(cors(&cfg.cors_allowed_origins))
+        .layer(CompressionLayer::new().gzip(true))
         .layer(middleware::from_fn_with_state(
             metrics.clone(),
             crate::metrics::observe,
         ))
-        .layer(CompressionLayer::new().gzip(true))
-        .layer(cors(&cfg.cors_allowed_origins))
-        // Spans per request; failures are logged once, by `observe`.
-        .layer(TraceLayer::new_for_http().on_failure(()));
-    (router, metrics)
+        .layer(HandleErrorLayer::new(overload_or_timeout))
+        .load_shed()
+        .concurrency_limit(cfg.max_concurrent_requests.max(1))
+        .service(routes);
+    (Router::new().fallback_service(service), metrics)
 }
 
 /// Shed load with 503 instead of queueing without bound; a request past its time gets 503 too.
@@ -142,6 +154,7 @@ pub struct App {
     router: Router,
     metrics: Arc<Metrics>,
     listener: HttpListener,
+    limits: ServerLimits,
 }
 
 impl App {
@@ -169,6 +182,7 @@ impl App {
             router,
             metrics,
             listener,
+            limits: config.api.server_limits(),
         })
     }
 
@@ -184,7 +198,7 @@ impl App {
     /// Serves until `shutdown`, then lets requests in flight finish.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
         self.listener
-            .serve(self.router, shutdown)
+            .serve(self.router, self.limits, shutdown)
             .await
             .map_err(|e| ApiError::Internal(format!("the server failed: {e}")))?;
         tracing::info!(event = "api_stopped", "lab-api stopped");

@@ -1,9 +1,13 @@
 //! Who may read: bearer JWTs verified against the identity provider's JWKS (RS256, ES256),
 //! static API tokens stored as SHA-256 digests, or nobody checked at all (`mode = "none"`).
+//!
+//! The key set is kept fresh in the background; a request never waits for the identity
+//! provider when it carries a known key, and an unknown key costs at most one fetch per short
+//! period however many arrive.
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock, Weak},
     time::{Duration, Instant},
 };
 
@@ -19,31 +23,53 @@ use jsonwebtoken::{
 };
 use sha2::{Digest, Sha256};
 use shared::config::{AuthConfig, AuthMode};
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::watch;
 
 use crate::problem::ApiError;
 
-/// An unknown `kid` triggers one JWKS fetch; if the key is still missing, the `kid` is
-/// remembered as unknown this long.
-const UNKNOWN_KID_TTL: Duration = Duration::from_secs(60);
-/// At most this many JWKS fetches per minute, whatever tokens arrive.
-const MAX_FETCHES_PER_MINUTE: usize = 10;
-/// Unknown kids remembered at most (a flood of random kids cannot grow memory).
-const MAX_UNKNOWN_KIDS: usize = 1024;
-/// Keys are refreshed at least this often even when every `kid` is known (rotation).
-const MAX_KEY_AGE: Duration = Duration::from_secs(3600);
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 30;
+
+/// When the key set is fetched again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwksPolicy {
+    /// A token naming a key not in the set triggers a fetch, at most once per this period,
+    /// whatever tokens arrive (a flood of made-up key ids costs one fetch a period).
+    pub min_refresh_interval: Duration,
+    /// How long a request whose key is unknown waits for a fetch in flight.
+    pub max_wait: Duration,
+    /// The set is fetched in the background this often, so keys are fresh before they are
+    /// needed and requests with known keys never wait for the identity provider.
+    pub refresh_every: Duration,
+    /// After a failed background fetch, the next one is tried this much later.
+    pub retry_after_failure: Duration,
+}
+
+impl Default for JwksPolicy {
+    fn default() -> Self {
+        Self {
+            min_refresh_interval: Duration::from_secs(5),
+            max_wait: Duration::from_secs(2),
+            refresh_every: Duration::from_secs(300),
+            retry_after_failure: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum Authenticator {
     None,
     Tokens(Vec<[u8; 32]>),
-    Jwt(Box<JwtVerifier>),
+    Jwt(Arc<JwtVerifier>),
 }
 
 impl Authenticator {
     pub fn from_config(cfg: &AuthConfig, http: reqwest::Client) -> Self {
+        Self::with_policy(cfg, http, JwksPolicy::default())
+    }
+
+    /// [`Authenticator::from_config`] with a key-refresh policy of the caller's (tests).
+    pub fn with_policy(cfg: &AuthConfig, http: reqwest::Client, policy: JwksPolicy) -> Self {
         match cfg.mode {
             AuthMode::None => Authenticator::None,
             AuthMode::Tokens => Authenticator::Tokens(
@@ -52,14 +78,7 @@ impl Authenticator {
                     .filter_map(|h| hex::decode(h).ok()?.try_into().ok())
                     .collect(),
             ),
-            AuthMode::Jwt => Authenticator::Jwt(Box::new(JwtVerifier {
-                jwks_url: cfg.jwks_url.clone(),
-                issuer: cfg.issuer.clone(),
-                audience: cfg.audience.clone(),
-                http,
-                keys: RwLock::new(KeyCache::default()),
-                refreshing: Mutex::new(()),
-            })),
+            AuthMode::Jwt => Authenticator::Jwt(JwtVerifier::start(cfg, http, policy)),
         }
     }
 
@@ -103,40 +122,75 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Default)]
-struct KeyCache {
-    keys: HashMap<String, (DecodingKey, Algorithm)>,
-    fetched_at: Option<Instant>,
-    unknown: HashMap<String, Instant>,
-    fetches: std::collections::VecDeque<Instant>,
+type Keys = HashMap<String, (DecodingKey, Algorithm)>;
+
+/// The last fetch of the key set: when it started, whether one runs, how it ended.
+#[derive(Debug, Default)]
+struct Fetching {
+    last_start: Option<Instant>,
+    running: bool,
+    last_error: Option<String>,
 }
 
-impl std::fmt::Debug for KeyCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyCache")
-            .field("kids", &self.keys.keys().collect::<Vec<_>>())
-            .field("fetched_at", &self.fetched_at)
-            .finish()
-    }
-}
-
-/// Verifies bearer JWTs against a JWKS, caching keys and refreshing them on an unknown `kid`.
-#[derive(Debug)]
+/// Verifies bearer JWTs against a JWKS. Keys are read without waiting; fetches run one at a
+/// time, in the background on a timer, and at most once per short period on demand.
 pub struct JwtVerifier {
     jwks_url: String,
     issuer: String,
     audience: String,
     http: reqwest::Client,
-    keys: RwLock<KeyCache>,
-    /// One fetch at a time; others wait for its result.
-    refreshing: Mutex<()>,
+    policy: JwksPolicy,
+    keys: RwLock<Keys>,
+    fetching: Mutex<Fetching>,
+    /// Bumped when a fetch ends; waiters watch it.
+    fetched: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<String> = self
+            .keys
+            .read()
+            .map(|k| k.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("JwtVerifier")
+            .field("jwks_url", &self.jwks_url)
+            .field("kids", &kids)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
 struct Claims {}
 
+/// What came of asking for a fetch.
+enum Fetched {
+    /// A fetch ended (successfully or not) while we waited.
+    Ended,
+    /// One ran shortly before: not again yet.
+    TooSoon,
+    /// It did not end within the wait.
+    StillRunning,
+}
+
 impl JwtVerifier {
-    pub async fn verify(&self, token: &str) -> Result<(), ApiError> {
+    /// Builds the verifier and starts its background refresh (the first fetch at once).
+    fn start(cfg: &AuthConfig, http: reqwest::Client, policy: JwksPolicy) -> Arc<Self> {
+        let verifier = Arc::new(Self {
+            jwks_url: cfg.jwks_url.clone(),
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            http,
+            policy,
+            keys: RwLock::new(HashMap::new()),
+            fetching: Mutex::new(Fetching::default()),
+            fetched: watch::Sender::new(0),
+        });
+        tokio::spawn(refresh_in_background(Arc::downgrade(&verifier)));
+        verifier
+    }
+
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<(), ApiError> {
         let unauthorized =
             |why: &str| ApiError::Unauthorized(format!("The bearer token is not valid: {why}."));
         let header =
@@ -147,10 +201,13 @@ impl JwtVerifier {
         let kid = header
             .kid
             .ok_or_else(|| unauthorized("it names no key (kid)"))?;
-        let (key, alg) = self
-            .key(&kid)
-            .await?
-            .ok_or_else(|| unauthorized("it is signed with an unknown key"))?;
+        let (key, alg) = match self.known(&kid) {
+            Some(k) => k,
+            None => self
+                .after_fetch(&kid)
+                .await?
+                .ok_or_else(|| unauthorized("it is signed with an unknown key"))?,
+        };
         if alg != header.alg {
             return Err(unauthorized("its algorithm does not match its key"));
         }
@@ -178,58 +235,84 @@ impl JwtVerifier {
             })
     }
 
-    /// The key for `kid`: from the cache, or after one fetch of the JWKS. Fetches are bounded:
-    /// a `kid` still unknown after a fetch is not fetched for again for a while, and there are
-    /// at most a few fetches a minute.
-    async fn key(&self, kid: &str) -> Result<Option<(DecodingKey, Algorithm)>, ApiError> {
-        {
-            let cache = self.keys.read().await;
-            let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < MAX_KEY_AGE);
-            if let (Some(k), true) = (cache.keys.get(kid), fresh) {
-                return Ok(Some(k.clone()));
-            }
-        }
-        let _one_at_a_time = self.refreshing.lock().await;
-        {
-            let mut cache = self.keys.write().await;
-            let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < MAX_KEY_AGE);
-            if let (Some(k), true) = (cache.keys.get(kid), fresh) {
-                return Ok(Some(k.clone()));
-            }
-            cache.unknown.retain(|_, t| t.elapsed() < UNKNOWN_KID_TTL);
-            cache
-                .fetches
-                .retain(|t| t.elapsed() < Duration::from_secs(60));
-            let known_unknown = cache.unknown.contains_key(kid);
-            let over_budget = cache.fetches.len() >= MAX_FETCHES_PER_MINUTE;
-            if known_unknown || over_budget {
-                return Ok(cache.keys.get(kid).cloned());
-            }
-            cache.fetches.push_back(Instant::now());
-        }
-        match self.fetch().await {
-            Ok(keys) => {
-                let mut cache = self.keys.write().await;
-                cache.keys = keys;
-                cache.fetched_at = Some(Instant::now());
-                let found = cache.keys.get(kid).cloned();
-                if found.is_none() && cache.unknown.len() < MAX_UNKNOWN_KIDS {
-                    cache.unknown.insert(kid.to_owned(), Instant::now());
-                }
-                Ok(found)
-            }
-            Err(e) => {
-                let cache = self.keys.read().await;
-                match cache.keys.get(kid) {
-                    // A known key keeps working while the identity provider is unreachable.
-                    Some(k) => Ok(Some(k.clone())),
-                    None => Err(ApiError::Unavailable(format!("cannot fetch the JWKS: {e}"))),
-                }
-            }
+    fn known(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        self.keys.read().ok()?.get(kid).cloned()
+    }
+
+    /// The key of an unknown `kid` after a fetch, if one may run now (or runs already) and
+    /// ends within the wait. 503 when the identity provider cannot be reached.
+    async fn after_fetch(
+        self: &Arc<Self>,
+        kid: &str,
+    ) -> Result<Option<(DecodingKey, Algorithm)>, ApiError> {
+        let unreachable = |detail: String| ApiError::AuthUnavailable(detail);
+        match self.fetch(self.policy.max_wait).await {
+            Fetched::Ended | Fetched::TooSoon => match self.known(kid) {
+                Some(k) => Ok(Some(k)),
+                None => match self.last_error() {
+                    Some(e) => Err(unreachable(e)),
+                    None => Ok(None),
+                },
+            },
+            Fetched::StillRunning => Err(unreachable("the JWKS did not answer in time".into())),
         }
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
+    fn last_error(&self) -> Option<String> {
+        self.fetching.lock().ok()?.last_error.clone()
+    }
+
+    /// Starts a fetch unless one ran within the minimum period (one that runs is joined),
+    /// then waits up to `wait` for a fetch to end.
+    async fn fetch(self: &Arc<Self>, wait: Duration) -> Fetched {
+        let mut ended = self.fetched.subscribe();
+        let seen = *ended.borrow_and_update();
+        {
+            let mut f = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            if !f.running {
+                if f.last_start
+                    .is_some_and(|t| t.elapsed() < self.policy.min_refresh_interval)
+                {
+                    return Fetched::TooSoon;
+                }
+                f.running = true;
+                f.last_start = Some(Instant::now());
+                // On a task of its own: a request that gives up waiting does not cancel it.
+                tokio::spawn(self.clone().fetch_and_store());
+            }
+        }
+        let in_time = tokio::time::timeout(wait, ended.wait_for(|n| *n != seen))
+            .await
+            .is_ok();
+        if in_time {
+            Fetched::Ended
+        } else {
+            Fetched::StillRunning
+        }
+    }
+
+    async fn fetch_and_store(self: Arc<Self>) {
+        let result = self.download().await;
+        {
+            let mut f = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            f.running = false;
+            f.last_error = result.as_ref().err().cloned();
+        }
+        match result {
+            Ok(keys) => {
+                tracing::info!(event = "jwks_fetched", keys = keys.len(), url = %self.jwks_url, "Fetched the signing keys of the JWKS");
+                if let Ok(mut current) = self.keys.write() {
+                    *current = keys;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(event = "jwks_fetch_failed", url = %self.jwks_url, error = %error, "Cannot fetch the JWKS; the keys known so far stay in use")
+            }
+        }
+        self.fetched.send_modify(|n| *n += 1);
+    }
+
+    async fn download(&self) -> Result<Keys, String> {
         let set: JwkSet = self
             .http
             .get(&self.jwks_url)
@@ -254,8 +337,25 @@ impl JwtVerifier {
                 keys.insert(kid, (key, alg));
             }
         }
-        tracing::info!(event = "jwks_fetched", keys = keys.len(), url = %self.jwks_url, "Fetched the signing keys of the JWKS");
         Ok(keys)
+    }
+}
+
+/// Fetches the key set at start and every `refresh_every` (sooner after a failure), for as
+/// long as the verifier lives.
+async fn refresh_in_background(verifier: Weak<JwtVerifier>) {
+    loop {
+        let next = {
+            let Some(v) = verifier.upgrade() else { return };
+            // Waits as long as a fetch may take (the HTTP client bounds it).
+            v.fetch(Duration::from_secs(3600)).await;
+            if v.last_error().is_some() {
+                v.policy.retry_after_failure
+            } else {
+                v.policy.refresh_every
+            }
+        };
+        tokio::time::sleep(next).await;
     }
 }
 

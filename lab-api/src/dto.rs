@@ -24,8 +24,8 @@ pub struct UiLab {
     pub notes: String,
     #[schema(example = "STARTED")]
     pub state: String,
-    /// The owner's full name (the username when CML has no full name).
-    pub owner: String,
+    /// The owner's full name; null when CML has none.
+    pub owner: Option<String>,
     pub owner_username: String,
     pub node_count: i32,
     pub link_count: i32,
@@ -46,11 +46,7 @@ impl From<&LabRecord> for UiLab {
             description: f.description.clone(),
             notes: f.notes.clone(),
             state: f.state.clone(),
-            owner: if f.owner_fullname.trim().is_empty() {
-                f.owner_username.clone()
-            } else {
-                f.owner_fullname.clone()
-            },
+            owner: (!f.owner_fullname.trim().is_empty()).then(|| f.owner_fullname.clone()),
             owner_username: f.owner_username.clone(),
             node_count: f.node_count,
             link_count: f.link_count,

@@ -20,6 +20,22 @@ use crate::problem::Failure;
 
 /// The route label of requests that matched no route.
 const UNMATCHED: &str = "unmatched";
+/// The route label of requests shed before routing.
+const UNROUTED: &str = "unrouted";
+
+/// The route template a request matched, carried out of the router on its response.
+#[derive(Debug, Clone)]
+pub struct RouteTemplate(pub MatchedPath);
+
+/// Middleware inside the router: notes on the response which route template matched.
+pub async fn remember_route(request: Request, next: Next) -> Response {
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(request).await;
+    if let Some(m) = matched {
+        response.extensions_mut().insert(RouteTemplate(m));
+    }
+    response
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
@@ -80,14 +96,23 @@ impl Metrics {
         }
     }
 
-    fn route(&self, request: &Request) -> LabelValue {
-        request
+    /// The route label of a response: the template it matched (from the set known at start),
+    /// `unmatched`, or `unrouted` when it was shed before routing.
+    fn route(&self, response: &Response) -> LabelValue {
+        let shed = response
             .extensions()
-            .get::<MatchedPath>()
-            .and_then(|p| self.routes.get(p.as_str()))
-            .map_or(LabelValue::Name(UNMATCHED), |t| {
-                LabelValue::Known(t.clone())
-            })
+            .get::<Failure>()
+            .is_some_and(|f| f.kind == "overloaded");
+        match response.extensions().get::<RouteTemplate>() {
+            Some(RouteTemplate(m)) => self
+                .routes
+                .get(m.as_str())
+                .map_or(LabelValue::Name(UNMATCHED), |t| {
+                    LabelValue::Known(t.clone())
+                }),
+            None if shed => LabelValue::Name(UNROUTED),
+            None => LabelValue::Name(UNMATCHED),
+        }
     }
 
     /// Requests being answered now.
@@ -128,7 +153,6 @@ impl Drop for InFlight {
 /// Middleware: counts and times every request under its route template and logs each server
 /// error once, with the details the client never sees.
 pub async fn observe(State(m): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let route = m.route(&request);
     let method = method(request.method());
     m.in_flight.add(1.0);
     let _in_flight = InFlight(m.in_flight.clone());
@@ -136,6 +160,7 @@ pub async fn observe(State(m): State<Arc<Metrics>>, request: Request, next: Next
     let response = next.run(request).await;
     let took = started.elapsed();
     let status = response.status();
+    let route = m.route(&response);
     m.latency
         .get(&RouteLabel(route.clone()))
         .observe(took.as_secs_f64());

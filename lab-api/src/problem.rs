@@ -17,11 +17,16 @@ pub enum ApiError {
     BadRequest { param: String, detail: String },
     #[error("{0}")]
     NotFound(String),
+    #[error("worker {worker_id} has more than {max} labs")]
+    TooManyLabs { worker_id: String, max: usize },
     #[error("{0}")]
     Unauthorized(String),
-    /// MongoDB (or the key set of the identity provider) cannot be reached right now.
+    /// MongoDB cannot be reached right now.
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
+    /// The identity provider's key set cannot be fetched, and the token's key is not known.
+    #[error("identity provider unavailable: {0}")]
+    AuthUnavailable(String),
     #[error("too many requests in flight")]
     Overloaded,
     #[error("the request took too long")]
@@ -55,10 +60,12 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooManyLabs { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::Timeout => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable(_)
+            | ApiError::AuthUnavailable(_)
+            | ApiError::Overloaded
+            | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) | ApiError::Listen { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,10 +107,26 @@ impl IntoResponse for ApiError {
                 Some(param.clone()),
             ),
             ApiError::NotFound(d) => ("not-found", d.clone(), None),
+            ApiError::TooManyLabs { worker_id, max } => (
+                "too-many-labs",
+                format!(
+                    "Worker {worker_id} has more than {max} labs, more than one response carries \
+                     (api.max_labs_per_response); page through them with \
+                     GET /api/labs?worker_id={worker_id}."
+                ),
+                None,
+            ),
             ApiError::Unauthorized(d) => ("unauthorized", d.clone(), None),
             ApiError::Unavailable(_) => (
                 "unavailable",
                 "The lab store cannot be reached right now; try again shortly.".to_owned(),
+                None,
+            ),
+            ApiError::AuthUnavailable(_) => (
+                "auth-unavailable",
+                "The identity provider cannot be reached to check the token's key; try again \
+                 shortly."
+                    .to_owned(),
                 None,
             ),
             ApiError::Overloaded => (

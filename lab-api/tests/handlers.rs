@@ -154,6 +154,13 @@ async fn worker_labs_have_exactly_the_ui_keys_sorted_by_title() {
     assert_eq!(keys_sorted, expected);
     let l = &labs[0];
     assert_eq!(l["owner"], "Alice Example");
+    // Without a full name in CML, `owner` is null, not a copy of the username.
+    let mut nameless = lab("l-n", "Nameless", "STOPPED");
+    nameless.fields.owner_fullname = String::new();
+    seed(&a.store, "w3", vec![nameless]).await;
+    let (_, w3) = get_json(&a.router, "/api/workers/w3/labs").await;
+    assert_eq!(w3[0]["owner"], Value::Null);
+    assert_eq!(w3[0]["owner_username"], "alice");
     assert_eq!(l["owner_username"], "alice");
     assert_eq!(l["created"], "2025-11-17T10:00:00Z");
     assert_eq!(l["modified"], Value::Null);
@@ -188,18 +195,18 @@ async fn removed_labs_are_hidden_unless_asked_for_and_records_show_history() {
     let (status, record) = get_json(&a.router, "/api/workers/w1/labs/l1").await;
     assert_eq!(status, StatusCode::OK);
     let history = record["operation_history"].as_array().expect("history");
-    assert_eq!(history.len(), 2);
-    assert_eq!(history[1]["previous_state"], "STARTED");
-    assert_eq!(history[1]["new_state"], "STOPPED");
+    assert_eq!(history.len(), 1, "one change, no entry for the first sight");
+    assert_eq!(history[0]["previous_state"], "STARTED");
+    assert_eq!(history[0]["new_state"], "STOPPED");
     assert_eq!(
-        history[1]["changed_fields"]["state"],
+        history[0]["changed_fields"]["state"],
         serde_json::json!({"old": "STARTED", "new": "STOPPED"})
     );
     assert!(record["first_seen_at"].as_str().is_some());
     assert_eq!(record["removed_at"], Value::Null);
     let (_, gone) = get_json(&a.router, "/api/workers/w1/labs/l2").await;
     assert!(gone["removed_at"].as_str().is_some());
-    assert_eq!(gone["operation_history"][1]["new_state"], "REMOVED");
+    assert_eq!(gone["operation_history"][0]["new_state"], "REMOVED");
 
     let (status, problem) = get_json(&a.router, "/api/workers/w1/labs/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -699,7 +706,10 @@ async fn load_beyond_the_concurrency_limit_is_shed_with_503() {
     let failed = logs.events("request_failed");
     let of_kind =
         |kind: &str| -> Vec<&Value> { failed.iter().filter(|l| l["kind"] == kind).collect() };
-    let shed = of_kind("overloaded");
+    let shed: Vec<&Value> = of_kind("overloaded")
+        .into_iter()
+        .filter(|l| l["span"]["uri"] == "/api/workers/w2/labs")
+        .collect();
     assert_eq!(shed.len(), 1, "{failed:?}");
     assert_eq!(shed[0]["level"], "WARN");
     let down = of_kind("unavailable");
@@ -713,4 +723,122 @@ async fn load_beyond_the_concurrency_limit_is_shed_with_503() {
             .all(|l| l["level"] != "ERROR" || l["event"] == "request_failed"),
         "no second error line for the same failure"
     );
+}
+
+#[tokio::test]
+async fn unknown_methods_and_paths_never_mint_new_series() {
+    let a = api("api_cardinality", open()).await;
+    for i in 0..50 {
+        let method = format!("M{i:03}{}", "X".repeat(200));
+        let req = Request::builder()
+            .method(method.as_str())
+            .uri(format!("/no/such/path/{i}"))
+            .body(Body::empty())
+            .expect("request");
+        a.router.clone().oneshot(req).await.expect("infallible");
+    }
+    let (_, _, body) = get(&a.router, "/metrics", &[]).await;
+    let text = String::from_utf8(body).expect("utf-8");
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .collect();
+    assert!(series.len() <= 2, "{series:?}");
+    assert!(
+        text.contains(
+            "http_requests_total{route=\"unmatched\",method=\"other\",status=\"404\"} 50"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("M000") && !text.contains("/no/such"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_concurrency_limit_holds_for_the_service_not_per_route() {
+    let cfg = ApiConfig {
+        max_concurrent_requests: 2,
+        ..ApiConfig::default()
+    };
+    let (router, metrics) = stalled(&cfg).await;
+    // Two slow requests on two different routes take both slots...
+    let slow: Vec<_> = ["/api/workers/w1/labs", "/api/workers/w1/sync-status"]
+        .into_iter()
+        .map(|uri| {
+            let router = router.clone();
+            tokio::spawn(async move { get(&router, uri, &[]).await.0 })
+        })
+        .collect();
+    testkit::eventually(
+        "both slow requests are in flight",
+        std::time::Duration::from_secs(5),
+        || async { (metrics.in_flight() == 2.0).then_some(()) },
+    )
+    .await;
+    // ...so a request on a third route is shed at once.
+    let (status, _, body) = get(&router, "/api/labs", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let problem: Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("/overloaded")),
+        "{problem}"
+    );
+    assert!(slow.iter().all(|s| !s.is_finished()));
+    for s in slow {
+        s.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_with_more_labs_than_one_response_carries_gets_a_problem_document() {
+    let db = TestDb::new("api_too_many_labs").await;
+    let store = LabStore::new(&db.client, &mongo_config(&db), 50);
+    store.ensure_indexes().await.expect("indexes");
+    let cfg = ApiConfig {
+        max_labs_per_response: 10,
+        ..ApiConfig::default()
+    };
+    let (router, _) = router(
+        AppState::new(&db.client, &mongo_config(&db)),
+        authenticator(&open()),
+        &cfg,
+    );
+    let labs = |n: usize| -> Vec<ObservedLab> {
+        (0..n)
+            .map(|i| lab(&format!("l{i:02}"), "t", "STOPPED"))
+            .collect()
+    };
+    seed(&store, "ten", labs(10)).await;
+    seed(&store, "eleven", labs(11)).await;
+    let (status, body) = get_json(&router, "/api/workers/ten/labs").await;
+    assert_eq!(
+        (status, body.as_array().map(Vec::len)),
+        (StatusCode::OK, Some(10))
+    );
+    for uri in [
+        "/api/workers/eleven/labs",
+        "/api/labs/region/us-east-1/workers/eleven/labs",
+    ] {
+        let (status, headers, body) = get(&router, uri, &[]).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{uri}");
+        assert_eq!(
+            headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+            Some("application/problem+json")
+        );
+        let problem: Value = serde_json::from_slice(&body).expect("json");
+        let detail = problem["detail"].as_str().expect("detail");
+        assert!(
+            detail.contains("more than 10 labs") && detail.contains("/api/labs?worker_id=eleven"),
+            "{detail}"
+        );
+    }
+    // The paged listing serves them all.
+    let (_, page) = get_json(&router, "/api/labs?worker_id=eleven&limit=1000").await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(11));
 }

@@ -1,8 +1,11 @@
 //! Bearer JWTs verified against a JWKS served locally by the test, with keys it generates.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc, Mutex,
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
 };
 
 use axum::{
@@ -14,7 +17,7 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use lab_api::{
     app::{router, AppState},
-    auth::Authenticator,
+    auth::{Authenticator, JwksPolicy},
 };
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rsa::{pkcs1::EncodeRsaPrivateKey, traits::PublicKeyParts, RsaPrivateKey};
@@ -76,23 +79,29 @@ fn claims() -> Value {
     json!({ "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "exp": now() + 300, "iat": now() })
 }
 
-/// A local identity provider: serves a JWKS that the test can change, counting fetches.
+/// A local identity provider: serves a JWKS that the test can change, counting fetches; it
+/// can be made to hang (accept the request, never answer).
 struct Idp {
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
     url: String,
 }
 
 async fn idp(keys: Vec<Value>) -> Idp {
     let keys = Arc::new(Mutex::new(keys));
     let fetches = Arc::new(AtomicUsize::new(0));
-    let (k, f) = (keys.clone(), fetches.clone());
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (k, f, h) = (keys.clone(), fetches.clone(), hang.clone());
     let app = Router::new().route(
         "/realms/cml/protocol/openid-connect/certs",
         axum::routing::get(move || {
-            let (k, f) = (k.clone(), f.clone());
+            let (k, f, h) = (k.clone(), f.clone(), h.clone());
             async move {
                 f.fetch_add(1, Ordering::SeqCst);
+                if h.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
                 axum::Json(json!({ "keys": *k.lock().expect("lock") }))
             }
         }),
@@ -105,10 +114,29 @@ async fn idp(keys: Vec<Value>) -> Idp {
         listener.local_addr().expect("addr")
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Idp { keys, fetches, url }
+    Idp {
+        keys,
+        fetches,
+        hang,
+        url,
+    }
+}
+
+/// Fetch at most every 300 ms on demand; no timed background refresh during a test.
+fn quick() -> JwksPolicy {
+    JwksPolicy {
+        min_refresh_interval: Duration::from_millis(300),
+        max_wait: Duration::from_secs(1),
+        refresh_every: Duration::from_secs(3600),
+        retry_after_failure: Duration::from_secs(3600),
+    }
 }
 
 async fn api(db: &TestDb, jwks_url: &str) -> Router {
+    api_with(db, jwks_url, JwksPolicy::default()).await
+}
+
+async fn api_with(db: &TestDb, jwks_url: &str, policy: JwksPolicy) -> Router {
     let cfg = MongoConfig {
         database: db.name().to_owned(),
         ..MongoConfig::default()
@@ -123,7 +151,11 @@ async fn api(db: &TestDb, jwks_url: &str) -> Router {
     };
     router(
         state,
-        Arc::new(Authenticator::from_config(&auth, reqwest::Client::new())),
+        Arc::new(Authenticator::with_policy(
+            &auth,
+            reqwest::Client::new(),
+            policy,
+        )),
         &ApiConfig::default(),
     )
     .0
@@ -228,12 +260,64 @@ async fn good_tokens_pass_and_bad_ones_get_401() {
     );
 }
 
+/// Polls with `bearer` until it is accepted (at most 10 s).
+async fn until_accepted(router: &Router, bearer: &str) {
+    testkit::eventually("the token is accepted", Duration::from_secs(10), || async {
+        (status(router, Some(bearer)).await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_kid_refreshes_the_keys_once() {
+async fn a_rotated_key_is_picked_up_and_unknown_kids_cost_at_most_a_fetch_a_period() {
     let first = rsa_key("k1");
     let provider = idp(vec![first.jwk.clone()]).await;
     let db = TestDb::new("api_jwt_rotation").await;
-    let router = api(&db, &provider.url).await;
+    let router = api_with(&db, &provider.url, quick()).await;
+    until_accepted(
+        &router,
+        &token(Algorithm::RS256, "k1", &first.encoding, claims()),
+    )
+    .await;
+    assert_eq!(
+        provider.fetches.load(Ordering::SeqCst),
+        1,
+        "one fetch at start"
+    );
+
+    // The identity provider rotates in a new key: a token naming it triggers a fetch.
+    let second = rsa_key("k2");
+    provider.keys.lock().expect("lock").push(second.jwk.clone());
+    until_accepted(
+        &router,
+        &token(Algorithm::RS256, "k2", &second.encoding, claims()),
+    )
+    .await;
+    assert_eq!(provider.fetches.load(Ordering::SeqCst), 2);
+
+    // A burst of tokens naming keys nobody has costs at most one fetch per period.
+    let burst: Vec<_> = (0..50)
+        .map(|i| {
+            let (router, t) = (
+                router.clone(),
+                token(
+                    Algorithm::RS256,
+                    &format!("made-up-{i}"),
+                    &second.encoding,
+                    claims(),
+                ),
+            );
+            tokio::spawn(async move { status(&router, Some(&t)).await.0 })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.expect("joined"), StatusCode::UNAUTHORIZED);
+    }
+    assert!(
+        provider.fetches.load(Ordering::SeqCst) <= 3,
+        "one more fetch at most"
+    );
+    // Known keys were never refetched for.
     assert_eq!(
         status(
             &router,
@@ -243,56 +327,119 @@ async fn a_new_kid_refreshes_the_keys_once() {
         .0,
         StatusCode::OK
     );
+}
 
-    // The identity provider rotates in a new key: the first token that names it triggers a fetch.
-    let second = rsa_key("k2");
-    provider.keys.lock().expect("lock").push(second.jwk.clone());
-    assert_eq!(
-        status(
-            &router,
-            Some(&token(Algorithm::RS256, "k2", &second.encoding, claims()))
-        )
-        .await
-        .0,
-        StatusCode::OK
-    );
-    assert_eq!(provider.fetches.load(Ordering::SeqCst), 2);
-
-    // An unknown kid costs one fetch, then is remembered: no hammering of the identity provider.
-    for _ in 0..5 {
-        assert_eq!(
-            status(
-                &router,
-                Some(&token(Algorithm::RS256, "k9", &second.encoding, claims()))
-            )
-            .await
-            .0,
-            StatusCode::UNAUTHORIZED
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_kids_never_starves_a_real_rotation() {
+    let first = rsa_key("k1");
+    let provider = idp(vec![first.jwk.clone()]).await;
+    let db = TestDb::new("api_jwt_flood").await;
+    let router = api_with(&db, &provider.url, quick()).await;
+    until_accepted(
+        &router,
+        &token(Algorithm::RS256, "k1", &first.encoding, claims()),
+    )
+    .await;
+    // An attacker keeps naming made-up keys, hundreds of them...
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let fetches_before = provider.fetches.load(Ordering::SeqCst);
+    let flood = {
+        let (router, stop, sent, enc) = (
+            router.clone(),
+            stop.clone(),
+            sent.clone(),
+            first.encoding.clone(),
         );
-    }
-    assert_eq!(
-        provider.fetches.load(Ordering::SeqCst),
-        3,
-        "one fetch for k9"
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let i = sent.fetch_add(1, Ordering::SeqCst);
+                let t = token(Algorithm::RS256, &format!("attack-{i}"), &enc, claims());
+                status(&router, Some(&t)).await;
+            }
+        })
+    };
+    testkit::eventually("200 made-up keys sent", Duration::from_secs(30), || async {
+        (sent.load(Ordering::SeqCst) >= 200).then_some(())
+    })
+    .await;
+    // ...while the identity provider genuinely rotates: the new key is accepted all the same.
+    let rotated = rsa_key("k-rotated");
+    provider
+        .keys
+        .lock()
+        .expect("lock")
+        .push(rotated.jwk.clone());
+    until_accepted(
+        &router,
+        &token(Algorithm::RS256, "k-rotated", &rotated.encoding, claims()),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    flood.await.expect("joined");
+    let sent = sent.load(Ordering::SeqCst);
+    let fetches = provider.fetches.load(Ordering::SeqCst) - fetches_before;
+    assert!(
+        fetches < sent / 20,
+        "{fetches} fetches for {sent} made-up keys"
     );
-    // A flood of random kids is capped at a few fetches a minute.
-    for i in 0..30 {
-        status(
-            &router,
-            Some(&token(
-                Algorithm::RS256,
-                &format!("random-{i}"),
-                &second.encoding,
-                claims(),
-            )),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_identity_provider_never_holds_up_known_keys() {
+    let key = rsa_key("k1");
+    let provider = idp(vec![key.jwk.clone()]).await;
+    let db = TestDb::new("api_jwt_hang").await;
+    let router = api_with(&db, &provider.url, quick()).await;
+    let known = token(Algorithm::RS256, "k1", &key.encoding, claims());
+    until_accepted(&router, &known).await;
+    // The identity provider stops answering; a token naming an unknown key sets a fetch off.
+    provider.hang.store(true, Ordering::SeqCst);
+    let before = provider.fetches.load(Ordering::SeqCst);
+    // Within a period of the last fetch an unknown key is refused at once; the first one past
+    // it starts a fetch, and waits for it.
+    let unknown = loop {
+        let pending = {
+            let (router, t) = (
+                router.clone(),
+                token(Algorithm::RS256, "k-new", &key.encoding, claims()),
+            );
+            tokio::spawn(async move { status(&router, Some(&t)).await })
+        };
+        let fetched = testkit::eventually(
+            "a fetch starts, or the request is refused",
+            Duration::from_secs(10),
+            || async {
+                if provider.fetches.load(Ordering::SeqCst) > before {
+                    Some(true)
+                } else {
+                    pending.is_finished().then_some(false)
+                }
+            },
         )
         .await;
-    }
-    assert_eq!(
-        provider.fetches.load(Ordering::SeqCst),
-        10,
-        "at most 10 fetches a minute"
+        if fetched {
+            break pending;
+        }
+    };
+    // A known key is served while that fetch hangs: nothing queues behind it.
+    assert_eq!(status(&router, Some(&known)).await.0, StatusCode::OK);
+    assert!(
+        !unknown.is_finished(),
+        "the unknown key still waits for the fetch"
     );
+    // The unknown key's wait is bounded, and the answer names the right cause.
+    let (code, problem) = unknown.await.expect("joined");
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("/auth-unavailable")),
+        "{problem}"
+    );
+    let detail = problem["detail"].as_str().expect("detail");
+    assert!(detail.contains("identity provider"), "{detail}");
+    assert!(!detail.contains("lab store"), "{detail}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,5 +456,11 @@ async fn an_unreachable_identity_provider_is_a_503_not_a_401() {
     assert!(
         !problem.to_string().contains("127.0.0.1:9"),
         "no internals in 5xx bodies: {problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("identity provider")),
+        "the right cause: {problem}"
     );
 }

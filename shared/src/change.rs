@@ -25,11 +25,9 @@ pub enum Listing {
 /// One record-level write of a sync.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordWrite {
-    /// A lab never seen before on this worker.
-    Create {
-        lab: ObservedLab,
-        entry: HistoryEntry,
-    },
+    /// A lab never seen before on this worker. Its history starts empty: history is the list
+    /// of changes, and `first_seen_at` records the discovery.
+    Create { lab: ObservedLab },
     /// A known lab whose tracked fields changed, or that came back after being marked removed.
     Update {
         lab: ObservedLab,
@@ -106,8 +104,8 @@ impl SyncPlan {
 /// Compares every tracked field; the result holds exactly the fields that changed, named as
 /// stored, in declaration order.
 ///
-/// Strings that differ only in whitespace (leading, trailing, runs, line endings) and groups
-/// that differ only in order are the same value.
+/// Text is compared exactly (a blank line added to a note is an edit); groups are compared as
+/// sets (CML lists them in no particular order).
 pub fn diff(old: &LabFields, new: &LabFields) -> Result<BTreeMap<String, FieldChange>> {
     let old = old.clone().canonical();
     let new = new.clone().canonical();
@@ -119,19 +117,9 @@ pub fn diff(old: &LabFields, new: &LabFields) -> Result<BTreeMap<String, FieldCh
         .to_document()?
         .into_iter()
         .zip(new.to_document()?)
-        .filter(|((_, o), (_, n))| !equivalent(o, n))
+        .filter(|((_, o), (_, n))| o != n)
         .map(|((name, o), (_, n))| (name, FieldChange { old: o, new: n }))
         .collect())
-}
-
-fn equivalent(a: &Bson, b: &Bson) -> bool {
-    match (a, b) {
-        (Bson::String(a), Bson::String(b)) => a.split_whitespace().eq(b.split_whitespace()),
-        (Bson::Array(a), Bson::Array(b)) => {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| equivalent(x, y))
-        }
-        _ => a == b,
-    }
 }
 
 /// Plans the sync of one worker from its stored records and what its CML server listed.
@@ -152,7 +140,7 @@ pub fn plan_sync(
     let mut unchanged = Vec::new();
     for (lab_id, lab) in &observed {
         match by_id.get(lab_id.as_str()) {
-            None => writes.push(create(lab, now)),
+            None => writes.push(create(lab)),
             Some(record) => match update(record, lab, now)? {
                 Some(write) => writes.push(write),
                 None => unchanged.push(lab_id.clone()),
@@ -176,21 +164,14 @@ pub fn plan_sync(
 }
 
 /// A lab never seen before on this worker.
-fn create(lab: &ObservedLab, now: DateTime) -> RecordWrite {
-    RecordWrite::Create {
-        entry: HistoryEntry {
-            timestamp: now,
-            previous_state: None,
-            new_state: lab.fields.state.clone(),
-            changed_fields: BTreeMap::new(),
-        },
-        lab: lab.clone(),
-    }
+fn create(lab: &ObservedLab) -> RecordWrite {
+    RecordWrite::Create { lab: lab.clone() }
 }
 
 /// A known lab seen again: the write its changes need, or `None` when nothing changed.
 fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option<RecordWrite>> {
     let mut changed = diff(&record.fields, &lab.fields)?;
+    bound_history_text(&mut changed);
     let reappeared = record.removed_at.is_some();
     if reappeared {
         changed.insert(
@@ -220,6 +201,20 @@ fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option
         expected_last_synced: record.last_synced_at,
         reappeared,
     }))
+}
+
+/// Longest text a history entry keeps of an old or a new value, in characters: an entry
+/// records what changed, and fifty of them must fit in one record.
+pub const HISTORY_TEXT_LIMIT: usize = 4096;
+
+fn bound_history_text(changed: &mut BTreeMap<String, FieldChange>) {
+    for change in changed.values_mut() {
+        for value in [&mut change.old, &mut change.new] {
+            if let Bson::String(text) = value {
+                crate::record::truncate(text, HISTORY_TEXT_LIMIT);
+            }
+        }
+    }
 }
 
 /// A known lab missing from a complete listing.
@@ -296,8 +291,8 @@ mod tests {
         }
         for w in &plan.writes {
             match w {
-                RecordWrite::Create { lab, entry } => {
-                    records.push(record_from(&plan.worker_id, lab, entry.clone(), plan.now))
+                RecordWrite::Create { lab } => {
+                    records.push(record_from(&plan.worker_id, lab, plan.now))
                 }
                 RecordWrite::Update { lab, entry, .. } => {
                     let r = records
@@ -334,12 +329,7 @@ mod tests {
         plan
     }
 
-    fn record_from(
-        worker: &str,
-        lab: &ObservedLab,
-        entry: HistoryEntry,
-        now: DateTime,
-    ) -> LabRecord {
+    fn record_from(worker: &str, lab: &ObservedLab, now: DateTime) -> LabRecord {
         LabRecord {
             object_id: None,
             id: "id".into(),
@@ -348,13 +338,13 @@ mod tests {
             fields: lab.fields.clone(),
             first_seen_at: now,
             last_synced_at: now,
-            operation_history: vec![entry],
+            operation_history: Vec::new(),
             removed_at: None,
         }
     }
 
     #[test]
-    fn a_new_lab_is_created_with_a_first_entry() {
+    fn a_new_lab_is_created_with_an_empty_history() {
         let plan = plan_of(
             "w",
             &[],
@@ -370,11 +360,10 @@ mod tests {
                 ..PlanCounts::default()
             }
         );
-        let RecordWrite::Create { entry, .. } = &plan.writes[0] else {
-            panic!("not a create")
-        };
-        assert_eq!(entry.previous_state, None);
-        assert_eq!(entry.new_state, "STOPPED");
+        assert!(matches!(&plan.writes[0], RecordWrite::Create { lab } if lab.lab_id == "l1"));
+        let mut records = Vec::new();
+        apply(&mut records, &plan, 50);
+        assert!(records[0].operation_history.is_empty());
     }
 
     #[test]
@@ -551,6 +540,39 @@ mod tests {
     }
 
     #[test]
+    fn history_entries_keep_at_most_a_bounded_part_of_long_text() {
+        let mut long = fields("STOPPED");
+        long.notes = "n".repeat(60_000);
+        let mut records = Vec::new();
+        observe(
+            &mut records,
+            vec![ObservedLab::new("l1", fields("STOPPED"))],
+            Listing::Complete,
+            DateTime::from_millis(1),
+            50,
+        );
+        let plan = plan_of(
+            "w",
+            &records,
+            vec![ObservedLab::new("l1", long)],
+            Listing::Complete,
+            DateTime::from_millis(2),
+        );
+        let RecordWrite::Update { entry, lab, .. } = &plan.writes[0] else {
+            panic!("not an update")
+        };
+        assert_eq!(
+            lab.fields.notes.len(),
+            60_000,
+            "the record keeps the whole value"
+        );
+        let Bson::String(new) = &entry.changed_fields["notes"].new else {
+            panic!("text")
+        };
+        assert_eq!(new.chars().count(), HISTORY_TEXT_LIMIT);
+    }
+
+    #[test]
     fn push_capped_keeps_the_newest() {
         let mut h = Vec::new();
         for i in 0..70 {
@@ -658,30 +680,36 @@ mod tests {
         }
 
         #[test]
-        fn order_and_whitespace_never_count_as_a_change(f in arb_fields(), seed in any::<u8>(), rotate in 0usize..3) {
+        fn group_order_and_repeats_never_count_as_a_change(f in arb_fields(), rotate in 0usize..3, repeat in any::<bool>()) {
             let mut g = f.clone();
-            g.title = respace(&f.title, seed);
-            g.description = respace(&f.description, seed.wrapping_add(1));
-            g.notes = respace(&f.notes, seed.wrapping_add(2));
-            g.owner_fullname = respace(&f.owner_fullname, seed.wrapping_add(3));
             g.groups.reverse();
             let n = g.groups.len();
             if n > 0 { g.groups.rotate_left(rotate % n); }
-            if seed & 16 == 0 { g.groups.extend(f.groups.first().cloned()); }
+            if repeat { g.groups.extend(f.groups.first().cloned()); }
             prop_assert!(changes(&f, &g).is_empty(), "{:?}", changes(&f, &g));
         }
 
+        /// A whitespace-only edit of a text field (a blank line added to a note) is an edit.
         #[test]
-        fn diff_is_empty_exactly_when_canonical_fields_match_modulo_whitespace(a in arb_fields(), b in arb_fields()) {
-            let d = changes(&a, &b);
-            let norm = |f: &LabFields| {
-                let mut f = f.clone().canonical();
-                for s in [&mut f.title, &mut f.description, &mut f.notes, &mut f.state, &mut f.owner_username, &mut f.owner_fullname] {
-                    *s = s.split_whitespace().collect::<Vec<_>>().join(" ");
-                }
-                f
+        fn whitespace_edits_are_changes(f in arb_fields(), seed in any::<u8>(), which in 0usize..4) {
+            let mut g = f.clone();
+            let field = match which {
+                0 => &mut g.title,
+                1 => &mut g.description,
+                2 => &mut g.notes,
+                _ => &mut g.owner_fullname,
             };
-            prop_assert_eq!(d.is_empty(), norm(&a) == norm(&b));
+            let before = field.clone();
+            *field = respace(&before, seed);
+            prop_assume!(*field != before);
+            let name = ["title", "description", "notes", "owner_fullname"][which];
+            let changed = changes(&f, &g);
+            prop_assert_eq!(changed.keys().collect::<Vec<_>>(), [name]);
+        }
+
+        #[test]
+        fn diff_is_empty_exactly_when_the_canonical_fields_are_equal(a in arb_fields(), b in arb_fields()) {
+            prop_assert_eq!(changes(&a, &b).is_empty(), a.canonical() == b.canonical());
         }
     }
 }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use crate::{
     config::{Config, ConfigSources, Role},
     mongo,
-    secret::redact_uri,
+    secret::{redact_uri, scrub},
 };
 
 /// The version both binaries report: `BUILD_VERSION` when the build set it (container images
@@ -93,7 +93,8 @@ pub async fn check_config(args: &ConfigArgs, check: &CheckConfigArgs, role: Role
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("MongoDB at {target} cannot be reached: {e}");
+            let why = scrub(&e.to_string(), config.mongodb.uri.expose());
+            eprintln!("MongoDB at {target} cannot be reached: {why}");
             ExitCode::from(EXIT_UNAVAILABLE)
         }
     }

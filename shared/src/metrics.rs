@@ -73,6 +73,10 @@ one_label!(
     /// `reason="…"`.
     Reason = "reason"
 );
+one_label!(
+    /// `field="…"`: a tracked lab field.
+    Field = "field"
+);
 
 /// A monotonic count.
 #[derive(Debug, Clone, Default)]

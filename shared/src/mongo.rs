@@ -12,7 +12,7 @@ use mongodb::{
 
 use crate::{
     config::{ConfigError, ConfigProblem, MongoConfig, ReadPreferenceMode},
-    secret::redact_uri,
+    secret::scrub,
     Error, Result,
 };
 
@@ -22,6 +22,8 @@ pub const WIRE_VERSION_8_0: i32 = 25;
 pub const DUPLICATE_KEY: i32 = 11000;
 /// MongoDB's error code for a collection or database that does not exist.
 const NAMESPACE_NOT_FOUND: i32 = 26;
+/// MongoDB's error codes for a document larger than 16 MiB (as sent, or after an update).
+pub const DOCUMENT_TOO_LARGE: [i32; 3] = [10334, 17419, 17420];
 
 /// Builds a client from the configuration. Connecting is lazy: this fails only on a bad URI.
 ///
@@ -33,10 +35,8 @@ pub async fn connect(
     monitor: Option<EventHandler<CommandEvent>>,
 ) -> Result<Client> {
     let mut options = ClientOptions::parse(cfg.uri.expose()).await.map_err(|e| {
-        // The driver's message may quote the URI; say what is wrong without it.
-        let text = e
-            .to_string()
-            .replace(cfg.uri.expose(), &redact_uri(cfg.uri.expose()));
+        // The driver's message may quote the URI or parts of it; say what is wrong without them.
+        let text = scrub(&e.to_string(), cfg.uri.expose());
         Error::Config(ConfigError(vec![ConfigProblem {
             key: "mongodb.uri".into(),
             source: None,
@@ -188,6 +188,7 @@ pub async fn update_command(
         matched: n.saturating_sub(upserted),
         upserted,
         duplicate_upserts: Vec::new(),
+        too_large: Vec::new(),
     };
     let mut fatal = Vec::new();
     if let Ok(errors) = reply.get_array("writeErrors") {
@@ -197,6 +198,9 @@ pub async fn update_command(
             match usize::try_from(index) {
                 Ok(i) if code == i64::from(DUPLICATE_KEY) && upsert(i) => {
                     out.duplicate_upserts.push(i)
+                }
+                Ok(i) if DOCUMENT_TOO_LARGE.iter().any(|c| i64::from(*c) == code) => {
+                    out.too_large.push(i)
                 }
                 _ => fatal.push(format!(
                     "statement {index}: code {code}: {}",
@@ -225,4 +229,6 @@ pub struct UpdateReply {
     pub upserted: u64,
     /// Statements (by index) that were upserts and lost a race on a unique index.
     pub duplicate_upserts: Vec<usize>,
+    /// Statements (by index) refused because their document would pass 16 MiB.
+    pub too_large: Vec<usize>,
 }

@@ -122,6 +122,67 @@ impl LabFields {
     }
 }
 
+/// What a cut text ends with.
+pub const TRUNCATED: &str = "… [truncated]";
+/// Most group names kept per lab.
+pub const MAX_GROUPS: usize = 256;
+/// Longest group name kept, in characters.
+pub const MAX_GROUP_NAME: usize = 256;
+
+impl LabFields {
+    /// Longest text kept per field, in characters: far above CML's own limits (title 64,
+    /// description 4096, notes 32768, username 32, full name 128), low enough that a record
+    /// with a full history stays well under MongoDB's 16 MiB document limit.
+    pub fn text_limit(field: &str) -> usize {
+        match field {
+            "title" => 1024,
+            "description" => 16 * 1024,
+            "notes" => 64 * 1024,
+            "owner_fullname" => 512,
+            _ => 256,
+        }
+    }
+
+    /// Cuts what is longer than its limit (ending it with [`TRUNCATED`]); returns the names of
+    /// the fields cut.
+    pub fn bound(&mut self) -> Vec<&'static str> {
+        let mut cut = Vec::new();
+        for (name, text) in [
+            ("title", &mut self.title),
+            ("description", &mut self.description),
+            ("notes", &mut self.notes),
+            ("state", &mut self.state),
+            ("owner_username", &mut self.owner_username),
+            ("owner_fullname", &mut self.owner_fullname),
+        ] {
+            if truncate(text, Self::text_limit(name)) {
+                cut.push(name);
+            }
+        }
+        let mut groups_cut = self.groups.len() > MAX_GROUPS;
+        self.groups.truncate(MAX_GROUPS);
+        for g in &mut self.groups {
+            groups_cut |= truncate(g, MAX_GROUP_NAME);
+        }
+        if groups_cut {
+            cut.push("groups");
+        }
+        cut
+    }
+}
+
+/// Cuts `text` to `limit` characters, the last ones being [`TRUNCATED`]; false when it fit.
+pub fn truncate(text: &mut String, limit: usize) -> bool {
+    let Some((end, _)) = text.char_indices().nth(limit) else {
+        return false;
+    };
+    let keep = limit.saturating_sub(TRUNCATED.chars().count());
+    let keep_end = text.char_indices().nth(keep).map_or(end, |(i, _)| i);
+    text.truncate(keep_end);
+    text.push_str(TRUNCATED);
+    true
+}
+
 /// A lab as one listing of a CML server showed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedLab {
@@ -251,6 +312,26 @@ mod tests {
     use bson::doc;
 
     use super::*;
+
+    #[test]
+    fn long_text_is_cut_to_its_limit_with_a_mark() {
+        let mut f = LabFields {
+            title: "t".repeat(10 * 1024 * 1024),
+            notes: "é".repeat(70_000),
+            description: "short".into(),
+            groups: (0..300).map(|i| format!("g{i:03}")).collect(),
+            ..LabFields::default()
+        };
+        assert_eq!(f.bound(), ["title", "notes", "groups"]);
+        assert_eq!(f.title.chars().count(), LabFields::text_limit("title"));
+        assert!(f.title.ends_with(TRUNCATED));
+        assert_eq!(f.notes.chars().count(), LabFields::text_limit("notes"));
+        assert_eq!(f.description, "short");
+        assert_eq!(f.groups.len(), MAX_GROUPS);
+        let again = f.clone();
+        assert!(f.bound().is_empty(), "bounded fields stay as they are");
+        assert_eq!(f, again);
+    }
 
     #[test]
     fn lab_states_read_and_print_as_cml_names() {

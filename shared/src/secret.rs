@@ -93,17 +93,25 @@ impl<'de> Deserialize<'de> for Secret {
 
 /// A MongoDB connection string with its credentials replaced, safe for logs:
 /// `mongodb://user:pw@host/db?authSource=x` becomes `mongodb://***@host/db?authSource=x`.
+///
+/// Credentials run from `://` to the *last* `@`: a password may hold `/`, `?`, `:` or `@`
+/// (rightly percent-encoded or not), so nothing before that `@` is shown. A host whose port is
+/// not a number may be part of a password typed without its user or host: then nothing after
+/// the scheme is shown.
 pub fn redact_uri(uri: &str) -> String {
     let Some(scheme_end) = uri.find("://") else {
         return REDACTED.to_owned();
     };
-    let rest = &uri[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let hosts = match authority.rfind('@') {
-        Some(at) => format!("***@{}", &authority[at + 1..]),
-        None => authority.to_owned(),
+    let (scheme, rest) = (&uri[..scheme_end], &uri[scheme_end + 3..]);
+    let (credentials, after) = match rest.rfind('@') {
+        Some(at) => ("***@", &rest[at + 1..]),
+        None => ("", rest),
     };
+    let authority_end = after.find(['/', '?']).unwrap_or(after.len());
+    let (hosts, tail) = after.split_at(authority_end);
+    if !hosts.split(',').all(plain_host) {
+        return format!("{scheme}://***");
+    }
     // Options such as `authMechanismProperties=AWS_SESSION_TOKEN:...` may carry secrets too.
     let tail = match tail.find('?') {
         Some(q) => {
@@ -121,7 +129,82 @@ pub fn redact_uri(uri: &str) -> String {
         }
         None => tail.to_owned(),
     };
-    format!("{}://{hosts}{tail}", &uri[..scheme_end])
+    format!("{scheme}://{credentials}{hosts}{tail}")
+}
+
+/// `host`, `host:27017`, `[::1]:27017`: no room for a secret.
+fn plain_host(host: &str) -> bool {
+    let port = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((_, rest)) => rest.strip_prefix(':'),
+            None => return false,
+        },
+        None => host.split_once(':').map(|(_, port)| port),
+    };
+    port.is_none_or(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// `text` (a driver's error message, say) with every form of the URI's secrets replaced:
+/// the URI itself, its credentials, its password raw and percent-decoded, and the pieces of
+/// each. When the hosts are not plain (a password with an `@` in it, typed unencoded), all
+/// that follows the scheme counts as secret.
+pub fn scrub(text: &str, uri: &str) -> String {
+    const SEPARATORS: [char; 5] = ['/', '?', '@', ':', ','];
+    let mut out = text.replace(uri, &redact_uri(uri));
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some(at) = rest.rfind('@') {
+        let credentials = &rest[..at];
+        let password = credentials.split_once(':').map_or("", |(_, p)| p);
+        secrets.extend([
+            credentials.to_owned(),
+            password.to_owned(),
+            percent_decode(password),
+        ]);
+    }
+    let after = rest.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+    let hosts = &after[..after.find(['/', '?']).unwrap_or(after.len())];
+    if !hosts.split(',').all(plain_host) {
+        secrets.push(rest.to_owned());
+    }
+    let pieces: Vec<String> = secrets
+        .iter()
+        .flat_map(|s| s.split(SEPARATORS).map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    secrets.extend(pieces);
+    // Short pieces would mangle the message and tell little; the longest go first, so a part
+    // never leaves the rest of a longer one behind.
+    secrets.retain(|s| s.chars().count() >= 3);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    for secret in secrets {
+        out = out.replace(&secret, "***");
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|&b| hex(b)),
+            bytes.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -162,5 +245,68 @@ mod tests {
             "mongodb+srv://***@c.example/?authMechanismProperties=***"
         );
         assert_eq!(redact_uri("garbage"), "[redacted]");
+    }
+
+    /// Passwords with `/ ? @ : %` in them, typed as they are or percent-encoded.
+    const AWKWARD: [&str; 6] = [
+        "Mongo/S3CR?et",
+        "p@ss:w/rd?x=1",
+        "50%off/now",
+        "a:b:c@d",
+        "Mongo%2FS3CR%3Fet",
+        "sl/ash",
+    ];
+
+    #[test]
+    fn passwords_with_separators_in_them_never_show() {
+        for pw in AWKWARD {
+            for uri in [
+                format!("mongodb://user:{pw}@db1:27017,db2/?replicaSet=rs0"),
+                format!("mongodb+srv://user:{pw}@cluster.example/app"),
+                format!("mongodb://user:{pw}@host"),
+            ] {
+                let shown = redact_uri(&uri);
+                assert!(!shown.contains(pw), "{uri} -> {shown}");
+                for part in pw.split(['/', '?', '@', ':']).filter(|p| p.len() > 2) {
+                    assert!(!shown.contains(part), "{uri} -> {shown} shows {part}");
+                }
+                assert!(shown.contains("***@"), "{shown}");
+            }
+            // Typed without its host: no part of the password shows either.
+            let shown = redact_uri(&format!("mongodb://user:{pw}"));
+            for part in pw.split(['/', '?', '@', ':']).filter(|p| p.len() > 1) {
+                assert!(!shown.contains(part), "{pw} -> {shown} shows {part}");
+            }
+        }
+        assert_eq!(
+            redact_uri("mongodb://[::1]:27017/db"),
+            "mongodb://[::1]:27017/db"
+        );
+        assert_eq!(
+            redact_uri("mongodb://h1,h2:27018/"),
+            "mongodb://h1,h2:27018/"
+        );
+    }
+
+    #[test]
+    fn a_password_that_looks_like_a_host_is_scrubbed_too() {
+        let uri = "mongodb://labuser:p@ss:w0rd/x";
+        let message = "invalid server address ss:w0rd: the port must be an integer, got w0rd";
+        let clean = scrub(message, uri);
+        assert!(!clean.contains("w0rd"), "{clean}");
+        assert!(clean.contains("invalid server address"), "{clean}");
+    }
+
+    #[test]
+    fn driver_messages_are_scrubbed_of_every_form_of_the_password() {
+        let uri = "mongodb://user:Mongo%2FS3CR%3Fet@host/";
+        let message = format!(
+            "invalid URI {uri}: password Mongo%2FS3CR%3Fet (decoded Mongo/S3CR?et) is wrong for user:Mongo%2FS3CR%3Fet"
+        );
+        let clean = scrub(&message, uri);
+        for secret in ["Mongo%2FS3CR%3Fet", "Mongo/S3CR?et", "S3CR"] {
+            assert!(!clean.contains(secret), "{clean}");
+        }
+        assert!(clean.contains("mongodb://***@host/"), "{clean}");
     }
 }

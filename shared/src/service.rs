@@ -1,7 +1,12 @@
 //! Process plumbing both services share: the shutdown signal, serving HTTP on a bound listener
-//! (with the one machine-readable "listening" line), and the probe endpoints.
+//! within limits a hostile client cannot stretch (with the one machine-readable "listening"
+//! line), and the probe endpoints.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use axum::{
     http::{header, StatusCode},
@@ -9,9 +14,17 @@ use axum::{
     routing::get,
     Router,
 };
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use mongodb::Database;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 
 use crate::{metrics::Registry, mongo};
 
@@ -50,6 +63,29 @@ pub fn shutdown_signal() -> CancellationToken {
     token
 }
 
+/// What a client of an HTTP port may make the server hold: time, header bytes, connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// A request's headers must arrive within this; on HTTP/1 it also bounds the wait for the
+    /// next request on a kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    pub idle_timeout: Duration,
+    /// Most bytes of request headers a connection may buffer.
+    pub max_header_bytes: usize,
+    /// Most connections open at once; past it, new ones wait in the listen queue.
+    pub max_connections: usize,
+}
+
+/// hyper refuses HTTP/1 read buffers smaller than this.
+const MIN_HTTP1_BUFFER: usize = 8192;
+/// Most request header fields (HTTP/1).
+const MAX_HEADERS: usize = 100;
+/// Concurrent HTTP/2 streams per connection.
+const MAX_H2_STREAMS: u32 = 64;
+/// Pause after a failed `accept` (out of file descriptors, say) before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// A bound listener and the address it got (port 0 picks a free one).
 #[derive(Debug)]
 pub struct HttpListener {
@@ -74,18 +110,181 @@ impl HttpListener {
         self.addr
     }
 
-    /// Serves `router` until `shutdown`, then lets requests in flight finish. Logs the one
-    /// machine-readable line that says where it listens (`event = "listening"`).
-    pub async fn serve(self, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    /// Serves `router` within `limits` until `shutdown`, then lets requests in flight finish
+    /// (for at most `limits.idle_timeout`). Logs the one machine-readable line that says where
+    /// it listens (`event = "listening"`).
+    pub async fn serve(
+        self,
+        router: Router,
+        limits: ServerLimits,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         tracing::info!(
             event = "listening",
             endpoint = self.endpoint,
             address = %self.addr,
             "Listening for HTTP requests"
         );
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(MIN_HTTP1_BUFFER))
+            .max_headers(MAX_HEADERS);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .keep_alive_interval(limits.idle_timeout)
+            .keep_alive_timeout(limits.header_read_timeout);
+        let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let connections = TaskTracker::new();
+        loop {
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(event = "accept_failed", endpoint = self.endpoint, error = %e, "Cannot accept a connection");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            connections.spawn(serve_connection(
+                builder.clone(),
+                stream,
+                router.clone(),
+                limits,
+                shutdown.clone(),
+                slot,
+            ));
+        }
+        drop(self.listener);
+        connections.close();
+        connections.wait().await;
+        Ok(())
+    }
+}
+
+/// One connection: served until it ends, stays idle too long, or the server shuts down.
+async fn serve_connection(
+    builder: auto::Builder<TokioExecutor>,
+    stream: tokio::net::TcpStream,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let router = router.clone();
+            let busy = Busy::start(activity.clone());
+            async move {
+                let response = router.oneshot(request.map(axum::body::Body::new)).await;
+                drop(busy);
+                response
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let stop = tokio::select! {
+        done = conn.as_mut() => {
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            return;
+        }
+        _ = shutdown.cancelled() => "shutdown",
+        _ = activity.idle(limits) => "idle",
+    };
+    tracing::debug!(reason = stop, "Closing an HTTP connection");
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.idle_timeout, conn).await;
+}
+
+/// Requests in flight on one connection, since when it has had none, and whether it ever had
+/// one.
+#[derive(Debug)]
+struct Activity {
+    /// Requests in flight, and since when there are none (`None` while some run).
+    in_flight: Mutex<(usize, Option<Instant>)>,
+    served: std::sync::atomic::AtomicBool,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: Mutex::new((0, Some(Instant::now()))),
+            served: std::sync::atomic::AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Completes once the connection has been idle too long: no first request within the
+    /// header-read timeout of connecting (whatever bytes trickled in: HTTP/1 and HTTP/2 alike),
+    /// or no request in flight for the idle timeout since the last one.
+    async fn idle(&self, limits: ServerLimits) {
+        loop {
+            let since = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).1;
+            let allowed = if self.served.load(std::sync::atomic::Ordering::SeqCst) {
+                limits.idle_timeout
+            } else {
+                limits.header_read_timeout
+            };
+            match since {
+                Some(since) if since.elapsed() >= allowed => return,
+                Some(since) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until((since + allowed).into()) => {}
+                        _ = self.changed.notified() => {}
+                    }
+                }
+                None => self.changed.notified().await,
+            }
+        }
+    }
+}
+
+/// A request in flight; the connection is busy until it is dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity
+            .served
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut state = activity.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            *state = (state.0 + 1, None);
+        }
+        activity.changed.notify_one();
+        Self(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        {
+            let mut state = self.0.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let left = state.0.saturating_sub(1);
+            *state = (left, (left == 0).then(Instant::now));
+        }
+        self.0.changed.notify_one();
     }
 }
 

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bson::{doc, Bson, DateTime, Document};
+use futures::TryStreamExt;
 use shared::{
     change::{plan_sync, Listing, SyncPlan},
     config::{BatchWriteMode, MongoConfig},
@@ -58,6 +59,22 @@ fn plan_at_tick(
     listing: Listing,
 ) -> SyncPlan {
     plan_sync(worker, stored, labs, listing, tick()).expect("plan")
+}
+
+/// A worker's labs as the API lists them (sorted by title then id), at most `limit`.
+async fn listed(
+    store: &LabStore,
+    worker: &str,
+    include_removed: bool,
+    limit: usize,
+) -> Vec<LabRecord> {
+    store
+        .labs_of_worker(worker, include_removed, limit)
+        .await
+        .expect("list")
+        .try_collect()
+        .await
+        .expect("records")
 }
 
 /// Reads the worker's records, plans against a fresh listing, applies. Returns the plan.
@@ -150,12 +167,9 @@ async fn a_first_sync_creates_records_with_bson_dates() {
         }
         assert_eq!(raw.get("modified_at"), Some(&Bson::Null));
         assert_eq!(raw.get("removed_at"), Some(&Bson::Null));
+        // History is the list of changes: a new record has none (first_seen_at says when).
         let history = raw.get_array("operation_history").expect("history");
-        assert_eq!(history.len(), 1);
-        let entry = history[0].as_document().expect("entry");
-        assert!(matches!(entry.get("timestamp"), Some(Bson::DateTime(_))));
-        assert_eq!(entry.get("previous_state"), Some(&Bson::Null));
-        assert_eq!(entry.get_str("new_state").ok(), Some("STARTED"));
+        assert!(history.is_empty(), "{history:?}");
         assert!(uuid_like(raw.get_str("id").expect("id")));
         assert_eq!(raw.get_i32("node_count").ok(), Some(2));
         // Typed round trip: what was written reads back equal.
@@ -216,8 +230,12 @@ async fn a_change_writes_one_entry_with_every_changed_field() {
         let r = store.lab("w", "l1").await.expect("get").expect("exists");
         assert_eq!(r.fields.state, "STARTED");
         assert_eq!(r.fields.title, "A renamed");
-        assert_eq!(r.operation_history.len(), 2);
-        let e = &r.operation_history[1];
+        assert_eq!(r.operation_history.len(), 1);
+        let e = &r.operation_history[0];
+        assert!(matches!(
+            bson::to_bson(&e.timestamp).expect("bson"),
+            Bson::DateTime(_)
+        ));
         assert_eq!(e.previous_state.as_deref(), Some("STOPPED"));
         assert_eq!(e.new_state, "STARTED");
         assert_eq!(
@@ -278,14 +296,39 @@ async fn an_unchanged_sync_only_stamps_last_synced_at() {
     )
     .await;
     let before = store.lab("w", "l1").await.expect("get").expect("exists");
-    let mut same = lab("l1", "STOPPED", "  A ");
+    // Groups repeated or in another order are the same set: no change.
+    let mut same = lab("l1", "STOPPED", "A");
     same.fields.groups = vec!["g".into(), "g".into()];
     let plan = sync(&store, "w", vec![same], Listing::Complete).await;
     assert_eq!(plan.counts().unchanged, 1);
     let after = store.lab("w", "l1").await.expect("get").expect("exists");
     assert_eq!(after.operation_history, before.operation_history);
-    assert_eq!(after.fields.title, "A");
     assert!(after.last_synced_at > before.last_synced_at);
+}
+
+#[tokio::test]
+async fn a_whitespace_only_edit_is_stored_and_recorded() {
+    let db = TestDb::new("whitespace_edit").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    let mut first = lab("l1", "STOPPED", "A");
+    first.fields.notes = "## Notes\nSave configs.".into();
+    sync(&store, "w", vec![first.clone()], Listing::Complete).await;
+    let mut edited = first;
+    edited.fields.notes = "## Notes\n\nSave configs.".into();
+    let plan = sync(&store, "w", vec![edited], Listing::Complete).await;
+    assert_eq!(plan.counts().updated, 1);
+    let r = store.lab("w", "l1").await.expect("get").expect("exists");
+    assert_eq!(
+        r.fields.notes, "## Notes\n\nSave configs.",
+        "stored exactly"
+    );
+    assert_eq!(
+        r.operation_history[0]
+            .changed_fields
+            .keys()
+            .collect::<Vec<_>>(),
+        ["notes"]
+    );
 }
 
 #[tokio::test]
@@ -368,7 +411,7 @@ async fn two_tasks_creating_the_same_lab_at_once_leave_one_record() {
                 .await
                 .expect("get")
                 .expect("exists");
-            assert_eq!(r.operation_history.len(), 1, "{mode:?}: one creation entry");
+            assert!(r.operation_history.is_empty(), "{mode:?}: no history yet");
         }
     }
 }
@@ -402,7 +445,7 @@ async fn a_stale_plan_does_not_overwrite_a_newer_sync() {
     assert_eq!(outcome.conflicts, 1);
     let r = store.lab("w", "l1").await.expect("get").expect("exists");
     assert_eq!(r.fields.state, "STARTED");
-    assert_eq!(r.operation_history.len(), 2);
+    assert_eq!(r.operation_history.len(), 1);
 }
 
 #[tokio::test]
@@ -454,18 +497,13 @@ async fn vanish_reappear_and_purge() {
             (last.previous_state.as_deref(), last.new_state.as_str()),
             (Some("STOPPED"), REMOVED_STATE)
         );
-        let visible: Vec<String> = store
-            .labs_of_worker("w", false)
+        let visible: Vec<String> = listed(&store, "w", false, 100)
             .await
-            .expect("list")
             .into_iter()
             .map(|r| r.lab_id)
             .collect();
         assert_eq!(visible, ["l1"]);
-        assert_eq!(
-            store.labs_of_worker("w", true).await.expect("list").len(),
-            2
-        );
+        assert_eq!(listed(&store, "w", true, 100).await.len(), 2);
 
         // Purge keeps tombstones younger than the retention.
         assert_eq!(
@@ -540,20 +578,19 @@ async fn worker_labs_are_sorted_by_title_then_lab_id() {
         Listing::Complete,
     )
     .await;
-    let ids: Vec<String> = store
-        .labs_of_worker("w", false)
+    let ids: Vec<String> = listed(&store, "w", false, 100)
         .await
-        .expect("list")
         .into_iter()
         .map(|r| r.lab_id)
         .collect();
     assert_eq!(ids, ["b", "a", "c"]);
-    assert!(store
-        .labs_of_worker("nobody", false)
-        .await
-        .expect("list")
-        .is_empty());
-    let r = store.labs_of_worker("w", false).await.expect("list");
+    assert_eq!(
+        listed(&store, "w", false, 2).await.len(),
+        2,
+        "at most the limit"
+    );
+    assert!(listed(&store, "nobody", false, 100).await.is_empty());
+    let r = listed(&store, "w", false, 100).await;
     assert!(
         r.iter().all(|r| r.operation_history.is_empty()),
         "history is not fetched for listings"
@@ -663,7 +700,9 @@ async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
             "state": "STOPPED", "owner_username": "admin", "owner_fullname": "", "node_count": 2, "link_count": 1,
             "groups": ["g"], "cml_created_at": "2023-11-14T22:13:20+00:00Z", "modified_at": null,
             "first_seen_at": "2025-11-17T09:00:00+00:00", "last_synced_at": "2025-11-17T12:30:00+00:00",
-            "operation_history": [],
+            // The entry earlier versions wrote on first sight: not a change, so it goes.
+            "operation_history": [{ "timestamp": "2025-11-17T09:00:00Z", "previous_state": null,
+                                    "new_state": "STOPPED", "changed_fields": {} }],
         })
         .await
         .expect("legacy insert");
@@ -673,7 +712,8 @@ async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
         Some(DateTime::from_millis(1_700_000_000_000))
     );
 
-    assert_eq!(store.upgrade_legacy_documents().await.expect("upgrade"), 1);
+    // Two rewrites of the one document: its first-sight entry, its string dates.
+    assert_eq!(store.upgrade_legacy_documents().await.expect("upgrade"), 2);
     assert_eq!(
         store.upgrade_legacy_documents().await.expect("idempotent"),
         0
@@ -697,6 +737,11 @@ async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
         Some("legacy-id"),
         "an existing record id is kept"
     );
+    assert_eq!(
+        raw.get_array("operation_history").map(Vec::len).ok(),
+        Some(0),
+        "the first-sight entry is gone"
+    );
 
     let plan = sync(
         &store,
@@ -709,4 +754,59 @@ async fn documents_of_the_old_system_are_read_then_upgraded_in_place() {
     let r = store.lab("w", "l1").await.expect("get").expect("exists");
     assert_eq!(r.fields.state, "STARTED");
     assert_eq!(r.operation_history.len(), 1);
+}
+
+#[tokio::test]
+async fn a_record_too_large_for_mongodb_is_skipped_and_the_rest_written() {
+    for mode in MODES {
+        let db = TestDb::new("too_large").await;
+        let store = store(&db, mode).await;
+        sync(
+            &store,
+            "w",
+            vec![lab("l1", "STOPPED", "A")],
+            Listing::Complete,
+        )
+        .await;
+        // Past the 16 MiB document limit (the daemon bounds fields first; this is the backstop).
+        let mut huge = lab("l2", "STOPPED", "B");
+        huge.fields.notes = "n".repeat(17 * 1024 * 1024);
+        let stored = store.records_for_sync("w").await.expect("read");
+        let plan = plan_at_tick(
+            "w",
+            &stored,
+            vec![lab("l1", "STARTED", "A"), huge, lab("l3", "STOPPED", "C")],
+            Listing::Complete,
+        );
+        let outcome = store
+            .apply(&plan)
+            .await
+            .expect("the other writes go through");
+        assert_eq!(
+            outcome
+                .skipped
+                .iter()
+                .map(|s| s.lab_id.as_str())
+                .collect::<Vec<_>>(),
+            ["l2"],
+            "{mode:?}"
+        );
+        assert_eq!(
+            (outcome.created, outcome.matched, outcome.conflicts),
+            (1, 1, 0),
+            "{mode:?}"
+        );
+        assert_eq!(
+            store
+                .lab("w", "l1")
+                .await
+                .expect("get")
+                .expect("exists")
+                .fields
+                .state,
+            "STARTED"
+        );
+        assert!(store.lab("w", "l2").await.expect("get").is_none());
+        assert!(store.lab("w", "l3").await.expect("get").is_some());
+    }
 }

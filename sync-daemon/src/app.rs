@@ -59,7 +59,8 @@ impl App {
         .emit(&ctx.metrics);
         let probes = shared::service::probes(ctx.db.clone(), ctx.metrics.registry.clone());
         let admin_stop = CancellationToken::new();
-        let admin = tokio::spawn(self.admin.serve(probes, admin_stop.clone()));
+        let limits = ctx.config.sync.admin_limits();
+        let admin = tokio::spawn(self.admin.serve(probes, limits, admin_stop.clone()));
         let result = daemon::run(ctx, shutdown).await;
         admin_stop.cancel();
         let served = match admin.await {

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use bson::DateTime;
-use shared::metrics::{Kind, Outcome};
+use cml_client::payload::clip;
+use shared::metrics::{Field, Kind, Outcome};
 
 use crate::{metrics::Metrics, pass::PassReport, worker::WorkerOutcome, Error};
 
@@ -257,6 +258,76 @@ impl Event for ListingNote<'_> {
             note = self.note,
             "Worker labs fetched without populate_lab_tiles"
         );
+    }
+}
+
+/// Text of a lab longer than its limit was cut before it was stored.
+#[derive(Debug)]
+pub struct FieldsTruncated<'a> {
+    pub worker_id: &'a str,
+    pub lab_id: &'a str,
+    pub fields: &'a [&'static str],
+}
+
+impl Event for FieldsTruncated<'_> {
+    fn emit(&self, m: &Metrics) {
+        for field in self.fields {
+            m.fields_truncated.get(&Field(field)).inc();
+        }
+        tracing::warn!(
+            event = "fields_truncated", worker_id = self.worker_id,
+            lab_id = %clip(self.lab_id), fields = ?self.fields,
+            "Lab text longer than its limit was cut before it was stored"
+        );
+    }
+}
+
+/// A record could not be written (too large for MongoDB); the worker's other labs were.
+#[derive(Debug)]
+pub struct RecordSkipped<'a> {
+    pub worker_id: &'a str,
+    pub lab_id: &'a str,
+    pub reason: &'a str,
+}
+
+impl Event for RecordSkipped<'_> {
+    fn emit(&self, m: &Metrics) {
+        m.records_skipped.inc();
+        tracing::warn!(
+            event = "record_skipped", worker_id = self.worker_id, lab_id = %clip(self.lab_id),
+            reason = self.reason,
+            "A lab record could not be written; the worker's other labs were"
+        );
+    }
+}
+
+/// A listing that would remove labs was checked against the worker's id list.
+#[derive(Debug)]
+pub struct RemovalsChecked<'a> {
+    pub worker_id: &'a str,
+    /// Labs the listing alone would have removed.
+    pub planned: usize,
+    /// Labs absent from the id list too: removed.
+    pub confirmed: usize,
+    pub error: Option<&'a cml_client::Error>,
+}
+
+impl Event for RemovalsChecked<'_> {
+    fn emit(&self, m: &Metrics) {
+        let kept = self.planned - self.confirmed;
+        m.removals_kept.inc_by(kept as u64);
+        match self.error {
+            None => tracing::info!(
+                event = "removals_checked", worker_id = self.worker_id, planned = self.planned,
+                confirmed = self.confirmed, kept,
+                "Labs missing from the listing were checked against the id list; only those absent from both are removed"
+            ),
+            Some(error) => tracing::warn!(
+                event = "removals_checked", worker_id = self.worker_id, planned = self.planned,
+                confirmed = 0, kept, error = %error,
+                "Labs missing from the listing are kept: the id list cannot be read"
+            ),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use shared::metrics::{
-    Command, Counter, Family, Gauge, Histogram, Kind, Outcome, Registry, DURATION_BUCKETS,
+    Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Registry, DURATION_BUCKETS,
 };
 
 /// Every counter, gauge and histogram of the daemon.
@@ -17,6 +17,9 @@ pub struct Metrics {
     pub labs_removed: Counter,
     pub labs_purged: Counter,
     pub write_conflicts: Counter,
+    pub fields_truncated: Family<Field, Counter>,
+    pub records_skipped: Counter,
+    pub removals_kept: Counter,
     pub worker_syncs: Family<Outcome, Counter>,
     pub worker_failures: Family<Kind, Counter>,
     pub workers_in_flight: Gauge,
@@ -50,6 +53,18 @@ impl Default for Metrics {
             write_conflicts: r.counter(
                 "sync_write_conflicts",
                 "Record writes skipped because another sync got there first",
+            ),
+            fields_truncated: r.counters(
+                "sync_fields_truncated",
+                "Lab text fields cut to their limit before they were stored, by field",
+            ),
+            records_skipped: r.counter(
+                "sync_records_skipped",
+                "Lab records that could not be written (past MongoDB's document limit)",
+            ),
+            removals_kept: r.counter(
+                "sync_removals_kept",
+                "Labs missing from a listing but kept: the id list still names them, or cannot be read",
             ),
             worker_syncs: r.counters("sync_worker_syncs", "Worker syncs by outcome"),
             worker_failures: r

@@ -4,19 +4,22 @@
 //! A failure leaves the worker's records as they were: nothing is written before the listing is
 //! complete in memory, and every record write is atomic.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use bson::DateTime;
 use cml_client::{CmlTarget, FetchSource};
 use shared::{
-    change::{plan_sync, Listing, PlanCounts},
+    change::{plan_sync, Listing, PlanCounts, RecordWrite, SyncPlan},
     store::ApplyOutcome,
 };
 use tokio::time::Instant;
 
 use crate::{
     context::Context,
-    events::{Event, ListingNote, WorkerSyncFailed, WorkerSynced},
+    events::{
+        Event, FieldsTruncated, ListingNote, RecordSkipped, RemovalsChecked, WorkerSyncFailed,
+        WorkerSynced,
+    },
     status::StatusUpdate,
     Error, Result,
 };
@@ -31,6 +34,15 @@ pub struct WorkerOutcome {
     /// `bulk` (one `populate_lab_tiles`) or `fallback` (one call per lab).
     pub source: &'static str,
     pub cml_calls: u32,
+}
+
+impl WorkerOutcome {
+    /// Labs whose records now match what CML showed (those that could not be written left out).
+    pub fn labs_written(&self) -> usize {
+        self.counts
+            .synced
+            .saturating_sub(self.applied.skipped.len())
+    }
 }
 
 /// One worker's sync, done or failed: when it began, how long it took, what came of it.
@@ -57,7 +69,7 @@ impl WorkerSync {
     pub fn status(&self) -> StatusUpdate {
         let id = &self.target.worker_id;
         match &self.result {
-            Ok(o) => StatusUpdate::success(id, self.attempt_at, self.took, o.counts.synced),
+            Ok(o) => StatusUpdate::success(id, self.attempt_at, self.took, o.labs_written()),
             Err(e) => StatusUpdate::failure(id, self.attempt_at, self.took, &e.to_string()),
         }
     }
@@ -108,24 +120,49 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutc
         ctx.cml.fetch_labs(target),
         ctx.store.records_for_sync(&target.worker_id)
     );
-    let (fetched, stored) = (fetched?, stored?);
+    let (mut fetched, stored) = (fetched?, stored?);
+    let worker_id = target.worker_id.as_str();
     let complete = fetched.listing == Listing::Complete;
     if let Some(note) = &fetched.note {
         ListingNote {
-            worker_id: &target.worker_id,
+            worker_id,
             note,
             complete,
         }
         .emit(&ctx.metrics);
     }
-    let plan = plan_sync(
-        &target.worker_id,
+    for lab in &mut fetched.labs {
+        let fields = lab.fields.bound();
+        if !fields.is_empty() {
+            FieldsTruncated {
+                worker_id,
+                lab_id: &lab.lab_id,
+                fields: &fields,
+            }
+            .emit(&ctx.metrics);
+        }
+    }
+    let mut plan = plan_sync(
+        worker_id,
         &stored,
         fetched.labs,
         fetched.listing,
         DateTime::now(),
     )?;
+    let mut cml_calls = fetched.calls;
+    if plan.counts().removed > 0 {
+        confirm_removals(ctx, target, &mut plan).await;
+        cml_calls += 1;
+    }
     let applied = ctx.store.apply(&plan).await?;
+    for skipped in &applied.skipped {
+        RecordSkipped {
+            worker_id,
+            lab_id: &skipped.lab_id,
+            reason: &skipped.reason,
+        }
+        .emit(&ctx.metrics);
+    }
     Ok(WorkerOutcome {
         counts: plan.counts(),
         applied,
@@ -134,6 +171,32 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutc
             FetchSource::Bulk => "bulk",
             FetchSource::Fallback => "fallback",
         },
-        cml_calls: fetched.calls,
+        cml_calls,
     })
+}
+
+/// A listing that would tombstone labs is checked against the id list (one more call) first:
+/// a proxy or a server still starting may answer an empty or short tile map. Only labs absent
+/// from both are removed; when the id list cannot be read, none are.
+async fn confirm_removals(ctx: &Context, target: &CmlTarget, plan: &mut SyncPlan) {
+    let planned = plan.counts().removed;
+    let listed = ctx.cml.list_lab_ids(target).await;
+    let still_listed: HashSet<&str> = match &listed {
+        Ok(ids) => ids.iter().map(String::as_str).collect(),
+        Err(_) => HashSet::new(),
+    };
+    plan.writes.retain(|w| match w {
+        RecordWrite::Remove { lab_id, .. } => {
+            listed.is_ok() && !still_listed.contains(lab_id.as_str())
+        }
+        _ => true,
+    });
+    let confirmed = plan.counts().removed;
+    RemovalsChecked {
+        worker_id: &target.worker_id,
+        planned,
+        confirmed,
+        error: listed.as_ref().err(),
+    }
+    .emit(&ctx.metrics);
 }

@@ -189,3 +189,26 @@ async fn the_admin_address_comes_from_the_app_and_serves_probes_and_metrics() {
     stop.cancel();
     running.await.expect("joined").expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_closes_connections_that_send_nothing() {
+    use tokio::io::AsyncReadExt;
+    let db = TestDb::new("daemon_admin_limits").await;
+    let _f = fleet(&db, 1, 1).await;
+    let mut cfg = config(&db);
+    cfg.sync.admin_header_read_timeout = HumanDuration(Duration::from_millis(300));
+    let app = App::build(cfg, "test-replica").await.expect("app");
+    let addr = app.local_addr();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run(stop.clone()));
+    let mut silent = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(WAIT, silent.read(&mut buf))
+        .await
+        .expect("closed by the server, not left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    stop.cancel();
+    running.await.expect("joined").expect("clean stop");
+}

@@ -106,6 +106,58 @@ fn secrets_are_never_printed() {
     assert!(t.contains("[redacted]"), "{t}");
 }
 
+/// Passwords with URI separators in them, as typed (wrongly unencoded) or percent-encoded: no
+/// form of them reaches the output, whether the URI parses, fails to parse, or points nowhere.
+#[test]
+fn awkward_passwords_never_show_in_any_output() {
+    let passwords = [
+        "Mongo/S3CR?et",
+        "p@ss:w0rd/x",
+        "50%off/now",
+        "Mongo%2FS3CR%3Fet",
+    ];
+    for pw in passwords {
+        for uri in [
+            format!("mongodb://labuser:{pw}@127.0.0.1:9/?serverSelectionTimeoutMS=300"),
+            format!("mongodb://labuser:{pw}"),
+            format!("mongodb://labuser:{pw}@"),
+        ] {
+            for (binary, env) in [("sync-daemon", CML_PASSWORD), ("lab-api", API_NO_AUTH)] {
+                let out = run(
+                    binary,
+                    &["check-config", "--print"],
+                    &[
+                        ("CML_LABS_MONGODB__URI", &uri),
+                        env,
+                        ("CML_LABS_MONGODB__SERVER_SELECTION_TIMEOUT", "300ms"),
+                    ],
+                );
+                let t = text(&out);
+                assert_ne!(out.status.code(), Some(0), "{uri}: nothing answers: {t}");
+                let decoded = pw.replace("%2F", "/").replace("%3F", "?");
+                for secret in [pw, decoded.as_str(), "S3CR", "w0rd", "off/now"] {
+                    assert!(!t.contains(secret), "{binary} {uri} shows {secret}: {t}");
+                }
+            }
+            // A start that fails on the URI (or on the server) says why without it.
+            let out = run(
+                "sync-daemon",
+                &["once"],
+                &[
+                    ("CML_LABS_MONGODB__URI", &uri),
+                    CML_PASSWORD,
+                    ("CML_LABS_MONGODB__SERVER_SELECTION_TIMEOUT", "300ms"),
+                ],
+            );
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{uri}: {t}");
+            for secret in [pw, "S3CR", "w0rd", "off/now"] {
+                assert!(!t.contains(secret), "{uri}: start-up shows {secret}: {t}");
+            }
+        }
+    }
+}
+
 #[test]
 fn the_api_rejects_jwt_mode_without_its_settings() {
     let out = run("lab-api", &["check-config", "--offline"], &[]);

@@ -248,6 +248,23 @@ mod tests {
     }
 
     #[test]
+    fn durations_too_long_to_add_to_a_clock_are_refused_with_their_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CML_LABS_CML__PASSWORD", "pw");
+            jail.set_env("CML_LABS_SYNC__INTERVAL", "18446744073709551615s");
+            jail.set_env("CML_LABS_SYNC__RETRY_BASE", "0s");
+            jail.set_env("CML_LABS_API__REQUEST_TIMEOUT", "100years");
+            let err = load(Role::SyncDaemon).expect_err("too long");
+            let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["sync.interval", "sync.retry_base"], "{err}");
+            assert!(err.to_string().contains("CML_LABS_SYNC__INTERVAL"), "{err}");
+            let err = load(Role::LabApi).expect_err("too long");
+            assert_eq!(err.0[0].key, "api.request_timeout", "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_type_error_in_the_file_names_the_key_and_the_file() {
         Jail::expect_with(|jail| {
             jail.create_file("labs.toml", "[sync]\ninterval = \"often\"\n")?;

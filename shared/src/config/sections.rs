@@ -79,6 +79,10 @@ pub struct CmlConfig {
     pub use_private_ip: bool,
     /// Lab detail calls in flight per worker when `populate_lab_tiles` is unavailable.
     pub fallback_concurrency: usize,
+    /// Largest answer read from a CML server; a larger one fails the worker.
+    pub max_response_bytes: usize,
+    /// Most labs taken from one CML server; more fails the worker.
+    pub max_labs_per_worker: usize,
 }
 
 impl Default for CmlConfig {
@@ -92,6 +96,8 @@ impl Default for CmlConfig {
             request_timeout: HumanDuration::from_secs(30),
             use_private_ip: false,
             fallback_concurrency: 4,
+            max_response_bytes: 64 * 1024 * 1024,
+            max_labs_per_worker: 10_000,
         }
     }
 }
@@ -115,6 +121,11 @@ pub struct SyncConfig {
     /// Delay before the first retry of a failed worker (doubles per failure, jittered,
     /// capped at `interval`).
     pub retry_base: HumanDuration,
+    /// Limits of the admin port against slow or hostile clients (see `api.*` of the same names).
+    pub admin_header_read_timeout: HumanDuration,
+    pub admin_idle_timeout: HumanDuration,
+    pub admin_max_header_bytes: usize,
+    pub admin_max_connections: usize,
 }
 
 impl Default for SyncConfig {
@@ -132,6 +143,10 @@ impl Default for SyncConfig {
             lease_ttl: HumanDuration::from_secs(30),
             shutdown_grace: HumanDuration::from_secs(25),
             retry_base: HumanDuration::from_secs(60),
+            admin_header_read_timeout: HumanDuration::from_secs(10),
+            admin_idle_timeout: HumanDuration::from_secs(60),
+            admin_max_header_bytes: 16 * 1024,
+            admin_max_connections: 64,
         }
     }
 }
@@ -148,7 +163,19 @@ pub struct StaticWorker {
 pub struct ApiConfig {
     pub listen: String,
     pub request_timeout: HumanDuration,
+    /// Requests in flight at once, over the whole service; past it, new ones get 503 at once.
     pub max_concurrent_requests: usize,
+    /// Request headers must arrive within this (on HTTP/1 it also bounds idle keep-alive).
+    pub header_read_timeout: HumanDuration,
+    /// Connections with no request in flight for this long are closed.
+    pub idle_timeout: HumanDuration,
+    /// Most bytes of request headers one connection may buffer.
+    pub max_header_bytes: usize,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Most labs one response of a worker's labs carries; a worker with more gets a problem
+    /// document pointing to the paged listing.
+    pub max_labs_per_response: usize,
     pub cors_allowed_origins: Vec<String>,
     pub auth: AuthConfig,
 }
@@ -159,6 +186,11 @@ impl Default for ApiConfig {
             listen: "0.0.0.0:8080".into(),
             request_timeout: HumanDuration::from_secs(10),
             max_concurrent_requests: 512,
+            header_read_timeout: HumanDuration::from_secs(10),
+            idle_timeout: HumanDuration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+            max_labs_per_response: 5000,
             cors_allowed_origins: Vec::new(),
             auth: AuthConfig::default(),
         }
@@ -222,4 +254,28 @@ impl Default for TelemetryConfig {
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+impl ApiConfig {
+    /// What a client of the API port may make lab-api hold.
+    pub fn server_limits(&self) -> crate::service::ServerLimits {
+        crate::service::ServerLimits {
+            header_read_timeout: self.header_read_timeout.get(),
+            idle_timeout: self.idle_timeout.get(),
+            max_header_bytes: self.max_header_bytes,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+impl SyncConfig {
+    /// What a client of the admin port may make the daemon hold.
+    pub fn admin_limits(&self) -> crate::service::ServerLimits {
+        crate::service::ServerLimits {
+            header_read_timeout: self.admin_header_read_timeout.get(),
+            idle_timeout: self.admin_idle_timeout.get(),
+            max_header_bytes: self.admin_max_header_bytes,
+            max_connections: self.admin_max_connections,
+        }
+    }
 }

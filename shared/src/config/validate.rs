@@ -1,12 +1,20 @@
 //! Checks serde cannot express: ranges, addresses, URLs, names, and settings that only make
 //! sense together. Each binary checks only the sections it reads.
 
-use std::{collections::HashSet, net::SocketAddr, path::Path};
+use std::{collections::HashSet, net::SocketAddr, path::Path, time::Duration};
 
 use super::{
     ApiConfig, AuthMode, CmlConfig, Config, MongoConfig, Role, SyncConfig, TelemetryConfig,
 };
 use crate::duration::HumanDuration;
+
+// Bounds of durations: every one is checked, so none can overflow a clock later.
+const MS_100: Duration = Duration::from_millis(100);
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const MINUTES_5: Duration = Duration::from_secs(300);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
 
 impl Config {
     /// Semantic checks serde cannot express. Returns `(dotted key, message)` pairs.
@@ -41,9 +49,13 @@ impl Validator {
         }
     }
 
-    fn positive(&mut self, key: &str, d: HumanDuration) {
-        self.check(!d.get().is_zero(), key, || {
-            "must be longer than zero".into()
+    fn duration_range(&mut self, key: &str, d: HumanDuration, min: Duration, max: Duration) {
+        self.check((min..=max).contains(&d.get()), key, || {
+            format!(
+                "must be between {} and {}, got {d}",
+                HumanDuration(min),
+                HumanDuration(max)
+            )
         });
     }
 
@@ -109,9 +121,11 @@ impl MongoConfig {
         ] {
             v.name(key, value, &['$']);
         }
-        v.positive(
+        v.duration_range(
             "mongodb.server_selection_timeout",
             self.server_selection_timeout,
+            MS_100,
+            MINUTES_5,
         );
     }
 }
@@ -131,26 +145,73 @@ impl CmlConfig {
                 || format!("{} is not a readable file", self.ca_bundle),
             );
         }
-        v.positive("cml.connect_timeout", self.connect_timeout);
-        v.positive("cml.request_timeout", self.request_timeout);
+        v.duration_range(
+            "cml.connect_timeout",
+            self.connect_timeout,
+            MS_100,
+            MINUTES_5,
+        );
+        v.duration_range("cml.request_timeout", self.request_timeout, MS_100, HOUR);
         v.range("cml.fallback_concurrency", self.fallback_concurrency, 1, 64);
+        v.range(
+            "cml.max_response_bytes",
+            self.max_response_bytes,
+            64 * 1024,
+            1 << 30,
+        );
+        v.range(
+            "cml.max_labs_per_worker",
+            self.max_labs_per_worker,
+            1,
+            1_000_000,
+        );
     }
 }
 
 impl SyncConfig {
     fn validate(&self, v: &mut Validator) {
-        v.check(self.interval.get().as_secs() >= 1, "sync.interval", || {
-            "must be at least 1s".into()
-        });
+        v.duration_range("sync.interval", self.interval, SECOND, 7 * DAY);
         v.range("sync.concurrency", self.concurrency, 1, 1024);
-        v.positive("sync.worker_deadline", self.worker_deadline);
-        v.range("sync.history_limit", self.history_limit, 1, 1000);
-        v.check(
-            self.lease_ttl.get() >= std::time::Duration::from_secs(1),
-            "sync.lease_ttl",
-            || "must be at least 1s".into(),
+        v.duration_range("sync.worker_deadline", self.worker_deadline, SECOND, DAY);
+        v.duration_range(
+            "sync.removed_retention",
+            self.removed_retention,
+            Duration::ZERO,
+            3650 * DAY,
         );
-        v.positive("sync.retry_base", self.retry_base);
+        v.duration_range(
+            "sync.shutdown_grace",
+            self.shutdown_grace,
+            Duration::ZERO,
+            HOUR,
+        );
+        v.range("sync.history_limit", self.history_limit, 1, 1000);
+        v.duration_range(
+            "sync.admin_header_read_timeout",
+            self.admin_header_read_timeout,
+            MS_100,
+            MINUTES_5,
+        );
+        v.duration_range(
+            "sync.admin_idle_timeout",
+            self.admin_idle_timeout,
+            SECOND,
+            HOUR,
+        );
+        v.range(
+            "sync.admin_max_header_bytes",
+            self.admin_max_header_bytes,
+            8192,
+            1 << 20,
+        );
+        v.range(
+            "sync.admin_max_connections",
+            self.admin_max_connections,
+            1,
+            100_000,
+        );
+        v.duration_range("sync.lease_ttl", self.lease_ttl, SECOND, HOUR);
+        v.duration_range("sync.retry_base", self.retry_base, MS_100, DAY);
         v.socket_addr("sync.admin_listen", &self.admin_listen);
         if !self.workers_from_registry && self.static_workers.is_empty() {
             v.fail(
@@ -174,10 +235,30 @@ impl SyncConfig {
 impl ApiConfig {
     fn validate(&self, v: &mut Validator) {
         v.socket_addr("api.listen", &self.listen);
-        v.positive("api.request_timeout", self.request_timeout);
+        v.duration_range(
+            "api.request_timeout",
+            self.request_timeout,
+            MS_100,
+            10 * MINUTE,
+        );
         v.range(
             "api.max_concurrent_requests",
             self.max_concurrent_requests,
+            1,
+            1_000_000,
+        );
+        v.duration_range(
+            "api.header_read_timeout",
+            self.header_read_timeout,
+            MS_100,
+            MINUTES_5,
+        );
+        v.duration_range("api.idle_timeout", self.idle_timeout, SECOND, HOUR);
+        v.range("api.max_header_bytes", self.max_header_bytes, 8192, 1 << 20);
+        v.range("api.max_connections", self.max_connections, 1, 100_000);
+        v.range(
+            "api.max_labs_per_response",
+            self.max_labs_per_response,
             1,
             1_000_000,
         );

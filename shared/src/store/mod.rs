@@ -7,19 +7,19 @@ mod write;
 use std::time::Duration;
 
 use bson::{doc, Bson, DateTime, Document};
-use futures::TryStreamExt;
+use futures::{stream::BoxStream, StreamExt, TryStreamExt};
 use mongodb::{options::IndexOptions, Client, Collection, Database, IndexModel};
 use tokio::sync::OnceCell;
 
-pub use write::ApplyOutcome;
 use write::{history_document, Statement};
+pub use write::{ApplyOutcome, Skipped};
 
 use crate::{
     config::{BatchWriteMode, MongoConfig},
     cursor::PageCursor,
     mongo,
     record::{LabRecord, LabState},
-    Result,
+    Error, Result,
 };
 
 /// Access to `lab_records`. Cheap to clone; holds no state but the handle and the server's
@@ -111,12 +111,14 @@ impl LabStore {
         Ok(cursor.try_collect().await?)
     }
 
-    /// A worker's labs sorted by title then lab id, without `operation_history`.
+    /// A worker's labs sorted by title then lab id, without `operation_history`, at most
+    /// `limit`, as they arrive from the server.
     pub async fn labs_of_worker(
         &self,
         worker_id: &str,
         include_removed: bool,
-    ) -> Result<Vec<LabRecord>> {
+        limit: usize,
+    ) -> Result<BoxStream<'static, Result<LabRecord>>> {
         let mut filter = doc! { "worker_id": worker_id };
         if !include_removed {
             filter.insert("removed_at", Bson::Null);
@@ -126,8 +128,9 @@ impl LabStore {
             .find(filter)
             .sort(doc! { "title": 1, "lab_id": 1 })
             .projection(doc! { "operation_history": 0 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .await?;
-        Ok(cursor.try_collect().await?)
+        Ok(cursor.map_err(Error::from).boxed())
     }
 
     /// One record, with its history.
@@ -200,10 +203,25 @@ impl LabStore {
         Ok(result.deleted_count)
     }
 
-    /// Rewrites documents left by the system this replaces so they follow the stored contract:
-    /// ISO-string dates become BSON dates, a missing record `id` gets one. Safe to run at every
-    /// start; returns how many documents were rewritten.
+    /// Rewrites documents left by the system this replaces, or by earlier versions, so they
+    /// follow the stored contract: ISO-string dates become BSON dates, a missing record `id`
+    /// gets one, and the history entry once written on first sight (no previous state, no
+    /// changed field) goes: history is the list of changes. Safe to run at every start;
+    /// returns how many rewrites it made (a document may need both).
     pub async fn upgrade_legacy_documents(&self) -> Result<u64> {
+        let first_sight = doc! { "previous_state": null, "changed_fields": {} };
+        let pulled = self
+            .raw
+            .update_many(
+                doc! { "operation_history": { "$elemMatch": first_sight.clone() } },
+                doc! { "$pull": { "operation_history": first_sight } },
+            )
+            .await?
+            .modified_count;
+        Ok(pulled + self.upgrade_string_dates().await?)
+    }
+
+    async fn upgrade_string_dates(&self) -> Result<u64> {
         let string_dates: Vec<Document> = [
             "first_seen_at",
             "last_synced_at",
@@ -246,12 +264,13 @@ impl LabStore {
                 update: doc! { "$set": set },
                 upsert: false,
                 multi: false,
+                lab_id: Some(r.lab_id.clone()),
             });
         }
         if statements.is_empty() {
             return Ok(0);
         }
-        Ok(self.execute(&statements).await?.matched)
+        Ok(self.execute(statements).await?.matched)
     }
 }
 

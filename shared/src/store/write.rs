@@ -12,19 +12,24 @@ use super::LabStore;
 use crate::{
     change::{RecordWrite, SyncPlan},
     config::BatchWriteMode,
-    mongo::{self, DUPLICATE_KEY},
+    mongo::{self, DOCUMENT_TOO_LARGE, DUPLICATE_KEY},
     record::{HistoryEntry, LabFields},
     Error, Result,
 };
 
 /// Commands are single BSON documents (16 MiB at most); statements are batched well below that.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// A statement this large cannot travel in a command at all: its record is skipped.
+const MAX_STATEMENT_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
 /// The server's `maxWriteBatchSize` since 3.6.
 const MAX_BATCH_STATEMENTS: usize = 100_000;
 
 /// What applying a plan did, as MongoDB counted it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
+    /// Records that could not be written (their document would pass MongoDB's 16 MiB limit);
+    /// the other writes of the sync went through.
+    pub skipped: Vec<Skipped>,
     /// Records inserted.
     pub created: u64,
     /// Record writes (updates, removals, creates raced by another writer) that matched a record.
@@ -37,6 +42,13 @@ pub struct ApplyOutcome {
     pub round_trips: u32,
 }
 
+/// A record that could not be written, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub lab_id: String,
+    pub reason: String,
+}
+
 /// One statement of the `update` command.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Statement {
@@ -44,6 +56,8 @@ pub(crate) struct Statement {
     pub update: Document,
     pub upsert: bool,
     pub multi: bool,
+    /// The lab a single-record statement writes.
+    pub lab_id: Option<String>,
 }
 
 impl Statement {
@@ -52,11 +66,12 @@ impl Statement {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct BatchCounts {
     pub matched: u64,
     pub upserted: u64,
     pub round_trips: u32,
+    pub skipped: Vec<Skipped>,
 }
 
 impl LabStore {
@@ -75,19 +90,22 @@ impl LabStore {
         if statements.is_empty() {
             return Ok(ApplyOutcome::default());
         }
-        let counts = self.execute(&statements).await?;
+        let counts = self.execute(statements).await?;
         // The stamp matches every unchanged record: they exist and are not removed, and nothing
         // but a purge of removed records deletes records. What remains matched is the record
         // writes'. Creates always land (inserted, or matched after a race); any other write that
-        // matched nothing lost a race with another writer and is left to the next sync.
+        // matched nothing, and was not skipped, lost a race with another writer and is left to
+        // the next sync.
         let stamped = (plan.unchanged.len() as u64).min(counts.matched);
         let matched = counts.matched - stamped;
+        let skipped = counts.skipped.len() as u64;
         Ok(ApplyOutcome {
             created: counts.upserted,
             matched,
-            conflicts: singles.saturating_sub(matched + counts.upserted),
+            conflicts: singles.saturating_sub(matched + counts.upserted + skipped),
             stamped,
             round_trips: counts.round_trips,
+            skipped: counts.skipped,
         })
     }
 
@@ -108,11 +126,19 @@ impl LabStore {
     }
 
     /// Sends statements in as few commands as the size limits allow. Upserts that lose a race
-    /// on the unique index (a duplicate key error) are retried once: they then match.
-    pub(crate) async fn execute(&self, statements: &[Statement]) -> Result<BatchCounts> {
+    /// on the unique index (a duplicate key error) are retried once: they then match. A record
+    /// whose document would pass 16 MiB is skipped, the rest written.
+    pub(crate) async fn execute(&self, statements: Vec<Statement>) -> Result<BatchCounts> {
         let bulk = self.use_bulk_write_command().await?;
         let mut total = BatchCounts::default();
-        for chunk in chunks(statements) {
+        let (statements, oversized): (Vec<Statement>, Vec<Statement>) = statements
+            .into_iter()
+            .partition(|s| statement_size(s) <= MAX_STATEMENT_BYTES);
+        total.skipped.extend(oversized.into_iter().map(|s| Skipped {
+            lab_id: s.lab_id.unwrap_or_default(),
+            reason: "the record would pass MongoDB's 16 MiB document limit".into(),
+        }));
+        for chunk in chunks(&statements) {
             let mut pending: Vec<Statement> = chunk.to_vec();
             for attempt in 0..2 {
                 let (counts, retry) = if bulk {
@@ -123,6 +149,7 @@ impl LabStore {
                 total.matched += counts.matched;
                 total.upserted += counts.upserted;
                 total.round_trips += 1;
+                total.skipped.extend(counts.skipped);
                 if retry.is_empty() {
                     break;
                 }
@@ -153,6 +180,7 @@ impl LabStore {
                 matched: reply.matched,
                 upserted: reply.upserted,
                 round_trips: 1,
+                skipped: too_large(statements, &reply.too_large),
             },
             reply.duplicate_upserts,
         ))
@@ -189,6 +217,7 @@ impl LabStore {
                     matched: r.matched_count.max(0) as u64,
                     upserted: r.upserted_count.max(0) as u64,
                     round_trips: 1,
+                    skipped: Vec::new(),
                 },
                 Vec::new(),
             )),
@@ -207,10 +236,13 @@ fn partial_bulk_write(
         return Err(e.into());
     };
     let mut retry = Vec::new();
+    let mut oversized = Vec::new();
     let mut fatal = Vec::new();
     for (&i, we) in &bw.write_errors {
         if we.code == DUPLICATE_KEY && statements.get(i).is_some_and(|s| s.upsert) {
             retry.push(i);
+        } else if DOCUMENT_TOO_LARGE.contains(&we.code) {
+            oversized.push(i);
         } else {
             fatal.push(format!("statement {i}: code {}: {}", we.code, we.message));
         }
@@ -236,9 +268,26 @@ fn partial_bulk_write(
             matched: matched.max(0) as u64,
             upserted: upserted.max(0) as u64,
             round_trips: 1,
+            skipped: too_large(statements, &oversized),
         },
         retry,
     ))
+}
+
+/// The records of statements MongoDB refused as too large.
+fn too_large(statements: &[Statement], indices: &[usize]) -> Vec<Skipped> {
+    indices
+        .iter()
+        .filter_map(|&i| statements.get(i))
+        .map(|s| Skipped {
+            lab_id: s.lab_id.clone().unwrap_or_default(),
+            reason: "MongoDB refused the record: it would pass the 16 MiB document limit".into(),
+        })
+        .collect()
+}
+
+fn statement_size(s: &Statement) -> usize {
+    bson::to_vec(&s.to_document()).map_or(usize::MAX, |v| v.len())
 }
 
 /// Splits statements into commands that stay under the server's size and count limits.
@@ -284,17 +333,18 @@ pub(crate) fn write_statement(
     Ok(match write {
         // Everything goes in with `$setOnInsert`: if another writer created the record a
         // moment earlier, this write only stamps it, and the next sync diffs against it.
-        RecordWrite::Create { lab, entry } => {
+        RecordWrite::Create { lab } => {
             let mut on_insert = fields_document(&lab.fields)?;
             on_insert.insert("id", uuid::Uuid::new_v4().to_string());
             on_insert.insert("first_seen_at", now);
             on_insert.insert("removed_at", Bson::Null);
-            on_insert.insert("operation_history", vec![history_document(entry)?]);
+            on_insert.insert("operation_history", Bson::Array(Vec::new()));
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id },
                 update: doc! { "$setOnInsert": on_insert, "$set": { "last_synced_at": now } },
                 upsert: true,
                 multi: false,
+                lab_id: Some(lab.lab_id.clone()),
             }
         }
         RecordWrite::Update {
@@ -311,6 +361,7 @@ pub(crate) fn write_statement(
                 update: doc! { "$set": set, "$push": push(entry)? },
                 upsert: false,
                 multi: false,
+                lab_id: Some(lab.lab_id.clone()),
             }
         }
         RecordWrite::Remove {
@@ -322,6 +373,7 @@ pub(crate) fn write_statement(
             update: doc! { "$set": { "removed_at": now }, "$push": push(entry)? },
             upsert: false,
             multi: false,
+            lab_id: Some(lab_id.clone()),
         },
     })
 }
@@ -333,6 +385,7 @@ fn stamp_statement(worker_id: &str, lab_ids: &[String], now: DateTime) -> Statem
         update: doc! { "$set": { "last_synced_at": now } },
         upsert: false,
         multi: true,
+        lab_id: None,
     }
 }
 
@@ -354,7 +407,6 @@ mod tests {
     fn create_sets_everything_on_insert_only() {
         let w = RecordWrite::Create {
             lab: ObservedLab::new("l1", LabFields::default()),
-            entry: entry(),
         };
         let s = write_statement("w1", &w, DateTime::from_millis(5), 50).expect("encodes");
         assert!(s.upsert && !s.multi);
@@ -404,12 +456,14 @@ mod tests {
             update: doc! { "$set": { "notes": "x".repeat(3 * 1024 * 1024) } },
             upsert: false,
             multi: false,
+            lab_id: None,
         };
         let small = Statement {
             filter: doc! {},
             update: doc! {},
             upsert: false,
             multi: false,
+            lab_id: None,
         };
         let list = vec![big.clone(), big.clone(), big.clone(), small.clone()];
         let sizes: Vec<usize> = chunks(&list).iter().map(|c| c.len()).collect();

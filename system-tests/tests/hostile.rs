@@ -1,0 +1,227 @@
+//! sync-daemon against CML servers that misbehave or are hostile, end to end: the real binary,
+//! the simulator, MongoDB. One bad server never hurts the others, the daemon, or the records.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cml_sim::Faults;
+use serde_json::Value;
+use shared::record::TRUNCATED;
+use system_tests::{log_lines, output_text, wait_metric, Fixture};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// The daemon's memory limit in the Kubernetes manifests (k8s/base/sync-daemon.yaml).
+const POD_LIMIT_KIB: u64 = 256 * 1024;
+
+fn events(out: &std::process::Output, event: &str) -> Vec<Value> {
+    log_lines(&String::from_utf8_lossy(&out.stderr))
+        .into_iter()
+        .filter(|l| l["event"] == event)
+        .collect()
+}
+
+/// A server of another origin that records every request it gets.
+async fn collector() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method, uri: axum::http::Uri, body: String| {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .expect("lock")
+                    .push(format!("{method} {uri} {body}"));
+                axum::Json(serde_json::json!("a-stolen-token"))
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_server_fails_alone_and_never_gets_the_password_sent_elsewhere() {
+    let (elsewhere, seen) = collector().await;
+    let f = Fixture::new("hostile_redirect", 2, 3).await;
+    let (bad, good) = (&f.fleet.fleet.workers[0], &f.fleet.fleet.workers[1]);
+    bad.set_faults(Faults {
+        redirect_login_to: Some(format!("{elsewhere}/api/v0/authenticate")),
+        ..Faults::default()
+    });
+    let out = f.once(&[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let failed = events(&out, "worker_sync_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["worker_id"], bad.id.as_str());
+    assert_eq!(failed[0]["kind"], "cml_redirect");
+    let records = f.records().await;
+    assert_eq!(records.iter().filter(|r| r.worker_id == good.id).count(), 3);
+    assert!(records.iter().all(|r| r.worker_id != bad.id));
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "nothing reached the other origin: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_answer_fails_its_worker_within_the_pods_memory() {
+    let f = Fixture::new("hostile_huge_body", 2, 3).await;
+    let mut d = f.spawn("huge_body", &[("CML_LABS_SYNC__INTERVAL", "2s")]);
+    let admin = d.admin_base().await;
+    wait_metric(
+        &admin,
+        "sync_cycles_total",
+        &[("outcome", "success")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    let bad = f.fleet.fleet.workers[0].clone();
+    let before: Vec<_> = f
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.worker_id == bad.id)
+        .collect();
+    // Its next answer is 200 MiB; and a lab changed, which must not be written meanwhile.
+    bad.set_faults(Faults {
+        tiles_padding_bytes: 200 * 1024 * 1024,
+        ..Faults::default()
+    });
+    bad.update_lab(&bad.lab_ids()[0], |l| l.title = "changed".into());
+    wait_metric(
+        &admin,
+        "sync_worker_failures_total",
+        &[("kind", "cml_too_large")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    let peak_kib = peak_rss_kib(&d);
+    eprintln!(
+        "sync-daemon peak RSS after a 200 MiB answer: {} MiB",
+        peak_kib / 1024
+    );
+    assert!(peak_kib < POD_LIMIT_KIB, "peak RSS {peak_kib} KiB");
+    let after: Vec<_> = f
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.worker_id == bad.id)
+        .collect();
+    assert_eq!(
+        after, before,
+        "the failing worker's records are as they were"
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(WAIT).await.success());
+}
+
+fn peak_rss_kib(d: &system_tests::Daemon) -> u64 {
+    let pid = d.child.id().expect("running");
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_lab_is_cut_and_its_worker_synced() {
+    let f = Fixture::new("hostile_oversized", 1, 3).await;
+    let w = f.fleet.fleet.workers[0].clone();
+    let ids = w.lab_ids();
+    // A 10 MB title, and 4 MB of notes that change twice (history keeps old and new).
+    w.update_lab(&ids[0], |l| l.title = "t".repeat(10 * 1024 * 1024));
+    w.update_lab(&ids[1], |l| l.notes = "a".repeat(4 * 1024 * 1024));
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let cut = events(&out, "fields_truncated");
+    assert_eq!(cut.len(), 2, "{cut:?}");
+    for (i, fill) in ["b", "c"].into_iter().enumerate() {
+        w.update_lab(&ids[1], |l| l.notes = fill.repeat(4 * 1024 * 1024));
+        let out = f.once(&[]).await;
+        assert!(out.status.success(), "change {i}: {}", output_text(&out));
+    }
+    let title = f.record(&w.id, &ids[0]).await.fields.title;
+    assert!(
+        title.ends_with(TRUNCATED) && title.chars().count() == 1024,
+        "{}",
+        title.len()
+    );
+    let notes = f.record(&w.id, &ids[1]).await;
+    assert!(notes.fields.notes.starts_with('c') && notes.fields.notes.ends_with(TRUNCATED));
+    assert_eq!(notes.operation_history.len(), 2, "both changes recorded");
+    let status = f.status(&w.id).await;
+    assert_eq!(status.get_i64("consecutive_failures").ok(), Some(0));
+    assert_eq!(
+        status.get_i64("lab_count").ok(),
+        Some(3),
+        "every lab written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_tile_map_wipes_nothing_and_a_real_removal_still_lands() {
+    let f = Fixture::new("hostile_empty_tiles", 1, 4).await;
+    assert!(f.once(&[]).await.status.success());
+    let w = f.fleet.fleet.workers[0].clone();
+    w.set_faults(Faults {
+        empty_tiles: true,
+        ..Faults::default()
+    });
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let checked = events(&out, "removals_checked");
+    assert_eq!(
+        (
+            checked[0]["planned"].as_u64(),
+            checked[0]["confirmed"].as_u64()
+        ),
+        (Some(4), Some(0)),
+        "{checked:?}"
+    );
+    assert!(f.records().await.iter().all(|r| r.removed_at.is_none()));
+    // A lab really deleted (the tile map still empty): only it goes.
+    let gone = w.lab_ids()[0].clone();
+    w.delete_lab(&gone);
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let records = f.records().await;
+    let removed: Vec<&str> = records
+        .iter()
+        .filter(|r| r.removed_at.is_some())
+        .map(|r| r.lab_id.as_str())
+        .collect();
+    assert_eq!(removed, [gone.as_str()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_a_server_sends_is_clipped_in_the_logs() {
+    let f = Fixture::new("hostile_long_errors", 1, 2).await;
+    f.fleet.fleet.workers[0].set_faults(Faults {
+        error_rate: 1.0,
+        error_statuses: vec![500],
+        error_description_bytes: 5 * 1024 * 1024,
+        ..Faults::default()
+    });
+    let out = f.once(&[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let longest = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest < 4096, "a log line of {longest} bytes");
+    assert_eq!(
+        events(&out, "worker_sync_failed")[0]["kind"],
+        "cml_http_status"
+    );
+}
