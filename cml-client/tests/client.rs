@@ -477,34 +477,12 @@ async fn tokens_expire_by_themselves_too() {
     assert_eq!(f.fleet.workers[0].calls().get("authenticate"), Some(&2));
 }
 
-/// A server of another origin that records every request it gets (method, path, body).
-async fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::sync::{Arc, Mutex};
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let log = seen.clone();
-    let app = axum::Router::new().fallback(
-        move |method: axum::http::Method, uri: axum::http::Uri, body: String| {
-            let log = log.clone();
-            async move {
-                log.lock()
-                    .expect("lock")
-                    .push(format!("{method} {uri} {body}"));
-                // What a thief would answer: a plausible token, plausible labs.
-                axum::Json(serde_json::json!({"lab_tiles": {"stolen": {"lab_title": "x"}}}))
-            }
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, seen)
-}
-
 #[tokio::test]
 async fn redirects_are_never_followed_so_the_password_stays_home() {
-    let (elsewhere, seen) = collector().await;
+    // What a thief would answer: plausible labs.
+    let other =
+        testkit::origin::Origin::start(serde_json::json!({"lab_tiles": {"stolen": {}}})).await;
+    let elsewhere = &other.url;
     let f = fleet(2, 2, vec![Personality::V2_10], ServeOptions::default()).await;
     let client = CmlClient::new(&config()).expect("client");
     f.fleet.workers[0].set_faults(Faults {
@@ -531,9 +509,10 @@ async fn redirects_are_never_followed_so_the_password_stays_home() {
         .await
         .expect_err("redirected");
     assert_eq!(err.metric_label(), "cml_redirect", "{err}");
-    assert!(
-        seen.lock().expect("lock").is_empty(),
-        "nothing reached the other origin: {seen:?}"
+    assert_eq!(
+        other.requests(),
+        Vec::<String>::new(),
+        "nothing reached the other origin"
     );
 }
 

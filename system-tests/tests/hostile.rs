@@ -1,10 +1,7 @@
 //! sync-daemon against CML servers that misbehave or are hostile, end to end: the real binary,
 //! the simulator, MongoDB. One bad server never hurts the others, the daemon, or the records.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use cml_sim::Faults;
 use serde_json::Value;
@@ -22,32 +19,10 @@ fn events(out: &std::process::Output, event: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A server of another origin that records every request it gets.
-async fn collector() -> (String, Arc<Mutex<Vec<String>>>) {
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let log = seen.clone();
-    let app = axum::Router::new().fallback(
-        move |method: axum::http::Method, uri: axum::http::Uri, body: String| {
-            let log = log.clone();
-            async move {
-                log.lock()
-                    .expect("lock")
-                    .push(format!("{method} {uri} {body}"));
-                axum::Json(serde_json::json!("a-stolen-token"))
-            }
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirecting_server_fails_alone_and_never_gets_the_password_sent_elsewhere() {
-    let (elsewhere, seen) = collector().await;
+    let other = testkit::origin::Origin::start(serde_json::json!("a-stolen-token")).await;
+    let elsewhere = &other.url;
     let f = Fixture::new("hostile_redirect", 2, 3).await;
     let (bad, good) = (&f.fleet.fleet.workers[0], &f.fleet.fleet.workers[1]);
     bad.set_faults(Faults {
@@ -63,9 +38,10 @@ async fn a_redirecting_server_fails_alone_and_never_gets_the_password_sent_elsew
     let records = f.records().await;
     assert_eq!(records.iter().filter(|r| r.worker_id == good.id).count(), 3);
     assert!(records.iter().all(|r| r.worker_id != bad.id));
-    assert!(
-        seen.lock().expect("lock").is_empty(),
-        "nothing reached the other origin: {seen:?}"
+    assert_eq!(
+        other.requests(),
+        Vec::<String>::new(),
+        "nothing reached the other origin"
     );
 }
 

@@ -422,3 +422,4 @@ where
 
 pub mod logs;
 pub mod metrics;
+pub mod origin;
