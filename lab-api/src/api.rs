@@ -3,12 +3,17 @@
 
 use axum::extract::{Path, RawQuery, State};
 use futures::TryStreamExt;
-use shared::{cursor::PageCursor, record::LabState, store::LabFilter};
+use shared::{
+    cursor::PageCursor,
+    fleet::{self, FleetFilter, FleetKey},
+    record::LabState,
+    store::LabFilter,
+};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     app::AppState,
-    dto::{FleetLab, LabPage, LabRecordDto, SyncStatusDto, UiLab},
+    dto::{FleetLab, FleetPage, FleetWorkerDto, LabPage, LabRecordDto, SyncStatusDto, UiLab},
     etag::Tagged,
     openapi::ReadErrors,
     params::{self, Cursor, Id, Region, Username},
@@ -23,6 +28,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(lab))
         .routes(routes!(fleet_labs))
         .routes(routes!(sync_status))
+        .routes(routes!(fleet_status))
 }
 
 /// A worker's labs, sorted by title then lab id, in the UI's shape.
@@ -67,7 +73,7 @@ pub async fn legacy_worker_labs(
     Path((region, worker_id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Tagged, ApiError> {
-    params::region(&region)?;
+    params::region("aws_region", &region)?;
     labs_of(&s, &worker_id, q.as_deref()).await
 }
 
@@ -202,4 +208,51 @@ pub async fn sync_status(
             "Worker {worker_id} was never synced."
         ))),
     }
+}
+
+/// Every worker the registry or the sync status knows, with how its syncs go, most urgent
+/// first (failing, then stale, then the rest), a page at a time.
+#[utoipa::path(
+    get, path = "/api/sync-status", tag = "workers",
+    params(
+        ("stale" = Option<bool>, Query, description = "Only workers without a success for more than two sync intervals (or never), or only the others"),
+        ("failing" = Option<bool>, Query, description = "Only workers whose last sync failed, or only the others"),
+        ("region" = Option<Region>, Query, description = "Only workers of this AWS region"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1–1000 (default 100)", minimum = 1, maximum = 1000),
+        ("cursor" = Option<Cursor>, Query, description = "`next_cursor` of the previous page (opaque)"),
+    ),
+    responses((status = 200, description = "One page", body = FleetPage), ReadErrors),
+    security(("bearer" = []))
+)]
+pub async fn fleet_status(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Tagged, ApiError> {
+    let q = params::query(
+        q.as_deref(),
+        &["stale", "failing", "region", "limit", "cursor"],
+    )?;
+    let filter = FleetFilter {
+        stale: params::optional_boolean(&q, "stale")?,
+        failing: params::optional_boolean(&q, "failing")?,
+        region: match q.get("region") {
+            Some(r) => Some(params::region("region", r)?.to_owned()),
+            None => None,
+        },
+    };
+    let limit = params::limit(&q)?;
+    let after = match q.get("cursor") {
+        Some(c) => Some(
+            FleetKey::decode(c)
+                .map_err(|_| ApiError::bad("cursor", "is not a cursor this API issued"))?,
+        ),
+        None => None,
+    };
+    let (workers, statuses) = tokio::try_join!(s.registry.all(), s.status.all())?;
+    let view = fleet::fleet(workers, statuses, bson::DateTime::now(), s.stale_after);
+    let (items, next) = fleet::page(view, &filter, after.as_ref(), limit);
+    Tagged::json(&FleetPage {
+        items: items.iter().map(FleetWorkerDto::from).collect(),
+        next_cursor: next.map(|k| k.encode()),
+    })
 }

@@ -13,9 +13,10 @@ use axum::{
 };
 use mongodb::{Client, Database};
 use shared::{
-    config::{ApiConfig, AuthMode, Config, MongoConfig},
+    config::{ApiConfig, AuthMode, Config, MongoConfig, SyncConfig},
     metrics::Registry,
     mongo,
+    registry::WorkerRegistry,
     service::{probes, HttpListener, ServerLimits},
     status::SyncStatusReader,
     store::LabStore,
@@ -40,7 +41,10 @@ pub const OPEN_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.
 pub struct AppState {
     pub store: LabStore,
     pub status: SyncStatusReader,
+    pub registry: WorkerRegistry,
     pub db: Database,
+    /// A worker without a success for this long is stale: two sync intervals (`sync.interval`).
+    pub stale_after: Duration,
     /// `api.max_labs_per_response`, set by [`router`] from the configuration.
     pub max_labs_per_response: usize,
 }
@@ -52,7 +56,9 @@ impl AppState {
             // The API never writes: the history limit is the daemon's business.
             store: LabStore::new(client, cfg, 1),
             status: SyncStatusReader::new(&db, &cfg.sync_status_collection),
+            registry: WorkerRegistry::new(&db, &cfg.workers_collection),
             db,
+            stale_after: 2 * SyncConfig::default().interval.get(),
             max_labs_per_response: ApiConfig::default().max_labs_per_response,
         }
     }
@@ -173,7 +179,9 @@ impl App {
             .build()
             .map_err(|e| ApiError::Internal(format!("cannot build the HTTP client: {e}")))?;
         let auth = Arc::new(Authenticator::from_config(&config.api.auth, http));
-        let (router, metrics) = router(AppState::new(&client, &config.mongodb), auth, &config.api);
+        let mut state = AppState::new(&client, &config.mongodb);
+        state.stale_after = 2 * config.sync.interval.get();
+        let (router, metrics) = router(state, auth, &config.api);
         let addr = config.api.listen.clone();
         let listener = HttpListener::bind(&addr, "api")
             .await

@@ -6,7 +6,7 @@ use bson::{Bson, DateTime};
 use chrono::SecondsFormat;
 use serde::Serialize;
 use serde_json::Value;
-use shared::{record::LabRecord, status::WorkerSyncStatus};
+use shared::{fleet::FleetEntry, record::LabRecord, status::WorkerSyncStatus};
 use utoipa::ToSchema;
 
 /// ISO-8601 in UTC with a `Z`, e.g. `2025-11-17T10:00:00Z` (milliseconds only when present).
@@ -194,6 +194,56 @@ impl From<&WorkerSyncStatus> for SyncStatusDto {
             last_duration_ms: s.last_duration_ms,
         }
     }
+}
+
+/// One worker in the fleet view.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FleetWorkerDto {
+    pub worker_id: String,
+    /// From the registry (null for a worker it does not list).
+    pub name: Option<String>,
+    pub aws_region: Option<String>,
+    /// The registry's status (`running`, `stopped`, …); null when the registry does not list it.
+    pub registry_status: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub last_success_at: Option<String>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: i64,
+    pub lab_count: i64,
+    pub last_duration_ms: Option<i64>,
+    /// No success for more than two sync intervals, or never.
+    pub stale: bool,
+    /// The last sync failed.
+    pub failing: bool,
+}
+
+impl From<&FleetEntry> for FleetWorkerDto {
+    fn from(e: &FleetEntry) -> Self {
+        let w = e.registry.as_ref();
+        let s = e.status.as_ref();
+        Self {
+            worker_id: e.worker_id.clone(),
+            name: w.and_then(|w| w.name.clone()),
+            aws_region: w.and_then(|w| w.aws_region.clone()),
+            registry_status: w.and_then(|w| w.status.clone()),
+            last_attempt_at: s.map(|s| iso(s.last_attempt_at)),
+            last_success_at: s.and_then(|s| s.last_success_at).map(iso),
+            last_error: s.and_then(|s| s.last_error.clone()),
+            consecutive_failures: s.map_or(0, |s| s.consecutive_failures),
+            lab_count: s.map_or(0, |s| s.lab_count),
+            last_duration_ms: s.map(|s| s.last_duration_ms),
+            stale: e.stale,
+            failing: e.failing(),
+        }
+    }
+}
+
+/// One page of the fleet view, most urgent first.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FleetPage {
+    pub items: Vec<FleetWorkerDto>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[cfg(test)]

@@ -75,8 +75,8 @@ pub fn id<'a>(param: &str, value: &'a str) -> Result<&'a str, ApiError> {
     }
 }
 
-/// Checks a region name (see [`Region`]).
-pub fn region(value: &str) -> Result<&str, ApiError> {
+/// Checks a region name (see [`Region`]) given as `param`.
+pub fn region<'a>(param: &str, value: &'a str) -> Result<&'a str, ApiError> {
     let ok = !value.is_empty()
         && value.len() <= 32
         && value
@@ -86,17 +86,25 @@ pub fn region(value: &str) -> Result<&str, ApiError> {
         Ok(value)
     } else {
         Err(ApiError::bad(
-            "aws_region",
+            param,
             "must be a region name such as us-east-1",
         ))
     }
 }
 
 pub fn boolean(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    Ok(optional_boolean(params, name)?.unwrap_or(false))
+}
+
+/// A boolean filter: absent means "either".
+pub fn optional_boolean(
+    params: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<bool>, ApiError> {
     match params.get(name).map(String::as_str) {
-        None => Ok(false),
-        Some("true") => Ok(true),
-        Some("false") => Ok(false),
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
         Some(_) => Err(ApiError::bad(name, "must be true or false")),
     }
 }
@@ -171,7 +179,7 @@ mod tests {
         assert!(state(&p("state", "BOOTED")).is_err());
         assert!(boolean(&p("include_removed", "yes"), "include_removed").is_err());
         assert!(username(&p("owner_username", "")).is_err());
-        assert!(region("us-east-1").is_ok() && region("US_EAST").is_err());
+        assert!(region("r", "us-east-1").is_ok() && region("r", "US_EAST").is_err());
         assert_eq!(
             state(&p("state", "STARTED")).ok(),
             Some(Some(LabState::Started))

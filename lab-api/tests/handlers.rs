@@ -842,3 +842,117 @@ async fn a_worker_with_more_labs_than_one_response_carries_gets_a_problem_docume
     let (_, page) = get_json(&router, "/api/labs?worker_id=eleven&limit=1000").await;
     assert_eq!(page["items"].as_array().map(Vec::len), Some(11));
 }
+
+#[tokio::test]
+async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
+    let a = api("api_fleet", open()).await;
+    let now = DateTime::now().timestamp_millis();
+    let ago = |minutes: i64| DateTime::from_millis(now - minutes * 60_000);
+    let workers: Vec<bson::Document> = [
+        ("healthy", "running", "us-east-1"),
+        ("failing", "running", "us-east-1"),
+        ("stale", "running", "eu-west-1"),
+        ("never", "running", "eu-west-1"),
+        ("stopped", "stopped", "eu-west-1"),
+    ]
+    .into_iter()
+    .map(|(id, status, region)| {
+        bson::doc! { "id": id, "name": format!("cml-{id}"), "aws_region": region, "status": status, "https_endpoint": "https://10.0.0.1" }
+    })
+    .collect();
+    a.db.db
+        .collection::<bson::Document>("cml_workers")
+        .insert_many(workers)
+        .await
+        .expect("registry");
+    let status = |id: &str, success: Option<i64>, failures: i64| {
+        bson::doc! {
+            "worker_id": id, "last_attempt_at": ago(1), "last_success_at": success.map(ago),
+            "last_error": (failures > 0).then_some("CML worker: unreachable"),
+            "consecutive_failures": failures, "lab_count": 4_i64, "last_duration_ms": 120_i64,
+        }
+    };
+    a.db.db
+        .collection::<bson::Document>("worker_sync_status")
+        .insert_many([
+            status("healthy", Some(5), 0),
+            status("failing", Some(20), 3),
+            status("stale", Some(24 * 60), 0),
+            status("stopped", Some(48 * 60), 0),
+            status("static-only", Some(10), 0),
+        ])
+        .await
+        .expect("statuses");
+    let ids = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| i["worker_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (status_code, page) = get_json(&a.router, "/api/sync-status").await;
+    assert_eq!(status_code, StatusCode::OK);
+    assert_eq!(
+        ids(&page),
+        [
+            "failing",
+            "never",
+            "stale",
+            "stopped",
+            "static-only",
+            "healthy"
+        ]
+    );
+    let failing = &page["items"][0];
+    assert_eq!(failing["consecutive_failures"], 3);
+    assert_eq!(failing["failing"], true);
+    assert_eq!(failing["name"], "cml-failing");
+    assert_eq!(failing["registry_status"], "running");
+    assert_eq!(page["items"][1]["last_success_at"], Value::Null);
+    assert_eq!(page["items"][4]["registry_status"], Value::Null);
+    let (_, stale) = get_json(&a.router, "/api/sync-status?stale=true").await;
+    assert_eq!(ids(&stale), ["never", "stale", "stopped"]);
+    let (_, failing) = get_json(&a.router, "/api/sync-status?failing=true").await;
+    assert_eq!(ids(&failing), ["failing"]);
+    let (_, eu) = get_json(&a.router, "/api/sync-status?region=eu-west-1&stale=true").await;
+    assert_eq!(ids(&eu), ["never", "stale", "stopped"]);
+    // Paged two at a time, every worker once, in the same order.
+    let mut seen = Vec::new();
+    let mut uri = "/api/sync-status?limit=2".to_owned();
+    loop {
+        let (_, page) = get_json(&a.router, &uri).await;
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => uri = format!("/api/sync-status?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "failing",
+            "never",
+            "stale",
+            "stopped",
+            "static-only",
+            "healthy"
+        ]
+    );
+    // An ETag, and 304 while nothing changed.
+    let (_, headers, _) = get(&a.router, "/api/sync-status", &[]).await;
+    let etag = headers[header::ETAG].to_str().expect("ascii").to_owned();
+    let (status_code, _, _) = get(&a.router, "/api/sync-status", &[("if-none-match", &etag)]).await;
+    assert_eq!(status_code, StatusCode::NOT_MODIFIED);
+    for (uri, param) in [
+        ("/api/sync-status?stale=yes", "stale"),
+        ("/api/sync-status?region=US_EAST", "region"),
+        ("/api/sync-status?cursor=abc", "cursor"),
+        ("/api/sync-status?limit=0", "limit"),
+        ("/api/sync-status?worker=x", "worker"),
+    ] {
+        let (status_code, problem) = get_json(&a.router, uri).await;
+        assert_eq!(status_code, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(problem["param"], param, "{uri}");
+    }
+}

@@ -1,8 +1,31 @@
-//! The opaque page cursor of the cross-worker listing: the last (worker_id, lab_id) served.
+//! Opaque page cursors: a position in a listing as a JSON array, base64url-encoded. Only the
+//! exact text this API issues decodes (no second spelling of a position is accepted).
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use serde_json::Value;
 
 use crate::{Error, Result};
+
+/// The opaque text of a position.
+pub fn encode(position: &Value) -> String {
+    // Rendering a JSON value cannot fail, unlike serialising through serde.
+    URL_SAFE_NO_PAD.encode(position.to_string())
+}
+
+/// The position `encode` gave `text`; any other text is [`Error::InvalidCursor`].
+pub fn decode(text: &str) -> Result<Value> {
+    if text.len() > MAX_ENCODED_LEN {
+        return Err(Error::InvalidCursor);
+    }
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| Error::InvalidCursor)?;
+    let position: Value = serde_json::from_slice(&bytes).map_err(|_| Error::InvalidCursor)?;
+    if encode(&position) != text {
+        return Err(Error::InvalidCursor);
+    }
+    Ok(position)
+}
 
 /// Position after which the next page starts. Clients see it only as an opaque string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,26 +39,16 @@ const MAX_ENCODED_LEN: usize = 1024;
 
 impl PageCursor {
     pub fn encode(&self) -> String {
-        // Rendering a JSON value cannot fail, unlike serialising through serde.
-        let json = serde_json::json!([self.worker_id, self.lab_id]).to_string();
-        URL_SAFE_NO_PAD.encode(json)
+        encode(&serde_json::json!([self.worker_id, self.lab_id]))
     }
 
     pub fn decode(text: &str) -> Result<Self> {
-        if text.len() > MAX_ENCODED_LEN {
-            return Err(Error::InvalidCursor);
-        }
-        let bytes = URL_SAFE_NO_PAD
-            .decode(text)
-            .map_err(|_| Error::InvalidCursor)?;
         let [worker_id, lab_id]: [String; 2] =
-            serde_json::from_slice(&bytes).map_err(|_| Error::InvalidCursor)?;
-        let cursor = Self { worker_id, lab_id };
-        // Only the exact text `encode` gives is a cursor (no padding, no other JSON spelling).
-        if cursor.worker_id.is_empty() || cursor.lab_id.is_empty() || cursor.encode() != text {
+            serde_json::from_value(decode(text)?).map_err(|_| Error::InvalidCursor)?;
+        if worker_id.is_empty() || lab_id.is_empty() {
             return Err(Error::InvalidCursor);
         }
-        Ok(cursor)
+        Ok(Self { worker_id, lab_id })
     }
 }
 

@@ -77,6 +77,10 @@ one_label!(
     /// `field="…"`: a tracked lab field.
     Field = "field"
 );
+one_label!(
+    /// `state="…"`.
+    State = "state"
+);
 
 /// A monotonic count.
 #[derive(Debug, Clone, Default)]

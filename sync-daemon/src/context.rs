@@ -2,18 +2,21 @@
 
 use std::sync::Arc;
 
+use bson::DateTime;
 use cml_client::{CmlClient, CmlTarget};
 use mongodb::{
     event::{command::CommandEvent, EventHandler},
     Database,
 };
-use shared::{config::Config, mongo, store::LabStore};
+use shared::{
+    config::Config, fleet, metrics::State, mongo, registry::WorkerRegistry,
+    status::SyncStatusReader, store::LabStore,
+};
 
 use crate::{
     events::{Event, LegacyUpgraded, StoragePrepared},
     lease::Lease,
     metrics::Metrics,
-    registry::WorkerRegistry,
     status::StatusWriter,
     Result,
 };
@@ -55,6 +58,9 @@ impl Context {
         });
         let client = mongo::connect(&config.mongodb, "sync-daemon", Some(monitor)).await?;
         let db = client.database(&config.mongodb.database);
+        metrics
+            .interval
+            .set(config.sync.interval.get().as_secs_f64());
         let requests = metrics.clone();
         let cml = cml.with_request_hook(Arc::new(move |_| requests.cml_requests.inc()));
         Ok(Arc::new(Self {
@@ -90,6 +96,28 @@ impl Context {
         Ok(())
     }
 
+    /// Sets the fleet gauges (`sync_workers{state}`) from the registry and the sync status, as
+    /// the fleet view of lab-api shows them.
+    pub async fn update_fleet_gauges(&self) -> Result<()> {
+        let statuses = SyncStatusReader::new(&self.db, &self.config.mongodb.sync_status_collection);
+        let (workers, statuses) = tokio::try_join!(self.registry.all(), statuses.all())?;
+        let stale_after = 2 * self.config.sync.interval.get();
+        let c = fleet::counts(&fleet::fleet(
+            workers,
+            statuses,
+            DateTime::now(),
+            stale_after,
+        ));
+        let gauges = &self.metrics.workers;
+        gauges.get(&State("known")).set(c.known as f64);
+        gauges.get(&State("failing")).set(c.failing as f64);
+        gauges
+            .get(&State("failing_repeatedly"))
+            .set(c.failing_repeatedly as f64);
+        gauges.get(&State("stale")).set(c.stale as f64);
+        Ok(())
+    }
+
     /// The workers to sync now: the active ones of the registry (when enabled) and the static
     /// ones of the configuration, each once (the registry's endpoint wins).
     pub async fn workers(&self) -> Result<Vec<CmlTarget>> {
@@ -99,8 +127,14 @@ impl Context {
                 self.registry
                     .active_workers()
                     .await?
-                    .iter()
-                    .filter_map(|w| w.target(self.config.cml.use_private_ip)),
+                    .into_iter()
+                    .filter_map(|w| {
+                        let endpoint = w.endpoint(self.config.cml.use_private_ip)?;
+                        Some(CmlTarget {
+                            worker_id: w.id,
+                            endpoint,
+                        })
+                    }),
             );
         }
         for w in &self.config.sync.static_workers {

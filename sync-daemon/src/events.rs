@@ -367,6 +367,18 @@ impl Event for StatusWriteFailed<'_> {
     }
 }
 
+/// The fleet gauges could not be computed after a cycle.
+#[derive(Debug)]
+pub struct FleetGaugesFailed<'a> {
+    pub error: &'a Error,
+}
+
+impl Event for FleetGaugesFailed<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(event = "fleet_gauges_failed", error = %self.error, "Cannot count the fleet's failing and stale workers");
+    }
+}
+
 /// Old tombstones could not be purged this cycle.
 #[derive(Debug)]
 pub struct PurgeFailed<'a> {

@@ -12,7 +12,6 @@ pub mod events;
 pub mod lease;
 pub mod metrics;
 pub mod pass;
-pub mod registry;
 pub mod runner;
 pub mod schedule;
 pub mod status;

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use shared::metrics::{
-    Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Registry, DURATION_BUCKETS,
+    Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Registry, State,
+    DURATION_BUCKETS,
 };
 
 /// Every counter, gauge and histogram of the daemon.
@@ -30,6 +31,8 @@ pub struct Metrics {
     pub mongodb_commands: Family<Command, Counter>,
     pub lease_held: Gauge,
     pub last_cycle_end: Gauge,
+    pub interval: Gauge,
+    pub workers: Family<State, Gauge>,
 }
 
 impl Default for Metrics {
@@ -93,6 +96,11 @@ impl Default for Metrics {
             last_cycle_end: r.gauge(
                 "sync_last_cycle_end_timestamp_seconds",
                 "When the last refresh cycle ended (Unix time)",
+            ),
+            interval: r.gauge("sync_interval_seconds", "The configured sync interval"),
+            workers: r.gauges(
+                "sync_workers",
+                "Workers by state after the last cycle: known, failing, failing_repeatedly (3+ in a row), stale",
             ),
             registry: Arc::new(r),
         }

@@ -14,8 +14,9 @@ use crate::{
     backoff::random_unit,
     context::Context,
     events::{
-        CycleCompleted, CycleSkipped, CycleStarted, DrainTimedOut, Event, LeaseError, PurgeFailed,
-        RetriesCompleted, RetriesStarted, RetryScheduled, StatusWriteFailed,
+        CycleCompleted, CycleSkipped, CycleStarted, DrainTimedOut, Event, FleetGaugesFailed,
+        LeaseError, PurgeFailed, RetriesCompleted, RetriesStarted, RetryScheduled,
+        StatusWriteFailed,
     },
     pass::{Pass, PassReport, Passes},
     schedule::{Opened, PassId, PassKind, Schedule},
@@ -279,6 +280,9 @@ impl Runner {
             match kind {
                 PassKind::Cycle => {
                     let purged = if stopped { 0 } else { purge(&ctx).await };
+                    if let Err(e) = ctx.update_fleet_gauges().await {
+                        FleetGaugesFailed { error: &e }.emit(&ctx.metrics);
+                    }
                     CycleCompleted {
                         report: &report,
                         purged,

@@ -5,11 +5,10 @@ use std::time::Duration;
 use bson::{doc, DateTime, Document};
 use cml_client::{CmlClient, CmlTarget};
 use cml_sim::{FleetConfig, Personality, ServeOptions};
-use shared::{config::CmlConfig, secret::Secret, status::SyncStatusReader};
-use sync_daemon::{
-    registry::WorkerRegistry,
-    status::{StatusUpdate, StatusWriter},
+use shared::{
+    config::CmlConfig, registry::WorkerRegistry, secret::Secret, status::SyncStatusReader,
 };
+use sync_daemon::status::{StatusUpdate, StatusWriter};
 use testkit::TestDb;
 
 /// Writes one worker's outcome, as a pass does for all of its workers.

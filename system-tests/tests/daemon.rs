@@ -584,7 +584,8 @@ async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
         "{:?}",
         scheduled[1]
     );
-    assert_eq!(d.events("retries_completed").len(), 2);
+    // The pass of the second retry closes just after the worker's sync ends.
+    d.wait_event("retries_completed", 2, WAIT).await;
     let records = f.records().await;
     assert_eq!(
         records.iter().filter(|r| r.worker_id == bad.id).count(),
@@ -723,6 +724,8 @@ async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worke
     w.update_lab(&lab.id, |l| l.title = format!("{} (renamed)", l.title));
     cycles_done(&base, 2.0).await;
     let after = mongodb_commands(&base).await;
+    // The line is written just after the counter moves.
+    d.wait_event("cycle_completed", 2, WAIT).await;
     assert_eq!(d.events("cycle_completed")[1]["updated"], 1);
 
     let per_worker: Vec<_> = d
@@ -739,9 +742,10 @@ async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worke
         );
         assert_eq!(l["mongodb_writes"], 1, "one write round trip: {l}");
     }
-    // Reads: one `find` of its records per worker, plus the registry read of the cycle.
+    // Reads: one `find` of its records per worker; per cycle, the registry read that lists the
+    // workers and the two reads of the fleet gauges (registry and statuses).
     let finds = after.get("find").copied().unwrap_or(0) - before.get("find").copied().unwrap_or(0);
-    assert_eq!(finds, 4 + 1, "{before:?} -> {after:?}");
+    assert_eq!(finds, 4 + 1 + 2, "{before:?} -> {after:?}");
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(WAIT).await.success());
 }

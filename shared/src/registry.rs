@@ -1,14 +1,15 @@
-//! Reading the worker registry (`cml_workers`): which CML servers are active and where they
-//! answer. The registry belongs to the fleet manager; sync-daemon never writes it.
+//! Reading the worker registry (`cml_workers`): which CML servers there are, which are active,
+//! where they answer. The registry belongs to the fleet manager; we never write it.
 
 use bson::{doc, Document};
-use cml_client::CmlTarget;
 use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
-use shared::Result;
 
-/// A registry document, reduced to what syncing needs. Unknown fields are ignored.
+use crate::Result;
+
+/// A registry document, reduced to what syncing and the fleet view need. Unknown fields are
+/// ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Worker {
     pub id: String,
@@ -36,21 +37,19 @@ impl Worker {
 
     /// Where to reach the worker's CML API: its `https_endpoint`, or with `use_private_ip` the
     /// same URL with the host replaced by `private_ip` (scheme, port and path kept).
-    pub fn target(&self, use_private_ip: bool) -> Option<CmlTarget> {
+    pub fn endpoint(&self, use_private_ip: bool) -> Option<String> {
         let endpoint = self.https_endpoint.as_deref()?.trim();
         if endpoint.is_empty() {
             return None;
         }
-        let endpoint = match (use_private_ip, self.private_ip.as_deref().map(str::trim)) {
-            (true, Some(ip)) if !ip.is_empty() => {
-                with_host(endpoint, ip).unwrap_or_else(|| endpoint.to_owned())
-            }
-            _ => endpoint.to_owned(),
-        };
-        Some(CmlTarget {
-            worker_id: self.id.clone(),
-            endpoint,
-        })
+        Some(
+            match (use_private_ip, self.private_ip.as_deref().map(str::trim)) {
+                (true, Some(ip)) if !ip.is_empty() => {
+                    with_host(endpoint, ip).unwrap_or_else(|| endpoint.to_owned())
+                }
+                _ => endpoint.to_owned(),
+            },
+        )
     }
 }
 
@@ -86,6 +85,18 @@ impl WorkerRegistry {
         Ok(workers.into_iter().filter(Worker::is_active).collect())
     }
 
+    /// Every worker of the registry, whatever its status, ordered by id.
+    pub async fn all(&self) -> Result<Vec<Worker>> {
+        Ok(self
+            .coll
+            .find(doc! {})
+            .projection(projection())
+            .sort(doc! { "id": 1 })
+            .await?
+            .try_collect()
+            .await?)
+    }
+
     pub async fn worker(&self, id: &str) -> Result<Option<Worker>> {
         Ok(self
             .coll
@@ -119,19 +130,16 @@ mod tests {
         let mut w = worker("running", Some("https://203.0.113.7:8443/cml"));
         w.private_ip = Some("10.1.2.3".into());
         assert_eq!(
-            w.target(false).map(|t| t.endpoint),
+            w.endpoint(false),
             Some("https://203.0.113.7:8443/cml".into())
         );
-        assert_eq!(
-            w.target(true).map(|t| t.endpoint),
-            Some("https://10.1.2.3:8443/cml".into())
-        );
+        assert_eq!(w.endpoint(true), Some("https://10.1.2.3:8443/cml".into()));
         w.private_ip = None;
         assert_eq!(
-            w.target(true).map(|t| t.endpoint),
+            w.endpoint(true),
             Some("https://203.0.113.7:8443/cml".into())
         );
-        assert!(worker("running", Some(" ")).target(false).is_none());
+        assert!(worker("running", Some(" ")).endpoint(false).is_none());
     }
 
     #[test]
