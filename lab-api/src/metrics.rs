@@ -12,7 +12,8 @@ use axum::{
     response::Response,
 };
 use shared::metrics::{
-    Counter, Family, Gauge, Histogram, Label, LabelSet, LabelValue, Registry, LATENCY_BUCKETS,
+    Counter, Family, Gauge, Histogram, Label, LabelSet, LabelValue, Reason, Registry,
+    LATENCY_BUCKETS,
 };
 use tokio::time::Instant;
 
@@ -69,6 +70,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram>,
     in_flight: Gauge,
+    shed: Family<Reason, Counter>,
     /// Every route template the router serves, as label values.
     routes: HashMap<String, Arc<str>>,
 }
@@ -87,6 +89,10 @@ impl Metrics {
             in_flight: r.gauge(
                 "http_requests_in_flight",
                 "HTTP requests being answered now",
+            ),
+            shed: r.counters(
+                "http_requests_shed",
+                "Requests given up to protect the service: overloaded (api.max_concurrent_requests in flight) or timeout (past api.request_timeout)",
             ),
             routes: routes
                 .into_iter()
@@ -118,6 +124,15 @@ impl Metrics {
     /// Requests being answered now.
     pub fn in_flight(&self) -> f64 {
         self.in_flight.get()
+    }
+}
+
+/// Why a request was shed, for the problem kinds that mean it was.
+fn shed_reason(kind: &str) -> Option<&'static str> {
+    match kind {
+        "overloaded" => Some("overloaded"),
+        "timeout" => Some("timeout"),
+        _ => None,
     }
 }
 
@@ -176,7 +191,8 @@ pub async fn observe(State(m): State<Arc<Metrics>>, request: Request, next: Next
         let kind = failure.map_or("unknown", |f| f.kind);
         let detail = failure.map_or("", |f| f.detail.as_str());
         let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
-        if matches!(kind, "overloaded" | "timeout") {
+        if let Some(reason) = shed_reason(kind) {
+            m.shed.get(&Reason(reason)).inc();
             tracing::warn!(event = "request_failed", status = status.as_u16(), kind, route = %route, method, took_ms, detail, "Request not served");
         } else {
             tracing::error!(event = "request_failed", status = status.as_u16(), kind, route = %route, method, took_ms, detail, "Request failed");

@@ -644,7 +644,7 @@ async fn requests_past_the_timeout_get_a_503() {
         request_timeout: shared::duration::HumanDuration(std::time::Duration::from_millis(300)),
         ..ApiConfig::default()
     };
-    let (router, _) = stalled(&cfg).await;
+    let (router, metrics) = stalled(&cfg).await;
     let (status, headers, body) = get(&router, "/api/workers/w1/labs", &[]).await;
     // The store would answer "unavailable" only after its 3 s: a `timeout` problem means the
     // request timer fired first.
@@ -661,6 +661,12 @@ async fn requests_past_the_timeout_get_a_503() {
             .as_str()
             .is_some_and(|t| t.ends_with("/timeout")),
         "{problem}"
+    );
+    let text = metrics.registry.render();
+    assert_eq!(
+        testkit::metrics::value(&text, "http_requests_shed_total", &[("reason", "timeout")]),
+        Some(1.0),
+        "{text}"
     );
 }
 
@@ -712,6 +718,21 @@ async fn load_beyond_the_concurrency_limit_is_shed_with_503() {
         .collect();
     assert_eq!(shed.len(), 1, "{failed:?}");
     assert_eq!(shed[0]["level"], "WARN");
+    let text = metrics.registry.render();
+    assert_eq!(
+        testkit::metrics::value(
+            &text,
+            "http_requests_shed_total",
+            &[("reason", "overloaded")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        testkit::metrics::value(&text, "http_requests_shed_total", &[("reason", "timeout")]),
+        None,
+        "a MongoDB outage is not shedding"
+    );
     let down = of_kind("unavailable");
     assert!(
         down.iter().all(|l| l["level"] == "ERROR") && !down.is_empty(),

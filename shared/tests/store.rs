@@ -543,6 +543,12 @@ async fn vanish_reappear_and_purge() {
             Listing::Complete,
         )
         .await;
+        let counts = store.count_by_state().await.expect("count");
+        assert_eq!(
+            (counts.by_state, counts.other, counts.removed),
+            ([0, 0, 1], 0, 1),
+            "the live lab by its state, the tombstone as removed: {counts:?}"
+        );
         let later = DateTime::from_millis(tick().timestamp_millis() + 8 * 86_400_000);
         assert_eq!(
             store

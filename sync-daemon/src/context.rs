@@ -96,11 +96,18 @@ impl Context {
         Ok(())
     }
 
-    /// Sets the fleet gauges (`sync_workers{state}`) from the registry and the sync status, as
-    /// the fleet view of lab-api shows them.
+    /// Sets the fleet gauges: `sync_workers{state}` from the registry and the sync status (as
+    /// the fleet view of lab-api counts them), `cml_lab_records{state}` from the records.
     pub async fn update_fleet_gauges(&self) -> Result<()> {
         let statuses = SyncStatusReader::new(&self.db, &self.config.mongodb.sync_status_collection);
-        let (workers, statuses) = tokio::try_join!(self.registry.all(), statuses.all())?;
+        let (workers, statuses, labs) = tokio::try_join!(
+            self.registry.all(),
+            statuses.all(),
+            self.store.count_by_state()
+        )?;
+        for (state, n) in labs.labelled() {
+            self.metrics.lab_records.get(&State(state)).set(n as f64);
+        }
         let stale_after = 2 * self.config.sync.interval.get();
         let c = fleet::counts(&fleet::fleet(
             workers,

@@ -30,7 +30,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
         tokio::select! {
             _ = shutdown.cancelled() => {}
             held = lease.changed() => match held {
-                Some(true) => runner.took_over(ctx.lease.since_last_cycle().await.ok().flatten()),
+                Some(true) => runner.took_over(ctx.lease.state().await.ok().flatten()),
                 Some(false) => runner.stop().await,
                 None => break,
             },

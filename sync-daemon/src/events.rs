@@ -118,8 +118,7 @@ impl Event for CycleCompleted<'_> {
         let t = r.totals;
         m.cycles.get(&Outcome(r.outcome())).inc();
         m.cycle_duration.observe(r.duration.as_secs_f64());
-        m.last_cycle_end
-            .set(DateTime::now().timestamp_millis() as f64 / 1000.0);
+        m.note_cycle_end(DateTime::now());
         m.labs_purged.inc_by(self.purged);
         let failed: Vec<&str> = r.failed.iter().map(|(w, _)| w.worker_id.as_str()).collect();
         tracing::info!(
@@ -375,7 +374,7 @@ pub struct FleetGaugesFailed<'a> {
 
 impl Event for FleetGaugesFailed<'_> {
     fn emit(&self, _: &Metrics) {
-        tracing::warn!(event = "fleet_gauges_failed", error = %self.error, "Cannot count the fleet's failing and stale workers");
+        tracing::warn!(event = "fleet_gauges_failed", error = %self.error, "Cannot count the fleet's workers and lab records");
     }
 }
 

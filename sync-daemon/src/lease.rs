@@ -31,7 +31,22 @@ pub struct Lease {
 pub struct LeaseState {
     pub holder: String,
     pub expires_at: DateTime,
+    /// When the last cycle (of any replica) started.
     pub last_cycle_at: Option<DateTime>,
+    /// When the last cycle (of any replica) ended.
+    pub last_cycle_end_at: Option<DateTime>,
+}
+
+impl LeaseState {
+    /// How long before `now` the last cycle started (zero if its start lies ahead).
+    pub fn since_last_cycle(&self, now: DateTime) -> Option<Duration> {
+        self.last_cycle_at.map(|last| {
+            let ms = now
+                .timestamp_millis()
+                .saturating_sub(last.timestamp_millis());
+            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        })
+    }
 }
 
 impl Lease {
@@ -107,18 +122,15 @@ impl Lease {
         Ok(())
     }
 
-    /// How long ago the last cycle (of any replica) started, by this replica's clock.
-    pub async fn since_last_cycle(&self) -> Result<Option<Duration>> {
-        Ok(self
-            .state()
-            .await?
-            .and_then(|s| s.last_cycle_at)
-            .map(|last| {
-                let ms = DateTime::now()
-                    .timestamp_millis()
-                    .saturating_sub(last.timestamp_millis());
-                Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-            }))
+    /// Notes that a cycle ended, so a replica taking over reports when the fleet last synced.
+    pub async fn record_cycle_end(&self, at: DateTime) -> Result<()> {
+        self.coll
+            .update_one(
+                doc! { "_id": &self.name, "holder": &self.holder },
+                doc! { "$set": { "last_cycle_end_at": at } },
+            )
+            .await?;
+        Ok(())
     }
 
     pub async fn state(&self) -> Result<Option<LeaseState>> {
@@ -132,6 +144,7 @@ impl Lease {
                 .copied()
                 .unwrap_or(DateTime::from_millis(0)),
             last_cycle_at: d.get_datetime("last_cycle_at").ok().copied(),
+            last_cycle_end_at: d.get_datetime("last_cycle_end_at").ok().copied(),
         }))
     }
 }

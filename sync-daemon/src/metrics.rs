@@ -33,6 +33,7 @@ pub struct Metrics {
     pub last_cycle_end: Gauge,
     pub interval: Gauge,
     pub workers: Family<State, Gauge>,
+    pub lab_records: Family<State, Gauge>,
 }
 
 impl Default for Metrics {
@@ -102,6 +103,10 @@ impl Default for Metrics {
                 "sync_workers",
                 "Workers by state after the last cycle: known, failing, failing_repeatedly (3+ in a row), stale",
             ),
+            lab_records: r.gauges(
+                "cml_lab_records",
+                "Lab records by lab state after the last cycle (removed ones under removed, states CML does not define under other)",
+            ),
             registry: Arc::new(r),
         }
     }
@@ -133,6 +138,15 @@ impl Metrics {
         self.mongodb_commands
             .get(&Command(known.unwrap_or("other")))
             .inc();
+    }
+
+    /// A refresh cycle (of this replica or, after a takeover, of the last holder) ended at
+    /// `at`; the gauge never goes back.
+    pub fn note_cycle_end(&self, at: bson::DateTime) {
+        let secs = at.timestamp_millis() as f64 / 1000.0;
+        if secs > self.last_cycle_end.get() {
+            self.last_cycle_end.set(secs);
+        }
     }
 
     /// The OpenMetrics text exposition.

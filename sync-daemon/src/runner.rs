@@ -18,6 +18,7 @@ use crate::{
         LeaseError, PurgeFailed, RetriesCompleted, RetriesStarted, RetryScheduled,
         StatusWriteFailed,
     },
+    lease::LeaseState,
     pass::{Pass, PassReport, Passes},
     schedule::{Opened, PassId, PassKind, Schedule},
     worker::{sync_worker, WorkerSync},
@@ -73,9 +74,15 @@ impl Runner {
         self.schedule.next_wake()
     }
 
-    /// This replica holds the lease (again): syncs may start, on the last holder's schedule.
-    pub fn took_over(&mut self, since_last_cycle: Option<Duration>) {
+    /// This replica holds the lease (again): syncs may start, on the last holder's schedule,
+    /// and the last cycle any replica completed is this replica's to report.
+    pub fn took_over(&mut self, lease: Option<LeaseState>) {
         self.stopped = false;
+        let now = DateTime::now();
+        let since_last_cycle = lease.as_ref().and_then(|l| l.since_last_cycle(now));
+        if let Some(end) = lease.and_then(|l| l.last_cycle_end_at) {
+            self.ctx.metrics.note_cycle_end(end);
+        }
         self.schedule.took_over(Instant::now(), since_last_cycle);
     }
 
@@ -288,6 +295,13 @@ impl Runner {
                         purged,
                     }
                     .emit(&ctx.metrics);
+                    if let Err(e) = ctx.lease.record_cycle_end(DateTime::now()).await {
+                        LeaseError {
+                            error: &e.into(),
+                            action: "note_cycle_end",
+                        }
+                        .emit(&ctx.metrics);
+                    }
                 }
                 PassKind::Retry => RetriesCompleted { report: &report }.emit(&ctx.metrics),
                 PassKind::Requested => {}

@@ -49,13 +49,23 @@ async fn one_holder_at_a_time_and_takeover_only_after_expiry() {
     a.record_cycle(at(42_000))
         .await
         .expect("ignored: not the holder");
+    b.record_cycle_end(at(41_300)).await.expect("cycle end");
+    a.record_cycle_end(at(42_300))
+        .await
+        .expect("ignored: not the holder");
+    let state = b.state().await.expect("state").expect("exists");
     assert_eq!(
-        b.state()
-            .await
-            .expect("state")
-            .expect("exists")
-            .last_cycle_at,
-        Some(at(41_000))
+        (state.last_cycle_at, state.last_cycle_end_at),
+        (Some(at(41_000)), Some(at(41_300)))
+    );
+    assert_eq!(
+        state.since_last_cycle(at(41_250)),
+        Some(Duration::from_millis(250))
+    );
+    assert_eq!(
+        state.since_last_cycle(at(40_000)),
+        Some(Duration::ZERO),
+        "a start ahead of this clock counts as just now"
     );
 
     b.release().await.expect("release");

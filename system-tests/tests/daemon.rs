@@ -455,6 +455,67 @@ async fn two_replicas_sync_one_at_a_time_and_the_standby_takes_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_taking_over_reports_when_the_fleet_last_synced() {
+    // A long interval: the new holder keeps the old schedule and runs no cycle of its own, so
+    // its last-cycle gauge can only come from the lease.
+    let f = Fixture::new("daemon_takeover_gauge", 1, 2).await;
+    let env = [
+        ("CML_LABS_SYNC__INTERVAL", "1h"),
+        ("CML_LABS_SYNC__LEASE_TTL", "2s"),
+    ];
+    let mut a = f.spawn("a", &env);
+    let a_admin = a.admin_base().await;
+    cycles_done(&a_admin, 1.0).await;
+    let lease = f.db.db.collection::<bson::Document>("sync_lease");
+    let ended_at = testkit::eventually("the lease notes the cycle's end", WAIT, || async {
+        let doc = lease.find_one(bson::doc! {}).await.ok()??;
+        doc.get_datetime("last_cycle_end_at").ok().copied()
+    })
+    .await;
+    let a_gauge = testkit::metrics::value(
+        &metrics(&a_admin).await,
+        "sync_last_cycle_end_timestamp_seconds",
+        &[],
+    )
+    .expect("a's gauge");
+    let mut b = f.spawn("b", &env);
+    let b_admin = b.admin_base().await;
+    b.wait_event("lease_standby", 1, WAIT).await;
+    let standby = metrics(&b_admin).await;
+    assert_eq!(
+        testkit::metrics::value(&standby, "sync_last_cycle_end_timestamp_seconds", &[]),
+        Some(0.0),
+        "a standby reports no cycle of its own"
+    );
+
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(5)).await;
+    let noted = ended_at.timestamp_millis() as f64 / 1000.0;
+    wait_metric(
+        &b_admin,
+        "sync_last_cycle_end_timestamp_seconds",
+        &[],
+        noted,
+        WAIT,
+    )
+    .await;
+    let after = metrics(&b_admin).await;
+    let b_gauge =
+        testkit::metrics::value(&after, "sync_last_cycle_end_timestamp_seconds", &[]).expect("b");
+    assert!(
+        (b_gauge - a_gauge).abs() < 1.0,
+        "the new holder reports the old holder's cycle: {a_gauge} vs {b_gauge}"
+    );
+    assert_eq!(
+        testkit::metrics::sum(&after, "sync_cycles_total"),
+        0.0,
+        "and ran none itself: {after}"
+    );
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(WAIT).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
     // This test stops its server, so it always runs on a stand-in of its own.
     let Some(mut server) = testkit::own_stand_in() else {
@@ -756,4 +817,66 @@ async fn mongodb_commands(base: &str) -> std::collections::HashMap<String, u64> 
         .filter(|s| s.name == "mongodb_commands_total")
         .filter_map(|s| Some((s.labels.first()?.1.clone(), s.value as u64)))
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_gauges_count_failing_and_stale_workers_and_labs_by_state() {
+    let f = Fixture::new("daemon_fleet_gauges", 3, 4).await;
+    let bad = f.fleet.fleet.workers[2].clone();
+    bad.set_faults(Faults {
+        malformed_json: true,
+        ..Faults::default()
+    });
+    let mut d = f.spawn(
+        "fleet_gauges",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1s"),
+            ("CML_LABS_SYNC__RETRY_BASE", "1h"),
+        ],
+    );
+    let admin = d.admin_base().await;
+    // Three cycles, each failing the bad worker once more; the gauges follow each cycle.
+    wait_metric(
+        &admin,
+        "sync_cycles_total",
+        &[("outcome", "partial")],
+        3.0,
+        WAIT,
+    )
+    .await;
+    let text = testkit::eventually("the gauges after the third cycle", WAIT, || async {
+        let text = metrics(&admin).await;
+        let v = testkit::metrics::value(&text, "sync_workers", &[("state", "failing_repeatedly")]);
+        (v == Some(1.0)).then_some(text)
+    })
+    .await;
+    let state = |name: &str, s: &str| testkit::metrics::value(&text, name, &[("state", s)]);
+    assert_eq!(state("sync_workers", "known"), Some(3.0), "{text}");
+    assert_eq!(state("sync_workers", "failing"), Some(1.0));
+    assert_eq!(
+        state("sync_workers", "stale"),
+        Some(1.0),
+        "never synced is stale"
+    );
+    assert_eq!(
+        testkit::metrics::value(&text, "sync_interval_seconds", &[]),
+        Some(1.0)
+    );
+    let records = f.records().await;
+    assert_eq!(records.len(), 8, "the two good workers' labs");
+    for s in shared::record::LabState::ALL {
+        let stored = records
+            .iter()
+            .filter(|r| r.fields.state == s.as_str())
+            .count() as f64;
+        assert_eq!(
+            state("cml_lab_records", s.as_str()),
+            Some(stored),
+            "{s}: {text}"
+        );
+    }
+    assert_eq!(state("cml_lab_records", "removed"), Some(0.0));
+    assert_eq!(state("cml_lab_records", "other"), Some(0.0));
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(WAIT).await.success());
 }

@@ -53,6 +53,47 @@ pub struct Page {
     pub next: Option<PageCursor>,
 }
 
+/// Records by lab state: one count per state CML knows, one for states it does not (a newer
+/// CML, a damaged document), and one for records marked removed, whatever their last state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub by_state: [u64; LabState::ALL.len()],
+    pub other: u64,
+    pub removed: u64,
+}
+
+impl StateCounts {
+    /// The label value of the count of removed records.
+    pub const REMOVED: &'static str = "removed";
+    /// The label value of the count of records in a state CML does not define.
+    pub const OTHER: &'static str = "other";
+
+    /// Folds `(state, removed, count)` groups into the closed set of states.
+    pub fn from_groups<'a>(groups: impl IntoIterator<Item = (Option<&'a str>, bool, u64)>) -> Self {
+        let mut c = StateCounts::default();
+        for (state, removed, n) in groups {
+            let known = state.and_then(|s| LabState::ALL.iter().position(|k| k.as_str() == s));
+            let slot = match (removed, known) {
+                (true, _) => &mut c.removed,
+                (false, Some(i)) => &mut c.by_state[i],
+                (false, None) => &mut c.other,
+            };
+            *slot += n;
+        }
+        c
+    }
+
+    /// Every count with its label value, the same set every time.
+    pub fn labelled(&self) -> Vec<(&'static str, u64)> {
+        LabState::ALL
+            .iter()
+            .zip(self.by_state)
+            .map(|(s, n)| (s.as_str(), n))
+            .chain([(Self::OTHER, self.other), (Self::REMOVED, self.removed)])
+            .collect()
+    }
+}
+
 impl LabStore {
     pub fn new(client: &Client, cfg: &MongoConfig, history_limit: usize) -> Self {
         let db = client.database(&cfg.database);
@@ -194,6 +235,29 @@ impl LabStore {
         Ok(Page { records, next })
     }
 
+    /// How many records there are in each lab state, removed ones apart; one aggregation.
+    pub async fn count_by_state(&self) -> Result<StateCounts> {
+        let pipeline = [doc! { "$group": {
+            "_id": {
+                "state": "$state",
+                "removed": { "$eq": [{ "$type": "$removed_at" }, "date"] },
+            },
+            "n": { "$sum": 1 },
+        } }];
+        let groups: Vec<Document> = self.raw.aggregate(pipeline).await?.try_collect().await?;
+        Ok(StateCounts::from_groups(groups.iter().map(|g| {
+            let id = g.get_document("_id").ok();
+            let state = id.and_then(|i| i.get_str("state").ok());
+            let removed = id.and_then(|i| i.get_bool("removed").ok()).unwrap_or(false);
+            let n = match g.get("n") {
+                Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+                Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            };
+            (state, removed, n)
+        })))
+    }
+
     /// Deletes records marked removed before `cutoff`. Returns how many went.
     pub async fn purge_removed(&self, cutoff: DateTime) -> Result<u64> {
         let result = self
@@ -289,6 +353,33 @@ mod tests {
         assert_eq!(
             cutoff(DateTime::from_millis(10_000), Duration::from_secs(3)),
             DateTime::from_millis(7_000)
+        );
+    }
+
+    #[test]
+    fn state_counts_fold_into_a_closed_set() {
+        let c = StateCounts::from_groups([
+            (Some("STARTED"), false, 3),
+            (Some("STOPPED"), false, 2),
+            (Some("STARTED"), true, 4),
+            (Some("PAUSED_BY_A_NEWER_CML"), false, 1),
+            (None, false, 1),
+            (None, true, 1),
+        ]);
+        assert_eq!(
+            c.labelled(),
+            vec![
+                ("DEFINED_ON_CORE", 0),
+                ("STOPPED", 2),
+                ("STARTED", 3),
+                ("other", 2),
+                ("removed", 5),
+            ]
+        );
+        assert_eq!(
+            StateCounts::default().labelled().len(),
+            c.labelled().len(),
+            "every state is reported, zero or not"
         );
     }
 }
