@@ -1,5 +1,8 @@
 //! Who may read: bearer JWTs verified against the identity provider's JWKS (RS256, ES256),
 //! static API tokens stored as SHA-256 digests, or nobody checked at all (`mode = "none"`).
+//! The credential comes from the `Authorization: Bearer` header or, when
+//! `api.auth.cookie_name` is set, from that cookie (what a browser's `EventSource` and a UI
+//! behind the same ingress send).
 //!
 //! The key set is kept fresh in the background; a request never waits for the identity
 //! provider when it carries a known key, and an unknown key costs at most one fetch per short
@@ -57,7 +60,14 @@ impl Default for JwksPolicy {
 }
 
 #[derive(Debug)]
-pub enum Authenticator {
+pub struct Authenticator {
+    scheme: Scheme,
+    /// The cookie that may carry the credential when no `Authorization` header does.
+    cookie: Option<String>,
+}
+
+#[derive(Debug)]
+enum Scheme {
     None,
     Tokens(Vec<[u8; 32]>),
     Jwt(Arc<JwtVerifier>),
@@ -70,24 +80,26 @@ impl Authenticator {
 
     /// [`Authenticator::from_config`] with a key-refresh policy of the caller's (tests).
     pub fn with_policy(cfg: &AuthConfig, http: reqwest::Client, policy: JwksPolicy) -> Self {
-        match cfg.mode {
-            AuthMode::None => Authenticator::None,
-            AuthMode::Tokens => Authenticator::Tokens(
+        let scheme = match cfg.mode {
+            AuthMode::None => Scheme::None,
+            AuthMode::Tokens => Scheme::Tokens(
                 cfg.token_hashes
                     .iter()
                     .filter_map(|h| hex::decode(h).ok()?.try_into().ok())
                     .collect(),
             ),
-            AuthMode::Jwt => Authenticator::Jwt(JwtVerifier::start(cfg, http, policy)),
-        }
+            AuthMode::Jwt => Scheme::Jwt(JwtVerifier::start(cfg, http, policy)),
+        };
+        let cookie = Some(cfg.cookie_name.clone()).filter(|c| !c.is_empty());
+        Self { scheme, cookie }
     }
 
-    /// Checks the request's `Authorization` header.
+    /// Checks the request's credential: its `Authorization` header, or else its cookie.
     pub async fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        match self {
-            Authenticator::None => Ok(()),
-            Authenticator::Tokens(hashes) => {
-                let token = bearer(headers)?;
+        match &self.scheme {
+            Scheme::None => Ok(()),
+            Scheme::Tokens(hashes) => {
+                let token = self.credential(headers)?;
                 let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
                 if hashes.iter().any(|h| constant_time_eq(h, &digest)) {
                     Ok(())
@@ -95,9 +107,40 @@ impl Authenticator {
                     Err(ApiError::Unauthorized("The API token is not valid.".into()))
                 }
             }
-            Authenticator::Jwt(v) => v.verify(bearer(headers)?).await,
+            Scheme::Jwt(v) => v.verify(self.credential(headers)?).await,
         }
     }
+
+    /// The token of the `Authorization` header when there is one (it must be well formed),
+    /// else the configured cookie's value.
+    fn credential<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, ApiError> {
+        if headers.contains_key(header::AUTHORIZATION) {
+            return bearer(headers);
+        }
+        let missing = || match &self.cookie {
+            Some(name) => ApiError::Unauthorized(format!(
+                "An `Authorization: Bearer <token>` header or the `{name}` cookie is required."
+            )),
+            None => ApiError::Unauthorized(
+                "An `Authorization: Bearer <token>` header is required.".into(),
+            ),
+        };
+        let name = self.cookie.as_deref().ok_or_else(missing)?;
+        cookie(headers, name).ok_or_else(missing)
+    }
+}
+
+/// The non-empty value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim().trim_matches('"'))
+        .filter(|v| !v.is_empty())
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
@@ -403,5 +446,65 @@ mod tests {
             auth.check(&HeaderMap::new()).await,
             Err(ApiError::Unauthorized(_))
         ));
+        let mut cookie_only = HeaderMap::new();
+        cookie_only.insert(header::COOKIE, "session=s3cret-token".parse().expect("c"));
+        assert!(
+            matches!(
+                auth.check(&cookie_only).await,
+                Err(ApiError::Unauthorized(_))
+            ),
+            "cookies are ignored unless api.auth.cookie_name names one"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_configured_cookie_carries_the_token_when_no_header_does() {
+        let digest = hex::encode(Sha256::digest(b"s3cret-token"));
+        let cfg = AuthConfig {
+            mode: AuthMode::Tokens,
+            token_hashes: vec![digest],
+            cookie_name: "cml_token".into(),
+            ..AuthConfig::default()
+        };
+        let auth = Authenticator::from_config(&cfg, reqwest::Client::new());
+        let with_cookies = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::COOKIE, v.parse().expect("cookie"));
+            }
+            h
+        };
+        for ok in [
+            &["cml_token=s3cret-token"][..],
+            &["theme=dark; cml_token=s3cret-token; lang=en"],
+            &["theme=dark", "cml_token=\"s3cret-token\""],
+        ] {
+            assert!(auth.check(&with_cookies(ok)).await.is_ok(), "{ok:?}");
+        }
+        for bad in [
+            &["cml_token=wrong"][..],
+            &["cml_token="],
+            &["other_cml_token=s3cret-token"],
+            &["xcml_token=s3cret-token; cml_tokenx=s3cret-token"],
+        ] {
+            assert!(
+                matches!(
+                    auth.check(&with_cookies(bad)).await,
+                    Err(ApiError::Unauthorized(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        // A header, when present, is the credential: a bad one is not rescued by the cookie.
+        let mut both = with_cookies(&["cml_token=s3cret-token"]);
+        both.insert(header::AUTHORIZATION, "Bearer wrong".parse().expect("h"));
+        assert!(matches!(
+            auth.check(&both).await,
+            Err(ApiError::Unauthorized(m)) if m.contains("not valid")
+        ));
+        let Err(ApiError::Unauthorized(m)) = auth.check(&HeaderMap::new()).await else {
+            panic!("no credential");
+        };
+        assert!(m.contains("`cml_token` cookie"), "{m}");
     }
 }

@@ -148,6 +148,7 @@ async fn api_with(db: &TestDb, jwks_url: &str, policy: JwksPolicy) -> Router {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),
         token_hashes: vec![],
+        cookie_name: COOKIE.into(),
     };
     router(
         state,
@@ -161,10 +162,30 @@ async fn api_with(db: &TestDb, jwks_url: &str, policy: JwksPolicy) -> Router {
     .0
 }
 
+/// The cookie the API takes the token from when no `Authorization` header carries one.
+const COOKIE: &str = "cml_access_token";
+
 async fn status(router: &Router, bearer: Option<&str>) -> (StatusCode, Value) {
+    answer(
+        router,
+        bearer.map(|t| ("authorization", format!("Bearer {t}"))),
+    )
+    .await
+}
+
+/// The same request with the token in the cookie, among others, and no header.
+async fn status_by_cookie(router: &Router, token: &str) -> (StatusCode, Value) {
+    answer(
+        router,
+        Some(("cookie", format!("theme=dark; {COOKIE}={token}"))),
+    )
+    .await
+}
+
+async fn answer(router: &Router, header: Option<(&str, String)>) -> (StatusCode, Value) {
     let mut req = Request::builder().uri("/api/workers/w1/labs");
-    if let Some(t) = bearer {
-        req = req.header("authorization", format!("Bearer {t}"));
+    if let Some((name, value)) = header {
+        req = req.header(name, value);
     }
     let resp = router
         .clone()
@@ -211,6 +232,16 @@ async fn good_tokens_pass_and_bad_ones_get_401() {
         StatusCode::OK,
         "ES256"
     );
+    assert_eq!(
+        status_by_cookie(
+            &router,
+            &token(Algorithm::RS256, &rsa.kid, &rsa.encoding, claims())
+        )
+        .await
+        .0,
+        StatusCode::OK,
+        "in the cookie"
+    );
 
     let impostor = rsa_key("rsa-1");
     let forged = token(Algorithm::RS256, "rsa-1", &impostor.encoding, claims());
@@ -246,12 +277,16 @@ async fn good_tokens_pass_and_bad_ones_get_401() {
         ("garbage", "not.a.jwt".to_owned(), "JWT"),
     ];
     for (name, t, why) in cases {
-        let (code, problem) = status(&router, Some(&t)).await;
-        assert_eq!(code, StatusCode::UNAUTHORIZED, "{name}");
-        assert!(
-            problem["detail"].as_str().is_some_and(|d| d.contains(why)),
-            "{name}: {problem}"
-        );
+        for (code, problem) in [
+            status(&router, Some(&t)).await,
+            status_by_cookie(&router, &t).await,
+        ] {
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{name}");
+            assert!(
+                problem["detail"].as_str().is_some_and(|d| d.contains(why)),
+                "{name}: {problem}"
+            );
+        }
     }
     assert_eq!(
         provider.fetches.load(Ordering::SeqCst),

@@ -5,6 +5,8 @@
 
 #![allow(unsafe_code)] // libc::kill on a child process we own
 
+pub mod promql;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},

@@ -305,10 +305,12 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("CML_LABS_API__LISTEN", "nowhere");
             jail.set_env("CML_LABS_API__AUTH__MODE", "tokens");
-            let err = load(Role::LabApi).expect_err("two problems");
+            jail.set_env("CML_LABS_API__AUTH__COOKIE_NAME", "session id");
+            let err = load(Role::LabApi).expect_err("three problems");
             let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
             assert!(keys.contains(&"api.listen"), "{keys:?}");
             assert!(keys.contains(&"api.auth.token_hashes"), "{keys:?}");
+            assert!(keys.contains(&"api.auth.cookie_name"), "{keys:?}");
             Ok(())
         });
     }

@@ -206,6 +206,9 @@ pub struct AuthConfig {
     pub audience: String,
     /// SHA-256 hex digests of the accepted static API tokens; the tokens themselves are never stored.
     pub token_hashes: Vec<String>,
+    /// A cookie whose value is accepted as the token when a request has no `Authorization`
+    /// header (a browser's `EventSource` cannot send one); empty: cookies are ignored.
+    pub cookie_name: String,
 }
 
 impl Default for AuthConfig {
@@ -216,6 +219,7 @@ impl Default for AuthConfig {
             issuer: String::new(),
             audience: String::new(),
             token_hashes: Vec::new(),
+            cookie_name: String::new(),
         }
     }
 }

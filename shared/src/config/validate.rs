@@ -287,6 +287,13 @@ impl ApiConfig {
             }
             AuthMode::None => {}
         }
+        v.check(
+            auth.cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)),
+            "api.auth.cookie_name",
+            || "must be a cookie name: letters, digits and !#$%&'*+-.^_`|~ only".into(),
+        );
         for (i, hash) in auth.token_hashes.iter().enumerate() {
             v.check(
                 hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()),
