@@ -864,6 +864,16 @@ async fn a_worker_with_more_labs_than_one_response_carries_gets_a_problem_docume
     assert_eq!(page["items"].as_array().map(Vec::len), Some(11));
 }
 
+/// The workers of the fleet-view test, most urgent first.
+const URGENT_FIRST: [&str; 6] = [
+    "failing",
+    "never",
+    "stale",
+    "stopped",
+    "static-only",
+    "healthy",
+];
+
 #[tokio::test]
 async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
     let a = api("api_fleet", open()).await;
@@ -914,17 +924,7 @@ async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
     };
     let (status_code, page) = get_json(&a.router, "/api/sync-status").await;
     assert_eq!(status_code, StatusCode::OK);
-    assert_eq!(
-        ids(&page),
-        [
-            "failing",
-            "never",
-            "stale",
-            "stopped",
-            "static-only",
-            "healthy"
-        ]
-    );
+    assert_eq!(ids(&page), URGENT_FIRST);
     let failing = &page["items"][0];
     assert_eq!(failing["consecutive_failures"], 3);
     assert_eq!(failing["failing"], true);
@@ -949,17 +949,7 @@ async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
             None => break,
         }
     }
-    assert_eq!(
-        seen,
-        [
-            "failing",
-            "never",
-            "stale",
-            "stopped",
-            "static-only",
-            "healthy"
-        ]
-    );
+    assert_eq!(seen, URGENT_FIRST);
     // An ETag, and 304 while nothing changed.
     let (_, headers, _) = get(&a.router, "/api/sync-status", &[]).await;
     let etag = headers[header::ETAG].to_str().expect("ascii").to_owned();

@@ -113,21 +113,20 @@ impl Lease {
 
     /// Notes that a cycle started, so a replica taking over keeps the schedule.
     pub async fn record_cycle(&self, at: DateTime) -> Result<()> {
-        self.coll
-            .update_one(
-                doc! { "_id": &self.name, "holder": &self.holder },
-                doc! { "$set": { "last_cycle_at": at } },
-            )
-            .await?;
-        Ok(())
+        self.note("last_cycle_at", at).await
     }
 
     /// Notes that a cycle ended, so a replica taking over reports when the fleet last synced.
     pub async fn record_cycle_end(&self, at: DateTime) -> Result<()> {
+        self.note("last_cycle_end_at", at).await
+    }
+
+    /// Sets `field` of the lease document while this replica holds it (else nothing).
+    async fn note(&self, field: &str, at: DateTime) -> Result<()> {
         self.coll
             .update_one(
                 doc! { "_id": &self.name, "holder": &self.holder },
-                doc! { "$set": { "last_cycle_end_at": at } },
+                doc! { "$set": { field: at } },
             )
             .await?;
         Ok(())

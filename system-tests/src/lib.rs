@@ -317,6 +317,19 @@ pub async fn metrics(base: &str) -> String {
     }
 }
 
+/// `sync_cycles_total{outcome="success"}` at `base` (a daemon's admin port) is at least `n`;
+/// returns the metrics text that showed it.
+pub async fn cycles_done(base: &str, n: f64) -> String {
+    wait_metric(
+        base,
+        "sync_cycles_total",
+        &[("outcome", "success")],
+        n,
+        Duration::from_secs(30),
+    )
+    .await
+}
+
 /// Waits until the metric `name` with `labels` (served at `base`) is at least `at_least`;
 /// returns the metrics text then.
 pub async fn wait_metric(

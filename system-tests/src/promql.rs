@@ -16,7 +16,8 @@ pub struct MetricRef {
 }
 
 /// Words of PromQL that are not metric names when they stand without `(`: aggregation
-/// operators (before `by`/`without`), set and logical operators, modifiers.
+/// operators (before `by`/`without`), set and logical operators, modifiers (and the words of
+/// [`LABEL_LISTS`]).
 const KEYWORDS: &[&str] = &[
     "sum",
     "min",
@@ -33,12 +34,6 @@ const KEYWORDS: &[&str] = &[
     "and",
     "or",
     "unless",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "offset",
     "bool",
     "atan2",
@@ -140,7 +135,10 @@ pub fn metric_refs(expr: &str) -> Vec<MetricRef> {
             let follows = chars.get(next).copied();
             if LABEL_LISTS.contains(&word.as_str()) && follows == Some('(') {
                 i = skip_group(&chars, next, '(', ')');
-            } else if follows == Some('(') || KEYWORDS.contains(&word.as_str()) {
+            } else if follows == Some('(')
+                || KEYWORDS.contains(&word.as_str())
+                || LABEL_LISTS.contains(&word.as_str())
+            {
                 // A function or an operator.
             } else if follows == Some('{') {
                 let end = skip_group(&chars, next, '{', '}');

@@ -6,21 +6,9 @@ use std::time::Duration;
 use bson::Bson;
 use cml_sim::Faults;
 use shared::record::REMOVED_STATE;
-use system_tests::{log_lines, message, metrics, output_text, wait_metric, Fixture};
+use system_tests::{cycles_done, log_lines, message, metrics, output_text, wait_metric, Fixture};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// `sync_cycles_total{outcome="success"}` at `base` is at least `n`.
-async fn cycles_done(base: &str, n: f64) -> String {
-    wait_metric(
-        base,
-        "sync_cycles_total",
-        &[("outcome", "success")],
-        n,
-        WAIT,
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_cycle_populates_every_worker_of_a_mixed_version_fleet() {
@@ -817,66 +805,4 @@ async fn mongodb_commands(base: &str) -> std::collections::HashMap<String, u64> 
         .filter(|s| s.name == "mongodb_commands_total")
         .filter_map(|s| Some((s.labels.first()?.1.clone(), s.value as u64)))
         .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fleet_gauges_count_failing_and_stale_workers_and_labs_by_state() {
-    let f = Fixture::new("daemon_fleet_gauges", 3, 4).await;
-    let bad = f.fleet.fleet.workers[2].clone();
-    bad.set_faults(Faults {
-        malformed_json: true,
-        ..Faults::default()
-    });
-    let mut d = f.spawn(
-        "fleet_gauges",
-        &[
-            ("CML_LABS_SYNC__INTERVAL", "1s"),
-            ("CML_LABS_SYNC__RETRY_BASE", "1h"),
-        ],
-    );
-    let admin = d.admin_base().await;
-    // Three cycles, each failing the bad worker once more; the gauges follow each cycle.
-    wait_metric(
-        &admin,
-        "sync_cycles_total",
-        &[("outcome", "partial")],
-        3.0,
-        WAIT,
-    )
-    .await;
-    let text = testkit::eventually("the gauges after the third cycle", WAIT, || async {
-        let text = metrics(&admin).await;
-        let v = testkit::metrics::value(&text, "sync_workers", &[("state", "failing_repeatedly")]);
-        (v == Some(1.0)).then_some(text)
-    })
-    .await;
-    let state = |name: &str, s: &str| testkit::metrics::value(&text, name, &[("state", s)]);
-    assert_eq!(state("sync_workers", "known"), Some(3.0), "{text}");
-    assert_eq!(state("sync_workers", "failing"), Some(1.0));
-    assert_eq!(
-        state("sync_workers", "stale"),
-        Some(1.0),
-        "never synced is stale"
-    );
-    assert_eq!(
-        testkit::metrics::value(&text, "sync_interval_seconds", &[]),
-        Some(1.0)
-    );
-    let records = f.records().await;
-    assert_eq!(records.len(), 8, "the two good workers' labs");
-    for s in shared::record::LabState::ALL {
-        let stored = records
-            .iter()
-            .filter(|r| r.fields.state == s.as_str())
-            .count() as f64;
-        assert_eq!(
-            state("cml_lab_records", s.as_str()),
-            Some(stored),
-            "{s}: {text}"
-        );
-    }
-    assert_eq!(state("cml_lab_records", "removed"), Some(0.0));
-    assert_eq!(state("cml_lab_records", "other"), Some(0.0));
-    d.signal(libc::SIGTERM);
-    assert!(d.wait_exit(WAIT).await.success());
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use cml_sim::Faults;
 use serde_json::Value;
 use shared::record::TRUNCATED;
-use system_tests::{log_lines, output_text, wait_metric, Fixture};
+use system_tests::{cycles_done, log_lines, output_text, wait_metric, Fixture};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// The daemon's memory limit in the Kubernetes manifests (k8s/base/sync-daemon.yaml).
@@ -50,14 +50,7 @@ async fn a_huge_answer_fails_its_worker_within_the_pods_memory() {
     let f = Fixture::new("hostile_huge_body", 2, 3).await;
     let mut d = f.spawn("huge_body", &[("CML_LABS_SYNC__INTERVAL", "2s")]);
     let admin = d.admin_base().await;
-    wait_metric(
-        &admin,
-        "sync_cycles_total",
-        &[("outcome", "success")],
-        1.0,
-        WAIT,
-    )
-    .await;
+    cycles_done(&admin, 1.0).await;
     let bad = f.fleet.fleet.workers[0].clone();
     let before: Vec<_> = f
         .records()

@@ -1,7 +1,8 @@
 //! The monitoring shipped in `k8s/monitoring` against the real binaries: every metric the alert
 //! rules and the Grafana dashboard query is exposed by the service whose job they select, and
-//! every metric the services expose is in the README's metrics reference. A renamed metric
-//! fails here instead of silently breaking a panel or an alert.
+//! every metric the services expose is in the README's metrics reference (a renamed metric
+//! fails here instead of silently breaking a panel or an alert); the fleet gauges the alerts
+//! read count what they say.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,8 +10,9 @@ use std::{
     time::Duration,
 };
 
+use cml_sim::Faults;
 use system_tests::{
-    metrics,
+    cycles_done, metrics,
     promql::{dashboard_exprs, exposed_samples, metric_refs, rule_exprs, MetricRef},
     wait_metric, Fixture,
 };
@@ -32,14 +34,7 @@ async fn every_metric_the_alerts_and_the_dashboard_query_is_exposed_by_its_servi
     let f = Fixture::new("monitoring_metrics", 2, 3).await;
     let mut daemon = f.spawn("daemon", &[("CML_LABS_SYNC__INTERVAL", "1h")]);
     let admin = daemon.admin_base().await;
-    wait_metric(
-        &admin,
-        "sync_cycles_total",
-        &[("outcome", "success")],
-        1.0,
-        WAIT,
-    )
-    .await;
+    cycles_done(&admin, 1.0).await;
     let (mut api, base) = f.spawn_api("api", &[]).await;
     let exposed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::from([
         ("sync-daemon", exposed_samples(&metrics(&admin).await)),
@@ -123,4 +118,66 @@ async fn every_metric_the_alerts_and_the_dashboard_query_is_exposed_by_its_servi
     api.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT).await.success());
     assert!(api.wait_exit(WAIT).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_gauges_count_failing_and_stale_workers_and_labs_by_state() {
+    let f = Fixture::new("daemon_fleet_gauges", 3, 4).await;
+    let bad = f.fleet.fleet.workers[2].clone();
+    bad.set_faults(Faults {
+        malformed_json: true,
+        ..Faults::default()
+    });
+    let mut d = f.spawn(
+        "fleet_gauges",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1s"),
+            ("CML_LABS_SYNC__RETRY_BASE", "1h"),
+        ],
+    );
+    let admin = d.admin_base().await;
+    // Three cycles, each failing the bad worker once more; the gauges follow each cycle.
+    wait_metric(
+        &admin,
+        "sync_cycles_total",
+        &[("outcome", "partial")],
+        3.0,
+        WAIT,
+    )
+    .await;
+    let text = testkit::eventually("the gauges after the third cycle", WAIT, || async {
+        let text = metrics(&admin).await;
+        let v = testkit::metrics::value(&text, "sync_workers", &[("state", "failing_repeatedly")]);
+        (v == Some(1.0)).then_some(text)
+    })
+    .await;
+    let state = |name: &str, s: &str| testkit::metrics::value(&text, name, &[("state", s)]);
+    assert_eq!(state("sync_workers", "known"), Some(3.0), "{text}");
+    assert_eq!(state("sync_workers", "failing"), Some(1.0));
+    assert_eq!(
+        state("sync_workers", "stale"),
+        Some(1.0),
+        "never synced is stale"
+    );
+    assert_eq!(
+        testkit::metrics::value(&text, "sync_interval_seconds", &[]),
+        Some(1.0)
+    );
+    let records = f.records().await;
+    assert_eq!(records.len(), 8, "the two good workers' labs");
+    for s in shared::record::LabState::ALL {
+        let stored = records
+            .iter()
+            .filter(|r| r.fields.state == s.as_str())
+            .count() as f64;
+        assert_eq!(
+            state("cml_lab_records", s.as_str()),
+            Some(stored),
+            "{s}: {text}"
+        );
+    }
+    assert_eq!(state("cml_lab_records", "removed"), Some(0.0));
+    assert_eq!(state("cml_lab_records", "other"), Some(0.0));
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(WAIT).await.success());
 }
