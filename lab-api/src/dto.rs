@@ -6,7 +6,11 @@ use bson::{Bson, DateTime};
 use chrono::SecondsFormat;
 use serde::Serialize;
 use serde_json::Value;
-use shared::{fleet::FleetEntry, record::LabRecord, status::WorkerSyncStatus};
+use shared::{
+    fleet::FleetEntry,
+    record::LabRecord,
+    status::{SyncCounts, WorkerSyncStatus},
+};
 use utoipa::ToSchema;
 
 /// ISO-8601 in UTC with a `Z`, e.g. `2025-11-17T10:00:00Z` (milliseconds only when present).
@@ -113,6 +117,8 @@ pub struct LabRecordDto {
     pub owner_fullname: String,
     pub first_seen_at: String,
     pub removed_at: Option<String>,
+    /// When the record was created or last changed; null on records older than this field.
+    pub last_changed_at: Option<String>,
     /// Oldest first; the newest 50 (by default) are kept.
     pub operation_history: Vec<HistoryEntryDto>,
 }
@@ -144,6 +150,7 @@ impl From<&LabRecord> for LabRecordDto {
             owner_fullname: r.fields.owner_fullname.clone(),
             first_seen_at: iso(r.first_seen_at),
             removed_at: r.removed_at.map(iso),
+            last_changed_at: r.last_changed_at.map(iso),
             operation_history: r
                 .operation_history
                 .iter()
@@ -177,9 +184,13 @@ pub struct SyncStatusDto {
     pub last_attempt_at: String,
     pub last_success_at: Option<String>,
     pub last_error: Option<String>,
+    /// The fixed label of the last error (`cml_timeout`, `mongodb`, …); null after a success.
+    pub last_error_kind: Option<String>,
     pub consecutive_failures: i64,
     pub lab_count: i64,
     pub last_duration_ms: i64,
+    /// What the last successful sync did.
+    pub last_counts: Option<SyncCounts>,
 }
 
 impl From<&WorkerSyncStatus> for SyncStatusDto {
@@ -189,9 +200,11 @@ impl From<&WorkerSyncStatus> for SyncStatusDto {
             last_attempt_at: iso(s.last_attempt_at),
             last_success_at: s.last_success_at.map(iso),
             last_error: s.last_error.clone(),
+            last_error_kind: s.last_error_kind.clone(),
             consecutive_failures: s.consecutive_failures,
             lab_count: s.lab_count,
             last_duration_ms: s.last_duration_ms,
+            last_counts: s.last_counts,
         }
     }
 }
@@ -208,6 +221,8 @@ pub struct FleetWorkerDto {
     pub last_attempt_at: Option<String>,
     pub last_success_at: Option<String>,
     pub last_error: Option<String>,
+    /// The fixed label of the last error (`cml_timeout`, `mongodb`, …); null after a success.
+    pub last_error_kind: Option<String>,
     pub consecutive_failures: i64,
     pub lab_count: i64,
     pub last_duration_ms: Option<i64>,
@@ -229,6 +244,7 @@ impl From<&FleetEntry> for FleetWorkerDto {
             last_attempt_at: s.map(|s| iso(s.last_attempt_at)),
             last_success_at: s.and_then(|s| s.last_success_at).map(iso),
             last_error: s.and_then(|s| s.last_error.clone()),
+            last_error_kind: s.and_then(|s| s.last_error_kind.clone()),
             consecutive_failures: s.map_or(0, |s| s.consecutive_failures),
             lab_count: s.map_or(0, |s| s.lab_count),
             last_duration_ms: s.map(|s| s.last_duration_ms),

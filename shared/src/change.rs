@@ -302,6 +302,7 @@ mod tests {
                     r.fields.clone_from(&lab.fields);
                     r.removed_at = None;
                     r.last_synced_at = plan.now;
+                    r.last_changed_at = Some(entry.timestamp);
                     push_capped(&mut r.operation_history, entry.clone(), limit);
                 }
                 RecordWrite::Remove { lab_id, entry, .. } => {
@@ -310,6 +311,7 @@ mod tests {
                         .find(|r| &r.lab_id == lab_id)
                         .expect("exists");
                     r.removed_at = Some(plan.now);
+                    r.last_changed_at = Some(entry.timestamp);
                     push_capped(&mut r.operation_history, entry.clone(), limit);
                 }
             }
@@ -340,6 +342,7 @@ mod tests {
             last_synced_at: now,
             operation_history: Vec::new(),
             removed_at: None,
+            last_changed_at: Some(now),
         }
     }
 

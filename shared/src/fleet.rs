@@ -224,6 +224,8 @@ mod tests {
             consecutive_failures: failures,
             lab_count: 3,
             last_duration_ms: 10,
+            last_error_kind: (failures > 0).then(|| "cml_timeout".into()),
+            last_counts: None,
         }
     }
 

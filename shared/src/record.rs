@@ -242,6 +242,10 @@ pub struct LabRecord {
     pub operation_history: Vec<HistoryEntry>,
     #[serde(default, deserialize_with = "lenient_optional_date")]
     pub removed_at: Option<DateTime>,
+    /// When the record was created or last changed (the time of its newest history entry);
+    /// `None` on records written before it was kept. Change streams select writes by it.
+    #[serde(default, deserialize_with = "lenient_optional_date")]
+    pub last_changed_at: Option<DateTime>,
 }
 
 impl LabRecord {
@@ -358,6 +362,7 @@ mod tests {
             last_synced_at: DateTime::from_millis(0),
             operation_history: vec![],
             removed_at: None,
+            last_changed_at: None,
         })
         .expect("encodes");
         for name in &names {
@@ -424,6 +429,7 @@ mod tests {
             last_synced_at: now,
             operation_history: vec![],
             removed_at: None,
+            last_changed_at: None,
         };
         let doc = bson::to_document(&r).expect("serialize");
         assert!(matches!(doc.get("cml_created_at"), Some(Bson::DateTime(_))));

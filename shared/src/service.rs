@@ -177,7 +177,41 @@ impl HttpListener {
     }
 }
 
-/// One connection: served until it ends, stays idle too long, or the server shuts down.
+/// Carried by every request: cancelling it closes the request's connection at once, without a
+/// graceful end. For a response that streams to a client which stopped reading: its frames
+/// cannot be written, so nothing else would ever end the connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionAbort(pub CancellationToken);
+
+/// A response body that keeps its connection busy until it has been sent (or dropped): a long
+/// download or an event stream is a request in flight, not an idle connection.
+struct BusyBody {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One connection: served until it ends, stays idle too long, is aborted, or the server shuts
+/// down.
 async fn serve_connection(
     builder: auto::Builder<TokioExecutor>,
     stream: tokio::net::TcpStream,
@@ -187,15 +221,22 @@ async fn serve_connection(
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let activity = Arc::new(Activity::new());
+    let abort = CancellationToken::new();
     let service = {
         let activity = activity.clone();
+        let abort = abort.clone();
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let router = router.clone();
             let busy = Busy::start(activity.clone());
+            let mut request = request.map(axum::body::Body::new);
+            request
+                .extensions_mut()
+                .insert(ConnectionAbort(abort.clone()));
             async move {
-                let response = router.oneshot(request.map(axum::body::Body::new)).await;
-                drop(busy);
-                response
+                let response = router.oneshot(request).await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|inner| BusyBody { inner, _busy: busy }),
+                )
             }
         })
     };
@@ -210,6 +251,10 @@ async fn serve_connection(
         }
         _ = shutdown.cancelled() => "shutdown",
         _ = activity.idle(limits) => "idle",
+        _ = abort.cancelled() => {
+            tracing::debug!("Aborting an HTTP connection");
+            return;
+        }
     };
     tracing::debug!(reason = stop, "Closing an HTTP connection");
     conn.as_mut().graceful_shutdown();

@@ -23,6 +23,25 @@ pub struct WorkerSyncStatus {
     pub lab_count: i64,
     #[serde(default)]
     pub last_duration_ms: i64,
+    /// The fixed label of the last error (`cml_timeout`, `mongodb`, …); null after a success.
+    #[serde(default)]
+    pub last_error_kind: Option<String>,
+    /// What the last successful sync did.
+    #[serde(default)]
+    pub last_counts: Option<SyncCounts>,
+}
+
+/// What one worker sync did to the worker's records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SyncCounts {
+    /// Labs in the listing.
+    pub synced: i64,
+    pub created: i64,
+    /// Changed labs, reappeared ones included.
+    pub updated: i64,
+    pub unchanged: i64,
+    pub removed: i64,
 }
 
 /// Reads `worker_sync_status`.

@@ -494,6 +494,11 @@ async fn vanish_reappear_and_purge() {
         let removed_at = gone.removed_at.expect("marked");
         let last = gone.operation_history.last().expect("entry");
         assert_eq!(
+            gone.last_changed_at,
+            Some(last.timestamp),
+            "changed when removed"
+        );
+        assert_eq!(
             (last.previous_state.as_deref(), last.new_state.as_str()),
             (Some("STOPPED"), REMOVED_STATE)
         );
@@ -526,6 +531,17 @@ async fn vanish_reappear_and_purge() {
         let back = store.lab("w", "l2").await.expect("get").expect("exists");
         assert!(back.removed_at.is_none());
         let last = back.operation_history.last().expect("entry");
+        assert_eq!(
+            back.last_changed_at,
+            Some(last.timestamp),
+            "changed when back"
+        );
+        let kept = store.lab("w", "l1").await.expect("get").expect("exists");
+        assert_eq!(
+            kept.last_changed_at,
+            Some(kept.first_seen_at),
+            "stamped, never changed: still its creation"
+        );
         assert_eq!(
             (last.previous_state.as_deref(), last.new_state.as_str()),
             (Some(REMOVED_STATE), "STOPPED")

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use mongodb::{Collection, Database};
-use shared::{mongo, Result};
+use shared::{change::PlanCounts, mongo, Result};
 
 /// Longest error text kept: a CML error body can be long and is of no use past this.
 const MAX_ERROR_LEN: usize = 1024;
@@ -18,26 +18,48 @@ pub struct StatusUpdate {
 }
 
 impl StatusUpdate {
-    pub fn success(worker_id: &str, at: DateTime, took: Duration, lab_count: usize) -> Self {
+    /// A sync that wrote `lab_count` records; `counts` are what its plan did.
+    pub fn success(
+        worker_id: &str,
+        at: DateTime,
+        took: Duration,
+        lab_count: usize,
+        counts: &PlanCounts,
+    ) -> Self {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         Self {
             worker_id: worker_id.to_owned(),
             update: doc! { "$set": {
                 "last_attempt_at": at,
                 "last_success_at": at,
                 "last_error": null,
+                "last_error_kind": null,
                 "consecutive_failures": 0_i64,
-                "lab_count": i64::try_from(lab_count).unwrap_or(i64::MAX),
+                "lab_count": n(lab_count),
                 "last_duration_ms": millis(took),
+                "last_counts": {
+                    "synced": n(counts.synced),
+                    "created": n(counts.created),
+                    "updated": n(counts.updated),
+                    "unchanged": n(counts.unchanged),
+                    "removed": n(counts.removed),
+                },
             } },
         }
     }
 
-    pub fn failure(worker_id: &str, at: DateTime, took: Duration, error: &str) -> Self {
+    /// A failed sync: `kind` is the error's fixed label, `error` its text.
+    pub fn failure(worker_id: &str, at: DateTime, took: Duration, kind: &str, error: &str) -> Self {
         let error: String = error.chars().take(MAX_ERROR_LEN).collect();
         Self {
             worker_id: worker_id.to_owned(),
             update: doc! {
-                "$set": { "last_attempt_at": at, "last_error": error, "last_duration_ms": millis(took) },
+                "$set": {
+                    "last_attempt_at": at,
+                    "last_error": error,
+                    "last_error_kind": kind,
+                    "last_duration_ms": millis(took),
+                },
                 "$inc": { "consecutive_failures": 1_i64 },
                 "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64 },
             },

@@ -69,8 +69,16 @@ impl WorkerSync {
     pub fn status(&self) -> StatusUpdate {
         let id = &self.target.worker_id;
         match &self.result {
-            Ok(o) => StatusUpdate::success(id, self.attempt_at, self.took, o.labs_written()),
-            Err(e) => StatusUpdate::failure(id, self.attempt_at, self.took, &e.to_string()),
+            Ok(o) => {
+                StatusUpdate::success(id, self.attempt_at, self.took, o.labs_written(), &o.counts)
+            }
+            Err(e) => StatusUpdate::failure(
+                id,
+                self.attempt_at,
+                self.took,
+                e.metric_label(),
+                &e.to_string(),
+            ),
         }
     }
 

@@ -6,7 +6,11 @@ use bson::{doc, DateTime, Document};
 use cml_client::{CmlClient, CmlTarget};
 use cml_sim::{FleetConfig, Personality, ServeOptions};
 use shared::{
-    config::CmlConfig, registry::WorkerRegistry, secret::Secret, status::SyncStatusReader,
+    change::PlanCounts,
+    config::CmlConfig,
+    registry::WorkerRegistry,
+    secret::Secret,
+    status::{SyncCounts, SyncStatusReader},
 };
 use sync_daemon::status::{StatusUpdate, StatusWriter};
 use testkit::TestDb;
@@ -50,6 +54,14 @@ async fn sync_status_counts_failures_and_resets_on_success() {
     status.ensure_indexes().await.expect("idempotent");
     let read = SyncStatusReader::new(&db.db, "worker_sync_status");
     let t = |ms: i64| DateTime::from_millis(1_700_000_000_000 + ms);
+    let counts = PlanCounts {
+        synced: 42,
+        created: 2,
+        updated: 3,
+        unchanged: 37,
+        removed: 1,
+        reappeared: 1,
+    };
 
     record(
         &status,
@@ -57,13 +69,20 @@ async fn sync_status_counts_failures_and_resets_on_success() {
             "w1",
             t(0),
             Duration::from_millis(120),
+            "cml_unreachable",
             "CML unreachable: connect timeout",
         ),
     )
     .await;
     record(
         &status,
-        StatusUpdate::failure("w1", t(1000), Duration::from_millis(80), &"x".repeat(5000)),
+        StatusUpdate::failure(
+            "w1",
+            t(1000),
+            Duration::from_millis(80),
+            "cml_malformed",
+            &"x".repeat(5000),
+        ),
     )
     .await;
     let s = read.get("w1").await.expect("get").expect("exists");
@@ -75,10 +94,12 @@ async fn sync_status_counts_failures_and_resets_on_success() {
         Some(1024),
         "error text is capped"
     );
+    assert_eq!(s.last_error_kind.as_deref(), Some("cml_malformed"));
+    assert_eq!(s.last_counts, None, "never succeeded");
 
     record(
         &status,
-        StatusUpdate::success("w1", t(2000), Duration::from_millis(950), 42),
+        StatusUpdate::success("w1", t(2000), Duration::from_millis(950), 42, &counts),
     )
     .await;
     let s = read.get("w1").await.expect("get").expect("exists");
@@ -87,11 +108,27 @@ async fn sync_status_counts_failures_and_resets_on_success() {
         (0, 42, 950)
     );
     assert_eq!(s.last_success_at, Some(t(2000)));
-    assert_eq!(s.last_error, None);
+    assert_eq!((s.last_error, s.last_error_kind), (None, None));
+    assert_eq!(
+        s.last_counts,
+        Some(SyncCounts {
+            synced: 42,
+            created: 2,
+            updated: 3,
+            unchanged: 37,
+            removed: 1,
+        })
+    );
 
     record(
         &status,
-        StatusUpdate::failure("w1", t(3000), Duration::from_millis(10), "HTTP 503"),
+        StatusUpdate::failure(
+            "w1",
+            t(3000),
+            Duration::from_millis(10),
+            "cml_http_status",
+            "HTTP 503",
+        ),
     )
     .await;
     let s = read.get("w1").await.expect("get").expect("exists");
@@ -100,11 +137,16 @@ async fn sync_status_counts_failures_and_resets_on_success() {
         (1, 42),
         "the last good lab count stays"
     );
+    assert_eq!(
+        s.last_counts.map(|c| c.synced),
+        Some(42),
+        "and what the last success did"
+    );
     assert_eq!(s.last_success_at, Some(t(2000)));
 
     record(
         &status,
-        StatusUpdate::success("w0", t(0), Duration::ZERO, 0),
+        StatusUpdate::success("w0", t(0), Duration::ZERO, 0, &PlanCounts::default()),
     )
     .await;
     let all: Vec<String> = read

@@ -338,6 +338,7 @@ pub(crate) fn write_statement(
             on_insert.insert("id", uuid::Uuid::new_v4().to_string());
             on_insert.insert("first_seen_at", now);
             on_insert.insert("removed_at", Bson::Null);
+            on_insert.insert("last_changed_at", now);
             on_insert.insert("operation_history", Bson::Array(Vec::new()));
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id },
@@ -356,6 +357,7 @@ pub(crate) fn write_statement(
             let mut set = fields_document(&lab.fields)?;
             set.insert("last_synced_at", now);
             set.insert("removed_at", Bson::Null);
+            set.insert("last_changed_at", entry.timestamp);
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id, "last_synced_at": expected_last_synced },
                 update: doc! { "$set": set, "$push": push(entry)? },
@@ -370,7 +372,7 @@ pub(crate) fn write_statement(
             entry,
         } => Statement {
             filter: doc! { "worker_id": worker_id, "lab_id": lab_id, "last_synced_at": expected_last_synced, "removed_at": Bson::Null },
-            update: doc! { "$set": { "removed_at": now }, "$push": push(entry)? },
+            update: doc! { "$set": { "removed_at": now, "last_changed_at": entry.timestamp }, "$push": push(entry)? },
             upsert: false,
             multi: false,
             lab_id: Some(lab_id.clone()),
@@ -416,7 +418,13 @@ mod tests {
             .expect("encodes")
             .iter()
             .map(String::as_str)
-            .chain(["id", "first_seen_at", "operation_history", "removed_at"])
+            .chain([
+                "id",
+                "first_seen_at",
+                "operation_history",
+                "removed_at",
+                "last_changed_at",
+            ])
         {
             assert!(on_insert.contains_key(key), "{key}");
         }
