@@ -1,12 +1,19 @@
-//! The read endpoints over `lab_records` and `worker_sync_status`, each declared once with its
-//! documentation: [`routes`] routes exactly what the OpenAPI document describes.
+//! The read endpoints over `lab_records` and `worker_sync_status`, and the live event stream,
+//! each declared once with its documentation: [`routes`] routes exactly what the OpenAPI
+//! document describes.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::{
+    extract::{Path, RawQuery, State},
+    http::HeaderMap,
+    response::Response,
+    Extension,
+};
 use futures::TryStreamExt;
 use shared::{
     cursor::PageCursor,
     fleet::{self, FleetFilter, FleetKey},
     record::LabState,
+    service::ConnectionAbort,
     store::LabFilter,
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -15,6 +22,7 @@ use crate::{
     app::AppState,
     dto::{FleetLab, FleetPage, FleetWorkerDto, LabPage, LabRecordDto, SyncStatusDto, UiLab},
     etag::Tagged,
+    events,
     openapi::ReadErrors,
     params::{self, Cursor, Id, Region, Username},
     problem::{ApiError, Problem},
@@ -29,6 +37,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(fleet_labs))
         .routes(routes!(sync_status))
         .routes(routes!(fleet_status))
+        .routes(routes!(event_stream))
 }
 
 /// A worker's labs, sorted by title then lab id, in the UI's shape.
@@ -255,4 +264,38 @@ pub async fn fleet_status(
         items: items.iter().map(FleetWorkerDto::from).collect(),
         next_cursor: next.map(|k| k.encode()),
     })
+}
+
+/// Live events as server-sent events: every change of a lab and every worker sync, from any
+/// replica, resumable with `Last-Event-ID` on any replica.
+///
+/// Frames: `connected` first; then `worker.labs.updated` (`action`: created, updated,
+/// state_changed, removed, reappeared; with the lab's list entry), `worker.data.refreshed` (a
+/// worker synced, with its counts), `worker.sync.failed`; `heartbeat` after each quiet
+/// `api.events.heartbeat_interval`; `reset` when events were missed (reload from the REST API).
+/// Each data line is the envelope `{type, source, time, data}`.
+#[utoipa::path(
+    get, path = "/api/events/stream", tag = "events",
+    params(
+        ("worker_ids" = Option<String>, Query, description = "Only events of these workers (comma-separated ids, at most 1000)"),
+        ("event_types" = Option<String>, Query, description = "Only these events (comma-separated: worker.labs.updated, worker.data.refreshed, worker.sync.failed); connected, heartbeat and reset always come"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received: the stream resumes after it"),
+    ),
+    responses(
+        (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad parameter: `param` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "As many streams open on this replica as it serves (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn event_stream(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    abort: Option<Extension<ConnectionAbort>>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = params::query(q.as_deref(), &["worker_ids", "event_types"])?;
+    let filter = events::stream::filter(&q)?;
+    events::stream::open(&s.events, filter, &headers, abort.map(|Extension(a)| a))
 }

@@ -13,7 +13,7 @@ use axum::{
 };
 use mongodb::{Client, Database};
 use shared::{
-    config::{ApiConfig, AuthMode, Config, MongoConfig, SyncConfig},
+    config::{ApiConfig, AuthMode, Config, EventsConfig, MongoConfig, SyncConfig},
     metrics::Registry,
     mongo,
     registry::WorkerRegistry,
@@ -31,7 +31,15 @@ use tower_http::{
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::{api, auth::Authenticator, etag, metrics::Metrics, openapi::ApiDoc, problem::ApiError};
+use crate::{
+    api,
+    auth::Authenticator,
+    etag,
+    events::{self, follow::Watched, EventMetrics, Hub},
+    metrics::Metrics,
+    openapi::ApiDoc,
+    problem::ApiError,
+};
 
 /// Paths served besides the API: probes, metrics and the OpenAPI document (never authenticated).
 pub const OPEN_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
@@ -47,6 +55,9 @@ pub struct AppState {
     pub stale_after: Duration,
     /// `api.max_labs_per_response`, set by [`router`] from the configuration.
     pub max_labs_per_response: usize,
+    /// The live events of this replica (`api.events`); [`App::build`] starts following the
+    /// change stream into it.
+    pub events: Arc<Hub>,
 }
 
 impl AppState {
@@ -60,6 +71,7 @@ impl AppState {
             db,
             stale_after: 2 * SyncConfig::default().interval.get(),
             max_labs_per_response: ApiConfig::default().max_labs_per_response,
+            events: Hub::new(&EventsConfig::default(), EventMetrics::default()),
         }
     }
 }
@@ -89,6 +101,7 @@ pub fn router(
             .keys()
             .cloned()
             .chain(OPEN_PATHS.map(str::to_owned)),
+        &state.events.metrics,
     ));
     let api = api
         .route_layer(middleware::from_fn(etag::middleware))
@@ -161,6 +174,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     listener: HttpListener,
     limits: ServerLimits,
+    events: Arc<Hub>,
 }
 
 impl App {
@@ -181,6 +195,16 @@ impl App {
         let auth = Arc::new(Authenticator::from_config(&config.api.auth, http));
         let mut state = AppState::new(&client, &config.mongodb);
         state.stale_after = 2 * config.sync.interval.get();
+        state.events = Hub::new(&config.api.events, EventMetrics::default());
+        let events = state.events.clone();
+        tokio::spawn(events::follow::follow(
+            events.clone(),
+            state.db.clone(),
+            Watched {
+                labs: config.mongodb.lab_records_collection.clone(),
+                status: config.mongodb.sync_status_collection.clone(),
+            },
+        ));
         let (router, metrics) = router(state, auth, &config.api);
         let addr = config.api.listen.clone();
         let listener = HttpListener::bind(&addr, "api")
@@ -191,6 +215,7 @@ impl App {
             metrics,
             listener,
             limits: config.api.server_limits(),
+            events,
         })
     }
 
@@ -203,8 +228,14 @@ impl App {
         self.metrics.registry.clone()
     }
 
-    /// Serves until `shutdown`, then lets requests in flight finish.
+    /// Serves until `shutdown`, then lets requests in flight finish; event streams end at once.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
+        let events = self.events.clone();
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            events.stop();
+        });
         self.listener
             .serve(self.router, self.limits, shutdown)
             .await

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use shared::{
     fleet::FleetEntry,
-    record::LabRecord,
+    record::{HistoryEntry, LabRecord},
     status::{SyncCounts, WorkerSyncStatus},
 };
 use utoipa::ToSchema;
@@ -123,6 +123,29 @@ pub struct LabRecordDto {
     pub operation_history: Vec<HistoryEntryDto>,
 }
 
+impl From<&HistoryEntry> for HistoryEntryDto {
+    fn from(e: &HistoryEntry) -> Self {
+        Self {
+            timestamp: iso(e.timestamp),
+            previous_state: e.previous_state.clone(),
+            new_state: e.new_state.clone(),
+            changed_fields: e
+                .changed_fields
+                .iter()
+                .map(|(k, c)| {
+                    (
+                        k.clone(),
+                        FieldChangeDto {
+                            old: json_value(&c.old),
+                            new: json_value(&c.new),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A stored BSON value as JSON, dates as ISO strings.
 pub fn json_value(b: &Bson) -> Value {
     match b {
@@ -154,24 +177,7 @@ impl From<&LabRecord> for LabRecordDto {
             operation_history: r
                 .operation_history
                 .iter()
-                .map(|e| HistoryEntryDto {
-                    timestamp: iso(e.timestamp),
-                    previous_state: e.previous_state.clone(),
-                    new_state: e.new_state.clone(),
-                    changed_fields: e
-                        .changed_fields
-                        .iter()
-                        .map(|(k, c)| {
-                            (
-                                k.clone(),
-                                FieldChangeDto {
-                                    old: json_value(&c.old),
-                                    new: json_value(&c.new),
-                                },
-                            )
-                        })
-                        .collect(),
-                })
+                .map(HistoryEntryDto::from)
                 .collect(),
         }
     }

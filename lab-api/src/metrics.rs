@@ -17,7 +17,7 @@ use shared::metrics::{
 };
 use tokio::time::Instant;
 
-use crate::problem::Failure;
+use crate::{events::EventMetrics, problem::Failure};
 
 /// The route label of requests that matched no route.
 const UNMATCHED: &str = "unmatched";
@@ -77,8 +77,9 @@ pub struct Metrics {
 
 impl Metrics {
     /// Metrics for a router serving `routes` (its templates, e.g. `/api/labs`).
-    pub fn new(routes: impl IntoIterator<Item = String>) -> Self {
+    pub fn new(routes: impl IntoIterator<Item = String>, events: &EventMetrics) -> Self {
         let mut r = Registry::default();
+        events.register(&mut r);
         Self {
             requests: r.counters("http_requests", "HTTP requests by route, method and status"),
             latency: r.histograms(
@@ -92,7 +93,7 @@ impl Metrics {
             ),
             shed: r.counters(
                 "http_requests_shed",
-                "Requests given up to protect the service: overloaded (api.max_concurrent_requests in flight) or timeout (past api.request_timeout)",
+                "Requests given up to protect the service: overloaded (api.max_concurrent_requests in flight), timeout (past api.request_timeout), streams_full (api.events.max_streams open)",
             ),
             routes: routes
                 .into_iter()
@@ -132,6 +133,7 @@ fn shed_reason(kind: &str) -> Option<&'static str> {
     match kind {
         "overloaded" => Some("overloaded"),
         "timeout" => Some("timeout"),
+        "streams-full" => Some("streams_full"),
         _ => None,
     }
 }

@@ -29,6 +29,8 @@ pub enum ApiError {
     AuthUnavailable(String),
     #[error("too many requests in flight")]
     Overloaded,
+    #[error("this replica serves as many event streams as it may")]
+    TooManyStreams,
     #[error("the request took too long")]
     Timeout,
     #[error("internal error: {0}")]
@@ -65,6 +67,7 @@ impl ApiError {
             ApiError::Unavailable(_)
             | ApiError::AuthUnavailable(_)
             | ApiError::Overloaded
+            | ApiError::TooManyStreams
             | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) | ApiError::Listen { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -132,6 +135,12 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded => (
                 "overloaded",
                 "Too many requests are in flight; try again shortly.".to_owned(),
+                None,
+            ),
+            ApiError::TooManyStreams => (
+                "streams-full",
+                "This replica serves as many event streams as it may; try again shortly."
+                    .to_owned(),
                 None,
             ),
             ApiError::Timeout => (

@@ -253,6 +253,20 @@ impl<L, M> std::fmt::Debug for Family<L, M> {
     }
 }
 
+impl<L: LabelSet, M: Metric + Default> Default for Family<L, M> {
+    /// A family not yet in any registry (see [`Registry::register`]).
+    fn default() -> Self {
+        Self::new(Arc::new(M::default))
+    }
+}
+
+impl<L: LabelSet> Family<L, Histogram> {
+    /// A family of histograms over `bounds`, not yet in any registry.
+    pub fn with_buckets(bounds: &'static [f64]) -> Self {
+        Self::new(Arc::new(move || Histogram::new(bounds)))
+    }
+}
+
 impl<L: LabelSet, M: Metric> Family<L, M> {
     fn new(make: Make<M>) -> Self {
         Self {
@@ -283,6 +297,20 @@ impl<L: LabelSet, M: Metric> Family<L, M> {
 /// What the registry reads a family from.
 trait Source: Send + Sync {
     fn series(&self) -> Vec<Series>;
+}
+
+/// A metric or a family a component made itself and hands to a registry.
+#[allow(private_bounds)]
+pub trait Registrable: Source + Clone + 'static {
+    const KIND: MetricKind;
+}
+
+impl<M: Metric> Registrable for M {
+    const KIND: MetricKind = M::KIND;
+}
+
+impl<L: LabelSet, M: Metric> Registrable for Family<L, M> {
+    const KIND: MetricKind = M::KIND;
 }
 
 impl<M: Metric> Source for M {
@@ -366,6 +394,12 @@ impl Registry {
             kind,
             source: Box::new(s),
         });
+    }
+
+    /// Registers a metric or family made by the component that updates it; the registry reads
+    /// the same cells.
+    pub fn register<R: Registrable>(&mut self, name: &'static str, help: &'static str, m: &R) {
+        self.add(name, help, R::KIND, m.clone());
     }
 
     pub fn counter(&mut self, name: &'static str, help: &'static str) -> Counter {

@@ -178,6 +178,7 @@ pub struct ApiConfig {
     pub max_labs_per_response: usize,
     pub cors_allowed_origins: Vec<String>,
     pub auth: AuthConfig,
+    pub events: EventsConfig,
 }
 
 impl Default for ApiConfig {
@@ -193,6 +194,37 @@ impl Default for ApiConfig {
             max_labs_per_response: 5000,
             cors_allowed_origins: Vec::new(),
             auth: AuthConfig::default(),
+            events: EventsConfig::default(),
+        }
+    }
+}
+
+/// The live event stream (`/api/events/stream`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// A `heartbeat` frame goes out after this long without another frame. A client that fell
+    /// behind and does not read its `reset` within this long is disconnected.
+    pub heartbeat_interval: HumanDuration,
+    /// Frames one client may have waiting; a client further behind gets `reset` and is closed.
+    pub client_buffer: usize,
+    /// Streams one replica serves at once; past it, new streams get 503 with `Retry-After`.
+    pub max_streams: usize,
+    /// Recent events each replica keeps so that a client reconnecting with `Last-Event-ID`
+    /// (to any replica) gets exactly what it missed.
+    pub replay_events: usize,
+    /// How far back a replica reads the change stream when it starts, to fill that memory.
+    pub replay_window: HumanDuration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: HumanDuration::from_secs(30),
+            client_buffer: 256,
+            max_streams: 1000,
+            replay_events: 10_000,
+            replay_window: HumanDuration::from_secs(600),
         }
     }
 }

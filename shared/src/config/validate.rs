@@ -267,6 +267,22 @@ impl ApiConfig {
                 v.http_url(&format!("api.cors_allowed_origins[{i}]"), origin);
             }
         }
+        let ev = &self.events;
+        v.duration_range(
+            "api.events.heartbeat_interval",
+            ev.heartbeat_interval,
+            SECOND,
+            HOUR,
+        );
+        v.range("api.events.client_buffer", ev.client_buffer, 8, 65_536);
+        v.range("api.events.max_streams", ev.max_streams, 1, 100_000);
+        v.range("api.events.replay_events", ev.replay_events, 0, 1_000_000);
+        v.duration_range(
+            "api.events.replay_window",
+            ev.replay_window,
+            Duration::ZERO,
+            DAY,
+        );
         let auth = &self.auth;
         match auth.mode {
             AuthMode::Jwt => {

@@ -1,0 +1,407 @@
+//! From a change in MongoDB to the event the UI reads — pure: no I/O, no clock.
+//!
+//! A lab event is derived from what was written: the record after the write and the history
+//! entry that write pushed (found by the record's `last_changed_at`, which every change sets
+//! and a stamp of an unchanged lab never touches). An insert is a new lab. A write that only
+//! stamps `last_synced_at`, a purge, or an upgrade of old documents is no event. A status
+//! write is one sync of one worker: refreshed when it succeeded, failed otherwise.
+
+use bson::{Bson, DateTime, Document};
+use serde_json::{json, Map, Value};
+use shared::{
+    record::{HistoryEntry, LabRecord, REMOVED_STATE},
+    status::WorkerSyncStatus,
+};
+
+use super::EventType;
+use crate::dto::{iso, HistoryEntryDto, UiLab};
+
+/// The collection a change happened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collection {
+    Labs,
+    Status,
+}
+
+/// What kind of write it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Insert,
+    Update,
+    Replace,
+    Delete,
+    Other,
+}
+
+/// One change as the change stream reported it, without the driver's types.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub collection: Collection,
+    pub operation: Operation,
+    /// `updateDescription.updatedFields` (empty unless an update).
+    pub updated_fields: Document,
+    /// The document after the write (for updates: as looked up just after).
+    pub full_document: Option<Document>,
+}
+
+/// An event: its type, the worker it concerns, and its `data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Derived {
+    pub kind: EventType,
+    pub worker_id: String,
+    pub data: Value,
+}
+
+/// The event a change makes, if any.
+pub fn derive(change: &Change) -> Option<Derived> {
+    match change.collection {
+        Collection::Labs => lab_event(change),
+        Collection::Status => status_event(change),
+    }
+}
+
+/// What happened to a lab, as the UI names it.
+pub fn action(entry: &HistoryEntry) -> &'static str {
+    let previous = entry.previous_state.as_deref();
+    if previous == Some(REMOVED_STATE) {
+        "reappeared"
+    } else if entry.new_state == REMOVED_STATE {
+        "removed"
+    } else if previous.is_some_and(|p| p != entry.new_state) {
+        "state_changed"
+    } else {
+        "updated"
+    }
+}
+
+fn lab_event(change: &Change) -> Option<Derived> {
+    let record: LabRecord = bson::from_document(change.full_document.clone()?).ok()?;
+    let mut data = lab_data(&record);
+    match change.operation {
+        Operation::Insert => {
+            data.insert("action".into(), json!("created"));
+            data.insert("first_seen_at".into(), json!(iso(record.first_seen_at)));
+        }
+        Operation::Update => {
+            let at = *change.updated_fields.get_datetime("last_changed_at").ok()?;
+            let entry = written_entry(&change.updated_fields, &record, at)?;
+            let action = action(&entry);
+            let dto = HistoryEntryDto::from(&entry);
+            data.insert("action".into(), json!(action));
+            data.insert("previous_state".into(), json!(dto.previous_state));
+            data.insert("new_state".into(), json!(dto.new_state));
+            data.insert(
+                "changed_fields".into(),
+                serde_json::to_value(&dto.changed_fields).ok()?,
+            );
+            data.insert("changed_at".into(), json!(dto.timestamp));
+            if action == "updated" {
+                data.insert("synced_at".into(), json!(iso(record.last_synced_at)));
+            }
+        }
+        Operation::Replace | Operation::Delete | Operation::Other => return None,
+    }
+    Some(Derived {
+        kind: EventType::LabsUpdated,
+        worker_id: record.worker_id,
+        data: Value::Object(data),
+    })
+}
+
+/// The UI's list entry of the lab, with the worker, the lab id and `removed_at`.
+fn lab_data(record: &LabRecord) -> Map<String, Value> {
+    let mut data = Map::new();
+    data.insert("worker_id".into(), json!(record.worker_id));
+    data.insert("lab_id".into(), json!(record.lab_id));
+    if let Ok(Value::Object(lab)) = serde_json::to_value(UiLab::from(record)) {
+        data.extend(lab);
+    }
+    data.insert("removed_at".into(), json!(record.removed_at.map(iso)));
+    data
+}
+
+/// The history entry the write pushed: the one stamped `at`, looked for among the entries the
+/// update reported (the whole array, or `operation_history.N` keys), then in the record.
+fn written_entry(updated: &Document, record: &LabRecord, at: DateTime) -> Option<HistoryEntry> {
+    let entry = |b: &Bson| bson::from_bson::<HistoryEntry>(b.clone()).ok();
+    let mut written: Vec<HistoryEntry> = Vec::new();
+    for (key, value) in updated {
+        if key == "operation_history" {
+            if let Bson::Array(items) = value {
+                written.extend(items.iter().filter_map(entry));
+            }
+        } else if key
+            .strip_prefix("operation_history.")
+            .is_some_and(|i| i.parse::<usize>().is_ok())
+        {
+            written.extend(entry(value));
+        }
+    }
+    written
+        .into_iter()
+        .rev()
+        .chain(record.operation_history.iter().rev().cloned())
+        .find(|e| e.timestamp == at)
+}
+
+fn status_event(change: &Change) -> Option<Derived> {
+    if !matches!(
+        change.operation,
+        Operation::Insert | Operation::Update | Operation::Replace
+    ) {
+        return None;
+    }
+    let s: WorkerSyncStatus = bson::from_document(change.full_document.clone()?).ok()?;
+    let succeeded = s.consecutive_failures == 0 && s.last_success_at == Some(s.last_attempt_at);
+    let (kind, data) = if succeeded {
+        let c = s.last_counts.unwrap_or_default();
+        (
+            EventType::DataRefreshed,
+            json!({
+                "worker_id": s.worker_id,
+                "last_success_at": s.last_success_at.map(iso),
+                "lab_count": s.lab_count,
+                "duration_ms": s.last_duration_ms,
+                "labs_synced": c.synced,
+                "labs_created": c.created,
+                "labs_updated": c.updated,
+                "labs_unchanged": c.unchanged,
+                "labs_removed": c.removed,
+            }),
+        )
+    } else {
+        (
+            EventType::SyncFailed,
+            json!({
+                "worker_id": s.worker_id,
+                "error_kind": s.last_error_kind,
+                "error": s.last_error,
+                "consecutive_failures": s.consecutive_failures,
+                "last_attempt_at": iso(s.last_attempt_at),
+                "last_success_at": s.last_success_at.map(iso),
+            }),
+        )
+    };
+    Some(Derived {
+        kind,
+        worker_id: s.worker_id,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use bson::doc;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn t(ms: i64) -> DateTime {
+        DateTime::from_millis(1_795_000_000_000 + ms)
+    }
+
+    fn entry(at: i64, previous: &str, new: &str, field: &str) -> Document {
+        doc! {
+            "timestamp": t(at), "previous_state": previous, "new_state": new,
+            "changed_fields": { field: { "old": "a", "new": "b" } },
+        }
+    }
+
+    fn record(history: Vec<Document>, removed: Option<i64>) -> Document {
+        doc! {
+            "id": "rec-1", "worker_id": "w1", "lab_id": "l1",
+            "title": "Lab <b>", "description": "", "notes": "", "state": "STARTED",
+            "owner_username": "alice", "owner_fullname": "Alice", "node_count": 3, "link_count": 2,
+            "groups": [], "cml_created_at": t(0), "modified_at": t(0),
+            "first_seen_at": t(1), "last_synced_at": t(50), "removed_at": removed.map(t),
+            "last_changed_at": t(40), "operation_history": history,
+        }
+    }
+
+    fn update(updated: Document, full: Document) -> Change {
+        Change {
+            collection: Collection::Labs,
+            operation: Operation::Update,
+            updated_fields: updated,
+            full_document: Some(full),
+        }
+    }
+
+    #[test]
+    fn an_insert_is_a_created_lab_with_the_ui_fields() {
+        let d = derive(&Change {
+            collection: Collection::Labs,
+            operation: Operation::Insert,
+            updated_fields: Document::new(),
+            full_document: Some(record(vec![], None)),
+        })
+        .expect("event");
+        assert_eq!(d.kind, EventType::LabsUpdated);
+        assert_eq!(d.worker_id, "w1");
+        assert_eq!(d.data["action"], "created");
+        assert_eq!(d.data["lab_id"], "l1");
+        assert_eq!(d.data["id"], "l1", "the UI's list entry: id is the lab id");
+        for key in [
+            "title",
+            "state",
+            "node_count",
+            "link_count",
+            "owner_username",
+            "owner",
+            "groups",
+            "last_synced",
+            "first_seen_at",
+        ] {
+            assert!(d.data.get(key).is_some(), "{key}: {}", d.data);
+        }
+        assert_eq!(
+            d.data["title"], "Lab <b>",
+            "text as stored: the page escapes it"
+        );
+    }
+
+    #[test]
+    fn a_stamp_of_an_unchanged_lab_is_no_event() {
+        let c = update(
+            doc! { "last_synced_at": t(60) },
+            record(vec![entry(40, "STOPPED", "STARTED", "state")], None),
+        );
+        assert_eq!(derive(&c), None);
+    }
+
+    #[test]
+    fn the_action_follows_the_entry_the_write_pushed() {
+        let cases = [
+            (entry(40, "STOPPED", "STARTED", "state"), "state_changed"),
+            (entry(40, "STARTED", "STARTED", "title"), "updated"),
+            (entry(40, "STARTED", REMOVED_STATE, "removed_at"), "removed"),
+            (
+                entry(40, REMOVED_STATE, "STARTED", "removed_at"),
+                "reappeared",
+            ),
+        ];
+        for (e, want) in cases {
+            // Reported as the whole array, as `operation_history.N`, or only in the record.
+            let shapes = [
+                doc! { "last_changed_at": t(40), "operation_history": [e.clone()] },
+                doc! { "last_changed_at": t(40), "operation_history.7": e.clone() },
+                doc! { "last_changed_at": t(40) },
+            ];
+            for updated in shapes {
+                let d =
+                    derive(&update(updated.clone(), record(vec![e.clone()], None))).expect("event");
+                assert_eq!(d.data["action"], want, "{updated}");
+                assert_eq!(d.data["changed_at"], iso(t(40)));
+                assert_eq!(d.data["new_state"], e.get_str("new_state").expect("s"));
+                assert_eq!(
+                    d.data["changed_fields"].as_object().map(|o| o.len()),
+                    Some(1)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_later_write_seen_by_the_lookup_does_not_change_what_this_write_was() {
+        // This write pushed the state change at t=40; by the lookup the record had a title
+        // change at t=45 too.
+        let this = entry(40, "STOPPED", "STARTED", "state");
+        let later = entry(45, "STARTED", "STARTED", "title");
+        let d = derive(&update(
+            doc! { "last_changed_at": t(40), "operation_history": [this.clone()] },
+            record(vec![this, later], None),
+        ))
+        .expect("event");
+        assert_eq!(d.data["action"], "state_changed");
+        assert_eq!(d.data["changed_at"], iso(t(40)));
+    }
+
+    #[test]
+    fn without_its_entry_or_its_record_a_change_is_no_event() {
+        let gone = Change {
+            full_document: None,
+            ..update(doc! { "last_changed_at": t(40) }, Document::new())
+        };
+        assert_eq!(derive(&gone), None, "purged before the lookup");
+        let other = update(
+            doc! { "last_changed_at": t(41) },
+            record(vec![entry(40, "A", "B", "state")], None),
+        );
+        assert_eq!(derive(&other), None, "no entry stamped t=41");
+    }
+
+    fn status(failures: i64, success: Option<i64>, attempt: i64) -> Document {
+        doc! {
+            "worker_id": "w1", "last_attempt_at": t(attempt), "last_success_at": success.map(t),
+            "last_error": (failures > 0).then_some("CML timed out"),
+            "last_error_kind": (failures > 0).then_some("cml_timeout"),
+            "consecutive_failures": failures, "lab_count": 7_i64, "last_duration_ms": 120_i64,
+            "last_counts": { "synced": 7_i64, "created": 1_i64, "updated": 2_i64, "unchanged": 4_i64, "removed": 0_i64 },
+        }
+    }
+
+    #[test]
+    fn a_status_write_is_a_refresh_or_a_failure() {
+        for operation in [Operation::Insert, Operation::Update, Operation::Replace] {
+            let ok = derive(&Change {
+                collection: Collection::Status,
+                operation,
+                updated_fields: Document::new(),
+                full_document: Some(status(0, Some(10), 10)),
+            })
+            .expect("event");
+            assert_eq!(ok.kind, EventType::DataRefreshed);
+            assert_eq!(
+                (
+                    &ok.data["labs_synced"],
+                    &ok.data["labs_created"],
+                    &ok.data["labs_updated"]
+                ),
+                (&json!(7), &json!(1), &json!(2))
+            );
+            assert_eq!(ok.data["last_success_at"], iso(t(10)));
+            let failed = derive(&Change {
+                collection: Collection::Status,
+                operation,
+                updated_fields: Document::new(),
+                full_document: Some(status(3, Some(10), 20)),
+            })
+            .expect("event");
+            assert_eq!(failed.kind, EventType::SyncFailed);
+            assert_eq!(failed.data["error_kind"], "cml_timeout");
+            assert_eq!(failed.data["consecutive_failures"], 3);
+        }
+        assert_eq!(
+            derive(&Change {
+                collection: Collection::Status,
+                operation: Operation::Delete,
+                updated_fields: Document::new(),
+                full_document: None,
+            }),
+            None
+        );
+    }
+
+    proptest! {
+        /// Whatever the states, exactly one action; and removal and return are recognised
+        /// whatever the other state was.
+        #[test]
+        fn every_entry_has_one_action(
+            previous in prop::option::of(prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED", REMOVED_STATE])),
+            new in prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED", REMOVED_STATE]),
+        ) {
+            let e = HistoryEntry {
+                timestamp: t(0),
+                previous_state: previous.map(str::to_owned),
+                new_state: new.to_owned(),
+                changed_fields: Default::default(),
+            };
+            let a = action(&e);
+            prop_assert!(["created", "updated", "state_changed", "removed", "reappeared"].contains(&a) && a != "created");
+            if previous == Some(REMOVED_STATE) { prop_assert_eq!(a, "reappeared"); }
+            else if new == REMOVED_STATE { prop_assert_eq!(a, "removed"); }
+            else if previous.is_some_and(|p| p != new) { prop_assert_eq!(a, "state_changed"); }
+            else { prop_assert_eq!(a, "updated"); }
+        }
+    }
+}

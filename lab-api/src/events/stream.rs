@@ -1,0 +1,253 @@
+//! One client's event stream: `connected`, then what it missed since its `Last-Event-ID`
+//! (or `reset` when that cannot be known), then live events and a `heartbeat` after each quiet
+//! `api.events.heartbeat_interval`. A client that falls behind gets `reset` and is closed; one
+//! that does not even read that within a heartbeat interval has its connection cut. The stream
+//! ends when the service stops.
+
+use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    http::{header, HeaderMap, HeaderValue},
+    response::Response,
+};
+use bson::DateTime;
+use bytes::Bytes;
+use serde_json::json;
+use shared::{metrics::Reason, service::ConnectionAbort};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel};
+use crate::{params, problem::ApiError};
+
+/// Most workers one stream may name in `worker_ids`.
+pub const MAX_WORKER_IDS: usize = 1000;
+/// The header a browser sends when it reconnects.
+const LAST_EVENT_ID: &str = "last-event-id";
+/// How long a `Last-Event-ID` this replica has not seen is waited for (the client may come
+/// from a replica whose change stream is ahead) before the client is told to reload.
+pub const RESUME_WAIT: Duration = Duration::from_secs(3);
+
+/// The filter of `worker_ids` and `event_types` (comma-separated; both optional).
+pub fn filter(params: &std::collections::HashMap<String, String>) -> Result<Filter, ApiError> {
+    let list = |name: &str| -> Option<Vec<&str>> {
+        params
+            .get(name)
+            .map(|v| v.split(',').map(str::trim).collect())
+    };
+    let workers = match list("worker_ids") {
+        None => None,
+        Some(ids) if ids.len() > MAX_WORKER_IDS => {
+            return Err(ApiError::bad(
+                "worker_ids",
+                format!("names more than {MAX_WORKER_IDS} workers"),
+            ))
+        }
+        Some(ids) => Some(
+            ids.into_iter()
+                .map(|id| params::id("worker_ids", id).map(str::to_owned))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let types = match list("event_types") {
+        None => None,
+        Some(names) => Some(
+            names
+                .into_iter()
+                .map(|n| {
+                    EventType::parse(n).ok_or_else(|| {
+                        let known: Vec<&str> =
+                            EventType::SUBSCRIBABLE.iter().map(|t| t.as_str()).collect();
+                        ApiError::bad(
+                            "event_types",
+                            format!("`{n}` is not an event type (known: {})", known.join(", ")),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    Ok(Filter { types, workers })
+}
+
+/// Opens a stream for `filter`, resuming after the request's `Last-Event-ID`.
+pub fn open(
+    hub: &Arc<Hub>,
+    filter: Filter,
+    headers: &HeaderMap,
+    abort: Option<ConnectionAbort>,
+) -> Result<Response, ApiError> {
+    let slot = hub.stream_slot().ok_or(ApiError::TooManyStreams)?;
+    let last_id = headers.get(LAST_EVENT_ID).and_then(|v| v.to_str().ok());
+    let sub = hub.subscribe(filter, last_id);
+    let body = Body::from_stream(futures::stream::unfold(
+        Live::new(hub, sub, slot, abort),
+        Live::next,
+    ));
+    let mut response = Response::new(body);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The state of one open stream.
+struct Live {
+    hub: Arc<Hub>,
+    sub: Subscription,
+    /// Until when the client's id is awaited (see [`Hub::give_up`]).
+    awaiting_until: Option<tokio::time::Instant>,
+    /// Frames to send before reading the queue: `connected`, a `reset`, the replay.
+    first: VecDeque<Bytes>,
+    heartbeat: Duration,
+    stop: CancellationToken,
+    metrics: EventMetrics,
+    ended: bool,
+    _slot: OwnedSemaphorePermit,
+    /// Ends the stall watchdog, and counts the stream closed, when the stream goes.
+    _open: OpenGuard,
+}
+
+struct OpenGuard {
+    streams: shared::metrics::Gauge,
+    _watchdog: DropGuard,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.streams.add(-1.0);
+    }
+}
+
+impl Live {
+    fn new(
+        hub: &Arc<Hub>,
+        mut sub: Subscription,
+        slot: OwnedSemaphorePermit,
+        abort: Option<ConnectionAbort>,
+    ) -> Self {
+        let metrics = hub.metrics.clone();
+        let mut first = VecDeque::new();
+        let connected = Frame::local(
+            EventType::Connected,
+            json!({ "status": "connected", "client_id": uuid::Uuid::new_v4().to_string() }),
+        );
+        first.push_back(sent(&metrics, &connected));
+        if let Some(reason) = sub.reset {
+            first.push_back(reset(&metrics, reason));
+        }
+        for f in sub.replay.drain(..) {
+            first.push_back(sent(&metrics, &f));
+        }
+        let done = CancellationToken::new();
+        watch_stall(sub.behind.clone(), done.clone(), abort, hub.heartbeat);
+        metrics.streams.add(1.0);
+        let awaiting_until = sub
+            .awaiting
+            .then(|| tokio::time::Instant::now() + RESUME_WAIT);
+        Self {
+            hub: hub.clone(),
+            awaiting_until,
+            sub,
+            first,
+            heartbeat: hub.heartbeat,
+            stop: hub.stopping(),
+            _open: OpenGuard {
+                streams: metrics.streams.clone(),
+                _watchdog: done.drop_guard(),
+            },
+            metrics,
+            ended: false,
+            _slot: slot,
+        }
+    }
+
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+        if self.ended {
+            return None;
+        }
+        if let Some(b) = self.first.pop_front() {
+            return Some((Ok(b), self));
+        }
+        let bytes = loop {
+            let awaiting = self.awaiting_until;
+            break tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return None,
+                _ = self.sub.behind.cancelled() => {
+                    self.ended = true;
+                    reset(&self.metrics, "lagged")
+                }
+                _ = tokio::time::sleep_until(awaiting.unwrap_or_else(tokio::time::Instant::now)),
+                    if awaiting.is_some() =>
+                {
+                    self.awaiting_until = None;
+                    if !self.hub.give_up(&self.sub) {
+                        continue;
+                    }
+                    reset(&self.metrics, "unknown_id")
+                }
+                item = self.sub.rx.recv() => match item? {
+                    Item::Frame(f) => {
+                        let lag = DateTime::now().timestamp_millis() - f.written_at.timestamp_millis();
+                        self.metrics.lag.observe(lag.max(0) as f64 / 1000.0);
+                        sent(&self.metrics, &f)
+                    }
+                    Item::Reset(reason) => reset(&self.metrics, reason),
+                },
+                _ = tokio::time::sleep(self.heartbeat) => {
+                    sent(&self.metrics, &Frame::local(EventType::Heartbeat, json!({})))
+                }
+            };
+        };
+        Some((Ok(bytes), self))
+    }
+}
+
+/// Counts a frame sent and hands out its text.
+fn sent(m: &EventMetrics, f: &Frame) -> Bytes {
+    m.sent.get(&TypeLabel(f.kind)).inc();
+    f.text.clone()
+}
+
+/// A `reset` frame: reload from the REST API.
+fn reset(m: &EventMetrics, reason: &'static str) -> Bytes {
+    m.resets.get(&Reason(reason)).inc();
+    let f = Frame::local(
+        EventType::Reset,
+        json!({ "reason": reason, "message": "Events were missed: reload from the API." }),
+    );
+    sent(m, &f)
+}
+
+/// A client that fell behind and does not take its `reset` within `grace` (it stopped
+/// reading: nothing can be written to it) has its connection cut.
+fn watch_stall(
+    behind: CancellationToken,
+    done: CancellationToken,
+    abort: Option<ConnectionAbort>,
+    grace: Duration,
+) {
+    let Some(ConnectionAbort(abort)) = abort else {
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = done.cancelled() => {}
+            _ = behind.cancelled() => {
+                tokio::select! {
+                    _ = done.cancelled() => {}
+                    _ = tokio::time::sleep(grace) => {
+                        tracing::info!(event = "stream_cut", "Cutting an event stream whose client stopped reading");
+                        abort.cancel();
+                    }
+                }
+            }
+        }
+    });
+}
