@@ -6,6 +6,7 @@
 #![allow(unsafe_code)] // libc::kill on a child process we own
 
 pub mod promql;
+pub mod sse;
 
 use std::{
     path::{Path, PathBuf},

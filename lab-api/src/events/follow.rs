@@ -153,6 +153,10 @@ pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
                                     written_at(&e),
                                     d.data,
                                 );
+                                // A batch of changes is published one by one with the
+                                // clients' streams scheduled in between, so that a burst
+                                // (a first cycle) is absorbed by clients that read.
+                                tokio::task::yield_now().await;
                             }
                             // The stream's own token: past this event, or past a quiet
                             // stretch the server reported (post-batch token).

@@ -10,7 +10,7 @@ use std::{
 
 use bson::DateTime;
 use serde_json::Value;
-use shared::config::EventsConfig;
+use shared::{config::EventsConfig, metrics::Reason};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -156,12 +156,19 @@ impl Hub {
             match c.tx.try_send(Item::Frame(frame.clone())) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    c.behind.cancel();
+                    self.fell_behind(c);
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+    }
+
+    /// A client whose queue is full: its stream sends `reset` and ends (counted here, where
+    /// it is known, since a client that stopped reading never gets the frame).
+    fn fell_behind(&self, c: &Client) {
+        c.behind.cancel();
+        self.metrics.resets.get(&Reason("lagged")).inc();
     }
 
     /// Events were lost (the change stream could not resume): every client must reload, and
@@ -174,7 +181,7 @@ impl Hub {
             match c.tx.try_send(Item::Reset(reason)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    c.behind.cancel();
+                    self.fell_behind(c);
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,

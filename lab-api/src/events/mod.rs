@@ -197,7 +197,7 @@ impl EventMetrics {
         );
         r.register(
             "events_resets",
-            "reset frames sent: lagged (the client fell behind and is closed), unknown_id (Last-Event-ID past what is kept or malformed), history_lost (the change stream could not resume)",
+            "Clients told to reload: lagged (fell behind; its stream ends), unknown_id (a Last-Event-ID that cannot be resumed from), history_lost (the change stream could not resume)",
             &self.resets,
         );
         r.register(

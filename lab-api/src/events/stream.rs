@@ -181,7 +181,7 @@ impl Live {
                 _ = self.stop.cancelled() => return None,
                 _ = self.sub.behind.cancelled() => {
                     self.ended = true;
-                    reset(&self.metrics, "lagged")
+                    reset_frame(&self.metrics, "lagged")
                 }
                 _ = tokio::time::sleep_until(awaiting.unwrap_or_else(tokio::time::Instant::now)),
                     if awaiting.is_some() =>
@@ -218,6 +218,11 @@ fn sent(m: &EventMetrics, f: &Frame) -> Bytes {
 /// A `reset` frame: reload from the REST API.
 fn reset(m: &EventMetrics, reason: &'static str) -> Bytes {
     m.resets.get(&Reason(reason)).inc();
+    reset_frame(m, reason)
+}
+
+/// The `reset` frame, its reset counted elsewhere.
+fn reset_frame(m: &EventMetrics, reason: &'static str) -> Bytes {
     let f = Frame::local(
         EventType::Reset,
         json!({ "reason": reason, "message": "Events were missed: reload from the API." }),

@@ -276,6 +276,16 @@ impl ApiConfig {
         );
         v.range("api.events.client_buffer", ev.client_buffer, 8, 65_536);
         v.range("api.events.max_streams", ev.max_streams, 1, 100_000);
+        v.check(
+            ev.max_streams < self.max_connections,
+            "api.events.max_streams",
+            || {
+                format!(
+                    "must be below api.max_connections ({}): each stream holds a connection",
+                    self.max_connections
+                )
+            },
+        );
         v.range("api.events.replay_events", ev.replay_events, 0, 1_000_000);
         v.duration_range(
             "api.events.replay_window",
