@@ -100,7 +100,8 @@ pub fn router(
             .paths
             .keys()
             .cloned()
-            .chain(OPEN_PATHS.map(str::to_owned)),
+            .chain(OPEN_PATHS.map(str::to_owned))
+            .chain(crate::page::PATHS.map(str::to_owned)),
         &state.events.metrics,
     ));
     let api = api
@@ -113,6 +114,7 @@ pub fn router(
     );
     let routes = api
         .merge(open)
+        .merge(crate::page::routes())
         .fallback(|| async { ApiError::NotFound("No such endpoint.".into()) })
         .with_state(state)
         // Per request, inside the router: a request past its time keeps its route's label.

@@ -11,5 +11,6 @@ pub mod etag;
 pub mod events;
 pub mod metrics;
 pub mod openapi;
+pub mod page;
 pub mod params;
 pub mod problem;

@@ -990,3 +990,23 @@ async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
         assert_eq!(problem["param"], param, "{uri}");
     }
 }
+
+#[tokio::test]
+async fn the_live_page_is_served_with_a_policy_that_allows_only_this_origin() {
+    let a = api("api_live_page", open()).await;
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/live.js", "text/javascript"),
+        ("/live.css", "text/css"),
+    ] {
+        let (status, headers, body) = get(&a.router, path, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let content_type = headers["content-type"].to_str().expect("ascii");
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        let policy = headers["content-security-policy"].to_str().expect("ascii");
+        assert!(policy.contains("script-src 'self'"), "{policy}");
+        assert!(!policy.contains("unsafe-inline"), "{policy}");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        assert!(!body.is_empty());
+    }
+}
