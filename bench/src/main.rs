@@ -1,6 +1,9 @@
 //! `labs-bench`: seeds lab records through the store, and measures read throughput and
 //! latency either straight from MongoDB (the floor) or through lab-api over HTTP, with the same
-//! concurrency and the same random worker choice, printing one JSON line of figures.
+//! concurrency and the same random worker choice, printing one JSON line of figures; and
+//! holds many event streams open, timing each event's delivery ([`streams`]).
+
+mod streams;
 
 use std::{
     sync::Arc,
@@ -47,6 +50,20 @@ enum Command {
         #[command(flatten)]
         load: Load,
     },
+    /// Many clients of GET /api/events/stream, timing each event from write to arrival.
+    Streams {
+        /// The stream's URL.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Stop after this long without an event (once events came).
+        #[arg(long, default_value_t = 5)]
+        idle_seconds: u64,
+        /// Stop after this long in any case.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
     /// GET /api/workers/{id}/labs through lab-api.
     Http {
         #[arg(long)]
@@ -88,6 +105,20 @@ async fn main() -> anyhow::Result<()> {
             if_none_match,
             load,
         } => http(url, if_none_match, load).await,
+        Command::Streams {
+            url,
+            streams,
+            idle_seconds,
+            seconds,
+        } => {
+            streams::run(
+                url,
+                streams,
+                Duration::from_secs(idle_seconds),
+                Duration::from_secs(seconds),
+            )
+            .await
+        }
     }
 }
 

@@ -337,11 +337,11 @@ async fn streams_go_on_across_a_mongodb_restart_and_miss_nothing_written_after_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_others() {
-    let f = Fixture::new("events_slow", 2, 100).await;
+    let f = Fixture::new("events_slow", 4, 500).await;
     // 8 MB of events: more than the socket buffers between lab-api and a client can hold.
     for w in &f.fleet.fleet.workers {
         for id in w.lab_ids() {
-            w.update_lab(&id, |l| l.notes = "n".repeat(40_000));
+            w.update_lab(&id, |l| l.description = "d".repeat(4000));
         }
     }
     let (_api, base) = f
@@ -368,12 +368,12 @@ async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_o
     wait_metric(&base, "events_streams", &[], 2.0, WAIT).await;
 
     let reading = tokio::spawn(async move {
-        let frames = until_syncs(&mut reader, 2, 0).await;
+        let frames = until_syncs(&mut reader, 4, 0).await;
         (frames, reader)
     });
     assert!(f.once(&[]).await.status.success());
     let (frames, _reader) = reading.await.expect("reader");
-    assert_eq!(count(&frames, LABS), 200, "the reader got everything");
+    assert_eq!(count(&frames, LABS), 2000, "the reader got everything");
     assert_eq!(count(&frames, "reset"), 0);
     wait_metric(
         &base,

@@ -108,12 +108,14 @@ fn lab_event(change: &Change) -> Option<Derived> {
     })
 }
 
-/// The UI's list entry of the lab, with the worker, the lab id and `removed_at`.
+/// The UI's list entry of the lab, with the worker, the lab id and `removed_at`, without
+/// `notes` (up to 64 KiB each, and no table shows them: the lab's own endpoint has them).
 fn lab_data(record: &LabRecord) -> Map<String, Value> {
     let mut data = Map::new();
     data.insert("worker_id".into(), json!(record.worker_id));
     data.insert("lab_id".into(), json!(record.lab_id));
-    if let Ok(Value::Object(lab)) = serde_json::to_value(UiLab::from(record)) {
+    if let Ok(Value::Object(mut lab)) = serde_json::to_value(UiLab::from(record)) {
+        lab.remove("notes");
         data.extend(lab);
     }
     data.insert("removed_at".into(), json!(record.removed_at.map(iso)));
@@ -239,6 +241,7 @@ mod tests {
         assert_eq!(d.kind, EventType::LabsUpdated);
         assert_eq!(d.worker_id, "w1");
         assert_eq!(d.data["action"], "created");
+        assert!(d.data.get("notes").is_none(), "notes stay out of events");
         assert_eq!(d.data["lab_id"], "l1");
         assert_eq!(d.data["id"], "l1", "the UI's list entry: id is the lab id");
         for key in [

@@ -38,6 +38,8 @@ struct Client {
 #[derive(Debug, Default)]
 struct Inner {
     recent: VecDeque<Arc<Frame>>,
+    /// Bytes of frame text in `recent`.
+    recent_bytes: usize,
     clients: HashMap<u64, Client>,
     next_client: u64,
     next_seq: u64,
@@ -48,6 +50,7 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     keep: usize,
+    keep_bytes: usize,
     client_buffer: usize,
     pub(crate) heartbeat: Duration,
     pub(crate) replay_window: Duration,
@@ -89,6 +92,7 @@ impl Hub {
         Arc::new(Self {
             inner: Mutex::default(),
             keep: cfg.replay_events,
+            keep_bytes: cfg.replay_bytes,
             client_buffer: cfg.client_buffer.max(1),
             heartbeat: cfg.heartbeat_interval.get(),
             replay_window: cfg.replay_window.get(),
@@ -137,11 +141,14 @@ impl Hub {
             written_at,
             data,
         ));
-        if self.keep > 0 {
-            if inner.recent.len() == self.keep {
-                inner.recent.pop_front();
-            }
+        if self.keep > 0 && frame.text.len() <= self.keep_bytes {
+            inner.recent_bytes += frame.text.len();
             inner.recent.push_back(frame.clone());
+            while inner.recent.len() > self.keep || inner.recent_bytes > self.keep_bytes {
+                if let Some(old) = inner.recent.pop_front() {
+                    inner.recent_bytes -= old.text.len();
+                }
+            }
         }
         inner.clients.retain(|_, c| {
             if let Some(awaited) = &c.awaiting {
@@ -176,6 +183,7 @@ impl Hub {
     pub fn reset_all(&self, reason: &'static str) {
         let mut inner = self.lock();
         inner.recent.clear();
+        inner.recent_bytes = 0;
         inner.clients.retain(|_, c| {
             c.awaiting = None;
             match c.tx.try_send(Item::Reset(reason)) {
@@ -398,6 +406,29 @@ mod tests {
         assert_eq!(ids(s.replay.iter().cloned()), ["A8", "A9"]);
         drop(s);
         assert_eq!(h.clients(), 0);
+    }
+
+    #[test]
+    fn the_kept_events_are_bounded_in_bytes_too() {
+        let h = Hub::new(
+            &EventsConfig {
+                replay_events: 100,
+                replay_bytes: 1000,
+                ..EventsConfig::default()
+            },
+            EventMetrics::default(),
+        );
+        for i in 0..50 {
+            publish(&h, &format!("A{i}"), "w1");
+        }
+        let inner = h.lock();
+        let bytes: usize = inner.recent.iter().map(|f| f.text.len()).sum();
+        assert!(bytes <= 1000 && bytes > 1000 - 200, "{bytes}");
+        assert_eq!(inner.recent_bytes, bytes);
+        assert_eq!(
+            inner.recent.back().and_then(|f| f.id.clone()),
+            Some("A49".into())
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// How long a `Last-Event-ID` this replica has not seen is waited for (the client may come
 /// from a replica whose change stream is ahead) before the client is told to reload.
 pub const RESUME_WAIT: Duration = Duration::from_secs(3);
+/// Frames already waiting are sent together, up to this many bytes per write: one write per
+/// burst instead of one per event.
+const BATCH_BYTES: usize = 16 * 1024;
 
 /// The filter of `worker_ids` and `event_types` (comma-separated; both optional).
 pub fn filter(params: &std::collections::HashMap<String, String>) -> Result<Filter, ApiError> {
@@ -192,20 +195,53 @@ impl Live {
                     }
                     reset(&self.metrics, "unknown_id")
                 }
-                item = self.sub.rx.recv() => match item? {
-                    Item::Frame(f) => {
-                        let lag = DateTime::now().timestamp_millis() - f.written_at.timestamp_millis();
-                        self.metrics.lag.observe(lag.max(0) as f64 / 1000.0);
-                        sent(&self.metrics, &f)
-                    }
-                    Item::Reset(reason) => reset(&self.metrics, reason),
-                },
+                item = self.sub.rx.recv() => self.batch(item?),
                 _ = tokio::time::sleep(self.heartbeat) => {
                     sent(&self.metrics, &Frame::local(EventType::Heartbeat, json!({})))
                 }
             };
         };
         Some((Ok(bytes), self))
+    }
+}
+
+impl Live {
+    /// The text of `first` and of the frames waiting behind it, up to [`BATCH_BYTES`]; a
+    /// lone frame is handed out as it is (shared, not copied).
+    fn batch(&mut self, first: Item) -> Bytes {
+        let first = self.deliver(&first);
+        if first.len() >= BATCH_BYTES {
+            return first;
+        }
+        let mut more = match self.sub.rx.try_recv() {
+            Ok(item) => item,
+            Err(_) => return first,
+        };
+        let mut out = bytes::BytesMut::with_capacity(BATCH_BYTES.max(first.len()));
+        out.extend_from_slice(&first);
+        loop {
+            out.extend_from_slice(&self.deliver(&more));
+            if out.len() >= BATCH_BYTES {
+                break;
+            }
+            match self.sub.rx.try_recv() {
+                Ok(item) => more = item,
+                Err(_) => break,
+            }
+        }
+        out.freeze()
+    }
+
+    /// Counts one item sent (with its delay since the write) and hands out its text.
+    fn deliver(&self, item: &Item) -> Bytes {
+        match item {
+            Item::Frame(f) => {
+                let lag = DateTime::now().timestamp_millis() - f.written_at.timestamp_millis();
+                self.metrics.lag.observe(lag.max(0) as f64 / 1000.0);
+                sent(&self.metrics, f)
+            }
+            Item::Reset(reason) => reset(&self.metrics, reason),
+        }
     }
 }
 

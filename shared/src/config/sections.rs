@@ -213,6 +213,8 @@ pub struct EventsConfig {
     /// Recent events each replica keeps so that a client reconnecting with `Last-Event-ID`
     /// (to any replica) gets exactly what it missed.
     pub replay_events: usize,
+    /// ...and at most this many bytes of them (the older ones go first).
+    pub replay_bytes: usize,
     /// How far back a replica reads the change stream when it starts, to fill that memory.
     pub replay_window: HumanDuration,
 }
@@ -224,6 +226,7 @@ impl Default for EventsConfig {
             client_buffer: 256,
             max_streams: 1000,
             replay_events: 10_000,
+            replay_bytes: 8 << 20,
             replay_window: HumanDuration::from_secs(600),
         }
     }

@@ -287,6 +287,7 @@ impl ApiConfig {
             },
         );
         v.range("api.events.replay_events", ev.replay_events, 0, 1_000_000);
+        v.range("api.events.replay_bytes", ev.replay_bytes, 0, 1 << 30);
         v.duration_range(
             "api.events.replay_window",
             ev.replay_window,
