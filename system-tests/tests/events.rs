@@ -348,7 +348,7 @@ async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_o
         .spawn_api(
             "api",
             &[
-                ("CML_LABS_API__EVENTS__CLIENT_BUFFER", "32"),
+                ("CML_LABS_API__EVENTS__CLIENT_BUFFER", "64"),
                 ("CML_LABS_API__EVENTS__HEARTBEAT_INTERVAL", "1s"),
             ],
         )

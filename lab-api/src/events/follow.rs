@@ -25,6 +25,11 @@ const CANNOT_RESUME: [i32; 3] = [
     280, // ChangeStreamFatalError
     286, // ChangeStreamHistoryLost
 ];
+/// Events published between two turns of the clients' streams; `api.events.client_buffer`
+/// is at least twice this, so a client that reads keeps up with a burst.
+const PUBLISH_BURST: u64 = 32;
+/// Changes per batch from the server.
+const BATCH: u32 = 256;
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -105,11 +110,15 @@ pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
     let mut resume: Option<ResumeToken> = None;
     let mut started = false;
     let mut retry = RETRY_FIRST;
+    let mut published: u64 = 0;
     loop {
         let mut watch = db
             .watch()
             .pipeline(pipeline(&watched))
-            .full_document(FullDocumentType::UpdateLookup);
+            .full_document(FullDocumentType::UpdateLookup)
+            // Bounded batches: catching up (at start, after an outage) never holds megabytes
+            // of changes at once.
+            .batch_size(BATCH);
         if let Some(token) = &resume {
             watch = watch.resume_after(token.clone());
         } else if !started && !hub.replay_window.is_zero() {
@@ -153,10 +162,13 @@ pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
                                     written_at(&e),
                                     d.data,
                                 );
-                                // A batch of changes is published one by one with the
-                                // clients' streams scheduled in between, so that a burst
-                                // (a first cycle) is absorbed by clients that read.
-                                tokio::task::yield_now().await;
+                                // In a burst (a first cycle, a catch-up) the clients'
+                                // streams get scheduled every few events: each writes what
+                                // piled up in one go, and its queue never fills while it reads.
+                                published += 1;
+                                if published % PUBLISH_BURST == 0 {
+                                    tokio::task::yield_now().await;
+                                }
                             }
                             // The stream's own token: past this event, or past a quiet
                             // stretch the server reported (post-batch token).

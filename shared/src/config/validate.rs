@@ -274,7 +274,7 @@ impl ApiConfig {
             SECOND,
             HOUR,
         );
-        v.range("api.events.client_buffer", ev.client_buffer, 8, 65_536);
+        v.range("api.events.client_buffer", ev.client_buffer, 64, 65_536);
         v.range("api.events.max_streams", ev.max_streams, 1, 100_000);
         v.check(
             ev.max_streams < self.max_connections,
