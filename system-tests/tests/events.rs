@@ -139,6 +139,11 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
     let records = f.records().await;
     assert_eq!(event_actions(&a), history_actions(&records));
     assert_eq!(count(&a, LABS), 12 + 3 + 1);
+    assert_eq!(
+        (count(&a, REFRESHED), count(&a, FAILED)),
+        (8, 1),
+        "one event per worker sync"
+    );
 
     let by_action = |action: &str| -> Vec<&Value> {
         a.iter()
@@ -240,6 +245,7 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
     assert!(f.once(&[]).await.status.success());
     let quiet = until_syncs(&mut on_a, 3, 0).await;
     assert_eq!(count(&quiet, LABS), 0, "{quiet:?}");
+    assert_eq!(on_a.next(Duration::from_millis(500)).await, Err(Next::Quiet));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
