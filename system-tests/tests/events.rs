@@ -245,7 +245,10 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
     assert!(f.once(&[]).await.status.success());
     let quiet = until_syncs(&mut on_a, 3, 0).await;
     assert_eq!(count(&quiet, LABS), 0, "{quiet:?}");
-    assert_eq!(on_a.next(Duration::from_millis(500)).await, Err(Next::Quiet));
+    assert_eq!(
+        on_a.next(Duration::from_millis(500)).await,
+        Err(Next::Quiet)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use mongodb::{
 
 use super::{
     derive::{derive, Change, Collection, Operation},
-    Hub,
+    Backlog, Hub,
 };
 
 /// MongoDB's codes for a change stream that cannot resume from its token.
@@ -28,6 +28,8 @@ const CANNOT_RESUME: [i32; 3] = [
 /// Events published between two turns of the clients' streams; `api.events.client_buffer`
 /// is at least twice this, so a client that reads keeps up with a burst.
 const PUBLISH_BURST: u64 = 32;
+/// The pause after each event while a client is behind.
+const BACKLOG_PAUSE: Duration = Duration::from_millis(1);
 /// Changes per batch from the server.
 const BATCH: u32 = 256;
 const RETRY_FIRST: Duration = Duration::from_millis(250);
@@ -155,7 +157,7 @@ pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
                             retry = RETRY_FIRST;
                             hub.metrics.changes.inc();
                             if let Some(d) = change_of(&e, &watched).as_ref().and_then(derive) {
-                                hub.publish(
+                                let backlog = hub.publish(
                                     event_id(&e.id),
                                     d.kind,
                                     d.worker_id,
@@ -163,10 +165,14 @@ pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
                                     d.data,
                                 );
                                 // In a burst (a first cycle, a catch-up) the clients'
-                                // streams get scheduled every few events: each writes what
-                                // piled up in one go, and its queue never fills while it reads.
+                                // streams get scheduled every few events, each writing what
+                                // piled up in one go; while one is behind, reading slows so
+                                // that it can catch up (one that stalled is dropped when its
+                                // queue is full, and holds nobody up after that).
                                 published += 1;
-                                if published % PUBLISH_BURST == 0 {
+                                if backlog == Backlog::Behind {
+                                    tokio::time::sleep(BACKLOG_PAUSE).await;
+                                } else if published % PUBLISH_BURST == 0 {
                                     tokio::task::yield_now().await;
                                 }
                             }

@@ -16,6 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EventMetrics, EventType, Filter, Frame};
 
+/// Whether clients keep up with the events published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    Clear,
+    /// Some client's queue is more than half full: it is behind, maybe only for want of CPU.
+    /// The change stream is read more slowly for a moment so that it can catch up; one that
+    /// does not read at all fills its queue and is dropped, so it cannot hold the others up.
+    Behind,
+}
+
 /// What a client's queue carries.
 #[derive(Debug, Clone)]
 pub enum Item {
@@ -123,6 +133,7 @@ impl Hub {
 
     /// Publishes one event (from the change stream): kept for replays, queued for every client
     /// that wants it. A client whose queue is full is dropped and told it fell behind.
+    /// Returns whether some client's queue is more than half full (see [`Backlog`]).
     pub fn publish(
         &self,
         id: String,
@@ -130,7 +141,7 @@ impl Hub {
         worker_id: String,
         written_at: DateTime,
         data: Value,
-    ) {
+    ) -> Backlog {
         let mut inner = self.lock();
         inner.next_seq += 1;
         let frame = Arc::new(Frame::new(
@@ -150,6 +161,7 @@ impl Hub {
                 }
             }
         }
+        let mut backlog = Backlog::Clear;
         inner.clients.retain(|_, c| {
             if let Some(awaited) = &c.awaiting {
                 if frame.id.as_ref() == Some(awaited) {
@@ -161,7 +173,12 @@ impl Hub {
                 return true;
             }
             match c.tx.try_send(Item::Frame(frame.clone())) {
-                Ok(()) => true,
+                Ok(()) => {
+                    if c.tx.capacity() < c.tx.max_capacity() / 2 {
+                        backlog = Backlog::Behind;
+                    }
+                    true
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.fell_behind(c);
                     false
@@ -169,6 +186,7 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+        backlog
     }
 
     /// A client whose queue is full: its stream sends `reset` and ends (counted here, where
@@ -282,14 +300,14 @@ mod tests {
         )
     }
 
-    fn publish(h: &Hub, id: &str, worker: &str) {
+    fn publish(h: &Hub, id: &str, worker: &str) -> Backlog {
         h.publish(
             id.into(),
             EventType::LabsUpdated,
             worker.into(),
             DateTime::now(),
             json!({}),
-        );
+        )
     }
 
     fn ids(items: impl IntoIterator<Item = Arc<Frame>>) -> Vec<String> {
@@ -374,6 +392,17 @@ mod tests {
         publish(&h, "A3", "w1");
         publish(&h, "A4", "w2");
         assert_eq!(drain(&mut s), ["A4"]);
+    }
+
+    #[test]
+    fn a_queue_more_than_half_full_is_a_backlog() {
+        let h = hub(100, 4);
+        let mut s = h.subscribe(Filter::default(), None);
+        assert_eq!(publish(&h, "A1", "w1"), Backlog::Clear);
+        assert_eq!(publish(&h, "A2", "w1"), Backlog::Clear, "half full");
+        assert_eq!(publish(&h, "A3", "w1"), Backlog::Behind);
+        assert_eq!(drain(&mut s), ["A1", "A2", "A3"]);
+        assert_eq!(publish(&h, "A4", "w1"), Backlog::Clear, "it caught up");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use shared::metrics::{
     Counter, Family, Gauge, Histogram, LabelSet, Reason, Registry, LATENCY_BUCKETS,
 };
 
-pub use hub::{Hub, Item, Subscription};
+pub use hub::{Backlog, Hub, Item, Subscription};
 
 use crate::dto::iso;
 
