@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod mongo;
 pub mod record;
+pub mod refresh;
 pub mod registry;
 pub mod secret;
 pub mod service;
