@@ -13,6 +13,7 @@ pub mod mongo;
 pub mod record;
 pub mod refresh;
 pub mod registry;
+pub mod requests;
 pub mod secret;
 pub mod service;
 pub mod status;

@@ -1,0 +1,206 @@
+//! Reading and writing `sync_requests`: lab-api records a refresh (throttled per worker), the
+//! lease holder claims and finishes it; a TTL index removes requests a day after they were
+//! made. One request per worker is active at a time, whichever replica records it: recording
+//! first inserts a marker document whose `_id` names the worker (`active:<worker_id>`, unique
+//! by nature), and finishing deletes it. Markers have no `worker_id` or `status` field, so no
+//! query for requests sees them. (Not a unique index on a field that changes: every index
+//! stays correct for updates that change no indexed value.)
+
+use std::time::Duration;
+
+use bson::{doc, DateTime, Document};
+use mongodb::{
+    options::{IndexOptions, ReturnDocument},
+    Collection, Database, IndexModel,
+};
+
+use crate::{
+    mongo::{self, is_duplicate_key},
+    refresh::{throttle, RequestStatus, SyncRequest, Throttle},
+    status::SyncCounts,
+    Result,
+};
+
+/// How long requests are kept.
+pub const KEEP_REQUESTS: Duration = Duration::from_secs(86_400);
+
+/// The marker of a worker's active request.
+fn marker_id(worker_id: &str) -> String {
+    format!("active:{worker_id}")
+}
+
+/// What recording a refresh came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recorded {
+    Accepted(SyncRequest),
+    Throttled {
+        retry_after: Duration,
+        latest: Box<SyncRequest>,
+    },
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Done {
+        counts: SyncCounts,
+        duration_ms: i64,
+    },
+    Failed {
+        kind: String,
+        error: String,
+        duration_ms: i64,
+    },
+}
+
+/// The `sync_requests` collection.
+#[derive(Debug, Clone)]
+pub struct RequestStore {
+    coll: Collection<SyncRequest>,
+}
+
+impl RequestStore {
+    pub fn new(db: &Database, collection: &str) -> Self {
+        Self {
+            coll: db.collection(collection),
+        }
+    }
+
+    /// The TTL index (markers carry `requested_at` too) and the latest-first index.
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        let ttl = IndexModel::builder()
+            .keys(doc! { "requested_at": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("requested_at_ttl".to_owned())
+                    .expire_after(KEEP_REQUESTS)
+                    .build(),
+            )
+            .build();
+        let latest = mongo::index(
+            doc! { "worker_id": 1, "requested_at": -1 },
+            "worker_latest",
+            false,
+        );
+        mongo::ensure_indexes(&self.coll.clone_with_type::<Document>(), [ttl, latest]).await
+    }
+
+    /// The worker's most recent request.
+    pub async fn latest(&self, worker_id: &str) -> Result<Option<SyncRequest>> {
+        Ok(self
+            .coll
+            .find_one(doc! { "worker_id": worker_id })
+            .sort(doc! { "requested_at": -1 })
+            .await?)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<SyncRequest>> {
+        Ok(self.coll.find_one(doc! { "_id": id }).await?)
+    }
+
+    /// Records a refresh of `worker_id` unless the throttle refuses it. Two replicas recording
+    /// one at the same moment: the marker lets one in, the other is throttled.
+    pub async fn record(
+        &self,
+        id: String,
+        worker_id: &str,
+        now: DateTime,
+        min_interval: Duration,
+    ) -> Result<Recorded> {
+        let latest = self.latest(worker_id).await?;
+        if let Throttle::Refuse {
+            retry_after,
+            latest,
+        } = throttle(latest.as_ref(), now, min_interval)
+        {
+            return Ok(Recorded::Throttled {
+                retry_after,
+                latest,
+            });
+        }
+        let request = SyncRequest::pending(id, worker_id.to_owned(), now);
+        let marker = doc! {
+            "_id": marker_id(worker_id),
+            "request_id": &request.id,
+            "requested_at": now,
+        };
+        match self.markers().insert_one(marker).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {
+                // Another replica recorded one a moment ago: that one is the active request.
+                let latest = self.latest(worker_id).await?;
+                let retry_after = match throttle(latest.as_ref(), now, min_interval) {
+                    Throttle::Refuse { retry_after, .. } => retry_after,
+                    Throttle::Accept => min_interval,
+                };
+                return Ok(Recorded::Throttled {
+                    retry_after,
+                    latest: Box::new(latest.unwrap_or_else(|| request.clone())),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Err(e) = self.coll.insert_one(&request).await {
+            let _ = self
+                .markers()
+                .delete_one(doc! { "_id": marker_id(worker_id) })
+                .await;
+            return Err(e.into());
+        }
+        Ok(Recorded::Accepted(request))
+    }
+
+    fn markers(&self) -> Collection<Document> {
+        self.coll.clone_with_type()
+    }
+
+    /// Takes the oldest pending request: it is running from now.
+    pub async fn claim(&self, now: DateTime) -> Result<Option<SyncRequest>> {
+        Ok(self
+            .coll
+            .find_one_and_update(
+                doc! { "status": "pending" },
+                doc! { "$set": { "status": "running", "started_at": now } },
+            )
+            .sort(doc! { "requested_at": 1 })
+            .return_document(ReturnDocument::After)
+            .await?)
+    }
+
+    /// Writes a request's outcome; it is no longer active.
+    pub async fn finish(&self, id: &str, outcome: &Outcome, now: DateTime) -> Result<()> {
+        let set = match outcome {
+            Outcome::Done {
+                counts,
+                duration_ms,
+            } => doc! {
+                "status": bson::to_bson(&RequestStatus::Done)?,
+                "counts": bson::to_bson(counts)?,
+                "duration_ms": duration_ms,
+            },
+            Outcome::Failed {
+                kind,
+                error,
+                duration_ms,
+            } => doc! {
+                "status": bson::to_bson(&RequestStatus::Failed)?,
+                "error_kind": kind,
+                "error": error,
+                "duration_ms": duration_ms,
+            },
+        };
+        let mut set = set;
+        set.insert("finished_at", now);
+        let finished = self
+            .coll
+            .find_one_and_update(doc! { "_id": id }, doc! { "$set": set })
+            .return_document(ReturnDocument::After)
+            .await?;
+        if let Some(r) = finished {
+            self.markers()
+                .delete_one(doc! { "_id": marker_id(&r.worker_id), "request_id": &r.id })
+                .await?;
+        }
+        Ok(())
+    }
+}
