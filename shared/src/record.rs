@@ -219,6 +219,23 @@ pub struct HistoryEntry {
     pub changed_fields: BTreeMap<String, FieldChange>,
 }
 
+impl HistoryEntry {
+    /// What happened to the lab, as the UI's events name it: `reappeared`, `removed`,
+    /// `state_changed` or `updated`.
+    pub fn action(&self) -> &'static str {
+        let previous = self.previous_state.as_deref();
+        if previous == Some(REMOVED_STATE) {
+            "reappeared"
+        } else if self.new_state == REMOVED_STATE {
+            "removed"
+        } else if previous.is_some_and(|p| p != self.new_state) {
+            "state_changed"
+        } else {
+            "updated"
+        }
+    }
+}
+
 /// A document of `lab_records`; field names and BSON types are the stored contract.
 ///
 /// Reading is lenient so that documents written by the system this replaces (dates as ISO
@@ -314,6 +331,7 @@ fn lenient_date<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime, D::Error> {
 #[cfg(test)]
 mod tests {
     use bson::doc;
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -439,5 +457,28 @@ mod tests {
         assert!(doc.get("_id").is_none());
         let back: LabRecord = bson::from_document(doc).expect("round trip");
         assert_eq!(back, r);
+    }
+
+    proptest! {
+        /// Whatever the states, exactly one action; and removal and return are recognised
+        /// whatever the other state was.
+        #[test]
+        fn every_entry_has_one_action(
+            previous in prop::option::of(prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED", REMOVED_STATE])),
+            new in prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED", REMOVED_STATE]),
+        ) {
+            let e = HistoryEntry {
+                timestamp: DateTime::from_millis(0),
+                previous_state: previous.map(str::to_owned),
+                new_state: new.to_owned(),
+                changed_fields: Default::default(),
+            };
+            let a = e.action();
+            prop_assert!(["created", "updated", "state_changed", "removed", "reappeared"].contains(&a) && a != "created");
+            if previous == Some(REMOVED_STATE) { prop_assert_eq!(a, "reappeared"); }
+            else if new == REMOVED_STATE { prop_assert_eq!(a, "removed"); }
+            else if previous.is_some_and(|p| p != new) { prop_assert_eq!(a, "state_changed"); }
+            else { prop_assert_eq!(a, "updated"); }
+        }
     }
 }

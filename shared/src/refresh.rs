@@ -88,22 +88,15 @@ pub fn throttle(latest: Option<&SyncRequest>, now: DateTime, min_interval: Durat
     let Some(latest) = latest else {
         return Throttle::Accept;
     };
-    let wait_ms = match (latest.status.is_finished(), latest.finished_at) {
-        (true, Some(end)) => {
-            let ready = end
-                .timestamp_millis()
-                .saturating_add(i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX));
-            ready.saturating_sub(now.timestamp_millis())
-        }
+    let interval_ms = i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX);
+    let wait_ms = if latest.status.is_finished() {
         // Finished without an end time: only an old or hand-made document; judge by its start.
-        (true, None) => {
-            let ready = latest
-                .requested_at
-                .timestamp_millis()
-                .saturating_add(i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX));
-            ready.saturating_sub(now.timestamp_millis())
-        }
-        (false, _) => i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX),
+        let end = latest.finished_at.unwrap_or(latest.requested_at);
+        end.timestamp_millis()
+            .saturating_add(interval_ms)
+            .saturating_sub(now.timestamp_millis())
+    } else {
+        interval_ms
     };
     if wait_ms <= 0 {
         return Throttle::Accept;

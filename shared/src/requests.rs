@@ -127,15 +127,12 @@ impl RequestStore {
         match self.markers().insert_one(marker).await {
             Ok(_) => {}
             Err(e) if is_duplicate_key(&e) => {
-                // Another replica recorded one a moment ago: that one is the active request.
+                // Another replica recorded one a moment ago: it is active, so the throttle
+                // asks for a whole interval.
                 let latest = self.latest(worker_id).await?;
-                let retry_after = match throttle(latest.as_ref(), now, min_interval) {
-                    Throttle::Refuse { retry_after, .. } => retry_after,
-                    Throttle::Accept => min_interval,
-                };
                 return Ok(Recorded::Throttled {
-                    retry_after,
-                    latest: Box::new(latest.unwrap_or_else(|| request.clone())),
+                    retry_after: min_interval,
+                    latest: Box::new(latest.unwrap_or(request)),
                 });
             }
             Err(e) => return Err(e.into()),
@@ -169,7 +166,7 @@ impl RequestStore {
 
     /// Writes a request's outcome; it is no longer active.
     pub async fn finish(&self, id: &str, outcome: &Outcome, now: DateTime) -> Result<()> {
-        let set = match outcome {
+        let mut set = match outcome {
             Outcome::Done {
                 counts,
                 duration_ms,
@@ -189,7 +186,6 @@ impl RequestStore {
                 "duration_ms": duration_ms,
             },
         };
-        let mut set = set;
         set.insert("finished_at", now);
         let finished = self
             .coll

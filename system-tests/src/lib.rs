@@ -202,6 +202,15 @@ impl Fixture {
     }
 }
 
+/// A lab state other than `state`, to change a lab's state in the simulator.
+pub fn other_state(state: &str) -> &'static str {
+    if state == "STARTED" {
+        "STOPPED"
+    } else {
+        "STARTED"
+    }
+}
+
 /// The text of a finished process, for assertion messages.
 pub fn output_text(out: &Output) -> String {
     format!(

@@ -6,7 +6,9 @@ use std::time::Duration;
 use bson::Bson;
 use cml_sim::Faults;
 use shared::record::REMOVED_STATE;
-use system_tests::{cycles_done, log_lines, message, metrics, output_text, wait_metric, Fixture};
+use system_tests::{
+    cycles_done, log_lines, message, metrics, other_state, output_text, wait_metric, Fixture,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -67,11 +69,7 @@ async fn a_state_change_gives_one_entry_and_sixty_changes_keep_fifty() {
     assert!(f.once(&[]).await.status.success());
     let w = f.fleet.fleet.workers[0].clone();
     let lab = w.labs()[0].clone();
-    let next = if lab.state == "STARTED" {
-        "STOPPED"
-    } else {
-        "STARTED"
-    };
+    let next = other_state(&lab.state);
     w.update_lab(&lab.id, |l| l.state = next.to_owned());
     let out = f.once(&[]).await;
     assert!(out.status.success(), "{}", output_text(&out));
@@ -531,11 +529,7 @@ async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
 
     let w = f.fleet.fleet.workers[0].clone();
     let lab = w.labs()[0].clone();
-    let next = if lab.state == "STARTED" {
-        "STOPPED"
-    } else {
-        "STARTED"
-    };
+    let next = other_state(&lab.state);
     w.update_lab(&lab.id, |l| l.state = next.to_owned());
     // Stop MongoDB while a cycle is in flight (each CML call takes 300 ms).
     d.wait_event("cycle_started", 2, WAIT).await;

@@ -6,9 +6,9 @@ use std::{collections::BTreeMap, time::Duration};
 use cml_sim::Faults;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use shared::record::{LabRecord, REMOVED_STATE};
+use shared::record::LabRecord;
 use system_tests::{
-    metrics,
+    metrics, other_state,
     sse::{count, with_ids, Next, SseFrame, SseStream},
     wait_metric, Fixture,
 };
@@ -50,19 +50,7 @@ fn history_actions(records: &[LabRecord]) -> BTreeMap<(String, String), Vec<Stri
         .iter()
         .map(|r| {
             let mut actions = vec!["created".to_owned()];
-            actions.extend(r.operation_history.iter().map(|e| {
-                let previous = e.previous_state.as_deref();
-                if previous == Some(REMOVED_STATE) {
-                    "reappeared"
-                } else if e.new_state == REMOVED_STATE {
-                    "removed"
-                } else if previous.is_some_and(|p| p != e.new_state) {
-                    "state_changed"
-                } else {
-                    "updated"
-                }
-                .to_owned()
-            }));
+            actions.extend(r.operation_history.iter().map(|e| e.action().to_owned()));
             ((r.worker_id.clone(), r.lab_id.clone()), actions)
         })
         .collect()
@@ -82,14 +70,6 @@ fn event_actions(frames: &[SseFrame]) -> BTreeMap<(String, String), Vec<String>>
             .push(d["action"].as_str().expect("action").to_owned());
     }
     out
-}
-
-fn other_state(state: &str) -> &'static str {
-    if state == "STARTED" {
-        "STOPPED"
-    } else {
-        "STARTED"
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 use bson::{Bson, DateTime, Document};
 use serde_json::{json, Map, Value};
 use shared::{
-    record::{HistoryEntry, LabRecord, REMOVED_STATE},
+    record::{HistoryEntry, LabRecord},
     status::WorkerSyncStatus,
 };
 
@@ -60,20 +60,6 @@ pub fn derive(change: &Change) -> Option<Derived> {
     }
 }
 
-/// What happened to a lab, as the UI names it.
-pub fn action(entry: &HistoryEntry) -> &'static str {
-    let previous = entry.previous_state.as_deref();
-    if previous == Some(REMOVED_STATE) {
-        "reappeared"
-    } else if entry.new_state == REMOVED_STATE {
-        "removed"
-    } else if previous.is_some_and(|p| p != entry.new_state) {
-        "state_changed"
-    } else {
-        "updated"
-    }
-}
-
 fn lab_event(change: &Change) -> Option<Derived> {
     let record: LabRecord = bson::from_document(change.full_document.clone()?).ok()?;
     let mut data = lab_data(&record);
@@ -85,7 +71,7 @@ fn lab_event(change: &Change) -> Option<Derived> {
         Operation::Update => {
             let at = *change.updated_fields.get_datetime("last_changed_at").ok()?;
             let entry = written_entry(&change.updated_fields, &record, at)?;
-            let action = action(&entry);
+            let action = entry.action();
             let dto = HistoryEntryDto::from(&entry);
             data.insert("action".into(), json!(action));
             data.insert("previous_state".into(), json!(dto.previous_state));
@@ -194,7 +180,7 @@ fn status_event(change: &Change) -> Option<Derived> {
 #[cfg(test)]
 mod tests {
     use bson::doc;
-    use proptest::prelude::*;
+    use shared::record::REMOVED_STATE;
 
     use super::*;
 
@@ -383,28 +369,5 @@ mod tests {
             }),
             None
         );
-    }
-
-    proptest! {
-        /// Whatever the states, exactly one action; and removal and return are recognised
-        /// whatever the other state was.
-        #[test]
-        fn every_entry_has_one_action(
-            previous in prop::option::of(prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED", REMOVED_STATE])),
-            new in prop::sample::select(vec!["DEFINED_ON_CORE", "STOPPED", "STARTED", REMOVED_STATE]),
-        ) {
-            let e = HistoryEntry {
-                timestamp: t(0),
-                previous_state: previous.map(str::to_owned),
-                new_state: new.to_owned(),
-                changed_fields: Default::default(),
-            };
-            let a = action(&e);
-            prop_assert!(["created", "updated", "state_changed", "removed", "reappeared"].contains(&a) && a != "created");
-            if previous == Some(REMOVED_STATE) { prop_assert_eq!(a, "reappeared"); }
-            else if new == REMOVED_STATE { prop_assert_eq!(a, "removed"); }
-            else if previous.is_some_and(|p| p != new) { prop_assert_eq!(a, "state_changed"); }
-            else { prop_assert_eq!(a, "updated"); }
-        }
     }
 }

@@ -52,7 +52,6 @@ struct Inner {
     recent_bytes: usize,
     clients: HashMap<u64, Client>,
     next_client: u64,
-    next_seq: u64,
 }
 
 /// The events of this replica and who listens.
@@ -142,16 +141,15 @@ impl Hub {
         written_at: DateTime,
         data: Value,
     ) -> Backlog {
-        let mut inner = self.lock();
-        inner.next_seq += 1;
+        // Rendered before the lock is taken: clients and the next publish do not wait for it.
         let frame = Arc::new(Frame::new(
-            inner.next_seq,
             Some(id),
             kind,
             Some(worker_id),
             written_at,
             data,
         ));
+        let mut inner = self.lock();
         if self.keep > 0 && frame.text.len() <= self.keep_bytes {
             inner.recent_bytes += frame.text.len();
             inner.recent.push_back(frame.clone());
@@ -172,28 +170,28 @@ impl Hub {
             if !c.filter.wants(&frame) {
                 return true;
             }
-            match c.tx.try_send(Item::Frame(frame.clone())) {
-                Ok(()) => {
-                    if c.tx.capacity() < c.tx.max_capacity() / 2 {
-                        backlog = Backlog::Behind;
-                    }
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.fell_behind(c);
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            let kept = self.offer(c, Item::Frame(frame.clone()));
+            if kept && c.tx.capacity() < c.tx.max_capacity() / 2 {
+                backlog = Backlog::Behind;
             }
+            kept
         });
         backlog
     }
 
-    /// A client whose queue is full: its stream sends `reset` and ends (counted here, where
+    /// Queues `item` for a client; false when the client leaves the fan-out: it is gone, or
+    /// its queue is full, in which case its stream sends `reset` and ends (counted here, where
     /// it is known, since a client that stopped reading never gets the frame).
-    fn fell_behind(&self, c: &Client) {
-        c.behind.cancel();
-        self.metrics.resets.get(&Reason("lagged")).inc();
+    fn offer(&self, c: &Client, item: Item) -> bool {
+        match c.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                c.behind.cancel();
+                self.metrics.resets.get(&Reason("lagged")).inc();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 
     /// Events were lost (the change stream could not resume): every client must reload, and
@@ -204,14 +202,7 @@ impl Hub {
         inner.recent_bytes = 0;
         inner.clients.retain(|_, c| {
             c.awaiting = None;
-            match c.tx.try_send(Item::Reset(reason)) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.fell_behind(c);
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
+            self.offer(c, Item::Reset(reason))
         });
     }
 

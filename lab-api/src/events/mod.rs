@@ -66,8 +66,6 @@ impl EventType {
 /// One event, rendered once and shared by every client that gets it.
 #[derive(Debug)]
 pub struct Frame {
-    /// Order of arrival in this replica.
-    pub seq: u64,
     /// The SSE `id:` (from the change stream's resume token); none for frames of one stream.
     pub id: Option<String>,
     pub kind: EventType,
@@ -80,7 +78,6 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(
-        seq: u64,
         id: Option<String>,
         kind: EventType,
         worker_id: Option<String>,
@@ -89,7 +86,6 @@ impl Frame {
     ) -> Self {
         let text = render(id.as_deref(), kind, written_at, data);
         Self {
-            seq,
             id,
             kind,
             worker_id,
@@ -101,7 +97,7 @@ impl Frame {
     /// A frame of one stream (`connected`, `heartbeat`, `reset`): no id, so a browser keeps
     /// the last event id it had.
     pub fn local(kind: EventType, data: Value) -> Self {
-        Self::new(0, None, kind, None, DateTime::now(), data)
+        Self::new(None, kind, None, DateTime::now(), data)
     }
 }
 
@@ -259,7 +255,6 @@ mod tests {
     fn filters_match_types_and_workers() {
         let frame = |kind, worker: Option<&str>| {
             Frame::new(
-                1,
                 Some("t".into()),
                 kind,
                 worker.map(str::to_owned),

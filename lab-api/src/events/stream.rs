@@ -107,9 +107,7 @@ struct Live {
     awaiting_until: Option<tokio::time::Instant>,
     /// Frames to send before reading the queue: `connected`, a `reset`, the replay.
     first: VecDeque<Bytes>,
-    heartbeat: Duration,
     stop: CancellationToken,
-    metrics: EventMetrics,
     ended: bool,
     _slot: OwnedSemaphorePermit,
     /// Ends the stall watchdog, and counts the stream closed, when the stream goes.
@@ -134,18 +132,18 @@ impl Live {
         slot: OwnedSemaphorePermit,
         abort: Option<ConnectionAbort>,
     ) -> Self {
-        let metrics = hub.metrics.clone();
+        let metrics = &hub.metrics;
         let mut first = VecDeque::new();
         let connected = Frame::local(
             EventType::Connected,
             json!({ "status": "connected", "client_id": uuid::Uuid::new_v4().to_string() }),
         );
-        first.push_back(sent(&metrics, &connected));
+        first.push_back(sent(metrics, &connected));
         if let Some(reason) = sub.reset {
-            first.push_back(reset(&metrics, reason));
+            first.push_back(reset(metrics, reason));
         }
         for f in sub.replay.drain(..) {
-            first.push_back(sent(&metrics, &f));
+            first.push_back(sent(metrics, &f));
         }
         let done = CancellationToken::new();
         watch_stall(sub.behind.clone(), done.clone(), abort, hub.heartbeat);
@@ -158,13 +156,11 @@ impl Live {
             awaiting_until,
             sub,
             first,
-            heartbeat: hub.heartbeat,
             stop: hub.stopping(),
             _open: OpenGuard {
                 streams: metrics.streams.clone(),
                 _watchdog: done.drop_guard(),
             },
-            metrics,
             ended: false,
             _slot: slot,
         }
@@ -184,7 +180,7 @@ impl Live {
                 _ = self.stop.cancelled() => return None,
                 _ = self.sub.behind.cancelled() => {
                     self.ended = true;
-                    reset_frame(&self.metrics, "lagged")
+                    reset_frame(&self.hub.metrics, "lagged")
                 }
                 _ = tokio::time::sleep_until(awaiting.unwrap_or_else(tokio::time::Instant::now)),
                     if awaiting.is_some() =>
@@ -193,19 +189,17 @@ impl Live {
                     if !self.hub.give_up(&self.sub) {
                         continue;
                     }
-                    reset(&self.metrics, "unknown_id")
+                    reset(&self.hub.metrics, "unknown_id")
                 }
                 item = self.sub.rx.recv() => self.batch(item?),
-                _ = tokio::time::sleep(self.heartbeat) => {
-                    sent(&self.metrics, &Frame::local(EventType::Heartbeat, json!({})))
+                _ = tokio::time::sleep(self.hub.heartbeat) => {
+                    sent(&self.hub.metrics, &Frame::local(EventType::Heartbeat, json!({})))
                 }
             };
         };
         Some((Ok(bytes), self))
     }
-}
 
-impl Live {
     /// The text of `first` and of the frames waiting behind it, up to [`BATCH_BYTES`]; a
     /// lone frame is handed out as it is (shared, not copied).
     fn batch(&mut self, first: Item) -> Bytes {
@@ -237,10 +231,10 @@ impl Live {
         match item {
             Item::Frame(f) => {
                 let lag = DateTime::now().timestamp_millis() - f.written_at.timestamp_millis();
-                self.metrics.lag.observe(lag.max(0) as f64 / 1000.0);
-                sent(&self.metrics, f)
+                self.hub.metrics.lag.observe(lag.max(0) as f64 / 1000.0);
+                sent(&self.hub.metrics, f)
             }
-            Item::Reset(reason) => reset(&self.metrics, reason),
+            Item::Reset(reason) => reset(&self.hub.metrics, reason),
         }
     }
 }
