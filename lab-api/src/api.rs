@@ -1,6 +1,6 @@
 //! The read endpoints over `lab_records` and `worker_sync_status`, and the live event stream,
 //! each declared once with its documentation: [`routes`] routes exactly what the OpenAPI
-//! document describes.
+//! document describes (refresh on demand included, from [`crate::refresh`]).
 
 use axum::{
     extract::{Path, RawQuery, State},
@@ -38,6 +38,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sync_status))
         .routes(routes!(fleet_status))
         .routes(routes!(event_stream))
+        .routes(routes!(crate::refresh::refresh_worker))
+        .routes(routes!(crate::refresh::sync_request))
 }
 
 /// A worker's labs, sorted by title then lab id, in the UI's shape.
@@ -271,14 +273,15 @@ pub async fn fleet_status(
 ///
 /// Frames: `connected` first; then `worker.labs.updated` (`action`: created, updated,
 /// state_changed, removed, reappeared; with the lab's list entry), `worker.data.refreshed` (a
-/// worker synced, with its counts), `worker.sync.failed`; `heartbeat` after each quiet
+/// worker synced, with its counts), `worker.sync.failed`, `worker.refresh.throttled` (a
+/// refresh refused: `retry_after_seconds`); `heartbeat` after each quiet
 /// `api.events.heartbeat_interval`; `reset` when events were missed (reload from the REST API).
 /// Each data line is the envelope `{type, source, time, data}`.
 #[utoipa::path(
     get, path = "/api/events/stream", tag = "events",
     params(
         ("worker_ids" = Option<String>, Query, description = "Only events of these workers (comma-separated ids, at most 1000)"),
-        ("event_types" = Option<String>, Query, description = "Only these events (comma-separated: worker.labs.updated, worker.data.refreshed, worker.sync.failed); connected, heartbeat and reset always come"),
+        ("event_types" = Option<String>, Query, description = "Only these events (comma-separated: worker.labs.updated, worker.data.refreshed, worker.sync.failed, worker.refresh.throttled); connected, heartbeat and reset always come"),
         ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received: the stream resumes after it"),
     ),
     responses(

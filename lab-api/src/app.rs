@@ -17,6 +17,7 @@ use shared::{
     metrics::Registry,
     mongo,
     registry::WorkerRegistry,
+    requests::RequestStore,
     service::{probes, HttpListener, ServerLimits},
     status::SyncStatusReader,
     store::LabStore,
@@ -35,10 +36,11 @@ use crate::{
     api,
     auth::Authenticator,
     etag,
-    events::{self, follow::Watched, EventMetrics, Hub},
+    events::{self, follow::Watched, waiters::Waiters, EventMetrics, Hub},
     metrics::Metrics,
     openapi::ApiDoc,
     problem::ApiError,
+    refresh::{RefreshSettings, MAX_WAIT},
 };
 
 /// Paths served besides the API: probes, metrics and the OpenAPI document (never authenticated).
@@ -58,6 +60,11 @@ pub struct AppState {
     /// The live events of this replica (`api.events`); [`App::build`] starts following the
     /// change stream into it.
     pub events: Arc<Hub>,
+    /// Refreshes asked for on demand (`sync_requests`): the only collection lab-api writes.
+    pub requests: RequestStore,
+    /// Callers waiting for a request's outcome, woken by the change stream.
+    pub waiters: Arc<Waiters>,
+    pub refresh: RefreshSettings,
 }
 
 impl AppState {
@@ -68,12 +75,21 @@ impl AppState {
             store: LabStore::new(client, cfg, 1),
             status: SyncStatusReader::new(&db, &cfg.sync_status_collection),
             registry: WorkerRegistry::new(&db, &cfg.workers_collection),
+            requests: RequestStore::new(&db, &cfg.sync_requests_collection),
             db,
             stale_after: 2 * SyncConfig::default().interval.get(),
             max_labs_per_response: ApiConfig::default().max_labs_per_response,
             events: Hub::new(&EventsConfig::default(), EventMetrics::default()),
+            waiters: Arc::new(Waiters::new(waiting_callers(&ApiConfig::default()))),
+            refresh: RefreshSettings::default(),
         }
     }
+}
+
+/// Callers that may wait for a refresh's outcome at once: a quarter of the requests in
+/// flight, so that waiting never crowds out reads.
+pub fn waiting_callers(cfg: &ApiConfig) -> usize {
+    (cfg.max_concurrent_requests / 4).max(1)
 }
 
 /// The API's routes and their OpenAPI document, from the same declarations.
@@ -118,11 +134,10 @@ pub fn router(
         .fallback(|| async { ApiError::NotFound("No such endpoint.".into()) })
         .with_state(state)
         // Per request, inside the router: a request past its time keeps its route's label.
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(overload_or_timeout))
-                .timeout(cfg.request_timeout.get()),
-        )
+        .layer(middleware::from_fn_with_state(
+            cfg.request_timeout.get(),
+            deadline,
+        ))
         .layer(middleware::from_fn(crate::metrics::remember_route));
     // Around the whole router: one limit for the service.
     let service = ServiceBuilder::new()
@@ -138,6 +153,24 @@ pub fn router(
         .concurrency_limit(cfg.max_concurrent_requests.max(1))
         .service(routes);
     (Router::new().fallback_service(service), metrics)
+}
+
+/// Every request ends within `api.request_timeout` (503 after it); one that asks to wait for
+/// an outcome (`wait=`, at most [`MAX_WAIT`]) gets that much longer.
+async fn deadline(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let waits = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p.starts_with("wait=")));
+    let limit = if waits { limit + MAX_WAIT } else { limit };
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 /// Shed load with 503 instead of queueing without bound; a request past its time gets 503 too.
@@ -159,13 +192,13 @@ fn cors(origins: &[String]) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::OPTIONS])
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers([
             header::AUTHORIZATION,
             header::IF_NONE_MATCH,
             header::CONTENT_TYPE,
         ])
-        .expose_headers([header::ETAG])
+        .expose_headers([header::ETAG, header::LOCATION, header::RETRY_AFTER])
         .max_age(Duration::from_secs(600))
 }
 
@@ -198,13 +231,21 @@ impl App {
         let mut state = AppState::new(&client, &config.mongodb);
         state.stale_after = 2 * config.sync.interval.get();
         state.events = Hub::new(&config.api.events, EventMetrics::default());
+        state.waiters = Arc::new(Waiters::new(waiting_callers(&config.api)));
+        state.refresh = RefreshSettings::new(
+            config.api.refresh_enabled,
+            config.sync.clone(),
+            config.cml.use_private_ip,
+        );
         let events = state.events.clone();
         tokio::spawn(events::follow::follow(
             events.clone(),
+            state.waiters.clone(),
             state.db.clone(),
             Watched {
                 labs: config.mongodb.lab_records_collection.clone(),
                 status: config.mongodb.sync_status_collection.clone(),
+                requests: config.mongodb.sync_requests_collection.clone(),
             },
         ));
         let (router, metrics) = router(state, auth, &config.api);

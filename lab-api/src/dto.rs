@@ -9,6 +9,7 @@ use serde_json::Value;
 use shared::{
     fleet::FleetEntry,
     record::{HistoryEntry, LabRecord},
+    refresh::{RequestStatus, SyncRequest},
     status::{SyncCounts, WorkerSyncStatus},
 };
 use utoipa::ToSchema;
@@ -211,6 +212,59 @@ impl From<&WorkerSyncStatus> for SyncStatusDto {
             lab_count: s.lab_count,
             last_duration_ms: s.last_duration_ms,
             last_counts: s.last_counts,
+        }
+    }
+}
+
+/// A refresh asked for on demand (a document of `sync_requests`), with its outcome once it
+/// has one: the counts under the keys the UI's refresh button reads, or the error.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct SyncRequestDto {
+    pub id: String,
+    pub worker_id: String,
+    /// `pending` (no sync-daemon took it yet), `running`, `done` or `failed`.
+    #[schema(value_type = String, example = "done")]
+    pub status: &'static str,
+    pub requested_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Labs in the worker's listing (when done).
+    pub labs_synced: Option<i64>,
+    pub labs_created: Option<i64>,
+    /// Labs that changed (reappeared ones included), as in the daemon's log line.
+    pub labs_updated: Option<i64>,
+    pub labs_unchanged: Option<i64>,
+    pub labs_removed: Option<i64>,
+    /// From the moment a sync-daemon took the request to its outcome.
+    pub duration_ms: Option<i64>,
+    /// Why it failed: a fixed label (`cml_timeout`, `not_running`, …) and the error's text.
+    pub error_kind: Option<String>,
+    pub error: Option<String>,
+}
+
+impl From<&SyncRequest> for SyncRequestDto {
+    fn from(r: &SyncRequest) -> Self {
+        let c = r.counts;
+        Self {
+            id: r.id.clone(),
+            worker_id: r.worker_id.clone(),
+            status: match r.status {
+                RequestStatus::Pending => "pending",
+                RequestStatus::Running => "running",
+                RequestStatus::Done => "done",
+                RequestStatus::Failed => "failed",
+            },
+            requested_at: iso(r.requested_at),
+            started_at: r.started_at.map(iso),
+            finished_at: r.finished_at.map(iso),
+            labs_synced: c.map(|c| c.synced),
+            labs_created: c.map(|c| c.created),
+            labs_updated: c.map(|c| c.updated),
+            labs_unchanged: c.map(|c| c.unchanged),
+            labs_removed: c.map(|c| c.removed),
+            duration_ms: r.duration_ms,
+            error_kind: r.error_kind.clone(),
+            error: r.error.clone(),
         }
     }
 }

@@ -1,7 +1,9 @@
-//! lab-api: the stateless, read-only HTTP API over `lab_records`, in the shape the UI reads.
+//! lab-api: the stateless HTTP API over `lab_records`, in the shape the UI reads. It never
+//! writes lab data: a refresh on demand is a request the sync-daemon serves.
 //!
-//! [`app::App`] is the service and [`app::router`] its application; [`api`] holds the
-//! endpoints with their documentation; [`events`] the live event stream.
+//! [`app::App`] is the service and [`app::router`] its application; [`api`] holds the read
+//! endpoints with their documentation; [`refresh`] refresh on demand; [`events`] the live
+//! event stream.
 
 pub mod api;
 pub mod app;
@@ -14,3 +16,4 @@ pub mod openapi;
 pub mod page;
 pub mod params;
 pub mod problem;
+pub mod refresh;

@@ -39,6 +39,20 @@ pub enum ReadErrors {
     Unavailable(Problem),
 }
 
+/// What any authenticated write can answer besides its outcome.
+#[derive(Debug, IntoResponses)]
+pub enum WriteErrors {
+    /// A bad parameter: `param` names it.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// No token, or a bad one.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// MongoDB or the identity provider unreachable, the request too slow, or overloaded.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {

@@ -17,6 +17,16 @@ pub enum ApiError {
     BadRequest { param: String, detail: String },
     #[error("{0}")]
     NotFound(String),
+    /// The request cannot be served in the resource's present state (a worker not running).
+    #[error("{0}")]
+    Conflict(String),
+    /// A refresh refused by the per-worker throttle: the request that holds it back, and when
+    /// to ask again.
+    #[error("refresh of worker {} throttled for {retry_after_s} s", request.worker_id)]
+    Throttled {
+        retry_after_s: u64,
+        request: Box<crate::dto::SyncRequestDto>,
+    },
     #[error("worker {worker_id} has more than {max} labs")]
     TooManyLabs { worker_id: String, max: usize },
     #[error("{0}")]
@@ -62,6 +72,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooManyLabs { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_)
@@ -98,6 +110,12 @@ pub struct Problem {
     /// The query or path parameter at fault, for 400s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
+    /// For 429: when to ask again (as `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
+    /// For 429: the refresh that holds the worker back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<crate::dto::SyncRequestDto>,
 }
 
 impl IntoResponse for ApiError {
@@ -110,6 +128,19 @@ impl IntoResponse for ApiError {
                 Some(param.clone()),
             ),
             ApiError::NotFound(d) => ("not-found", d.clone(), None),
+            ApiError::Conflict(d) => ("conflict", d.clone(), None),
+            ApiError::Throttled {
+                retry_after_s,
+                request,
+            } => (
+                "refresh-throttled",
+                format!(
+                    "Worker {} was refreshed too recently, or a refresh of it is pending or \
+                     running; try again in {retry_after_s} s.",
+                    request.worker_id
+                ),
+                None,
+            ),
             ApiError::TooManyLabs { worker_id, max } => (
                 "too-many-labs",
                 format!(
@@ -154,12 +185,21 @@ impl IntoResponse for ApiError {
                 None,
             ),
         };
+        let (retry_after_seconds, request) = match &self {
+            ApiError::Throttled {
+                retry_after_s,
+                request,
+            } => (Some(*retry_after_s), Some(request.as_ref().clone())),
+            _ => (None, None),
+        };
         let body = Problem {
             kind: format!("https://cml-labs.invalid/problems/{kind}"),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail,
             param,
+            retry_after_seconds,
+            request,
         };
         let mut response = (status, Json(body)).into_response();
         response.headers_mut().insert(
@@ -175,6 +215,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
+        if let Some(secs) = retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if status.is_server_error() {
             response.extensions_mut().insert(Failure {

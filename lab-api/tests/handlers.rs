@@ -504,6 +504,7 @@ fn example_uri(template: &str) -> String {
         .replace("{aws_region}", "us-east-1")
         .replace("{worker_id}", "w1")
         .replace("{lab_id}", "l1")
+        .replace("{request_id}", "r1")
 }
 
 #[tokio::test]
@@ -520,10 +521,30 @@ async fn the_openapi_document_describes_every_endpoint() {
     assert!(paths.len() >= 5, "{:?}", paths.keys());
     for (template, item) in paths {
         let ops = item.as_object().expect("operations");
-        assert_eq!(ops.keys().collect::<Vec<_>>(), ["get"], "{template}");
-        let op = &ops["get"];
+        assert_eq!(ops.len(), 1, "one operation per path: {template}");
+        let (method, op) = ops.iter().next().expect("an operation");
         let streamed = op["responses"]["200"]["content"]["text/event-stream"].is_object();
-        if streamed {
+        if method == "post" {
+            let resp = a
+                .router
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method("POST")
+                        .uri(example_uri(template))
+                        .body(Body::empty())
+                        .expect("request"),
+                )
+                .await
+                .expect("infallible");
+            let status = resp.status();
+            let body = to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+            assert!(
+                status != StatusCode::METHOD_NOT_ALLOWED
+                    && !String::from_utf8_lossy(&body).contains("No such endpoint"),
+                "{template} is documented but not served: {status}"
+            );
+        } else if streamed {
             // A stream never ends: its head says it is served.
             let resp = a
                 .router
@@ -578,7 +599,9 @@ async fn the_openapi_document_describes_every_endpoint() {
         }
         // Every endpoint states its auth and the problems it can answer.
         assert!(op["security"][0]["bearer"].is_array(), "{template}");
-        let codes: &[&str] = if streamed {
+        let codes: &[&str] = if method == "post" {
+            &["200", "202", "400", "401", "404", "409", "429", "503"]
+        } else if streamed {
             &["200", "400", "401", "503"]
         } else {
             &["200", "304", "400", "401", "503"]

@@ -81,6 +81,10 @@ one_label!(
     /// `state="…"`.
     State = "state"
 );
+one_label!(
+    /// `watch="…"`: a collection the sync-daemon watches (`sync_requests`, `registry`).
+    Watched = "watch"
+);
 
 /// A monotonic count.
 #[derive(Debug, Clone, Default)]

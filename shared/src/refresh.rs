@@ -50,6 +50,10 @@ pub struct SyncRequest {
     pub error_kind: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The sync-daemon replica that took it (while running), so that the next lease holder
+    /// can tell the requests of a replica that died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
 }
 
 impl SyncRequest {
@@ -66,6 +70,7 @@ impl SyncRequest {
             duration_ms: None,
             error_kind: None,
             error: None,
+            claimed_by: None,
         }
     }
 }

@@ -6,7 +6,18 @@ use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{config::SyncConfig, Result};
+
+/// Where one worker stands for syncing, as a cycle would see it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Synced by cycles, at this endpoint.
+    Active { endpoint: String },
+    /// In the registry, but not running with an endpoint.
+    Inactive { status: Option<String> },
+    /// Neither in the registry nor in `sync.static_workers`.
+    Unknown,
+}
 
 /// A registry document, reduced to what syncing and the fleet view need. Unknown fields are
 /// ignored.
@@ -97,12 +108,58 @@ impl WorkerRegistry {
             .await?)
     }
 
+    /// Where worker `id` stands: as [`Self::active_workers`] plus `sync.static_workers` make
+    /// the list of a cycle (an active registry entry's endpoint wins over a static one).
+    pub async fn standing(
+        &self,
+        id: &str,
+        sync: &SyncConfig,
+        use_private_ip: bool,
+    ) -> Result<Standing> {
+        let registered = if sync.workers_from_registry {
+            self.worker(id).await?
+        } else {
+            None
+        };
+        Ok(standing(
+            registered.as_ref(),
+            sync.static_workers
+                .iter()
+                .find(|w| w.id == id)
+                .map(|w| w.endpoint.as_str()),
+            use_private_ip,
+        ))
+    }
+
     pub async fn worker(&self, id: &str) -> Result<Option<Worker>> {
         Ok(self
             .coll
             .find_one(doc! { "id": id })
             .projection(projection())
             .await?)
+    }
+}
+
+/// [`WorkerRegistry::standing`] without the reads.
+pub fn standing(
+    registered: Option<&Worker>,
+    fixed: Option<&str>,
+    use_private_ip: bool,
+) -> Standing {
+    if let Some(endpoint) = registered
+        .filter(|w| w.is_active())
+        .and_then(|w| w.endpoint(use_private_ip))
+    {
+        return Standing::Active { endpoint };
+    }
+    match (fixed, registered) {
+        (Some(endpoint), _) => Standing::Active {
+            endpoint: endpoint.to_owned(),
+        },
+        (None, Some(w)) => Standing::Inactive {
+            status: w.status.clone(),
+        },
+        (None, None) => Standing::Unknown,
     }
 }
 
@@ -140,6 +197,38 @@ mod tests {
             Some("https://203.0.113.7:8443/cml".into())
         );
         assert!(worker("running", Some(" ")).endpoint(false).is_none());
+    }
+
+    #[test]
+    fn a_workers_standing_follows_the_cycles_list() {
+        let running = worker("running", Some("https://10.0.0.1"));
+        let stopped = worker("stopped", Some("https://10.0.0.1"));
+        let active = |e: &str| Standing::Active { endpoint: e.into() };
+        assert_eq!(
+            standing(Some(&running), None, false),
+            active("https://10.0.0.1")
+        );
+        assert_eq!(
+            standing(Some(&running), Some("https://static"), false),
+            active("https://10.0.0.1"),
+            "the registry's endpoint wins"
+        );
+        assert_eq!(
+            standing(Some(&stopped), None, false),
+            Standing::Inactive {
+                status: Some("stopped".into())
+            }
+        );
+        assert_eq!(
+            standing(Some(&stopped), Some("https://static"), false),
+            active("https://static"),
+            "a static worker is always synced"
+        );
+        assert_eq!(
+            standing(None, Some("https://static"), false),
+            active("https://static")
+        );
+        assert_eq!(standing(None, None, false), Standing::Unknown);
     }
 
     #[test]

@@ -44,6 +44,19 @@ pub struct SyncCounts {
     pub removed: i64,
 }
 
+impl From<&crate::change::PlanCounts> for SyncCounts {
+    fn from(c: &crate::change::PlanCounts) -> Self {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        Self {
+            synced: n(c.synced),
+            created: n(c.created),
+            updated: n(c.updated),
+            unchanged: n(c.unchanged),
+            removed: n(c.removed),
+        }
+    }
+}
+
 /// Reads `worker_sync_status`.
 #[derive(Debug, Clone)]
 pub struct SyncStatusReader {

@@ -25,7 +25,7 @@ async fn store(db: &TestDb) -> RequestStore {
 
 fn accepted(r: Recorded) -> shared::refresh::SyncRequest {
     match r {
-        Recorded::Accepted(r) => r,
+        Recorded::Accepted(r) => *r,
         Recorded::Throttled { .. } => panic!("throttled: {r:?}"),
     }
 }
@@ -62,7 +62,7 @@ async fn a_refresh_is_throttled_while_active_and_for_the_interval_after() {
     );
 
     let claimed = s
-        .claim(t(2))
+        .claim(t(2), "holder-a")
         .await
         .expect("claim")
         .expect("a pending request");
@@ -142,14 +142,20 @@ async fn requests_are_claimed_oldest_first_and_a_failure_is_kept() {
             .expect("record"),
     );
     assert_eq!(
-        s.claim(t(6)).await.expect("claim").map(|r| r.id),
+        s.claim(t(6), "holder-a")
+            .await
+            .expect("claim")
+            .map(|r| r.id),
         Some("early".into())
     );
     assert_eq!(
-        s.claim(t(6)).await.expect("claim").map(|r| r.id),
+        s.claim(t(6), "holder-a")
+            .await
+            .expect("claim")
+            .map(|r| r.id),
         Some("late".into())
     );
-    assert_eq!(s.claim(t(6)).await.expect("claim"), None);
+    assert_eq!(s.claim(t(6), "holder-a").await.expect("claim"), None);
     s.finish(
         "late",
         &Outcome::Failed {
@@ -187,5 +193,105 @@ async fn requests_are_claimed_oldest_first_and_a_failure_is_kept() {
             .is_some_and(|v| v.as_i64().or(v.as_i32().map(i64::from))
                 == Some(KEEP_REQUESTS.as_secs() as i64)),
         "{ttl}"
+    );
+}
+
+#[tokio::test]
+async fn a_new_holder_requeues_what_another_took_and_a_holder_finds_its_own() {
+    let db = TestDb::new("requests_requeue").await;
+    let s = store(&db).await;
+    for (id, worker) in [("a1", "w1"), ("b1", "w2"), ("c1", "w3")] {
+        accepted(
+            s.record(id.into(), worker, t(0), MIN)
+                .await
+                .expect("record"),
+        );
+    }
+    s.claim(t(1), "holder-a").await.expect("claim").expect("a1");
+    s.claim(t(1), "holder-a").await.expect("claim").expect("b1");
+    s.claim(t(1), "holder-b").await.expect("claim").expect("c1");
+    let mut mine = s.claimed_by("holder-a").await.expect("read");
+    mine.sort();
+    assert_eq!(mine, ["a1", "b1"]);
+    // holder-b took the lease over: what holder-a took is pending again, its own is not.
+    assert_eq!(s.requeue_orphans("holder-b").await.expect("requeue"), 2);
+    let a1 = s.get("a1").await.expect("get").expect("kept");
+    assert_eq!(
+        (a1.status, a1.claimed_by, a1.started_at),
+        (RequestStatus::Pending, None, None)
+    );
+    assert_eq!(
+        s.get("c1").await.expect("get").expect("kept").status,
+        RequestStatus::Running
+    );
+    // A request taken but not served goes back too.
+    s.requeue("c1").await.expect("requeue");
+    assert_eq!(
+        s.get("c1").await.expect("get").expect("kept").status,
+        RequestStatus::Pending
+    );
+    assert!(s.claimed_by("holder-a").await.expect("read").is_empty());
+}
+
+#[tokio::test]
+async fn waiting_for_an_outcome_returns_when_it_is_written() {
+    let db = TestDb::new("requests_wait").await;
+    let s = store(&db).await;
+    accepted(
+        s.record("r1".into(), "w1", t(0), MIN)
+            .await
+            .expect("record"),
+    );
+    let unfinished = s
+        .wait_finished("r1", Duration::from_millis(300))
+        .await
+        .expect("wait")
+        .expect("exists");
+    assert_eq!(
+        unfinished.status,
+        RequestStatus::Pending,
+        "the time ran out"
+    );
+    let writer = s.clone();
+    let finish = async move {
+        writer.claim(t(1), "holder-a").await.expect("claim");
+        writer
+            .finish(
+                "r1",
+                &Outcome::Done {
+                    counts: SyncCounts::default(),
+                    duration_ms: 5,
+                },
+                t(2),
+            )
+            .await
+            .expect("finish");
+    };
+    let (waited, ()) = tokio::join!(s.wait_finished("r1", Duration::from_secs(60)), finish);
+    assert_eq!(
+        waited.expect("wait").expect("exists").status,
+        RequestStatus::Done
+    );
+    assert_eq!(
+        s.wait_finished("nope", Duration::from_secs(60))
+            .await
+            .expect("wait"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_throttle_notice_is_no_request() {
+    let db = TestDb::new("requests_notice").await;
+    let s = store(&db).await;
+    s.notice_throttled("n1", "w1", Duration::from_secs(42), t(0))
+        .await
+        .expect("notice");
+    assert_eq!(s.latest("w1").await.expect("latest"), None);
+    assert_eq!(s.claim(t(1), "holder-a").await.expect("claim"), None);
+    accepted(
+        s.record("r1".into(), "w1", t(1), MIN)
+            .await
+            .expect("not throttled by a notice"),
     );
 }

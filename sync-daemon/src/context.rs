@@ -9,8 +9,14 @@ use mongodb::{
     Database,
 };
 use shared::{
-    config::Config, fleet, metrics::State, mongo, registry::WorkerRegistry,
-    status::SyncStatusReader, store::LabStore,
+    config::Config,
+    fleet,
+    metrics::State,
+    mongo,
+    registry::{Standing, WorkerRegistry},
+    requests::RequestStore,
+    status::SyncStatusReader,
+    store::LabStore,
 };
 
 use crate::{
@@ -31,6 +37,8 @@ pub struct Context {
     pub store: LabStore,
     pub status: StatusWriter,
     pub registry: WorkerRegistry,
+    /// Refreshes asked for on demand (`sync_requests`).
+    pub requests: RequestStore,
     pub cml: CmlClient,
     pub lease: Lease,
     pub metrics: Arc<Metrics>,
@@ -67,6 +75,7 @@ impl Context {
             store: LabStore::new(&client, &config.mongodb, config.sync.history_limit),
             status: StatusWriter::new(&db, &config.mongodb.sync_status_collection),
             registry: WorkerRegistry::new(&db, &config.mongodb.workers_collection),
+            requests: RequestStore::new(&db, &config.mongodb.sync_requests_collection),
             lease: Lease::new(
                 &db,
                 &config.mongodb.lease_collection,
@@ -85,6 +94,7 @@ impl Context {
     pub async fn prepare_storage(&self) -> Result<()> {
         self.store.ensure_indexes().await?;
         self.status.ensure_indexes().await?;
+        self.requests.ensure_indexes().await?;
         StoragePrepared {
             collection: self.store.collection_name(),
         }
@@ -123,6 +133,14 @@ impl Context {
             .set(c.failing_repeatedly as f64);
         gauges.get(&State("stale")).set(c.stale as f64);
         Ok(())
+    }
+
+    /// Where one worker stands, as a cycle would see it now.
+    pub async fn standing(&self, worker_id: &str) -> Result<Standing> {
+        Ok(self
+            .registry
+            .standing(worker_id, &self.config.sync, self.config.cml.use_private_ip)
+            .await?)
     }
 
     /// The workers to sync now: the active ones of the registry (when enabled) and the static

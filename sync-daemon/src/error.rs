@@ -21,10 +21,24 @@ pub enum Error {
     },
     #[error("the admin server failed: {0}")]
     AdminServe(std::io::Error),
-    #[error("another replica ({holder}) holds the sync lease")]
+    #[error(
+        "another replica ({holder}) holds the sync lease; to have it refresh one worker now, \
+         run `sync-daemon refresh WORKER_ID`"
+    )]
     LeaseHeld { holder: String },
     #[error("worker {0} is not an active worker (registry or sync.static_workers)")]
     UnknownWorker(String),
+    #[error("worker {worker_id} is not running (status {status})")]
+    NotRunning { worker_id: String, status: String },
+    #[error(
+        "worker {worker_id} was refreshed on demand too recently, or a refresh of it is still \
+         pending or running (request {request_id}); try again in {retry_after_s} s"
+    )]
+    Throttled {
+        worker_id: String,
+        request_id: String,
+        retry_after_s: u64,
+    },
     #[error("worker syncs in flight did not finish within the shutdown grace of {0:?}")]
     Drain(Duration),
 }
@@ -41,6 +55,8 @@ impl Error {
             Error::AdminServe(_) => "admin_serve",
             Error::LeaseHeld { .. } => "lease_held",
             Error::UnknownWorker(_) => "unknown_worker",
+            Error::NotRunning { .. } => "not_running",
+            Error::Throttled { .. } => "throttled",
             Error::Drain(_) => "drain",
         }
     }

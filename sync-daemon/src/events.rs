@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bson::DateTime;
 use cml_client::payload::clip;
-use shared::metrics::{Field, Kind, Outcome};
+use shared::metrics::{Field, Kind, Outcome, Reason};
 
 use crate::{metrics::Metrics, pass::PassReport, worker::WorkerOutcome, Error};
 
@@ -120,7 +120,11 @@ impl Event for CycleCompleted<'_> {
         m.cycle_duration.observe(r.duration.as_secs_f64());
         m.note_cycle_end(DateTime::now());
         m.labs_purged.inc_by(self.purged);
-        let failed: Vec<&str> = r.failed.iter().map(|(w, _)| w.worker_id.as_str()).collect();
+        let failed: Vec<&str> = r
+            .failed
+            .iter()
+            .map(|f| f.target.worker_id.as_str())
+            .collect();
         tracing::info!(
             event = "cycle_completed", workers = r.workers, synced = t.synced, created = t.created,
             updated = t.updated, unchanged = t.unchanged, removed = t.removed, purged = self.purged,
@@ -164,7 +168,11 @@ impl Event for RetriesCompleted<'_> {
                 "retry_partial"
             }))
             .inc();
-        let failed: Vec<&str> = r.failed.iter().map(|(w, _)| w.worker_id.as_str()).collect();
+        let failed: Vec<&str> = r
+            .failed
+            .iter()
+            .map(|f| f.target.worker_id.as_str())
+            .collect();
         tracing::info!(
             event = "retries_completed", workers = r.workers, synced = r.totals.synced,
             failed_workers = r.failed.len(), failed = ?failed, duration_ms = ms(r.duration),
@@ -483,5 +491,214 @@ impl Event for Lifecycle<'_> {
             ),
             Lifecycle::Stopped => tracing::info!(event = "daemon_stopped", "sync-daemon stopped"),
         }
+    }
+}
+
+/// The schedule, at start, in the design notes' words.
+#[derive(Debug)]
+pub struct RefreshScheduled {
+    pub interval: Duration,
+    pub run_immediately: bool,
+}
+
+impl Event for RefreshScheduled {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "refresh_scheduled",
+            interval_s = self.interval.as_secs(),
+            run_immediately = self.run_immediately,
+            "Scheduled labs refresh job ({} interval)",
+            interval_phrase(self.interval)
+        );
+    }
+}
+
+/// `30-minute`, `2-hour`, `90-second`: an interval as the design notes' start line says it.
+pub fn interval_phrase(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}-hour", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}-minute", s / 60),
+        s => format!("{s}-second"),
+    }
+}
+
+/// The lease holder's change stream on a collection is open (again).
+#[derive(Debug)]
+pub struct WatchOpened {
+    pub name: &'static str,
+}
+
+impl Event for WatchOpened {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "watch_opened",
+            watch = self.name,
+            "Watching {} for changes",
+            self.name
+        );
+    }
+}
+
+/// A change stream could not be opened or failed; the holder reads on a timer until it works.
+#[derive(Debug)]
+pub struct WatchFailed<'a> {
+    pub name: &'static str,
+    pub error: &'a str,
+    pub failures: u32,
+    pub retry_in: Duration,
+}
+
+impl Event for WatchFailed<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "watch_failed",
+            watch = self.name,
+            error = self.error,
+            failures = self.failures,
+            retry_in_ms = ms(self.retry_in),
+            "Cannot watch {} for changes; reading it every {} s until the change stream works",
+            self.name,
+            self.retry_in.as_secs().max(1)
+        );
+    }
+}
+
+/// A refresh asked for on demand is being served.
+#[derive(Debug)]
+pub struct RequestServing<'a> {
+    pub request_id: &'a str,
+    pub worker_id: &'a str,
+}
+
+impl Event for RequestServing<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "refresh_started",
+            request_id = self.request_id,
+            worker_id = self.worker_id,
+            "Refreshing worker {} on demand",
+            self.worker_id
+        );
+    }
+}
+
+/// How a refresh asked for on demand ended.
+#[derive(Debug)]
+pub struct RequestServed<'a> {
+    pub request_id: &'a str,
+    pub worker_id: &'a str,
+    /// `done`, `failed` or `requeued` (this replica stopped syncing before it ran).
+    pub outcome: &'static str,
+    pub kind: Option<&'a str>,
+    pub duration: Duration,
+}
+
+impl Event for RequestServed<'_> {
+    fn emit(&self, m: &Metrics) {
+        m.refresh_requests.get(&Outcome(self.outcome)).inc();
+        tracing::info!(
+            event = "refresh_finished",
+            request_id = self.request_id,
+            worker_id = self.worker_id,
+            outcome = self.outcome,
+            kind = self.kind,
+            duration_ms = ms(self.duration),
+            "Refresh of worker {} on demand: {}",
+            self.worker_id,
+            self.outcome
+        );
+    }
+}
+
+/// `sync_requests` could not be read or written.
+#[derive(Debug)]
+pub struct RequestsError<'a> {
+    pub error: &'a Error,
+    pub action: &'static str,
+}
+
+impl Event for RequestsError<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "refresh_requests_error", action = self.action, error = %self.error,
+            kind = self.error.metric_label(),
+            "Cannot {} refresh requests", self.action
+        );
+    }
+}
+
+/// Requests a replica took and never finished are pending again (after a takeover).
+#[derive(Debug)]
+pub struct RequestsRequeued {
+    pub requests: u64,
+}
+
+impl Event for RequestsRequeued {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "refresh_requests_requeued",
+            requests = self.requests,
+            "Serving {} refresh requests another replica took and never finished",
+            self.requests
+        );
+    }
+}
+
+/// What the registry says about a worker, seen once by the lease holder.
+#[derive(Debug)]
+pub enum RegistryChange<'a> {
+    /// Running with an endpoint now: synced at once.
+    Appeared { worker_id: &'a str },
+    /// Its endpoint changed: synced at once, at the new one.
+    EndpointChanged { worker_id: &'a str },
+    /// No longer running (or gone): no longer synced; its records stay as they are.
+    Stopped { worker_id: &'a str },
+}
+
+impl Event for RegistryChange<'_> {
+    fn emit(&self, m: &Metrics) {
+        match self {
+            RegistryChange::Appeared { worker_id } => {
+                m.registry_changes.get(&Reason("appeared")).inc();
+                tracing::info!(
+                    event = "worker_discovered",
+                    worker_id = *worker_id,
+                    "Worker {worker_id} is running: syncing it now"
+                );
+            }
+            RegistryChange::EndpointChanged { worker_id } => {
+                m.registry_changes.get(&Reason("endpoint_changed")).inc();
+                tracing::info!(
+                    event = "worker_endpoint_changed",
+                    worker_id = *worker_id,
+                    "Worker {worker_id} has a new endpoint: syncing it now"
+                );
+            }
+            RegistryChange::Stopped { worker_id } => {
+                m.registry_changes.get(&Reason("stopped")).inc();
+                tracing::info!(
+                    event = "worker_stopped",
+                    worker_id = *worker_id,
+                    "Worker {worker_id} is no longer running: no longer synced, its records kept"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_line_says_the_interval_as_the_design_notes_do() {
+        let phrase = |s| interval_phrase(Duration::from_secs(s));
+        assert_eq!(phrase(1800), "30-minute");
+        assert_eq!(phrase(7200), "2-hour");
+        assert_eq!(phrase(5400), "90-minute");
+        assert_eq!(phrase(90), "90-second");
+        assert_eq!(phrase(60), "1-minute");
+        assert_eq!(phrase(1), "1-second");
     }
 }

@@ -167,6 +167,11 @@ impl LeaseKeeper {
         *self.held.borrow()
     }
 
+    /// Whether this replica holds the lease, for tasks that act only while it does.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.held.clone()
+    }
+
     /// Waits until the lease is taken or lost; `None` once the keeper has stopped.
     pub async fn changed(&mut self) -> Option<bool> {
         self.held.changed().await.ok()?;

@@ -9,12 +9,14 @@ pub mod context;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod known;
 pub mod lease;
 pub mod metrics;
 pub mod pass;
 pub mod runner;
 pub mod schedule;
 pub mod status;
+pub mod watch;
 pub mod worker;
 
 pub use error::{Error, Result};

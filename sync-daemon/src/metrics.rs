@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use shared::metrics::{
-    Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Registry, State,
-    DURATION_BUCKETS,
+    Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Reason, Registry, State,
+    Watched, DURATION_BUCKETS,
 };
 
 /// Every counter, gauge and histogram of the daemon.
@@ -34,6 +34,9 @@ pub struct Metrics {
     pub interval: Gauge,
     pub workers: Family<State, Gauge>,
     pub lab_records: Family<State, Gauge>,
+    pub refresh_requests: Family<Outcome, Counter>,
+    pub registry_changes: Family<Reason, Counter>,
+    pub watch_up: Family<Watched, Gauge>,
 }
 
 impl Default for Metrics {
@@ -107,6 +110,18 @@ impl Default for Metrics {
                 "cml_lab_records",
                 "Lab records by lab state after the last cycle (removed ones under removed, states CML does not define under other)",
             ),
+            refresh_requests: r.counters(
+                "sync_refresh_requests",
+                "Refreshes asked for on demand, by outcome: done, failed, requeued (left for the next lease holder)",
+            ),
+            registry_changes: r.counters(
+                "sync_registry_changes",
+                "Workers of the registry that started running (appeared), moved (endpoint_changed) or stopped, as the lease holder saw them",
+            ),
+            watch_up: r.gauges(
+                "sync_watch_up",
+                "1 while the lease holder's change stream on a collection is open (sync_requests, registry)",
+            ),
             registry: Arc::new(r),
         }
     }
@@ -127,6 +142,7 @@ const COMMANDS: &[&str] = &[
     "isMaster",
     "ping",
     "buildInfo",
+    "findAndModify",
     "killCursors",
     "endSessions",
 ];

@@ -17,13 +17,20 @@ use crate::{
     worker::WorkerSync,
 };
 
+/// A worker whose sync failed: its error's fixed label and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedWorker {
+    pub target: CmlTarget,
+    pub kind: &'static str,
+    pub error: String,
+}
+
 /// The figures of one pass, as logged at its end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
     pub workers: usize,
     pub succeeded: Vec<String>,
-    /// Failed workers with their error kind.
-    pub failed: Vec<(CmlTarget, &'static str)>,
+    pub failed: Vec<FailedWorker>,
     /// Workers never started because syncing stopped (shutdown, lease lost).
     pub skipped: Vec<CmlTarget>,
     pub totals: PlanCounts,
@@ -56,7 +63,11 @@ impl PassReport {
                 self.cml_calls += u64::from(o.cml_calls);
                 self.mongodb_writes += u64::from(o.applied.round_trips);
             }
-            Err(e) => self.failed.push((sync.target.clone(), e.metric_label())),
+            Err(e) => self.failed.push(FailedWorker {
+                target: sync.target.clone(),
+                kind: e.metric_label(),
+                error: e.to_string(),
+            }),
         }
     }
 }
@@ -234,7 +245,7 @@ mod tests {
             (3, 1, 1, 1)
         );
         assert_eq!((r.totals.synced, r.cml_calls, r.mongodb_writes), (4, 1, 1));
-        assert_eq!(r.failed[0].1, "deadline");
+        assert_eq!(r.failed[0].kind, "deadline");
         assert_eq!(r.outcome(), "partial");
         assert_eq!(r.duration, Duration::from_secs(3));
         assert_eq!(

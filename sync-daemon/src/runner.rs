@@ -6,7 +6,9 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bson::DateTime;
 use cml_client::CmlTarget;
-use shared::store::cutoff;
+use shared::{
+    refresh::SyncRequest, registry::Standing, requests::Outcome, status::SyncCounts, store::cutoff,
+};
 use tokio::{task::JoinSet, time::Instant};
 use tracing::Instrument;
 
@@ -15,9 +17,10 @@ use crate::{
     context::Context,
     events::{
         CycleCompleted, CycleSkipped, CycleStarted, DrainTimedOut, Event, FleetGaugesFailed,
-        LeaseError, PurgeFailed, RetriesCompleted, RetriesStarted, RetryScheduled,
-        StatusWriteFailed,
+        LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing, RequestsError,
+        RequestsRequeued, RetriesCompleted, RetriesStarted, RetryScheduled, StatusWriteFailed,
     },
+    known::{Changes, Known},
     lease::LeaseState,
     pass::{Pass, PassReport, Passes},
     schedule::{Opened, PassId, PassKind, Schedule},
@@ -45,7 +48,14 @@ pub struct Runner {
     stopped: bool,
     /// Reports kept for whoever waits for these passes.
     watched: HashMap<PassId, Option<PassReport>>,
+    /// Refreshes asked for on demand, by the pass that serves each.
+    requests: HashMap<PassId, SyncRequest>,
+    /// The active workers as last read, to see which started, moved or stopped.
+    known: Known,
 }
+
+/// Longest error text written into a request: as much as a worker's sync status keeps.
+const MAX_ERROR_LEN: usize = 1024;
 
 impl Runner {
     pub fn new(ctx: Arc<Context>, announce_retries: bool) -> Self {
@@ -66,6 +76,8 @@ impl Runner {
             announce_retries,
             stopped: false,
             watched: HashMap::new(),
+            requests: HashMap::new(),
+            known: Known::default(),
         }
     }
 
@@ -75,9 +87,24 @@ impl Runner {
     }
 
     /// This replica holds the lease (again): syncs may start, on the last holder's schedule,
-    /// and the last cycle any replica completed is this replica's to report.
-    pub fn took_over(&mut self, lease: Option<LeaseState>) {
+    /// the last cycle any replica completed is this replica's to report, and the requests
+    /// another replica took and never finished are pending again, for this one to serve.
+    pub async fn took_over(&mut self, lease: Option<LeaseState>) {
         self.stopped = false;
+        match self
+            .ctx
+            .requests
+            .requeue_orphans(self.ctx.lease.holder())
+            .await
+        {
+            Ok(0) => {}
+            Ok(requests) => RequestsRequeued { requests }.emit(&self.ctx.metrics),
+            Err(e) => RequestsError {
+                error: &e.into(),
+                action: "requeue",
+            }
+            .emit(&self.ctx.metrics),
+        }
         let now = DateTime::now();
         let since_last_cycle = lease.as_ref().and_then(|l| l.since_last_cycle(now));
         if let Some(end) = lease.and_then(|l| l.last_cycle_end_at) {
@@ -92,6 +119,9 @@ impl Runner {
         if self.schedule.cycle_due(now) {
             match self.ctx.workers().await {
                 Ok(targets) => {
+                    // The cycle syncs whatever appeared or moved; the stopped are left out.
+                    let changes = self.known.update(&targets);
+                    self.registry_changes(&changes, false).await;
                     self.start_cycle(targets).await;
                 }
                 Err(error) => {
@@ -113,6 +143,194 @@ impl Runner {
             self.track(opened, span).await;
         }
         self.start_syncs();
+    }
+
+    /// The registry changed: workers that started running or moved sync now, those that
+    /// stopped are no longer synced (their records stay as they are).
+    pub async fn registry_changed(&mut self) {
+        if self.stopped {
+            return;
+        }
+        match self.ctx.workers().await {
+            Ok(targets) => {
+                let changes = self.known.update(&targets);
+                self.registry_changes(&changes, true).await;
+                self.start_syncs();
+            }
+            Err(error) => RequestsError {
+                error: &error,
+                action: "read the registry for",
+            }
+            .emit(&self.ctx.metrics),
+        }
+    }
+
+    /// Logs each change once; with `sync_now`, opens a pass over the workers that appeared or
+    /// moved. Stopped workers are forgotten by the schedule (no retry, not left queued).
+    async fn registry_changes(&mut self, changes: &Changes, sync_now: bool) {
+        let metrics = self.ctx.metrics.clone();
+        for t in &changes.appeared {
+            RegistryChange::Appeared {
+                worker_id: &t.worker_id,
+            }
+            .emit(&metrics);
+        }
+        for t in &changes.moved {
+            RegistryChange::EndpointChanged {
+                worker_id: &t.worker_id,
+            }
+            .emit(&metrics);
+        }
+        for id in &changes.stopped {
+            RegistryChange::Stopped { worker_id: id }.emit(&metrics);
+            if let Some(skipped) = self.schedule.forget(id) {
+                for pass in self
+                    .passes
+                    .skip(&skipped.passes, &skipped.target, Instant::now())
+                {
+                    self.close(pass).await;
+                }
+            }
+        }
+        let now: Vec<CmlTarget> = changes
+            .appeared
+            .iter()
+            .chain(&changes.moved)
+            .cloned()
+            .collect();
+        if sync_now && !now.is_empty() {
+            let opened = self.schedule.request_all(now);
+            let span = tracing::info_span!("labs_registry_change", workers = opened.workers.len());
+            self.track(opened, span).await;
+        }
+    }
+
+    /// Serves the refreshes asked for on demand: requeues those this replica took and no
+    /// longer serves, then takes every pending one, oldest first, and opens a pass for each
+    /// (joining a sync of that worker that is queued or running).
+    pub async fn serve_requests(&mut self) {
+        if self.stopped {
+            return;
+        }
+        let holder = self.ctx.lease.holder().to_owned();
+        match self.ctx.requests.claimed_by(&holder).await {
+            Ok(ids) => {
+                for id in ids {
+                    if !self.requests.values().any(|r| r.id == id) {
+                        if let Err(e) = self.ctx.requests.requeue(&id).await {
+                            RequestsError {
+                                error: &e.into(),
+                                action: "requeue",
+                            }
+                            .emit(&self.ctx.metrics);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                RequestsError {
+                    error: &e.into(),
+                    action: "read",
+                }
+                .emit(&self.ctx.metrics);
+                return;
+            }
+        }
+        loop {
+            match self.ctx.requests.claim(DateTime::now(), &holder).await {
+                Ok(Some(request)) => self.serve(request).await,
+                Ok(None) => break,
+                Err(e) => {
+                    RequestsError {
+                        error: &e.into(),
+                        action: "take",
+                    }
+                    .emit(&self.ctx.metrics);
+                    break;
+                }
+            }
+        }
+        self.start_syncs();
+    }
+
+    async fn serve(&mut self, request: SyncRequest) {
+        RequestServing {
+            request_id: &request.id,
+            worker_id: &request.worker_id,
+        }
+        .emit(&self.ctx.metrics);
+        let refused = match self.ctx.standing(&request.worker_id).await {
+            Ok(Standing::Active { endpoint }) => {
+                let target = CmlTarget {
+                    worker_id: request.worker_id.clone(),
+                    endpoint,
+                };
+                let opened = self.schedule.request(target);
+                let span = tracing::info_span!("labs_request", request_id = %request.id);
+                self.requests.insert(opened.pass, request);
+                self.track(opened, span).await;
+                return;
+            }
+            Ok(Standing::Inactive { status }) => (
+                "not_running",
+                format!(
+                    "worker {} is not running (status {})",
+                    request.worker_id,
+                    status.as_deref().unwrap_or("unknown")
+                ),
+            ),
+            Ok(Standing::Unknown) => (
+                "unknown_worker",
+                format!("worker {} is not known", request.worker_id),
+            ),
+            Err(e) => (e.metric_label(), e.to_string()),
+        };
+        let outcome = Outcome::Failed {
+            kind: refused.0.to_owned(),
+            error: refused.1,
+            duration_ms: 0,
+        };
+        self.finish_request(request, Some(outcome), Duration::ZERO)
+            .await;
+    }
+
+    /// Writes a request's outcome (`None`: it did not run, and is pending again).
+    async fn finish_request(
+        &self,
+        request: SyncRequest,
+        outcome: Option<Outcome>,
+        duration: Duration,
+    ) {
+        let store = &self.ctx.requests;
+        let (written, label, kind) = match &outcome {
+            None => (store.requeue(&request.id).await, "requeued", None),
+            Some(o) => {
+                let (label, kind) = match o {
+                    Outcome::Done { .. } => ("done", None),
+                    Outcome::Failed { kind, .. } => ("failed", Some(kind.as_str())),
+                };
+                (
+                    store.finish(&request.id, o, DateTime::now()).await,
+                    label,
+                    kind,
+                )
+            }
+        };
+        match written {
+            Ok(()) => RequestServed {
+                request_id: &request.id,
+                worker_id: &request.worker_id,
+                outcome: label,
+                kind,
+                duration,
+            }
+            .emit(&self.ctx.metrics),
+            Err(e) => RequestsError {
+                error: &e.into(),
+                action: "finish",
+            }
+            .emit(&self.ctx.metrics),
+        }
     }
 
     /// Opens a cycle over `targets` now; returns its pass.
@@ -230,9 +448,11 @@ impl Runner {
         self.start_syncs();
     }
 
-    /// No new sync starts; queued ones are skipped. Running ones go on.
+    /// No new sync starts; queued ones are skipped (their requests pending again, for the
+    /// next holder). Running ones go on.
     pub async fn stop(&mut self) {
         self.stopped = true;
+        self.known.forget();
         for skipped in self.schedule.stop() {
             for pass in self
                 .passes
@@ -311,6 +531,24 @@ impl Runner {
         .await;
         if kind == PassKind::Cycle {
             self.schedule.cycle_finished(id, Instant::now());
+        }
+        if let Some(request) = self.requests.remove(&id) {
+            let duration_ms = i64::try_from(report.duration.as_millis()).unwrap_or(i64::MAX);
+            let outcome = if !report.skipped.is_empty() {
+                None
+            } else if let Some(f) = report.failed.first() {
+                Some(Outcome::Failed {
+                    kind: f.kind.to_owned(),
+                    error: f.error.chars().take(MAX_ERROR_LEN).collect(),
+                    duration_ms,
+                })
+            } else {
+                Some(Outcome::Done {
+                    counts: SyncCounts::from(&report.totals),
+                    duration_ms,
+                })
+            };
+            self.finish_request(request, outcome, report.duration).await;
         }
         if let Some(slot) = self.watched.get_mut(&id) {
             *slot = Some(report);

@@ -191,7 +191,12 @@ impl Schedule {
 
     /// Asks for `target` to sync now. Joins a sync of that worker that is queued or running.
     pub fn request(&mut self, target: CmlTarget) -> Opened {
-        self.open(PassKind::Requested, vec![target])
+        self.request_all(vec![target])
+    }
+
+    /// Asks for every one of `targets` to sync now, in one pass.
+    pub fn request_all(&mut self, targets: Vec<CmlTarget>) -> Opened {
+        self.open(PassKind::Requested, targets)
     }
 
     fn open(&mut self, kind: PassKind, targets: Vec<CmlTarget>) -> Opened {
@@ -277,6 +282,22 @@ impl Schedule {
             failures,
             retry_in: Some(delay),
         }
+    }
+
+    /// Worker `worker_id` is no longer to be synced (it stopped): its retry is dropped, and a
+    /// queued sync of it is given back as skipped. A sync of it that runs goes on.
+    pub fn forget(&mut self, worker_id: &str) -> Option<Skipped> {
+        self.retries.remove(worker_id);
+        self.failures.remove(worker_id);
+        let at = self
+            .queue
+            .iter()
+            .position(|j| j.target.worker_id == worker_id)?;
+        let job = self.queue.remove(at)?;
+        Some(Skipped {
+            target: job.target,
+            passes: job.passes,
+        })
     }
 
     /// No new sync starts: the queued ones are given back as skipped, and pending retries are
@@ -539,6 +560,24 @@ mod tests {
             s.finished("a", true, Instant::now(), 0.5).passes,
             [cycle.pass]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_worker_is_neither_retried_nor_left_queued() {
+        let mut s = schedule(1);
+        s.request(t("a"));
+        start_all(&mut s);
+        s.finished("a", false, Instant::now(), 0.0);
+        let cycle = s.start_cycle(vec![t("b"), t("c")]);
+        assert_eq!(start_all(&mut s), ["b"]);
+        assert!(s.forget("a").is_none(), "not queued");
+        let skipped = s.forget("c").expect("c was queued");
+        assert_eq!(skipped.passes, [cycle.pass]);
+        assert!(s.forget("b").is_none(), "b runs on");
+        tokio::time::advance(INTERVAL).await;
+        assert!(s.due_retries(Instant::now()).is_none(), "a is not retried");
+        s.finished("b", true, Instant::now(), 0.5);
+        assert!(s.next_start().is_none());
     }
 
     #[tokio::test(start_paused = true)]

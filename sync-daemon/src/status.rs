@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use mongodb::{Collection, Database};
-use shared::{change::PlanCounts, mongo, Result};
+use shared::{change::PlanCounts, mongo, status::SyncCounts, Result};
 
 /// Longest error text kept: a CML error body can be long and is of no use past this.
 const MAX_ERROR_LEN: usize = 1024;
@@ -37,13 +37,7 @@ impl StatusUpdate {
                 "consecutive_failures": 0_i64,
                 "lab_count": n(lab_count),
                 "last_duration_ms": millis(took),
-                "last_counts": {
-                    "synced": n(counts.synced),
-                    "created": n(counts.created),
-                    "updated": n(counts.updated),
-                    "unchanged": n(counts.unchanged),
-                    "removed": n(counts.removed),
-                },
+                "last_counts": bson::to_bson(&SyncCounts::from(counts)).unwrap_or_default(),
             } },
         }
     }

@@ -4,7 +4,9 @@
 //! entry that write pushed (found by the record's `last_changed_at`, which every change sets
 //! and a stamp of an unchanged lab never touches). An insert is a new lab. A write that only
 //! stamps `last_synced_at`, a purge, or an upgrade of old documents is no event. A status
-//! write is one sync of one worker: refreshed when it succeeded, failed otherwise.
+//! write is one sync of one worker: refreshed when it succeeded, failed otherwise. A throttle
+//! notice in `sync_requests` is a refused refresh; a request that finished is no event, but
+//! wakes whoever waits for it ([`finished_request`]).
 
 use bson::{Bson, DateTime, Document};
 use serde_json::{json, Map, Value};
@@ -21,6 +23,7 @@ use crate::dto::{iso, HistoryEntryDto, UiLab};
 pub enum Collection {
     Labs,
     Status,
+    Requests,
 }
 
 /// What kind of write it was.
@@ -57,7 +60,43 @@ pub fn derive(change: &Change) -> Option<Derived> {
     match change.collection {
         Collection::Labs => lab_event(change),
         Collection::Status => status_event(change),
+        Collection::Requests => throttle_event(change),
     }
+}
+
+/// A refused refresh, from its notice: `worker_id` and `retry_after_seconds`.
+fn throttle_event(change: &Change) -> Option<Derived> {
+    let notice = change.full_document.as_ref()?;
+    if change.operation != Operation::Insert || notice.get_str("notice").ok()? != "throttled" {
+        return None;
+    }
+    let worker_id = notice.get_str("throttled_worker_id").ok()?.to_owned();
+    let retry_after = notice
+        .get("retry_after_seconds")
+        .and_then(shared::mongo::as_i64)?;
+    Some(Derived {
+        kind: EventType::RefreshThrottled,
+        data: json!({ "worker_id": worker_id, "retry_after_seconds": retry_after }),
+        worker_id,
+    })
+}
+
+/// The id of the sync request a change finished, if it finished one.
+pub fn finished_request(change: &Change) -> Option<String> {
+    if change.collection != Collection::Requests
+        || change.operation != Operation::Update
+        || !change.updated_fields.contains_key("finished_at")
+    {
+        return None;
+    }
+    Some(
+        change
+            .full_document
+            .as_ref()?
+            .get_str("_id")
+            .ok()?
+            .to_owned(),
+    )
 }
 
 fn lab_event(change: &Change) -> Option<Derived> {
@@ -369,5 +408,46 @@ mod tests {
             }),
             None
         );
+    }
+
+    #[test]
+    fn a_throttle_notice_is_an_event_and_a_finished_request_wakes_its_waiters() {
+        let notice = Change {
+            collection: Collection::Requests,
+            operation: Operation::Insert,
+            updated_fields: Document::new(),
+            full_document: Some(doc! {
+                "_id": "throttled:x", "notice": "throttled", "throttled_worker_id": "w1",
+                "retry_after_seconds": 42_i64, "requested_at": t(0),
+            }),
+        };
+        let d = derive(&notice).expect("an event");
+        assert_eq!(d.kind, EventType::RefreshThrottled);
+        assert_eq!(d.worker_id, "w1");
+        assert_eq!(
+            d.data,
+            json!({ "worker_id": "w1", "retry_after_seconds": 42 })
+        );
+        assert_eq!(finished_request(&notice), None);
+
+        let request =
+            doc! { "_id": "r1", "worker_id": "w1", "status": "done", "requested_at": t(0) };
+        let inserted = Change {
+            full_document: Some(request.clone()),
+            ..notice.clone()
+        };
+        assert!(derive(&inserted).is_none(), "a request is no event");
+        let finished = Change {
+            operation: Operation::Update,
+            updated_fields: doc! { "status": "done", "finished_at": t(5) },
+            ..inserted.clone()
+        };
+        assert!(derive(&finished).is_none());
+        assert_eq!(finished_request(&finished).as_deref(), Some("r1"));
+        let claimed = Change {
+            updated_fields: doc! { "status": "running", "started_at": t(1) },
+            ..finished
+        };
+        assert_eq!(finished_request(&claimed), None);
     }
 }

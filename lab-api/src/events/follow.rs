@@ -15,7 +15,8 @@ use mongodb::{
 };
 
 use super::{
-    derive::{derive, Change, Collection, Operation},
+    derive::{derive, finished_request, Change, Collection, Operation},
+    waiters::Waiters,
     Backlog, Hub,
 };
 
@@ -40,16 +41,21 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 pub struct Watched {
     pub labs: String,
     pub status: String,
+    pub requests: String,
 }
 
 /// The change stream's filter: inserts and changes of labs (a change sets `last_changed_at`;
-/// a stamp of an unchanged lab does not), and every sync status write.
+/// a stamp of an unchanged lab does not), every sync status write, throttle notices, and sync
+/// requests that finished.
 pub fn pipeline(w: &Watched) -> Vec<Document> {
     vec![doc! { "$match": { "$or": [
         { "ns.coll": &w.labs, "operationType": "insert" },
         { "ns.coll": &w.labs, "operationType": "update",
           "updateDescription.updatedFields.last_changed_at": { "$exists": true } },
         { "ns.coll": &w.status, "operationType": { "$in": ["insert", "update", "replace"] } },
+        { "ns.coll": &w.requests, "operationType": "insert", "fullDocument.notice": "throttled" },
+        { "ns.coll": &w.requests, "operationType": "update",
+          "updateDescription.updatedFields.finished_at": { "$exists": true } },
     ] } }]
 }
 
@@ -74,6 +80,8 @@ fn change_of(e: &ChangeStreamEvent<Document>, w: &Watched) -> Option<Change> {
         Collection::Labs
     } else if coll == w.status {
         Collection::Status
+    } else if coll == w.requests {
+        Collection::Requests
     } else {
         return None;
     };
@@ -106,8 +114,8 @@ fn written_at(e: &ChangeStreamEvent<Document>) -> DateTime {
         .unwrap_or_else(DateTime::now)
 }
 
-/// Follows the change stream until the hub stops.
-pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
+/// Follows the change stream until the hub stops; wakes `waiters` of requests that finish.
+pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, db: Database, watched: Watched) {
     let stop = hub.stopping();
     let mut resume: Option<ResumeToken> = None;
     let mut started = false;
@@ -156,7 +164,11 @@ pub async fn follow(hub: Arc<Hub>, db: Database, watched: Watched) {
                         Some(Ok(e)) => {
                             retry = RETRY_FIRST;
                             hub.metrics.changes.inc();
-                            if let Some(d) = change_of(&e, &watched).as_ref().and_then(derive) {
+                            let change = change_of(&e, &watched);
+                            if let Some(id) = change.as_ref().and_then(finished_request) {
+                                waiters.finished(&id);
+                            }
+                            if let Some(d) = change.as_ref().and_then(derive) {
                                 let backlog = hub.publish(
                                     event_id(&e.id),
                                     d.kind,

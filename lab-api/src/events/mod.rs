@@ -9,6 +9,7 @@ pub mod derive;
 pub mod follow;
 pub mod hub;
 pub mod stream;
+pub mod waiters;
 
 use std::collections::HashSet;
 
@@ -26,7 +27,7 @@ use crate::dto::iso;
 /// The `source` of every envelope.
 pub const SOURCE: &str = "lab-api";
 
-/// The events a stream carries. The last three can be asked for by name (`event_types`); the
+/// The events a stream carries. The last four can be asked for by name (`event_types`); the
 /// others go to every client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -36,14 +37,16 @@ pub enum EventType {
     LabsUpdated,
     DataRefreshed,
     SyncFailed,
+    RefreshThrottled,
 }
 
 impl EventType {
     /// The events a client can filter on.
-    pub const SUBSCRIBABLE: [EventType; 3] = [
+    pub const SUBSCRIBABLE: [EventType; 4] = [
         EventType::LabsUpdated,
         EventType::DataRefreshed,
         EventType::SyncFailed,
+        EventType::RefreshThrottled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl EventType {
             EventType::LabsUpdated => "worker.labs.updated",
             EventType::DataRefreshed => "worker.data.refreshed",
             EventType::SyncFailed => "worker.sync.failed",
+            EventType::RefreshThrottled => "worker.refresh.throttled",
         }
     }
 

@@ -25,6 +25,8 @@ pub struct MongoConfig {
     pub sync_status_collection: String,
     /// The lease that lets one sync-daemon replica sync at a time.
     pub lease_collection: String,
+    /// Refreshes asked for through lab-api or `sync-daemon refresh`, served by the lease holder.
+    pub sync_requests_collection: String,
     pub server_selection_timeout: HumanDuration,
     pub read_preference: ReadPreferenceMode,
     /// How batched record writes travel: `auto` uses the 8.0+ `bulkWrite` command when the server
@@ -41,6 +43,7 @@ impl Default for MongoConfig {
             workers_collection: "cml_workers".into(),
             sync_status_collection: "worker_sync_status".into(),
             lease_collection: "sync_lease".into(),
+            sync_requests_collection: "sync_requests".into(),
             server_selection_timeout: HumanDuration::from_secs(2),
             read_preference: ReadPreferenceMode::Primary,
             batch_writes: BatchWriteMode::Auto,
@@ -121,6 +124,9 @@ pub struct SyncConfig {
     /// Delay before the first retry of a failed worker (doubles per failure, jittered,
     /// capped at `interval`).
     pub retry_base: HumanDuration,
+    /// A worker refreshed on demand may be refreshed again this long after that refresh ended
+    /// (lab-api and `sync-daemon refresh` both enforce it; periodic cycles do not count).
+    pub refresh_min_interval: HumanDuration,
     /// Limits of the admin port against slow or hostile clients (see `api.*` of the same names).
     pub admin_header_read_timeout: HumanDuration,
     pub admin_idle_timeout: HumanDuration,
@@ -143,6 +149,7 @@ impl Default for SyncConfig {
             lease_ttl: HumanDuration::from_secs(30),
             shutdown_grace: HumanDuration::from_secs(25),
             retry_base: HumanDuration::from_secs(60),
+            refresh_min_interval: HumanDuration::from_secs(60),
             admin_header_read_timeout: HumanDuration::from_secs(10),
             admin_idle_timeout: HumanDuration::from_secs(60),
             admin_max_header_bytes: 16 * 1024,
@@ -177,6 +184,8 @@ pub struct ApiConfig {
     /// document pointing to the paged listing.
     pub max_labs_per_response: usize,
     pub cors_allowed_origins: Vec<String>,
+    /// Whether `POST /api/workers/{id}/labs/refresh` is offered (off: the route answers 404).
+    pub refresh_enabled: bool,
     pub auth: AuthConfig,
     pub events: EventsConfig,
 }
@@ -193,6 +202,7 @@ impl Default for ApiConfig {
             max_connections: 1024,
             max_labs_per_response: 5000,
             cors_allowed_origins: Vec::new(),
+            refresh_enabled: true,
             auth: AuthConfig::default(),
             events: EventsConfig::default(),
         }

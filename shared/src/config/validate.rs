@@ -118,6 +118,11 @@ impl MongoConfig {
                 "mongodb.sync_status_collection",
                 &self.sync_status_collection,
             ),
+            ("mongodb.lease_collection", &self.lease_collection),
+            (
+                "mongodb.sync_requests_collection",
+                &self.sync_requests_collection,
+            ),
         ] {
             v.name(key, value, &['$']);
         }
@@ -212,6 +217,12 @@ impl SyncConfig {
         );
         v.duration_range("sync.lease_ttl", self.lease_ttl, SECOND, HOUR);
         v.duration_range("sync.retry_base", self.retry_base, MS_100, DAY);
+        v.duration_range(
+            "sync.refresh_min_interval",
+            self.refresh_min_interval,
+            SECOND,
+            DAY,
+        );
         v.socket_addr("sync.admin_listen", &self.admin_listen);
         if !self.workers_from_registry && self.static_workers.is_empty() {
             v.fail(

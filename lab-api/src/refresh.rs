@@ -1,0 +1,312 @@
+//! Refresh on demand: `POST /api/workers/{worker_id}/labs/refresh` records a sync request for
+//! the sync-daemon that holds the lease (lab-api never writes lab data), throttled per worker;
+//! `GET /api/sync-requests/{id}` reads one back. Both may wait for the outcome (`?wait=`, at
+//! most 30 s), woken by the replica's change stream rather than by reading in a loop.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    extract::{Path, RawQuery, State},
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use bson::DateTime;
+use shared::{
+    config::SyncConfig, duration::HumanDuration, refresh::SyncRequest, registry::Standing,
+    requests::Recorded,
+};
+use tokio::time::Instant;
+
+use crate::{
+    app::AppState,
+    dto::SyncRequestDto,
+    etag::Tagged,
+    openapi::{ReadErrors, WriteErrors},
+    params::{self, Id},
+    problem::{ApiError, Problem},
+};
+
+/// The longest `wait` a caller may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// While the change stream is up, a waiting caller still reads its request this often (a
+/// notification lost to a reconnect costs at most this).
+const RECHECK: Duration = Duration::from_secs(5);
+/// While it is down, this often.
+const RECHECK_DOWN: Duration = Duration::from_secs(1);
+/// At most one throttle notice per worker this often, however often its refresh is refused.
+const NOTICE_EVERY: Duration = Duration::from_secs(1);
+/// Workers whose last notice is remembered before old ones are forgotten.
+const NOTICES_KEPT: usize = 10_000;
+
+/// What refresh on demand needs besides the stores.
+#[derive(Debug, Clone)]
+pub struct RefreshSettings {
+    /// `api.refresh_enabled`.
+    pub enabled: bool,
+    /// Which workers a cycle syncs (`sync.*`) and `sync.refresh_min_interval`.
+    pub sync: Arc<SyncConfig>,
+    /// `cml.use_private_ip`.
+    pub use_private_ip: bool,
+    notices: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl RefreshSettings {
+    pub fn new(enabled: bool, sync: SyncConfig, use_private_ip: bool) -> Self {
+        Self {
+            enabled,
+            sync: Arc::new(sync),
+            use_private_ip,
+            notices: Arc::default(),
+        }
+    }
+
+    /// Whether a throttle notice for `worker_id` should go out now (one per worker per
+    /// second, so a client hammering the button writes at most that).
+    fn notice_due(&self, worker_id: &str, now: Instant) -> bool {
+        let mut notices = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+        if notices
+            .get(worker_id)
+            .is_some_and(|last| now.duration_since(*last) < NOTICE_EVERY)
+        {
+            return false;
+        }
+        if notices.len() >= NOTICES_KEPT {
+            notices.retain(|_, last| now.duration_since(*last) < NOTICE_EVERY);
+        }
+        if notices.len() < NOTICES_KEPT {
+            notices.insert(worker_id.to_owned(), now);
+        }
+        true
+    }
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        Self::new(true, SyncConfig::default(), false)
+    }
+}
+
+/// Refreshes a worker's labs now: the sync-daemon that holds the lease syncs it exactly as a
+/// cycle would (joining a sync of that worker already under way). Answers `202` with the
+/// request (`Location` names it); with `wait`, `200` with the outcome once there is one
+/// within that time (`labs_synced`, `labs_created`, `labs_updated`, `labs_removed`,
+/// `duration_ms`, or `error_kind` and `error`). One refresh per worker at a time, and none
+/// within `sync.refresh_min_interval` of the last one's end: `429` with `Retry-After`, and a
+/// `worker.refresh.throttled` event. Takes no body. Switched off (`api.refresh_enabled =
+/// false`): `404`.
+#[utoipa::path(
+    post, path = "/api/workers/{worker_id}/labs/refresh", tag = "refresh",
+    params(
+        ("worker_id" = Id, Path, description = "The worker's id"),
+        ("wait" = Option<String>, Query, description = "Wait up to this long for the outcome (`10s`, or seconds; at most 30 s)"),
+    ),
+    responses(
+        (status = 200, description = "The refresh is over (with `wait`): its outcome", body = SyncRequestDto),
+        (status = 202, description = "Recorded; not over yet. `Location` names the request", body = SyncRequestDto,
+            headers(("Location" = String, description = "/api/sync-requests/{id}"))),
+        (status = 404, description = "No such worker (neither in the registry nor configured), or refresh on demand switched off", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The worker is not running", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "A refresh of this worker is pending or running, or ended less than `sync.refresh_min_interval` ago: `Retry-After` says when to ask again; `request` is that refresh", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        WriteErrors,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn refresh_worker(
+    State(s): State<AppState>,
+    Path(worker_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    if !s.refresh.enabled {
+        return Err(ApiError::NotFound(
+            "Refresh on demand is switched off (api.refresh_enabled).".into(),
+        ));
+    }
+    let worker_id = params::id("worker_id", &worker_id)?;
+    let wait = wait(params::query(q.as_deref(), &["wait"])?.get("wait"))?;
+    let settings = &s.refresh;
+    match s
+        .registry
+        .standing(worker_id, &settings.sync, settings.use_private_ip)
+        .await?
+    {
+        Standing::Active { .. } => {}
+        Standing::Unknown => {
+            return Err(ApiError::NotFound(format!(
+                "Worker {worker_id} is neither in the registry nor configured."
+            )))
+        }
+        Standing::Inactive { status } => {
+            return Err(ApiError::Conflict(format!(
+                "Worker {worker_id} is not running (status {}): only running workers are synced.",
+                status.as_deref().unwrap_or("unknown")
+            )))
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = DateTime::now();
+    let min_interval = settings.sync.refresh_min_interval.get();
+    match s.requests.record(id, worker_id, now, min_interval).await? {
+        Recorded::Accepted(request) => {
+            let request = outcome(&s, *request, wait).await?;
+            Ok(answer(&request))
+        }
+        Recorded::Throttled {
+            retry_after,
+            latest,
+        } => {
+            if settings.notice_due(worker_id, Instant::now()) {
+                let notice = uuid::Uuid::new_v4().to_string();
+                if let Err(e) = s
+                    .requests
+                    .notice_throttled(&notice, worker_id, retry_after, now)
+                    .await
+                {
+                    // The refusal stands; only its event is lost.
+                    tracing::warn!(event = "throttle_notice_failed", worker_id, error = %e, "Cannot record a throttle notice for the event stream");
+                }
+            }
+            Err(ApiError::Throttled {
+                retry_after_s: retry_after.as_secs(),
+                request: Box::new(SyncRequestDto::from(latest.as_ref())),
+            })
+        }
+    }
+}
+
+/// A refresh asked for on demand, as it is now; with `wait`, once it is over (or the time is
+/// up). Requests are kept a day.
+#[utoipa::path(
+    get, path = "/api/sync-requests/{request_id}", tag = "refresh",
+    params(
+        ("request_id" = Id, Path, description = "The request's id (from `Location`)"),
+        ("wait" = Option<String>, Query, description = "Wait up to this long for the outcome (`10s`, or seconds; at most 30 s)"),
+    ),
+    responses(
+        (status = 200, description = "The request", body = SyncRequestDto),
+        (status = 404, description = "No such request (or older than a day)", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn sync_request(
+    State(s): State<AppState>,
+    Path(request_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Tagged, ApiError> {
+    let request_id = params::id("request_id", &request_id)?;
+    let wait = wait(params::query(q.as_deref(), &["wait"])?.get("wait"))?;
+    let Some(request) = s.requests.get(request_id).await? else {
+        return Err(ApiError::NotFound(format!(
+            "No sync request {request_id} (requests are kept a day)."
+        )));
+    };
+    Tagged::json(&SyncRequestDto::from(&outcome(&s, request, wait).await?))
+}
+
+/// `wait`: a duration (`10s`, `1m`) or whole seconds, at most [`MAX_WAIT`].
+fn wait(value: Option<&String>) -> Result<Duration, ApiError> {
+    let Some(v) = value else {
+        return Ok(Duration::ZERO);
+    };
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => v
+            .parse::<HumanDuration>()
+            .map(|d| d.get())
+            .map_err(|_| ApiError::bad("wait", "must be a duration such as 10s, or seconds"))?,
+    };
+    if d > MAX_WAIT {
+        return Err(ApiError::bad("wait", "must be at most 30s"));
+    }
+    Ok(d)
+}
+
+/// `request` once it is over, or as it is when `wait` is up. Woken by the change stream;
+/// reads the request again after registering (the outcome may have come first), and now and
+/// then in case a wake was lost. Past the bound on waiting callers, answers at once.
+async fn outcome(
+    s: &AppState,
+    request: SyncRequest,
+    wait: Duration,
+) -> Result<SyncRequest, ApiError> {
+    if wait.is_zero() || request.status.is_finished() {
+        return Ok(request);
+    }
+    let Some(waiting) = s.waiters.wait_for(&request.id) else {
+        return Ok(request);
+    };
+    let deadline = Instant::now() + wait;
+    let mut current = request;
+    loop {
+        let woken = waiting.notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        match s.requests.get(&current.id).await? {
+            Some(r) => current = r,
+            None => return Ok(current),
+        }
+        if current.status.is_finished() || Instant::now() >= deadline {
+            return Ok(current);
+        }
+        let recheck = if s.events.metrics.change_stream_up.get() >= 1.0 {
+            RECHECK
+        } else {
+            RECHECK_DOWN
+        };
+        tokio::select! {
+            _ = woken => {}
+            _ = tokio::time::sleep_until((Instant::now() + recheck).min(deadline)) => {}
+        }
+    }
+}
+
+/// `200` with the outcome once over, `202` before; `Location` names the request either way.
+fn answer(request: &SyncRequest) -> Response {
+    let status = if request.status.is_finished() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = (status, Json(SyncRequestDto::from(request))).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/sync-requests/{}", request.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_takes_a_duration_or_seconds_up_to_thirty() {
+        let w = |v: &str| wait(Some(&v.to_owned()));
+        assert_eq!(wait(None).ok(), Some(Duration::ZERO));
+        assert_eq!(w("10s").ok(), Some(Duration::from_secs(10)));
+        assert_eq!(w("7").ok(), Some(Duration::from_secs(7)));
+        assert_eq!(w("30s").ok(), Some(MAX_WAIT));
+        assert!(matches!(w("31s"), Err(ApiError::BadRequest { .. })));
+        assert!(matches!(w("1h"), Err(ApiError::BadRequest { .. })));
+        assert!(matches!(w("soon"), Err(ApiError::BadRequest { .. })));
+        assert!(matches!(w("-1"), Err(ApiError::BadRequest { .. })));
+    }
+
+    #[test]
+    fn throttle_notices_go_out_once_per_worker_per_second() {
+        let s = RefreshSettings::default();
+        let t0 = Instant::now();
+        assert!(s.notice_due("w1", t0));
+        assert!(!s.notice_due("w1", t0 + Duration::from_millis(500)));
+        assert!(s.notice_due("w2", t0 + Duration::from_millis(500)));
+        assert!(s.notice_due("w1", t0 + NOTICE_EVERY));
+    }
+}

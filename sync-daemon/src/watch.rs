@@ -1,0 +1,140 @@
+//! Wakes the lease holder when a collection it serves changes (new sync requests, edits of the
+//! worker registry): a change stream while this replica holds the lease, a wake each time it
+//! (re)opens, and where change streams are unavailable a wake every `fallback` instead. Only
+//! wakes: what changed is read by the loop, so a missed or doubled wake costs one read.
+
+use std::{sync::Arc, time::Duration};
+
+use bson::Document;
+use futures::StreamExt;
+use mongodb::Database;
+use shared::metrics::Watched;
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    context::Context,
+    events::{Event, WatchFailed, WatchOpened},
+    lease::LeaseKeeper,
+    metrics::Metrics,
+};
+
+/// The first retry after a change stream failed; later ones wait `fallback`.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// One collection to watch.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// For the logs: `sync_requests`, `registry`.
+    pub name: &'static str,
+    pub collection: String,
+    /// Which changes wake (a `$match` stage, say).
+    pub pipeline: Vec<Document>,
+    /// How often to wake while the change stream cannot be opened.
+    pub fallback: Duration,
+    /// Wake this often even while the change stream works (a sweep for what no change
+    /// announces), if at all.
+    pub sweep: Option<Duration>,
+}
+
+impl Watch {
+    /// Watches while `lease` is held by this replica; wakes `wake` (coalesced).
+    pub fn spawn(
+        self,
+        ctx: &Context,
+        lease: &LeaseKeeper,
+        wake: &Arc<Notify>,
+        stop: &CancellationToken,
+    ) -> JoinHandle<()> {
+        tokio::spawn(run(
+            ctx.db.clone(),
+            self,
+            lease.subscribe(),
+            wake.clone(),
+            ctx.metrics.clone(),
+            stop.clone(),
+        ))
+    }
+}
+
+async fn run(
+    db: Database,
+    w: Watch,
+    mut held: watch::Receiver<bool>,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let coll = db.collection::<Document>(&w.collection);
+    let mut failures: u32 = 0;
+    let mut opened_before = false;
+    loop {
+        // Standby: nothing to watch for.
+        while !*held.borrow_and_update() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = held.changed() => if changed.is_err() { return },
+            }
+        }
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return,
+            opened = coll.watch().pipeline(w.pipeline.clone()) => opened,
+        };
+        // Whatever changed while nobody watched is read now.
+        wake.notify_one();
+        let error = match opened {
+            Ok(mut stream) => {
+                if failures > 0 || !opened_before {
+                    WatchOpened { name: w.name }.emit(&metrics);
+                }
+                opened_before = true;
+                metrics.watch_up.get(&Watched(w.name)).set(1.0);
+                failures = 0;
+                let sweep = w.sweep.unwrap_or(Duration::MAX);
+                let error = loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        changed = held.changed() => {
+                            if changed.is_err() { return }
+                            if *held.borrow() { continue }
+                            break None;
+                        }
+                        _ = tokio::time::sleep(sweep) => { wake.notify_one(); continue }
+                        next = stream.next() => next,
+                    };
+                    match next {
+                        Some(Ok(_)) => wake.notify_one(),
+                        Some(Err(e)) => break Some(e.to_string()),
+                        None => break Some("the change stream ended".to_owned()),
+                    }
+                };
+                metrics.watch_up.get(&Watched(w.name)).set(0.0);
+                error
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        let Some(error) = error else {
+            continue; // the lease was lost
+        };
+        failures += 1;
+        let retry_in = if failures == 1 {
+            FIRST_RETRY.min(w.fallback)
+        } else {
+            w.fallback
+        };
+        WatchFailed {
+            name: w.name,
+            error: &error,
+            failures,
+            retry_in,
+        }
+        .emit(&metrics);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(retry_in) => {}
+        }
+    }
+}
