@@ -125,11 +125,16 @@ impl Fixture {
 
     /// `sync-daemon once` to completion.
     pub async fn once(&self, extra: &[(&str, &str)]) -> Output {
-        let cmd = self.command("sync-daemon", &["once"], extra);
+        self.daemon(&["once"], extra).await
+    }
+
+    /// `sync-daemon ARGS…` to completion.
+    pub async fn daemon(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        let cmd = self.command("sync-daemon", args, extra);
         tokio::process::Command::from(cmd)
             .output()
             .await
-            .expect("run sync-daemon once")
+            .unwrap_or_else(|e| panic!("run sync-daemon {args:?}: {e}"))
     }
 
     /// `sync-daemon run` in the background, its JSON log in a file of its own.
