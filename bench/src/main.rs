@@ -1,8 +1,10 @@
 //! `labs-bench`: seeds lab records through the store, and measures read throughput and
 //! latency either straight from MongoDB (the floor) or through lab-api over HTTP, with the same
 //! concurrency and the same random worker choice, printing one JSON line of figures; and
-//! holds many event streams open, timing each event's delivery ([`streams`]).
+//! holds many event streams open, timing each event's delivery ([`streams`]); and times
+//! refreshes on demand ([`refresh`]).
 
+mod refresh;
 mod streams;
 
 use std::{
@@ -64,6 +66,16 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
+    /// POST /api/workers/{id}/labs/refresh?wait=30s for the workers lab-api knows.
+    Refresh {
+        /// lab-api's base URL.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 200)]
+        workers: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
     /// GET /api/workers/{id}/labs through lab-api.
     Http {
         #[arg(long)]
@@ -105,6 +117,11 @@ async fn main() -> anyhow::Result<()> {
             if_none_match,
             load,
         } => http(url, if_none_match, load).await,
+        Command::Refresh {
+            url,
+            workers,
+            concurrency,
+        } => refresh::run(url, workers, concurrency).await,
         Command::Streams {
             url,
             streams,

@@ -120,8 +120,10 @@ pub fn router(
             .chain(crate::page::PATHS.map(str::to_owned)),
         &state.events.metrics,
     ));
+    let origins = Arc::new(cfg.cors_allowed_origins.clone());
     let api = api
         .route_layer(middleware::from_fn(etag::middleware))
+        .route_layer(middleware::from_fn_with_state(origins, same_site_writes))
         .route_layer(middleware::from_fn_with_state(auth, crate::auth::require));
     let doc = Arc::new(doc);
     let open = probes(state.db.clone(), metrics.registry.clone()).route(
@@ -153,6 +155,52 @@ pub fn router(
         .concurrency_limit(cfg.max_concurrent_requests.max(1))
         .service(routes);
     (Router::new().fallback_service(service), metrics)
+}
+
+/// A request that changes something (anything but GET, HEAD, OPTIONS) sent by a browser from
+/// another site is refused with 403, unless that site is one of `api.cors_allowed_origins`: a
+/// page elsewhere must not make a logged-in user's browser (its auth cookie) refresh workers.
+/// Browsers say where a request comes from (`Origin`, `Sec-Fetch-Site`); other clients send
+/// neither and are not affected.
+async fn same_site_writes(
+    axum::extract::State(allowed): axum::extract::State<Arc<Vec<String>>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if safe || !cross_site(request.headers(), &allowed) {
+        return next.run(request).await;
+    }
+    ApiError::Forbidden(
+        "This request comes from a page of another site (Origin); it is refused. List that \
+         site in api.cors_allowed_origins if it is the UI."
+            .into(),
+    )
+    .into_response()
+}
+
+/// Whether a browser sent the request from a site other than ours and other than `allowed`.
+pub fn cross_site(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let origin = text(header::ORIGIN);
+    if let Some(o) = origin {
+        if allowed
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/') == o)
+        {
+            return false;
+        }
+    }
+    let host = text(header::HOST);
+    let foreign_origin = origin.is_some_and(|o| {
+        let authority = o.split_once("://").map_or(o, |(_, rest)| rest);
+        o == "null" || host != Some(authority)
+    });
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    foreign_origin || fetch_site == Some("cross-site")
 }
 
 /// Every request ends within `api.request_timeout` (503 after it); one that asks to wait for

@@ -31,6 +31,9 @@ pub enum ApiError {
     TooManyLabs { worker_id: String, max: usize },
     #[error("{0}")]
     Unauthorized(String),
+    /// A browser request from another site to an endpoint that changes something.
+    #[error("{0}")]
+    Forbidden(String),
     /// MongoDB cannot be reached right now.
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooManyLabs { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Unavailable(_)
             | ApiError::AuthUnavailable(_)
             | ApiError::Overloaded
@@ -151,6 +155,7 @@ impl IntoResponse for ApiError {
                 None,
             ),
             ApiError::Unauthorized(d) => ("unauthorized", d.clone(), None),
+            ApiError::Forbidden(d) => ("cross-site", d.clone(), None),
             ApiError::Unavailable(_) => (
                 "unavailable",
                 "The lab store cannot be reached right now; try again shortly.".to_owned(),

@@ -1033,3 +1033,58 @@ async fn the_live_page_is_served_with_a_policy_that_allows_only_this_origin() {
         assert!(!body.is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_refresh_sent_by_a_page_of_another_site_is_refused() {
+    let db = TestDb::new("api_cross_site").await;
+    let api_cfg = ApiConfig {
+        cors_allowed_origins: vec!["https://ui.example.com".into()],
+        ..ApiConfig::default()
+    };
+    let (router, _) = router(
+        AppState::new(&db.client, &mongo_config(&db)),
+        authenticator(&open()),
+        &api_cfg,
+    );
+    let post = |headers: &[(&'static str, &'static str)]| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/api/workers/w1/labs/refresh")
+            .header("host", "labs.example.com");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        router
+            .clone()
+            .oneshot(req.body(Body::empty()).expect("request"))
+    };
+    let status = |r: axum::response::Response| r.status();
+    for foreign in [
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "null")],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("origin", "https://labs.example.com.evil.example")],
+    ] {
+        let r = post(&foreign).await.expect("infallible");
+        assert_eq!(status(r), StatusCode::FORBIDDEN, "{foreign:?}");
+    }
+    // The same site, the UI's listed origin, and clients that are no browser reach the handler
+    // (the worker is unknown there: 404).
+    for fine in [
+        vec![
+            ("origin", "https://labs.example.com"),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        vec![
+            ("origin", "https://ui.example.com"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        vec![],
+    ] {
+        let r = post(&fine).await.expect("infallible");
+        assert_eq!(status(r), StatusCode::NOT_FOUND, "{fine:?}");
+    }
+    // Reads are not affected.
+    let (s, _, _) = get(&router, "/api/labs", &[("origin", "https://evil.example")]).await;
+    assert_eq!(s, StatusCode::OK);
+}

@@ -17,6 +17,8 @@ import yaml
 TO_LAB_API = [
     "/api/workers/w-1/labs",
     "/api/workers/w-1/labs/l-1",
+    "/api/workers/w-1/labs/refresh",
+    "/api/sync-requests/0b7c2a4e-5f1d-4c3b-9a8e-2d6f1e0c9b7a",
     "/api/labs/region/us-east-1/workers/w-1/labs",
     "/api/events/stream",
 ]
