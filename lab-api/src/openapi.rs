@@ -9,7 +9,7 @@ use utoipa::{
 use shared::record::LabState;
 
 use crate::{
-    params::{Cursor, Id, Region, Username},
+    params::{Cursor, Id, Region, Username, Wait},
     problem::Problem,
 };
 
@@ -17,7 +17,7 @@ use crate::{
 #[openapi(
     info(title = "lab-api", description = "Read-only access to the labs of a CML fleet, kept fresh by sync-daemon."),
     // Parameter types: the routes reference them, the document must define them.
-    components(schemas(Problem, Id, Region, Username, Cursor, LabState)),
+    components(schemas(Problem, Id, Region, Username, Cursor, Wait, LabState)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

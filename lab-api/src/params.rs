@@ -17,6 +17,11 @@ use crate::problem::ApiError;
 )]
 pub struct Id(pub String);
 
+/// How long to wait for an outcome: whole seconds (`10` or `10s`), at most 30.
+#[derive(Debug, ToSchema)]
+#[schema(example = "10s", pattern = r"^(30|[12]?[0-9])s?$")]
+pub struct Wait(pub String);
+
 /// An AWS region name such as `us-east-1`.
 #[derive(Debug, ToSchema)]
 #[schema(example = "us-east-1", pattern = r"^[a-z0-9-]{1,32}$")]

@@ -16,10 +16,7 @@ use axum::{
     Json,
 };
 use bson::DateTime;
-use shared::{
-    config::SyncConfig, duration::HumanDuration, refresh::SyncRequest, registry::Standing,
-    requests::Recorded,
-};
+use shared::{config::SyncConfig, refresh::SyncRequest, registry::Standing, requests::Recorded};
 use tokio::time::Instant;
 
 use crate::{
@@ -27,7 +24,7 @@ use crate::{
     dto::SyncRequestDto,
     etag::Tagged,
     openapi::{ReadErrors, WriteErrors},
-    params::{self, Id},
+    params::{self, Id, Wait},
     problem::{ApiError, Problem},
 };
 
@@ -103,7 +100,7 @@ impl Default for RefreshSettings {
     post, path = "/api/workers/{worker_id}/labs/refresh", tag = "refresh",
     params(
         ("worker_id" = Id, Path, description = "The worker's id"),
-        ("wait" = Option<String>, Query, description = "Wait up to this long for the outcome (`10s`, or seconds; at most 30 s)"),
+        ("wait" = Option<Wait>, Query, description = "Wait up to this many seconds for the outcome (`10` or `10s`; at most 30)"),
     ),
     responses(
         (status = 200, description = "The refresh is over (with `wait`): its outcome", body = SyncRequestDto),
@@ -185,7 +182,7 @@ pub async fn refresh_worker(
     get, path = "/api/sync-requests/{request_id}", tag = "refresh",
     params(
         ("request_id" = Id, Path, description = "The request's id (from `Location`)"),
-        ("wait" = Option<String>, Query, description = "Wait up to this long for the outcome (`10s`, or seconds; at most 30 s)"),
+        ("wait" = Option<Wait>, Query, description = "Wait up to this many seconds for the outcome (`10` or `10s`; at most 30)"),
     ),
     responses(
         (status = 200, description = "The request", body = SyncRequestDto),
@@ -209,22 +206,19 @@ pub async fn sync_request(
     Tagged::json(&SyncRequestDto::from(&outcome(&s, request, wait).await?))
 }
 
-/// `wait`: a duration (`10s`, `1m`) or whole seconds, at most [`MAX_WAIT`].
+/// `wait`: whole seconds, `10` or `10s`, at most [`MAX_WAIT`] (exactly the pattern of
+/// [`Wait`]).
 fn wait(value: Option<&String>) -> Result<Duration, ApiError> {
     let Some(v) = value else {
         return Ok(Duration::ZERO);
     };
-    let d = match v.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => v
-            .parse::<HumanDuration>()
-            .map(|d| d.get())
-            .map_err(|_| ApiError::bad("wait", "must be a duration such as 10s, or seconds"))?,
-    };
-    if d > MAX_WAIT {
-        return Err(ApiError::bad("wait", "must be at most 30s"));
-    }
-    Ok(d)
+    let digits = v.strip_suffix('s').unwrap_or(v);
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|secs| *secs <= MAX_WAIT.as_secs() && secs.to_string() == digits)
+        .map(Duration::from_secs)
+        .ok_or_else(|| ApiError::bad("wait", "must be whole seconds from 0 to 30, such as 10s"))
 }
 
 /// `request` once it is over, or as it is when `wait` is up. Woken by the change stream;
@@ -288,16 +282,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wait_takes_a_duration_or_seconds_up_to_thirty() {
+    fn wait_takes_whole_seconds_up_to_thirty() {
         let w = |v: &str| wait(Some(&v.to_owned()));
         assert_eq!(wait(None).ok(), Some(Duration::ZERO));
         assert_eq!(w("10s").ok(), Some(Duration::from_secs(10)));
         assert_eq!(w("7").ok(), Some(Duration::from_secs(7)));
         assert_eq!(w("30s").ok(), Some(MAX_WAIT));
         assert!(matches!(w("31s"), Err(ApiError::BadRequest { .. })));
-        assert!(matches!(w("1h"), Err(ApiError::BadRequest { .. })));
-        assert!(matches!(w("soon"), Err(ApiError::BadRequest { .. })));
-        assert!(matches!(w("-1"), Err(ApiError::BadRequest { .. })));
+        assert_eq!(w("0").ok(), Some(Duration::ZERO));
+        for bad in [
+            "1h", "soon", "-1", "05", "+5", "5ss", "s", "", "1.5s", "30000ms",
+        ] {
+            assert!(matches!(w(bad), Err(ApiError::BadRequest { .. })), "{bad}");
+        }
     }
 
     #[test]

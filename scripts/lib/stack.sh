@@ -38,6 +38,14 @@ stack_first_cycle() {
     || { tail -n 20 "$STACK_WORK/first-cycle.log" >&2; exit 1; }
 }
 
+# A long-running sync-daemon (after the first cycle: it holds the lease and serves refreshes).
+stack_daemon() {
+  env CML_LABS_SYNC__ADMIN_LISTEN=127.0.0.1:0 CML_LABS_SYNC__INTERVAL=1h "$@" \
+    ./target/debug/sync-daemon run 2>"$STACK_WORK/daemon.log" &
+  stack_pids+=($!)
+  scripts/lib/log-event "$STACK_WORK/daemon.log" lease_acquired --timeout 20 >/dev/null
+}
+
 stack_api() {
   env CML_LABS_API__LISTEN=127.0.0.1:0 "$@" ./target/debug/lab-api 2>"$STACK_WORK/api.log" &
   stack_pids+=($!)
