@@ -138,3 +138,85 @@ async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where change streams cannot be opened (here: no server at all), the holder is woken
+    /// every `fallback` instead, and the gauge says the stream is down.
+    #[tokio::test]
+    async fn without_change_streams_the_holder_is_woken_on_a_timer() {
+        let client = mongodb::Client::with_uri_str(
+            "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=50&directConnection=true",
+        )
+        .await
+        .expect("client");
+        let metrics = Arc::new(Metrics::default());
+        let wake = Arc::new(Notify::new());
+        let (_held_tx, held) = watch::channel(true);
+        let stop = CancellationToken::new();
+        let w = Watch {
+            name: "sync_requests",
+            collection: "sync_requests".into(),
+            pipeline: Vec::new(),
+            fallback: Duration::from_millis(100),
+            sweep: None,
+        };
+        let task = tokio::spawn(run(
+            client.database("nowhere"),
+            w,
+            held,
+            wake.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        for _ in 0..4 {
+            tokio::time::timeout(Duration::from_secs(30), wake.notified())
+                .await
+                .expect("woken again");
+        }
+        assert_eq!(metrics.watch_up.get(&Watched("sync_requests")).get(), 0.0);
+        stop.cancel();
+        task.await.expect("the watch ends when stopped");
+    }
+
+    /// A standby watches nothing; taking the lease starts the watch and wakes the holder (to
+    /// read what came while nobody watched).
+    #[tokio::test]
+    async fn taking_the_lease_starts_the_watch_and_wakes_the_holder() {
+        let client = mongodb::Client::with_uri_str(
+            "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=50&directConnection=true",
+        )
+        .await
+        .expect("client");
+        let wake = Arc::new(Notify::new());
+        let (held_tx, held) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let w = Watch {
+            name: "registry",
+            collection: "cml_workers".into(),
+            pipeline: Vec::new(),
+            fallback: Duration::from_millis(10),
+            sweep: Some(Duration::from_millis(10)),
+        };
+        let task = tokio::spawn(run(
+            client.database("nowhere"),
+            w,
+            held,
+            wake.clone(),
+            Arc::new(Metrics::default()),
+            stop.clone(),
+        ));
+        // The task is parked on the lease: taking it is what wakes the holder first.
+        let first = wake.notified();
+        tokio::pin!(first);
+        first.as_mut().enable();
+        held_tx.send(true).expect("send");
+        tokio::time::timeout(Duration::from_secs(30), first)
+            .await
+            .expect("woken once it holds the lease");
+        stop.cancel();
+        task.await.expect("ends");
+    }
+}
