@@ -12,6 +12,8 @@ const state = {
   labs: new Map(), // lab_id -> list entry
   flash: new Set(), // lab ids to highlight on the next render
   source: null,
+  refreshing: false, // a refresh of the selected worker is waiting for its outcome
+  throttledUntil: new Map(), // worker_id -> Date.now() before which a refresh is refused
 };
 
 function el(tag, className, ...children) {
@@ -109,6 +111,7 @@ function renderFleet() {
 
 function select(workerId) {
   state.selected = workerId;
+  setRefreshStatus('');
   const q = new URLSearchParams(location.search);
   q.set('worker', workerId);
   history.replaceState(null, '', `?${q}`);
@@ -119,6 +122,7 @@ function select(workerId) {
 async function loadLabs() {
   const id = state.selected;
   if (!id) return;
+  renderRefresh();
   const w = state.workers.get(id);
   document.getElementById('labs-worker').textContent = `— ${(w && w.name) || id}`;
   try {
@@ -148,6 +152,69 @@ function renderLabs() {
   });
   state.flash.clear();
   document.querySelector('#labs tbody').replaceChildren(...rows);
+}
+
+// ---- refresh on demand ----
+
+function setRefreshStatus(text) {
+  document.getElementById('refresh-status').textContent = text;
+}
+
+// The button: shown once a worker is chosen; disabled while its refresh runs or is throttled.
+function renderRefresh() {
+  const button = document.getElementById('refresh');
+  button.hidden = !state.selected;
+  const left = Math.ceil(((state.throttledUntil.get(state.selected) || 0) - Date.now()) / 1000);
+  button.disabled = state.refreshing || left > 0;
+  if (left > 0) setRefreshStatus(`Refresh rate limited. Please wait ${left} s.`);
+}
+
+// A refresh of `workerId` was refused for `seconds`: count down (here, or for whoever watches).
+function throttled(workerId, seconds) {
+  const until = Date.now() + Math.max(1, Number(seconds) || 1) * 1000;
+  state.throttledUntil.set(workerId, Math.max(until, state.throttledUntil.get(workerId) || 0));
+  if (workerId !== state.selected) return;
+  renderRefresh();
+  const tick = setInterval(() => {
+    renderRefresh();
+    if ((state.throttledUntil.get(workerId) || 0) <= Date.now()) {
+      clearInterval(tick);
+      if (workerId === state.selected && !state.refreshing) setRefreshStatus('');
+    }
+  }, 1000);
+}
+
+async function refreshNow() {
+  const id = state.selected;
+  if (!id || state.refreshing) return;
+  state.refreshing = true;
+  renderRefresh();
+  setRefreshStatus('refreshing…');
+  let text = '';
+  try {
+    const r = await fetch(`/api/workers/${encodeURIComponent(id)}/labs/refresh?wait=30`, {
+      method: 'POST', credentials: 'same-origin', headers: { Accept: 'application/json' },
+    });
+    const body = await r.json().catch(() => ({}));
+    if (r.status === 429) {
+      state.refreshing = false;
+      throttled(id, r.headers.get('Retry-After') || body.retry_after_seconds);
+      return;
+    }
+    if (!r.ok) text = `refresh refused: ${body.detail || r.status}`;
+    else if (body.status === 'done') {
+      text = `refreshed: ${body.labs_synced} labs, ${body.labs_created} new, ` +
+        `${body.labs_updated} changed, ${body.labs_removed} removed`;
+    } else if (body.status === 'failed') text = `refresh failed: ${body.error_kind || 'error'}`;
+    else text = `refresh ${body.status}: no outcome yet`;
+  } catch (e) {
+    text = `refresh failed: ${e}`;
+  }
+  state.refreshing = false;
+  if (id === state.selected) {
+    setRefreshStatus(text);
+    renderRefresh();
+  }
 }
 
 // ---- events ----
@@ -224,6 +291,13 @@ function connect() {
   source.addEventListener('worker.labs.updated', (e) => { const d = parse(e); if (d) onLab(d); });
   source.addEventListener('worker.data.refreshed', (e) => { const d = parse(e); if (d) onSync(d, true); });
   source.addEventListener('worker.sync.failed', (e) => { const d = parse(e); if (d) onSync(d, false); });
+  source.addEventListener('worker.refresh.throttled', (e) => {
+    const d = parse(e);
+    if (!d) return;
+    const w = state.workers.get(d.worker_id);
+    logEvent('worker.refresh.throttled', `${(w && w.name) || d.worker_id}: wait ${d.retry_after_seconds} s`);
+    throttled(d.worker_id, d.retry_after_seconds);
+  });
   source.addEventListener('reset', () => {
     logEvent('reset', 'events were missed: reloading');
     loadFleet().then(loadLabs);
@@ -240,6 +314,7 @@ function connect() {
 }
 
 document.addEventListener('DOMContentLoaded', () => {
+  document.getElementById('refresh').addEventListener('click', refreshNow);
   connect();
   loadFleet().then(loadLabs);
   setInterval(() => { renderFleet(); renderLabs(); }, 30000);

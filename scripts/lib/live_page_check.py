@@ -1,11 +1,13 @@
 """Drives lab-api's live page in headless Chromium over the DevTools protocol.
 
-Loads the page against a running stack, changes labs in the CML simulator (a state, a title
-full of markup), runs a sync, and checks that the page's DOM shows the new state without a
-reload and the markup as text; then a failing worker shows as failing. Optionally saves a
-screenshot. Exits non-zero with what the page showed when a check fails.
+Loads the page against a running stack (a sync-daemon holding the lease), changes labs in the
+CML simulator (a state, a title full of markup), presses the page's refresh button, and checks
+that the page's DOM shows the outcome and the new state without a reload and the markup as
+text; that a second press is throttled with a countdown; then that a failing worker, refreshed
+from the page, shows as failing. Optionally saves a screenshot. Exits non-zero with what the
+page showed when a check fails.
 
-  live_page_check.py --api URL --control URL --sync "CMD" [--screenshot PNG]
+  live_page_check.py --api URL --control URL [--screenshot PNG]
 """
 
 import argparse
@@ -13,7 +15,6 @@ import base64
 import itertools
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -132,13 +133,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--api", required=True)
     ap.add_argument("--control", required=True)
-    ap.add_argument("--sync", required=True, help="the command that runs one sync cycle")
     ap.add_argument("--screenshot")
     args = ap.parse_args()
 
-    def sync():
-        r = subprocess.run(shlex.split(args.sync), capture_output=True, text=True)
-        return r.returncode
+    def refresh(expect):
+        """Presses the refresh button of the chosen worker; waits for the status to say `expect`."""
+        page.wait("the refresh button", "!document.getElementById('refresh').disabled")
+        page.eval("document.getElementById('refresh').click()")
+        page.wait(f"the refresh status to say {expect!r}",
+                  f"document.getElementById('refresh-status').textContent.startsWith({json.dumps(expect)})")
 
     workers = http_json("GET", f"{args.control}/workers")
     worker, other = workers[0], workers[1]
@@ -162,8 +165,7 @@ def main():
                   {"state": new_state})
         http_json("PATCH", f"{args.control}/workers/{worker['id']}/labs/{renamed['id']}",
                   {"title": HOSTILE})
-        if sync() != 0:
-            page.fail("the sync after the change failed")
+        refresh(f"refreshed: {len(labs)} labs, 0 new, 2 changed")
         page.wait(f"{moved['id']} to show {new_state}",
                   f"{cell(moved['id'], 'state')} === {json.dumps(new_state)}")
         page.wait("the markup title to show as text",
@@ -178,9 +180,17 @@ def main():
         for name, expression in checks.items():
             if page.eval(expression) is not True:
                 page.fail(name)
+        # At once again: refused, and the page counts down.
+        page.eval("document.getElementById('refresh').click()")
+        page.wait("the throttle's countdown",
+                  "document.getElementById('refresh-status').textContent"
+                  ".startsWith('Refresh rate limited. Please wait')")
+        if page.eval("document.getElementById('refresh').disabled") is not True:
+            page.fail("the button stays enabled while throttled")
 
         http_json("PUT", f"{args.control}/workers/{other['id']}/faults", {"malformed_json": True})
-        sync()  # fails for one worker: exit code 1 by design
+        page.eval(f"document.querySelector('#fleet tr[data-worker-id={json.dumps(other['id'])}]').click()")
+        refresh("refresh failed: cml_malformed")
         page.wait(f"{other['id']} to show as failing",
                   f"(document.querySelector('#fleet tr[data-worker-id={json.dumps(other['id'])}] "
                   "td.health') || {}).textContent === 'failing'")
@@ -190,8 +200,8 @@ def main():
             time.sleep(3)  # the highlight of changed rows fades
             page.screenshot(args.screenshot)
             print(f"screenshot: {args.screenshot}")
-        print("live page: the new state, the markup title as text and the failing worker "
-              "showed without a reload")
+        print("live page: the refresh button's outcome, the new state, the markup title as text, "
+              "the throttle's countdown and the failing worker showed without a reload")
     finally:
         page.close()
         shutil.rmtree(workdir, ignore_errors=True)
