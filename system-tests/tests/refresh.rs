@@ -175,6 +175,19 @@ async fn a_refresh_with_wait_syncs_the_worker_once_and_answers_with_what_the_rec
     );
     let out = f.daemon(&["refresh", "no-such-worker"], &env).await;
     assert_eq!(out.status.code(), Some(2));
+    // A worker whose sync fails: exit 1, and why.
+    let broken = f.fleet.fleet.workers[0].clone();
+    broken.set_faults(Faults {
+        malformed_json: true,
+        ..Faults::default()
+    });
+    let out = f.daemon(&["refresh", &broken.id], &env).await;
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("could not be refreshed (cml_malformed)"),
+        "{said}"
+    );
     // `once --worker` while this daemon holds the lease points to `refresh`.
     let out = f.daemon(&["once", "--worker", &other], &env).await;
     assert_eq!(out.status.code(), Some(2));
