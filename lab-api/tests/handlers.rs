@@ -49,6 +49,20 @@ async fn api(test: &str, auth: AuthConfig) -> Api {
     Api { router, store, db }
 }
 
+/// An open API that lists `https://ui.example.com` as a CORS origin.
+fn ui_origin_router(db: &TestDb) -> Router {
+    let api_cfg = ApiConfig {
+        cors_allowed_origins: vec!["https://ui.example.com".into()],
+        ..ApiConfig::default()
+    };
+    let (router, _) = router(
+        AppState::new(&db.client, &mongo_config(db)),
+        authenticator(&open()),
+        &api_cfg,
+    );
+    router
+}
+
 fn open() -> AuthConfig {
     AuthConfig {
         mode: AuthMode::None,
@@ -629,15 +643,7 @@ async fn the_openapi_document_describes_every_endpoint() {
 #[tokio::test]
 async fn cors_preflight_allows_the_configured_origin_only() {
     let db = TestDb::new("api_cors").await;
-    let api_cfg = ApiConfig {
-        cors_allowed_origins: vec!["https://ui.example.com".into()],
-        ..ApiConfig::default()
-    };
-    let (router, _) = router(
-        AppState::new(&db.client, &mongo_config(&db)),
-        authenticator(&open()),
-        &api_cfg,
-    );
+    let router = ui_origin_router(&db);
     let preflight = |origin: &'static str| {
         Request::builder()
             .method("OPTIONS")
@@ -1037,15 +1043,7 @@ async fn the_live_page_is_served_with_a_policy_that_allows_only_this_origin() {
 #[tokio::test]
 async fn a_refresh_sent_by_a_page_of_another_site_is_refused() {
     let db = TestDb::new("api_cross_site").await;
-    let api_cfg = ApiConfig {
-        cors_allowed_origins: vec!["https://ui.example.com".into()],
-        ..ApiConfig::default()
-    };
-    let (router, _) = router(
-        AppState::new(&db.client, &mongo_config(&db)),
-        authenticator(&open()),
-        &api_cfg,
-    );
+    let router = ui_origin_router(&db);
     let post = |headers: &[(&'static str, &'static str)]| {
         let mut req = Request::builder()
             .method("POST")

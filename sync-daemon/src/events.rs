@@ -611,19 +611,21 @@ impl Event for RequestServed<'_> {
     }
 }
 
-/// `sync_requests` could not be read or written.
+/// The lease holder could not read or write what it serves on demand (`sync_requests`, the
+/// registry when it changed); the next wake or sweep tries again.
 #[derive(Debug)]
-pub struct RequestsError<'a> {
+pub struct ServeFailed<'a> {
     pub error: &'a Error,
+    /// What it could not do, as a phrase: `take a refresh request`, `read the worker registry`.
     pub action: &'static str,
 }
 
-impl Event for RequestsError<'_> {
+impl Event for ServeFailed<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
-            event = "refresh_requests_error", action = self.action, error = %self.error,
+            event = "serve_failed", action = self.action, error = %self.error,
             kind = self.error.metric_label(),
-            "Cannot {} refresh requests", self.action
+            "Cannot {}; trying again at the next change or sweep", self.action
         );
     }
 }

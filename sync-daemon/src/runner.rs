@@ -17,8 +17,8 @@ use crate::{
     context::Context,
     events::{
         CycleCompleted, CycleSkipped, CycleStarted, DrainTimedOut, Event, FleetGaugesFailed,
-        LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing, RequestsError,
-        RequestsRequeued, RetriesCompleted, RetriesStarted, RetryScheduled, StatusWriteFailed,
+        LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing, RequestsRequeued,
+        RetriesCompleted, RetriesStarted, RetryScheduled, ServeFailed, StatusWriteFailed,
     },
     known::{Changes, Known},
     lease::LeaseState,
@@ -99,11 +99,7 @@ impl Runner {
         {
             Ok(0) => {}
             Ok(requests) => RequestsRequeued { requests }.emit(&self.ctx.metrics),
-            Err(e) => RequestsError {
-                error: &e.into(),
-                action: "requeue",
-            }
-            .emit(&self.ctx.metrics),
+            Err(e) => self.serve_failed(e, "requeue refresh requests"),
         }
         let now = DateTime::now();
         let since_last_cycle = lease.as_ref().and_then(|l| l.since_last_cycle(now));
@@ -157,11 +153,7 @@ impl Runner {
                 self.registry_changes(&changes, true).await;
                 self.start_syncs();
             }
-            Err(error) => RequestsError {
-                error: &error,
-                action: "read the registry for",
-            }
-            .emit(&self.ctx.metrics),
+            Err(error) => self.serve_failed(error, "read the worker registry"),
         }
     }
 
@@ -218,21 +210,13 @@ impl Runner {
                 for id in ids {
                     if !self.requests.values().any(|r| r.id == id) {
                         if let Err(e) = self.ctx.requests.requeue(&id).await {
-                            RequestsError {
-                                error: &e.into(),
-                                action: "requeue",
-                            }
-                            .emit(&self.ctx.metrics);
+                            self.serve_failed(e, "requeue refresh requests");
                         }
                     }
                 }
             }
             Err(e) => {
-                RequestsError {
-                    error: &e.into(),
-                    action: "read",
-                }
-                .emit(&self.ctx.metrics);
+                self.serve_failed(e, "read refresh requests");
                 return;
             }
         }
@@ -241,11 +225,7 @@ impl Runner {
                 Ok(Some(request)) => self.serve(request).await,
                 Ok(None) => break,
                 Err(e) => {
-                    RequestsError {
-                        error: &e.into(),
-                        action: "take",
-                    }
-                    .emit(&self.ctx.metrics);
+                    self.serve_failed(e, "take a refresh request");
                     break;
                 }
             }
@@ -294,6 +274,16 @@ impl Runner {
             .await;
     }
 
+    /// `sync_requests` or the registry could not be read or written: logged; the next wake or
+    /// sweep tries again.
+    fn serve_failed(&self, error: impl Into<crate::Error>, action: &'static str) {
+        ServeFailed {
+            error: &error.into(),
+            action,
+        }
+        .emit(&self.ctx.metrics);
+    }
+
     /// Writes a request's outcome (`None`: it did not run, and is pending again).
     async fn finish_request(
         &self,
@@ -325,11 +315,7 @@ impl Runner {
                 duration,
             }
             .emit(&self.ctx.metrics),
-            Err(e) => RequestsError {
-                error: &e.into(),
-                action: "finish",
-            }
-            .emit(&self.ctx.metrics),
+            Err(e) => self.serve_failed(e, "write a refresh request's outcome"),
         }
     }
 

@@ -143,15 +143,20 @@ async fn run(
 mod tests {
     use super::*;
 
+    /// A database on a server that is not there: every change stream fails to open.
+    async fn nowhere() -> Database {
+        mongodb::Client::with_uri_str(
+            "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=50&directConnection=true",
+        )
+        .await
+        .expect("client")
+        .database("nowhere")
+    }
+
     /// Where change streams cannot be opened (here: no server at all), the holder is woken
     /// every `fallback` instead, and the gauge says the stream is down.
     #[tokio::test]
     async fn without_change_streams_the_holder_is_woken_on_a_timer() {
-        let client = mongodb::Client::with_uri_str(
-            "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=50&directConnection=true",
-        )
-        .await
-        .expect("client");
         let metrics = Arc::new(Metrics::default());
         let wake = Arc::new(Notify::new());
         let (_held_tx, held) = watch::channel(true);
@@ -164,7 +169,7 @@ mod tests {
             sweep: None,
         };
         let task = tokio::spawn(run(
-            client.database("nowhere"),
+            nowhere().await,
             w,
             held,
             wake.clone(),
@@ -185,11 +190,6 @@ mod tests {
     /// read what came while nobody watched).
     #[tokio::test]
     async fn taking_the_lease_starts_the_watch_and_wakes_the_holder() {
-        let client = mongodb::Client::with_uri_str(
-            "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=50&directConnection=true",
-        )
-        .await
-        .expect("client");
         let wake = Arc::new(Notify::new());
         let (held_tx, held) = watch::channel(false);
         let stop = CancellationToken::new();
@@ -201,7 +201,7 @@ mod tests {
             sweep: Some(Duration::from_millis(10)),
         };
         let task = tokio::spawn(run(
-            client.database("nowhere"),
+            nowhere().await,
             w,
             held,
             wake.clone(),
