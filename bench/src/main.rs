@@ -2,8 +2,10 @@
 //! latency either straight from MongoDB (the floor) or through lab-api over HTTP, with the same
 //! concurrency and the same random worker choice, printing one JSON line of figures; and
 //! holds many event streams open, timing each event's delivery ([`streams`]); and times
-//! refreshes on demand ([`refresh`]).
+//! refreshes on demand ([`refresh`]); and runs the read mix of the scale run, with the query
+//! plans behind it ([`queries`]).
 
+mod queries;
 mod refresh;
 mod streams;
 
@@ -66,6 +68,26 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
+    /// Each kind of lab-api read (worker labs, the listing with each filter and a deep cursor,
+    /// the fleet view) on its own for a while; p50 and p99 of each.
+    Queries {
+        /// lab-api's base URL.
+        #[arg(long)]
+        url: String,
+        /// Seconds per query.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// `explain` of the MongoDB queries behind those reads: plan, index, keys and documents
+    /// examined.
+    Explain {
+        #[arg(long)]
+        uri: String,
+        #[arg(long)]
+        db: String,
+    },
     /// POST /api/workers/{id}/labs/refresh?wait=30s for the workers lab-api knows.
     Refresh {
         /// lab-api's base URL.
@@ -122,6 +144,12 @@ async fn main() -> anyhow::Result<()> {
             workers,
             concurrency,
         } => refresh::run(url, workers, concurrency).await,
+        Command::Queries {
+            url,
+            seconds,
+            concurrency,
+        } => queries::run(url, seconds, concurrency).await,
+        Command::Explain { uri, db } => queries::explain(&uri, &db).await,
         Command::Streams {
             url,
             streams,

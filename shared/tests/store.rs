@@ -664,6 +664,33 @@ async fn paging_through_2500_records_returns_each_once() {
     assert_eq!(seen.len(), 2500);
     assert_eq!(pages, 2500usize.div_ceil(97));
 
+    // A deep page reads a page of the (worker_id, lab_id) index in its order, plus at most the
+    // cursor's worker's labs before the cursor: no sort of everything after it (the plan, as
+    // the server reports it; 2,000 keys lie after this cursor).
+    let deep = PageCursor {
+        worker_id: "worker-20".into(),
+        lab_id: "lab-050".into(),
+    };
+    let (filter, sort) = shared::store::list_query(&LabFilter::default(), Some(&deep));
+    let explained = db
+        .db
+        .run_command(bson::doc! {
+            "explain": { "find": "lab_records", "filter": filter, "sort": sort, "limit": 98 },
+            "verbosity": "executionStats",
+        })
+        .await
+        .expect("explain");
+    let stats = explained.get_document("executionStats").expect("stats");
+    let examined = stats
+        .get("totalKeysExamined")
+        .and_then(shared::mongo::as_i64);
+    assert!(examined.is_some_and(|n| n <= 98 + 100), "{stats}");
+    let winning = explained
+        .get_document("queryPlanner")
+        .and_then(|q| q.get_document("winningPlan"))
+        .expect("plan");
+    assert!(!format!("{winning}").contains("\"SORT\""), "{winning}");
+
     let filter = LabFilter {
         state: Some(LabState::Started),
         worker_id: Some("worker-07".into()),

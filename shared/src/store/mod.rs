@@ -160,14 +160,11 @@ impl LabStore {
         include_removed: bool,
         limit: usize,
     ) -> Result<BoxStream<'static, Result<LabRecord>>> {
-        let mut filter = doc! { "worker_id": worker_id };
-        if !include_removed {
-            filter.insert("removed_at", Bson::Null);
-        }
+        let (filter, sort) = worker_labs_query(worker_id, include_removed);
         let cursor = self
             .records
             .find(filter)
-            .sort(doc! { "title": 1, "lab_id": 1 })
+            .sort(sort)
             .projection(doc! { "operation_history": 0 })
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .await?;
@@ -190,34 +187,11 @@ impl LabStore {
         limit: usize,
     ) -> Result<Page> {
         let limit = limit.max(1);
-        let mut clauses = Vec::new();
-        if let Some(w) = &filter.worker_id {
-            clauses.push(doc! { "worker_id": w });
-        }
-        if let Some(s) = &filter.state {
-            clauses.push(doc! { "state": s.as_str() });
-        }
-        if let Some(o) = &filter.owner_username {
-            clauses.push(doc! { "owner_username": o });
-        }
-        if !filter.include_removed {
-            clauses.push(doc! { "removed_at": Bson::Null });
-        }
-        if let Some(c) = after {
-            clauses.push(doc! { "$or": [
-                { "worker_id": { "$gt": &c.worker_id } },
-                { "worker_id": &c.worker_id, "lab_id": { "$gt": &c.lab_id } },
-            ] });
-        }
-        let query = match clauses.len() {
-            0 => Document::new(),
-            1 => clauses.remove(0),
-            _ => doc! { "$and": clauses },
-        };
+        let (query, sort) = list_query(filter, after);
         let mut records: Vec<LabRecord> = self
             .records
             .find(query)
-            .sort(doc! { "worker_id": 1, "lab_id": 1 })
+            .sort(sort)
             .projection(doc! { "operation_history": 0 })
             .limit(i64::try_from(limit + 1).unwrap_or(i64::MAX))
             .await?
@@ -339,6 +313,49 @@ impl LabStore {
 }
 
 /// How long ago `cutoff` is from `now`, for purges: `now - retention`.
+/// The filter and sort of [`LabStore::labs_of_worker`] (for `explain` as well).
+pub fn worker_labs_query(worker_id: &str, include_removed: bool) -> (Document, Document) {
+    let mut filter = doc! { "worker_id": worker_id };
+    if !include_removed {
+        filter.insert("removed_at", Bson::Null);
+    }
+    (filter, doc! { "title": 1, "lab_id": 1 })
+}
+
+/// The filter and sort of [`LabStore::list`] (for `explain` as well).
+pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, Document) {
+    let mut clauses = Vec::new();
+    if let Some(w) = &filter.worker_id {
+        clauses.push(doc! { "worker_id": w });
+    }
+    if let Some(s) = &filter.state {
+        clauses.push(doc! { "state": s.as_str() });
+    }
+    if let Some(o) = &filter.owner_username {
+        clauses.push(doc! { "owner_username": o });
+    }
+    if !filter.include_removed {
+        clauses.push(doc! { "removed_at": Bson::Null });
+    }
+    if let Some(c) = after {
+        // After (worker_id, lab_id) = c. The range on worker_id alone bounds the scan of the
+        // (worker_id, lab_id) index, which also gives the order: a page reads a page of keys
+        // (plus the cursor's worker's labs before it) however deep it is. An `$or` of the two
+        // cases alone makes planners merge two scans and sort everything after the cursor.
+        clauses.push(doc! { "worker_id": { "$gte": &c.worker_id } });
+        clauses.push(doc! { "$or": [
+            { "worker_id": { "$gt": &c.worker_id } },
+            { "lab_id": { "$gt": &c.lab_id } },
+        ] });
+    }
+    let query = match clauses.len() {
+        0 => Document::new(),
+        1 => clauses.remove(0),
+        _ => doc! { "$and": clauses },
+    };
+    (query, doc! { "worker_id": 1, "lab_id": 1 })
+}
+
 pub fn cutoff(now: DateTime, retention: Duration) -> DateTime {
     let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     DateTime::from_millis(now.timestamp_millis().saturating_sub(ms))
