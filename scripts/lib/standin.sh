@@ -1,6 +1,6 @@
 # Start and stop the MongoDB stand-in (secantusd-rs) from scripts. Source this file.
 #   standin_start DIR   starts a server on a free port with its data in DIR, waits for `ping`,
-#                       exports MONGODB_URI and STANDIN_PID
+#                       exports MONGODB_URI and STANDIN_PID (cache: STANDIN_CACHE, default 256M)
 #   standin_stop        stops it by PID (TERM, then KILL after 10 s)
 
 STANDIN_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -10,7 +10,7 @@ standin_start() {
   mkdir -p "$dir/data"
   : >"$dir/stdout"
   secantusd-rs --host 127.0.0.1 --port 0 --storage-path "$dir/data" \
-    --cache-size 256M --log-file-max 16MB >"$dir/stdout" 2>"$dir/server.log" &
+    --cache-size "${STANDIN_CACHE:-256M}" --log-file-max 16MB >"$dir/stdout" 2>"$dir/server.log" &
   STANDIN_PID=$!
   export STANDIN_PID
   for i in $(seq 1 600); do
