@@ -87,6 +87,30 @@ impl Event for CycleStarted {
     }
 }
 
+/// This replica took the lease over in the middle of a cycle: it syncs the rest.
+#[derive(Debug)]
+pub struct CycleResumed {
+    /// When the interrupted cycle began.
+    pub began: DateTime,
+    /// Active workers no sync wrote to since then: synced now.
+    pub workers: usize,
+    /// Active workers synced since then: left alone.
+    pub already_synced: usize,
+}
+
+impl Event for CycleResumed {
+    fn emit(&self, _: &Metrics) {
+        tracing::info!(
+            event = "cycle_resumed",
+            began = %self.began,
+            workers = self.workers,
+            already_synced = self.already_synced,
+            "Resuming the labs refresh cycle another replica left unfinished: {} workers left, {} already synced",
+            self.workers, self.already_synced
+        );
+    }
+}
+
 /// The worker list could not be read, so the cycle did not start.
 #[derive(Debug)]
 pub struct CycleSkipped<'a> {

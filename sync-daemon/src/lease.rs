@@ -38,6 +38,15 @@ pub struct LeaseState {
 }
 
 impl LeaseState {
+    /// When the last cycle began, if it never ended (its replica died or lost the lease).
+    pub fn interrupted_cycle(&self) -> Option<DateTime> {
+        let start = self.last_cycle_at?;
+        match self.last_cycle_end_at {
+            Some(end) if end >= start => None,
+            _ => Some(start),
+        }
+    }
+
     /// How long before `now` the last cycle started (zero if its start lies ahead).
     pub fn since_last_cycle(&self, now: DateTime) -> Option<Duration> {
         self.last_cycle_at.map(|last| {

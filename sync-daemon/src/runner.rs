@@ -16,9 +16,10 @@ use crate::{
     backoff::random_unit,
     context::Context,
     events::{
-        CycleCompleted, CycleSkipped, CycleStarted, DrainTimedOut, Event, FleetGaugesFailed,
-        LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing, RequestsRequeued,
-        RetriesCompleted, RetriesStarted, RetryScheduled, ServeFailed, StatusWriteFailed,
+        CycleCompleted, CycleResumed, CycleSkipped, CycleStarted, DrainTimedOut, Event,
+        FleetGaugesFailed, LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing,
+        RequestsRequeued, RetriesCompleted, RetriesStarted, RetryScheduled, ServeFailed,
+        StatusWriteFailed,
     },
     known::{Changes, Known},
     lease::LeaseState,
@@ -52,6 +53,8 @@ pub struct Runner {
     requests: HashMap<PassId, SyncRequest>,
     /// The active workers as last read, to see which started, moved or stopped.
     known: Known,
+    /// A cycle the last holder began (then) and never finished: its rest runs first.
+    resume: Option<DateTime>,
 }
 
 /// Longest error text written into a request: as much as a worker's sync status keeps.
@@ -78,6 +81,7 @@ impl Runner {
             watched: HashMap::new(),
             requests: HashMap::new(),
             known: Known::default(),
+            resume: None,
         }
     }
 
@@ -103,15 +107,58 @@ impl Runner {
         }
         let now = DateTime::now();
         let since_last_cycle = lease.as_ref().and_then(|l| l.since_last_cycle(now));
+        self.resume = lease.as_ref().and_then(LeaseState::interrupted_cycle);
         if let Some(end) = lease.and_then(|l| l.last_cycle_end_at) {
             self.ctx.metrics.note_cycle_end(end);
         }
         self.schedule.took_over(Instant::now(), since_last_cycle);
     }
 
-    /// Opens whatever is due (a cycle, reading the worker list; due retries) and starts syncs.
+    /// The rest of the cycle the last holder began at `since` and never finished: the active
+    /// workers no sync wrote to since then (so none is synced twice in a row). A whole cycle
+    /// due now makes it moot.
+    async fn resume_cycle(&mut self, since: DateTime) {
+        let (targets, synced) = match tokio::try_join!(self.ctx.workers(), async {
+            Ok(self.ctx.store.workers_synced_since(since).await?)
+        }) {
+            Ok(read) => read,
+            Err(error) => {
+                // The next cycle comes on schedule; the rest waits for it.
+                self.serve_failed(error, "read what the interrupted cycle left");
+                return;
+            }
+        };
+        let changes = self.known.update(&targets);
+        self.registry_changes(&changes, false).await;
+        let total = targets.len();
+        let rest: Vec<CmlTarget> = targets
+            .into_iter()
+            .filter(|t| !synced.contains(&t.worker_id))
+            .collect();
+        CycleResumed {
+            began: since,
+            workers: rest.len(),
+            already_synced: total - rest.len(),
+        }
+        .emit(&self.ctx.metrics);
+        let opened = self.schedule.resume_cycle(rest);
+        let span = tracing::info_span!(
+            "labs_refresh",
+            workers = opened.workers.len(),
+            resumed = true
+        );
+        self.track(opened, span).await;
+    }
+
+    /// Opens whatever is due (the rest of an interrupted cycle; a cycle, reading the worker
+    /// list; due retries) and starts syncs.
     pub async fn start_due(&mut self) {
         let now = Instant::now();
+        if let Some(since) = self.resume.take() {
+            if !self.schedule.cycle_due(now) {
+                self.resume_cycle(since).await;
+            }
+        }
         if self.schedule.cycle_due(now) {
             match self.ctx.workers().await {
                 Ok(targets) => {

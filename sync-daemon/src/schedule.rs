@@ -143,6 +143,15 @@ impl Schedule {
         opened
     }
 
+    /// Opens the rest of a cycle another replica began and never finished, over `workers` (the
+    /// ones it did not reach). The schedule stays that cycle's: the next one is still an
+    /// interval after it began.
+    pub fn resume_cycle(&mut self, workers: Vec<CmlTarget>) -> Opened {
+        let opened = self.open(PassKind::Cycle, workers);
+        self.cycle = Some(opened.pass);
+        opened
+    }
+
     /// The worker list could not be read: the cycle is tried again soon (a first retry's
     /// delay, jittered by `unit` in `[0, 1)`), not an interval later. Returns that delay.
     pub fn cycle_not_started(&mut self, now: Instant, unit: f64) -> Duration {
@@ -528,6 +537,25 @@ mod tests {
         assert!(
             fresh.cycle_due(Instant::now()),
             "no cycle ever ran: as configured"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_of_an_interrupted_cycle_keeps_its_schedule() {
+        let mut s = Schedule::new(Instant::now(), INTERVAL, true, RETRY_BASE, 4);
+        // The last holder began a cycle 20 s ago and died in it.
+        s.took_over(Instant::now(), Some(Duration::from_secs(20)));
+        let rest = s.resume_cycle(vec![t("c"), t("d")]);
+        assert_eq!(rest.kind, PassKind::Cycle);
+        assert_eq!(start_all(&mut s), ["c", "d"]);
+        assert_eq!(s.next_wake(), None, "a cycle runs");
+        s.finished("c", true, Instant::now(), 0.5);
+        s.finished("d", true, Instant::now(), 0.5);
+        s.cycle_finished(rest.pass, Instant::now());
+        assert_eq!(
+            s.next_wake(),
+            Some(Instant::now() + Duration::from_secs(40)),
+            "an interval after the interrupted cycle began"
         );
     }
 

@@ -800,3 +800,63 @@ async fn mongodb_commands(base: &str) -> std::collections::HashMap<String, u64> 
         .filter_map(|s| Some((s.labels.first()?.1.clone(), s.value as u64)))
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_taking_over_mid_cycle_syncs_only_the_rest_of_it() {
+    let f = Fixture::new("daemon_resume", 4, 2).await;
+    let mut ids: Vec<String> = f.fleet.fleet.workers.iter().map(|w| w.id.clone()).collect();
+    ids.sort();
+    // One at a time in id order: the holder syncs two, then waits at the third's gate.
+    let third = f.fleet.fleet.worker(&ids[2]).expect("worker");
+    third.set_faults(Faults {
+        hold: true,
+        ..Faults::default()
+    });
+    let env = [
+        ("CML_LABS_SYNC__INTERVAL", "1h"),
+        ("CML_LABS_SYNC__LEASE_TTL", "2s"),
+        ("CML_LABS_SYNC__CONCURRENCY", "1"),
+    ];
+    let mut a = f.spawn("a", &env);
+    a.wait_event("worker_synced", 2, WAIT).await;
+    testkit::eventually("the third worker is being synced", WAIT, || async {
+        (!third.calls().is_empty()).then_some(())
+    })
+    .await;
+    let b = f.spawn("b", &env);
+    b.wait_event("lease_standby", 1, WAIT).await;
+    a.signal(libc::SIGKILL);
+    a.wait_exit(WAIT).await;
+    let resumed = b.wait_event("cycle_resumed", 1, WAIT).await;
+    assert!(
+        resumed[0]["workers"] == 2 && resumed[0]["already_synced"] == 2,
+        "{resumed:?}"
+    );
+    third.set_faults(Faults::default());
+    let done = b.wait_event("cycle_completed", 1, WAIT).await;
+    assert_eq!(done[0]["workers"], 2, "{done:?}");
+    let synced: Vec<String> = b
+        .events("worker_synced")
+        .iter()
+        .filter_map(|l| l["worker_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        synced,
+        ids[2..],
+        "only the workers the dead holder did not reach"
+    );
+    assert_eq!(
+        b.events("cycle_started").len(),
+        0,
+        "no new cycle: the schedule is kept"
+    );
+    // Every worker has its records.
+    let records = f.records().await;
+    for id in &ids {
+        assert_eq!(
+            records.iter().filter(|r| &r.worker_id == id).count(),
+            2,
+            "{id}"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 
 mod write;
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use bson::{doc, Bson, DateTime, Document};
 use futures::{stream::BoxStream, StreamExt, TryStreamExt};
@@ -207,6 +207,22 @@ impl LabStore {
             None
         };
         Ok(Page { records, next })
+    }
+
+    /// The workers a sync wrote to at or after `since` (each sync stamps every record it saw):
+    /// one range of the `last_synced_at` index. What a replica taking over an interrupted
+    /// cycle need not sync again.
+    pub async fn workers_synced_since(&self, since: DateTime) -> Result<HashSet<String>> {
+        Ok(self
+            .raw
+            .distinct("worker_id", doc! { "last_synced_at": { "$gte": since } })
+            .await?
+            .into_iter()
+            .filter_map(|b| match b {
+                Bson::String(s) => Some(s),
+                _ => None,
+            })
+            .collect())
     }
 
     /// How many records there are in each lab state, removed ones apart; one aggregation.
