@@ -6,6 +6,8 @@
 #            at 64, each against the latency floor ceil(workers / concurrency) x 50 ms and the
 #            CPU floor (the daemon's, the simulator's and MongoDB's CPU / cores).
 #   Memory:  sync-daemon's peak RSS over a steady cycle at 1,000 and at 10,000 workers.
+#   Lease:   the holder killed (SIGKILL) mid-cycle: how long until the standby has synced the
+#            rest, and that no worker is synced twice in a row.
 #   Reads:   lab-api's read mix (labs-bench queries) on the 1,000,000-record collection and on
 #            a 10,000-record one (100 workers x 100 labs) in the same run; the plans (explain).
 # Prints one table; the raw figures stay in $SCALE_KEEP when it is set.
@@ -101,6 +103,33 @@ steady_cycle steady16 scale 16 200s
 echo "Scale: a steady cycle (2% changed) at concurrency 64..." >&2
 steady_cycle steady64 scale 64 150s
 
+echo "Scale: lease takeover in the middle of a cycle (concurrency 16)..." >&2
+takeover_env=(CML_LABS_MONGODB__DATABASE=scale CML_LABS_SYNC__CONCURRENCY=16 CML_LABS_SYNC__INTERVAL=1h
+  CML_LABS_SYNC__LEASE_TTL=10s CML_LABS_MONGODB__LEASE_COLLECTION=lease_takeover CML_LABS_SYNC__ADMIN_LISTEN=127.0.0.1:0)
+env "${takeover_env[@]}" $bin/sync-daemon run 2>"$work/holder.log" &
+holder=$!; pids+=("$holder")
+scripts/lib/log-event "$work/holder.log" lease_acquired --timeout 60 >/dev/null
+env "${takeover_env[@]}" $bin/sync-daemon run 2>"$work/standby.log" &
+standby=$!; pids+=("$standby")
+scripts/lib/log-event "$work/standby.log" lease_standby --timeout 60 >/dev/null
+scripts/lib/log-event "$work/holder.log" worker_synced --count 4000 --timeout 900 >/dev/null
+kill -KILL "$holder"; killed_at=$(date +%s.%N)
+scripts/lib/log-event "$work/standby.log" cycle_resumed --timeout 120 >/dev/null
+resumed_at=$(date +%s.%N)
+scripts/lib/log-event "$work/standby.log" cycle_completed --timeout 900 >/dev/null
+done_at=$(date +%s.%N)
+kill "$standby"; wait "$standby" 2>/dev/null || true
+python3 - "$work" "$killed_at" "$resumed_at" "$done_at" <<'PY'
+import json, sys, pathlib
+w, killed, resumed, done = pathlib.Path(sys.argv[1]), *map(float, sys.argv[2:5])
+lines = lambda n: [json.loads(l) for l in (w / n).read_text().splitlines() if l.startswith("{")]
+synced = lambda n: {l["worker_id"] for l in lines(n) if l.get("event") == "worker_synced"}
+r = [l for l in lines("standby.log") if l.get("event") == "cycle_resumed"][0]
+json.dump({"holder_synced": len(synced("holder.log")), "rest": r["workers"], "already": r["already_synced"],
+           "twice": len(synced("holder.log") & synced("standby.log")),
+           "to_resume_s": resumed - killed, "to_done_s": done - killed}, open(w / "takeover.json", "w"))
+PY
+
 echo "Scale: 1,000 x 100 for the memory comparison..." >&2
 start_sim k1 1000 scale1k
 first_cycle k1first scale1k 64
@@ -147,6 +176,11 @@ for name in ("steady16", "steady64"):
         f"<= 1.3 x max(latency {lat / 1000:.1f} s, CPU {cpu / 1000:.1f} s): {ratio:.2f}", ratio <= 1.3)
     row(f"  CPU s in it (sync-daemon | simulator | MongoDB), c={c['concurrency']}",
         f"{c['daemon_cpu_s']:.1f} | {c['sim_cpu_s']:.1f} | {c['mongo_cpu_s']:.1f}", f"({cores} cores shared)", None)
+t = j("takeover.json")
+row(f"Lease takeover mid-cycle (holder killed after {t['holder_synced']} of 10,000 workers; lease TTL 10 s)",
+    f"rest resumed {t['to_resume_s']:.1f} s, done {t['to_done_s']:.1f} s after the kill",
+    f"rest {t['rest']} + already synced {t['already']}; synced twice in a row: {t['twice']}",
+    t["twice"] == 0 and t["rest"] + t["already"] == 10000)
 k1, big = j("k1steady.json"), j("steady16.json")
 row("sync-daemon peak RSS, steady cycle (1,000 | 10,000 workers, c=16)", f"{k1['daemon_rss_mib']:.0f} | {big['daemon_rss_mib']:.0f} MiB",
     "10,000: <= 100 MiB", big["daemon_rss_mib"] <= 100)
