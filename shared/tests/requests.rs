@@ -23,6 +23,13 @@ async fn store(db: &TestDb) -> RequestStore {
     s
 }
 
+/// Records a refresh of `worker` at `secs` (as request `id`), throttled by [`MIN`].
+async fn record(s: &RequestStore, id: &str, worker: &str, secs: i64) -> Recorded {
+    s.record(id.into(), worker, t(secs), MIN)
+        .await
+        .expect("record")
+}
+
 fn accepted(r: Recorded) -> shared::refresh::SyncRequest {
     match r {
         Recorded::Accepted(r) => *r,
@@ -41,25 +48,10 @@ fn retry_after(r: Recorded) -> u64 {
 async fn a_refresh_is_throttled_while_active_and_for_the_interval_after() {
     let db = TestDb::new("requests_throttle").await;
     let s = store(&db).await;
-    let first = accepted(
-        s.record("r1".into(), "w1", t(0), MIN)
-            .await
-            .expect("record"),
-    );
+    let first = accepted(record(&s, "r1", "w1", 0).await);
     assert_eq!(first.status, RequestStatus::Pending);
-    assert_eq!(
-        retry_after(
-            s.record("r2".into(), "w1", t(1), MIN)
-                .await
-                .expect("record")
-        ),
-        60
-    );
-    accepted(
-        s.record("r3".into(), "w2", t(1), MIN)
-            .await
-            .expect("another worker"),
-    );
+    assert_eq!(retry_after(record(&s, "r2", "w1", 1).await), 60);
+    accepted(record(&s, "r3", "w2", 1).await);
 
     let claimed = s
         .claim(t(2), "holder-a")
@@ -89,19 +81,8 @@ async fn a_refresh_is_throttled_while_active_and_for_the_interval_after() {
     let done = s.get("r1").await.expect("get").expect("kept");
     assert_eq!(done.status, RequestStatus::Done);
     assert_eq!((done.counts, done.finished_at), (Some(counts), Some(t(10))));
-    assert_eq!(
-        retry_after(
-            s.record("r4".into(), "w1", t(40), MIN)
-                .await
-                .expect("record")
-        ),
-        30
-    );
-    accepted(
-        s.record("r5".into(), "w1", t(70), MIN)
-            .await
-            .expect("after the interval"),
-    );
+    assert_eq!(retry_after(record(&s, "r4", "w1", 40).await), 30);
+    accepted(record(&s, "r5", "w1", 70).await);
 }
 
 #[tokio::test]
@@ -131,16 +112,8 @@ async fn two_replicas_recording_at_once_make_one_request() {
 async fn requests_are_claimed_oldest_first_and_a_failure_is_kept() {
     let db = TestDb::new("requests_claim").await;
     let s = store(&db).await;
-    accepted(
-        s.record("late".into(), "w2", t(5), MIN)
-            .await
-            .expect("record"),
-    );
-    accepted(
-        s.record("early".into(), "w1", t(1), MIN)
-            .await
-            .expect("record"),
-    );
+    accepted(record(&s, "late", "w2", 5).await);
+    accepted(record(&s, "early", "w1", 1).await);
     assert_eq!(
         s.claim(t(6), "holder-a")
             .await
@@ -237,11 +210,7 @@ async fn a_new_holder_requeues_what_another_took_and_a_holder_finds_its_own() {
 async fn waiting_for_an_outcome_returns_when_it_is_written() {
     let db = TestDb::new("requests_wait").await;
     let s = store(&db).await;
-    accepted(
-        s.record("r1".into(), "w1", t(0), MIN)
-            .await
-            .expect("record"),
-    );
+    accepted(record(&s, "r1", "w1", 0).await);
     let unfinished = s
         .wait_finished("r1", Duration::from_millis(300))
         .await
@@ -289,9 +258,5 @@ async fn a_throttle_notice_is_no_request() {
         .expect("notice");
     assert_eq!(s.latest("w1").await.expect("latest"), None);
     assert_eq!(s.claim(t(1), "holder-a").await.expect("claim"), None);
-    accepted(
-        s.record("r1".into(), "w1", t(1), MIN)
-            .await
-            .expect("not throttled by a notice"),
-    );
+    accepted(record(&s, "r1", "w1", 1).await);
 }

@@ -153,21 +153,20 @@ mod tests {
         .database("nowhere")
     }
 
-    /// Where change streams cannot be opened (here: no server at all), the holder is woken
-    /// every `fallback` instead, and the gauge says the stream is down.
-    #[tokio::test]
-    async fn without_change_streams_the_holder_is_woken_on_a_timer() {
-        let metrics = Arc::new(Metrics::default());
-        let wake = Arc::new(Notify::new());
-        let (_held_tx, held) = watch::channel(true);
-        let stop = CancellationToken::new();
-        let w = Watch {
-            name: "sync_requests",
-            collection: "sync_requests".into(),
-            pipeline: Vec::new(),
-            fallback: Duration::from_millis(100),
-            sweep: None,
-        };
+    /// A watch of `w` on a server that is not there, run until `stop`.
+    struct Running {
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        task: JoinHandle<()>,
+    }
+
+    async fn start(w: Watch, held: watch::Receiver<bool>) -> Running {
+        let (wake, metrics, stop) = (
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::default()),
+            CancellationToken::new(),
+        );
         let task = tokio::spawn(run(
             nowhere().await,
             w,
@@ -176,6 +175,32 @@ mod tests {
             metrics.clone(),
             stop.clone(),
         ));
+        Running {
+            wake,
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    /// Where change streams cannot be opened (here: no server at all), the holder is woken
+    /// every `fallback` instead, and the gauge says the stream is down.
+    #[tokio::test]
+    async fn without_change_streams_the_holder_is_woken_on_a_timer() {
+        let (_held_tx, held) = watch::channel(true);
+        let w = Watch {
+            name: "sync_requests",
+            collection: "sync_requests".into(),
+            pipeline: Vec::new(),
+            fallback: Duration::from_millis(100),
+            sweep: None,
+        };
+        let Running {
+            wake,
+            metrics,
+            stop,
+            task,
+        } = start(w, held).await;
         for _ in 0..4 {
             tokio::time::timeout(Duration::from_secs(30), wake.notified())
                 .await
@@ -190,9 +215,7 @@ mod tests {
     /// read what came while nobody watched).
     #[tokio::test]
     async fn taking_the_lease_starts_the_watch_and_wakes_the_holder() {
-        let wake = Arc::new(Notify::new());
         let (held_tx, held) = watch::channel(false);
-        let stop = CancellationToken::new();
         let w = Watch {
             name: "registry",
             collection: "cml_workers".into(),
@@ -200,14 +223,9 @@ mod tests {
             fallback: Duration::from_millis(10),
             sweep: Some(Duration::from_millis(10)),
         };
-        let task = tokio::spawn(run(
-            nowhere().await,
-            w,
-            held,
-            wake.clone(),
-            Arc::new(Metrics::default()),
-            stop.clone(),
-        ));
+        let Running {
+            wake, stop, task, ..
+        } = start(w, held).await;
         // The task is parked on the lease: taking it is what wakes the holder first.
         let first = wake.notified();
         tokio::pin!(first);
