@@ -9,6 +9,7 @@ use bson::{doc, Bson, Document};
 use serde_json::{json, Value};
 use shared::{
     cursor::PageCursor,
+    fleet::{self, FleetFilter},
     record::LabState,
     store::{list_query, worker_labs_query, LabFilter},
 };
@@ -242,17 +243,38 @@ pub async fn explain(uri: &str, db: &str) -> anyhow::Result<()> {
             "lab_records",
             list(LabFilter::default(), Some(&deep)),
         ),
-        (
-            "fleet: the registry",
-            "cml_workers",
-            (doc! {}, doc! { "id": 1 }, 0),
-        ),
-        (
-            "fleet: the statuses",
-            "worker_sync_status",
-            (doc! {}, doc! { "worker_id": 1 }, 0),
-        ),
     ];
+    // The fleet view's queries (a page reads them in turn): every rank of the first page, and
+    // the failing and region filters; stale after an hour, as with a 30-minute interval.
+    let threshold = fleet::stale_threshold(bson::DateTime::now(), Duration::from_secs(3600));
+    let region = FleetFilter {
+        region: Some("eu-west-1".into()),
+        ..FleetFilter::default()
+    };
+    let failing = FleetFilter {
+        failing: Some(true),
+        ..FleetFilter::default()
+    };
+    let fleet_queries = [
+        ("fleet", FleetFilter::default()),
+        ("fleet, failing", failing),
+        ("fleet, region", region),
+    ]
+    .into_iter()
+    .flat_map(|(name, f)| {
+        fleet::queries(&f, None, threshold)
+            .into_iter()
+            .map(move |q| (format!("{name}: {:?}", q.rank), q))
+    })
+    .collect::<Vec<_>>();
+    let queries = queries
+        .into_iter()
+        .map(|(name, coll, q)| (name.to_owned(), coll, q))
+        .chain(
+            fleet_queries
+                .into_iter()
+                .map(|(name, q)| (name, "worker_sync_status", (q.filter, q.sort, 101))),
+        );
     for (name, coll, (filter, sort, limit)) in queries {
         let mut find = doc! { "find": coll, "filter": filter, "sort": sort };
         if limit > 0 {

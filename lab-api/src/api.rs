@@ -259,11 +259,16 @@ pub async fn fleet_status(
         ),
         None => None,
     };
-    let (workers, statuses) = tokio::try_join!(s.registry.all(), s.status.all())?;
-    let view = fleet::fleet(workers, statuses, bson::DateTime::now(), s.stale_after);
-    let (items, next) = fleet::page(view, &filter, after.as_ref(), limit);
+    let threshold = fleet::stale_threshold(bson::DateTime::now(), s.stale_after);
+    let (items, next) = s
+        .status
+        .fleet_page(&filter, after.as_ref(), limit, threshold)
+        .await?;
     Tagged::json(&FleetPage {
-        items: items.iter().map(FleetWorkerDto::from).collect(),
+        items: items
+            .iter()
+            .map(|r| FleetWorkerDto::new(r, threshold))
+            .collect(),
         next_cursor: next.map(|k| k.encode()),
     })
 }

@@ -7,7 +7,7 @@ use chrono::SecondsFormat;
 use serde::Serialize;
 use serde_json::Value;
 use shared::{
-    fleet::FleetEntry,
+    fleet::FleetRow,
     record::{HistoryEntry, LabRecord},
     refresh::{RequestStatus, SyncRequest},
     status::{SyncCounts, WorkerSyncStatus},
@@ -292,24 +292,23 @@ pub struct FleetWorkerDto {
     pub failing: bool,
 }
 
-impl From<&FleetEntry> for FleetWorkerDto {
-    fn from(e: &FleetEntry) -> Self {
-        let w = e.registry.as_ref();
-        let s = e.status.as_ref();
+impl FleetWorkerDto {
+    /// The row as the view shows it; stale when no success since `threshold`.
+    pub fn new(r: &FleetRow, threshold: DateTime) -> Self {
         Self {
-            worker_id: e.worker_id.clone(),
-            name: w.and_then(|w| w.name.clone()),
-            aws_region: w.and_then(|w| w.aws_region.clone()),
-            registry_status: w.and_then(|w| w.status.clone()),
-            last_attempt_at: s.map(|s| iso(s.last_attempt_at)),
-            last_success_at: s.and_then(|s| s.last_success_at).map(iso),
-            last_error: s.and_then(|s| s.last_error.clone()),
-            last_error_kind: s.and_then(|s| s.last_error_kind.clone()),
-            consecutive_failures: s.map_or(0, |s| s.consecutive_failures),
-            lab_count: s.map_or(0, |s| s.lab_count),
-            last_duration_ms: s.map(|s| s.last_duration_ms),
-            stale: e.stale,
-            failing: e.failing(),
+            worker_id: r.worker_id.clone(),
+            name: r.name.clone(),
+            aws_region: r.aws_region.clone(),
+            registry_status: r.registry_status.clone(),
+            last_attempt_at: r.last_attempt_at.map(iso),
+            last_success_at: r.last_success_at.map(iso),
+            last_error: r.last_error.clone(),
+            last_error_kind: r.last_error_kind.clone(),
+            consecutive_failures: r.consecutive_failures,
+            lab_count: r.lab_count,
+            last_duration_ms: r.last_duration_ms,
+            stale: r.stale(threshold),
+            failing: r.failing(),
         }
     }
 }

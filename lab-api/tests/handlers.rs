@@ -916,6 +916,24 @@ async fn a_worker_with_more_labs_than_one_response_carries_gets_a_problem_docume
     assert_eq!(page["items"].as_array().map(Vec::len), Some(11));
 }
 
+/// What sync-daemon does after each cycle for the fleet view: the registry's fields copied
+/// into the statuses (a worker never synced gets a document without a sync).
+async fn copy_registry_in(db: &mongodb::Database) {
+    let workers = shared::registry::WorkerRegistry::new(db, "cml_workers")
+        .all()
+        .await
+        .expect("registry");
+    let rows = shared::status::SyncStatusReader::new(db, "worker_sync_status")
+        .fleet_rows()
+        .await
+        .expect("rows");
+    let changes = shared::fleet::reconcile(&workers, rows).changes;
+    let statements: Vec<bson::Document> = changes.iter().map(|c| c.statement()).collect();
+    shared::mongo::update_command(db, "worker_sync_status", statements, |_| false)
+        .await
+        .expect("registry fields");
+}
+
 /// The workers of the fleet-view test, most urgent first.
 const URGENT_FIRST: [&str; 6] = [
     "failing",
@@ -966,6 +984,7 @@ async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
         ])
         .await
         .expect("statuses");
+    copy_registry_in(&a.db.db).await;
     let ids = |page: &Value| -> Vec<String> {
         page["items"]
             .as_array()
@@ -983,6 +1002,11 @@ async fn the_fleet_view_lists_every_known_worker_most_urgent_first() {
     assert_eq!(failing["name"], "cml-failing");
     assert_eq!(failing["registry_status"], "running");
     assert_eq!(page["items"][1]["last_success_at"], Value::Null);
+    assert_eq!(page["items"][1]["last_attempt_at"], Value::Null);
+    assert_eq!(page["items"][1]["name"], "cml-never");
+    // Its document holds only the registry's fields: still never synced.
+    let (status_code, _) = get_json(&a.router, "/api/workers/never/sync-status").await;
+    assert_eq!(status_code, StatusCode::NOT_FOUND);
     assert_eq!(page["items"][4]["registry_status"], Value::Null);
     let (_, stale) = get_json(&a.router, "/api/sync-status?stale=true").await;
     assert_eq!(ids(&stale), ["never", "stale", "stopped"]);

@@ -1,81 +1,161 @@
 //! The fleet at a glance: every worker the registry or the sync status knows, how its syncs
-//! go, flagged stale or failing and sorted with the most urgent first, a page at a time.
+//! go, flagged stale or failing and ordered most urgent first, a page at a time.
 //!
-//! Pure: the caller reads the two collections and passes the time.
+//! The view is `worker_sync_status` alone. sync-daemon copies each registry worker's name,
+//! region and status into that worker's document ([`reconcile`]; a worker never synced gets a
+//! document without a sync in it), so a page is a few queries that two indexes answer in
+//! order ([`queries`]), and costs the same whatever the fleet's size. Pure: the caller runs
+//! the queries and passes the time.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use bson::DateTime;
+use bson::{doc, Bson, DateTime, Document};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{cursor, registry::Worker, status::WorkerSyncStatus, Error, Result};
+use crate::{cursor, mongo, registry::Worker, Error, Result};
 
-/// One worker as the fleet view shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FleetEntry {
+/// A document of `worker_sync_status` as the fleet view reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRow {
     pub worker_id: String,
-    /// From the registry; `None` for a worker only the sync status knows (a static worker, or
-    /// one since removed from the registry).
-    pub registry: Option<Worker>,
-    /// `None` for a worker never synced.
-    pub status: Option<WorkerSyncStatus>,
-    /// No success for longer than the staleness threshold, or never.
-    pub stale: bool,
+    /// From the registry (null for a worker it does not list).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub aws_region: Option<String>,
+    /// The registry's status (`running`, `stopped`, …); null when the registry does not list
+    /// the worker.
+    #[serde(default)]
+    pub registry_status: Option<String>,
+    /// Meant to be synced: running in the registry, or not listed there (a static worker).
+    /// Absent until a daemon first copies the registry in: taken as true.
+    #[serde(default)]
+    pub active: Option<bool>,
+    /// Absent for a worker never synced.
+    #[serde(default)]
+    pub last_attempt_at: Option<DateTime>,
+    #[serde(default)]
+    pub last_success_at: Option<DateTime>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_kind: Option<String>,
+    #[serde(default)]
+    pub consecutive_failures: i64,
+    #[serde(default)]
+    pub lab_count: i64,
+    #[serde(default)]
+    pub last_duration_ms: Option<i64>,
 }
 
-impl FleetEntry {
+/// The fields of a row the view reads (the projection of its queries).
+pub fn projection() -> Document {
+    doc! {
+        "_id": 0, "worker_id": 1, "name": 1, "aws_region": 1, "registry_status": 1, "active": 1,
+        "last_attempt_at": 1, "last_success_at": 1, "last_error": 1, "last_error_kind": 1,
+        "consecutive_failures": 1, "lab_count": 1, "last_duration_ms": 1,
+    }
+}
+
+/// A worker is stale when its last success is before this (or when it has none).
+pub fn stale_threshold(now: DateTime, stale_after: Duration) -> DateTime {
+    DateTime::from_millis(
+        now.timestamp_millis()
+            .saturating_sub(i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX)),
+    )
+}
+
+impl FleetRow {
+    /// The document a worker the registry lists but no sync has written yet reads as.
+    pub fn unsynced(worker_id: &str) -> Self {
+        Self {
+            worker_id: worker_id.to_owned(),
+            name: None,
+            aws_region: None,
+            registry_status: None,
+            active: None,
+            last_attempt_at: None,
+            last_success_at: None,
+            last_error: None,
+            last_error_kind: None,
+            consecutive_failures: 0,
+            lab_count: 0,
+            last_duration_ms: None,
+        }
+    }
+
     /// The last sync failed (its `consecutive_failures` is above zero).
     pub fn failing(&self) -> bool {
-        self.failures() > 0
+        self.consecutive_failures > 0
     }
 
-    fn failures(&self) -> i64 {
-        self.status.as_ref().map_or(0, |s| s.consecutive_failures)
+    /// No success since `threshold` ([`stale_threshold`]), or never.
+    pub fn stale(&self, threshold: DateTime) -> bool {
+        self.last_success_at.is_none_or(|t| t < threshold)
     }
 
-    /// Whether it is meant to be synced: running in the registry, or known only to the sync
-    /// status (a static worker).
-    fn active(&self) -> bool {
-        self.registry
-            .as_ref()
-            .is_none_or(|w| w.status.as_deref() == Some("running"))
+    /// Meant to be synced (see [`FleetRow::active`]).
+    pub fn is_active(&self) -> bool {
+        self.active.unwrap_or(true)
     }
 
-    /// Most urgent first: failing (the longest streak first), then stale workers meant to be
-    /// synced (the longest without a success first), then stale ones that are not (stopped,
-    /// say), then the healthy; by worker id within a tie.
-    pub fn key(&self) -> FleetKey {
-        let rank = match (self.failing(), self.stale, self.active()) {
-            (true, _, _) => 0,
-            (false, true, true) => 1,
-            (false, true, false) => 2,
-            (false, false, _) => 3,
-        };
-        let last_success = self
-            .status
-            .as_ref()
-            .and_then(|s| s.last_success_at)
-            .map_or(i64::MIN, |t| t.timestamp_millis());
+    /// The part of the view the row is in: failing, stale and meant to be synced, stale and
+    /// not (stopped, say), or healthy.
+    pub fn rank(&self, threshold: DateTime) -> Rank {
+        match (self.failing(), self.stale(threshold), self.is_active()) {
+            (true, _, _) => Rank::Failing,
+            (false, true, true) => Rank::Stale,
+            (false, true, false) => Rank::StaleInactive,
+            (false, false, _) => Rank::Healthy,
+        }
+    }
+
+    /// Where the row stands in the view: by [`FleetRow::rank`]; within it failing rows by the
+    /// longest streak, then every rank by the oldest success (never first); by worker id
+    /// within a tie.
+    pub fn key(&self, threshold: DateTime) -> FleetKey {
         FleetKey {
-            rank,
-            failures: -self.failures(),
-            last_success,
+            rank: self.rank(threshold) as u8,
+            failures: -self.consecutive_failures,
+            last_success: self
+                .last_success_at
+                .map_or(i64::MIN, |t| t.timestamp_millis()),
             worker_id: self.worker_id.clone(),
         }
     }
 }
 
-/// The sort key of an entry: ascending is most urgent first.
+/// The four parts of the view, in order; each is one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Rank {
+    Failing = 0,
+    Stale = 1,
+    StaleInactive = 2,
+    Healthy = 3,
+}
+
+const RANKS: [Rank; 4] = [
+    Rank::Failing,
+    Rank::Stale,
+    Rank::StaleInactive,
+    Rank::Healthy,
+];
+
+/// The sort key of a row: ascending is most urgent first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FleetKey {
     rank: u8,
+    /// Failures in a row, negated (the longest streak first).
     failures: i64,
+    /// Milliseconds of the last success; `i64::MIN` for never.
     last_success: i64,
     worker_id: String,
 }
 
 impl FleetKey {
-    /// The opaque cursor of a page that ended at this entry.
+    /// The opaque cursor of a page that ended at this row.
     pub fn encode(&self) -> String {
         cursor::encode(&json!([
             self.rank,
@@ -88,12 +168,19 @@ impl FleetKey {
     pub fn decode(text: &str) -> Result<Self> {
         let (rank, failures, last_success, worker_id): (u8, i64, i64, String) =
             serde_json::from_value(cursor::decode(text)?).map_err(|_| Error::InvalidCursor)?;
+        if usize::from(rank) >= RANKS.len() || failures > 0 {
+            return Err(Error::InvalidCursor);
+        }
         Ok(Self {
             rank,
             failures,
             last_success,
             worker_id,
         })
+    }
+
+    fn last_success(&self) -> Option<DateTime> {
+        (self.last_success != i64::MIN).then(|| DateTime::from_millis(self.last_success))
     }
 }
 
@@ -106,74 +193,155 @@ pub struct FleetFilter {
 }
 
 impl FleetFilter {
-    fn keeps(&self, e: &FleetEntry) -> bool {
-        let region = e.registry.as_ref().and_then(|w| w.aws_region.as_deref());
-        self.stale.is_none_or(|s| s == e.stale)
-            && self.failing.is_none_or(|f| f == e.failing())
-            && self.region.as_deref().is_none_or(|r| region == Some(r))
+    /// Whether the filter keeps `row` (what [`queries`] select, for checking them).
+    pub fn keeps(&self, row: &FleetRow, threshold: DateTime) -> bool {
+        self.stale.is_none_or(|s| s == row.stale(threshold))
+            && self.failing.is_none_or(|f| f == row.failing())
+            && self
+                .region
+                .as_deref()
+                .is_none_or(|r| row.aws_region.as_deref() == Some(r))
     }
-}
 
-/// Every worker either collection knows, flagged and sorted most urgent first. A worker is
-/// stale when its last success is more than `stale_after` before `now`, or when it has none.
-pub fn fleet(
-    workers: Vec<Worker>,
-    statuses: Vec<WorkerSyncStatus>,
-    now: DateTime,
-    stale_after: Duration,
-) -> Vec<FleetEntry> {
-    let threshold = now
-        .timestamp_millis()
-        .saturating_sub(i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX));
-    let mut by_id: BTreeMap<String, (Option<Worker>, Option<WorkerSyncStatus>)> = BTreeMap::new();
-    for w in workers {
-        let id = w.id.clone();
-        by_id.entry(id).or_default().0 = Some(w);
-    }
-    for s in statuses {
-        let id = s.worker_id.clone();
-        by_id.entry(id).or_default().1 = Some(s);
-    }
-    let mut entries: Vec<FleetEntry> = by_id
-        .into_iter()
-        .map(|(worker_id, (registry, status))| {
-            let stale = status
-                .as_ref()
-                .and_then(|s| s.last_success_at)
-                .is_none_or(|t| t.timestamp_millis() < threshold);
-            FleetEntry {
-                worker_id,
-                registry,
-                status,
-                stale,
+    fn wants(&self, rank: Rank) -> bool {
+        let (failing, stale) = match rank {
+            Rank::Failing => (true, None),
+            Rank::Stale | Rank::StaleInactive => (false, Some(true)),
+            Rank::Healthy => (false, Some(false)),
+        };
+        self.failing.is_none_or(|f| f == failing)
+            && match (self.stale, stale) {
+                (Some(want), Some(is)) => want == is,
+                _ => true,
             }
-        })
-        .collect();
-    entries.sort_by_cached_key(FleetEntry::key);
-    entries
+    }
 }
 
-/// One page of `entries` (sorted as [`fleet`] sorts them): those `filter` keeps, after the
-/// cursor `after`, at most `limit`; and the cursor of the next page when there is one.
-pub fn page(
-    entries: Vec<FleetEntry>,
+/// One query of a page: rows of one rank, in view order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetQuery {
+    pub rank: Rank,
+    pub filter: Document,
+    pub sort: Document,
+}
+
+/// The indexes [`queries`] need, as (keys, name): failing rows and healthy ones in order of
+/// (failures desc, last success, id); stale ones by (active, last success, id).
+pub fn indexes() -> [(Document, &'static str); 2] {
+    [
+        (
+            doc! { "consecutive_failures": -1, "last_success_at": 1, "worker_id": 1 },
+            "fleet_failures_success",
+        ),
+        (
+            doc! { "consecutive_failures": 1, "active": 1, "last_success_at": 1, "worker_id": 1 },
+            "fleet_active_success",
+        ),
+    ]
+}
+
+/// The queries of one page, in view order: for each rank the filter keeps from the cursor's
+/// on, the rows of that rank (after the cursor in its own rank) sorted as the view is. Run
+/// them in turn until a page is full. Each has an equality or range on `consecutive_failures`
+/// and sorts in the order of one of [`indexes`], so it reads about as many keys as it returns
+/// (a `region` filter is applied to the rows an index yields, in order).
+pub fn queries(
     filter: &FleetFilter,
     after: Option<&FleetKey>,
-    limit: usize,
-) -> (Vec<FleetEntry>, Option<FleetKey>) {
-    let mut kept = entries
+    threshold: DateTime,
+) -> Vec<FleetQuery> {
+    RANKS
         .into_iter()
-        .filter(|e| filter.keeps(e))
-        .filter(|e| after.is_none_or(|a| e.key() > *a));
-    let items: Vec<FleetEntry> = kept.by_ref().take(limit.max(1)).collect();
-    let next = match kept.next() {
-        Some(_) => items.last().map(FleetEntry::key),
-        None => None,
-    };
-    (items, next)
+        .filter(|r| after.is_none_or(|a| *r as u8 >= a.rank) && filter.wants(*r))
+        .map(|rank| {
+            let after = after.filter(|a| a.rank == rank as u8);
+            query(rank, filter, after, threshold)
+        })
+        .collect()
 }
 
-/// How many workers are failing, failing repeatedly (three times or more in a row), stale.
+fn query(
+    rank: Rank,
+    filter: &FleetFilter,
+    after: Option<&FleetKey>,
+    threshold: DateTime,
+) -> FleetQuery {
+    let stale = doc! { "$not": { "$gte": threshold } };
+    let fresh = doc! { "$gte": threshold };
+    let mut success = match (rank, filter.stale) {
+        (Rank::Failing, None) => Document::new(),
+        (Rank::Failing, Some(true)) | (Rank::Stale | Rank::StaleInactive, _) => stale,
+        (Rank::Failing, Some(false)) | (Rank::Healthy, _) => fresh,
+    };
+    let mut clauses = Vec::new();
+    match rank {
+        Rank::Failing => {
+            let mut failures = doc! { "$gt": 0_i64 };
+            if let Some(a) = after {
+                // Bounds the scan to the cursor's streak and shorter ones.
+                failures.insert("$lte", -a.failures);
+            }
+            clauses.push(doc! { "consecutive_failures": failures });
+        }
+        _ => clauses.push(doc! { "consecutive_failures": 0_i64 }),
+    }
+    match rank {
+        Rank::Stale => clauses.push(doc! { "active": { "$in": [true, Bson::Null] } }),
+        Rank::StaleInactive => clauses.push(doc! { "active": false }),
+        _ => {}
+    }
+    if let Some(a) = after {
+        let last = a.last_success();
+        if rank != Rank::Failing {
+            if let Some(t) = last {
+                success.insert("$gte", t);
+            }
+        }
+        // After (last success, id) = the cursor's, within its streak when failing.
+        let mut after_success = vec![
+            doc! { "last_success_at": last.map_or_else(|| doc! { "$type": "date" }, |t| doc! { "$gt": t }) },
+            doc! { "last_success_at": last.map_or(Bson::Null, Bson::DateTime), "worker_id": { "$gt": &a.worker_id } },
+        ];
+        if rank == Rank::Failing {
+            for d in &mut after_success {
+                d.insert("consecutive_failures", -a.failures);
+            }
+            after_success.insert(0, doc! { "consecutive_failures": { "$lt": -a.failures } });
+        }
+        clauses.push(doc! { "$or": after_success });
+    }
+    if !success.is_empty() {
+        clauses.push(doc! { "last_success_at": success });
+    }
+    if let Some(r) = &filter.region {
+        clauses.push(doc! { "aws_region": r });
+    }
+    let sort = match rank {
+        Rank::Failing => doc! { "consecutive_failures": -1, "last_success_at": 1, "worker_id": 1 },
+        _ => doc! { "last_success_at": 1, "worker_id": 1 },
+    };
+    FleetQuery {
+        rank,
+        filter: doc! { "$and": clauses },
+        sort,
+    }
+}
+
+/// The page `rows` (what [`queries`] returned in turn, up to `limit + 1`) make: at most
+/// `limit` rows, and the cursor of the next page when there is one.
+pub fn page(
+    mut rows: Vec<FleetRow>,
+    limit: usize,
+    threshold: DateTime,
+) -> (Vec<FleetRow>, Option<FleetKey>) {
+    let limit = limit.max(1);
+    let next = (rows.len() > limit).then(|| rows[limit - 1].key(threshold));
+    rows.truncate(limit);
+    (rows, next)
+}
+
+/// How many workers are known, failing, failing repeatedly (three times or more in a row),
+/// stale (only those meant to be synced).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FleetCounts {
     pub known: usize,
@@ -182,14 +350,116 @@ pub struct FleetCounts {
     pub stale: usize,
 }
 
-/// Counts of the fleet view, for the daemon's gauges.
-pub fn counts(entries: &[FleetEntry]) -> FleetCounts {
+/// Counts of the view, for the daemon's gauges.
+pub fn counts(rows: &[FleetRow], threshold: DateTime) -> FleetCounts {
     FleetCounts {
-        known: entries.len(),
-        failing: entries.iter().filter(|e| e.failing()).count(),
-        failing_repeatedly: entries.iter().filter(|e| e.failures() >= 3).count(),
-        stale: entries.iter().filter(|e| e.stale && e.active()).count(),
+        known: rows.len(),
+        failing: rows.iter().filter(|r| r.failing()).count(),
+        failing_repeatedly: rows.iter().filter(|r| r.consecutive_failures >= 3).count(),
+        stale: rows
+            .iter()
+            .filter(|r| r.stale(threshold) && r.is_active())
+            .count(),
     }
+}
+
+/// The registry's view of one worker, as its status document keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryFields {
+    pub worker_id: String,
+    pub name: Option<String>,
+    pub aws_region: Option<String>,
+    pub registry_status: Option<String>,
+    pub active: bool,
+}
+
+impl RegistryFields {
+    fn of(worker_id: &str, registered: Option<&Worker>) -> Self {
+        Self {
+            worker_id: worker_id.to_owned(),
+            name: registered.and_then(|w| w.name.clone()),
+            aws_region: registered.and_then(|w| w.aws_region.clone()),
+            registry_status: registered.and_then(|w| w.status.clone()),
+            active: registered.is_none_or(|w| w.status.as_deref() == Some("running")),
+        }
+    }
+
+    fn matches(&self, row: &FleetRow) -> bool {
+        row.name == self.name
+            && row.aws_region == self.aws_region
+            && row.registry_status == self.registry_status
+            && row.active == Some(self.active)
+    }
+
+    fn apply(&self, row: &mut FleetRow) {
+        row.name.clone_from(&self.name);
+        row.aws_region.clone_from(&self.aws_region);
+        row.registry_status.clone_from(&self.registry_status);
+        row.active = Some(self.active);
+    }
+
+    /// The upsert that writes them (a worker without a document gets one without a sync).
+    pub fn statement(&self) -> Document {
+        doc! {
+            "q": { "worker_id": &self.worker_id },
+            "u": {
+                "$set": {
+                    "name": &self.name,
+                    "aws_region": &self.aws_region,
+                    "registry_status": &self.registry_status,
+                    "active": self.active,
+                },
+                "$setOnInsert": { "consecutive_failures": 0_i64, "last_success_at": Bson::Null, "lab_count": 0_i64 },
+            },
+            "upsert": true,
+        }
+    }
+}
+
+/// The view after copying the registry in, and what to write for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reconciled {
+    /// Every worker of the registry or of `rows`, by id.
+    pub rows: Vec<FleetRow>,
+    /// The rows whose registry fields differ from the registry's (new rows included).
+    pub changes: Vec<RegistryFields>,
+}
+
+/// Copies `workers` (the whole registry) into `rows` (every status document): each registry
+/// worker gets a row, and each row the registry's name, region, status and whether it is
+/// meant to be synced (a row the registry does not list: none, and it is).
+pub fn reconcile(workers: &[Worker], rows: Vec<FleetRow>) -> Reconciled {
+    let mut by_id: std::collections::BTreeMap<String, (Option<&Worker>, Option<FleetRow>)> =
+        std::collections::BTreeMap::new();
+    for w in workers {
+        by_id.entry(w.id.clone()).or_default().0 = Some(w);
+    }
+    for r in rows {
+        let id = r.worker_id.clone();
+        by_id.entry(id).or_default().1 = Some(r);
+    }
+    let mut out = Reconciled {
+        rows: Vec::with_capacity(by_id.len()),
+        changes: Vec::new(),
+    };
+    for (id, (registered, row)) in by_id {
+        let fields = RegistryFields::of(&id, registered);
+        let mut row = row.unwrap_or_else(|| FleetRow::unsynced(&id));
+        if !fields.matches(&row) {
+            fields.apply(&mut row);
+            out.changes.push(fields);
+        }
+        out.rows.push(row);
+    }
+    out
+}
+
+/// The index models of [`indexes`].
+pub fn index_models() -> Vec<mongodb::IndexModel> {
+    indexes()
+        .into_iter()
+        .map(|(keys, name)| mongo::index(keys, name, false))
+        .collect()
 }
 
 #[cfg(test)]
@@ -215,26 +485,28 @@ mod tests {
         }
     }
 
-    fn status(id: &str, last_success: Option<i64>, failures: i64) -> WorkerSyncStatus {
-        WorkerSyncStatus {
-            worker_id: id.into(),
-            last_attempt_at: t(0),
+    fn row(id: &str, last_success: Option<i64>, failures: i64) -> FleetRow {
+        FleetRow {
+            last_attempt_at: Some(t(0)),
             last_success_at: last_success.map(t),
             last_error: (failures > 0).then(|| "boom".into()),
             consecutive_failures: failures,
             lab_count: 3,
-            last_duration_ms: 10,
-            last_error_kind: (failures > 0).then(|| "cml_timeout".into()),
-            last_counts: None,
+            last_duration_ms: Some(10),
+            ..FleetRow::unsynced(id)
         }
     }
 
-    fn ids(entries: &[FleetEntry]) -> Vec<&str> {
-        entries.iter().map(|e| e.worker_id.as_str()).collect()
+    fn sorted(mut rows: Vec<FleetRow>, threshold: DateTime) -> Vec<FleetRow> {
+        rows.sort_by_cached_key(|r| r.key(threshold));
+        rows
     }
 
-    #[test]
-    fn the_most_urgent_come_first() {
+    fn ids(rows: &[FleetRow]) -> Vec<&str> {
+        rows.iter().map(|r| r.worker_id.as_str()).collect()
+    }
+
+    fn example() -> Reconciled {
         let workers = vec![
             worker("healthy", "running", "us-east-1"),
             worker("stale-old", "running", "us-east-1"),
@@ -244,16 +516,22 @@ mod tests {
             worker("failing-1", "running", "us-east-1"),
             worker("failing-5", "running", "us-east-1"),
         ];
-        let statuses = vec![
-            status("healthy", Some(-10), 0),
-            status("stale-old", Some(-600), 0),
-            status("stale-new", Some(-200), 0),
-            status("stopped", Some(-900), 0),
-            status("failing-1", Some(-40), 1),
-            status("failing-5", Some(-300), 5),
-            status("static-only", Some(-5), 0),
+        let rows = vec![
+            row("healthy", Some(-10), 0),
+            row("stale-old", Some(-600), 0),
+            row("stale-new", Some(-200), 0),
+            row("stopped", Some(-900), 0),
+            row("failing-1", Some(-40), 1),
+            row("failing-5", Some(-300), 5),
+            row("static-only", Some(-5), 0),
         ];
-        let view = fleet(workers, statuses, t(0), 2 * HOUR);
+        reconcile(&workers, rows)
+    }
+
+    #[test]
+    fn the_most_urgent_come_first() {
+        let threshold = stale_threshold(t(0), 2 * HOUR);
+        let view = sorted(example().rows, threshold);
         assert_eq!(
             ids(&view),
             [
@@ -268,11 +546,11 @@ mod tests {
             ]
         );
         let never = &view[2];
-        assert!(never.stale && never.status.is_none());
+        assert!(never.stale(threshold) && never.last_attempt_at.is_none());
         let static_only = &view[7];
-        assert!(static_only.registry.is_none() && !static_only.stale);
+        assert!(static_only.registry_status.is_none() && !static_only.stale(threshold));
         assert_eq!(
-            counts(&view),
+            counts(&view, threshold),
             FleetCounts {
                 known: 8,
                 failing: 2,
@@ -284,101 +562,202 @@ mod tests {
     }
 
     #[test]
-    fn filters_keep_what_they_name() {
-        let view = fleet(
-            vec![
-                worker("a", "running", "us-east-1"),
-                worker("b", "running", "eu-west-1"),
-            ],
-            vec![status("a", Some(-10), 2), status("b", Some(-999), 0)],
-            t(0),
-            2 * HOUR,
-        );
-        let only = |f: FleetFilter| ids(&page(view.clone(), &f, None, 100).0).join(",");
+    fn reconciling_copies_the_registry_in_and_writes_only_what_differs() {
+        let first = example();
+        // Every registry worker and every status: never and the seven others.
+        assert_eq!(first.rows.len(), 8);
+        assert_eq!(first.changes.len(), 8);
+        let never = first.changes.iter().find(|c| c.worker_id == "never");
         assert_eq!(
-            only(FleetFilter {
-                failing: Some(true),
-                ..Default::default()
-            }),
-            "a"
+            never,
+            Some(&RegistryFields {
+                worker_id: "never".into(),
+                name: Some("name-never".into()),
+                aws_region: Some("eu-west-1".into()),
+                registry_status: Some("running".into()),
+                active: true,
+            })
         );
+        let stopped = first.changes.iter().find(|c| c.worker_id == "stopped");
+        assert_eq!(stopped.map(|c| c.active), Some(false));
+        let static_only = first.changes.iter().find(|c| c.worker_id == "static-only");
         assert_eq!(
-            only(FleetFilter {
-                stale: Some(true),
-                ..Default::default()
-            }),
-            "b"
+            static_only.map(|c| (c.name.clone(), c.active)),
+            Some((None, true))
         );
+        // Once written, nothing to write until the registry changes.
+        let workers = vec![
+            worker("healthy", "stopped", "us-east-1"),
+            worker("never", "running", "eu-west-1"),
+        ];
+        let again = reconcile(&workers[1..], reconcile(&workers[1..], vec![]).rows);
+        assert!(again.changes.is_empty());
+        let stopping = reconcile(&workers, again.rows);
+        assert_eq!(ids(&stopping.rows), ["healthy", "never"]);
+        assert_eq!(stopping.changes.len(), 1);
+        assert!(!stopping.changes[0].active);
+        // Gone from the registry: its name and region cleared, meant to be synced again.
+        let gone = reconcile(&[], stopping.rows);
+        assert_eq!(gone.changes.len(), 2);
+        assert!(gone.rows.iter().all(|r| r.name.is_none() && r.is_active()));
+    }
+
+    #[test]
+    fn the_upsert_creates_a_document_without_a_sync() {
+        let s = RegistryFields::of("w1", Some(&worker("w1", "stopped", "r"))).statement();
+        assert_eq!(s.get_document("q").ok(), Some(&doc! { "worker_id": "w1" }));
+        let u = s.get_document("u").expect("update");
         assert_eq!(
-            only(FleetFilter {
-                stale: Some(false),
-                ..Default::default()
-            }),
-            "a"
+            u.get_document("$set").ok(),
+            Some(
+                &doc! { "name": "name-w1", "aws_region": "r", "registry_status": "stopped", "active": false }
+            )
         );
+        let on_insert = u.get_document("$setOnInsert").expect("on insert");
+        assert!(!on_insert.contains_key("last_attempt_at"));
+        assert_eq!(s.get_bool("upsert").ok(), Some(true));
+    }
+
+    #[test]
+    fn each_filter_asks_only_the_ranks_it_can_keep() {
+        let ranks = |f: FleetFilter| -> Vec<Rank> {
+            queries(&f, None, t(0))
+                .into_iter()
+                .map(|q| q.rank)
+                .collect()
+        };
+        use Rank::*;
         assert_eq!(
-            only(FleetFilter {
-                region: Some("eu-west-1".into()),
-                ..Default::default()
-            }),
-            "b"
+            ranks(FleetFilter::default()),
+            [Failing, Stale, StaleInactive, Healthy]
         );
+        let f = |failing, stale| FleetFilter {
+            failing,
+            stale,
+            region: None,
+        };
+        assert_eq!(ranks(f(Some(true), None)), [Failing]);
+        assert_eq!(ranks(f(Some(false), None)), [Stale, StaleInactive, Healthy]);
+        assert_eq!(ranks(f(None, Some(true))), [Failing, Stale, StaleInactive]);
+        assert_eq!(ranks(f(None, Some(false))), [Failing, Healthy]);
+        assert_eq!(ranks(f(Some(false), Some(false))), [Healthy]);
+        assert_eq!(ranks(f(Some(true), Some(false))), [Failing]);
+    }
+
+    #[test]
+    fn a_cursor_skips_the_ranks_before_its_own() {
+        let threshold = stale_threshold(t(0), 2 * HOUR);
+        let stale = row("a", Some(-600), 0).key(threshold);
+        let qs = queries(&FleetFilter::default(), Some(&stale), threshold);
         assert_eq!(
-            only(FleetFilter {
-                region: Some("{\"$ne\":1}".into()),
-                ..Default::default()
-            }),
-            ""
+            qs.iter().map(|q| q.rank).collect::<Vec<_>>(),
+            [Rank::Stale, Rank::StaleInactive, Rank::Healthy]
+        );
+        // Only the cursor's own rank continues after it.
+        assert!(qs[0].filter.to_string().contains("$or"));
+        assert!(!qs[1].filter.to_string().contains("$or"));
+        // A failing cursor bounds the streak from above: the scan starts at it.
+        let failing = row("b", None, 4).key(threshold);
+        let q = &queries(&FleetFilter::default(), Some(&failing), threshold)[0];
+        let and = q.filter.get_array("$and").expect("and");
+        assert_eq!(
+            and[0],
+            Bson::Document(doc! { "consecutive_failures": { "$gt": 0_i64, "$lte": 4_i64 } })
         );
     }
 
     #[test]
+    fn filters_and_sorts_follow_an_index() {
+        let threshold = t(0);
+        let index_keys: Vec<Vec<String>> = indexes()
+            .iter()
+            .map(|(k, _)| k.keys().cloned().collect())
+            .collect();
+        for q in queries(&FleetFilter::default(), None, threshold) {
+            let sort: Vec<String> = q.sort.keys().cloned().collect();
+            // Some index is (equality fields…, the sort fields).
+            assert!(
+                index_keys.iter().any(|k| k.ends_with(&sort)),
+                "{:?} sorts by {sort:?}",
+                q.rank
+            );
+        }
+    }
+
+    #[test]
+    fn the_region_filter_compares_literally() {
+        let threshold = t(0);
+        let r = row("a", Some(-1), 0);
+        let mut eu = r.clone();
+        eu.aws_region = Some("eu-west-1".into());
+        let f = FleetFilter {
+            region: Some("eu-west-1".into()),
+            ..Default::default()
+        };
+        assert!(f.keeps(&eu, threshold) && !f.keeps(&r, threshold));
+        let q = &queries(&f, None, threshold)[0];
+        assert!(q
+            .filter
+            .get_array("$and")
+            .expect("and")
+            .contains(&Bson::Document(doc! { "aws_region": "eu-west-1" })));
+    }
+
+    #[test]
     fn cursors_round_trip_and_other_text_is_refused() {
-        let key = fleet(vec![], vec![status("w", Some(-1), 0)], t(0), HOUR)[0].key();
+        let key = row("w", Some(-1), 0).key(t(0));
         assert_eq!(FleetKey::decode(&key.encode()).ok(), Some(key));
         let other_listing = cursor::PageCursor {
             worker_id: "w".into(),
             lab_id: "l".into(),
         }
         .encode();
-        for bad in ["", "abc", &other_listing] {
+        let bad_rank = cursor::encode(&json!([9, 0, 0, "w"]));
+        let bad_failures = cursor::encode(&json!([0, 3, 0, "w"]));
+        for bad in ["", "abc", &other_listing, &bad_rank, &bad_failures] {
             assert!(FleetKey::decode(bad).is_err(), "{bad}");
         }
     }
 
     proptest! {
-        /// Paging through the view with any page size gives every kept worker once, in order.
+        /// A page is at most `limit` rows, with a cursor at its last row exactly when rows were
+        /// left over.
         #[test]
-        fn pages_cover_the_view_once_in_order(
-            rows in prop::collection::vec((0u8..4, prop::option::of(-1000i64..0), 0i64..5, any::<bool>()), 0..40),
-            limit in 1usize..7,
-            failing in prop::option::of(any::<bool>()),
+        fn a_page_ends_where_its_cursor_starts(n in 0usize..12, limit in 1usize..6) {
+            let threshold = t(0);
+            let rows: Vec<FleetRow> = (0..n).map(|i| row(&format!("w{i:02}"), Some(-(i as i64)), 0)).collect();
+            let (items, next) = page(rows.clone(), limit, threshold);
+            prop_assert_eq!(items.len(), n.min(limit));
+            prop_assert_eq!(next.is_some(), n > limit);
+            if let Some(k) = next {
+                prop_assert_eq!(k, rows[limit - 1].key(threshold));
+            }
+        }
+
+        /// Whatever the registry and the statuses, reconciling twice writes nothing the second
+        /// time, and every registry worker has a row.
+        #[test]
+        fn reconciling_settles(
+            entries in prop::collection::vec((0u8..3, any::<bool>(), prop::option::of(-1000i64..0)), 0..30),
         ) {
             let mut workers = Vec::new();
-            let mut statuses = Vec::new();
-            for (i, (kind, success, failures, running)) in rows.into_iter().enumerate() {
+            let mut rows = Vec::new();
+            for (i, (kind, running, success)) in entries.into_iter().enumerate() {
                 let id = format!("w{i:02}");
                 if kind != 0 {
                     workers.push(worker(&id, if running { "running" } else { "stopped" }, "r"));
                 }
                 if kind != 1 {
-                    statuses.push(status(&id, success, failures));
+                    rows.push(row(&id, success, 0));
                 }
             }
-            let view = fleet(workers, statuses, t(0), HOUR);
-            let filter = FleetFilter { failing, ..Default::default() };
-            let expected: Vec<String> = page(view.clone(), &filter, None, usize::MAX).0
-                .into_iter().map(|e| e.worker_id).collect();
-            let mut seen = Vec::new();
-            let mut after: Option<FleetKey> = None;
-            loop {
-                let cursor = after.as_ref().map(|k| FleetKey::decode(&k.encode()).expect("decodes"));
-                let (items, next) = page(view.clone(), &filter, cursor.as_ref(), limit);
-                prop_assert!(items.len() <= limit);
-                seen.extend(items.into_iter().map(|e| e.worker_id));
-                match next { Some(k) => after = Some(k), None => break }
+            let once = reconcile(&workers, rows);
+            for w in &workers {
+                prop_assert!(once.rows.iter().any(|r| r.worker_id == w.id));
             }
-            prop_assert_eq!(seen, expected);
+            let twice = reconcile(&workers, once.rows.clone());
+            prop_assert!(twice.changes.is_empty());
+            prop_assert_eq!(twice.rows, once.rows);
         }
     }
 }

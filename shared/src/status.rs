@@ -1,12 +1,20 @@
-//! Per-worker sync status (`worker_sync_status`) as stored, and reading it. sync-daemon is the
-//! only writer (its `status` module).
+//! Per-worker sync status (`worker_sync_status`) as stored, and reading it: one worker's, or a
+//! page of the fleet view. sync-daemon is the only writer (its `status` module).
 
-use bson::{doc, DateTime};
+use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{
+    fleet::{self, FleetFilter, FleetKey, FleetRow},
+    Result,
+};
+
+/// Matches the documents a sync wrote (not those that only hold a worker's registry fields).
+fn synced() -> Document {
+    doc! { "last_attempt_at": { "$type": "date" } }
+}
 
 /// A document of `worker_sync_status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,22 +78,56 @@ impl SyncStatusReader {
         }
     }
 
+    /// The status of a worker a sync wrote (`None` when never synced).
     pub async fn get(&self, worker_id: &str) -> Result<Option<WorkerSyncStatus>> {
+        let mut filter = synced();
+        filter.insert("worker_id", worker_id);
         Ok(self
             .coll
-            .find_one(doc! { "worker_id": worker_id })
+            .find_one(filter)
             .projection(doc! { "_id": 0 })
             .await?)
     }
 
-    pub async fn all(&self) -> Result<Vec<WorkerSyncStatus>> {
+    /// Every worker's row of the fleet view, by id.
+    pub async fn fleet_rows(&self) -> Result<Vec<FleetRow>> {
         Ok(self
             .coll
+            .clone_with_type::<FleetRow>()
             .find(doc! {})
-            .projection(doc! { "_id": 0 })
+            .projection(fleet::projection())
             .sort(doc! { "worker_id": 1 })
             .await?
             .try_collect()
             .await?)
+    }
+
+    /// One page of the fleet view: the rows `filter` keeps after `after`, at most `limit`, most
+    /// urgent first (stale: no success since `threshold`), and the next page's cursor.
+    pub async fn fleet_page(
+        &self,
+        filter: &FleetFilter,
+        after: Option<&FleetKey>,
+        limit: usize,
+        threshold: DateTime,
+    ) -> Result<(Vec<FleetRow>, Option<FleetKey>)> {
+        let coll = self.coll.clone_with_type::<FleetRow>();
+        let mut rows: Vec<FleetRow> = Vec::new();
+        for q in fleet::queries(filter, after, threshold) {
+            let want = (limit.max(1) + 1).saturating_sub(rows.len());
+            if want == 0 {
+                break;
+            }
+            let mut found: Vec<FleetRow> = coll
+                .find(q.filter)
+                .sort(q.sort)
+                .projection(fleet::projection())
+                .limit(i64::try_from(want).unwrap_or(i64::MAX))
+                .await?
+                .try_collect()
+                .await?;
+            rows.append(&mut found);
+        }
+        Ok(fleet::page(rows, limit, threshold))
     }
 }

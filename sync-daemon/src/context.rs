@@ -106,25 +106,27 @@ impl Context {
         Ok(())
     }
 
-    /// Sets the fleet gauges: `sync_workers{state}` from the registry and the sync status (as
-    /// the fleet view of lab-api counts them), `cml_lab_records{state}` from the records.
-    pub async fn update_fleet_gauges(&self) -> Result<()> {
-        let statuses = SyncStatusReader::new(&self.db, &self.config.mongodb.sync_status_collection);
-        let (workers, statuses, labs) = tokio::try_join!(
+    /// Keeps the fleet view current: copies the registry's name, region and status of every
+    /// worker into its status document (only those that changed; a worker never synced gets a
+    /// document), then sets the gauges `sync_workers{state}` as the view counts them and
+    /// `cml_lab_records{state}` from the records. Returns how many documents it wrote.
+    pub async fn update_fleet_view(&self) -> Result<usize> {
+        let rows = SyncStatusReader::new(&self.db, &self.config.mongodb.sync_status_collection);
+        let (workers, rows, labs) = tokio::try_join!(
             self.registry.all(),
-            statuses.all(),
+            rows.fleet_rows(),
             self.store.count_by_state()
         )?;
         for (state, n) in labs.labelled() {
             self.metrics.lab_records.get(&State(state)).set(n as f64);
         }
+        let view = fleet::reconcile(&workers, rows);
+        self.status.record_registry(&view.changes).await?;
         let stale_after = 2 * self.config.sync.interval.get();
-        let c = fleet::counts(&fleet::fleet(
-            workers,
-            statuses,
-            DateTime::now(),
-            stale_after,
-        ));
+        let c = fleet::counts(
+            &view.rows,
+            fleet::stale_threshold(DateTime::now(), stale_after),
+        );
         let gauges = &self.metrics.workers;
         gauges.get(&State("known")).set(c.known as f64);
         gauges.get(&State("failing")).set(c.failing as f64);
@@ -132,7 +134,7 @@ impl Context {
             .get(&State("failing_repeatedly"))
             .set(c.failing_repeatedly as f64);
         gauges.get(&State("stale")).set(c.stale as f64);
-        Ok(())
+        Ok(view.changes.len())
     }
 
     /// Where one worker stands, as a cycle would see it now.

@@ -398,15 +398,16 @@ impl Event for StatusWriteFailed<'_> {
     }
 }
 
-/// The fleet gauges could not be computed after a cycle.
+/// The fleet view (the registry's fields in the sync status) and its gauges could not be
+/// brought up to date.
 #[derive(Debug)]
-pub struct FleetGaugesFailed<'a> {
+pub struct FleetViewFailed<'a> {
     pub error: &'a Error,
 }
 
-impl Event for FleetGaugesFailed<'_> {
+impl Event for FleetViewFailed<'_> {
     fn emit(&self, _: &Metrics) {
-        tracing::warn!(event = "fleet_gauges_failed", error = %self.error, "Cannot count the fleet's workers and lab records");
+        tracing::warn!(event = "fleet_view_failed", error = %self.error, "Cannot update the fleet view and count the fleet's workers and lab records");
     }
 }
 

@@ -17,7 +17,7 @@ use crate::{
     context::Context,
     events::{
         CycleCompleted, CycleResumed, CycleSkipped, CycleStarted, DrainTimedOut, Event,
-        FleetGaugesFailed, LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing,
+        FleetViewFailed, LeaseError, PurgeFailed, RegistryChange, RequestServed, RequestServing,
         RequestsRequeued, RetriesCompleted, RetriesStarted, RetryScheduled, ServeFailed,
         StatusWriteFailed,
     },
@@ -112,6 +112,8 @@ impl Runner {
             self.ctx.metrics.note_cycle_end(end);
         }
         self.schedule.took_over(Instant::now(), since_last_cycle);
+        // A view no holder kept up (a first start, say) is current before the first cycle ends.
+        tokio::spawn(update_fleet_view(self.ctx.clone()));
     }
 
     /// The rest of the cycle the last holder began at `since` and never finished: the active
@@ -199,6 +201,7 @@ impl Runner {
                 let changes = self.known.update(&targets);
                 self.registry_changes(&changes, true).await;
                 self.start_syncs();
+                tokio::spawn(update_fleet_view(self.ctx.clone()));
             }
             Err(error) => self.serve_failed(error, "read the worker registry"),
         }
@@ -540,9 +543,7 @@ impl Runner {
             match kind {
                 PassKind::Cycle => {
                     let purged = if stopped { 0 } else { purge(&ctx).await };
-                    if let Err(e) = ctx.update_fleet_gauges().await {
-                        FleetGaugesFailed { error: &e }.emit(&ctx.metrics);
-                    }
+                    update_fleet_view(ctx.clone()).await;
                     CycleCompleted {
                         report: &report,
                         purged,
@@ -611,4 +612,11 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Brings the fleet view up to date; a failure is logged (the next cycle tries again).
+async fn update_fleet_view(ctx: Arc<Context>) {
+    if let Err(e) = ctx.update_fleet_view().await {
+        FleetViewFailed { error: &e }.emit(&ctx.metrics);
+    }
 }

@@ -1,11 +1,15 @@
 //! Writing per-worker sync status (`worker_sync_status`): the last attempt, the last success,
-//! failures in a row. A pass writes all its workers' statuses in one round trip.
+//! failures in a row, and the registry's fields the fleet view reads. Statuses are written
+//! many to a round trip.
 
 use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use mongodb::{Collection, Database};
-use shared::{change::PlanCounts, mongo, status::SyncCounts, Result};
+use shared::{change::PlanCounts, fleet, mongo, status::SyncCounts, Result};
+
+/// Statements per `update` command (well under the 16 MiB a command may be).
+const STATEMENTS_PER_COMMAND: usize = 1000;
 
 /// Longest error text kept: a CML error body can be long and is of no use past this.
 const MAX_ERROR_LEN: usize = 1024;
@@ -79,9 +83,19 @@ impl StatusWriter {
     pub async fn ensure_indexes(&self) -> Result<()> {
         mongo::ensure_indexes(
             &self.raw,
-            [mongo::index(doc! { "worker_id": 1 }, "worker_id_1", true)],
+            std::iter::once(mongo::index(doc! { "worker_id": 1 }, "worker_id_1", true))
+                .chain(fleet::index_models()),
         )
         .await
+    }
+
+    /// Writes the registry's fields of these workers (see [`fleet::reconcile`]).
+    pub async fn record_registry(&self, changes: &[fleet::RegistryFields]) -> Result<()> {
+        for chunk in changes.chunks(STATEMENTS_PER_COMMAND) {
+            self.upsert(chunk.iter().map(fleet::RegistryFields::statement).collect())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records many outcomes in one round trip.
@@ -93,6 +107,11 @@ impl StatusWriter {
             .iter()
             .map(|u| doc! { "q": { "worker_id": &u.worker_id }, "u": &u.update, "upsert": true })
             .collect();
+        self.upsert(statements).await
+    }
+
+    /// Sends upserts by `worker_id` in one command.
+    async fn upsert(&self, statements: Vec<Document>) -> Result<()> {
         // Two passes upserting one new worker at once may race on the unique index; the loser
         // is retried once, when it matches.
         let reply =

@@ -8,7 +8,8 @@ use cml_sim::{FleetConfig, Personality, ServeOptions};
 use shared::{
     change::PlanCounts,
     config::CmlConfig,
-    registry::WorkerRegistry,
+    fleet,
+    registry::{Worker, WorkerRegistry},
     secret::Secret,
     status::{SyncCounts, SyncStatusReader},
 };
@@ -150,20 +151,70 @@ async fn sync_status_counts_failures_and_resets_on_success() {
     )
     .await;
     let all: Vec<String> = read
-        .all()
+        .fleet_rows()
         .await
         .expect("all")
         .into_iter()
         .map(|s| s.worker_id)
         .collect();
     assert_eq!(all, ["w0", "w1"]);
+
+    // The registry's fields for the fleet view: w1 stopped, w2 never synced.
+    let registry = [
+        worker("w1", "stopped", "eu-west-1"),
+        worker("w2", "running", "us-east-1"),
+    ];
+    let view = fleet::reconcile(&registry, read.fleet_rows().await.expect("rows"));
+    assert_eq!(view.changes.len(), 3, "w0 (not listed), w1, w2");
+    status
+        .record_registry(&view.changes)
+        .await
+        .expect("written");
+    let again = fleet::reconcile(&registry, read.fleet_rows().await.expect("rows"));
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+    assert_eq!(again.rows, view.rows, "as written, so read");
+    let w1 = &again.rows[1];
+    assert_eq!(
+        (
+            w1.name.as_deref(),
+            w1.active,
+            w1.consecutive_failures,
+            w1.lab_count
+        ),
+        (Some("cml-w1"), Some(false), 1, 42),
+        "the sync's fields kept"
+    );
+    // w2 has a document, but no sync: never synced, for a reader of one status.
+    assert_eq!(again.rows[2].last_attempt_at, None);
+    assert!(read.get("w2").await.expect("get").is_none());
+    // Its first sync keeps the registry's fields.
+    record(
+        &status,
+        StatusUpdate::failure("w2", t(4000), Duration::ZERO, "cml_timeout", "timed out"),
+    )
+    .await;
+    let w2 = read.get("w2").await.expect("get").expect("synced now");
+    assert_eq!((w2.consecutive_failures, w2.last_success_at), (1, None));
+    let rows = read.fleet_rows().await.expect("rows");
+    assert_eq!(rows[2].name.as_deref(), Some("cml-w2"));
     let n = db
         .db
         .collection::<Document>("worker_sync_status")
         .count_documents(doc! {})
         .await
         .expect("count");
-    assert_eq!(n, 2, "one document per worker");
+    assert_eq!(n, 3, "one document per worker");
+}
+
+fn worker(id: &str, status: &str, region: &str) -> Worker {
+    Worker {
+        id: id.into(),
+        name: Some(format!("cml-{id}")),
+        aws_region: Some(region.into()),
+        status: Some(status.into()),
+        https_endpoint: Some("https://10.0.0.1".into()),
+        private_ip: None,
+    }
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! entry that write pushed (found by the record's `last_changed_at`, which every change sets
 //! and a stamp of an unchanged lab never touches). An insert is a new lab. A write that only
 //! stamps `last_synced_at`, a purge, or an upgrade of old documents is no event. A status
-//! write is one sync of one worker: refreshed when it succeeded, failed otherwise. A throttle
+//! write of a sync is one sync of one worker: refreshed when it succeeded, failed otherwise (the
+//! registry's fields sync-daemon copies into a status are no event). A throttle
 //! notice in `sync_requests` is a refused refresh; a request that finished is no event, but
 //! wakes whoever waits for it ([`finished_request`]).
 
@@ -176,6 +177,12 @@ fn status_event(change: &Change) -> Option<Derived> {
         change.operation,
         Operation::Insert | Operation::Update | Operation::Replace
     ) {
+        return None;
+    }
+    // A sync sets `last_attempt_at`; the registry's fields the daemon copies in do not.
+    if change.operation == Operation::Update
+        && !change.updated_fields.contains_key("last_attempt_at")
+    {
         return None;
     }
     let s: WorkerSyncStatus = bson::from_document(change.full_document.clone()?).ok()?;
@@ -370,11 +377,12 @@ mod tests {
 
     #[test]
     fn a_status_write_is_a_refresh_or_a_failure() {
+        let synced = doc! { "last_attempt_at": t(10) };
         for operation in [Operation::Insert, Operation::Update, Operation::Replace] {
             let ok = derive(&Change {
                 collection: Collection::Status,
                 operation,
-                updated_fields: Document::new(),
+                updated_fields: synced.clone(),
                 full_document: Some(status(0, Some(10), 10)),
             })
             .expect("event");
@@ -391,7 +399,7 @@ mod tests {
             let failed = derive(&Change {
                 collection: Collection::Status,
                 operation,
-                updated_fields: Document::new(),
+                updated_fields: synced.clone(),
                 full_document: Some(status(3, Some(10), 20)),
             })
             .expect("event");
@@ -405,6 +413,28 @@ mod tests {
                 operation: Operation::Delete,
                 updated_fields: Document::new(),
                 full_document: None,
+            }),
+            None
+        );
+        // The registry's fields copied in: no sync, no event.
+        assert_eq!(
+            derive(&Change {
+                collection: Collection::Status,
+                operation: Operation::Update,
+                updated_fields: doc! { "registry_status": "stopped", "active": false },
+                full_document: Some(status(0, Some(10), 10)),
+            }),
+            None
+        );
+        // A worker never synced gets a document without a sync in it: no event either.
+        assert_eq!(
+            derive(&Change {
+                collection: Collection::Status,
+                operation: Operation::Insert,
+                updated_fields: Document::new(),
+                full_document: Some(
+                    doc! { "worker_id": "w1", "registry_status": "running", "active": true, "consecutive_failures": 0_i64 }
+                ),
             }),
             None
         );

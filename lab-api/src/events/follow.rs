@@ -45,14 +45,18 @@ pub struct Watched {
 }
 
 /// The change stream's filter: inserts and changes of labs (a change sets `last_changed_at`;
-/// a stamp of an unchanged lab does not), every sync status write, throttle notices, and sync
-/// requests that finished.
+/// a stamp of an unchanged lab does not), every status write of a sync (it sets
+/// `last_attempt_at`; the registry's fields the daemon copies in are no event), throttle
+/// notices, and sync requests that finished.
 pub fn pipeline(w: &Watched) -> Vec<Document> {
     vec![doc! { "$match": { "$or": [
         { "ns.coll": &w.labs, "operationType": "insert" },
         { "ns.coll": &w.labs, "operationType": "update",
           "updateDescription.updatedFields.last_changed_at": { "$exists": true } },
-        { "ns.coll": &w.status, "operationType": { "$in": ["insert", "update", "replace"] } },
+        { "ns.coll": &w.status, "operationType": { "$in": ["insert", "replace"] },
+          "fullDocument.last_attempt_at": { "$exists": true } },
+        { "ns.coll": &w.status, "operationType": "update",
+          "updateDescription.updatedFields.last_attempt_at": { "$exists": true } },
         { "ns.coll": &w.requests, "operationType": "insert", "fullDocument.notice": "throttled" },
         { "ns.coll": &w.requests, "operationType": "update",
           "updateDescription.updatedFields.finished_at": { "$exists": true } },
