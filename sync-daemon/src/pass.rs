@@ -1,5 +1,5 @@
 //! Passes in progress: which workers each cycle, batch of retries or requested sync still waits
-//! for, the statuses it will write, and the report it ends with. Pure bookkeeping; the runner
+//! for, the statuses it has yet to write, and the report it ends with. Pure bookkeeping; the runner
 //! does the I/O when a pass closes.
 
 use std::{
@@ -80,10 +80,15 @@ pub struct Pass {
     pub span: tracing::Span,
     started: Instant,
     pending: HashSet<String>,
-    /// Statuses of the syncs this pass owns, written together when it closes.
+    /// Statuses of the syncs this pass owns not written yet: written [`STATUS_BATCH`] at a
+    /// time while it runs, the rest when it closes.
     pub statuses: Vec<StatusUpdate>,
     pub report: PassReport,
 }
+
+/// Statuses a pass writes together while it runs, so that a cycle of any size holds at most
+/// this many (and the fleet view and the event stream see its progress).
+pub const STATUS_BATCH: usize = 256;
 
 /// Every open pass.
 #[derive(Debug, Default)]
@@ -141,6 +146,15 @@ impl Passes {
             closed.extend(self.insert(pass, now));
         }
         closed
+    }
+
+    /// The statuses of open passes that reached [`STATUS_BATCH`], taken to be written now.
+    pub fn full_status_batches(&mut self) -> Vec<Vec<StatusUpdate>> {
+        self.open
+            .values_mut()
+            .filter(|p| p.statuses.len() >= STATUS_BATCH)
+            .map(|p| std::mem::take(&mut p.statuses))
+            .collect()
     }
 
     /// A worker will not sync after all. Returns the passes that are now complete.
@@ -274,6 +288,36 @@ mod tests {
         assert_eq!(closed[0].statuses.len(), 1);
         assert!(closed[1].statuses.is_empty());
         assert!(closed.iter().all(|p| p.report.totals.synced == 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_pass_hands_its_statuses_over_a_batch_at_a_time() {
+        let mut passes = Passes::default();
+        let now = Instant::now();
+        let ids: Vec<String> = (0..STATUS_BATCH * 2 + 10)
+            .map(|i| format!("w{i}"))
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        passes.open(
+            &opened(1, PassKind::Cycle, &refs),
+            tracing::Span::none(),
+            now,
+        );
+        let mut written = Vec::new();
+        let mut closed = Vec::new();
+        for id in &ids {
+            closed.extend(passes.record(&[1], &synced(id, 1), now));
+            for batch in passes.full_status_batches() {
+                assert_eq!(batch.len(), STATUS_BATCH);
+                written.extend(batch.into_iter().map(|s| s.worker_id));
+            }
+        }
+        assert_eq!(written.len(), STATUS_BATCH * 2);
+        assert_eq!(closed.len(), 1);
+        // The rest when it closes: every status once, in the order the syncs ended.
+        written.extend(closed[0].statuses.iter().map(|s| s.worker_id.clone()));
+        assert_eq!(written, ids);
+        assert_eq!(closed[0].report.succeeded.len(), ids.len());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! Runs what the schedule says: opens passes (reading the registry for a cycle), starts worker
 //! syncs as tasks under the global cap, turns every ending — a panic included — into a recorded
-//! outcome, and closes passes (their statuses in one write; a cycle's purge and log line).
+//! outcome, and closes passes (statuses written a batch at a time as they come, the rest at the
+//! end; a cycle's purge and log line).
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -25,6 +26,7 @@ use crate::{
     lease::LeaseState,
     pass::{Pass, PassReport, Passes},
     schedule::{Opened, PassId, PassKind, Schedule},
+    status::StatusUpdate,
     worker::{sync_worker, WorkerSync},
 };
 
@@ -481,6 +483,9 @@ impl Runner {
         for pass in self.passes.record(&done.passes, &sync, now) {
             self.close(pass).await;
         }
+        for batch in self.passes.full_status_batches() {
+            write_statuses(&self.ctx, &batch).await;
+        }
         self.start_syncs();
     }
 
@@ -533,13 +538,7 @@ impl Runner {
         let ctx = self.ctx.clone();
         let stopped = self.stopped;
         async {
-            if let Err(e) = ctx.status.record_many(&statuses).await {
-                StatusWriteFailed {
-                    error: &e.into(),
-                    workers: statuses.len(),
-                }
-                .emit(&ctx.metrics);
-            }
+            write_statuses(&ctx, &statuses).await;
             match kind {
                 PassKind::Cycle => {
                     let purged = if stopped { 0 } else { purge(&ctx).await };
@@ -612,6 +611,17 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Writes statuses of a pass; a failure is logged (the next sync of each writes it again).
+async fn write_statuses(ctx: &Context, statuses: &[StatusUpdate]) {
+    if let Err(e) = ctx.status.record_many(statuses).await {
+        StatusWriteFailed {
+            error: &e.into(),
+            workers: statuses.len(),
+        }
+        .emit(&ctx.metrics);
+    }
 }
 
 /// Brings the fleet view up to date; a failure is logged (the next cycle tries again).

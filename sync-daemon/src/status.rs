@@ -92,35 +92,39 @@ impl StatusWriter {
     /// Writes the registry's fields of these workers (see [`fleet::reconcile`]).
     pub async fn record_registry(&self, changes: &[fleet::RegistryFields]) -> Result<()> {
         for chunk in changes.chunks(STATEMENTS_PER_COMMAND) {
-            self.upsert(chunk.iter().map(fleet::RegistryFields::statement).collect())
-                .await?;
+            self.upsert(chunk.len(), |i| chunk[i].statement()).await?;
         }
         Ok(())
     }
 
     /// Records many outcomes in one round trip.
     pub async fn record_many(&self, updates: &[StatusUpdate]) -> Result<()> {
-        if updates.is_empty() {
-            return Ok(());
-        }
-        let statements: Vec<Document> = updates
-            .iter()
-            .map(|u| doc! { "q": { "worker_id": &u.worker_id }, "u": &u.update, "upsert": true })
-            .collect();
-        self.upsert(statements).await
+        self.upsert(updates.len(), |i| {
+            let u = &updates[i];
+            doc! { "q": { "worker_id": &u.worker_id }, "u": &u.update, "upsert": true }
+        })
+        .await
     }
 
-    /// Sends upserts by `worker_id` in one command.
-    async fn upsert(&self, statements: Vec<Document>) -> Result<()> {
-        // Two passes upserting one new worker at once may race on the unique index; the loser
-        // is retried once, when it matches.
-        let reply =
-            mongo::update_command(&self.db, self.raw.name(), statements.clone(), |_| true).await?;
+    /// Sends `n` upserts by `worker_id` (statement `i` made by `statement(i)`) in one command.
+    async fn upsert(&self, n: usize, statement: impl Fn(usize) -> Document) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        // Two writers upserting one new worker at once may race on the unique index; the
+        // loser is retried once, when it matches.
+        let reply = mongo::update_command(
+            &self.db,
+            self.raw.name(),
+            (0..n).map(&statement).collect(),
+            |_| true,
+        )
+        .await?;
         if !reply.duplicate_upserts.is_empty() {
             let again = reply
                 .duplicate_upserts
                 .iter()
-                .map(|&i| statements[i].clone())
+                .map(|&i| statement(i))
                 .collect();
             mongo::update_command(&self.db, self.raw.name(), again, |_| false).await?;
         }
