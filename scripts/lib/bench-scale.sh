@@ -190,9 +190,14 @@ small = {q["name"]: q for q in small_q["queries"]}
 for q in big_q["queries"]:
     s = small[q["name"]]
     ok = q["errors"] == 0 and s["errors"] == 0 and q["p99_ms"] <= 1.2 * s["p99_ms"]
-    row(f"lab-api {q['name']}: p50 | p99 ms (1M vs 10k records)",
-        f"{q['p50_ms']:.1f} | {q['p99_ms']:.1f} vs {s['p50_ms']:.1f} | {s['p99_ms']:.1f}",
-        f"p99 <= 1.2 x: {q['p99_ms'] / max(s['p99_ms'], 0.001):.2f}", ok)
+    note = ""
+    if not ok and q["name"].startswith("labs,"):
+        # The plan reads a page of index keys (below); the stand-in walks the whole range of a
+        # sorted scan before it applies the limit (docs/scaling.md).
+        note = " (stand-in: scans the whole index range of a sorted find; see the plan)"
+    row(f"lab-api {q['name']}: p50 | p99 ms (1M vs 10k records), errors",
+        f"{q['p50_ms']:.1f} | {q['p99_ms']:.1f} vs {s['p50_ms']:.1f} | {s['p99_ms']:.1f}, {q['errors']}",
+        f"p99 <= 1.2 x: {q['p99_ms'] / max(s['p99_ms'], 0.001):.2f}{note}", ok)
 for line in (w / "explain.txt").read_text().splitlines():
     e = json.loads(line)
     row(f"plan: {e['name']}", f"{e['plan']} ({e['index'] or 'no index'})",
