@@ -29,7 +29,9 @@ pub struct FleetRow {
     #[serde(default)]
     pub registry_status: Option<String>,
     /// Meant to be synced: running in the registry, or not listed there (a static worker).
-    /// Absent until a daemon first copies the registry in: taken as true.
+    /// A sync's first write sets it (true) and the registry's copy keeps it; only a document
+    /// of an older version lacks it, until the lease holder copies the registry in (at once
+    /// when it takes the lease): counted as true, and listed once it has it.
     #[serde(default)]
     pub active: Option<bool>,
     /// Absent for a worker never synced.
@@ -217,7 +219,7 @@ impl FleetFilter {
     }
 }
 
-/// One query of a page: rows of one rank, in view order.
+/// One query of a page: rows of one rank (or of one part of it), in view order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetQuery {
     pub rank: Rank,
@@ -240,84 +242,96 @@ pub fn indexes() -> [(Document, &'static str); 2] {
     ]
 }
 
+/// Which rows of a rank a query reads: those never successful (first in the view: no
+/// success sorts before any), those with a success, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Never,
+    Dated,
+    Both,
+}
+
 /// The queries of one page, in view order: for each rank the filter keeps from the cursor's
-/// on, the rows of that rank (after the cursor in its own rank) sorted as the view is. Run
-/// them in turn until a page is full. Each has an equality or range on `consecutive_failures`
-/// and sorts in the order of one of [`indexes`], so it reads about as many keys as it returns
-/// (a `region` filter is applied to the rows an index yields, in order).
+/// on, the rows of that rank (after the cursor in its own rank) sorted as the view is; a stale
+/// rank in two parts, the never successful before the rest. Run them in turn until a page is
+/// full. Each has equalities or one range on the leading fields of one of [`indexes`] and
+/// sorts in its order, so it reads about as many keys as it returns (a `region` filter is
+/// applied to the rows an index yields, in order).
 pub fn queries(
     filter: &FleetFilter,
     after: Option<&FleetKey>,
     threshold: DateTime,
 ) -> Vec<FleetQuery> {
-    RANKS
-        .into_iter()
-        .filter(|r| after.is_none_or(|a| *r as u8 >= a.rank) && filter.wants(*r))
-        .map(|rank| {
+    let parts = RANKS.into_iter().flat_map(|rank| match rank {
+        Rank::Stale | Rank::StaleInactive => vec![(rank, Part::Never), (rank, Part::Dated)],
+        _ => vec![(rank, Part::Both)],
+    });
+    parts
+        .filter(|(rank, part)| {
+            filter.wants(*rank)
+                && after.is_none_or(|a| match (*rank as u8).cmp(&a.rank) {
+                    std::cmp::Ordering::Less => false,
+                    std::cmp::Ordering::Greater => true,
+                    // Within the cursor's rank: not the never part once past it.
+                    std::cmp::Ordering::Equal => *part != Part::Never || a.last_success().is_none(),
+                })
+        })
+        .map(|(rank, part)| {
             let after = after.filter(|a| a.rank == rank as u8);
-            query(rank, filter, after, threshold)
+            query(rank, part, filter, after, threshold)
         })
         .collect()
 }
 
 fn query(
     rank: Rank,
+    part: Part,
     filter: &FleetFilter,
     after: Option<&FleetKey>,
     threshold: DateTime,
 ) -> FleetQuery {
-    let stale = doc! { "$not": { "$gte": threshold } };
-    let fresh = doc! { "$gte": threshold };
-    let mut success = match (rank, filter.stale) {
-        (Rank::Failing, None) => Document::new(),
-        (Rank::Failing, Some(true)) | (Rank::Stale | Rank::StaleInactive, _) => stale,
-        (Rank::Failing, Some(false)) | (Rank::Healthy, _) => fresh,
-    };
     let mut clauses = Vec::new();
     match rank {
         Rank::Failing => {
-            let mut failures = doc! { "$gt": 0_i64 };
+            // `$gte: 1` rather than `$gt: 0` (the same for counts): a plain lower bound.
+            clauses.push(doc! { "consecutive_failures": { "$gte": 1_i64 } });
             if let Some(a) = after {
                 // Bounds the scan to the cursor's streak and shorter ones.
-                failures.insert("$lte", -a.failures);
+                clauses.push(doc! { "consecutive_failures": { "$lte": -a.failures } });
             }
-            clauses.push(doc! { "consecutive_failures": failures });
+            match filter.stale {
+                Some(true) => clauses.push(doc! { "$or": [
+                    { "last_success_at": Bson::Null },
+                    { "last_success_at": { "$lt": threshold } },
+                ] }),
+                Some(false) => clauses.push(doc! { "last_success_at": { "$gte": threshold } }),
+                None => {}
+            }
         }
-        _ => clauses.push(doc! { "consecutive_failures": 0_i64 }),
-    }
-    match rank {
-        Rank::Stale => clauses.push(doc! { "active": { "$in": [true, Bson::Null] } }),
-        Rank::StaleInactive => clauses.push(doc! { "active": false }),
-        _ => {}
+        Rank::Stale | Rank::StaleInactive => {
+            clauses.push(doc! { "consecutive_failures": 0_i64 });
+            clauses.push(doc! { "active": rank == Rank::Stale });
+            clauses.push(match part {
+                Part::Never => doc! { "last_success_at": Bson::Null },
+                _ => doc! { "last_success_at": { "$lt": threshold } },
+            });
+        }
+        Rank::Healthy => {
+            clauses.push(doc! { "consecutive_failures": 0_i64 });
+            clauses.push(doc! { "last_success_at": { "$gte": threshold } });
+        }
     }
     if let Some(a) = after {
-        let last = a.last_success();
-        if rank != Rank::Failing {
-            if let Some(t) = last {
-                success.insert("$gte", t);
-            }
-        }
-        // After (last success, id) = the cursor's, within its streak when failing.
-        let mut after_success = vec![
-            doc! { "last_success_at": last.map_or_else(|| doc! { "$type": "date" }, |t| doc! { "$gt": t }) },
-            doc! { "last_success_at": last.map_or(Bson::Null, Bson::DateTime), "worker_id": { "$gt": &a.worker_id } },
-        ];
-        if rank == Rank::Failing {
-            for d in &mut after_success {
-                d.insert("consecutive_failures", -a.failures);
-            }
-            after_success.insert(0, doc! { "consecutive_failures": { "$lt": -a.failures } });
-        }
-        clauses.push(doc! { "$or": after_success });
-    }
-    if !success.is_empty() {
-        clauses.push(doc! { "last_success_at": success });
+        clauses.extend(after_clauses(rank, part, a));
     }
     if let Some(r) = &filter.region {
         clauses.push(doc! { "aws_region": r });
     }
-    let sort = match rank {
-        Rank::Failing => doc! { "consecutive_failures": -1, "last_success_at": 1, "worker_id": 1 },
+    let sort = match (rank, part) {
+        (Rank::Failing, _) => {
+            doc! { "consecutive_failures": -1, "last_success_at": 1, "worker_id": 1 }
+        }
+        (_, Part::Never) => doc! { "worker_id": 1 },
         _ => doc! { "last_success_at": 1, "worker_id": 1 },
     };
     FleetQuery {
@@ -325,6 +339,39 @@ fn query(
         filter: doc! { "$and": clauses },
         sort,
     }
+}
+
+/// What keeps a query of the cursor's own rank to the rows after it: (last success, id)
+/// after the cursor's, within its streak when failing; a range on the leading sort field
+/// bounds the index scan, the `$or` decides ties.
+fn after_clauses(rank: Rank, part: Part, a: &FleetKey) -> Vec<Document> {
+    let last = a.last_success();
+    match (part, last) {
+        (Part::Never, _) => return vec![doc! { "worker_id": { "$gt": &a.worker_id } }],
+        // The cursor is in the never part: every dated row comes after it.
+        (Part::Dated, None) => return Vec::new(),
+        _ => {}
+    }
+    let later_success = match last {
+        Some(t) => doc! { "last_success_at": { "$gt": t } },
+        None => doc! { "last_success_at": { "$type": "date" } },
+    };
+    let same_success_later_id = doc! {
+        "last_success_at": last.map_or(Bson::Null, Bson::DateTime),
+        "worker_id": { "$gt": &a.worker_id },
+    };
+    let mut clauses = Vec::new();
+    let mut cases = vec![later_success, same_success_later_id];
+    if rank == Rank::Failing {
+        for d in &mut cases {
+            d.insert("consecutive_failures", -a.failures);
+        }
+        cases.insert(0, doc! { "consecutive_failures": { "$lt": -a.failures } });
+    } else if let Some(t) = last {
+        clauses.push(doc! { "last_success_at": { "$gte": t } });
+    }
+    clauses.push(doc! { "$or": cases });
+    clauses
 }
 
 /// The page `rows` (what [`queries`] returned in turn, up to `limit + 1`) make: at most
@@ -620,17 +667,24 @@ mod tests {
 
     #[test]
     fn each_filter_asks_only_the_ranks_it_can_keep() {
+        use Rank::*;
+        // The stale ranks in two parts: never successful, then the rest.
+        let all: Vec<Rank> = queries(&FleetFilter::default(), None, t(0))
+            .into_iter()
+            .map(|q| q.rank)
+            .collect();
+        assert_eq!(
+            all,
+            [Failing, Stale, Stale, StaleInactive, StaleInactive, Healthy]
+        );
         let ranks = |f: FleetFilter| -> Vec<Rank> {
-            queries(&f, None, t(0))
+            let mut r: Vec<Rank> = queries(&f, None, t(0))
                 .into_iter()
                 .map(|q| q.rank)
-                .collect()
+                .collect();
+            r.dedup();
+            r
         };
-        use Rank::*;
-        assert_eq!(
-            ranks(FleetFilter::default()),
-            [Failing, Stale, StaleInactive, Healthy]
-        );
         let f = |failing, stale| FleetFilter {
             failing,
             stale,
@@ -649,20 +703,37 @@ mod tests {
         let threshold = stale_threshold(t(0), 2 * HOUR);
         let stale = row("a", Some(-600), 0).key(threshold);
         let qs = queries(&FleetFilter::default(), Some(&stale), threshold);
+        // Past the never successful of its rank: its dated part, then the later ranks.
         assert_eq!(
             qs.iter().map(|q| q.rank).collect::<Vec<_>>(),
-            [Rank::Stale, Rank::StaleInactive, Rank::Healthy]
+            [
+                Rank::Stale,
+                Rank::StaleInactive,
+                Rank::StaleInactive,
+                Rank::Healthy
+            ]
         );
         // Only the cursor's own rank continues after it.
         assert!(qs[0].filter.to_string().contains("$or"));
         assert!(!qs[1].filter.to_string().contains("$or"));
+        // A cursor among the never successful: the rest of them by id, then every dated row.
+        let never = row("n", None, 0).key(threshold);
+        let qs = queries(&FleetFilter::default(), Some(&never), threshold);
+        assert_eq!(qs.len(), 5);
+        let and = qs[0].filter.get_array("$and").expect("and");
+        assert!(and.contains(&Bson::Document(doc! { "worker_id": { "$gt": "n" } })));
+        assert_eq!(qs[0].sort, doc! { "worker_id": 1 });
+        assert!(!qs[1].filter.to_string().contains("worker_id"));
         // A failing cursor bounds the streak from above: the scan starts at it.
         let failing = row("b", None, 4).key(threshold);
         let q = &queries(&FleetFilter::default(), Some(&failing), threshold)[0];
         let and = q.filter.get_array("$and").expect("and");
         assert_eq!(
-            and[0],
-            Bson::Document(doc! { "consecutive_failures": { "$gt": 0_i64, "$lte": 4_i64 } })
+            &and[..2],
+            [
+                Bson::Document(doc! { "consecutive_failures": { "$gte": 1_i64 } }),
+                Bson::Document(doc! { "consecutive_failures": { "$lte": 4_i64 } })
+            ]
         );
     }
 

@@ -29,7 +29,7 @@ impl Lcg {
 }
 
 /// Rows of every kind: failing streaks that tie, stale and healthy successes that tie (a few
-/// distinct instants), never synced, stopped, not yet reconciled (no `active`), two regions.
+/// distinct instants), never synced, stopped, two regions.
 fn fleet_rows(n: usize) -> Vec<FleetRow> {
     let mut g = Lcg(7);
     (0..n)
@@ -38,7 +38,8 @@ fn fleet_rows(n: usize) -> Vec<FleetRow> {
                 FleetRow::unsynced(&format!("w{:04}", g.below(10_000) * 10 + i as u64 % 10));
             r.worker_id = format!("{}-{i:03}", r.worker_id);
             r.aws_region = Some(["us-east-1", "eu-west-1"][g.below(2) as usize].into());
-            r.active = [Some(true), Some(false), None][g.below(3) as usize];
+            // As the daemon keeps them: every document says whether it is meant to be synced.
+            r.active = Some(g.below(3) != 0);
             r.registry_status = r
                 .active
                 .map(|a| if a { "running" } else { "stopped" }.into());

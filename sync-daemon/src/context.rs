@@ -108,18 +108,11 @@ impl Context {
 
     /// Keeps the fleet view current: copies the registry's name, region and status of every
     /// worker into its status document (only those that changed; a worker never synced gets a
-    /// document), then sets the gauges `sync_workers{state}` as the view counts them and
-    /// `cml_lab_records{state}` from the records. Returns how many documents it wrote.
+    /// document), then sets the gauges `sync_workers{state}` as the view counts them. Returns
+    /// how many documents it wrote.
     pub async fn update_fleet_view(&self) -> Result<usize> {
         let rows = SyncStatusReader::new(&self.db, &self.config.mongodb.sync_status_collection);
-        let (workers, rows, labs) = tokio::try_join!(
-            self.registry.all(),
-            rows.fleet_rows(),
-            self.store.count_by_state()
-        )?;
-        for (state, n) in labs.labelled() {
-            self.metrics.lab_records.get(&State(state)).set(n as f64);
-        }
+        let (workers, rows) = tokio::try_join!(self.registry.all(), rows.fleet_rows())?;
         let view = fleet::reconcile(&workers, rows);
         self.status.record_registry(&view.changes).await?;
         let stale_after = 2 * self.config.sync.interval.get();
@@ -135,6 +128,15 @@ impl Context {
             .set(c.failing_repeatedly as f64);
         gauges.get(&State("stale")).set(c.stale as f64);
         Ok(view.changes.len())
+    }
+
+    /// Sets the gauges `cml_lab_records{state}` from the records (one aggregation over them).
+    pub async fn count_lab_records(&self) -> Result<()> {
+        let labs = self.store.count_by_state().await?;
+        for (state, n) in labs.labelled() {
+            self.metrics.lab_records.get(&State(state)).set(n as f64);
+        }
+        Ok(())
     }
 
     /// Where one worker stands, as a cycle would see it now.

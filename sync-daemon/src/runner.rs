@@ -542,7 +542,11 @@ impl Runner {
             match kind {
                 PassKind::Cycle => {
                     let purged = if stopped { 0 } else { purge(&ctx).await };
-                    update_fleet_view(ctx.clone()).await;
+                    let (view, labs) =
+                        tokio::join!(ctx.update_fleet_view(), ctx.count_lab_records());
+                    for e in [view.err(), labs.err()].into_iter().flatten() {
+                        FleetViewFailed { error: &e }.emit(&ctx.metrics);
+                    }
                     CycleCompleted {
                         report: &report,
                         purged,

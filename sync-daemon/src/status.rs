@@ -33,16 +33,20 @@ impl StatusUpdate {
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         Self {
             worker_id: worker_id.to_owned(),
-            update: doc! { "$set": {
-                "last_attempt_at": at,
-                "last_success_at": at,
-                "last_error": null,
-                "last_error_kind": null,
-                "consecutive_failures": 0_i64,
-                "lab_count": n(lab_count),
-                "last_duration_ms": millis(took),
-                "last_counts": bson::to_bson(&SyncCounts::from(counts)).unwrap_or_default(),
-            } },
+            update: doc! {
+                "$set": {
+                    "last_attempt_at": at,
+                    "last_success_at": at,
+                    "last_error": null,
+                    "last_error_kind": null,
+                    "consecutive_failures": 0_i64,
+                    "lab_count": n(lab_count),
+                    "last_duration_ms": millis(took),
+                    "last_counts": bson::to_bson(&SyncCounts::from(counts)).unwrap_or_default(),
+                },
+                // Synced, so meant to be (the registry's copy keeps it from then on).
+                "$setOnInsert": { "active": true },
+            },
         }
     }
 
@@ -59,7 +63,7 @@ impl StatusUpdate {
                     "last_duration_ms": millis(took),
                 },
                 "$inc": { "consecutive_failures": 1_i64 },
-                "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64 },
+                "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64, "active": true },
             },
         }
     }
