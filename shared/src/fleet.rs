@@ -13,7 +13,7 @@ use bson::{doc, Bson, DateTime, Document};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{cursor, mongo, registry::Worker, Error, Result};
+use crate::{cursor, registry::Worker, Error, Result};
 
 /// A document of `worker_sync_status` as the fleet view reads it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -499,14 +499,6 @@ pub fn reconcile(workers: &[Worker], rows: Vec<FleetRow>) -> Reconciled {
         out.rows.push(row);
     }
     out
-}
-
-/// The index models of [`indexes`].
-pub fn index_models() -> Vec<mongodb::IndexModel> {
-    indexes()
-        .into_iter()
-        .map(|(keys, name)| mongo::index(keys, name, false))
-        .collect()
 }
 
 #[cfg(test)]

@@ -3,13 +3,25 @@
 
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::{Collection, Database};
+use mongodb::{Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     fleet::{self, FleetFilter, FleetKey, FleetRow},
-    Result,
+    mongo, Result,
 };
+
+/// The indexes of `worker_sync_status`: one document per worker, and the fleet view's order
+/// ([`fleet::indexes`]). sync-daemon, its only writer, ensures them.
+pub fn indexes() -> Vec<IndexModel> {
+    std::iter::once(mongo::index(doc! { "worker_id": 1 }, "worker_id_1", true))
+        .chain(
+            fleet::indexes()
+                .into_iter()
+                .map(|(keys, name)| mongo::index(keys, name, false)),
+        )
+        .collect()
+}
 
 /// Matches the documents a sync wrote (not those that only hold a worker's registry fields).
 fn synced() -> Document {

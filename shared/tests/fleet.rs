@@ -61,13 +61,9 @@ fn fleet_rows(n: usize) -> Vec<FleetRow> {
 async fn seeded(test: &str, rows: &[FleetRow]) -> (TestDb, SyncStatusReader) {
     let db = TestDb::new(test).await;
     let coll = db.db.collection::<Document>("worker_sync_status");
-    mongo::ensure_indexes(
-        &coll,
-        std::iter::once(mongo::index(doc! { "worker_id": 1 }, "worker_id_1", true))
-            .chain(fleet::index_models()),
-    )
-    .await
-    .expect("indexes");
+    mongo::ensure_indexes(&coll, shared::status::indexes())
+        .await
+        .expect("indexes");
     let docs: Vec<Document> = rows
         .iter()
         .map(|r| {

@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use mongodb::{Collection, Database};
-use shared::{change::PlanCounts, fleet, mongo, status::SyncCounts, Result};
+use shared::{
+    change::PlanCounts,
+    fleet, mongo,
+    status::{self, SyncCounts},
+    Result,
+};
 
 /// Statements per `update` command (well under the 16 MiB a command may be).
 const STATEMENTS_PER_COMMAND: usize = 1000;
@@ -85,12 +90,7 @@ impl StatusWriter {
     }
 
     pub async fn ensure_indexes(&self) -> Result<()> {
-        mongo::ensure_indexes(
-            &self.raw,
-            std::iter::once(mongo::index(doc! { "worker_id": 1 }, "worker_id_1", true))
-                .chain(fleet::index_models()),
-        )
-        .await
+        mongo::ensure_indexes(&self.raw, status::indexes()).await
     }
 
     /// Writes the registry's fields of these workers (see [`fleet::reconcile`]).

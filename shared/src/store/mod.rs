@@ -218,10 +218,7 @@ impl LabStore {
             .distinct("worker_id", doc! { "last_synced_at": { "$gte": since } })
             .await?
             .into_iter()
-            .filter_map(|b| match b {
-                Bson::String(s) => Some(s),
-                _ => None,
-            })
+            .filter_map(|b| b.as_str().map(str::to_owned))
             .collect())
     }
 
@@ -328,7 +325,6 @@ impl LabStore {
     }
 }
 
-/// How long ago `cutoff` is from `now`, for purges: `now - retention`.
 /// The filter and sort of [`LabStore::labs_of_worker`] (for `explain` as well).
 pub fn worker_labs_query(worker_id: &str, include_removed: bool) -> (Document, Document) {
     let mut filter = doc! { "worker_id": worker_id };
@@ -372,6 +368,7 @@ pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, 
     (query, doc! { "worker_id": 1, "lab_id": 1 })
 }
 
+/// How long ago `cutoff` is from `now`, for purges: `now - retention`.
 pub fn cutoff(now: DateTime, retention: Duration) -> DateTime {
     let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     DateTime::from_millis(now.timestamp_millis().saturating_sub(ms))
