@@ -17,10 +17,10 @@ use shared::{
     metrics::Registry,
     mongo,
     registry::WorkerRegistry,
-    requests::RequestStore,
     service::{probes, HttpListener, ServerLimits},
     status::SyncStatusReader,
     store::LabStore,
+    sync_request::RequestStore,
 };
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;

@@ -9,8 +9,8 @@ use serde_json::Value;
 use shared::{
     fleet::FleetRow,
     record::{HistoryEntry, LabRecord},
-    refresh::{RequestStatus, SyncRequest},
     status::{SyncCounts, WorkerSyncStatus},
+    sync_request::{RequestStatus, SyncRequest},
 };
 use utoipa::ToSchema;
 

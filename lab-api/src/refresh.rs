@@ -16,7 +16,11 @@ use axum::{
     Json,
 };
 use bson::DateTime;
-use shared::{config::SyncConfig, refresh::SyncRequest, registry::Standing, requests::Recorded};
+use shared::{
+    config::SyncConfig,
+    registry::Standing,
+    sync_request::{Recorded, SyncRequest},
+};
 use tokio::time::Instant;
 
 use crate::{

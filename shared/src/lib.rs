@@ -11,13 +11,12 @@ pub mod fleet;
 pub mod metrics;
 pub mod mongo;
 pub mod record;
-pub mod refresh;
 pub mod registry;
-pub mod requests;
 pub mod secret;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod sync_request;
 pub mod telemetry;
 
 pub use error::{Error, Result};

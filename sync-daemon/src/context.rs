@@ -14,9 +14,9 @@ use shared::{
     metrics::State,
     mongo,
     registry::{Standing, WorkerRegistry},
-    requests::RequestStore,
     status::SyncStatusReader,
     store::LabStore,
+    sync_request::RequestStore,
 };
 
 use crate::{

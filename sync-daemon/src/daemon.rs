@@ -1,20 +1,32 @@
-//! The daemon's two ways of running: the long-running loop (hold the lease, sync what the
-//! schedule says, drain on shutdown) and `once` (one cycle, then exit).
+//! The daemon's two modes, both driving a [`Runner`]: [`run`], the long-running loop (hold the
+//! lease, sync what the trigger sources and the schedule say, drain on shutdown), and [`once`]
+//! (one cycle, then exit). Also `sync-daemon refresh` ([`refresh`]).
 
 use std::{sync::Arc, time::Duration};
 
 use bson::{doc, DateTime};
-use shared::{refresh::SyncRequest, registry::Standing, requests::Recorded};
-use tokio::sync::Notify;
+use shared::{
+    registry::Standing,
+    sync_request::{Recorded, SyncRequest},
+};
+use tokio::{
+    sync::{mpsc, Notify},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     backoff::{random_unit, Backoff},
     context::Context,
-    events::{Event, LeaseError, Lifecycle, RefreshScheduled, StorageNotReady},
+    events::{Event, LeaseError, Lifecycle, RefreshScheduled, RetryScheduled, StorageNotReady},
     lease::LeaseKeeper,
     pass::PassReport,
-    runner::Runner,
+    runner::{
+        books::{Bookkeeper, Books},
+        Runner,
+    },
+    schedule::Schedule,
+    trigger::{self, registry::CycleRead, requests::InHand, Sources, Trigger, TRIGGER_QUEUE},
     watch::Watch,
     Error, Result,
 };
@@ -26,8 +38,11 @@ const REQUESTS_SWEEP: Duration = Duration::from_secs(60);
 /// How often it re-reads the registry while change streams are unavailable.
 const REGISTRY_FALLBACK: Duration = Duration::from_secs(60);
 
-/// Runs until `shutdown` is cancelled. Storage is prepared first (retrying while MongoDB is
-/// unreachable), then syncs run only while this replica holds the lease.
+/// The daemon mode: runs until `shutdown` is cancelled. Storage is prepared first (retrying
+/// while MongoDB is unreachable); then syncs run only while this replica holds the lease. The
+/// trigger sources run as tasks of their own; the loop only accepts what they send, wakes for
+/// what is due, and records syncs as they end. On shutdown every source stops and is joined,
+/// then the running syncs and the books drain within `sync.shutdown_grace`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
     let sync = &ctx.config.sync;
     RefreshScheduled {
@@ -37,68 +52,109 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
     .emit(&ctx.metrics);
     prepare_until_ready(&ctx, &shutdown).await;
     let mut lease = LeaseKeeper::start(ctx.clone(), shutdown.clone());
-    let mut runner = Runner::new(ctx.clone(), true);
-    let requests = Arc::new(Notify::new());
-    let registry = Arc::new(Notify::new());
-    let watches = start_watches(&ctx, &lease, &requests, &registry, &shutdown);
+    let in_hand = InHand::default();
+    let books = Books::start(Arc::new(Bookkeeper {
+        ctx: ctx.clone(),
+        in_hand: in_hand.clone(),
+    }));
+    let mut runner = Runner::new(ctx.clone(), ctx.metrics.clone(), schedule(&ctx), books);
+    let (triggers, mut triggered) = mpsc::channel(TRIGGER_QUEUE);
+    let (reads, read_rx) = mpsc::unbounded_channel();
+    let sources = start_sources(&ctx, &lease, triggers, read_rx, in_hand, &shutdown);
     while !shutdown.is_cancelled() {
-        if lease.held() {
-            runner.start_due().await;
-        }
         let held = lease.held();
+        if held {
+            if let Some(read) = runner.tick(Instant::now()) {
+                // The source lives as long as the loop; a send cannot fail before shutdown.
+                let _ = reads.send(read);
+            }
+        }
         let wake = runner.next_wake().filter(|_| held);
         tokio::select! {
             _ = shutdown.cancelled() => {}
             held = lease.changed() => match held {
-                Some(true) => runner.took_over(ctx.lease.state().await.ok().flatten()).await,
-                Some(false) => runner.stop().await,
+                // Read once, before any sync of this term starts: the last holder's schedule.
+                Some(true) => runner.took_over(ctx.lease.state().await.ok().flatten()),
+                Some(false) => runner.stop(),
                 None => break,
             },
             _ = sleep_until(wake) => {}
-            _ = requests.notified(), if held => runner.serve_requests().await,
-            _ = registry.notified(), if held => runner.registry_changed().await,
-            Some(sync) = runner.join_next() => runner.finished(sync).await,
+            Some(trigger) = triggered.recv() => runner.accept(trigger),
+            Some(sync) = runner.join_next() => {
+                let worker_id = sync.target.worker_id.clone();
+                let done = runner.finished(sync);
+                if let Some(retry_in) = done.retry_in {
+                    RetryScheduled { worker_id: &worker_id, failures: done.failures, retry_in }
+                        .emit(&ctx.metrics);
+                }
+            }
         }
     }
-    for w in watches {
-        w.abort();
-    }
-    runner.stop().await;
+    runner.stop();
+    drop(triggered);
+    sources.stop().await;
     runner.drain(ctx.config.sync.shutdown_grace.get()).await;
     lease.release(&ctx).await;
     Lifecycle::Stopped.emit(&ctx.metrics);
     Ok(())
 }
 
-/// The lease holder watches `sync_requests` (new requests; a sweep every minute for requests
-/// nothing announces; every few seconds where change streams are unavailable) and, when it
-/// reads workers from it, the registry (every minute where change streams are unavailable).
-fn start_watches(
-    ctx: &Context,
+fn schedule(ctx: &Context) -> Schedule {
+    let sync = &ctx.config.sync;
+    Schedule::new(
+        Instant::now(),
+        sync.interval.get(),
+        sync.run_immediately,
+        sync.retry_base.get(),
+        sync.concurrency,
+    )
+}
+
+/// The sources that feed the runner: the registry (the cycles' worker lists; its changes when
+/// workers come from it) and refreshes asked for on demand, each woken by a change stream the
+/// lease holder keeps on its collection (`sync_requests`: new requests, a sweep every minute
+/// for requests nothing announces, every few seconds where change streams are unavailable;
+/// `cml_workers`: every minute where they are unavailable).
+fn start_sources(
+    ctx: &Arc<Context>,
     lease: &LeaseKeeper,
-    requests: &Arc<Notify>,
-    registry: &Arc<Notify>,
+    triggers: mpsc::Sender<Trigger>,
+    reads: mpsc::UnboundedReceiver<CycleRead>,
+    in_hand: InHand,
     shutdown: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Sources {
+    let mut sources = Sources::new(shutdown.child_token());
+    let stop = sources.stopping();
     let mongo = &ctx.config.mongodb;
-    let mut watches = vec![Watch {
-        name: "sync_requests",
-        collection: mongo.sync_requests_collection.clone(),
-        pipeline: vec![doc! { "$match": {
-            "operationType": "insert", "fullDocument.status": "pending",
-        } }],
-        fallback: REQUESTS_FALLBACK,
-        sweep: Some(REQUESTS_SWEEP),
-    }
-    .spawn(ctx, lease, requests, shutdown)];
-    if ctx.config.sync.workers_from_registry {
+    let requests = Arc::new(Notify::new());
+    sources.spawn(
+        Watch {
+            name: "sync_requests",
+            collection: mongo.sync_requests_collection.clone(),
+            pipeline: vec![doc! { "$match": {
+                "operationType": "insert", "fullDocument.status": "pending",
+            } }],
+            fallback: REQUESTS_FALLBACK,
+            sweep: Some(REQUESTS_SWEEP),
+        }
+        .run(ctx, lease, &requests, &stop),
+    );
+    sources.spawn(trigger::requests::run(
+        ctx.clone(),
+        lease.subscribe(),
+        requests,
+        triggers.clone(),
+        in_hand,
+    ));
+    let registry = ctx.config.sync.workers_from_registry.then(|| {
+        let changed = Arc::new(Notify::new());
         let fields = ["status", "https_endpoint", "private_ip"];
         let mut touched: Vec<bson::Document> = fields
             .iter()
             .map(|f| doc! { format!("updateDescription.updatedFields.{f}"): { "$exists": true } })
             .collect();
         touched.push(doc! { "updateDescription.removedFields": { "$in": fields.to_vec() } });
-        watches.push(
+        sources.spawn(
             Watch {
                 name: "registry",
                 collection: mongo.workers_collection.clone(),
@@ -109,21 +165,30 @@ fn start_watches(
                 fallback: REGISTRY_FALLBACK,
                 sweep: None,
             }
-            .spawn(ctx, lease, registry, shutdown),
+            .run(ctx, lease, &changed, &stop),
         );
-    }
-    watches
+        changed
+    });
+    sources.spawn(trigger::registry::run(
+        ctx.clone(),
+        lease.subscribe(),
+        registry,
+        reads,
+        triggers,
+    ));
+    sources
 }
 
-async fn sleep_until(wake: Option<tokio::time::Instant>) {
+async fn sleep_until(wake: Option<Instant>) {
     match wake {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
 
-/// One cycle (`sync-daemon once`): takes the lease, syncs every active worker (or just
-/// `only`), purges old tombstones, releases the lease.
+/// The `once` mode (`sync-daemon once`): takes the lease, syncs every active worker (or just
+/// `only`) in one cycle — a failure is final, nothing is retried — purges old tombstones,
+/// releases the lease.
 pub async fn once(
     ctx: Arc<Context>,
     only: Option<&str>,
@@ -162,22 +227,36 @@ async fn one_cycle(
             return Err(Error::UnknownWorker(id.to_owned()));
         }
     }
-    let mut runner = Runner::new(ctx.clone(), false);
-    let pass = runner.start_cycle(targets).await;
-    runner.watch(pass);
-    loop {
-        if let Some(report) = runner.take_report(pass) {
-            return Ok(report);
+    if let Err(e) = ctx.lease.record_cycle(DateTime::now()).await {
+        LeaseError {
+            error: &e.into(),
+            action: "note_cycle",
         }
+        .emit(&ctx.metrics);
+    }
+    let books = Books::start(Arc::new(Bookkeeper {
+        ctx: ctx.clone(),
+        in_hand: InHand::default(),
+    }));
+    let mut runner = Runner::new(ctx.clone(), ctx.metrics.clone(), schedule(ctx), books);
+    let mut report = runner.run_cycle(targets);
+    loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(sync) = runner.join_next() => runner.finished(sync).await,
+            done = &mut report => {
+                let grace = ctx.config.sync.shutdown_grace.get();
+                runner.drain(grace).await;
+                return done.map_err(|_| Error::Drain(grace));
+            }
+            Some(sync) = runner.join_next() => {
+                runner.finished(sync);
+            }
         }
     }
-    runner.stop().await;
+    runner.stop();
     let grace = ctx.config.sync.shutdown_grace.get();
     runner.drain(grace).await;
-    runner.take_report(pass).ok_or(Error::Drain(grace))
+    report.await.map_err(|_| Error::Drain(grace))
 }
 
 /// `sync-daemon refresh`: records a refresh of `worker_id` (as lab-api does, throttle

@@ -498,6 +498,23 @@ impl Event for DrainTimedOut {
     }
 }
 
+/// What follows the last syncs (statuses, a pass's records) was not written within the
+/// shutdown grace: the next holder's syncs write it again.
+#[derive(Debug)]
+pub struct BooksTimedOut {
+    pub grace: Duration,
+}
+
+impl Event for BooksTimedOut {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "books_timed_out",
+            grace_ms = ms(self.grace),
+            "The last statuses were not written within the shutdown grace; stopping anyway"
+        );
+    }
+}
+
 /// The daemon starts or stops.
 #[derive(Debug)]
 pub enum Lifecycle<'a> {

@@ -1,7 +1,9 @@
 //! sync-daemon: polls every CML worker of the fleet and keeps `lab_records` in MongoDB up to date.
 //!
-//! [`app::App`] is the service; [`daemon`] its loop and `once`; [`schedule::Schedule`] decides
-//! what syncs when (pure), [`runner::Runner`] does it, [`worker`] syncs one worker.
+//! [`app::App`] is the service; [`daemon`] its two modes (the loop and `once`); the
+//! [`trigger`] sources say why a worker syncs, [`schedule::Schedule`] decides what syncs when
+//! (pure), [`runner::Runner`] starts the syncs and hands what follows to its books, [`worker`]
+//! syncs one worker.
 
 pub mod app;
 pub mod backoff;
@@ -16,6 +18,7 @@ pub mod pass;
 pub mod runner;
 pub mod schedule;
 pub mod status;
+pub mod trigger;
 pub mod watch;
 pub mod worker;
 

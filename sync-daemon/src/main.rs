@@ -7,8 +7,8 @@ use shared::{
     cli::{check_config, load_or_report, CheckConfigArgs, ConfigArgs},
     config::{Config, Role},
     duration::HumanDuration,
-    refresh::RequestStatus,
     service::shutdown_signal,
+    sync_request::RequestStatus,
     telemetry::Telemetry,
 };
 use sync_daemon::{app, context::Context, daemon};

@@ -1,20 +1,24 @@
-//! What syncs next and when: a refresh cycle every interval (never two at once, no burst after
-//! an overrun, the schedule kept across a lease takeover), retries of failed workers with
-//! backoff, syncs requested now, a global concurrency cap, and never two syncs of one worker at
-//! once — a worker asked for while it is queued or syncing joins that sync's outcome.
+//! What syncs next: the passes the trigger sources open (a cycle, due retries, syncs asked for
+//! now), a global concurrency cap, and never two syncs of one worker at once — a worker asked
+//! for while it is queued or syncing joins that sync's outcome. It owns the two timed sources
+//! (the [cycle timer](crate::trigger::cycle) and the [retries](crate::trigger::retry)); the
+//! others feed it through the runner.
 //!
 //! Pure: no I/O and no clock of its own; instants come in (tokio's, so tests pause and advance
-//! time). The daemon's loop does the I/O around it.
+//! time). The runner does the I/O around it.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     time::Duration,
 };
 
 use cml_client::CmlTarget;
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
+use crate::{
+    backoff::Backoff,
+    trigger::{cycle::CycleTimer, retry::Retries},
+};
 
 /// Names one pass: a cycle, a batch of retries, or a requested sync.
 pub type PassId = u64;
@@ -26,7 +30,7 @@ pub enum PassKind {
     Cycle,
     /// Failed workers whose retry is due.
     Retry,
-    /// Workers someone asked to sync now.
+    /// Workers someone (or something: the registry) asked to sync now.
     Requested,
 }
 
@@ -70,22 +74,11 @@ struct Job {
     passes: Vec<PassId>,
 }
 
-#[derive(Debug, Clone)]
-struct Retry {
-    target: CmlTarget,
-    due: Instant,
-}
-
 #[derive(Debug)]
 pub struct Schedule {
-    interval: Duration,
-    backoff: Backoff,
+    pub(crate) cycle: CycleTimer,
+    retries: Retries,
     concurrency: usize,
-    next_cycle: Instant,
-    /// The cycle in progress: the next one waits for it.
-    cycle: Option<PassId>,
-    failures: HashMap<String, u32>,
-    retries: BTreeMap<String, Retry>,
     queue: VecDeque<Job>,
     running: HashMap<String, Job>,
     next_pass: PassId,
@@ -100,17 +93,14 @@ impl Schedule {
         retry_base: Duration,
         concurrency: usize,
     ) -> Self {
+        let backoff = Backoff {
+            base: retry_base,
+            cap: interval,
+        };
         Self {
-            interval,
-            backoff: Backoff {
-                base: retry_base,
-                cap: interval,
-            },
+            cycle: CycleTimer::new(now, interval, run_immediately, backoff),
+            retries: Retries::new(backoff),
             concurrency: concurrency.max(1),
-            next_cycle: if run_immediately { now } else { now + interval },
-            cycle: None,
-            failures: HashMap::new(),
-            retries: BTreeMap::new(),
             queue: VecDeque::new(),
             running: HashMap::new(),
             next_pass: 1,
@@ -119,27 +109,30 @@ impl Schedule {
 
     /// When something timed is due next: the next cycle (unless one runs) or a retry.
     pub fn next_wake(&self) -> Option<Instant> {
-        let cycle = self.cycle.is_none().then_some(self.next_cycle);
-        let retry = self.retries.values().map(|r| r.due).min();
-        cycle.into_iter().chain(retry).min()
+        self.cycle
+            .next_wake()
+            .into_iter()
+            .chain(self.retries.next_wake())
+            .min()
+    }
+
+    /// When the first retry is due.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.retries.next_wake()
     }
 
     /// Whether a cycle should start now.
     pub fn cycle_due(&self, now: Instant) -> bool {
-        self.cycle.is_none() && now >= self.next_cycle
+        self.cycle.due(now)
     }
 
     /// Opens a cycle over `workers` (the active ones now). Workers that left the fleet are no
     /// longer retried.
     pub fn start_cycle(&mut self, workers: Vec<CmlTarget>) -> Opened {
-        // An interval after this one was due; if that is already past (an overdue cycle), the
-        // overrun rule of `cycle_finished` applies.
-        self.next_cycle += self.interval;
         let active: HashSet<&str> = workers.iter().map(|t| t.worker_id.as_str()).collect();
-        self.retries.retain(|id, _| active.contains(id.as_str()));
-        self.failures.retain(|id, _| active.contains(id.as_str()));
+        self.retries.retain(&active);
         let opened = self.open(PassKind::Cycle, workers);
-        self.cycle = Some(opened.pass);
+        self.cycle.started(opened.pass);
         opened
     }
 
@@ -148,54 +141,29 @@ impl Schedule {
     /// interval after it began.
     pub fn resume_cycle(&mut self, workers: Vec<CmlTarget>) -> Opened {
         let opened = self.open(PassKind::Cycle, workers);
-        self.cycle = Some(opened.pass);
+        self.cycle.resumed(opened.pass);
         opened
     }
 
-    /// The worker list could not be read: the cycle is tried again soon (a first retry's
-    /// delay, jittered by `unit` in `[0, 1)`), not an interval later. Returns that delay.
+    /// The worker list could not be read: the cycle is tried again soon. Returns the delay.
     pub fn cycle_not_started(&mut self, now: Instant, unit: f64) -> Duration {
-        let retry_in = self.backoff.delay(1, unit);
-        self.next_cycle = now + retry_in;
-        retry_in
+        self.cycle.not_started(now, unit)
     }
 
-    /// The cycle `pass` has no worker left to wait for. After an overrun the next cycle is an
-    /// interval from now: missed cycles are not run in a burst.
+    /// The cycle `pass` has no worker left to wait for (see [`CycleTimer::finished`]).
     pub fn cycle_finished(&mut self, pass: PassId, now: Instant) {
-        if self.cycle == Some(pass) {
-            self.cycle = None;
-        }
-        if self.next_cycle <= now {
-            self.next_cycle = now + self.interval;
-        }
+        self.cycle.finished(pass, now);
     }
 
-    /// This replica took the lease over: the next cycle is an interval after the last one any
-    /// replica started (`since_last_cycle` ago), so a handover neither skips nor doubles one.
+    /// This replica took the lease over (see [`CycleTimer::took_over`]).
     pub fn took_over(&mut self, now: Instant, since_last_cycle: Option<Duration>) {
-        if let Some(since) = since_last_cycle {
-            self.next_cycle = now + self.interval.saturating_sub(since);
-        }
+        self.cycle.took_over(now, since_last_cycle);
     }
 
     /// Opens a pass over the workers whose retry is due, if any.
     pub fn due_retries(&mut self, now: Instant) -> Option<Opened> {
-        let due: Vec<String> = self
-            .retries
-            .iter()
-            .filter(|(_, r)| r.due <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        if due.is_empty() {
-            return None;
-        }
-        let targets = due
-            .iter()
-            .filter_map(|id| self.retries.remove(id))
-            .map(|r| r.target)
-            .collect();
-        Some(self.open(PassKind::Retry, targets))
+        let due = self.retries.take_due(now);
+        (!due.is_empty()).then(|| self.open(PassKind::Retry, due))
     }
 
     /// Asks for `target` to sync now. Joins a sync of that worker that is queued or running.
@@ -257,6 +225,11 @@ impl Schedule {
         self.running.len()
     }
 
+    /// Whether a sync of `worker_id` runs now.
+    pub fn is_running(&self, worker_id: &str) -> bool {
+        self.running.contains_key(worker_id)
+    }
+
     /// A worker's sync ended. `unit` is a random draw in `[0, 1)` for the retry's jitter.
     pub fn finished(&mut self, worker_id: &str, ok: bool, now: Instant, unit: f64) -> Finished {
         let Some(job) = self.running.remove(worker_id) else {
@@ -267,25 +240,14 @@ impl Schedule {
             };
         };
         if ok {
-            self.failures.remove(worker_id);
-            self.retries.remove(worker_id);
+            self.retries.succeeded(worker_id);
             return Finished {
                 passes: job.passes,
                 failures: 0,
                 retry_in: None,
             };
         }
-        let failures = self.failures.entry(worker_id.to_owned()).or_insert(0);
-        *failures += 1;
-        let delay = self.backoff.delay(*failures, unit);
-        let failures = *failures;
-        self.retries.insert(
-            worker_id.to_owned(),
-            Retry {
-                target: job.target,
-                due: now + delay,
-            },
-        );
+        let (failures, delay) = self.retries.failed(job.target, now, unit);
         Finished {
             passes: job.passes,
             failures,
@@ -296,8 +258,7 @@ impl Schedule {
     /// Worker `worker_id` is no longer to be synced (it stopped): its retry is dropped, and a
     /// queued sync of it is given back as skipped. A sync of it that runs goes on.
     pub fn forget(&mut self, worker_id: &str) -> Option<Skipped> {
-        self.retries.remove(worker_id);
-        self.failures.remove(worker_id);
+        self.retries.forget(worker_id);
         let at = self
             .queue
             .iter()
@@ -473,7 +434,7 @@ mod tests {
         assert_eq!((healed.failures, healed.retry_in), (0, None));
         assert_eq!(
             s.next_wake(),
-            Some(s.next_cycle),
+            Some(s.cycle.next),
             "only the next cycle is left"
         );
     }

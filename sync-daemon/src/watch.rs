@@ -9,10 +9,7 @@ use bson::Document;
 use futures::StreamExt;
 use mongodb::Database;
 use shared::metrics::Watched;
-use tokio::{
-    sync::{watch, Notify},
-    task::JoinHandle,
-};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -41,22 +38,23 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Watches while `lease` is held by this replica; wakes `wake` (coalesced).
-    pub fn spawn(
+    /// Watches while `lease` is held by this replica; wakes `wake` (coalesced). Ends when
+    /// `stop` is cancelled.
+    pub fn run(
         self,
         ctx: &Context,
         lease: &LeaseKeeper,
         wake: &Arc<Notify>,
         stop: &CancellationToken,
-    ) -> JoinHandle<()> {
-        tokio::spawn(run(
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        run(
             ctx.db.clone(),
             self,
             lease.subscribe(),
             wake.clone(),
             ctx.metrics.clone(),
             stop.clone(),
-        ))
+        )
     }
 }
 
@@ -141,6 +139,8 @@ async fn run(
 
 #[cfg(test)]
 mod tests {
+    use tokio::task::JoinHandle;
+
     use super::*;
 
     /// A database on a server that is not there: every change stream fails to open.

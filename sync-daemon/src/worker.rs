@@ -20,6 +20,7 @@ use crate::{
         Event, FieldsTruncated, ListingNote, RecordSkipped, RemovalsChecked, WorkerSyncFailed,
         WorkerSynced,
     },
+    metrics::Metrics,
     status::StatusUpdate,
     Error, Result,
 };
@@ -83,7 +84,7 @@ impl WorkerSync {
     }
 
     /// One log line and the metrics of this outcome.
-    pub fn emit(&self, ctx: &Context) {
+    pub fn emit(&self, metrics: &Metrics) {
         let worker_id = &self.target.worker_id;
         match &self.result {
             Ok(outcome) => WorkerSynced {
@@ -91,13 +92,13 @@ impl WorkerSync {
                 outcome,
                 took: self.took,
             }
-            .emit(&ctx.metrics),
+            .emit(metrics),
             Err(error) => WorkerSyncFailed {
                 worker_id,
                 error,
                 took: self.took,
             }
-            .emit(&ctx.metrics),
+            .emit(metrics),
         }
     }
 }
@@ -117,7 +118,7 @@ pub async fn sync_worker(ctx: &Context, target: CmlTarget) -> WorkerSync {
         took: started.elapsed(),
         result,
     };
-    sync.emit(ctx);
+    sync.emit(&ctx.metrics);
     sync
 }
 

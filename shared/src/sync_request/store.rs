@@ -19,8 +19,8 @@ use mongodb::{
 
 use crate::{
     mongo::{self, is_duplicate_key},
-    refresh::{throttle, RequestStatus, SyncRequest, Throttle},
     status::SyncCounts,
+    sync_request::{throttle, RequestStatus, SyncRequest, Throttle},
     Result,
 };
 

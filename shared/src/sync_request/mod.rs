@@ -1,6 +1,10 @@
 //! Sync requests ("refresh this worker's labs now", collection `sync_requests`): the document
-//! lab-api records and the lease holder of sync-daemon serves, its states, and the per-worker
-//! throttle — pure, no I/O.
+//! lab-api records and the lease holder of sync-daemon serves, its states and the per-worker
+//! throttle (pure, here), and their [store] (reading and writing the collection).
+
+mod store;
+
+pub use store::{Outcome, Recorded, RequestStore, KEEP_REQUESTS};
 
 use std::time::Duration;
 

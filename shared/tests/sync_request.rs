@@ -5,9 +5,9 @@ use std::time::Duration;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
 use shared::{
-    refresh::RequestStatus,
-    requests::{Outcome, Recorded, RequestStore, KEEP_REQUESTS},
     status::SyncCounts,
+    sync_request::RequestStatus,
+    sync_request::{Outcome, Recorded, RequestStore, KEEP_REQUESTS},
 };
 use testkit::TestDb;
 
@@ -30,7 +30,7 @@ async fn record(s: &RequestStore, id: &str, worker: &str, secs: i64) -> Recorded
         .expect("record")
 }
 
-fn accepted(r: Recorded) -> shared::refresh::SyncRequest {
+fn accepted(r: Recorded) -> shared::sync_request::SyncRequest {
     match r {
         Recorded::Accepted(r) => *r,
         Recorded::Throttled { .. } => panic!("throttled: {r:?}"),
