@@ -5,6 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bson::{doc, DateTime};
+use shared::backoff::{random_unit, Backoff};
 use shared::{
     registry::Standing,
     sync_request::{Recorded, SyncRequest},
@@ -16,7 +17,6 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backoff::{random_unit, Backoff},
     context::Context,
     events::{Event, LeaseError, Lifecycle, RefreshScheduled, RetryScheduled, StorageNotReady},
     lease::LeaseKeeper,

@@ -6,7 +6,7 @@
 //! syncs one worker.
 
 pub mod app;
-pub mod backoff;
+
 pub mod context;
 pub mod daemon;
 pub mod error;

@@ -13,12 +13,10 @@ use std::{
 };
 
 use cml_client::CmlTarget;
+use shared::backoff::Backoff;
 use tokio::time::Instant;
 
-use crate::{
-    backoff::Backoff,
-    trigger::{cycle::CycleTimer, retry::Retries},
-};
+use crate::trigger::{cycle::CycleTimer, retry::Retries};
 
 /// Names one pass: a cycle, a batch of retries, or a requested sync.
 pub type PassId = u64;

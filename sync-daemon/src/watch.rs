@@ -6,9 +6,12 @@
 use std::{sync::Arc, time::Duration};
 
 use bson::Document;
-use futures::StreamExt;
-use mongodb::Database;
-use shared::metrics::Watched;
+use mongodb::{change_stream::event::ChangeStreamEvent, Database};
+use shared::{
+    backoff::Backoff,
+    change_stream::{follow, Follower, Source, Spec, State},
+    metrics::Watched,
+};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +22,8 @@ use crate::{
     metrics::Metrics,
 };
 
-/// The first retry after a change stream failed; later ones wait `fallback`.
+/// The first retry after a change stream failed (before jitter); later ones back off up to
+/// `fallback`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// One collection to watch.
@@ -66,9 +70,23 @@ async fn run(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let coll = db.collection::<Document>(&w.collection);
-    let mut failures: u32 = 0;
-    let mut opened_before = false;
+    let source = Source::Collection(db.collection(&w.collection));
+    let spec = Spec {
+        pipeline: w.pipeline.clone(),
+        full_document: None,
+        batch_size: None,
+        start_at: None,
+        backoff: Backoff {
+            base: FIRST_RETRY.min(w.fallback),
+            cap: w.fallback,
+        },
+    };
+    let mut waker = Waker {
+        name: w.name,
+        wake: wake.clone(),
+        metrics: metrics.clone(),
+        announce: true,
+    };
     loop {
         // Standby: nothing to watch for.
         while !*held.borrow_and_update() {
@@ -77,63 +95,87 @@ async fn run(
                 changed = held.changed() => if changed.is_err() { return },
             }
         }
-        let opened = tokio::select! {
-            _ = stop.cancelled() => return,
-            opened = coll.watch().pipeline(w.pipeline.clone()) => opened,
-        };
-        // Whatever changed while nobody watched is read now.
-        wake.notify_one();
-        let error = match opened {
-            Ok(mut stream) => {
-                if failures > 0 || !opened_before {
-                    WatchOpened { name: w.name }.emit(&metrics);
+        let lost = async {
+            while *held.borrow_and_update() {
+                if held.changed().await.is_err() {
+                    return;
                 }
-                opened_before = true;
-                metrics.watch_up.get(&Watched(w.name)).set(1.0);
-                failures = 0;
-                let sweep = w.sweep.unwrap_or(Duration::MAX);
-                let error = loop {
-                    let next = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        changed = held.changed() => {
-                            if changed.is_err() { return }
-                            if *held.borrow() { continue }
-                            break None;
-                        }
-                        _ = tokio::time::sleep(sweep) => { wake.notify_one(); continue }
-                        next = stream.next() => next,
-                    };
-                    match next {
-                        Some(Ok(_)) => wake.notify_one(),
-                        Some(Err(e)) => break Some(e.to_string()),
-                        None => break Some("the change stream ended".to_owned()),
-                    }
-                };
-                metrics.watch_up.get(&Watched(w.name)).set(0.0);
-                error
             }
-            Err(e) => Some(e.to_string()),
         };
-        let Some(error) = error else {
-            continue; // the lease was lost
-        };
-        failures += 1;
-        let retry_in = if failures == 1 {
-            FIRST_RETRY.min(w.fallback)
-        } else {
-            w.fallback
-        };
-        WatchFailed {
-            name: w.name,
-            error: &error,
-            failures,
-            retry_in,
-        }
-        .emit(&metrics);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(retry_in) => {}
+            _ = lost => {}
+            _ = sweep(w.sweep, &wake) => {}
+            _ = follow(&source, spec.clone(), &mut waker) => {}
         }
+        metrics.watch_up.get(&Watched(w.name)).set(0.0);
+    }
+}
+
+/// Wakes the holder every `every`, if at all.
+async fn sweep(every: Option<Duration>, wake: &Notify) {
+    let Some(every) = every else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        wake.notify_one();
+    }
+}
+
+/// Follows a watched collection: every change, and every time the stream (re)opens or fails,
+/// wakes the holder — whatever changed while nobody watched is read then, so where change
+/// streams are unavailable the holder is woken at each attempt, every `fallback` at most.
+struct Waker {
+    name: &'static str,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    /// Log the next opening (the first, or the first after a failure).
+    announce: bool,
+}
+
+impl Follower for Waker {
+    fn state(&mut self, state: State<'_>) {
+        self.wake.notify_one();
+        let up = self.metrics.watch_up.get(&Watched(self.name));
+        match state {
+            State::Up { .. } => {
+                if std::mem::take(&mut self.announce) {
+                    WatchOpened { name: self.name }.emit(&self.metrics);
+                }
+                up.set(1.0);
+            }
+            State::Down {
+                error,
+                failures,
+                retry_in,
+            } => {
+                up.set(0.0);
+                self.announce = true;
+                WatchFailed {
+                    name: self.name,
+                    error: &error.to_string(),
+                    failures,
+                    retry_in,
+                }
+                .emit(&self.metrics);
+            }
+            State::HistoryLost { error, retry_in } => {
+                up.set(0.0);
+                self.announce = true;
+                WatchFailed {
+                    name: self.name,
+                    error: &error.to_string(),
+                    failures: 1,
+                    retry_in,
+                }
+                .emit(&self.metrics);
+            }
+        }
+    }
+
+    async fn change(&mut self, _: ChangeStreamEvent<Document>) {
+        self.wake.notify_one();
     }
 }
 

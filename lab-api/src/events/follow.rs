@@ -2,16 +2,20 @@
 //! statuses, so that one resume token orders every event. At start it reads back
 //! `api.events.replay_window` to fill the hub's memory; after an error (MongoDB restarted,
 //! failed over) it resumes after the last change it saw, so nothing is missed; when it cannot
-//! (the oplog moved on) every client is told to reload.
+//! (the oplog moved on) every client is told to reload. The following itself is
+//! [`shared::change_stream`]'s; this module says what each change means here.
 
 use std::{sync::Arc, time::Duration};
 
 use bson::{doc, Bson, DateTime, Document, Timestamp};
-use futures::StreamExt;
 use mongodb::{
     change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken},
     options::FullDocumentType,
     Database,
+};
+use shared::{
+    backoff::Backoff,
+    change_stream::{self, Follower, Source, Spec, State},
 };
 
 use super::{
@@ -20,12 +24,6 @@ use super::{
     Backlog, Hub,
 };
 
-/// MongoDB's codes for a change stream that cannot resume from its token.
-const CANNOT_RESUME: [i32; 3] = [
-    260, // InvalidResumeToken
-    280, // ChangeStreamFatalError
-    286, // ChangeStreamHistoryLost
-];
 /// Events published between two turns of the clients' streams; `api.events.client_buffer`
 /// is at least twice this, so a client that reads keeps up with a burst.
 const PUBLISH_BURST: u64 = 32;
@@ -121,112 +119,98 @@ fn written_at(e: &ChangeStreamEvent<Document>) -> DateTime {
 /// Follows the change stream until the hub stops; wakes `waiters` of requests that finish.
 pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, db: Database, watched: Watched) {
     let stop = hub.stopping();
-    let mut resume: Option<ResumeToken> = None;
-    let mut started = false;
-    let mut retry = RETRY_FIRST;
-    let mut published: u64 = 0;
-    loop {
-        let mut watch = db
-            .watch()
-            .pipeline(pipeline(&watched))
-            .full_document(FullDocumentType::UpdateLookup)
-            // Bounded batches: catching up (at start, after an outage) never holds megabytes
-            // of changes at once.
-            .batch_size(BATCH);
-        if let Some(token) = &resume {
-            watch = watch.resume_after(token.clone());
-        } else if !started && !hub.replay_window.is_zero() {
-            let from = DateTime::now().timestamp_millis()
-                - i64::try_from(hub.replay_window.as_millis()).unwrap_or(i64::MAX);
-            watch = watch.start_at_operation_time(Timestamp {
-                time: u32::try_from(from.max(0) / 1000).unwrap_or(0),
-                increment: 0,
-            });
+    let start_at = (!hub.replay_window.is_zero()).then(|| {
+        let from = DateTime::now().timestamp_millis()
+            - i64::try_from(hub.replay_window.as_millis()).unwrap_or(i64::MAX);
+        Timestamp {
+            time: u32::try_from(from.max(0) / 1000).unwrap_or(0),
+            increment: 0,
         }
-        let opened = tokio::select! {
-            _ = stop.cancelled() => return,
-            opened = watch => opened,
-        };
-        let error = match opened {
-            Ok(mut stream) => {
-                started = true;
-                hub.metrics.change_stream_up.set(1.0);
+    });
+    let spec = Spec {
+        pipeline: pipeline(&watched),
+        full_document: Some(FullDocumentType::UpdateLookup),
+        // Bounded batches: catching up (at start, after an outage) never holds megabytes of
+        // changes at once.
+        batch_size: Some(BATCH),
+        start_at,
+        backoff: Backoff {
+            base: RETRY_FIRST,
+            cap: RETRY_MAX,
+        },
+    };
+    let mut relay = Relay {
+        hub: hub.clone(),
+        waiters,
+        watched,
+        published: 0,
+    };
+    let source = Source::Database(db);
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = change_stream::follow(&source, spec, &mut relay) => {}
+    }
+    hub.metrics.change_stream_up.set(0.0);
+}
+
+/// Publishes each change to the hub's clients and wakes whoever waits for a request it
+/// finishes.
+struct Relay {
+    hub: Arc<Hub>,
+    waiters: Arc<Waiters>,
+    watched: Watched,
+    published: u64,
+}
+
+impl Follower for Relay {
+    fn state(&mut self, state: State<'_>) {
+        let metrics = &self.hub.metrics;
+        match state {
+            State::Up { resumed } => {
+                metrics.change_stream_up.set(1.0);
                 tracing::info!(
                     event = "change_stream_opened",
-                    resumed = resume.is_some(),
+                    resumed,
                     "Following lab changes"
                 );
-                let error = loop {
-                    let next = tokio::select! {
-                        _ = stop.cancelled() => {
-                            hub.metrics.change_stream_up.set(0.0);
-                            return;
-                        }
-                        next = stream.next() => next,
-                    };
-                    match next {
-                        Some(Ok(e)) => {
-                            retry = RETRY_FIRST;
-                            hub.metrics.changes.inc();
-                            let change = change_of(&e, &watched);
-                            if let Some(id) = change.as_ref().and_then(finished_request) {
-                                waiters.finished(&id);
-                            }
-                            if let Some(d) = change.as_ref().and_then(derive) {
-                                let backlog = hub.publish(
-                                    event_id(&e.id),
-                                    d.kind,
-                                    d.worker_id,
-                                    written_at(&e),
-                                    d.data,
-                                );
-                                // In a burst (a first cycle, a catch-up) the clients'
-                                // streams get scheduled every few events, each writing what
-                                // piled up in one go; while one is behind, reading slows so
-                                // that it can catch up (one that stalled is dropped when its
-                                // queue is full, and holds nobody up after that).
-                                published += 1;
-                                if backlog == Backlog::Behind {
-                                    tokio::time::sleep(BACKLOG_PAUSE).await;
-                                } else if published % PUBLISH_BURST == 0 {
-                                    tokio::task::yield_now().await;
-                                }
-                            }
-                            // The stream's own token: past this event, or past a quiet
-                            // stretch the server reported (post-batch token).
-                            resume = stream.resume_token().or(Some(e.id));
-                        }
-                        Some(Err(e)) => {
-                            resume = stream.resume_token().or(resume);
-                            break e;
-                        }
-                        None => {
-                            break mongodb::error::Error::custom("the change stream ended");
-                        }
-                    }
-                };
-                hub.metrics.change_stream_up.set(0.0);
-                error
             }
-            Err(e) => e,
-        };
-        hub.metrics.change_stream_errors.inc();
-        let code = match *error.kind {
-            mongodb::error::ErrorKind::Command(ref c) => Some(c.code),
-            _ => None,
-        };
-        if code.is_some_and(|c| CANNOT_RESUME.contains(&c)) {
-            tracing::warn!(event = "change_stream_reset", error = %error, "The change stream cannot resume: every client reloads");
-            hub.reset_all("history_lost");
-            resume = None;
-            started = true;
-        } else {
-            tracing::warn!(event = "change_stream_failed", error = %error, retry_in_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX), "The change stream failed; resuming");
+            State::Down {
+                error, retry_in, ..
+            } => {
+                metrics.change_stream_up.set(0.0);
+                metrics.change_stream_errors.inc();
+                tracing::warn!(event = "change_stream_failed", error = %error, retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX), "The change stream failed; resuming");
+            }
+            State::HistoryLost { error, .. } => {
+                metrics.change_stream_up.set(0.0);
+                metrics.change_stream_errors.inc();
+                tracing::warn!(event = "change_stream_reset", error = %error, "The change stream cannot resume: every client reloads");
+                self.hub.reset_all("history_lost");
+            }
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(retry) => {}
+    }
+
+    async fn change(&mut self, e: ChangeStreamEvent<Document>) {
+        self.hub.metrics.changes.inc();
+        let change = change_of(&e, &self.watched);
+        if let Some(id) = change.as_ref().and_then(finished_request) {
+            self.waiters.finished(&id);
         }
-        retry = (retry * 2).min(RETRY_MAX);
+        let Some(d) = change.as_ref().and_then(derive) else {
+            return;
+        };
+        let backlog =
+            self.hub
+                .publish(event_id(&e.id), d.kind, d.worker_id, written_at(&e), d.data);
+        // In a burst (a first cycle, a catch-up) the clients' streams get scheduled every few
+        // events, each writing what piled up in one go; while one is behind, reading slows so
+        // that it can catch up (one that stalled is dropped when its queue is full, and holds
+        // nobody up after that).
+        self.published += 1;
+        if backlog == Backlog::Behind {
+            tokio::time::sleep(BACKLOG_PAUSE).await;
+        } else if self.published % PUBLISH_BURST == 0 {
+            tokio::task::yield_now().await;
+        }
     }
 }

@@ -259,7 +259,9 @@ mod tests {
             assert_eq!(keys, ["sync.interval", "sync.retry_base"], "{err}");
             assert!(err.to_string().contains("CML_LABS_SYNC__INTERVAL"), "{err}");
             let err = load(Role::LabApi).expect_err("too long");
-            assert_eq!(err.0[0].key, "api.request_timeout", "{err}");
+            let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+            // lab-api reads the interval too (twice it is the fleet view's staleness).
+            assert_eq!(keys[..2], ["sync.interval", "api.request_timeout"], "{err}");
             Ok(())
         });
     }
@@ -359,6 +361,61 @@ mod tests {
             }
             leaf => out.push((prefix.to_owned(), leaf.clone())),
         }
+    }
+
+    /// Each binary validates every key it reads: a key added to a role's reads without a check
+    /// (or a new key of a section a role reads) fails here.
+    #[test]
+    fn each_role_validates_every_key_it_reads() {
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
+        let mut all = Vec::new();
+        keys(&defaults, "", &mut all);
+        for role in [Role::SyncDaemon, Role::LabApi] {
+            let validated = Config::default().validated_keys(role);
+            let read: Vec<&str> = all
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| role.reads_key(k))
+                .collect();
+            for key in &read {
+                assert!(
+                    validated.contains(*key),
+                    "{role:?} reads `{key}` but does not validate it"
+                );
+            }
+            for key in &validated {
+                assert!(
+                    role.reads_key(key),
+                    "{role:?} validates `{key}` it does not read"
+                );
+            }
+            for read in role.reads() {
+                assert!(
+                    all.iter()
+                        .any(|(k, _)| role.reads_key(k) && k.starts_with(read)),
+                    "{role:?} reads `{read}`, which is no key"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lab_api_refuses_what_it_reads_of_the_sync_section() {
+        // Twice an interval this long overflows a clock; lab-api computes it at start.
+        let toml = "[sync]\ninterval = \"100000000d\"\nrefresh_min_interval = \"0s\"\n\
+                    [api.auth]\nmode = \"none\"\n";
+        let err = Config::from_figment(&Figment::from(Toml::string(toml)), Role::LabApi)
+            .expect_err("refused");
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["sync.interval", "sync.refresh_min_interval"]);
+        let mut longest = Config::default();
+        longest.api.auth.mode = AuthMode::None;
+        longest.sync.interval = HumanDuration::from_secs(7 * 86_400);
+        assert!(
+            longest.validate(Role::LabApi).is_empty(),
+            "the longest interval allowed"
+        );
+        assert!(longest.sync.interval.get().checked_mul(2).is_some());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Checks serde cannot express: ranges, addresses, URLs, names, and settings that only make
-//! sense together. Each binary checks only the sections it reads.
+//! sense together. Each binary checks every key it reads and nothing else: the keys a role
+//! reads are declared once ([`Role::reads`]); a test checks that each of them is validated.
 
 use std::{collections::HashSet, net::SocketAddr, path::Path, time::Duration};
 
@@ -16,37 +17,95 @@ const MINUTES_5: Duration = Duration::from_secs(300);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
-impl Config {
-    /// Semantic checks serde cannot express. Returns `(dotted key, message)` pairs.
-    pub fn validate(&self, role: Role) -> Vec<(String, String)> {
-        let mut v = Validator::default();
-        self.mongodb.validate(&mut v);
-        self.telemetry.validate(&mut v);
-        match role {
-            Role::SyncDaemon => {
-                self.cml.validate(&mut v);
-                self.sync.validate(&mut v);
-            }
-            Role::LabApi => self.api.validate(&mut v),
+impl Role {
+    /// The keys this role's binary reads: whole sections, or single keys of a section (and
+    /// everything below them). Validation covers exactly these.
+    pub fn reads(self) -> &'static [&'static str] {
+        match self {
+            Role::SyncDaemon => &["mongodb", "telemetry", "cml", "sync"],
+            Role::LabApi => &[
+                "mongodb",
+                "telemetry",
+                "api",
+                // The fleet view's staleness (two intervals) and the refresh throttle.
+                "sync.interval",
+                "sync.refresh_min_interval",
+                // Whether a worker may be refreshed: as a cycle would see it.
+                "sync.workers_from_registry",
+                "sync.static_workers",
+                "cml.use_private_ip",
+            ],
         }
-        v.problems
+    }
+
+    /// Whether this role reads `key` (a dotted key, `[i]` indexes included).
+    pub fn reads_key(self, key: &str) -> bool {
+        self.reads().iter().any(|read| {
+            key.strip_prefix(read)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
     }
 }
 
-#[derive(Default)]
+impl Config {
+    /// Semantic checks serde cannot express, of the keys `role` reads. Returns `(dotted key,
+    /// message)` pairs.
+    pub fn validate(&self, role: Role) -> Vec<(String, String)> {
+        self.validator(role).problems
+    }
+
+    /// The keys whose values [`Config::validate`] looks at for `role`.
+    pub fn validated_keys(&self, role: Role) -> HashSet<String> {
+        self.validator(role).visited
+    }
+
+    fn validator(&self, role: Role) -> Validator {
+        let mut v = Validator {
+            role,
+            problems: Vec::new(),
+            visited: HashSet::new(),
+        };
+        self.mongodb.validate(&mut v);
+        self.telemetry.validate(&mut v);
+        self.cml.validate(&mut v);
+        self.sync.validate(&mut v);
+        self.api.validate(&mut v);
+        v
+    }
+}
+
 struct Validator {
+    role: Role,
     problems: Vec<(String, String)>,
+    /// Every key looked at (for the test that each key read is validated).
+    visited: HashSet<String>,
 }
 
 impl Validator {
+    /// Whether `key` is checked here: only the keys the role reads are.
+    fn reads(&mut self, key: &str) -> bool {
+        let reads = self.role.reads_key(key);
+        if reads {
+            self.visited.insert(key.to_owned());
+        }
+        reads
+    }
+
     fn fail(&mut self, key: &str, message: impl Into<String>) {
-        self.problems.push((key.to_owned(), message.into()));
+        if self.reads(key) {
+            self.problems.push((key.to_owned(), message.into()));
+        }
     }
 
     fn check(&mut self, ok: bool, key: &str, message: impl FnOnce() -> String) {
-        if !ok {
+        if self.reads(key) && !ok {
             self.fail(key, message());
         }
+    }
+
+    /// A key any value of its type is valid for (a switch): looked at, nothing to check.
+    fn any(&mut self, key: &str) {
+        self.reads(key);
     }
 
     fn duration_range(&mut self, key: &str, d: HumanDuration, min: Duration, max: Duration) {
@@ -72,6 +131,9 @@ impl Validator {
     }
 
     fn name(&mut self, key: &str, value: &str, forbidden: &[char]) {
+        if !self.reads(key) {
+            return;
+        }
         if value.is_empty() {
             self.fail(key, "must not be empty");
         } else if let Some(c) = value.chars().find(|c| forbidden.contains(c) || *c == '\0') {
@@ -80,6 +142,9 @@ impl Validator {
     }
 
     fn http_url(&mut self, key: &str, value: &str) {
+        if !self.reads(key) {
+            return;
+        }
         if value.is_empty() {
             return self.fail(key, "must be set to an http(s) URL");
         }
@@ -126,6 +191,8 @@ impl MongoConfig {
         ] {
             v.name(key, value, &['$']);
         }
+        v.any("mongodb.read_preference");
+        v.any("mongodb.batch_writes");
         v.duration_range(
             "mongodb.server_selection_timeout",
             self.server_selection_timeout,
@@ -143,6 +210,9 @@ impl CmlConfig {
         v.check(!self.password.is_empty(), "cml.password", || {
             "must be set (usually through CML_LABS_CML__PASSWORD)".into()
         });
+        v.any("cml.verify_tls");
+        v.any("cml.use_private_ip");
+        v.any("cml.ca_bundle");
         if !self.ca_bundle.is_empty() {
             v.check(
                 Path::new(&self.ca_bundle).is_file(),
@@ -224,12 +294,13 @@ impl SyncConfig {
             DAY,
         );
         v.socket_addr("sync.admin_listen", &self.admin_listen);
-        if !self.workers_from_registry && self.static_workers.is_empty() {
-            v.fail(
-                "sync.workers_from_registry",
-                "is false and sync.static_workers is empty: there is nothing to sync",
-            );
-        }
+        v.check(
+            self.workers_from_registry || !self.static_workers.is_empty(),
+            "sync.workers_from_registry",
+            || "is false and sync.static_workers is empty: there is nothing to sync".into(),
+        );
+        v.any("sync.run_immediately");
+        v.any("sync.static_workers");
         let mut ids = HashSet::new();
         for (i, w) in self.static_workers.iter().enumerate() {
             let key = format!("sync.static_workers[{i}]");
@@ -273,6 +344,8 @@ impl ApiConfig {
             1,
             1_000_000,
         );
+        v.any("api.refresh_enabled");
+        v.any("api.cors_allowed_origins");
         for (i, origin) in self.cors_allowed_origins.iter().enumerate() {
             if origin != "*" {
                 v.http_url(&format!("api.cors_allowed_origins[{i}]"), origin);
@@ -306,6 +379,15 @@ impl ApiConfig {
             DAY,
         );
         let auth = &self.auth;
+        for key in [
+            "api.auth.mode",
+            "api.auth.jwks_url",
+            "api.auth.issuer",
+            "api.auth.audience",
+            "api.auth.token_hashes",
+        ] {
+            v.any(key); // checked below for the mode that uses it
+        }
         match auth.mode {
             AuthMode::Jwt => {
                 v.http_url("api.auth.jwks_url", &auth.jwks_url);
@@ -354,8 +436,11 @@ impl TelemetryConfig {
                 )
             },
         );
+        v.any("telemetry.log_format");
+        v.any("telemetry.otlp_endpoint");
         if !self.otlp_endpoint.is_empty() {
             v.http_url("telemetry.otlp_endpoint", &self.otlp_endpoint);
         }
+        v.any("telemetry.service_name"); // empty: the binary's own name
     }
 }

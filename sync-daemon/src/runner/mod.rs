@@ -15,6 +15,7 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use bson::DateTime;
 use cml_client::CmlTarget;
+use shared::backoff::random_unit;
 use shared::sync_request::SyncRequest;
 use tokio::{
     sync::oneshot,
@@ -24,7 +25,6 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{
-    backoff::random_unit,
     context::Context,
     events::{CycleSkipped, CycleStarted, DrainTimedOut, Event, RetriesStarted, ServeFailed},
     lease::LeaseState,

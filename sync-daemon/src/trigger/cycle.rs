@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::{backoff::Backoff, schedule::PassId};
+use shared::backoff::Backoff;
+
+use crate::schedule::PassId;
 
 #[derive(Debug)]
 pub struct CycleTimer {

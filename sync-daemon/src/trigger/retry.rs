@@ -10,7 +10,7 @@ use std::{
 use cml_client::CmlTarget;
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
+use shared::backoff::Backoff;
 
 #[derive(Debug, Clone)]
 struct Due {

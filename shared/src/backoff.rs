@@ -1,22 +1,24 @@
-//! When to retry a failing worker: jittered exponential backoff, capped at the sync interval.
+//! The one retry policy of the project: jittered exponential backoff, capped — a failing
+//! worker's retries (capped at the sync interval), MongoDB not ready at start, a change stream
+//! that failed.
 //!
 //! Pure: the random draw is passed in, so schedules are testable without a clock or an RNG.
 
 use std::time::Duration;
 
-/// Backoff of a failing worker between regular cycles.
+/// Delays that double after each failure in a row, from `base` up to `cap`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// Delay before the first retry (before jitter).
     pub base: Duration,
-    /// Never wait longer than this: the next regular cycle covers the worker anyway.
+    /// Never wait longer than this (for a worker: the next regular cycle covers it anyway).
     pub cap: Duration,
 }
 
 impl Backoff {
     /// The delay after `failures` consecutive failures (1 = the first), with "equal jitter":
     /// half the exponential step is fixed, the other half scaled by `unit` in `[0, 1)`. Retries
-    /// of many workers that failed together (a network blip) spread out instead of stampeding.
+    /// of many clients that failed together (a network blip) spread out instead of stampeding.
     pub fn delay(&self, failures: u32, unit: f64) -> Duration {
         let exp = failures.saturating_sub(1).min(30);
         let step = self.base.saturating_mul(1u32 << exp).min(self.cap);
