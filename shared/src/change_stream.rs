@@ -144,25 +144,21 @@ async fn open(
     spec: &Spec,
     resume: Option<ResumeToken>,
 ) -> mongodb::error::Result<mongodb::change_stream::ChangeStream<ChangeStreamEvent<Document>>> {
-    macro_rules! configured {
-        ($watch:expr) => {{
-            let mut watch = $watch.pipeline(spec.pipeline.clone());
-            if let Some(f) = &spec.full_document {
-                watch = watch.full_document(f.clone());
-            }
-            if let Some(n) = spec.batch_size {
-                watch = watch.batch_size(n);
-            }
-            match (resume, spec.start_at) {
-                (Some(token), _) => watch.resume_after(token).await,
-                (None, Some(at)) => watch.start_at_operation_time(at).await,
-                (None, None) => watch.await,
-            }
-        }};
+    let mut watch = match source {
+        Source::Database(db) => db.watch(),
+        Source::Collection(coll) => coll.watch(),
     }
-    match source {
-        Source::Database(db) => configured!(db.watch()),
-        Source::Collection(coll) => configured!(coll.watch()),
+    .pipeline(spec.pipeline.clone());
+    if let Some(f) = &spec.full_document {
+        watch = watch.full_document(f.clone());
+    }
+    if let Some(n) = spec.batch_size {
+        watch = watch.batch_size(n);
+    }
+    match (resume, spec.start_at) {
+        (Some(token), _) => watch.resume_after(token).await,
+        (None, Some(at)) => watch.start_at_operation_time(at).await,
+        (None, None) => watch.await,
     }
 }
 

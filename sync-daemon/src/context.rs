@@ -20,7 +20,7 @@ use shared::{
 };
 
 use crate::{
-    events::{Event, LegacyUpgraded, StoragePrepared},
+    events::{Event, LeaseError, LegacyUpgraded, StoragePrepared},
     lease::Lease,
     metrics::Metrics,
     status::StatusWriter,
@@ -104,6 +104,31 @@ impl Context {
             LegacyUpgraded { upgraded }.emit(&self.metrics);
         }
         Ok(())
+    }
+
+    /// Notes in the lease that a cycle starts now, so a replica taking over keeps its rhythm
+    /// (and knows what is left of it). A failure is logged: the schedule goes on.
+    pub async fn note_cycle_start(&self) {
+        self.note_cycle("note_cycle", self.lease.record_cycle(DateTime::now()).await);
+    }
+
+    /// Notes in the lease that a cycle ended, so a replica taking over reports when the fleet
+    /// last synced. A failure is logged.
+    pub async fn note_cycle_end(&self) {
+        self.note_cycle(
+            "note_cycle_end",
+            self.lease.record_cycle_end(DateTime::now()).await,
+        );
+    }
+
+    fn note_cycle(&self, action: &'static str, noted: shared::Result<()>) {
+        if let Err(e) = noted {
+            LeaseError {
+                error: &e.into(),
+                action,
+            }
+            .emit(&self.metrics);
+        }
     }
 
     /// Keeps the fleet view current: copies the registry's name, region and status of every

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bson::{doc, DateTime};
+use bson::DateTime;
 use shared::backoff::{random_unit, Backoff};
 use shared::{
     registry::Standing,
@@ -27,16 +27,8 @@ use crate::{
     },
     schedule::Schedule,
     trigger::{self, registry::CycleRead, requests::InHand, Sources, Trigger, TRIGGER_QUEUE},
-    watch::Watch,
     Error, Result,
 };
-
-/// How often the holder looks for requests while change streams are unavailable.
-const REQUESTS_FALLBACK: Duration = Duration::from_secs(5);
-/// How often it looks anyway (requests it took and lost track of, say).
-const REQUESTS_SWEEP: Duration = Duration::from_secs(60);
-/// How often it re-reads the registry while change streams are unavailable.
-const REGISTRY_FALLBACK: Duration = Duration::from_secs(60);
 
 /// The daemon mode: runs until `shutdown` is cancelled. Storage is prepared first (retrying
 /// while MongoDB is unreachable); then syncs run only while this replica holds the lease. The
@@ -111,10 +103,8 @@ fn schedule(ctx: &Context) -> Schedule {
 }
 
 /// The sources that feed the runner: the registry (the cycles' worker lists; its changes when
-/// workers come from it) and refreshes asked for on demand, each woken by a change stream the
-/// lease holder keeps on its collection (`sync_requests`: new requests, a sweep every minute
-/// for requests nothing announces, every few seconds where change streams are unavailable;
-/// `cml_workers`: every minute where they are unavailable).
+/// workers come from it) and refreshes asked for on demand, each woken by the watch the lease
+/// holder keeps on its collection.
 fn start_sources(
     ctx: &Arc<Context>,
     lease: &LeaseKeeper,
@@ -127,18 +117,7 @@ fn start_sources(
     let stop = sources.stopping();
     let mongo = &ctx.config.mongodb;
     let requests = Arc::new(Notify::new());
-    sources.spawn(
-        Watch {
-            name: "sync_requests",
-            collection: mongo.sync_requests_collection.clone(),
-            pipeline: vec![doc! { "$match": {
-                "operationType": "insert", "fullDocument.status": "pending",
-            } }],
-            fallback: REQUESTS_FALLBACK,
-            sweep: Some(REQUESTS_SWEEP),
-        }
-        .run(ctx, lease, &requests, &stop),
-    );
+    sources.spawn(trigger::requests::watch(mongo).run(ctx, lease, &requests, &stop));
     sources.spawn(trigger::requests::run(
         ctx.clone(),
         lease.subscribe(),
@@ -148,25 +127,7 @@ fn start_sources(
     ));
     let registry = ctx.config.sync.workers_from_registry.then(|| {
         let changed = Arc::new(Notify::new());
-        let fields = ["status", "https_endpoint", "private_ip"];
-        let mut touched: Vec<bson::Document> = fields
-            .iter()
-            .map(|f| doc! { format!("updateDescription.updatedFields.{f}"): { "$exists": true } })
-            .collect();
-        touched.push(doc! { "updateDescription.removedFields": { "$in": fields.to_vec() } });
-        sources.spawn(
-            Watch {
-                name: "registry",
-                collection: mongo.workers_collection.clone(),
-                pipeline: vec![doc! { "$match": { "$or": [
-                    { "operationType": { "$in": ["insert", "replace", "delete"] } },
-                    { "operationType": "update", "$or": touched },
-                ] } }],
-                fallback: REGISTRY_FALLBACK,
-                sweep: None,
-            }
-            .run(ctx, lease, &changed, &stop),
-        );
+        sources.spawn(trigger::registry::watch(mongo).run(ctx, lease, &changed, &stop));
         changed
     });
     sources.spawn(trigger::registry::run(
@@ -227,13 +188,7 @@ async fn one_cycle(
             return Err(Error::UnknownWorker(id.to_owned()));
         }
     }
-    if let Err(e) = ctx.lease.record_cycle(DateTime::now()).await {
-        LeaseError {
-            error: &e.into(),
-            action: "note_cycle",
-        }
-        .emit(&ctx.metrics);
-    }
+    ctx.note_cycle_start().await;
     let books = Books::start(Arc::new(Bookkeeper {
         ctx: ctx.clone(),
         in_hand: InHand::default(),

@@ -223,11 +223,6 @@ impl Schedule {
         self.running.len()
     }
 
-    /// Whether a sync of `worker_id` runs now.
-    pub fn is_running(&self, worker_id: &str) -> bool {
-        self.running.contains_key(worker_id)
-    }
-
     /// A worker's sync ended. `unit` is a random draw in `[0, 1)` for the retry's jitter.
     pub fn finished(&mut self, worker_id: &str, ok: bool, now: Instant, unit: f64) -> Finished {
         let Some(job) = self.running.remove(worker_id) else {

@@ -137,45 +137,39 @@ struct Waker {
 impl Follower for Waker {
     fn state(&mut self, state: State<'_>) {
         self.wake.notify_one();
-        let up = self.metrics.watch_up.get(&Watched(self.name));
         match state {
             State::Up { .. } => {
                 if std::mem::take(&mut self.announce) {
                     WatchOpened { name: self.name }.emit(&self.metrics);
                 }
-                up.set(1.0);
+                self.metrics.watch_up.get(&Watched(self.name)).set(1.0);
             }
             State::Down {
                 error,
                 failures,
                 retry_in,
-            } => {
-                up.set(0.0);
-                self.announce = true;
-                WatchFailed {
-                    name: self.name,
-                    error: &error.to_string(),
-                    failures,
-                    retry_in,
-                }
-                .emit(&self.metrics);
-            }
-            State::HistoryLost { error, retry_in } => {
-                up.set(0.0);
-                self.announce = true;
-                WatchFailed {
-                    name: self.name,
-                    error: &error.to_string(),
-                    failures: 1,
-                    retry_in,
-                }
-                .emit(&self.metrics);
-            }
+            } => self.failed(error, failures, retry_in),
+            // Nothing to resume for a watch that only wakes: a failure like any other.
+            State::HistoryLost { error, retry_in } => self.failed(error, 1, retry_in),
         }
     }
 
     async fn change(&mut self, _: ChangeStreamEvent<Document>) {
         self.wake.notify_one();
+    }
+}
+
+impl Waker {
+    fn failed(&mut self, error: &mongodb::error::Error, failures: u32, retry_in: Duration) {
+        self.metrics.watch_up.get(&Watched(self.name)).set(0.0);
+        self.announce = true;
+        WatchFailed {
+            name: self.name,
+            error: &error.to_string(),
+            failures,
+            retry_in,
+        }
+        .emit(&self.metrics);
     }
 }
 

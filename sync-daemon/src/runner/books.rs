@@ -18,8 +18,8 @@ use tracing::Instrument;
 use crate::{
     context::Context,
     events::{
-        BooksTimedOut, CycleCompleted, Event, FleetViewFailed, LeaseError, PurgeFailed,
-        RetriesCompleted, StatusWriteFailed,
+        BooksTimedOut, CycleCompleted, Event, FleetViewFailed, PurgeFailed, RetriesCompleted,
+        StatusWriteFailed,
     },
     metrics::Metrics,
     pass::{Pass, PassReport},
@@ -178,13 +178,7 @@ impl Bookkeeping for Bookkeeper {
             FleetViewFailed { error: &e }.emit(&ctx.metrics);
         }
         CycleCompleted { report, purged }.emit(&ctx.metrics);
-        if let Err(e) = ctx.lease.record_cycle_end(DateTime::now()).await {
-            LeaseError {
-                error: &e.into(),
-                action: "note_cycle_end",
-            }
-            .emit(&ctx.metrics);
-        }
+        ctx.note_cycle_end().await;
     }
 
     async fn request_finished(&self, request: SyncRequest, report: Option<&PassReport>) {

@@ -348,11 +348,6 @@ impl<S: Syncer> Runner<S> {
         }
     }
 
-    /// How many syncs run now.
-    pub fn running(&self) -> usize {
-        self.tasks.len()
-    }
-
     /// Waits up to `grace` for the syncs that run, then hands the books their last work and
     /// waits for them too (within the same grace). False when something was still running
     /// then: it was aborted and joined (each record write is atomic, so none is left

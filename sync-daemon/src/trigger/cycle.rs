@@ -65,11 +65,6 @@ impl CycleTimer {
         retry_in
     }
 
-    /// Whether `pass` is the cycle in progress.
-    pub fn is_running(&self, pass: PassId) -> bool {
-        self.running == Some(pass)
-    }
-
     /// Cycle `pass` has no worker left to wait for. After an overrun the next cycle is an
     /// interval from now: missed cycles are not run in a burst.
     pub fn finished(&mut self, pass: PassId, now: Instant) {

@@ -5,7 +5,7 @@
 //!
 //! Adding a source (CML's event watch, say): a module here that sends a new [`Trigger`]
 //! variant, the runner's `accept` arm that opens a pass for it, and its task started in
-//! [`Sources::start`].
+//! [`crate::daemon`]'s `start_sources`.
 
 pub mod cycle;
 pub mod registry;
@@ -17,7 +17,11 @@ use shared::sync_request::SyncRequest;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::Error;
+use crate::{
+    context::Context,
+    events::{Event, ServeFailed},
+    Error,
+};
 
 /// One reason to sync, sent by a source to the runner.
 #[derive(Debug)]
@@ -49,6 +53,16 @@ pub type Triggers = mpsc::Sender<Trigger>;
 
 /// How many triggers may wait for the runner.
 pub const TRIGGER_QUEUE: usize = 64;
+
+/// What a source could not read or write (`sync_requests`, the registry): logged; its next
+/// wake or sweep tries again.
+pub fn serve_failed(ctx: &Context, error: impl Into<Error>, action: &'static str) {
+    ServeFailed {
+        error: &error.into(),
+        action,
+    }
+    .emit(&ctx.metrics);
+}
 
 /// The source tasks of a running daemon, joined at shutdown.
 #[derive(Debug)]

@@ -5,18 +5,44 @@
 //! list as last read ([`Known`]), so each change is logged once; the first read after taking
 //! the lease is the baseline.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use bson::DateTime;
+use bson::{doc, DateTime, Document};
 use cml_client::CmlTarget;
+use shared::config::MongoConfig;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{requests::failed, Trigger, Triggers};
+use super::{serve_failed, Trigger, Triggers};
 use crate::{
     context::Context,
-    events::{CycleResumed, Event, FleetViewFailed, LeaseError, RegistryChange},
+    events::{CycleResumed, Event, FleetViewFailed, RegistryChange},
     known::{Changes, Known},
+    watch::Watch,
 };
+
+/// How often the registry is re-read while change streams are unavailable.
+const FALLBACK: Duration = Duration::from_secs(60);
+
+/// What wakes this source (when workers come from the registry): workers added, replaced or
+/// removed, and changes of the fields that decide whether and where one is synced.
+pub fn watch(mongo: &MongoConfig) -> Watch {
+    let fields = ["status", "https_endpoint", "private_ip"];
+    let mut touched: Vec<Document> = fields
+        .iter()
+        .map(|f| doc! { format!("updateDescription.updatedFields.{f}"): { "$exists": true } })
+        .collect();
+    touched.push(doc! { "updateDescription.removedFields": { "$in": fields.to_vec() } });
+    Watch {
+        name: "registry",
+        collection: mongo.workers_collection.clone(),
+        pipeline: vec![doc! { "$match": { "$or": [
+            { "operationType": { "$in": ["insert", "replace", "delete"] } },
+            { "operationType": "update", "$or": touched },
+        ] } }],
+        fallback: FALLBACK,
+        sweep: None,
+    }
+}
 
 /// A read the runner asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,60 +90,53 @@ pub async fn run(
 }
 
 /// Reads the workers of a cycle and hands them to the runner (with what changed since the
-/// last read). A full cycle is noted in the lease, so a replica taking over keeps its rhythm.
+/// last read). A full cycle is noted in the lease, so a replica taking over keeps its rhythm;
+/// the rest of an interrupted one leaves out the workers synced since it began.
 async fn cycle(ctx: &Context, known: &mut Known, read: CycleRead, triggers: &Triggers) -> bool {
-    let trigger = match read {
-        CycleRead::Full => match ctx.workers().await {
-            Ok(targets) => {
-                if !forget_stopped(ctx, known, &targets, triggers).await {
-                    return false;
-                }
-                if let Err(e) = ctx.lease.record_cycle(DateTime::now()).await {
-                    LeaseError {
-                        error: &e.into(),
-                        action: "note_cycle",
-                    }
-                    .emit(&ctx.metrics);
-                }
-                Trigger::Cycle {
-                    targets,
-                    resumed: false,
-                }
-            }
-            Err(error) => Trigger::CycleUnreadable {
-                error,
+    let since = match read {
+        CycleRead::Full => None,
+        CycleRead::Resume { since } => Some(since),
+    };
+    let read = tokio::try_join!(ctx.workers(), async {
+        match since {
+            Some(since) => Ok(ctx.store.workers_synced_since(since).await?),
+            None => Ok(HashSet::new()),
+        }
+    });
+    let (targets, synced) = match read {
+        Ok(read) => read,
+        Err(error) => {
+            let resumed = since.is_some();
+            let unreadable = Trigger::CycleUnreadable { error, resumed };
+            return triggers.send(unreadable).await.is_ok();
+        }
+    };
+    if !forget_stopped(ctx, known, &targets, triggers).await {
+        return false;
+    }
+    let trigger = match since {
+        None => {
+            ctx.note_cycle_start().await;
+            Trigger::Cycle {
+                targets,
                 resumed: false,
-            },
-        },
-        CycleRead::Resume { since } => {
-            let read = tokio::try_join!(ctx.workers(), async {
-                Ok(ctx.store.workers_synced_since(since).await?)
-            });
-            match read {
-                Ok((targets, synced)) => {
-                    if !forget_stopped(ctx, known, &targets, triggers).await {
-                        return false;
-                    }
-                    let total = targets.len();
-                    let rest: Vec<CmlTarget> = targets
-                        .into_iter()
-                        .filter(|t| !synced.contains(&t.worker_id))
-                        .collect();
-                    CycleResumed {
-                        began: since,
-                        workers: rest.len(),
-                        already_synced: total - rest.len(),
-                    }
-                    .emit(&ctx.metrics);
-                    Trigger::Cycle {
-                        targets: rest,
-                        resumed: true,
-                    }
-                }
-                Err(error) => Trigger::CycleUnreadable {
-                    error,
-                    resumed: true,
-                },
+            }
+        }
+        Some(began) => {
+            let total = targets.len();
+            let rest: Vec<CmlTarget> = targets
+                .into_iter()
+                .filter(|t| !synced.contains(&t.worker_id))
+                .collect();
+            CycleResumed {
+                began,
+                workers: rest.len(),
+                already_synced: total - rest.len(),
+            }
+            .emit(&ctx.metrics);
+            Trigger::Cycle {
+                targets: rest,
+                resumed: true,
             }
         }
     };
@@ -149,7 +168,7 @@ async fn registry_changed(ctx: &Context, known: &mut Known, triggers: &Triggers)
     let targets = match ctx.workers().await {
         Ok(targets) => targets,
         Err(error) => {
-            failed(ctx, error, "read the worker registry");
+            serve_failed(ctx, error, "read the worker registry");
             return true;
         }
     };

@@ -11,21 +11,42 @@ use std::{
     time::Duration,
 };
 
-use bson::DateTime;
+use bson::{doc, DateTime};
 use cml_client::CmlTarget;
 use shared::{
+    config::MongoConfig,
     registry::Standing,
     status::SyncCounts,
     sync_request::{Outcome, SyncRequest},
 };
 use tokio::sync::{watch, Notify};
 
-use super::{Trigger, Triggers};
+use super::{serve_failed, Trigger, Triggers};
 use crate::{
     context::Context,
-    events::{Event, RequestServed, RequestServing, RequestsRequeued, ServeFailed},
+    events::{Event, RequestServed, RequestServing, RequestsRequeued},
     pass::PassReport,
+    watch::Watch,
 };
+
+/// How often the holder looks for requests while change streams are unavailable.
+const FALLBACK: Duration = Duration::from_secs(5);
+/// How often it looks anyway (requests it took and lost track of, say).
+const SWEEP: Duration = Duration::from_secs(60);
+
+/// What wakes this source: new pending requests, a sweep every minute for requests nothing
+/// announces, every few seconds where change streams are unavailable.
+pub fn watch(mongo: &MongoConfig) -> Watch {
+    Watch {
+        name: "sync_requests",
+        collection: mongo.sync_requests_collection.clone(),
+        pipeline: vec![doc! { "$match": {
+            "operationType": "insert", "fullDocument.status": "pending",
+        } }],
+        fallback: FALLBACK,
+        sweep: Some(SWEEP),
+    }
+}
 
 /// Longest error text written into a request: as much as a worker's sync status keeps.
 const MAX_ERROR_LEN: usize = 1024;
@@ -110,7 +131,7 @@ async fn requeue_orphans(ctx: &Context) {
     match ctx.requests.requeue_orphans(ctx.lease.holder()).await {
         Ok(0) => {}
         Ok(requests) => RequestsRequeued { requests }.emit(&ctx.metrics),
-        Err(e) => failed(ctx, e, "requeue refresh requests"),
+        Err(e) => serve_failed(ctx, e, "requeue refresh requests"),
     }
 }
 
@@ -121,11 +142,11 @@ async fn serve(ctx: &Context, triggers: &Triggers, in_hand: &InHand) {
         Ok(ids) => {
             for id in ids.iter().filter(|id| !in_hand.contains(id)) {
                 if let Err(e) = ctx.requests.requeue(id).await {
-                    failed(ctx, e, "requeue refresh requests");
+                    serve_failed(ctx, e, "requeue refresh requests");
                 }
             }
         }
-        Err(e) => return failed(ctx, e, "read refresh requests"),
+        Err(e) => return serve_failed(ctx, e, "read refresh requests"),
     }
     loop {
         match ctx.requests.claim(DateTime::now(), holder).await {
@@ -135,7 +156,7 @@ async fn serve(ctx: &Context, triggers: &Triggers, in_hand: &InHand) {
                 }
             }
             Ok(None) => return,
-            Err(e) => return failed(ctx, e, "take a refresh request"),
+            Err(e) => return serve_failed(ctx, e, "take a refresh request"),
         }
     }
 }
@@ -222,18 +243,8 @@ pub async fn finish(
             duration,
         }
         .emit(&ctx.metrics),
-        Err(e) => failed(ctx, e, "write a refresh request's outcome"),
+        Err(e) => serve_failed(ctx, e, "write a refresh request's outcome"),
     }
-}
-
-/// `sync_requests` or the registry could not be read or written: logged; the next wake or
-/// sweep tries again.
-pub fn failed(ctx: &Context, error: impl Into<crate::Error>, action: &'static str) {
-    ServeFailed {
-        error: &error.into(),
-        action,
-    }
-    .emit(&ctx.metrics);
 }
 
 #[cfg(test)]
