@@ -19,13 +19,13 @@ use shared::{
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    app::AppState,
     dto::{FleetLab, FleetPage, FleetWorkerDto, LabPage, LabRecordDto, SyncStatusDto, UiLab},
     etag::Tagged,
     events,
     openapi::ReadErrors,
     params::{self, Cursor, Id, Region, Username},
     problem::{ApiError, Problem},
+    state::AppState,
 };
 
 /// Every endpoint under `/api`, with its documentation.

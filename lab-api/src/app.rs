@@ -1,5 +1,6 @@
 //! The service: [`router`] builds the HTTP application from explicit dependencies (tests drive
-//! it with `oneshot`); [`App`] binds it to `api.listen` and serves it until shutdown.
+//! it with `oneshot`); [`App`] binds it to `api.listen` ([`App::build`]) and runs it with its
+//! background task, the change-stream follower, until shutdown ([`App::run`]).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,16 +12,11 @@ use axum::{
     routing::get,
     BoxError, Json, Router,
 };
-use mongodb::{Client, Database};
 use shared::{
-    config::{ApiConfig, AuthMode, Config, EventsConfig, MongoConfig, SyncConfig},
+    config::{ApiConfig, AuthMode, Config},
     metrics::Registry,
     mongo,
-    registry::WorkerRegistry,
     service::{probes, HttpListener, ServerLimits},
-    status::SyncStatusReader,
-    store::LabStore,
-    sync_request::RequestStore,
 };
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -33,64 +29,12 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
-    api,
-    auth::Authenticator,
-    etag,
-    events::{self, follow::Watched, waiters::Waiters, EventMetrics, Hub},
-    metrics::Metrics,
-    openapi::ApiDoc,
-    problem::ApiError,
-    refresh::{RefreshSettings, MAX_WAIT},
+    api, auth::Authenticator, etag, events, metrics::Metrics, openapi::ApiDoc, problem::ApiError,
+    refresh::MAX_WAIT, state::AppState,
 };
 
 /// Paths served besides the API: probes, metrics and the OpenAPI document (never authenticated).
 pub const OPEN_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
-
-/// What handlers need; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub store: LabStore,
-    pub status: SyncStatusReader,
-    pub registry: WorkerRegistry,
-    pub db: Database,
-    /// A worker without a success for this long is stale: two sync intervals (`sync.interval`).
-    pub stale_after: Duration,
-    /// `api.max_labs_per_response`, set by [`router`] from the configuration.
-    pub max_labs_per_response: usize,
-    /// The live events of this replica (`api.events`); [`App::build`] starts following the
-    /// change stream into it.
-    pub events: Arc<Hub>,
-    /// Refreshes asked for on demand (`sync_requests`): the only collection lab-api writes.
-    pub requests: RequestStore,
-    /// Callers waiting for a request's outcome, woken by the change stream.
-    pub waiters: Arc<Waiters>,
-    pub refresh: RefreshSettings,
-}
-
-impl AppState {
-    pub fn new(client: &Client, cfg: &MongoConfig) -> Self {
-        let db = client.database(&cfg.database);
-        Self {
-            // The API never writes: the history limit is the daemon's business.
-            store: LabStore::new(client, cfg, 1),
-            status: SyncStatusReader::new(&db, &cfg.sync_status_collection),
-            registry: WorkerRegistry::new(&db, &cfg.workers_collection),
-            requests: RequestStore::new(&db, &cfg.sync_requests_collection),
-            db,
-            stale_after: 2 * SyncConfig::default().interval.get(),
-            max_labs_per_response: ApiConfig::default().max_labs_per_response,
-            events: Hub::new(&EventsConfig::default(), EventMetrics::default()),
-            waiters: Arc::new(Waiters::new(waiting_callers(&ApiConfig::default()))),
-            refresh: RefreshSettings::default(),
-        }
-    }
-}
-
-/// Callers that may wait for a refresh's outcome at once: a quarter of the requests in
-/// flight, so that waiting never crowds out reads.
-pub fn waiting_callers(cfg: &ApiConfig) -> usize {
-    (cfg.max_concurrent_requests / 4).max(1)
-}
 
 /// The API's routes and their OpenAPI document, from the same declarations.
 pub fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
@@ -105,11 +49,10 @@ pub fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// The concurrency limit wraps the whole router as one service, so it holds for the service as
 /// a whole, not per route; each request's timeout runs inside the router.
 pub fn router(
-    mut state: AppState,
+    state: AppState,
     auth: Arc<Authenticator>,
     cfg: &ApiConfig,
 ) -> (Router, Arc<Metrics>) {
-    state.max_labs_per_response = cfg.max_labs_per_response;
     let (api, doc) = documented_routes();
     let metrics = Arc::new(Metrics::new(
         doc.paths
@@ -257,12 +200,12 @@ pub struct App {
     metrics: Arc<Metrics>,
     listener: HttpListener,
     limits: ServerLimits,
-    events: Arc<Hub>,
+    state: AppState,
 }
 
 impl App {
-    /// Connects (lazily) to MongoDB and binds `api.listen` (port 0 picks a free port: see
-    /// [`App::local_addr`]).
+    /// Builds the state from `config` (MongoDB connects lazily) and binds `api.listen` (port 0
+    /// picks a free port: see [`App::local_addr`]). Starts nothing: [`App::run`] does.
     pub async fn build(config: &Config) -> Result<Self, ApiError> {
         if config.api.auth.mode == AuthMode::None {
             tracing::warn!(
@@ -276,27 +219,8 @@ impl App {
             .build()
             .map_err(|e| ApiError::Internal(format!("cannot build the HTTP client: {e}")))?;
         let auth = Arc::new(Authenticator::from_config(&config.api.auth, http));
-        let mut state = AppState::new(&client, &config.mongodb);
-        state.stale_after = 2 * config.sync.interval.get();
-        state.events = Hub::new(&config.api.events, EventMetrics::default());
-        state.waiters = Arc::new(Waiters::new(waiting_callers(&config.api)));
-        state.refresh = RefreshSettings::new(
-            config.api.refresh_enabled,
-            config.sync.clone(),
-            config.cml.use_private_ip,
-        );
-        let events = state.events.clone();
-        tokio::spawn(events::follow::follow(
-            events.clone(),
-            state.waiters.clone(),
-            state.db.clone(),
-            Watched {
-                labs: config.mongodb.lab_records_collection.clone(),
-                status: config.mongodb.sync_status_collection.clone(),
-                requests: config.mongodb.sync_requests_collection.clone(),
-            },
-        ));
-        let (router, metrics) = router(state, auth, &config.api);
+        let state = AppState::from_config(config, &client);
+        let (router, metrics) = router(state.clone(), auth, &config.api);
         let addr = config.api.listen.clone();
         let listener = HttpListener::bind(&addr, "api")
             .await
@@ -306,7 +230,7 @@ impl App {
             metrics,
             listener,
             limits: config.api.server_limits(),
-            events,
+            state,
         })
     }
 
@@ -319,18 +243,39 @@ impl App {
         self.metrics.registry.clone()
     }
 
-    /// Serves until `shutdown`, then lets requests in flight finish; event streams end at once.
+    /// Follows the change stream into the live events and serves until `shutdown`; then
+    /// event streams end at once, requests in flight finish, and the follower is joined.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
-        let events = self.events.clone();
-        let stopping = shutdown.clone();
-        tokio::spawn(async move {
+        let Self {
+            router,
+            listener,
+            limits,
+            state,
+            ..
+        } = self;
+        let events = state.events.clone();
+        let follower = tokio::spawn(events::follow::follow(
+            events.clone(),
+            state.waiters.clone(),
+            state.db.clone(),
+            state.watched.clone(),
+        ));
+        // Event streams end as soon as shutdown begins, so that serving can drain.
+        let stop = shutdown.child_token();
+        let (stopping, hub) = (stop.clone(), events.clone());
+        let stopper = tokio::spawn(async move {
             stopping.cancelled().await;
-            events.stop();
+            hub.stop();
         });
-        self.listener
-            .serve(self.router, self.limits, shutdown)
-            .await
-            .map_err(|e| ApiError::Internal(format!("the server failed: {e}")))?;
+        let served = listener.serve(router, limits, stop.clone()).await;
+        // However serving ended, the background tasks end with it.
+        stop.cancel();
+        for task in [follower, stopper] {
+            if let Err(e) = task.await {
+                tracing::error!(event = "task_failed", error = %e, "A background task of lab-api failed");
+            }
+        }
+        served.map_err(|e| ApiError::Internal(format!("the server failed: {e}")))?;
         tracing::info!(event = "api_stopped", "lab-api stopped");
         Ok(())
     }

@@ -24,12 +24,12 @@ use shared::{
 use tokio::time::Instant;
 
 use crate::{
-    app::AppState,
     dto::SyncRequestDto,
     etag::Tagged,
     openapi::{ReadErrors, WriteErrors},
     params::{self, Id, Wait},
     problem::{ApiError, Problem},
+    state::AppState,
 };
 
 /// The longest `wait` a caller may ask for.

@@ -9,14 +9,11 @@ use axum::{
     Router,
 };
 use bson::DateTime;
-use lab_api::{
-    app::{router, AppState},
-    auth::Authenticator,
-};
+use lab_api::{app::router, auth::Authenticator, state::AppState};
 use serde_json::Value;
 use shared::{
     change::{plan_sync, Listing},
-    config::{ApiConfig, AuthConfig, AuthMode, MongoConfig},
+    config::{ApiConfig, AuthConfig, AuthMode, Config, MongoConfig},
     record::{LabFields, ObservedLab},
     store::LabStore,
 };
@@ -27,6 +24,16 @@ struct Api {
     router: Router,
     store: LabStore,
     db: TestDb,
+}
+
+/// The state lab-api builds from a configuration with these `mongodb` and `api` sections.
+fn state(client: &mongodb::Client, mongodb: MongoConfig, api: &ApiConfig) -> AppState {
+    let config = Config {
+        mongodb,
+        api: api.clone(),
+        ..Config::default()
+    };
+    AppState::from_config(&config, client)
 }
 
 fn mongo_config(db: &TestDb) -> MongoConfig {
@@ -44,8 +51,9 @@ async fn api(test: &str, auth: AuthConfig) -> Api {
     let db = TestDb::new(test).await;
     let store = LabStore::new(&db.client, &mongo_config(&db), 50);
     store.ensure_indexes().await.expect("indexes");
-    let state = AppState::new(&db.client, &mongo_config(&db));
-    let (router, _) = router(state, authenticator(&auth), &ApiConfig::default());
+    let api_cfg = ApiConfig::default();
+    let state = state(&db.client, mongo_config(&db), &api_cfg);
+    let (router, _) = router(state, authenticator(&auth), &api_cfg);
     Api { router, store, db }
 }
 
@@ -56,7 +64,7 @@ fn ui_origin_router(db: &TestDb) -> Router {
         ..ApiConfig::default()
     };
     let (router, _) = router(
-        AppState::new(&db.client, &mongo_config(db)),
+        state(&db.client, mongo_config(db), &api_cfg),
         authenticator(&open()),
         &api_cfg,
     );
@@ -684,7 +692,7 @@ async fn stalled(api_cfg: &ApiConfig) -> (Router, Arc<lab_api::metrics::Metrics>
         ..MongoConfig::default()
     };
     router(
-        AppState::new(&client, &cfg),
+        state(&client, cfg, api_cfg),
         authenticator(&open()),
         api_cfg,
     )
@@ -876,7 +884,7 @@ async fn a_worker_with_more_labs_than_one_response_carries_gets_a_problem_docume
         ..ApiConfig::default()
     };
     let (router, _) = router(
-        AppState::new(&db.client, &mongo_config(&db)),
+        state(&db.client, mongo_config(&db), &cfg),
         authenticator(&open()),
         &cfg,
     );

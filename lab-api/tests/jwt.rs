@@ -16,13 +16,14 @@ use axum::{
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use lab_api::{
-    app::{router, AppState},
+    app::router,
     auth::{Authenticator, JwksPolicy},
+    state::AppState,
 };
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rsa::{pkcs1::EncodeRsaPrivateKey, traits::PublicKeyParts, RsaPrivateKey};
 use serde_json::{json, Value};
-use shared::config::{ApiConfig, AuthConfig, AuthMode, MongoConfig};
+use shared::config::{ApiConfig, AuthConfig, AuthMode, Config, MongoConfig};
 use testkit::TestDb;
 use tower::ServiceExt;
 
@@ -137,11 +138,14 @@ async fn api(db: &TestDb, jwks_url: &str) -> Router {
 }
 
 async fn api_with(db: &TestDb, jwks_url: &str, policy: JwksPolicy) -> Router {
-    let cfg = MongoConfig {
-        database: db.name().to_owned(),
-        ..MongoConfig::default()
+    let config = Config {
+        mongodb: MongoConfig {
+            database: db.name().to_owned(),
+            ..MongoConfig::default()
+        },
+        ..Config::default()
     };
-    let state = AppState::new(&db.client, &cfg);
+    let state = AppState::from_config(&config, &db.client);
     let auth = AuthConfig {
         mode: AuthMode::Jwt,
         jwks_url: jwks_url.into(),

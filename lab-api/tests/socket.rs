@@ -20,6 +20,14 @@ async fn serves_on_the_port_it_picked_and_stops_on_request() {
     let app = App::build(&config).await.expect("builds");
     let addr = app.local_addr();
     assert_ne!(addr.port(), 0, "a real port was picked");
+    let registry = app.registry();
+    let up = move || {
+        registry
+            .render()
+            .lines()
+            .any(|l| l.starts_with("events_change_stream_up") && l.ends_with(" 1"))
+    };
+    assert!(!up(), "building starts nothing");
     let stop = CancellationToken::new();
     let serving = tokio::spawn(app.run(stop.clone()));
     let base = format!("http://{addr}");
@@ -35,8 +43,18 @@ async fn serves_on_the_port_it_picked_and_stops_on_request() {
             .status(),
         200
     );
+    // Running follows the change stream.
+    let following = async {
+        while !up() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), following)
+        .await
+        .expect("the change stream is followed once running");
     stop.cancel();
     serving.await.expect("joined").expect("stopped cleanly");
+    assert!(!up(), "the follower ended before run returned");
     assert!(
         reqwest::get(format!("{base}/healthz")).await.is_err(),
         "the port is closed after the stop"
