@@ -36,6 +36,12 @@ pub enum RecordWrite {
         reappeared: bool,
         entry: HistoryEntry,
     },
+    /// A known lab whose only news is the first value of fields it never had (added to the
+    /// model since it was written): stored without a history entry, as nothing changed.
+    Adopt {
+        lab: ObservedLab,
+        expected_last_synced: DateTime,
+    },
     /// A known lab missing from a complete listing.
     Remove {
         lab_id: String,
@@ -47,7 +53,9 @@ pub enum RecordWrite {
 impl RecordWrite {
     pub fn lab_id(&self) -> &str {
         match self {
-            RecordWrite::Create { lab, .. } | RecordWrite::Update { lab, .. } => &lab.lab_id,
+            RecordWrite::Create { lab, .. }
+            | RecordWrite::Update { lab, .. }
+            | RecordWrite::Adopt { lab, .. } => &lab.lab_id,
             RecordWrite::Remove { lab_id, .. } => lab_id,
         }
     }
@@ -59,7 +67,8 @@ pub struct SyncPlan {
     pub worker_id: String,
     pub now: DateTime,
     pub writes: Vec<RecordWrite>,
-    /// Labs seen with nothing changed: only their `last_synced_at` is stamped.
+    /// Labs seen with nothing changed: only their `last_synced_at` is stamped (adopted ones
+    /// count as unchanged too).
     pub unchanged: Vec<String>,
 }
 
@@ -89,6 +98,7 @@ impl SyncPlan {
                     c.updated += 1;
                     c.reappeared += usize::from(*reappeared);
                 }
+                RecordWrite::Adopt { .. } => c.unchanged += 1,
                 RecordWrite::Remove { .. } => c.removed += 1,
             }
         }
@@ -171,6 +181,8 @@ fn create(lab: &ObservedLab) -> RecordWrite {
 /// A known lab seen again: the write its changes need, or `None` when nothing changed.
 fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option<RecordWrite>> {
     let mut changed = diff(&record.fields, &lab.fields)?;
+    // A field the record never had a value for is observed now, not changed.
+    changed.retain(|name, _| !record.unobserved_fields.contains(name));
     bound_history_text(&mut changed);
     let reappeared = record.removed_at.is_some();
     if reappeared {
@@ -183,7 +195,11 @@ fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option
         );
     }
     if changed.is_empty() {
-        return Ok(None);
+        let adopt = !record.unobserved_fields.is_empty();
+        return Ok(adopt.then(|| RecordWrite::Adopt {
+            lab: lab.clone(),
+            expected_last_synced: record.last_synced_at,
+        }));
     }
     let previous_state = if reappeared {
         REMOVED_STATE.to_owned()
@@ -303,7 +319,17 @@ mod tests {
                     r.removed_at = None;
                     r.last_synced_at = plan.now;
                     r.last_changed_at = Some(entry.timestamp);
+                    r.unobserved_fields.clear();
                     push_capped(&mut r.operation_history, entry.clone(), limit);
+                }
+                RecordWrite::Adopt { lab, .. } => {
+                    let r = records
+                        .iter_mut()
+                        .find(|r| r.lab_id == lab.lab_id)
+                        .expect("exists");
+                    r.fields.clone_from(&lab.fields);
+                    r.last_synced_at = plan.now;
+                    r.unobserved_fields.clear();
                 }
                 RecordWrite::Remove { lab_id, entry, .. } => {
                     let r = records
@@ -343,6 +369,7 @@ mod tests {
             operation_history: Vec::new(),
             removed_at: None,
             last_changed_at: Some(now),
+            unobserved_fields: Vec::new(),
         }
     }
 
@@ -413,6 +440,75 @@ mod tests {
                 new: Bson::Int32(5)
             }
         );
+    }
+
+    /// A field added to the model after a record was written: its first value is adopted
+    /// without a history entry (nothing changed); the fields it had are compared as ever.
+    #[test]
+    fn a_field_the_record_never_had_is_adopted_not_changed() {
+        let now = DateTime::from_millis(1_000);
+        let old = ObservedLab::new(
+            "l1",
+            LabFields {
+                title: "A".into(),
+                ..LabFields::default()
+            },
+        );
+        let mut record = record_from("w", &old, now);
+        record.unobserved_fields = vec!["groups".into()];
+        let seen = ObservedLab::new(
+            "l1",
+            LabFields {
+                groups: vec!["g1".into()],
+                ..old.fields.clone()
+            },
+        );
+        let later = DateTime::from_millis(2_000);
+        let plan = plan_of(
+            "w",
+            &[record.clone()],
+            vec![seen.clone()],
+            Listing::Complete,
+            later,
+        );
+        assert_eq!(
+            plan.writes,
+            [RecordWrite::Adopt {
+                lab: seen.clone(),
+                expected_last_synced: now,
+            }]
+        );
+        let c = plan.counts();
+        assert_eq!((c.synced, c.unchanged, c.updated), (1, 1, 0));
+
+        // With a real change too: one entry, naming only the real change.
+        let retitled = ObservedLab::new(
+            "l1",
+            LabFields {
+                title: "B".into(),
+                ..seen.fields.clone()
+            },
+        );
+        let plan = plan_of(
+            "w",
+            &[record.clone()],
+            vec![retitled],
+            Listing::Complete,
+            later,
+        );
+        match &plan.writes[..] {
+            [RecordWrite::Update { entry, .. }] => {
+                assert_eq!(entry.changed_fields.keys().collect::<Vec<_>>(), ["title"]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Nothing unobserved left and nothing changed: no write at all.
+        record.unobserved_fields.clear();
+        record.fields = seen.fields.clone();
+        let plan = plan_of("w", &[record], vec![seen], Listing::Complete, later);
+        assert!(plan.writes.is_empty());
+        assert_eq!(plan.unchanged, ["l1"]);
     }
 
     #[test]

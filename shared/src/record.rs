@@ -263,6 +263,11 @@ pub struct LabRecord {
     /// `None` on records written before it was kept. Change streams select writes by it.
     #[serde(default, deserialize_with = "lenient_optional_date")]
     pub last_changed_at: Option<DateTime>,
+    /// Tracked fields this record has no observed value for: added to [`LabFields`] after the
+    /// record was written (the store's upgrade marks them). The next sync adopts their first
+    /// value without a history entry, as no change happened.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unobserved_fields: Vec<String>,
 }
 
 impl LabRecord {
@@ -381,6 +386,7 @@ mod tests {
             operation_history: vec![],
             removed_at: None,
             last_changed_at: None,
+            unobserved_fields: Vec::new(),
         })
         .expect("encodes");
         for name in &names {
@@ -448,6 +454,7 @@ mod tests {
             operation_history: vec![],
             removed_at: None,
             last_changed_at: None,
+            unobserved_fields: Vec::new(),
         };
         let doc = bson::to_document(&r).expect("serialize");
         assert!(matches!(doc.get("cml_created_at"), Some(Bson::DateTime(_))));

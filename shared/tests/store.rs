@@ -859,3 +859,95 @@ async fn a_record_too_large_for_mongodb_is_skipped_and_the_rest_written() {
         assert!(store.lab("w", "l3").await.expect("get").is_some());
     }
 }
+
+/// A tracked field added to the model after records were written: old records lack it, the
+/// upgrade marks them, and the first sync adopts its value — no history entry, no
+/// `last_changed_at` (so no event) — while a later change of it is recorded as usual.
+#[tokio::test]
+async fn a_field_old_records_lack_is_adopted_without_a_change() {
+    for mode in MODES {
+        let db = TestDb::new("unobserved_field").await;
+        let store = store(&db, mode).await;
+        sync(
+            &store,
+            "w",
+            vec![lab("l1", "STOPPED", "A"), lab("l2", "STOPPED", "B")],
+            Listing::Complete,
+        )
+        .await;
+        let raw = db.db.collection::<Document>("lab_records");
+        // As if `groups` had been added to the model since: the stored documents lack it.
+        raw.update_many(doc! {}, doc! { "$unset": { "groups": "" } })
+            .await
+            .expect("unset");
+        let before = store.lab("w", "l1").await.expect("get").expect("exists");
+        assert_eq!(store.upgrade_legacy_documents().await.expect("upgrade"), 2);
+        assert_eq!(
+            store.upgrade_legacy_documents().await.expect("idempotent"),
+            0
+        );
+        let marked = store.lab("w", "l1").await.expect("get").expect("exists");
+        assert_eq!(marked.unobserved_fields, ["groups"]);
+
+        let mut retitled = lab("l2", "STOPPED", "B2");
+        retitled.fields.groups = vec!["g".into()];
+        let plan = sync(
+            &store,
+            "w",
+            vec![lab("l1", "STOPPED", "A"), retitled],
+            Listing::Complete,
+        )
+        .await;
+        let c = plan.counts();
+        assert_eq!((c.unchanged, c.updated), (1, 1), "{plan:?}");
+        let l1 = raw
+            .find_one(doc! { "lab_id": "l1" })
+            .await
+            .expect("find")
+            .expect("exists");
+        assert_eq!(
+            l1.get_array("groups").map(Vec::len).ok(),
+            Some(1),
+            "adopted: {l1}"
+        );
+        assert!(!l1.contains_key("unobserved_fields"), "{l1}");
+        assert_eq!(
+            l1.get_array("operation_history").map(Vec::len).ok(),
+            Some(0),
+            "no change recorded"
+        );
+        assert_eq!(
+            l1.get_datetime("last_changed_at").ok(),
+            before.last_changed_at.as_ref(),
+            "last_changed_at untouched: no event"
+        );
+        let l2 = store.lab("w", "l2").await.expect("get").expect("exists");
+        let entry = l2.operation_history.last().expect("one entry");
+        assert_eq!(
+            entry.changed_fields.keys().collect::<Vec<_>>(),
+            ["title"],
+            "the real change only"
+        );
+
+        // From now on a change of the field is a change.
+        let mut regrouped = lab("l1", "STOPPED", "A");
+        regrouped.fields.groups = vec!["h".into()];
+        let plan = sync(
+            &store,
+            "w",
+            vec![regrouped, lab("l2", "STOPPED", "B2")],
+            Listing::Complete,
+        )
+        .await;
+        assert_eq!(plan.counts().updated, 1);
+        let l1 = store.lab("w", "l1").await.expect("get").expect("exists");
+        assert_eq!(
+            l1.operation_history.last().map(|e| e
+                .changed_fields
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()),
+            Some(vec!["groups".to_owned()])
+        );
+    }
+}

@@ -48,7 +48,7 @@ impl Event for LegacyUpgraded {
         tracing::info!(
             event = "legacy_records_upgraded",
             upgraded = self.upgraded,
-            "Upgraded lab records written by the previous system"
+            "Upgraded lab records written by the previous system or an earlier version"
         );
     }
 }

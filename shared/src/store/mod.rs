@@ -18,7 +18,7 @@ use crate::{
     config::{BatchWriteMode, MongoConfig},
     cursor::PageCursor,
     mongo,
-    record::{LabRecord, LabState},
+    record::{LabFields, LabRecord, LabState},
     Error, Result,
 };
 
@@ -257,8 +257,10 @@ impl LabStore {
     /// Rewrites documents left by the system this replaces, or by earlier versions, so they
     /// follow the stored contract: ISO-string dates become BSON dates, a missing record `id`
     /// gets one, and the history entry once written on first sight (no previous state, no
-    /// changed field) goes: history is the list of changes. Safe to run at every start;
-    /// returns how many rewrites it made (a document may need both).
+    /// changed field) goes: history is the list of changes; a record lacking a tracked field
+    /// the model has (one added since it was written) is marked so that the field's first
+    /// value is adopted without a history entry or an event. Safe to run at every start;
+    /// returns how many rewrites it made (a document may need several).
     pub async fn upgrade_legacy_documents(&self) -> Result<u64> {
         let first_sight = doc! { "previous_state": null, "changed_fields": {} };
         let pulled = self
@@ -269,7 +271,37 @@ impl LabStore {
             )
             .await?
             .modified_count;
-        Ok(pulled + self.upgrade_string_dates().await?)
+        Ok(pulled + self.upgrade_string_dates().await? + self.mark_unobserved_fields().await?)
+    }
+
+    /// Notes in `unobserved_fields` which tracked fields each record lacks. Costs one scan
+    /// when nothing lacks any (every start), one update per missing field otherwise.
+    async fn mark_unobserved_fields(&self) -> Result<u64> {
+        let names = LabFields::names()?;
+        let missing: Vec<Document> = names
+            .iter()
+            .map(|f| doc! { f: { "$exists": false } })
+            .collect();
+        let any = self
+            .raw
+            .find_one(doc! { "$or": missing })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        if any.is_none() {
+            return Ok(0);
+        }
+        let mut marked = 0;
+        for f in &names {
+            marked += self
+                .raw
+                .update_many(
+                    doc! { f: { "$exists": false } },
+                    doc! { "$addToSet": { "unobserved_fields": f } },
+                )
+                .await?
+                .modified_count;
+        }
+        Ok(marked)
     }
 
     async fn upgrade_string_dates(&self) -> Result<u64> {

@@ -360,7 +360,22 @@ pub(crate) fn write_statement(
             set.insert("last_changed_at", entry.timestamp);
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id, "last_synced_at": expected_last_synced },
-                update: doc! { "$set": set, "$push": push(entry)? },
+                update: doc! { "$set": set, "$push": push(entry)?, "$unset": { "unobserved_fields": "" } },
+                upsert: false,
+                multi: false,
+                lab_id: Some(lab.lab_id.clone()),
+            }
+        }
+        // No history entry and no `last_changed_at`: no change, so no event either.
+        RecordWrite::Adopt {
+            lab,
+            expected_last_synced,
+        } => {
+            let mut set = fields_document(&lab.fields)?;
+            set.insert("last_synced_at", now);
+            Statement {
+                filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id, "last_synced_at": expected_last_synced },
+                update: doc! { "$set": set, "$unset": { "unobserved_fields": "" } },
                 upsert: false,
                 multi: false,
                 lab_id: Some(lab.lab_id.clone()),
