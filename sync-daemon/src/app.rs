@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     context::Context,
     daemon,
-    events::{Event, Lifecycle},
+    logs::{Lifecycle, LogLine},
     Error, Result,
 };
 

@@ -20,8 +20,8 @@ use shared::{
 };
 
 use crate::{
-    events::{Event, LeaseError, LegacyUpgraded, StoragePrepared},
     lease::Lease,
+    logs::{LeaseError, LegacyUpgraded, LogLine, StoragePrepared},
     metrics::Metrics,
     status::StatusWriter,
     Result,

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Context,
-    events::{Event, LeaseError, Lifecycle, RefreshScheduled, RetryScheduled, StorageNotReady},
     lease::LeaseKeeper,
+    logs::{CycleScheduled, LeaseError, Lifecycle, LogLine, RetryScheduled, StorageNotReady},
     pass::PassReport,
     runner::{
         books::{Bookkeeper, Books},
@@ -37,7 +37,7 @@ use crate::{
 /// then the running syncs and the books drain within `sync.shutdown_grace`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
     let sync = &ctx.config.sync;
-    RefreshScheduled {
+    CycleScheduled {
         interval: sync.interval.get(),
         run_immediately: sync.run_immediately,
     }

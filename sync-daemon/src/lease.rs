@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Context,
-    events::{self, Event, LeaseError},
+    logs::{self, LeaseError, LogLine},
 };
 
 #[derive(Debug, Clone)]
@@ -192,7 +192,7 @@ impl LeaseKeeper {
         self.task.abort();
         if *self.held.borrow() {
             match ctx.lease.release().await {
-                Ok(()) => events::Lease::Released {
+                Ok(()) => logs::LeaseChange::Released {
                     holder: ctx.lease.holder(),
                 }
                 .emit(&ctx.metrics),
@@ -231,9 +231,9 @@ async fn keep(ctx: Arc<Context>, tx: watch::Sender<bool>, shutdown: Cancellation
         };
         let holder = ctx.lease.holder();
         match (was, held) {
-            (false, true) => events::Lease::Acquired { holder }.emit(&ctx.metrics),
-            (true, false) => events::Lease::Lost { holder }.emit(&ctx.metrics),
-            (false, false) if first => events::Lease::StandingBy { holder }.emit(&ctx.metrics),
+            (false, true) => logs::LeaseChange::Acquired { holder }.emit(&ctx.metrics),
+            (true, false) => logs::LeaseChange::Lost { holder }.emit(&ctx.metrics),
+            (false, false) if first => logs::LeaseChange::StandingBy { holder }.emit(&ctx.metrics),
             _ => {}
         }
         first = false;

@@ -80,7 +80,7 @@ impl Default for Metrics {
             cycles: r.counters("sync_cycles", "Refresh cycles and retry passes by outcome"),
             cycle_duration: r.histogram(
                 "sync_cycle_duration_seconds",
-                "Duration of refresh cycles",
+                "Duration of sync cycles",
                 DURATION_BUCKETS,
             ),
             worker_duration: r.histogram(
@@ -99,7 +99,7 @@ impl Default for Metrics {
             ),
             last_cycle_end: r.gauge(
                 "sync_last_cycle_end_timestamp_seconds",
-                "When the last refresh cycle ended (Unix time)",
+                "When the last sync cycle ended (Unix time)",
             ),
             interval: r.gauge("sync_interval_seconds", "The configured sync interval"),
             workers: r.gauges(
@@ -156,7 +156,7 @@ impl Metrics {
             .inc();
     }
 
-    /// A refresh cycle (of this replica or, after a takeover, of the last holder) ended at
+    /// A sync cycle (of this replica or, after a takeover, of the last holder) ended at
     /// `at`; the gauge never goes back.
     pub fn note_cycle_end(&self, at: bson::DateTime) {
         let secs = at.timestamp_millis() as f64 / 1000.0;

@@ -1,6 +1,6 @@
 //! Passes in progress: which workers each cycle, batch of retries or requested sync still waits
-//! for, the statuses it has yet to write, and the report it ends with. Pure bookkeeping; the runner
-//! does the I/O when a pass closes.
+//! for, the statuses it has yet to write, and the report it ends with. Pure bookkeeping; the
+//! runner's books do the I/O when a pass closes.
 
 use std::{
     collections::{HashMap, HashSet},

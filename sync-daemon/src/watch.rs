@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Context,
-    events::{Event, WatchFailed, WatchOpened},
     lease::LeaseKeeper,
+    logs::{LogLine, WatchFailed, WatchOpened},
     metrics::Metrics,
 };
 

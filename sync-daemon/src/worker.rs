@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::{
     context::Context,
-    events::{
-        Event, FieldsTruncated, ListingNote, RecordSkipped, RemovalsChecked, WorkerSyncFailed,
+    logs::{
+        FieldsTruncated, ListingNote, LogLine, RecordSkipped, RemovalsChecked, WorkerSyncFailed,
         WorkerSynced,
     },
     metrics::Metrics,

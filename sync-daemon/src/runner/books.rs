@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use crate::{
     context::Context,
-    events::{
-        BooksTimedOut, CycleCompleted, Event, FleetViewFailed, PurgeFailed, RetriesCompleted,
+    logs::{
+        BooksTimedOut, CycleCompleted, FleetViewFailed, LogLine, PurgeFailed, RetriesCompleted,
         StatusWriteFailed,
     },
     metrics::Metrics,

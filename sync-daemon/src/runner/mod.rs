@@ -26,8 +26,8 @@ use tracing::Instrument;
 
 use crate::{
     context::Context,
-    events::{CycleSkipped, CycleStarted, DrainTimedOut, Event, RetriesStarted, ServeFailed},
     lease::LeaseState,
+    logs::{CycleSkipped, CycleStarted, DrainTimedOut, LogLine, RetriesStarted, ServeFailed},
     metrics::Metrics,
     pass::{Pass, PassReport, Passes},
     schedule::{Finished, Opened, PassId, Schedule},
@@ -121,7 +121,7 @@ impl<S: Syncer> Runner<S> {
                 workers: opened.workers.len(),
             }
             .emit(&self.metrics);
-            let span = tracing::info_span!("labs_retry", workers = opened.workers.len());
+            let span = tracing::info_span!("sync_retries", workers = opened.workers.len());
             self.track(opened, span);
         }
         let read = if self.reading {
@@ -179,7 +179,7 @@ impl<S: Syncer> Runner<S> {
                 if !sync_now.is_empty() && !self.stopped {
                     let opened = self.schedule.request_all(sync_now);
                     let span =
-                        tracing::info_span!("labs_registry_change", workers = opened.workers.len());
+                        tracing::info_span!("registry_change", workers = opened.workers.len());
                     self.track(opened, span);
                 }
             }
@@ -189,7 +189,7 @@ impl<S: Syncer> Runner<S> {
                     self.books.send(Closing::Requeue(Box::new(request)));
                 } else {
                     let opened = self.schedule.request(target);
-                    let span = tracing::info_span!("labs_request", request_id = %request.id);
+                    let span = tracing::info_span!("refresh_request", request_id = %request.id);
                     self.requests.insert(opened.pass, request);
                     self.track(opened, span);
                 }
@@ -226,13 +226,9 @@ impl<S: Syncer> Runner<S> {
             self.reports.insert(opened.pass, tx);
         }
         let span = if resumed {
-            tracing::info_span!(
-                "labs_refresh",
-                workers = opened.workers.len(),
-                resumed = true
-            )
+            tracing::info_span!("sync_cycle", workers = opened.workers.len(), resumed = true)
         } else {
-            tracing::info_span!("labs_refresh", workers = opened.workers.len())
+            tracing::info_span!("sync_cycle", workers = opened.workers.len())
         };
         self.track(opened, span);
     }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Context,
-    events::{Event, ServeFailed},
+    logs::{LogLine, ServeFailed},
     Error,
 };
 

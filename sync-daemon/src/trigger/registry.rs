@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::{serve_failed, Trigger, Triggers};
 use crate::{
     context::Context,
-    events::{CycleResumed, Event, FleetViewFailed, RegistryChange},
     known::{Changes, Known},
+    logs::{CycleResumed, FleetViewFailed, LogLine, RegistryChange},
     watch::Watch,
 };
 

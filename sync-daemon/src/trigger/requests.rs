@@ -24,7 +24,7 @@ use tokio::sync::{watch, Notify};
 use super::{serve_failed, Trigger, Triggers};
 use crate::{
     context::Context,
-    events::{Event, RequestServed, RequestServing, RequestsRequeued},
+    logs::{LogLine, RequestServed, RequestServing, RequestsRequeued},
     pass::PassReport,
     watch::Watch,
 };

@@ -13,7 +13,7 @@ use shared::metrics::{Field, Kind, Outcome, Reason};
 use crate::{metrics::Metrics, pass::PassReport, worker::WorkerOutcome, Error};
 
 /// An outcome worth a log line and its metrics.
-pub trait Event {
+pub trait LogLine {
     fn emit(&self, metrics: &Metrics);
 }
 
@@ -27,7 +27,7 @@ pub struct StoragePrepared<'a> {
     pub collection: &'a str,
 }
 
-impl Event for StoragePrepared<'_> {
+impl LogLine for StoragePrepared<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "indexes_ready",
@@ -43,7 +43,7 @@ pub struct LegacyUpgraded {
     pub upgraded: u64,
 }
 
-impl Event for LegacyUpgraded {
+impl LogLine for LegacyUpgraded {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "legacy_records_upgraded",
@@ -61,7 +61,7 @@ pub struct StorageNotReady<'a> {
     pub retry_in: Duration,
 }
 
-impl Event for StorageNotReady<'_> {
+impl LogLine for StorageNotReady<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::error!(
             event = "storage_not_ready", error = %self.error, attempt = self.attempt,
@@ -77,7 +77,7 @@ pub struct CycleStarted {
     pub workers: usize,
 }
 
-impl Event for CycleStarted {
+impl LogLine for CycleStarted {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "cycle_started",
@@ -98,7 +98,7 @@ pub struct CycleResumed {
     pub already_synced: usize,
 }
 
-impl Event for CycleResumed {
+impl LogLine for CycleResumed {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "cycle_resumed",
@@ -118,7 +118,7 @@ pub struct CycleSkipped<'a> {
     pub retry_in: Duration,
 }
 
-impl Event for CycleSkipped<'_> {
+impl LogLine for CycleSkipped<'_> {
     fn emit(&self, m: &Metrics) {
         m.cycles.get(&Outcome("registry_failed")).inc();
         tracing::warn!(
@@ -136,7 +136,7 @@ pub struct CycleCompleted<'a> {
     pub purged: u64,
 }
 
-impl Event for CycleCompleted<'_> {
+impl LogLine for CycleCompleted<'_> {
     fn emit(&self, m: &Metrics) {
         let r = self.report;
         let t = r.totals;
@@ -166,7 +166,7 @@ pub struct RetriesStarted {
     pub workers: usize,
 }
 
-impl Event for RetriesStarted {
+impl LogLine for RetriesStarted {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "retries_started",
@@ -182,7 +182,7 @@ pub struct RetriesCompleted<'a> {
     pub report: &'a PassReport,
 }
 
-impl Event for RetriesCompleted<'_> {
+impl LogLine for RetriesCompleted<'_> {
     fn emit(&self, m: &Metrics) {
         let r = self.report;
         m.cycles
@@ -213,7 +213,7 @@ pub struct WorkerSynced<'a> {
     pub took: Duration,
 }
 
-impl Event for WorkerSynced<'_> {
+impl LogLine for WorkerSynced<'_> {
     fn emit(&self, m: &Metrics) {
         let o = self.outcome;
         let c = o.counts;
@@ -258,7 +258,7 @@ pub struct WorkerSyncFailed<'a> {
     pub took: Duration,
 }
 
-impl Event for WorkerSyncFailed<'_> {
+impl LogLine for WorkerSyncFailed<'_> {
     fn emit(&self, m: &Metrics) {
         let kind = self.error.metric_label();
         m.worker_syncs.get(&Outcome("failure")).inc();
@@ -280,7 +280,7 @@ pub struct ListingNote<'a> {
     pub complete: bool,
 }
 
-impl Event for ListingNote<'_> {
+impl LogLine for ListingNote<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "listing_fallback",
@@ -300,7 +300,7 @@ pub struct FieldsTruncated<'a> {
     pub fields: &'a [&'static str],
 }
 
-impl Event for FieldsTruncated<'_> {
+impl LogLine for FieldsTruncated<'_> {
     fn emit(&self, m: &Metrics) {
         for field in self.fields {
             m.fields_truncated.get(&Field(field)).inc();
@@ -321,7 +321,7 @@ pub struct RecordSkipped<'a> {
     pub reason: &'a str,
 }
 
-impl Event for RecordSkipped<'_> {
+impl LogLine for RecordSkipped<'_> {
     fn emit(&self, m: &Metrics) {
         m.records_skipped.inc();
         tracing::warn!(
@@ -343,7 +343,7 @@ pub struct RemovalsChecked<'a> {
     pub error: Option<&'a cml_client::Error>,
 }
 
-impl Event for RemovalsChecked<'_> {
+impl LogLine for RemovalsChecked<'_> {
     fn emit(&self, m: &Metrics) {
         let kept = self.planned - self.confirmed;
         m.removals_kept.inc_by(kept as u64);
@@ -370,7 +370,7 @@ pub struct RetryScheduled<'a> {
     pub retry_in: Duration,
 }
 
-impl Event for RetryScheduled<'_> {
+impl LogLine for RetryScheduled<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "retry_scheduled",
@@ -389,7 +389,7 @@ pub struct StatusWriteFailed<'a> {
     pub workers: usize,
 }
 
-impl Event for StatusWriteFailed<'_> {
+impl LogLine for StatusWriteFailed<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
             event = "status_write_failed", error = %self.error, workers = self.workers,
@@ -405,7 +405,7 @@ pub struct FleetViewFailed<'a> {
     pub error: &'a Error,
 }
 
-impl Event for FleetViewFailed<'_> {
+impl LogLine for FleetViewFailed<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(event = "fleet_view_failed", error = %self.error, "Cannot update the fleet view and count the fleet's workers and lab records");
     }
@@ -417,7 +417,7 @@ pub struct PurgeFailed<'a> {
     pub error: &'a Error,
 }
 
-impl Event for PurgeFailed<'_> {
+impl LogLine for PurgeFailed<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(event = "purge_failed", error = %self.error, "Cannot purge removed lab records");
     }
@@ -425,21 +425,21 @@ impl Event for PurgeFailed<'_> {
 
 /// The lease changed hands, as seen by this replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lease<'a> {
+pub enum LeaseChange<'a> {
     Acquired { holder: &'a str },
     StandingBy { holder: &'a str },
     Lost { holder: &'a str },
     Released { holder: &'a str },
 }
 
-impl Event for Lease<'_> {
+impl LogLine for LeaseChange<'_> {
     fn emit(&self, m: &Metrics) {
         match *self {
-            Lease::Acquired { holder } => {
+            LeaseChange::Acquired { holder } => {
                 m.lease_held.set(1.0);
                 tracing::info!(event = "lease_acquired", holder, "Acquired the sync lease");
             }
-            Lease::StandingBy { holder } => {
+            LeaseChange::StandingBy { holder } => {
                 m.lease_held.set(0.0);
                 tracing::warn!(
                     event = "lease_standby",
@@ -447,7 +447,7 @@ impl Event for Lease<'_> {
                     "This replica does not hold the sync lease; standing by"
                 );
             }
-            Lease::Lost { holder } => {
+            LeaseChange::Lost { holder } => {
                 m.lease_held.set(0.0);
                 tracing::warn!(
                     event = "lease_lost",
@@ -455,7 +455,7 @@ impl Event for Lease<'_> {
                     "Lost the sync lease: no new worker syncs start"
                 );
             }
-            Lease::Released { holder } => {
+            LeaseChange::Released { holder } => {
                 m.lease_held.set(0.0);
                 tracing::info!(event = "lease_released", holder, "Released the sync lease");
             }
@@ -471,7 +471,7 @@ pub struct LeaseError<'a> {
     pub action: &'static str,
 }
 
-impl Event for LeaseError<'_> {
+impl LogLine for LeaseError<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
             event = "lease_error", action = self.action, error = %self.error,
@@ -487,7 +487,7 @@ pub struct DrainTimedOut {
     pub running: usize,
 }
 
-impl Event for DrainTimedOut {
+impl LogLine for DrainTimedOut {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
             event = "drain_timed_out",
@@ -505,7 +505,7 @@ pub struct BooksTimedOut {
     pub grace: Duration,
 }
 
-impl Event for BooksTimedOut {
+impl LogLine for BooksTimedOut {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
             event = "books_timed_out",
@@ -522,7 +522,7 @@ pub enum Lifecycle<'a> {
     Stopped,
 }
 
-impl Event for Lifecycle<'_> {
+impl LogLine for Lifecycle<'_> {
     fn emit(&self, _: &Metrics) {
         match self {
             Lifecycle::Starting { instance } => tracing::info!(
@@ -538,12 +538,12 @@ impl Event for Lifecycle<'_> {
 
 /// The schedule, at start, in the design notes' words.
 #[derive(Debug)]
-pub struct RefreshScheduled {
+pub struct CycleScheduled {
     pub interval: Duration,
     pub run_immediately: bool,
 }
 
-impl Event for RefreshScheduled {
+impl LogLine for CycleScheduled {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "refresh_scheduled",
@@ -571,7 +571,7 @@ pub struct WatchOpened {
     pub name: &'static str,
 }
 
-impl Event for WatchOpened {
+impl LogLine for WatchOpened {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "watch_opened",
@@ -591,7 +591,7 @@ pub struct WatchFailed<'a> {
     pub retry_in: Duration,
 }
 
-impl Event for WatchFailed<'_> {
+impl LogLine for WatchFailed<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
             event = "watch_failed",
@@ -613,7 +613,7 @@ pub struct RequestServing<'a> {
     pub worker_id: &'a str,
 }
 
-impl Event for RequestServing<'_> {
+impl LogLine for RequestServing<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "refresh_started",
@@ -636,7 +636,7 @@ pub struct RequestServed<'a> {
     pub duration: Duration,
 }
 
-impl Event for RequestServed<'_> {
+impl LogLine for RequestServed<'_> {
     fn emit(&self, m: &Metrics) {
         m.refresh_requests.get(&Outcome(self.outcome)).inc();
         tracing::info!(
@@ -662,7 +662,7 @@ pub struct ServeFailed<'a> {
     pub action: &'static str,
 }
 
-impl Event for ServeFailed<'_> {
+impl LogLine for ServeFailed<'_> {
     fn emit(&self, _: &Metrics) {
         tracing::warn!(
             event = "serve_failed", action = self.action, error = %self.error,
@@ -678,7 +678,7 @@ pub struct RequestsRequeued {
     pub requests: u64,
 }
 
-impl Event for RequestsRequeued {
+impl LogLine for RequestsRequeued {
     fn emit(&self, _: &Metrics) {
         tracing::info!(
             event = "refresh_requests_requeued",
@@ -700,7 +700,7 @@ pub enum RegistryChange<'a> {
     Stopped { worker_id: &'a str },
 }
 
-impl Event for RegistryChange<'_> {
+impl LogLine for RegistryChange<'_> {
     fn emit(&self, m: &Metrics) {
         match self {
             RegistryChange::Appeared { worker_id } => {
