@@ -3,7 +3,7 @@
 //! document describes (refresh on demand included, from [`crate::refresh`]).
 
 use axum::{
-    extract::{Path, RawQuery, State},
+    extract::{Path, State},
     http::HeaderMap,
     response::Response,
     Extension,
@@ -12,7 +12,6 @@ use futures::TryStreamExt;
 use shared::{
     cursor::PageCursor,
     fleet::{self, FleetFilter, FleetKey},
-    record::LabState,
     service::ConnectionAbort,
     store::LabFilter,
 };
@@ -23,7 +22,10 @@ use crate::{
     etag::Tagged,
     events,
     openapi::ReadErrors,
-    params::{self, Cursor, Id, Region, Username},
+    params::{
+        self, EventStreamQuery, FleetLabsQuery, FleetStatusQuery, Id, NoQuery, Query, Region,
+        WorkerLabsQuery,
+    },
     problem::{ApiError, Problem},
     state::AppState,
 };
@@ -45,10 +47,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// A worker's labs, sorted by title then lab id, in the UI's shape.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/labs", tag = "labs",
-    params(
-        ("worker_id" = Id, Path, description = "The worker's id"),
-        ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
-    ),
+    params(("worker_id" = Id, Path, description = "The worker's id"), WorkerLabsQuery),
     responses(
         (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
         (status = 422, description = "More labs than one response carries (`api.max_labs_per_response`): page with `/api/labs?worker_id=…`", body = Problem, content_type = "application/problem+json"),
@@ -59,9 +58,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
 pub async fn worker_labs(
     State(s): State<AppState>,
     Path(worker_id): Path<String>,
-    RawQuery(q): RawQuery,
+    Query(q): Query<WorkerLabsQuery>,
 ) -> Result<Tagged, ApiError> {
-    labs_of(&s, &worker_id, q.as_deref()).await
+    labs_of(&s, &worker_id, &q).await
 }
 
 /// The path the existing UI calls; the region is checked for form only.
@@ -70,7 +69,7 @@ pub async fn worker_labs(
     params(
         ("aws_region" = Region, Path, description = "The worker's AWS region"),
         ("worker_id" = Id, Path, description = "The worker's id"),
-        ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
+        WorkerLabsQuery,
     ),
     responses(
         (status = 200, description = "The worker's labs ([] when it has none)", body = [UiLab]),
@@ -82,17 +81,16 @@ pub async fn worker_labs(
 pub async fn legacy_worker_labs(
     State(s): State<AppState>,
     Path((region, worker_id)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
+    Query(q): Query<WorkerLabsQuery>,
 ) -> Result<Tagged, ApiError> {
     params::region("aws_region", &region)?;
-    labs_of(&s, &worker_id, q.as_deref()).await
+    labs_of(&s, &worker_id, &q).await
 }
 
 /// Written as the records arrive, at most `max_labs_per_response` of them.
-async fn labs_of(s: &AppState, worker_id: &str, query: Option<&str>) -> Result<Tagged, ApiError> {
+async fn labs_of(s: &AppState, worker_id: &str, q: &WorkerLabsQuery) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", worker_id)?;
-    let q = params::query(query, &["include_removed"])?;
-    let include_removed = params::boolean(&q, "include_removed")?;
+    let include_removed = q.include_removed.0;
     let max = s.max_labs_per_response;
     let mut records = s
         .store
@@ -117,6 +115,7 @@ async fn labs_of(s: &AppState, worker_id: &str, query: Option<&str>) -> Result<T
     params(
         ("worker_id" = Id, Path, description = "The worker's id"),
         ("lab_id" = Id, Path, description = "The CML lab id"),
+        NoQuery,
     ),
     responses(
         (status = 200, description = "The record", body = LabRecordDto),
@@ -128,11 +127,10 @@ async fn labs_of(s: &AppState, worker_id: &str, query: Option<&str>) -> Result<T
 pub async fn lab(
     State(s): State<AppState>,
     Path((worker_id, lab_id)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
+    Query(NoQuery {}): Query<NoQuery>,
 ) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", &worker_id)?;
     let lab_id = params::id("lab_id", &lab_id)?;
-    params::query(q.as_deref(), &[])?;
     match s.store.lab(worker_id, lab_id).await? {
         Some(r) => Tagged::json(&LabRecordDto::from(&r)),
         None => Err(ApiError::NotFound(format!(
@@ -144,50 +142,25 @@ pub async fn lab(
 /// Labs across the fleet, ordered by worker then lab id, a page at a time.
 #[utoipa::path(
     get, path = "/api/labs", tag = "labs",
-    params(
-        ("state" = Option<LabState>, Query, description = "Only labs in this state"),
-        ("owner_username" = Option<Username>, Query, description = "Only this owner's labs"),
-        ("worker_id" = Option<Id>, Query, description = "Only this worker's labs"),
-        ("include_removed" = Option<bool>, Query, description = "Also list labs that vanished from CML"),
-        ("limit" = Option<usize>, Query, description = "Page size, 1–1000 (default 100)", minimum = 1, maximum = 1000),
-        ("cursor" = Option<Cursor>, Query, description = "`next_cursor` of the previous page (opaque)"),
-    ),
+    params(FleetLabsQuery),
     responses((status = 200, description = "One page", body = LabPage), ReadErrors),
     security(("bearer" = []))
 )]
 pub async fn fleet_labs(
     State(s): State<AppState>,
-    RawQuery(q): RawQuery,
+    Query(q): Query<FleetLabsQuery>,
 ) -> Result<Tagged, ApiError> {
-    let q = params::query(
-        q.as_deref(),
-        &[
-            "state",
-            "owner_username",
-            "worker_id",
-            "include_removed",
-            "limit",
-            "cursor",
-        ],
-    )?;
-    let worker_id = match q.get("worker_id") {
-        Some(w) => Some(params::id("worker_id", w)?.to_owned()),
-        None => None,
-    };
     let filter = LabFilter {
-        worker_id,
-        state: params::state(&q)?,
-        owner_username: params::username(&q)?,
-        include_removed: params::boolean(&q, "include_removed")?,
+        worker_id: q.worker_id.map(|w| w.0),
+        state: q.state.map(|s| s.0),
+        owner_username: q.owner_username.map(|u| u.0),
+        include_removed: q.include_removed.0,
     };
-    let limit = params::limit(&q)?;
-    let after = match q.get("cursor") {
-        Some(c) => Some(
-            PageCursor::decode(c)
-                .map_err(|_| ApiError::bad("cursor", "is not a cursor this API issued"))?,
-        ),
-        None => None,
-    };
+    let limit = q.limit.0;
+    let after = q
+        .cursor
+        .map(|c| PageCursor::decode(&c.0).map_err(|_| not_ours()))
+        .transpose()?;
     let page = s.store.list(&filter, after.as_ref(), limit).await?;
     Tagged::json(&LabPage {
         items: page.records.iter().map(FleetLab::from).collect(),
@@ -198,7 +171,7 @@ pub async fn fleet_labs(
 /// How the last sync of a worker went.
 #[utoipa::path(
     get, path = "/api/workers/{worker_id}/sync-status", tag = "workers",
-    params(("worker_id" = Id, Path, description = "The worker's id")),
+    params(("worker_id" = Id, Path, description = "The worker's id"), NoQuery),
     responses(
         (status = 200, description = "The status", body = SyncStatusDto),
         (status = 404, description = "The worker was never synced", body = Problem, content_type = "application/problem+json"),
@@ -209,10 +182,9 @@ pub async fn fleet_labs(
 pub async fn sync_status(
     State(s): State<AppState>,
     Path(worker_id): Path<String>,
-    RawQuery(q): RawQuery,
+    Query(NoQuery {}): Query<NoQuery>,
 ) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", &worker_id)?;
-    params::query(q.as_deref(), &[])?;
     match s.status.get(worker_id).await? {
         Some(st) => Tagged::json(&SyncStatusDto::from(&st)),
         None => Err(ApiError::NotFound(format!(
@@ -225,40 +197,24 @@ pub async fn sync_status(
 /// first (failing, then stale, then the rest), a page at a time.
 #[utoipa::path(
     get, path = "/api/sync-status", tag = "workers",
-    params(
-        ("stale" = Option<bool>, Query, description = "Only workers without a success for more than two sync intervals (or never), or only the others"),
-        ("failing" = Option<bool>, Query, description = "Only workers whose last sync failed, or only the others"),
-        ("region" = Option<Region>, Query, description = "Only workers of this AWS region"),
-        ("limit" = Option<usize>, Query, description = "Page size, 1–1000 (default 100)", minimum = 1, maximum = 1000),
-        ("cursor" = Option<Cursor>, Query, description = "`next_cursor` of the previous page (opaque)"),
-    ),
+    params(FleetStatusQuery),
     responses((status = 200, description = "One page", body = FleetPage), ReadErrors),
     security(("bearer" = []))
 )]
 pub async fn fleet_status(
     State(s): State<AppState>,
-    RawQuery(q): RawQuery,
+    Query(q): Query<FleetStatusQuery>,
 ) -> Result<Tagged, ApiError> {
-    let q = params::query(
-        q.as_deref(),
-        &["stale", "failing", "region", "limit", "cursor"],
-    )?;
     let filter = FleetFilter {
-        stale: params::optional_boolean(&q, "stale")?,
-        failing: params::optional_boolean(&q, "failing")?,
-        region: match q.get("region") {
-            Some(r) => Some(params::region("region", r)?.to_owned()),
-            None => None,
-        },
+        stale: q.stale.map(|f| f.0),
+        failing: q.failing.map(|f| f.0),
+        region: q.region.map(|r| r.0),
     };
-    let limit = params::limit(&q)?;
-    let after = match q.get("cursor") {
-        Some(c) => Some(
-            FleetKey::decode(c)
-                .map_err(|_| ApiError::bad("cursor", "is not a cursor this API issued"))?,
-        ),
-        None => None,
-    };
+    let limit = q.limit.0;
+    let after = q
+        .cursor
+        .map(|c| FleetKey::decode(&c.0).map_err(|_| not_ours()))
+        .transpose()?;
     let threshold = fleet::stale_threshold(bson::DateTime::now(), s.stale_after);
     let (items, next) = s
         .status
@@ -285,8 +241,7 @@ pub async fn fleet_status(
 #[utoipa::path(
     get, path = "/api/events/stream", tag = "events",
     params(
-        ("worker_ids" = Option<String>, Query, description = "Only events of these workers (comma-separated ids, at most 1000)"),
-        ("event_types" = Option<String>, Query, description = "Only these events (comma-separated: worker.labs.updated, worker.data.refreshed, worker.sync.failed, worker.refresh.throttled); connected, heartbeat and reset always come"),
+        EventStreamQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received: the stream resumes after it"),
     ),
     responses(
@@ -301,9 +256,13 @@ pub async fn event_stream(
     State(s): State<AppState>,
     headers: HeaderMap,
     abort: Option<Extension<ConnectionAbort>>,
-    RawQuery(q): RawQuery,
+    Query(q): Query<EventStreamQuery>,
 ) -> Result<Response, ApiError> {
-    let q = params::query(q.as_deref(), &["worker_ids", "event_types"])?;
     let filter = events::stream::filter(&q)?;
     events::stream::open(&s.events, filter, &headers, abort.map(|Extension(a)| a))
+}
+
+/// A cursor that does not decode: not one this API issued.
+fn not_ours() -> ApiError {
+    ApiError::bad("cursor", "is not a cursor this API issued")
 }

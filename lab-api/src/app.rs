@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     error_handling::HandleErrorLayer,
+    extract::MatchedPath,
     http::{header, HeaderValue, Method},
     middleware,
     response::{IntoResponse, Response},
@@ -29,8 +30,15 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
-    api, auth::Authenticator, etag, events, metrics::Metrics, openapi::ApiDoc, problem::ApiError,
-    refresh::MAX_WAIT, state::AppState,
+    api,
+    auth::Authenticator,
+    etag, events,
+    metrics::Metrics,
+    openapi::ApiDoc,
+    params::{self, WaitQuery},
+    problem::ApiError,
+    refresh::WAITING_ROUTES,
+    state::AppState,
 };
 
 /// Paths served besides the API: probes, metrics and the OpenAPI document (never authenticated).
@@ -146,18 +154,24 @@ pub fn cross_site(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
     foreign_origin || fetch_site == Some("cross-site")
 }
 
-/// Every request ends within `api.request_timeout` (503 after it); one that asks to wait for
-/// an outcome (`wait=`, at most [`MAX_WAIT`]) gets that much longer.
+/// Every request ends within `api.request_timeout` (503 after it); one to a route that waits
+/// for an outcome gets as much longer as the `wait` it asks for (at most [`params::MAX_WAIT`]).
 async fn deadline(
     axum::extract::State(limit): axum::extract::State<Duration>,
     request: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
     let waits = request
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p.starts_with("wait=")));
-    let limit = if waits { limit + MAX_WAIT } else { limit };
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|m| WAITING_ROUTES.contains(&m.as_str()));
+    let wait = if waits {
+        // A bad `wait` is the handler's 400; it waits for nothing.
+        params::parse::<WaitQuery>(request.uri().query()).map_or(Duration::ZERO, |q| q.wait.0)
+    } else {
+        Duration::ZERO
+    };
+    let limit = limit + wait;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use axum::{
-    extract::{Path, RawQuery, State},
+    extract::{Path, State},
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -27,13 +27,17 @@ use crate::{
     dto::SyncRequestDto,
     etag::Tagged,
     openapi::{ReadErrors, WriteErrors},
-    params::{self, Id, Wait},
+    params::{self, Id, Query, WaitQuery},
     problem::{ApiError, Problem},
     state::AppState,
 };
 
-/// The longest `wait` a caller may ask for.
-pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// The routes whose callers may wait for an outcome (`wait`): the request deadline grows by
+/// the wait asked for on these only.
+pub const WAITING_ROUTES: [&str; 2] = [
+    "/api/workers/{worker_id}/labs/refresh",
+    "/api/sync-requests/{request_id}",
+];
 /// While the change stream is up, a waiting caller still reads its request this often (a
 /// notification lost to a reconnect costs at most this).
 const RECHECK: Duration = Duration::from_secs(5);
@@ -102,10 +106,7 @@ impl Default for RefreshSettings {
 /// false`): `404`.
 #[utoipa::path(
     post, path = "/api/workers/{worker_id}/labs/refresh", tag = "refresh",
-    params(
-        ("worker_id" = Id, Path, description = "The worker's id"),
-        ("wait" = Option<Wait>, Query, description = "Wait up to this many seconds for the outcome (`10` or `10s`; at most 30)"),
-    ),
+    params(("worker_id" = Id, Path, description = "The worker's id"), WaitQuery),
     responses(
         (status = 200, description = "The refresh is over (with `wait`): its outcome", body = SyncRequestDto),
         (status = 202, description = "Recorded; not over yet. `Location` names the request", body = SyncRequestDto,
@@ -121,7 +122,7 @@ impl Default for RefreshSettings {
 pub async fn refresh_worker(
     State(s): State<AppState>,
     Path(worker_id): Path<String>,
-    RawQuery(q): RawQuery,
+    Query(WaitQuery { wait }): Query<WaitQuery>,
 ) -> Result<Response, ApiError> {
     if !s.refresh.enabled {
         return Err(ApiError::NotFound(
@@ -129,7 +130,7 @@ pub async fn refresh_worker(
         ));
     }
     let worker_id = params::id("worker_id", &worker_id)?;
-    let wait = wait(params::query(q.as_deref(), &["wait"])?.get("wait"))?;
+    let wait = wait.0;
     let settings = &s.refresh;
     match s
         .registry
@@ -184,10 +185,7 @@ pub async fn refresh_worker(
 /// up). Requests are kept a day.
 #[utoipa::path(
     get, path = "/api/sync-requests/{request_id}", tag = "refresh",
-    params(
-        ("request_id" = Id, Path, description = "The request's id (from `Location`)"),
-        ("wait" = Option<Wait>, Query, description = "Wait up to this many seconds for the outcome (`10` or `10s`; at most 30)"),
-    ),
+    params(("request_id" = Id, Path, description = "The request's id (from `Location`)"), WaitQuery),
     responses(
         (status = 200, description = "The request", body = SyncRequestDto),
         (status = 404, description = "No such request (or older than a day)", body = Problem, content_type = "application/problem+json"),
@@ -198,31 +196,16 @@ pub async fn refresh_worker(
 pub async fn sync_request(
     State(s): State<AppState>,
     Path(request_id): Path<String>,
-    RawQuery(q): RawQuery,
+    Query(WaitQuery { wait }): Query<WaitQuery>,
 ) -> Result<Tagged, ApiError> {
     let request_id = params::id("request_id", &request_id)?;
-    let wait = wait(params::query(q.as_deref(), &["wait"])?.get("wait"))?;
+    let wait = wait.0;
     let Some(request) = s.requests.get(request_id).await? else {
         return Err(ApiError::NotFound(format!(
             "No sync request {request_id} (requests are kept a day)."
         )));
     };
     Tagged::json(&SyncRequestDto::from(&outcome(&s, request, wait).await?))
-}
-
-/// `wait`: whole seconds, `10` or `10s`, at most [`MAX_WAIT`] (exactly the pattern of
-/// [`Wait`]).
-fn wait(value: Option<&String>) -> Result<Duration, ApiError> {
-    let Some(v) = value else {
-        return Ok(Duration::ZERO);
-    };
-    let digits = v.strip_suffix('s').unwrap_or(v);
-    digits
-        .parse::<u64>()
-        .ok()
-        .filter(|secs| *secs <= MAX_WAIT.as_secs() && secs.to_string() == digits)
-        .map(Duration::from_secs)
-        .ok_or_else(|| ApiError::bad("wait", "must be whole seconds from 0 to 30, such as 10s"))
 }
 
 /// `request` once it is over, or as it is when `wait` is up. Woken by the change stream;
@@ -285,20 +268,30 @@ fn answer(request: &SyncRequest) -> Response {
 mod tests {
     use super::*;
 
+    /// The deadline grows on exactly the routes whose documentation has a `wait` parameter.
     #[test]
-    fn wait_takes_whole_seconds_up_to_thirty() {
-        let w = |v: &str| wait(Some(&v.to_owned()));
-        assert_eq!(wait(None).ok(), Some(Duration::ZERO));
-        assert_eq!(w("10s").ok(), Some(Duration::from_secs(10)));
-        assert_eq!(w("7").ok(), Some(Duration::from_secs(7)));
-        assert_eq!(w("30s").ok(), Some(MAX_WAIT));
-        assert!(matches!(w("31s"), Err(ApiError::BadRequest { .. })));
-        assert_eq!(w("0").ok(), Some(Duration::ZERO));
-        for bad in [
-            "1h", "soon", "-1", "05", "+5", "5ss", "s", "", "1.5s", "30000ms",
-        ] {
-            assert!(matches!(w(bad), Err(ApiError::BadRequest { .. })), "{bad}");
-        }
+    fn the_waiting_routes_are_those_documented_with_wait() {
+        let (_, doc) = crate::app::documented_routes();
+        let doc = serde_json::to_value(&doc).expect("json");
+        let mut documented: Vec<&str> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .filter(|(_, item)| {
+                item.as_object().is_some_and(|ops| {
+                    ops.values().any(|op| {
+                        op["parameters"].as_array().is_some_and(|ps| {
+                            ps.iter().any(|p| p["name"] == "wait" && p["in"] == "query")
+                        })
+                    })
+                })
+            })
+            .map(|(path, _)| path.as_str())
+            .collect();
+        documented.sort_unstable();
+        let mut declared = WAITING_ROUTES.to_vec();
+        declared.sort_unstable();
+        assert_eq!(documented, declared);
     }
 
     #[test]

@@ -19,7 +19,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel};
-use crate::{params, problem::ApiError};
+use crate::{
+    params::{self, EventStreamQuery},
+    problem::ApiError,
+};
 
 /// Most workers one stream may name in `worker_ids`.
 pub const MAX_WORKER_IDS: usize = 1000;
@@ -33,13 +36,13 @@ pub const RESUME_WAIT: Duration = Duration::from_secs(3);
 const BATCH_BYTES: usize = 16 * 1024;
 
 /// The filter of `worker_ids` and `event_types` (comma-separated; both optional).
-pub fn filter(params: &std::collections::HashMap<String, String>) -> Result<Filter, ApiError> {
-    let list = |name: &str| -> Option<Vec<&str>> {
-        params
-            .get(name)
+pub fn filter(q: &EventStreamQuery) -> Result<Filter, ApiError> {
+    fn list(value: &Option<String>) -> Option<Vec<&str>> {
+        value
+            .as_deref()
             .map(|v| v.split(',').map(str::trim).collect())
-    };
-    let workers = match list("worker_ids") {
+    }
+    let workers = match list(&q.worker_ids) {
         None => None,
         Some(ids) if ids.len() > MAX_WORKER_IDS => {
             return Err(ApiError::bad(
@@ -53,7 +56,7 @@ pub fn filter(params: &std::collections::HashMap<String, String>) -> Result<Filt
                 .collect::<Result<_, _>>()?,
         ),
     };
-    let types = match list("event_types") {
+    let types = match list(&q.event_types) {
         None => None,
         Some(names) => Some(
             names
