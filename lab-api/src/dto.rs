@@ -22,11 +22,18 @@ pub fn iso(d: DateTime) -> String {
 /// One lab as the UI's Labs tab reads it: exactly these keys.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct UiLab {
+    #[serde(flatten)]
+    pub entry: LabEntry,
+    pub notes: String,
+}
+
+/// A lab's keys the UI reads, but its `notes` (what the live events carry of a lab).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct LabEntry {
     /// The CML lab id.
     pub id: String,
     pub title: String,
     pub description: String,
-    pub notes: String,
     #[schema(example = "STARTED")]
     pub state: String,
     /// The owner's full name; null when CML has none.
@@ -44,12 +51,20 @@ pub struct UiLab {
 
 impl From<&LabRecord> for UiLab {
     fn from(r: &LabRecord) -> Self {
+        Self {
+            entry: LabEntry::from(r),
+            notes: r.fields.notes.clone(),
+        }
+    }
+}
+
+impl From<&LabRecord> for LabEntry {
+    fn from(r: &LabRecord) -> Self {
         let f = &r.fields;
         Self {
             id: r.lab_id.clone(),
             title: f.title.clone(),
             description: f.description.clone(),
-            notes: f.notes.clone(),
             state: f.state.clone(),
             owner: (!f.owner_fullname.trim().is_empty()).then(|| f.owner_fullname.clone()),
             owner_username: f.owner_username.clone(),

@@ -9,6 +9,11 @@ use utoipa::{
 use shared::record::LabState;
 
 use crate::{
+    dto::{FieldChangeDto, LabEntry},
+    events::payload::{
+        Changed, Connected, DataRefreshed, EventEnvelope, Heartbeat, LabChange, LabUpdated,
+        RefreshThrottled, Reset, SyncFailed,
+    },
     params::{Cursor, Id, Region, Username, Wait},
     problem::Problem,
 };
@@ -16,8 +21,13 @@ use crate::{
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "lab-api", description = "Read-only access to the labs of a CML fleet, kept fresh by sync-daemon."),
-    // Parameter types: the routes reference them, the document must define them.
-    components(schemas(Problem, Id, Region, Username, Cursor, Wait, LabState)),
+    // Parameter types: the routes reference them, the document must define them. The live
+    // stream's envelope and payloads: what a client of the stream reads, by event type.
+    components(schemas(
+        Problem, Id, Region, Username, Cursor, Wait, LabState,
+        EventEnvelope, Connected, Heartbeat, Reset, LabUpdated, LabChange, Changed, LabEntry,
+        FieldChangeDto, DataRefreshed, SyncFailed, RefreshThrottled
+    )),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

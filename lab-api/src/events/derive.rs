@@ -10,14 +10,17 @@
 //! wakes whoever waits for it ([`finished_request`]).
 
 use bson::{Bson, DateTime, Document};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use shared::{
     record::{HistoryEntry, LabRecord},
     status::WorkerSyncStatus,
 };
 
-use super::EventType;
-use crate::dto::{iso, HistoryEntryDto, UiLab};
+use super::{
+    payload::{self, Changed, DataRefreshed, LabChange, LabUpdated, RefreshThrottled, SyncFailed},
+    EventType,
+};
+use crate::dto::{iso, HistoryEntryDto, LabEntry};
 
 /// The collection a change happened in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +80,10 @@ fn throttle_event(change: &Change) -> Option<Derived> {
         .and_then(shared::mongo::as_i64)?;
     Some(Derived {
         kind: EventType::RefreshThrottled,
-        data: json!({ "worker_id": worker_id, "retry_after_seconds": retry_after }),
+        data: payload::data(&RefreshThrottled {
+            worker_id: worker_id.clone(),
+            retry_after_seconds: retry_after,
+        }),
         worker_id,
     })
 }
@@ -102,50 +108,44 @@ pub fn finished_request(change: &Change) -> Option<String> {
 
 fn lab_event(change: &Change) -> Option<Derived> {
     let record: LabRecord = bson::from_document(change.full_document.clone()?).ok()?;
-    let mut data = lab_data(&record);
-    match change.operation {
-        Operation::Insert => {
-            data.insert("action".into(), json!("created"));
-            data.insert("first_seen_at".into(), json!(iso(record.first_seen_at)));
-        }
+    let change = match change.operation {
+        Operation::Insert => LabChange::Created {
+            first_seen_at: iso(record.first_seen_at),
+        },
         Operation::Update => {
             let at = *change.updated_fields.get_datetime("last_changed_at").ok()?;
             let entry = written_entry(&change.updated_fields, &record, at)?;
-            let action = entry.action();
             let dto = HistoryEntryDto::from(&entry);
-            data.insert("action".into(), json!(action));
-            data.insert("previous_state".into(), json!(dto.previous_state));
-            data.insert("new_state".into(), json!(dto.new_state));
-            data.insert(
-                "changed_fields".into(),
-                serde_json::to_value(&dto.changed_fields).ok()?,
-            );
-            data.insert("changed_at".into(), json!(dto.timestamp));
-            if action == "updated" {
-                data.insert("synced_at".into(), json!(iso(record.last_synced_at)));
+            let changed = Changed {
+                previous_state: dto.previous_state,
+                new_state: dto.new_state,
+                changed_fields: dto.changed_fields,
+                changed_at: dto.timestamp,
+            };
+            match entry.action() {
+                "reappeared" => LabChange::Reappeared(changed),
+                "removed" => LabChange::Removed(changed),
+                "state_changed" => LabChange::StateChanged(changed),
+                _ => LabChange::Updated {
+                    change: changed,
+                    synced_at: iso(record.last_synced_at),
+                },
             }
         }
         Operation::Replace | Operation::Delete | Operation::Other => return None,
-    }
+    };
+    let data = payload::data(&LabUpdated {
+        worker_id: record.worker_id.clone(),
+        lab_id: record.lab_id.clone(),
+        lab: LabEntry::from(&record),
+        removed_at: record.removed_at.map(iso),
+        change,
+    });
     Some(Derived {
         kind: EventType::LabsUpdated,
         worker_id: record.worker_id,
-        data: Value::Object(data),
+        data,
     })
-}
-
-/// The UI's list entry of the lab, with the worker, the lab id and `removed_at`, without
-/// `notes` (up to 64 KiB each, and no table shows them: the lab's own endpoint has them).
-fn lab_data(record: &LabRecord) -> Map<String, Value> {
-    let mut data = Map::new();
-    data.insert("worker_id".into(), json!(record.worker_id));
-    data.insert("lab_id".into(), json!(record.lab_id));
-    if let Ok(Value::Object(mut lab)) = serde_json::to_value(UiLab::from(record)) {
-        lab.remove("notes");
-        data.extend(lab);
-    }
-    data.insert("removed_at".into(), json!(record.removed_at.map(iso)));
-    data
 }
 
 /// The history entry the write pushed: the one stamped `at`, looked for among the entries the
@@ -191,28 +191,28 @@ fn status_event(change: &Change) -> Option<Derived> {
         let c = s.last_counts.unwrap_or_default();
         (
             EventType::DataRefreshed,
-            json!({
-                "worker_id": s.worker_id,
-                "last_success_at": s.last_success_at.map(iso),
-                "lab_count": s.lab_count,
-                "duration_ms": s.last_duration_ms,
-                "labs_synced": c.synced,
-                "labs_created": c.created,
-                "labs_updated": c.updated,
-                "labs_unchanged": c.unchanged,
-                "labs_removed": c.removed,
+            payload::data(&DataRefreshed {
+                worker_id: s.worker_id.clone(),
+                last_success_at: s.last_success_at.map(iso),
+                lab_count: s.lab_count,
+                duration_ms: s.last_duration_ms,
+                labs_synced: c.synced,
+                labs_created: c.created,
+                labs_updated: c.updated,
+                labs_unchanged: c.unchanged,
+                labs_removed: c.removed,
             }),
         )
     } else {
         (
             EventType::SyncFailed,
-            json!({
-                "worker_id": s.worker_id,
-                "error_kind": s.last_error_kind,
-                "error": s.last_error,
-                "consecutive_failures": s.consecutive_failures,
-                "last_attempt_at": iso(s.last_attempt_at),
-                "last_success_at": s.last_success_at.map(iso),
+            payload::data(&SyncFailed {
+                worker_id: s.worker_id.clone(),
+                error_kind: s.last_error_kind.clone(),
+                error: s.last_error.clone(),
+                consecutive_failures: s.consecutive_failures,
+                last_attempt_at: iso(s.last_attempt_at),
+                last_success_at: s.last_success_at.map(iso),
             }),
         )
     };
@@ -226,6 +226,7 @@ fn status_event(change: &Change) -> Option<Derived> {
 #[cfg(test)]
 mod tests {
     use bson::doc;
+    use serde_json::json;
     use shared::record::REMOVED_STATE;
 
     use super::*;

@@ -8,6 +8,7 @@
 pub mod derive;
 pub mod follow;
 pub mod hub;
+pub mod payload;
 pub mod stream;
 pub mod waiters;
 
@@ -15,7 +16,7 @@ use std::collections::HashSet;
 
 use bson::DateTime;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::Value;
 use shared::metrics::{
     Counter, Family, Gauge, Histogram, LabelSet, Reason, Registry, LATENCY_BUCKETS,
 };
@@ -107,11 +108,11 @@ impl Frame {
 
 /// The text of one frame: the envelope `{type, source, time, data}` as one line of JSON.
 pub fn render(id: Option<&str>, kind: EventType, time: DateTime, data: Value) -> Bytes {
-    let envelope = json!({
-        "type": kind.as_str(),
-        "source": SOURCE,
-        "time": iso(time),
-        "data": data,
+    let envelope = payload::data(&payload::EventEnvelope {
+        kind: kind.as_str().to_owned(),
+        source: SOURCE.to_owned(),
+        time: iso(time),
+        data,
     });
     let mut text = String::new();
     if let Some(id) = id {
@@ -226,6 +227,7 @@ impl EventMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_frame_is_id_event_and_one_data_line() {

@@ -13,12 +13,15 @@ use axum::{
 };
 use bson::DateTime;
 use bytes::Bytes;
-use serde_json::json;
+
 use shared::{metrics::Reason, service::ConnectionAbort};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel};
+use super::{
+    payload::{self, Connected, Heartbeat, Reset},
+    EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel,
+};
 use crate::{
     params::{self, EventStreamQuery},
     problem::ApiError,
@@ -139,7 +142,10 @@ impl Live {
         let mut first = VecDeque::new();
         let connected = Frame::local(
             EventType::Connected,
-            json!({ "status": "connected", "client_id": uuid::Uuid::new_v4().to_string() }),
+            payload::data(&Connected {
+                status: "connected",
+                client_id: uuid::Uuid::new_v4().to_string(),
+            }),
         );
         first.push_back(sent(metrics, &connected));
         if let Some(reason) = sub.reset {
@@ -196,7 +202,8 @@ impl Live {
                 }
                 item = self.sub.rx.recv() => self.batch(item?),
                 _ = tokio::time::sleep(self.hub.heartbeat) => {
-                    sent(&self.hub.metrics, &Frame::local(EventType::Heartbeat, json!({})))
+                    let heartbeat = Frame::local(EventType::Heartbeat, payload::data(&Heartbeat {}));
+                    sent(&self.hub.metrics, &heartbeat)
                 }
             };
         };
@@ -258,7 +265,10 @@ fn reset(m: &EventMetrics, reason: &'static str) -> Bytes {
 fn reset_frame(m: &EventMetrics, reason: &'static str) -> Bytes {
     let f = Frame::local(
         EventType::Reset,
-        json!({ "reason": reason, "message": "Events were missed: reload from the API." }),
+        payload::data(&Reset {
+            reason,
+            message: "Events were missed: reload from the API.",
+        }),
     );
     sent(m, &f)
 }
