@@ -33,6 +33,7 @@ use crate::{
     api,
     auth::Authenticator,
     etag, events,
+    logs::{AuthDisabled, LogLine, Stopped, TaskFailed},
     metrics::Metrics,
     openapi::ApiDoc,
     params::{self, WaitQuery},
@@ -222,10 +223,7 @@ impl App {
     /// picks a free port: see [`App::local_addr`]). Starts nothing: [`App::run`] does.
     pub async fn build(config: &Config) -> Result<Self, ApiError> {
         if config.api.auth.mode == AuthMode::None {
-            tracing::warn!(
-                event = "auth_disabled",
-                "api.auth.mode is \"none\": every request is served without authentication"
-            );
+            AuthDisabled.emit();
         }
         let client = mongo::connect(&config.mongodb, "lab-api", None).await?;
         let http = reqwest::Client::builder()
@@ -286,11 +284,11 @@ impl App {
         stop.cancel();
         for task in [follower, stopper] {
             if let Err(e) = task.await {
-                tracing::error!(event = "task_failed", error = %e, "A background task of lab-api failed");
+                TaskFailed { error: &e }.emit();
             }
         }
         served.map_err(|e| ApiError::Internal(format!("the server failed: {e}")))?;
-        tracing::info!(event = "api_stopped", "lab-api stopped");
+        Stopped.emit();
         Ok(())
     }
 }

@@ -28,7 +28,10 @@ use sha2::{Digest, Sha256};
 use shared::config::{AuthConfig, AuthMode};
 use tokio::sync::watch;
 
-use crate::problem::ApiError;
+use crate::{
+    logs::{JwksFetchFailed, JwksFetched, LogLine},
+    problem::ApiError,
+};
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 30;
@@ -343,13 +346,21 @@ impl JwtVerifier {
         }
         match result {
             Ok(keys) => {
-                tracing::info!(event = "jwks_fetched", keys = keys.len(), url = %self.jwks_url, "Fetched the signing keys of the JWKS");
+                JwksFetched {
+                    keys: keys.len(),
+                    url: &self.jwks_url,
+                }
+                .emit();
                 if let Ok(mut current) = self.keys.write() {
                     *current = keys;
                 }
             }
             Err(error) => {
-                tracing::warn!(event = "jwks_fetch_failed", url = %self.jwks_url, error = %error, "Cannot fetch the JWKS; the keys known so far stay in use")
+                JwksFetchFailed {
+                    url: &self.jwks_url,
+                    error: &error,
+                }
+                .emit();
             }
         }
         self.fetched.send_modify(|n| *n += 1);

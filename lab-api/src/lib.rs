@@ -12,6 +12,7 @@ pub mod auth;
 pub mod dto;
 pub mod etag;
 pub mod events;
+pub mod logs;
 pub mod metrics;
 pub mod openapi;
 pub mod page;

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lab_api::app::App;
+use lab_api::{
+    app::App,
+    logs::{ApiFailed, LogLine, StartFailed},
+};
 use shared::{
     cli::{check_config, load_or_report, CheckConfigArgs, ConfigArgs},
     config::{Config, Role},
@@ -52,7 +55,7 @@ async fn serve(config: &Config, telemetry: &Telemetry) -> ExitCode {
     let app = match App::build(config).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(event = "start_failed", error = %e, "Cannot start");
+            StartFailed { error: &e }.emit();
             return ExitCode::FAILURE;
         }
     };
@@ -60,7 +63,7 @@ async fn serve(config: &Config, telemetry: &Telemetry) -> ExitCode {
     match app.run(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(event = "api_failed", error = %e, "lab-api failed");
+            ApiFailed { error: &e }.emit();
             ExitCode::FAILURE
         }
     }

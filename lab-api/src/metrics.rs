@@ -17,7 +17,11 @@ use shared::metrics::{
 };
 use tokio::time::Instant;
 
-use crate::{events::EventMetrics, problem::Failure};
+use crate::{
+    events::EventMetrics,
+    logs::{LogLine, RequestFailed},
+    problem::Failure,
+};
 
 /// The route label of requests that matched no route.
 const UNMATCHED: &str = "unmatched";
@@ -70,7 +74,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram>,
     in_flight: Gauge,
-    shed: Family<Reason, Counter>,
+    pub(crate) shed: Family<Reason, Counter>,
     /// Every route template the router serves, as label values.
     routes: HashMap<String, Arc<str>>,
 }
@@ -191,14 +195,17 @@ pub async fn observe(State(m): State<Arc<Metrics>>, request: Request, next: Next
     if status.is_server_error() {
         let failure = response.extensions().get::<Failure>();
         let kind = failure.map_or("unknown", |f| f.kind);
-        let detail = failure.map_or("", |f| f.detail.as_str());
-        let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
-        if let Some(reason) = shed_reason(kind) {
-            m.shed.get(&Reason(reason)).inc();
-            tracing::warn!(event = "request_failed", status = status.as_u16(), kind, route = %route, method, took_ms, detail, "Request not served");
-        } else {
-            tracing::error!(event = "request_failed", status = status.as_u16(), kind, route = %route, method, took_ms, detail, "Request failed");
+        RequestFailed {
+            status,
+            kind,
+            route: &route,
+            method,
+            took,
+            detail: failure.map_or("", |f| f.detail.as_str()),
+            shed: shed_reason(kind),
+            metrics: &m,
         }
+        .emit();
     }
     response
 }

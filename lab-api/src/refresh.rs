@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::{
     dto::SyncRequestDto,
     etag::Tagged,
+    logs::{LogLine, ThrottleNoticeFailed},
     openapi::{ReadErrors, WriteErrors},
     params::{self, Id, Query, WaitQuery},
     problem::{ApiError, Problem},
@@ -170,7 +171,11 @@ pub async fn refresh_worker(
                     .await
                 {
                     // The refusal stands; only its event is lost.
-                    tracing::warn!(event = "throttle_notice_failed", worker_id, error = %e, "Cannot record a throttle notice for the event stream");
+                    ThrottleNoticeFailed {
+                        worker_id,
+                        error: &e,
+                    }
+                    .emit();
                 }
             }
             Err(ApiError::Throttled {

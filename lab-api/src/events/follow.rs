@@ -18,6 +18,8 @@ use shared::{
     change_stream::{self, Follower, Source, Spec, State},
 };
 
+use crate::logs::{ChangeStreamFailed, ChangeStreamOpened, ChangeStreamReset, LogLine};
+
 use super::{
     derive::{derive, finished_request, Change, Collection, Operation},
     waiters::Waiters,
@@ -166,25 +168,17 @@ impl Follower for Relay {
     fn state(&mut self, state: State<'_>) {
         let metrics = &self.hub.metrics;
         match state {
-            State::Up { resumed } => {
-                metrics.change_stream_up.set(1.0);
-                tracing::info!(
-                    event = "change_stream_opened",
-                    resumed,
-                    "Following lab changes"
-                );
-            }
+            State::Up { resumed } => ChangeStreamOpened { resumed, metrics }.emit(),
             State::Down {
                 error, retry_in, ..
-            } => {
-                metrics.change_stream_up.set(0.0);
-                metrics.change_stream_errors.inc();
-                tracing::warn!(event = "change_stream_failed", error = %error, retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX), "The change stream failed; resuming");
+            } => ChangeStreamFailed {
+                error,
+                retry_in,
+                metrics,
             }
+            .emit(),
             State::HistoryLost { error, .. } => {
-                metrics.change_stream_up.set(0.0);
-                metrics.change_stream_errors.inc();
-                tracing::warn!(event = "change_stream_reset", error = %error, "The change stream cannot resume: every client reloads");
+                ChangeStreamReset { error, metrics }.emit();
                 self.hub.reset_all("history_lost");
             }
         }

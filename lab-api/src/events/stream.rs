@@ -23,6 +23,7 @@ use super::{
     EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel,
 };
 use crate::{
+    logs::{LogLine, StreamCut},
     params::{self, EventStreamQuery},
     problem::ApiError,
 };
@@ -291,7 +292,7 @@ fn watch_stall(
                 tokio::select! {
                     _ = done.cancelled() => {}
                     _ = tokio::time::sleep(grace) => {
-                        tracing::info!(event = "stream_cut", "Cutting an event stream whose client stopped reading");
+                        StreamCut.emit();
                         abort.cancel();
                     }
                 }
