@@ -123,7 +123,7 @@ async fn same_site_writes(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    if safe || !cross_site(request.headers(), &allowed) {
+    if safe || !cross_site(request.headers(), authority(&request), &allowed) {
         return next.run(request).await;
     }
     ApiError::Forbidden(
@@ -134,8 +134,23 @@ async fn same_site_writes(
     .into_response()
 }
 
-/// Whether a browser sent the request from a site other than ours and other than `allowed`.
-pub fn cross_site(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
+/// Where the request was sent: the URI's authority (HTTP/2's `:authority`, or an absolute
+/// URI), else the `Host` header (HTTP/1.1).
+fn authority(request: &axum::extract::Request) -> Option<&str> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// Whether a browser sent the request from a site other than ours (`authority`, where it was
+/// sent) and other than `allowed`.
+pub fn cross_site(
+    headers: &axum::http::HeaderMap,
+    authority: Option<&str>,
+    allowed: &[String],
+) -> bool {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let origin = text(header::ORIGIN);
     if let Some(o) = origin {
@@ -146,10 +161,9 @@ pub fn cross_site(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
             return false;
         }
     }
-    let host = text(header::HOST);
     let foreign_origin = origin.is_some_and(|o| {
-        let authority = o.split_once("://").map_or(o, |(_, rest)| rest);
-        o == "null" || host != Some(authority)
+        let from = o.split_once("://").map_or(o, |(_, rest)| rest);
+        o == "null" || authority != Some(from)
     });
     let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     foreign_origin || fetch_site == Some("cross-site")

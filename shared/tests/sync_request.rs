@@ -260,3 +260,22 @@ async fn a_throttle_notice_is_no_request() {
     assert_eq!(s.claim(t(1), "holder-a").await.expect("claim"), None);
     accepted(record(&s, "r1", "w1", 1).await);
 }
+
+/// The marker and throttle notice documents share the collection: asked for by their ids,
+/// they are no request (not an error).
+#[tokio::test]
+async fn internal_documents_are_not_requests() {
+    let db = TestDb::new("requests_internal").await;
+    let s = store(&db).await;
+    let request = accepted(record(&s, "r1", "w1", 0).await);
+    s.notice_throttled("n1", "w1", Duration::from_secs(5), t(1))
+        .await
+        .expect("notice");
+    for id in ["active:w1", "throttled:n1"] {
+        assert_eq!(s.get(id).await.expect("no error"), None, "{id}");
+    }
+    assert_eq!(
+        s.get("r1").await.expect("read").map(|r| r.id),
+        Some(request.id)
+    );
+}

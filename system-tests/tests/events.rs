@@ -496,6 +496,18 @@ async fn streams_are_authenticated_capped_kept_alive_and_end_at_sigterm() {
             .ok()
     })
     .await;
+    // An id that is not text (a byte past ASCII) is no id this API issued either: a reset,
+    // not "no header" (the client would silently miss what happened while it was away).
+    let mut garbled = open(
+        &base,
+        "",
+        &[("authorization", &bearer), ("last-event-id", "caf\u{e9}")],
+    )
+    .await;
+    let reset = garbled.expect(WAIT).await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.data()["reason"], "unknown_id");
+    drop(garbled);
     assert!(f.once(&[]).await.status.success());
     let live = until_syncs(&mut by_cookie, 1, 0).await;
     assert_eq!(count(&live, LABS), 2);

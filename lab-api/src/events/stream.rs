@@ -32,6 +32,8 @@ use crate::{
 pub const MAX_WORKER_IDS: usize = 1000;
 /// The header a browser sends when it reconnects.
 const LAST_EVENT_ID: &str = "last-event-id";
+/// What an unreadable `Last-Event-ID` is taken as: an id no event has.
+const MALFORMED_ID: &str = "";
 /// How long a `Last-Event-ID` this replica has not seen is waited for (the client may come
 /// from a replica whose change stream is ahead) before the client is told to reload.
 pub const RESUME_WAIT: Duration = Duration::from_secs(3);
@@ -89,7 +91,11 @@ pub fn open(
     abort: Option<ConnectionAbort>,
 ) -> Result<Response, ApiError> {
     let slot = hub.stream_slot().ok_or(ApiError::TooManyStreams)?;
-    let last_id = headers.get(LAST_EVENT_ID).and_then(|v| v.to_str().ok());
+    // A header that is not visible ASCII is no id this API issued: it gets the `reset` every
+    // implausible id gets, never "no header" (the client would miss what it missed, silently).
+    let last_id = headers
+        .get(LAST_EVENT_ID)
+        .map(|v| v.to_str().unwrap_or(MALFORMED_ID));
     let sub = hub.subscribe(filter, last_id);
     let body = Body::from_stream(futures::stream::unfold(
         Live::new(hub, sub, slot, abort),

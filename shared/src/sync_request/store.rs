@@ -30,6 +30,12 @@ pub const KEEP_REQUESTS: Duration = Duration::from_secs(86_400);
 /// How often [`RequestStore::wait_finished`] reads a request when change streams fail.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
+/// Request `id`, never a marker or a notice that share the collection (and might be asked
+/// for by their ids): those have no `status`.
+fn only_request(id: &str) -> Document {
+    doc! { "_id": id, "status": { "$exists": true } }
+}
+
 /// The marker of a worker's active request.
 fn marker_id(worker_id: &str) -> String {
     format!("active:{worker_id}")
@@ -101,7 +107,7 @@ impl RequestStore {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<SyncRequest>> {
-        Ok(self.coll.find_one(doc! { "_id": id }).await?)
+        Ok(self.coll.find_one(only_request(id)).await?)
     }
 
     /// Records a refresh of `worker_id` unless the throttle refuses it. Two replicas recording
