@@ -13,8 +13,12 @@ use testkit::TestDb;
 
 const MIN: Duration = Duration::from_secs(60);
 
+/// `secs` after this test run began (not a fixed moment: the TTL index would remove documents
+/// stamped more than a day ago while a test runs).
 fn t(secs: i64) -> DateTime {
-    DateTime::from_millis(1_795_000_000_000 + secs * 1000)
+    static START: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| DateTime::now().timestamp_millis());
+    DateTime::from_millis(*START + secs * 1000)
 }
 
 async fn store(db: &TestDb) -> RequestStore {
@@ -261,7 +265,7 @@ async fn a_throttle_notice_is_no_request() {
     accepted(record(&s, "r1", "w1", 1).await);
 }
 
-/// The marker and throttle notice documents share the collection: asked for by their ids,
+/// The gate and throttle notice documents share the collection: asked for by their ids,
 /// they are no request (not an error).
 #[tokio::test]
 async fn internal_documents_are_not_requests() {
@@ -271,11 +275,121 @@ async fn internal_documents_are_not_requests() {
     s.notice_throttled("n1", "w1", Duration::from_secs(5), t(1))
         .await
         .expect("notice");
-    for id in ["active:w1", "throttled:n1"] {
+    for id in ["gate:w1", "throttled:n1"] {
         assert_eq!(s.get(id).await.expect("no error"), None, "{id}");
     }
     assert_eq!(
         s.get("r1").await.expect("read").map(|r| r.id),
         Some(request.id)
     );
+}
+
+/// The race of the old read-then-insert throttle: a refresh decided at `now` from a read made
+/// before the first request was recorded, arriving after that request finished. The gate
+/// refuses it: the release is later than its `now`.
+#[tokio::test]
+async fn a_refresh_decided_before_another_finished_is_refused() {
+    let db = TestDb::new("requests_late").await;
+    let s = store(&db).await;
+    accepted(record(&s, "r1", "w1", 10).await);
+    let claimed = s.claim(t(11), "holder-a").await.expect("claim");
+    assert!(claimed.is_some());
+    let done = Outcome::Done {
+        counts: SyncCounts::default(),
+        duration_ms: 1,
+    };
+    s.finish("r1", &done, t(12)).await.expect("finish");
+    // Its clock read 9 s: before r1 was recorded.
+    assert_eq!(retry_after(record(&s, "r2", "w1", 9).await), 60);
+    assert_eq!(retry_after(record(&s, "r3", "w1", 71).await), 1);
+    accepted(record(&s, "r4", "w1", 72).await);
+}
+
+/// Storms of concurrent recordings from two replicas (a client each) while a lease holder
+/// (a third) claims and finishes every request at once: the first recording of a storm goes
+/// through, its request ends at the storm's time, so every other one is refused (busy, then
+/// too recent) however the writes interleave. A throttle decided from a read made before the
+/// first request existed lets a second one through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storms_over_two_replicas_let_exactly_one_request_through() {
+    let db = TestDb::new("requests_storms").await;
+    let replica = |_| async {
+        let client = mongodb::Client::with_uri_str(testkit::mongodb_uri())
+            .await
+            .expect("client");
+        RequestStore::new(&client.database(db.name()), "sync_requests")
+    };
+    let holder = store(&db).await;
+    let replicas = [replica(0).await, replica(1).await];
+    for storm in 0..10i64 {
+        let at = t(storm * 100);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let finisher = tokio::spawn({
+            let (holder, stop) = (holder.clone(), stop.clone());
+            async move {
+                let done = Outcome::Done {
+                    counts: SyncCounts::default(),
+                    duration_ms: 1,
+                };
+                loop {
+                    let last = stop.load(std::sync::atomic::Ordering::SeqCst);
+                    while let Some(r) = holder.claim(at, "holder-a").await.expect("claim") {
+                        holder.finish(&r.id, &done, at).await.expect("finish");
+                    }
+                    if last {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let recordings = (0..120).map(|i| {
+            let s = replicas[i % 2].clone();
+            tokio::spawn(async move { s.record(format!("s{storm}-{i}"), "w1", at, MIN).await })
+        });
+        let results = futures::future::join_all(recordings).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        finisher.await.expect("finisher");
+        let accepted: Vec<_> = results
+            .into_iter()
+            .filter_map(|r| match r.expect("task") {
+                Ok(Recorded::Accepted(r)) => Some(r.id),
+                Ok(Recorded::Throttled { .. }) => None,
+                Err(e) => panic!("storm {storm}: {e}"),
+            })
+            .collect();
+        assert_eq!(accepted.len(), 1, "storm {storm}: {accepted:?}");
+    }
+}
+
+/// A gate left busy by a request that finished without letting go of it (a finisher of an
+/// earlier version, or one stopped between its two writes) is let go of by the next
+/// recording, which is then judged by when that request ended.
+#[tokio::test]
+async fn a_gate_left_busy_by_a_finished_request_heals() {
+    let db = TestDb::new("requests_heal").await;
+    let s = store(&db).await;
+    accepted(record(&s, "r1", "w1", 0).await);
+    db.db
+        .collection::<Document>("sync_requests")
+        .update_one(
+            doc! { "_id": "r1" },
+            doc! { "$set": { "status": "done", "finished_at": t(5) } },
+        )
+        .await
+        .expect("finish without the gate");
+    assert_eq!(retry_after(record(&s, "r2", "w1", 30).await), 35);
+    accepted(record(&s, "r3", "w1", 65).await);
+    // A gate taken for a request that was never written is let go of after a minute.
+    db.db
+        .collection::<Document>("sync_requests")
+        .update_one(
+            doc! { "_id": "gate:w2" },
+            doc! { "$set": { "gate_worker_id": "w2", "request_id": "lost", "requested_at": t(0), "busy": true } },
+        )
+        .upsert(true)
+        .await
+        .expect("a stuck gate");
+    assert_eq!(retry_after(record(&s, "r4", "w2", 30).await), 60);
+    accepted(record(&s, "r5", "w2", 61).await);
 }

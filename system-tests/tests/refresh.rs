@@ -516,3 +516,69 @@ async fn unknown_stopped_off_and_unreachable_are_problems() {
     assert_eq!(headers["content-type"], "application/problem+json");
     assert!(!p.to_string().contains("127.0.0.1:9"), "{p}");
 }
+
+/// Storms of 500 concurrent refreshes of one worker, split over two lab-api replicas while
+/// the lease holder serves the first at once: exactly one is accepted and one sync made, each
+/// storm (a worker each, so each storm starts from a worker never refreshed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storms_of_refreshes_over_two_replicas_make_one_request_and_one_sync() {
+    const STORMS: usize = 6;
+    const POSTS: usize = 500;
+    let f = Fixture::new("refresh_storms", STORMS, 2).await;
+    let env = [
+        NO_CYCLES[0],
+        ("CML_LABS_SYNC__RUN_IMMEDIATELY", "false"),
+        ("CML_LABS_SYNC__REFRESH_MIN_INTERVAL", "1h"),
+    ];
+    let d = f.spawn("daemon", &env);
+    wait_metric(&d.admin_base().await, "sync_lease_held", &[], 1.0, WAIT).await;
+    let (_a, a) = f.spawn_api("a", &env).await;
+    let (_b, b) = f.spawn_api("b", &env).await;
+    let client = reqwest::Client::new();
+    let mut counts = Vec::new();
+    for w in &f.fleet.fleet.workers {
+        let posts = (0..POSTS).map(|i| {
+            let url = format!(
+                "{}/api/workers/{}/labs/refresh",
+                if i % 2 == 0 { &a } else { &b },
+                w.id
+            );
+            let client = client.clone();
+            tokio::spawn(async move {
+                let r = client.post(url).send().await.expect("post");
+                let status = r.status();
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        });
+        let answers = futures::future::join_all(posts).await;
+        let mut accepted = Vec::new();
+        let mut throttled = 0;
+        for answer in answers {
+            match answer.expect("task") {
+                (StatusCode::ACCEPTED, body) => accepted.push(body["id"].clone()),
+                (StatusCode::TOO_MANY_REQUESTS, _) => throttled += 1,
+                (status, body) => panic!("worker {}: {status} {body}", w.id),
+            }
+        }
+        assert_eq!(accepted.len(), 1, "worker {}: {accepted:?}", w.id);
+        let id = accepted[0].as_str().expect("id");
+        request_in(&a, id, "done").await;
+        let requests =
+            f.db.db
+                .collection::<Document>("sync_requests")
+                .count_documents(doc! { "worker_id": &w.id })
+                .await
+                .expect("count");
+        assert_eq!(requests, 1, "worker {}", w.id);
+        assert_eq!(
+            w.calls().get("populate_lab_tiles"),
+            Some(&1),
+            "worker {}: {:?}",
+            w.id,
+            w.calls()
+        );
+        counts.push((accepted.len(), throttled));
+    }
+    assert_eq!(syncs_of(&d, &f.fleet.fleet.workers[0].id), 1);
+    eprintln!("storms (accepted, throttled): {counts:?}");
+}

@@ -79,36 +79,67 @@ impl SyncRequest {
     }
 }
 
-/// Whether a worker may be refreshed now, given its latest request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Throttle {
-    Accept,
-    /// A refresh is pending or running, or the last one finished too recently: ask again after
-    /// `retry_after` (whole seconds, at least one).
-    Refuse {
-        retry_after: Duration,
-        latest: Box<SyncRequest>,
-    },
+/// A worker's refresh gate: one document per worker (`_id: "gate:<worker_id>"`) through which
+/// every accepted refresh passes, taken by one conditional update (see [`Gate::free`]), so that
+/// the throttle and the one-active rule hold whichever replica records a request. It has no
+/// `worker_id` or `status` field: no query for requests sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gate {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub gate_worker_id: String,
+    /// The request that last went through.
+    pub request_id: String,
+    /// When it did (the TTL index removes a gate a day after its last request).
+    pub requested_at: DateTime,
+    /// That request is not finished yet.
+    pub busy: bool,
+    /// When it finished.
+    #[serde(default)]
+    pub released_at: Option<DateTime>,
 }
 
-/// The throttle: one refresh per worker at a time, and none within `min_interval` of the end
-/// of the last one. A request not finished yet means at least `min_interval` from now.
-pub fn throttle(latest: Option<&SyncRequest>, now: DateTime, min_interval: Duration) -> Throttle {
-    let Some(latest) = latest else {
-        return Throttle::Accept;
-    };
+impl Gate {
+    /// The id of `worker_id`'s gate.
+    pub fn id_of(worker_id: &str) -> String {
+        format!("gate:{worker_id}")
+    }
+
+    /// The filter matching `worker_id`'s gate when a refresh may go through it at `now`: not
+    /// busy, and released at least `min_interval` ago. The same rule as [`throttle`], for the
+    /// database to decide atomically.
+    pub fn free(worker_id: &str, now: DateTime, min_interval: Duration) -> bson::Document {
+        let interval_ms = i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX);
+        let latest_release =
+            DateTime::from_millis(now.timestamp_millis().saturating_sub(interval_ms));
+        bson::doc! {
+            "_id": Self::id_of(worker_id),
+            "busy": { "$ne": true },
+            "$or": [
+                { "released_at": { "$exists": false } },
+                { "released_at": { "$lte": latest_release } },
+            ],
+        }
+    }
+}
+
+/// The throttle, given a worker's gate: one refresh per worker at a time, and none within
+/// `min_interval` of the end of the last one. `None`: a refresh may go through now; else how
+/// long to wait (whole seconds, at least one, never more than the interval: a request not
+/// finished yet means the whole interval from now).
+pub fn throttle(gate: Option<&Gate>, now: DateTime, min_interval: Duration) -> Option<Duration> {
+    let gate = gate?;
     let interval_ms = i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX);
-    let wait_ms = if latest.status.is_finished() {
-        // Finished without an end time: only an old or hand-made document; judge by its start.
-        let end = latest.finished_at.unwrap_or(latest.requested_at);
-        end.timestamp_millis()
+    let wait_ms = match (gate.busy, gate.released_at) {
+        (true, _) => interval_ms,
+        (false, None) => return None,
+        (false, Some(released)) => released
+            .timestamp_millis()
             .saturating_add(interval_ms)
-            .saturating_sub(now.timestamp_millis())
-    } else {
-        interval_ms
+            .saturating_sub(now.timestamp_millis()),
     };
     if wait_ms <= 0 {
-        return Throttle::Accept;
+        return None;
     }
     // Whole seconds, rounded up: a client that waits that long is accepted. Never more than
     // the interval (a clock ahead of ours must not make a worker wait longer).
@@ -116,10 +147,7 @@ pub fn throttle(latest: Option<&SyncRequest>, now: DateTime, min_interval: Durat
         .unwrap_or(u64::MAX)
         .div_ceil(1000)
         .max(1);
-    Throttle::Refuse {
-        retry_after: Duration::from_secs(secs).min(min_interval.max(Duration::from_secs(1))),
-        latest: Box::new(latest.clone()),
-    }
+    Some(Duration::from_secs(secs).min(min_interval.max(Duration::from_secs(1))))
 }
 
 #[cfg(test)]
@@ -134,58 +162,59 @@ mod tests {
         DateTime::from_millis(1_795_000_000_000 + (secs * 1000.0) as i64)
     }
 
-    fn request(status: RequestStatus, finished: Option<f64>) -> SyncRequest {
-        SyncRequest {
-            status,
-            finished_at: finished.map(t),
-            ..SyncRequest::pending("r1".into(), "w1".into(), t(0.0))
+    fn gate(busy: bool, released: Option<f64>) -> Gate {
+        Gate {
+            id: Gate::id_of("w1"),
+            gate_worker_id: "w1".into(),
+            request_id: "r1".into(),
+            requested_at: t(0.0),
+            busy,
+            released_at: released.map(t),
         }
     }
 
-    fn retry_after(th: Throttle) -> Option<u64> {
-        match th {
-            Throttle::Accept => None,
-            Throttle::Refuse { retry_after, .. } => Some(retry_after.as_secs()),
-        }
+    fn retry_after(g: &Gate, now: f64) -> Option<u64> {
+        throttle(Some(g), t(now), MIN).map(|d| d.as_secs())
     }
 
     #[test]
     fn a_first_refresh_is_accepted() {
-        assert_eq!(throttle(None, t(0.0), MIN), Throttle::Accept);
+        assert_eq!(throttle(None, t(0.0), MIN), None);
     }
 
     #[test]
     fn one_at_a_time() {
-        for status in [RequestStatus::Pending, RequestStatus::Running] {
-            let r = request(status, None);
-            assert_eq!(retry_after(throttle(Some(&r), t(500.0), MIN)), Some(60));
-        }
+        assert_eq!(retry_after(&gate(true, None), 500.0), Some(60));
+        // Busy again after an earlier release: the earlier release does not count.
+        assert_eq!(retry_after(&gate(true, Some(1.0)), 500.0), Some(60));
     }
 
     #[test]
     fn the_interval_counts_from_the_end_of_the_last_refresh_and_counts_down() {
-        for status in [RequestStatus::Done, RequestStatus::Failed] {
-            let r = request(status, Some(10.0));
-            assert_eq!(retry_after(throttle(Some(&r), t(10.0), MIN)), Some(60));
-            assert_eq!(retry_after(throttle(Some(&r), t(30.5), MIN)), Some(40));
-            assert_eq!(retry_after(throttle(Some(&r), t(69.9), MIN)), Some(1));
-            assert_eq!(throttle(Some(&r), t(70.0), MIN), Throttle::Accept);
-        }
+        let g = gate(false, Some(10.0));
+        assert_eq!(retry_after(&g, 10.0), Some(60));
+        assert_eq!(retry_after(&g, 30.5), Some(40));
+        assert_eq!(retry_after(&g, 69.9), Some(1));
+        assert_eq!(retry_after(&g, 70.0), None);
     }
 
     #[test]
     fn a_clock_ahead_of_ours_never_makes_a_worker_wait_longer_than_the_interval() {
-        let r = request(RequestStatus::Done, Some(100.0));
-        assert_eq!(retry_after(throttle(Some(&r), t(0.0), MIN)), Some(60));
+        assert_eq!(retry_after(&gate(false, Some(100.0)), 0.0), Some(60));
     }
 
     #[test]
-    fn the_refusal_carries_the_request() {
-        let r = request(RequestStatus::Running, None);
-        match throttle(Some(&r), t(1.0), MIN) {
-            Throttle::Refuse { latest, .. } => assert_eq!(*latest, r),
-            Throttle::Accept => panic!("accepted"),
-        }
+    fn the_free_filter_names_the_gate_and_the_latest_release_allowed() {
+        let f = Gate::free("w1", t(70.0), MIN);
+        assert_eq!(f.get_str("_id").ok(), Some("gate:w1"));
+        let or = f.get_array("$or").expect("$or");
+        let lte = or[1]
+            .as_document()
+            .and_then(|d| d.get_document("released_at").ok());
+        assert_eq!(
+            lte.and_then(|d| d.get_datetime("$lte").ok()),
+            Some(&t(10.0))
+        );
     }
 
     #[test]
@@ -211,21 +240,21 @@ mod tests {
     }
 
     proptest! {
-        /// Waiting exactly `retry_after` is enough (clocks agreeing), and it is never more than
+        /// Waiting exactly the answer is enough (clocks agreeing), and it is never more than
         /// the interval.
         #[test]
         fn waiting_retry_after_is_enough(end in 0u32..100_000, now in 0u32..200_000, min in 1u64..600) {
             let min = Duration::from_secs(min);
-            let r = request(RequestStatus::Done, Some(f64::from(end) / 1000.0));
+            let g = gate(false, Some(f64::from(end) / 1000.0));
             let now_t = t(f64::from(now) / 1000.0);
-            if let Throttle::Refuse { retry_after, .. } = throttle(Some(&r), now_t, min) {
+            if let Some(retry_after) = throttle(Some(&g), now_t, min) {
                 prop_assert!(retry_after >= Duration::from_secs(1) && retry_after <= min);
                 if now < end {
-                    // The request's clock was ahead of ours: capped, so not enough to wait.
+                    // The release's clock was ahead of ours: capped, so not enough to wait.
                     return Ok(());
                 }
                 let later = DateTime::from_millis(now_t.timestamp_millis() + retry_after.as_millis() as i64);
-                prop_assert_eq!(throttle(Some(&r), later, min), Throttle::Accept);
+                prop_assert_eq!(throttle(Some(&g), later, min), None);
             }
         }
     }

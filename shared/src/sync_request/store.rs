@@ -1,12 +1,14 @@
 //! Reading and writing `sync_requests`: lab-api records a refresh (throttled per worker), the
 //! lease holder claims and finishes it; a TTL index removes requests a day after they were
 //! made. Throttle notices (a refresh refused, for the event stream of every lab-api replica) are
-//! documents of their own (`_id: "throttled:…"`, `notice: "throttled"`). One request per
-//! worker is active at a time, whichever replica records it: recording
-//! first inserts a marker document whose `_id` names the worker (`active:<worker_id>`, unique
-//! by nature), and finishing deletes it. Markers have no `worker_id` or `status` field, so no
-//! query for requests sees them. (Not a unique index on a field that changes: every index
-//! stays correct for updates that change no indexed value.)
+//! documents of their own (`_id: "throttled:…"`, `notice: "throttled"`). The throttle and the
+//! one-active rule are decided by the database, whichever replica records a request: every
+//! accepted request first takes its worker's gate ([`Gate`], `_id: "gate:<worker_id>"`) by
+//! one conditional upsert (free: not busy and released long enough ago; else the upsert
+//! collides with the gate's `_id` and the request is refused), and finishing a request lets
+//! go of it. Gates and notices have no `status` field, so no read of requests sees them.
+//! (Markers `active:<worker_id>` of earlier versions are read by nothing; the TTL index
+//! removes them.)
 
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ use mongodb::{
 use crate::{
     mongo::{self, is_duplicate_key},
     status::SyncCounts,
-    sync_request::{throttle, RequestStatus, SyncRequest, Throttle},
+    sync_request::{throttle, Gate, RequestStatus, SyncRequest},
     Result,
 };
 
@@ -30,16 +32,24 @@ pub const KEEP_REQUESTS: Duration = Duration::from_secs(86_400);
 /// How often [`RequestStore::wait_finished`] reads a request when change streams fail.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
-/// Request `id`, never a marker or a notice that share the collection (and might be asked
+/// Request `id`, never a gate or a notice that share the collection (and might be asked
 /// for by their ids): those have no `status`.
 fn only_request(id: &str) -> Document {
     doc! { "_id": id, "status": { "$exists": true } }
 }
 
-/// The marker of a worker's active request.
-fn marker_id(worker_id: &str) -> String {
-    format!("active:{worker_id}")
+/// How long a gate may be busy for a request that was never written before [`RequestStore::record`]
+/// lets go of it (its recorder stopped between the two writes).
+const STUCK_AFTER: Duration = Duration::from_secs(60);
+
+/// What taking a gate came to.
+enum Take {
+    /// Taken; the gate as it was before (`None`: new).
+    Taken(Option<Gate>),
+    /// Somebody's request holds it, or the last one ended too recently.
+    Held,
 }
+use Take::{Held, Taken};
 
 /// What recording a refresh came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,7 +88,7 @@ impl RequestStore {
         }
     }
 
-    /// The TTL index (markers carry `requested_at` too) and the latest-first index.
+    /// The TTL index (gates and notices carry `requested_at` too) and the latest-first index.
     pub async fn ensure_indexes(&self) -> Result<()> {
         let ttl = IndexModel::builder()
             .keys(doc! { "requested_at": 1 })
@@ -110,8 +120,9 @@ impl RequestStore {
         Ok(self.coll.find_one(only_request(id)).await?)
     }
 
-    /// Records a refresh of `worker_id` unless the throttle refuses it. Two replicas recording
-    /// one at the same moment: the marker lets one in, the other is throttled.
+    /// Records a refresh of `worker_id` unless the throttle refuses it. Decided by one
+    /// conditional update of the worker's gate (taken when free, else a duplicate key), so
+    /// that any number of replicas recording at once let exactly one request through.
     pub async fn record(
         &self,
         id: String,
@@ -119,47 +130,138 @@ impl RequestStore {
         now: DateTime,
         min_interval: Duration,
     ) -> Result<Recorded> {
-        let latest = self.latest(worker_id).await?;
-        if let Throttle::Refuse {
-            retry_after,
-            latest,
-        } = throttle(latest.as_ref(), now, min_interval)
-        {
-            return Ok(Recorded::Throttled {
-                retry_after,
-                latest,
-            });
-        }
-        let request = SyncRequest::pending(id, worker_id.to_owned(), now);
-        let marker = doc! {
-            "_id": marker_id(worker_id),
-            "request_id": &request.id,
-            "requested_at": now,
-        };
-        match self.markers().insert_one(marker).await {
-            Ok(_) => {}
-            Err(e) if is_duplicate_key(&e) => {
-                // Another replica recorded one a moment ago: it is active, so the throttle
-                // asks for a whole interval.
-                let latest = self.latest(worker_id).await?;
+        // A few rounds: the gate may be let go (or healed) between a refusal and its reading.
+        for _ in 0..3 {
+            let held = match self.take_gate(&id, worker_id, now, min_interval).await? {
+                Taken(before) => return self.insert_through(id, worker_id, now, before).await,
+                Held => self.gate(worker_id).await?,
+            };
+            let Some(gate) = held else { continue };
+            if gate.busy && self.heal(&gate, now).await? {
+                continue;
+            }
+            if let Some(retry_after) = throttle(Some(&gate), now, min_interval) {
+                let latest = self.holding_back(&gate).await?;
                 return Ok(Recorded::Throttled {
-                    retry_after: min_interval,
-                    latest: Box::new(latest.unwrap_or(request)),
+                    retry_after,
+                    latest: Box::new(latest),
                 });
             }
-            Err(e) => return Err(e.into()),
         }
-        if let Err(e) = self.coll.insert_one(&request).await {
-            let _ = self
-                .markers()
-                .delete_one(doc! { "_id": marker_id(worker_id) })
-                .await;
-            return Err(e.into());
-        }
-        Ok(Recorded::Accepted(Box::new(request)))
+        // Contended all along: somebody else's refresh keeps getting through.
+        let latest = self.latest(worker_id).await?;
+        Ok(Recorded::Throttled {
+            retry_after: min_interval.max(Duration::from_secs(1)),
+            latest: Box::new(
+                latest.unwrap_or_else(|| SyncRequest::pending(id, worker_id.to_owned(), now)),
+            ),
+        })
     }
 
-    fn markers(&self) -> Collection<Document> {
+    /// Takes `worker_id`'s gate for request `id` when it is free (creating it the first
+    /// time): what it was before (`None`: it is new). A gate that exists and is not free makes
+    /// the upsert insert a second document with its `_id`: a duplicate key, so `Held`.
+    async fn take_gate(
+        &self,
+        id: &str,
+        worker_id: &str,
+        now: DateTime,
+        min_interval: Duration,
+    ) -> Result<Take> {
+        let taken = self
+            .gates()
+            .find_one_and_update(
+                Gate::free(worker_id, now, min_interval),
+                doc! { "$set": {
+                    "gate_worker_id": worker_id,
+                    "request_id": id,
+                    "requested_at": now,
+                    "busy": true,
+                } },
+            )
+            .upsert(true)
+            .return_document(ReturnDocument::Before)
+            .await;
+        match taken {
+            Ok(before) => Ok(Taken(before)),
+            Err(e) if is_duplicate_key(&e) => Ok(Held),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the request that took the gate; when that fails, puts the gate back as it was.
+    async fn insert_through(
+        &self,
+        id: String,
+        worker_id: &str,
+        now: DateTime,
+        before: Option<Gate>,
+    ) -> Result<Recorded> {
+        let request = SyncRequest::pending(id, worker_id.to_owned(), now);
+        let Err(e) = self.coll.insert_one(&request).await else {
+            return Ok(Recorded::Accepted(Box::new(request)));
+        };
+        let ours = doc! { "_id": Gate::id_of(worker_id), "request_id": &request.id };
+        let _ = match before {
+            Some(before) => self.gates().replace_one(ours, before).await.map(drop),
+            None => self.gates().delete_one(ours).await.map(drop),
+        };
+        Err(e.into())
+    }
+
+    async fn gate(&self, worker_id: &str) -> Result<Option<Gate>> {
+        Ok(self
+            .gates()
+            .find_one(doc! { "_id": Gate::id_of(worker_id) })
+            .await?)
+    }
+
+    /// Lets go of a busy gate whose request is over but was not let go of (its finisher
+    /// stopped between the two writes, or is a version that knows no gates), or whose request
+    /// was never written ([`STUCK_AFTER`] on). Whether it did.
+    async fn heal(&self, gate: &Gate, now: DateTime) -> Result<bool> {
+        let released_at = match self.get(&gate.request_id).await? {
+            Some(r) if r.status.is_finished() => r.finished_at.unwrap_or(now),
+            Some(_) => return Ok(false),
+            None => {
+                let stuck_ms = i64::try_from(STUCK_AFTER.as_millis()).unwrap_or(i64::MAX);
+                if now.timestamp_millis() - gate.requested_at.timestamp_millis() < stuck_ms {
+                    return Ok(false);
+                }
+                gate.released_at.unwrap_or(gate.requested_at)
+            }
+        };
+        let r = self
+            .gates()
+            .update_one(
+                doc! { "_id": &gate.id, "request_id": &gate.request_id, "busy": true },
+                doc! { "$set": { "busy": false, "released_at": released_at } },
+            )
+            .await?;
+        Ok(r.modified_count == 1)
+    }
+
+    /// The request a closed gate holds back: the one that went through it last (still being
+    /// written, when the gate was taken a moment ago: as the gate has it, pending).
+    async fn holding_back(&self, gate: &Gate) -> Result<SyncRequest> {
+        if let Some(r) = self.get(&gate.request_id).await? {
+            return Ok(r);
+        }
+        Ok(match self.latest(&gate.gate_worker_id).await? {
+            Some(r) => r,
+            None => SyncRequest::pending(
+                gate.request_id.clone(),
+                gate.gate_worker_id.clone(),
+                gate.requested_at,
+            ),
+        })
+    }
+
+    fn gates(&self) -> Collection<Gate> {
+        self.coll.clone_with_type()
+    }
+
+    fn documents(&self) -> Collection<Document> {
         self.coll.clone_with_type()
     }
 
@@ -192,7 +294,7 @@ impl RequestStore {
     /// The ids of the requests `holder` has taken and not finished.
     pub async fn claimed_by(&self, holder: &str) -> Result<Vec<String>> {
         let docs: Vec<Document> = self
-            .markers()
+            .documents()
             .find(doc! { "status": "running", "claimed_by": holder })
             .projection(doc! { "_id": 1 })
             .await?
@@ -232,7 +334,7 @@ impl RequestStore {
             "retry_after_seconds": i64::try_from(retry_after.as_secs()).unwrap_or(i64::MAX),
             "requested_at": now,
         };
-        self.markers().insert_one(notice).await?;
+        self.documents().insert_one(notice).await?;
         Ok(())
     }
 
@@ -302,8 +404,11 @@ impl RequestStore {
             .return_document(ReturnDocument::After)
             .await?;
         if let Some(r) = finished {
-            self.markers()
-                .delete_one(doc! { "_id": marker_id(&r.worker_id), "request_id": &r.id })
+            self.gates()
+                .update_one(
+                    doc! { "_id": Gate::id_of(&r.worker_id), "request_id": &r.id },
+                    doc! { "$set": { "busy": false, "released_at": now } },
+                )
                 .await?;
         }
         Ok(())
