@@ -14,6 +14,7 @@ use serde_json::Value;
 use shared::{
     change::{plan_sync, Listing},
     config::{ApiConfig, AuthConfig, AuthMode, Config, MongoConfig},
+    fence::Term,
     record::{LabFields, ObservedLab},
     store::LabStore,
 };
@@ -100,7 +101,7 @@ fn lab(id: &str, title: &str, state: &str) -> ObservedLab {
 async fn seed(store: &LabStore, worker: &str, labs: Vec<ObservedLab>) {
     let stored = store.records_for_sync(worker).await.expect("read");
     let plan = plan_sync(worker, &stored, labs, Listing::Complete, DateTime::now()).expect("plan");
-    store.apply(&plan).await.expect("apply");
+    store.apply(&plan, Term(1)).await.expect("apply");
 }
 
 async fn get(

@@ -21,6 +21,7 @@ use futures::TryStreamExt;
 use shared::{
     change::{plan_sync, Listing},
     config::MongoConfig,
+    fence::Term,
     record::{LabFields, LabState, ObservedLab},
     secret::Secret,
     store::LabStore,
@@ -286,7 +287,7 @@ async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Resul
             DateTime::now(),
         )?;
         store
-            .apply(&plan)
+            .apply(&plan, Term(1))
             .await
             .with_context(|| format!("seeding worker {w}"))?;
     }

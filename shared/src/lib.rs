@@ -9,6 +9,7 @@ pub mod config;
 pub mod cursor;
 pub mod duration;
 pub mod error;
+pub mod fence;
 pub mod fleet;
 pub mod metrics;
 pub mod mongo;

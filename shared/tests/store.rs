@@ -8,6 +8,7 @@ use shared::{
     change::{plan_sync, Listing, SyncPlan},
     config::{BatchWriteMode, MongoConfig},
     cursor::PageCursor,
+    fence::Term,
     record::{LabFields, LabRecord, LabState, ObservedLab, REMOVED_STATE},
     store::{cutoff, LabFilter, LabStore},
 };
@@ -86,7 +87,7 @@ async fn sync(
 ) -> SyncPlan {
     let stored = store.records_for_sync(worker).await.expect("read");
     let plan = plan_at_tick(worker, &stored, labs, listing);
-    store.apply(&plan).await.expect("apply");
+    store.apply(&plan, Term(1)).await.expect("apply");
     plan
 }
 
@@ -342,7 +343,7 @@ async fn apply_takes_one_round_trip() {
         let stored = store.records_for_sync("w").await.expect("read");
         db.commands.take();
         let plan = plan_at_tick("w", &stored, labs.clone(), Listing::Complete);
-        let outcome = store.apply(&plan).await.expect("apply");
+        let outcome = store.apply(&plan, Term(1)).await.expect("apply");
         let sent = db.commands.take();
         assert_eq!(outcome.created, 200, "{mode:?}");
         assert_eq!(outcome.round_trips, 1, "{mode:?}: {sent:?}");
@@ -359,7 +360,7 @@ async fn apply_takes_one_round_trip() {
         let plan = plan_at_tick("w", &stored, next, Listing::Complete);
         let c = plan.counts();
         assert_eq!((c.updated, c.removed, c.unchanged), (4, 1, 195));
-        let outcome = store.apply(&plan).await.expect("apply");
+        let outcome = store.apply(&plan, Term(1)).await.expect("apply");
         let sent = db.commands.take();
         assert_eq!(outcome.round_trips, 1, "{mode:?}: {sent:?}");
         assert_eq!(write_commands(&sent), 1, "{mode:?}: {sent:?}");
@@ -396,7 +397,7 @@ async fn two_tasks_creating_the_same_lab_at_once_leave_one_record() {
                 vec![lab("l1", "STOPPED", "A")],
                 Listing::Complete,
             );
-            let (a, b) = tokio::join!(store.apply(&plan_a), store.apply(&plan_b));
+            let (a, b) = tokio::join!(store.apply(&plan_a, Term(1)), store.apply(&plan_b, Term(1)));
             let (a, b) = (a.expect("a"), b.expect("b"));
             assert_eq!(a.created + b.created, 1, "{mode:?}: exactly one insert");
             let n = db
@@ -441,11 +442,77 @@ async fn a_stale_plan_does_not_overwrite_a_newer_sync() {
         vec![lab("l1", "DEFINED_ON_CORE", "A")],
         Listing::Complete,
     );
-    let outcome = store.apply(&stale).await.expect("apply");
+    let outcome = store.apply(&stale, Term(1)).await.expect("apply");
     assert_eq!(outcome.conflicts, 1);
     let r = store.lab("w", "l1").await.expect("get").expect("exists");
     assert_eq!(r.fields.state, "STARTED");
     assert_eq!(r.operation_history.len(), 1);
+}
+
+/// A holder that lost the lease (frozen past it) resumes and writes the plan it made: its
+/// stamps, creates and updates carry the old term, and every record its successor wrote
+/// since refuses them, in both write modes, even with a clock later than the successor's.
+#[tokio::test]
+async fn a_sync_under_an_older_term_changes_nothing_a_newer_term_wrote() {
+    for mode in MODES {
+        let db = TestDb::new("fenced").await;
+        let store = store(&db, mode).await;
+        let labs = || vec![lab("l1", "STOPPED", "A"), lab("l2", "STOPPED", "B")];
+        let first = plan_at_tick("w", &[], labs(), Listing::Complete);
+        store.apply(&first, Term(1)).await.expect("term 1");
+        let stale_read = store.records_for_sync("w").await.expect("read");
+        // The successor (term 2) sees l3 appear.
+        let mut now = labs();
+        now.push(lab("l3", "STARTED", "C"));
+        let read = store.records_for_sync("w").await.expect("read");
+        let newer = plan_at_tick("w", &read, now, Listing::Complete);
+        let newer_outcome = store.apply(&newer, Term(2)).await.expect("term 2");
+        assert_eq!((newer_outcome.created, newer_outcome.stamped), (1, 2));
+        let after_newer: Vec<Document> = raw(&db).await;
+        // The stale holder: l1 unchanged (a stamp), l2 changed, l3 new (a create).
+        let stale = plan_at_tick(
+            "w",
+            &stale_read,
+            vec![
+                lab("l1", "STOPPED", "A"),
+                lab("l2", "STARTED", "B"),
+                lab("l3", "STOPPED", "stale"),
+            ],
+            Listing::Complete,
+        );
+        let outcome = store
+            .apply(&stale, Term(1))
+            .await
+            .expect("fenced writes are no error");
+        assert_eq!(
+            (outcome.created, outcome.conflicts),
+            (0, 2),
+            "{mode:?}: {outcome:?}"
+        );
+        assert_eq!(raw(&db).await, after_newer, "{mode:?}: nothing changed");
+        assert!(
+            after_newer.iter().all(|r| r.get_i64("sync_term") == Ok(2)),
+            "{after_newer:?}"
+        );
+        // The next holder's own term writes as before.
+        let read = store.records_for_sync("w").await.expect("read");
+        let next = plan_at_tick("w", &read, labs(), Listing::Complete);
+        let outcome = store.apply(&next, Term(2)).await.expect("term 2 again");
+        assert_eq!((outcome.stamped, outcome.matched), (2, 1), "{outcome:?}");
+    }
+}
+
+/// The worker `w`'s records as stored, by lab id.
+async fn raw(db: &TestDb) -> Vec<Document> {
+    db.db
+        .collection::<Document>("lab_records")
+        .find(doc! { "worker_id": "w" })
+        .sort(doc! { "lab_id": 1 })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("records")
 }
 
 #[tokio::test]
@@ -828,7 +895,7 @@ async fn a_record_too_large_for_mongodb_is_skipped_and_the_rest_written() {
             Listing::Complete,
         );
         let outcome = store
-            .apply(&plan)
+            .apply(&plan, Term(1))
             .await
             .expect("the other writes go through");
         assert_eq!(

@@ -74,6 +74,7 @@ async fn a_refresh_is_throttled_while_active_and_for_the_interval_after() {
     };
     s.finish(
         "r1",
+        "holder-a",
         &Outcome::Done {
             counts,
             duration_ms: 1500,
@@ -135,6 +136,7 @@ async fn requests_are_claimed_oldest_first_and_a_failure_is_kept() {
     assert_eq!(s.claim(t(6), "holder-a").await.expect("claim"), None);
     s.finish(
         "late",
+        "holder-a",
         &Outcome::Failed {
             kind: "cml_timeout".into(),
             error: "timed out".into(),
@@ -208,6 +210,26 @@ async fn a_new_holder_requeues_what_another_took_and_a_holder_finds_its_own() {
         RequestStatus::Pending
     );
     assert!(s.claimed_by("holder-a").await.expect("read").is_empty());
+    // holder-a resumes and finishes a1: it is not holder-a's any more, so nothing changes (the
+    // gate stays busy for the new holder's sync).
+    let done = Outcome::Done {
+        counts: SyncCounts::default(),
+        duration_ms: 1,
+    };
+    assert!(!s
+        .finish("a1", "holder-a", &done, t(2))
+        .await
+        .expect("finish"));
+    assert_eq!(
+        s.get("a1").await.expect("get").expect("kept").status,
+        RequestStatus::Pending
+    );
+    assert_eq!(retry_after(record(&s, "a2", "w1", 200).await), 60);
+    while s.claim(t(3), "holder-b").await.expect("claim").is_some() {}
+    assert!(s
+        .finish("a1", "holder-b", &done, t(4))
+        .await
+        .expect("finish"));
 }
 
 #[tokio::test]
@@ -231,6 +253,7 @@ async fn waiting_for_an_outcome_returns_when_it_is_written() {
         writer
             .finish(
                 "r1",
+                "holder-a",
                 &Outcome::Done {
                     counts: SyncCounts::default(),
                     duration_ms: 5,
@@ -298,7 +321,9 @@ async fn a_refresh_decided_before_another_finished_is_refused() {
         counts: SyncCounts::default(),
         duration_ms: 1,
     };
-    s.finish("r1", &done, t(12)).await.expect("finish");
+    s.finish("r1", "holder-a", &done, t(12))
+        .await
+        .expect("finish");
     // Its clock read 9 s: before r1 was recorded.
     assert_eq!(retry_after(record(&s, "r2", "w1", 9).await), 60);
     assert_eq!(retry_after(record(&s, "r3", "w1", 71).await), 1);
@@ -334,7 +359,10 @@ async fn storms_over_two_replicas_let_exactly_one_request_through() {
                 loop {
                     let last = stop.load(std::sync::atomic::Ordering::SeqCst);
                     while let Some(r) = holder.claim(at, "holder-a").await.expect("claim") {
-                        holder.finish(&r.id, &done, at).await.expect("finish");
+                        holder
+                            .finish(&r.id, "holder-a", &done, at)
+                            .await
+                            .expect("finish");
                     }
                     if last {
                         break;

@@ -3,13 +3,22 @@
 //!
 //! The holder renews it well before it expires; another replica takes it only once it has
 //! expired. Replicas compare against their own clocks, so clocks must agree to well within the
-//! lease's lifetime (NTP does that easily for a 30 s lease).
+//! lease's lifetime (NTP does that easily for a 30 s lease). Each taking starts a new term
+//! (`term`, counted up in the document): the fencing token every write of a sync carries
+//! ([`shared::fence`]), so a holder that lost the lease and carries on changes nothing its
+//! successor wrote.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bson::{doc, DateTime, Document};
-use mongodb::{Collection, Database};
-use shared::{mongo::is_duplicate_key, Result};
+use mongodb::{options::ReturnDocument, Collection, Database};
+use shared::{fence::Term, mongo::is_duplicate_key, Result};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +33,8 @@ pub struct Lease {
     name: String,
     holder: String,
     ttl: Duration,
+    /// The term of this replica's last taking or renewal (0: none yet).
+    term: Arc<AtomicI64>,
 }
 
 /// Who holds a lease, as stored.
@@ -66,7 +77,24 @@ impl Lease {
             name: name.to_owned(),
             holder: holder.to_owned(),
             ttl,
+            term: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// The term under which this replica last held the lease: what its sync writes carry.
+    /// (Still the old one once the lease is lost: the fence then refuses them.)
+    pub fn term(&self) -> Term {
+        Term(self.term.load(Ordering::SeqCst))
+    }
+
+    /// Notes the term of the lease document this replica just took or renewed.
+    fn note_term(&self, lease: &Document) {
+        let term = match lease.get("term") {
+            Some(bson::Bson::Int64(t)) => *t,
+            Some(bson::Bson::Int32(t)) => i64::from(*t),
+            _ => 0,
+        };
+        self.term.store(term, Ordering::SeqCst);
     }
 
     pub fn holder(&self) -> &str {
@@ -82,15 +110,47 @@ impl Lease {
         DateTime::from_millis(now.timestamp_millis().saturating_add(ms))
     }
 
-    /// Takes the lease if it is free, expired or already ours; renews it in the last case.
+    /// Takes the lease if it is free, expired or already ours. Ours and not expired: renewed,
+    /// in the same term; else taken in a new term (ours but expired as well: somebody may have
+    /// taken and given it up meanwhile).
     pub async fn try_acquire(&self, now: DateTime) -> Result<bool> {
-        let filter = doc! {
-            "_id": &self.name,
-            "$or": [{ "holder": &self.holder }, { "expires_at": { "$lte": now } }],
-        };
-        let update = doc! { "$set": { "holder": &self.holder, "expires_at": self.expiry(now), "renewed_at": now } };
-        match self.coll.update_one(filter, update).upsert(true).await {
-            Ok(r) => Ok(r.matched_count == 1 || r.upserted_id.is_some()),
+        let set =
+            doc! { "holder": &self.holder, "expires_at": self.expiry(now), "renewed_at": now };
+        let renewed = self
+            .coll
+            .find_one_and_update(
+                doc! {
+                    "_id": &self.name,
+                    "holder": &self.holder,
+                    "expires_at": { "$gt": now },
+                    "term": { "$exists": true },
+                },
+                doc! { "$set": set.clone() },
+            )
+            .return_document(ReturnDocument::After)
+            .await?;
+        if let Some(lease) = renewed {
+            self.note_term(&lease);
+            return Ok(true);
+        }
+        let taken = self
+            .coll
+            .find_one_and_update(
+                doc! {
+                    "_id": &self.name,
+                    "$or": [{ "holder": &self.holder }, { "expires_at": { "$lte": now } }],
+                },
+                doc! { "$set": set, "$inc": { "term": 1_i64 } },
+            )
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await;
+        match taken {
+            Ok(Some(lease)) => {
+                self.note_term(&lease);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
             // Held by someone else: the filter missed and the insert hit the existing _id.
             Err(e) if is_duplicate_key(&e) => Ok(false),
             Err(e) => Err(e.into()),

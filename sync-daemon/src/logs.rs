@@ -630,7 +630,8 @@ impl LogLine for RequestServing<'_> {
 pub struct RequestServed<'a> {
     pub request_id: &'a str,
     pub worker_id: &'a str,
-    /// `done`, `failed` or `requeued` (this replica stopped syncing before it ran).
+    /// `done`, `failed`, `requeued` (this replica stopped syncing before it ran) or
+    /// `taken_over` (it lost the lease meanwhile: the next holder took it back to serve it).
     pub outcome: &'static str,
     pub kind: Option<&'a str>,
     pub duration: Duration,

@@ -198,6 +198,7 @@ mod tests {
             target: t(id),
             attempt_at: DateTime::from_millis(0),
             took: Duration::from_millis(5),
+            term: shared::fence::Term(1),
             result: Ok(WorkerOutcome {
                 counts: PlanCounts {
                     synced: labs,

@@ -1,6 +1,6 @@
 //! Writing per-worker sync status (`worker_sync_status`): the last attempt, the last success,
 //! failures in a row, and the registry's fields the fleet view reads. Statuses are written
-//! many to a round trip.
+//! many to a round trip; a sync's status is fenced by the lease's term like its records.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use bson::{doc, DateTime, Document};
 use mongodb::{Collection, Database};
 use shared::{
     change::PlanCounts,
+    fence::{self, Term},
     fleet, mongo,
     status::{self, SyncCounts},
     Result,
@@ -24,9 +25,30 @@ const MAX_ERROR_LEN: usize = 1024;
 pub struct StatusUpdate {
     pub worker_id: String,
     update: Document,
+    /// The lease's term the sync was made under.
+    term: Term,
 }
 
 impl StatusUpdate {
+    /// This update as written under the lease's `term`: a status written under a newer one
+    /// refuses it.
+    pub fn fenced(mut self, term: Term) -> Self {
+        self.term = term;
+        if let Ok(set) = self.update.get_document_mut("$set") {
+            set.insert(fence::FIELD, term.0);
+        }
+        self
+    }
+
+    /// The statement of the `update` command writing it.
+    fn statement(&self) -> Document {
+        doc! {
+            "q": { "worker_id": &self.worker_id, fence::FIELD: self.term.admits() },
+            "u": &self.update,
+            "upsert": true,
+        }
+    }
+
     /// A sync that wrote `lab_count` records; `counts` are what its plan did.
     pub fn success(
         worker_id: &str,
@@ -52,6 +74,7 @@ impl StatusUpdate {
                 // Synced, so meant to be (the registry's copy keeps it from then on).
                 "$setOnInsert": { "active": true },
             },
+            term: Term::default(),
         }
     }
 
@@ -70,6 +93,7 @@ impl StatusUpdate {
                 "$inc": { "consecutive_failures": 1_i64 },
                 "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64, "active": true },
             },
+            term: Term::default(),
         }
     }
 }
@@ -101,13 +125,10 @@ impl StatusWriter {
         Ok(())
     }
 
-    /// Records many outcomes in one round trip.
+    /// Records many outcomes in one round trip (those of a term older than the status's left
+    /// out).
     pub async fn record_many(&self, updates: &[StatusUpdate]) -> Result<()> {
-        self.upsert(updates.len(), |i| {
-            let u = &updates[i];
-            doc! { "q": { "worker_id": &u.worker_id }, "u": &u.update, "upsert": true }
-        })
-        .await
+        self.upsert(updates.len(), |i| updates[i].statement()).await
     }
 
     /// Sends `n` upserts by `worker_id` (statement `i` made by `statement(i)`) in one command.
@@ -116,7 +137,8 @@ impl StatusWriter {
             return Ok(());
         }
         // Two writers upserting one new worker at once may race on the unique index; the
-        // loser is retried once, when it matches.
+        // loser is retried once, when it matches (a second collision: a fenced statement whose
+        // status a newer term wrote, left out).
         let reply = mongo::update_command(
             &self.db,
             self.raw.name(),
@@ -130,7 +152,7 @@ impl StatusWriter {
                 .iter()
                 .map(|&i| statement(i))
                 .collect();
-            mongo::update_command(&self.db, self.raw.name(), again, |_| false).await?;
+            mongo::update_command(&self.db, self.raw.name(), again, |_| true).await?;
         }
         Ok(())
     }

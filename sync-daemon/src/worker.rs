@@ -10,6 +10,7 @@ use bson::DateTime;
 use cml_client::{CmlTarget, FetchSource};
 use shared::{
     change::{plan_sync, Listing, PlanCounts, RecordWrite, SyncPlan},
+    fence::Term,
     store::ApplyOutcome,
 };
 use tokio::time::Instant;
@@ -52,16 +53,25 @@ pub struct WorkerSync {
     pub target: CmlTarget,
     pub attempt_at: DateTime,
     pub took: Duration,
+    /// The lease's term it was made under: its writes, status included, carry it.
+    pub term: Term,
     pub result: Result<WorkerOutcome>,
 }
 
 impl WorkerSync {
     /// A sync that never returned (its task panicked): a failure like any other.
-    pub fn panicked(target: CmlTarget, attempt_at: DateTime, took: Duration, why: String) -> Self {
+    pub fn panicked(
+        target: CmlTarget,
+        attempt_at: DateTime,
+        took: Duration,
+        term: Term,
+        why: String,
+    ) -> Self {
         Self {
             target,
             attempt_at,
             took,
+            term,
             result: Err(Error::Panicked(why)),
         }
     }
@@ -81,6 +91,7 @@ impl WorkerSync {
                 &e.to_string(),
             ),
         }
+        .fenced(self.term)
     }
 
     /// One log line and the metrics of this outcome.
@@ -107,8 +118,9 @@ impl WorkerSync {
 pub async fn sync_worker(ctx: &Context, target: CmlTarget) -> WorkerSync {
     let started = Instant::now();
     let attempt_at = DateTime::now();
+    let term = ctx.lease.term();
     let deadline = ctx.config.sync.worker_deadline.get();
-    let result = match tokio::time::timeout(deadline, fetch_and_write(ctx, &target)).await {
+    let result = match tokio::time::timeout(deadline, fetch_and_write(ctx, &target, term)).await {
         Ok(r) => r,
         Err(_) => Err(Error::Deadline(deadline)),
     };
@@ -116,13 +128,14 @@ pub async fn sync_worker(ctx: &Context, target: CmlTarget) -> WorkerSync {
         target,
         attempt_at,
         took: started.elapsed(),
+        term,
         result,
     };
     sync.emit(&ctx.metrics);
     sync
 }
 
-async fn fetch_and_write(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutcome> {
+async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Result<WorkerOutcome> {
     // The stored records do not depend on the listing: read them while CML answers, so a
     // worker costs one CML round trip plus one write, not plus a read as well.
     let (fetched, stored) = tokio::join!(
@@ -163,7 +176,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget) -> Result<WorkerOutc
         confirm_removals(ctx, target, &mut plan).await;
         cml_calls += 1;
     }
-    let applied = ctx.store.apply(&plan).await?;
+    let applied = ctx.store.apply(&plan, term).await?;
     for skipped in &applied.skipped {
         RecordSkipped {
             worker_id,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bson::DateTime;
+use shared::fence::Term;
 use sync_daemon::lease::Lease;
 use testkit::TestDb;
 
@@ -99,4 +100,54 @@ async fn racing_replicas_get_one_winner() {
             .count();
         assert_eq!(winners, 1, "round {round}");
     }
+}
+
+/// Each taking of the lease is a new term; renewing keeps it. A holder that lost the lease
+/// keeps its old term (its writes are then refused by what the new holder wrote).
+#[tokio::test]
+async fn each_taking_is_a_new_term_and_renewing_keeps_it() {
+    let db = TestDb::new("lease_terms").await;
+    let ttl = Duration::from_secs(30);
+    let a = Lease::new(&db.db, "sync_lease", "sync-daemon", "replica-a", ttl);
+    let b = Lease::new(&db.db, "sync_lease", "sync-daemon", "replica-b", ttl);
+    assert_eq!(a.term(), Term(0), "none taken yet");
+    assert!(a.try_acquire(at(0)).await.expect("a"));
+    assert_eq!(a.term(), Term(1));
+    assert!(a.try_acquire(at(10_000)).await.expect("a renews"));
+    assert_eq!(a.term(), Term(1), "renewed in the same term");
+    assert!(!b.try_acquire(at(20_000)).await.expect("b"));
+    assert_eq!(b.term(), Term(0));
+    assert!(b.try_acquire(at(40_001)).await.expect("b takes over"));
+    assert_eq!(b.term(), Term(2));
+    assert!(!a.try_acquire(at(40_002)).await.expect("a"));
+    assert_eq!(a.term(), Term(1), "a keeps its old term");
+    // Given up and taken again by the same replica: a new term.
+    b.release().await.expect("release");
+    assert!(b.try_acquire(at(41_000)).await.expect("b again"));
+    assert_eq!(b.term(), Term(3));
+    // Its own lease expired (it was frozen) and taken again: a new term too.
+    assert!(b.try_acquire(at(80_000)).await.expect("b after expiry"));
+    assert_eq!(b.term(), Term(4));
+}
+
+/// A lease document written before terms existed: its holder's next renewal starts term 1.
+#[tokio::test]
+async fn a_lease_without_a_term_gets_one() {
+    let db = TestDb::new("lease_legacy").await;
+    db.db
+        .collection::<bson::Document>("sync_lease")
+        .insert_one(
+            bson::doc! { "_id": "sync-daemon", "holder": "replica-a", "expires_at": at(30_000) },
+        )
+        .await
+        .expect("legacy lease");
+    let a = Lease::new(
+        &db.db,
+        "sync_lease",
+        "sync-daemon",
+        "replica-a",
+        Duration::from_secs(30),
+    );
+    assert!(a.try_acquire(at(1_000)).await.expect("a"));
+    assert_eq!(a.term(), Term(1));
 }

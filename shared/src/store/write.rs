@@ -1,5 +1,6 @@
 //! Writing a sync plan: one statement per record write plus one stamp of the unchanged records,
-//! sent in as few commands as MongoDB's limits allow (normally one round trip).
+//! sent in as few commands as MongoDB's limits allow (normally one round trip), each fenced by
+//! the lease's term ([`crate::fence`]).
 
 use bson::{doc, Bson, DateTime, Document};
 use mongodb::{
@@ -12,6 +13,7 @@ use super::LabStore;
 use crate::{
     change::{RecordWrite, SyncPlan},
     config::BatchWriteMode,
+    fence::{self, Term},
     mongo::{self, DOCUMENT_TOO_LARGE, DUPLICATE_KEY},
     record::{HistoryEntry, LabFields},
     Error, Result,
@@ -34,7 +36,8 @@ pub struct ApplyOutcome {
     pub created: u64,
     /// Record writes (updates, removals, creates raced by another writer) that matched a record.
     pub matched: u64,
-    /// Updates and removals skipped because the record was synced by someone else in between.
+    /// Record writes skipped because the record was synced by someone else in between (or,
+    /// under a newer term of the lease, by its next holder).
     pub conflicts: u64,
     /// Unchanged records whose `last_synced_at` was stamped.
     pub stamped: u64,
@@ -61,6 +64,21 @@ pub(crate) struct Statement {
 }
 
 impl Statement {
+    /// The statement as a write made under `term`: it matches only records last written
+    /// under `term` or an older one, and marks what it writes with `term`.
+    fn fenced(mut self, term: Term) -> Self {
+        self.filter.insert(fence::FIELD, term.admits());
+        match self.update.get_mut("$set") {
+            Some(Bson::Document(set)) => {
+                set.insert(fence::FIELD, term.0);
+            }
+            _ => {
+                self.update.insert("$set", doc! { fence::FIELD: term.0 });
+            }
+        }
+        self
+    }
+
     fn to_document(&self) -> Document {
         doc! { "q": &self.filter, "u": &self.update, "upsert": self.upsert, "multi": self.multi }
     }
@@ -75,27 +93,34 @@ pub(crate) struct BatchCounts {
 }
 
 impl LabStore {
-    /// Writes a worker's sync in one round trip: every record write and the `last_synced_at`
-    /// stamp of the unchanged records go in one batch (split only past the size limits).
-    pub async fn apply(&self, plan: &SyncPlan) -> Result<ApplyOutcome> {
+    /// Writes a worker's sync, made under the lease's `term`, in one round trip: every record
+    /// write and the `last_synced_at` stamp of the unchanged records go in one batch (split
+    /// only past the size limits). Records written under a newer term are left alone.
+    pub async fn apply(&self, plan: &SyncPlan, term: Term) -> Result<ApplyOutcome> {
         let mut statements = plan
             .writes
             .iter()
-            .map(|w| write_statement(&plan.worker_id, w, plan.now, self.history_limit))
+            .map(|w| write_statement(&plan.worker_id, w, plan.now, self.history_limit, term))
             .collect::<Result<Vec<Statement>>>()?;
         let singles = statements.len() as u64;
         if !plan.unchanged.is_empty() {
-            statements.push(stamp_statement(&plan.worker_id, &plan.unchanged, plan.now));
+            statements.push(stamp_statement(
+                &plan.worker_id,
+                &plan.unchanged,
+                plan.now,
+                term,
+            ));
         }
         if statements.is_empty() {
             return Ok(ApplyOutcome::default());
         }
         let counts = self.execute(statements).await?;
         // The stamp matches every unchanged record: they exist and are not removed, and nothing
-        // but a purge of removed records deletes records. What remains matched is the record
-        // writes'. Creates always land (inserted, or matched after a race); any other write that
-        // matched nothing, and was not skipped, lost a race with another writer and is left to
-        // the next sync.
+        // but a purge of removed records deletes records (unless a newer term wrote some: then
+        // these counts are approximate, and the holder has lost the lease anyway). What remains
+        // matched is the record writes'. Creates land (inserted, or matched after a race) unless
+        // fenced; any other write that matched nothing, and was not skipped, lost a race with
+        // another writer and is left to the next sync.
         let stamped = (plan.unchanged.len() as u64).min(counts.matched);
         let matched = counts.matched - stamped;
         let skipped = counts.skipped.len() as u64;
@@ -126,8 +151,10 @@ impl LabStore {
     }
 
     /// Sends statements in as few commands as the size limits allow. Upserts that lose a race
-    /// on the unique index (a duplicate key error) are retried once: they then match. A record
-    /// whose document would pass 16 MiB is skipped, the rest written.
+    /// on the unique index (a duplicate key error) are retried once: they then match, unless
+    /// the record was written under a newer term (its fence refuses them: a collision again,
+    /// counted as matching nothing). A record whose document would pass 16 MiB is skipped, the
+    /// rest written.
     pub(crate) async fn execute(&self, statements: Vec<Statement>) -> Result<BatchCounts> {
         let bulk = self.use_bulk_write_command().await?;
         let mut total = BatchCounts::default();
@@ -150,14 +177,9 @@ impl LabStore {
                 total.upserted += counts.upserted;
                 total.round_trips += 1;
                 total.skipped.extend(counts.skipped);
-                if retry.is_empty() {
+                // A second collision: the record exists and the fence refuses the write.
+                if retry.is_empty() || attempt == 1 {
                     break;
-                }
-                if attempt == 1 {
-                    return Err(Error::WriteErrors(format!(
-                        "{} upserts still hit a duplicate key after a retry",
-                        retry.len()
-                    )));
                 }
                 pending = retry.into_iter().map(|i| pending[i].clone()).collect();
             }
@@ -323,6 +345,7 @@ pub(crate) fn write_statement(
     write: &RecordWrite,
     now: DateTime,
     history_limit: usize,
+    term: Term,
 ) -> Result<Statement> {
     let push = |entry: &HistoryEntry| -> Result<Document> {
         Ok(doc! { "operation_history": {
@@ -330,7 +353,7 @@ pub(crate) fn write_statement(
             "$slice": -(i64::try_from(history_limit).unwrap_or(i64::MAX)),
         } })
     };
-    Ok(match write {
+    let statement = match write {
         // Everything goes in with `$setOnInsert`: if another writer created the record a
         // moment earlier, this write only stamps it, and the next sync diffs against it.
         RecordWrite::Create { lab } => {
@@ -392,11 +415,12 @@ pub(crate) fn write_statement(
             multi: false,
             lab_id: Some(lab_id.clone()),
         },
-    })
+    };
+    Ok(statement.fenced(term))
 }
 
 /// Stamps `last_synced_at` on the records that did not change.
-fn stamp_statement(worker_id: &str, lab_ids: &[String], now: DateTime) -> Statement {
+fn stamp_statement(worker_id: &str, lab_ids: &[String], now: DateTime, term: Term) -> Statement {
     Statement {
         filter: doc! { "worker_id": worker_id, "lab_id": { "$in": lab_ids } },
         update: doc! { "$set": { "last_synced_at": now } },
@@ -404,6 +428,7 @@ fn stamp_statement(worker_id: &str, lab_ids: &[String], now: DateTime) -> Statem
         multi: true,
         lab_id: None,
     }
+    .fenced(term)
 }
 
 #[cfg(test)]
@@ -425,9 +450,12 @@ mod tests {
         let w = RecordWrite::Create {
             lab: ObservedLab::new("l1", LabFields::default()),
         };
-        let s = write_statement("w1", &w, DateTime::from_millis(5), 50).expect("encodes");
+        let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
         assert!(s.upsert && !s.multi);
-        assert_eq!(s.filter, doc! { "worker_id": "w1", "lab_id": "l1" });
+        assert_eq!(
+            s.filter,
+            doc! { "worker_id": "w1", "lab_id": "l1", "sync_term": { "$not": { "$gt": 3_i64 } } }
+        );
         let on_insert = s.update.get_document("$setOnInsert").expect("setOnInsert");
         for key in LabFields::names()
             .expect("encodes")
@@ -445,7 +473,7 @@ mod tests {
         }
         assert_eq!(
             s.update.get_document("$set").expect("$set"),
-            &doc! { "last_synced_at": DateTime::from_millis(5) }
+            &doc! { "last_synced_at": DateTime::from_millis(5), "sync_term": 3_i64 }
         );
     }
 
@@ -457,7 +485,7 @@ mod tests {
             reappeared: false,
             entry: entry(),
         };
-        let s = write_statement("w1", &w, DateTime::from_millis(5), 50).expect("encodes");
+        let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
         assert!(!s.upsert);
         assert_eq!(
             s.filter.get_datetime("last_synced_at").ok(),
@@ -470,6 +498,45 @@ mod tests {
             .expect("push");
         assert_eq!(push.get_i64("$slice").ok(), Some(-50));
         assert_eq!(push.get_array("$each").map(Vec::len).ok(), Some(1));
+    }
+
+    #[test]
+    fn every_write_of_a_sync_is_fenced_by_its_term() {
+        let lab = ObservedLab::new("l1", LabFields::default());
+        let was = DateTime::from_millis(1);
+        let writes = [
+            RecordWrite::Create { lab: lab.clone() },
+            RecordWrite::Update {
+                lab: lab.clone(),
+                expected_last_synced: was,
+                reappeared: false,
+                entry: entry(),
+            },
+            RecordWrite::Adopt {
+                lab,
+                expected_last_synced: was,
+            },
+            RecordWrite::Remove {
+                lab_id: "l1".into(),
+                expected_last_synced: was,
+                entry: entry(),
+            },
+        ];
+        let now = DateTime::from_millis(5);
+        let mut statements: Vec<Statement> = writes
+            .iter()
+            .map(|w| write_statement("w1", w, now, 50, Term(9)).expect("encodes"))
+            .collect();
+        statements.push(stamp_statement("w1", &["l2".into()], now, Term(9)));
+        for s in statements {
+            assert_eq!(
+                s.filter.get_document("sync_term").ok(),
+                Some(&doc! { "$not": { "$gt": 9_i64 } }),
+                "{s:?}"
+            );
+            let set = s.update.get_document("$set").expect("$set");
+            assert_eq!(set.get_i64("sync_term").ok(), Some(9), "{s:?}");
+        }
     }
 
     #[test]

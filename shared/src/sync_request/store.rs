@@ -375,8 +375,16 @@ impl RequestStore {
         }
     }
 
-    /// Writes a request's outcome; it is no longer active.
-    pub async fn finish(&self, id: &str, outcome: &Outcome, now: DateTime) -> Result<()> {
+    /// Writes the outcome of request `id`, which `holder` took; it is no longer active. Whether
+    /// it was written: not when the request is no longer `holder`'s (a new lease holder took
+    /// it back from a holder that lost the lease, to serve it itself).
+    pub async fn finish(
+        &self,
+        id: &str,
+        holder: &str,
+        outcome: &Outcome,
+        now: DateTime,
+    ) -> Result<bool> {
         let mut set = match outcome {
             Outcome::Done {
                 counts,
@@ -400,17 +408,21 @@ impl RequestStore {
         set.insert("finished_at", now);
         let finished = self
             .coll
-            .find_one_and_update(doc! { "_id": id }, doc! { "$set": set })
+            .find_one_and_update(
+                doc! { "_id": id, "status": "running", "claimed_by": holder },
+                doc! { "$set": set },
+            )
             .return_document(ReturnDocument::After)
             .await?;
-        if let Some(r) = finished {
-            self.gates()
-                .update_one(
-                    doc! { "_id": Gate::id_of(&r.worker_id), "request_id": &r.id },
-                    doc! { "$set": { "busy": false, "released_at": now } },
-                )
-                .await?;
-        }
-        Ok(())
+        let Some(r) = finished else {
+            return Ok(false);
+        };
+        self.gates()
+            .update_one(
+                doc! { "_id": Gate::id_of(&r.worker_id), "request_id": &r.id },
+                doc! { "$set": { "busy": false, "released_at": now } },
+            )
+            .await?;
+        Ok(true)
     }
 }

@@ -15,8 +15,8 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use bson::DateTime;
 use cml_client::CmlTarget;
-use shared::backoff::random_unit;
 use shared::sync_request::SyncRequest;
+use shared::{backoff::random_unit, fence::Term};
 use tokio::{
     sync::oneshot,
     task::{self, JoinSet},
@@ -40,11 +40,18 @@ use books::{Books, Closed, Closing};
 /// Syncs one worker: the real one reads CML and writes MongoDB; tests fake it.
 pub trait Syncer: Send + Sync + 'static {
     fn sync(&self, target: CmlTarget) -> impl Future<Output = WorkerSync> + Send;
+
+    /// The lease's term a sync starting now is made under.
+    fn term(&self) -> Term;
 }
 
 impl Syncer for Context {
     fn sync(&self, target: CmlTarget) -> impl Future<Output = WorkerSync> + Send {
         sync_worker(self, target)
+    }
+
+    fn term(&self) -> Term {
+        self.lease.term()
     }
 }
 
@@ -58,6 +65,7 @@ struct InFlight {
     target: CmlTarget,
     attempt_at: DateTime,
     started: Instant,
+    term: Term,
 }
 
 #[derive(Debug)]
@@ -276,6 +284,7 @@ impl<S: Syncer> Runner<S> {
                     target: start.target,
                     attempt_at: DateTime::now(),
                     started: Instant::now(),
+                    term: self.syncer.term(),
                 },
             );
         }
@@ -298,8 +307,13 @@ impl<S: Syncer> Runner<S> {
                     let Some(f) = self.in_flight.remove(&id) else {
                         continue;
                     };
-                    let sync =
-                        WorkerSync::panicked(f.target, f.attempt_at, f.started.elapsed(), why);
+                    let sync = WorkerSync::panicked(
+                        f.target,
+                        f.attempt_at,
+                        f.started.elapsed(),
+                        f.term,
+                        why,
+                    );
                     sync.emit(&self.metrics);
                     return Some(sync);
                 }

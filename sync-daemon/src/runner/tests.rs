@@ -10,6 +10,7 @@ use std::{
 
 use shared::{
     change::PlanCounts,
+    fence::Term,
     store::ApplyOutcome,
     sync_request::{Outcome, RequestStatus},
 };
@@ -69,6 +70,10 @@ impl FakeSync {
 }
 
 impl Syncer for FakeSync {
+    fn term(&self) -> Term {
+        Term(1)
+    }
+
     fn sync(&self, target: CmlTarget) -> impl Future<Output = WorkerSync> + Send {
         let id = target.worker_id.clone();
         self.started.lock().unwrap().push(id.clone());
@@ -94,6 +99,7 @@ impl Syncer for FakeSync {
                 target,
                 attempt_at: DateTime::now(),
                 took: Duration::from_millis(1),
+                term: Term(1),
                 result: Ok(WorkerOutcome {
                     counts: PlanCounts {
                         synced: 2,

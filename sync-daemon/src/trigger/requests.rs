@@ -226,11 +226,14 @@ pub async fn finish(
                 Outcome::Done { .. } => ("done", None),
                 Outcome::Failed { kind, .. } => ("failed", Some(kind.as_str())),
             };
-            (
-                store.finish(&request.id, o, DateTime::now()).await,
-                label,
-                kind,
-            )
+            let finished = store
+                .finish(&request.id, ctx.lease.holder(), o, DateTime::now())
+                .await;
+            match finished {
+                // Taken back by the next lease holder (this one lost the lease), which serves it.
+                Ok(false) => (Ok(()), "taken_over", None),
+                other => (other.map(drop), label, kind),
+            }
         }
     };
     in_hand.remove(&request.id);
