@@ -114,7 +114,7 @@ async fn not_found() -> Response {
 /// What every call goes through first: count, hold, latency, hang, reset, errors.
 async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option<Response> {
     worker.count_call(endpoint);
-    worker.while_held().await;
+    worker.while_held(endpoint).await;
     let faults = worker.faults();
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;

@@ -231,6 +231,9 @@ pub struct Faults {
     /// Hold every call (counted, then waiting) until this is cleared again: tests use it to
     /// know a call is in flight.
     pub hold: bool,
+    /// Hold the calls of this endpoint only (named as [`SimWorker::calls`] counts it, e.g.
+    /// `labs` for the id list), as `hold` does.
+    pub hold_endpoint: Option<String>,
     /// Answer the next this many calls with 502, then answer normally again.
     pub fail_next: u32,
     /// Injected error answers carry a `description` this many bytes long.
@@ -458,11 +461,13 @@ impl SimWorker {
         self.faults.send_replace(faults);
     }
 
-    /// Waits while calls are held (the `hold` fault).
-    pub async fn while_held(&self) {
+    /// Waits while calls of `endpoint` are held (the `hold` and `hold_endpoint` faults).
+    pub async fn while_held(&self, endpoint: &str) {
         let mut faults = self.faults.subscribe();
-        // The sender lives as long as the worker, so this only ends when `hold` is cleared.
-        let _ = faults.wait_for(|f| !f.hold).await;
+        // The sender lives as long as the worker, so this only ends when the hold is cleared.
+        let _ = faults
+            .wait_for(|f| !f.hold && f.hold_endpoint.as_deref() != Some(endpoint))
+            .await;
     }
 
     /// Takes one of the `fail_next` failures, if any are left.

@@ -1,13 +1,26 @@
 //! sync-daemon end to end: the real binary, the MongoDB stand-in (or `MONGODB_URI`) and the
 //! simulated CML fleet.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use bson::Bson;
+use bson::{doc, Bson, DateTime, Document};
 use cml_sim::Faults;
-use shared::record::REMOVED_STATE;
+use futures::TryStreamExt;
+use mongodb::Collection;
+use shared::{
+    record::REMOVED_STATE,
+    sync_request::{Recorded, RequestStore},
+};
 use system_tests::{
-    cycles_done, log_lines, message, metrics, other_state, output_text, wait_metric, Fixture,
+    cycles_done, log_lines, message, metrics, other_state, output_text, wait_metric, Daemon,
+    Fixture,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -295,7 +308,7 @@ async fn once_for_one_worker_syncs_only_that_worker() {
     let out = f.once(&[]).await;
     assert!(out.status.success());
     f.db.db
-        .collection::<bson::Document>("lab_records")
+        .collection::<Document>("lab_records")
         .delete_many(bson::doc! {})
         .await
         .expect("clear");
@@ -392,7 +405,7 @@ async fn sigterm_mid_cycle_drains_and_leaves_no_partial_record() {
     // The lease was released: another replica may take it at once.
     let lease =
         f.db.db
-            .collection::<bson::Document>("sync_lease")
+            .collection::<Document>("sync_lease")
             .find_one(bson::doc! {})
             .await
             .expect("find")
@@ -452,7 +465,7 @@ async fn a_replica_taking_over_reports_when_the_fleet_last_synced() {
     let mut a = f.spawn("a", &env);
     let a_admin = a.admin_base().await;
     cycles_done(&a_admin, 1.0).await;
-    let lease = f.db.db.collection::<bson::Document>("sync_lease");
+    let lease = f.db.db.collection::<Document>("sync_lease");
     let ended_at = testkit::eventually("the lease notes the cycle's end", WAIT, || async {
         let doc = lease.find_one(bson::doc! {}).await.ok()??;
         doc.get_datetime("last_cycle_end_at").ok().copied()
@@ -793,7 +806,7 @@ async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worke
     assert!(d.wait_exit(WAIT).await.success());
 }
 
-async fn mongodb_commands(base: &str) -> std::collections::HashMap<String, u64> {
+async fn mongodb_commands(base: &str) -> HashMap<String, u64> {
     testkit::metrics::parse(&metrics(base).await)
         .into_iter()
         .filter(|s| s.name == "mongodb_commands_total")
@@ -859,4 +872,199 @@ async fn a_replica_taking_over_mid_cycle_syncs_only_the_rest_of_it() {
             "{id}"
         );
     }
+}
+
+/// The stamps of worker `w`'s records, by lab id.
+async fn stamps(records: &Collection<Document>, w: &str) -> HashMap<String, DateTime> {
+    let docs: Vec<Document> = records
+        .find(doc! { "worker_id": w })
+        .projection(doc! { "lab_id": 1, "last_synced_at": 1 })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("records");
+    docs.iter()
+        .filter_map(|d| {
+            Some((
+                d.get_str("lab_id").ok()?.to_owned(),
+                *d.get_datetime("last_synced_at").ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The freeze scenario, round after round with the roles swapped: the lease holder syncs a
+/// worker one of whose labs went, plans (every other record to be stamped), and is frozen
+/// (SIGSTOP) while it checks the id list; the standby takes the lease over once it expires
+/// and syncs that worker itself; then the frozen holder resumes and writes the plan it made
+/// before. Its writes carry the old term and change nothing: no stamp ever goes back (a
+/// watcher reads them all along), every record and the status carry the new holder's term,
+/// and every record is what the new holder read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
+    const ROUNDS: usize = 8;
+    let f = Fixture::new("daemon_fenced", 2, 100).await;
+    let env = [
+        ("CML_LABS_SYNC__INTERVAL", "1h"),
+        ("CML_LABS_SYNC__LEASE_TTL", "2s"),
+        ("CML_LABS_SYNC__REFRESH_MIN_INTERVAL", "1s"),
+        // The frozen holder's call must not time out when it resumes.
+        ("CML_LABS_CML__REQUEST_TIMEOUT", "60s"),
+    ];
+    let a = f.spawn("a", &env);
+    wait_metric(&a.admin_base().await, "sync_lease_held", &[], 1.0, WAIT).await;
+    a.wait_event("cycle_completed", 1, WAIT).await;
+    let b = f.spawn("b", &env);
+    b.wait_event("lease_standby", 1, WAIT).await;
+    let w = f.fleet.fleet.workers[0].clone();
+    let requests = RequestStore::new(&f.db.db, "sync_requests");
+    let records = f.db.db.collection::<Document>("lab_records");
+
+    // Every stamp, read again and again: none may ever go back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let (records, w, stop) = (records.clone(), w.id.clone(), stop.clone());
+        async move {
+            let mut seen: HashMap<String, DateTime> = HashMap::new();
+            let (mut reads, mut backwards) = (0u64, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                for (lab, at) in stamps(&records, &w).await {
+                    match seen.get(&lab) {
+                        Some(before) if at < *before => backwards.push((lab, *before, at)),
+                        Some(before) if at == *before => {}
+                        _ => {
+                            seen.insert(lab, at);
+                        }
+                    }
+                }
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (reads, backwards)
+        }
+    });
+
+    let daemons = [a, b];
+    for round in 0..ROUNDS {
+        let (holder, standby) = (round % 2, (round + 1) % 2);
+        let label = format!("round {round}");
+        // One lab goes: the holder's sync plans to stamp the rest and to remove it, and checks
+        // the id list (held here) before it writes.
+        w.set_faults(Faults {
+            hold_endpoint: Some("labs".into()),
+            ..Faults::default()
+        });
+        let checks = w.calls().get("labs").copied().unwrap_or(0);
+        let gone = w.lab_ids()[0].clone();
+        assert!(w.delete_lab(&gone));
+        let request = testkit::eventually(&format!("{label}: a refresh"), WAIT, || async {
+            let id = format!("fence-{}", DateTime::now().timestamp_millis());
+            match requests
+                .record(id, &w.id, DateTime::now(), Duration::from_secs(1))
+                .await
+                .expect("record")
+            {
+                Recorded::Accepted(r) => Some(r.id),
+                Recorded::Throttled { .. } => None,
+            }
+        })
+        .await;
+        testkit::eventually(
+            &format!("{label}: the id list is asked for"),
+            WAIT,
+            || async { (w.calls().get("labs").copied().unwrap_or(0) > checks).then_some(()) },
+        )
+        .await;
+        daemons[holder].signal(libc::SIGSTOP);
+        w.set_faults(Faults::default());
+
+        // The standby takes over (the lease expires), takes the request back and serves it.
+        testkit::eventually(&format!("{label}: served by the standby"), WAIT, || async {
+            let r = requests.get(&request).await.expect("read")?;
+            r.status.is_finished().then_some(())
+        })
+        .await;
+        let lease =
+            f.db.db
+                .collection::<Document>("sync_lease")
+                .find_one(doc! {})
+                .await
+                .expect("lease")
+                .expect("exists");
+        let term = lease.get_i64("term").expect("a term");
+        let before = stamps(&records, &w.id).await;
+        let taken_over = |d: &Daemon| {
+            d.events("refresh_finished")
+                .iter()
+                .filter(|l| l["outcome"] == "taken_over")
+                .count()
+        };
+        let (was_taken_over, syncs) = (
+            taken_over(&daemons[holder]),
+            daemons[holder].events("worker_synced").len(),
+        );
+
+        // The frozen holder resumes: its sync ends and is written, under its old term.
+        daemons[holder].signal(libc::SIGCONT);
+        testkit::eventually(
+            &format!("{label}: the old holder finished"),
+            WAIT,
+            || async {
+                let d = &daemons[holder];
+                (taken_over(d) > was_taken_over && d.events("worker_synced").len() > syncs)
+                    .then_some(())
+            },
+        )
+        .await;
+        let stale = daemons[holder]
+            .events("worker_synced")
+            .into_iter()
+            .rfind(|l| l["worker_id"] == w.id.as_str())
+            .expect("its sync");
+        assert!(stale["conflicts"].as_u64() >= Some(1), "{label}: {stale}");
+        // Its status write comes from its books, a moment after.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let after = stamps(&records, &w.id).await;
+        assert_eq!(after, before, "{label}: the old holder changed no stamp");
+        let stored: Vec<Document> = records
+            .find(doc! { "worker_id": &w.id })
+            .await
+            .expect("find")
+            .try_collect()
+            .await
+            .expect("records");
+        for r in &stored {
+            let lab = r.get_str("lab_id").expect("lab_id");
+            // Written this round by the new holder (tombstones of earlier rounds are not).
+            if w.lab(lab).is_some() || lab == gone {
+                assert_eq!(r.get_i64("sync_term"), Ok(term), "{label}: {r}");
+            }
+            match w.lab(lab) {
+                Some(l) => assert_eq!(
+                    (r.get_str("title"), r.get("removed_at")),
+                    (Ok(l.title.as_str()), Some(&Bson::Null)),
+                    "{label}: {r}"
+                ),
+                None => assert!(r.get_datetime("removed_at").is_ok(), "{label}: {r}"),
+            }
+        }
+        let status = f.status(&w.id).await;
+        assert_eq!(status.get_i64("sync_term"), Ok(term), "{label}: {status}");
+        assert_eq!(
+            status.get_i64("lab_count"),
+            Ok(w.lab_ids().len() as i64),
+            "{label}: {status}"
+        );
+        assert!(
+            !daemons[standby].events("lease_acquired").is_empty(),
+            "{label}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (reads, backwards) = watcher.await.expect("watcher");
+    assert!(reads > 10, "the watcher read {reads} times");
+    assert!(backwards.is_empty(), "stamps went back: {backwards:?}");
+    eprintln!("{ROUNDS} freezes: {reads} reads of every stamp, none went back");
 }
