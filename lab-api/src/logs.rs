@@ -172,13 +172,19 @@ impl LogLine for ChangeStreamReset<'_> {
 
 /// A stream whose client stopped reading is cut.
 #[derive(Debug)]
-pub struct StreamCut;
+pub struct StreamCut {
+    /// `lagged` (it fell behind and did not take its reset) or `stalled` (its socket refused
+    /// bytes, or its frames were not asked for, for a heartbeat interval).
+    pub reason: &'static str,
+}
 
 impl LogLine for StreamCut {
     fn emit(&self) {
         tracing::info!(
             event = "stream_cut",
-            "Cutting an event stream whose client stopped reading"
+            reason = self.reason,
+            "Cutting an event stream whose client stopped reading ({})",
+            self.reason
         );
     }
 }

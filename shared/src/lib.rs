@@ -13,6 +13,7 @@ pub mod fence;
 pub mod fleet;
 pub mod metrics;
 pub mod mongo;
+pub mod progress;
 pub mod record;
 pub mod registry;
 pub mod secret;

@@ -26,7 +26,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
-use crate::{metrics::Registry, mongo};
+use crate::{
+    metrics::Registry,
+    mongo,
+    progress::{Tracked, WriteProgress},
+};
 
 /// Exit code of a process stopped by a second signal while it drained (128 + SIGINT).
 pub const EXIT_FORCED: i32 = 130;
@@ -177,11 +181,27 @@ impl HttpListener {
     }
 }
 
-/// Carried by every request: cancelling it closes the request's connection at once, without a
-/// graceful end. For a response that streams to a client which stopped reading: its frames
-/// cannot be written, so nothing else would ever end the connection.
+/// Carried by every request: its connection's write progress, and a way to close the connection
+/// at once, without a graceful end. For a response that streams to a client which stopped
+/// reading: its frames cannot be written, so nothing else would ever end the connection.
 #[derive(Debug, Clone)]
-pub struct ConnectionAbort(pub CancellationToken);
+pub struct ConnectionAbort {
+    abort: CancellationToken,
+    writes: Arc<WriteProgress>,
+}
+
+impl ConnectionAbort {
+    /// Closes the connection now.
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
+
+    /// How long the connection's socket has refused the bytes it was given (zero while it
+    /// takes them, or has none to take).
+    pub fn writes_refused_for(&self) -> Duration {
+        self.writes.refused_for()
+    }
+}
 
 /// A response body that keeps its connection busy until it has been sent (or dropped): a long
 /// download or an event stream is a request in flight, not an idle connection.
@@ -222,16 +242,18 @@ async fn serve_connection(
 ) {
     let activity = Arc::new(Activity::new());
     let abort = CancellationToken::new();
+    let writes = WriteProgress::new();
     let service = {
         let activity = activity.clone();
-        let abort = abort.clone();
+        let handle = ConnectionAbort {
+            abort: abort.clone(),
+            writes: writes.clone(),
+        };
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let router = router.clone();
             let busy = Busy::start(activity.clone());
             let mut request = request.map(axum::body::Body::new);
-            request
-                .extensions_mut()
-                .insert(ConnectionAbort(abort.clone()));
+            request.extensions_mut().insert(handle.clone());
             async move {
                 let response = router.oneshot(request).await?;
                 Ok::<_, std::convert::Infallible>(
@@ -240,7 +262,8 @@ async fn serve_connection(
             }
         })
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(Tracked::new(stream, writes)), service);
     tokio::pin!(conn);
     let stop = tokio::select! {
         done = conn.as_mut() => {

@@ -388,6 +388,83 @@ async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_o
     assert!(sink.len() < 4 << 20, "{} bytes", sink.len());
 }
 
+/// A client filtered to one worker that stops reading: its queue never fills (its bound is
+/// set far above what it gets), so it never falls behind; its socket stops taking bytes, and
+/// the watchdog cuts it within about a heartbeat interval, its queue freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_client_that_stops_reading_is_cut_though_its_queue_never_fills() {
+    let f = Fixture::new("events_stalled", 2, 200).await;
+    // About 3.4 MB of events for the stalled client's worker: more than the socket buffers
+    // between lab-api and a client hold.
+    for w in &f.fleet.fleet.workers {
+        for id in w.lab_ids() {
+            w.update_lab(&id, |l| l.description = "d".repeat(16_000));
+        }
+    }
+    let (api, base) = f
+        .spawn_api(
+            "api",
+            &[
+                ("CML_LABS_API__EVENTS__CLIENT_BUFFER", "65536"),
+                ("CML_LABS_API__EVENTS__CLIENT_BUFFER_BYTES", "268435456"),
+                ("CML_LABS_API__EVENTS__BUFFER_BYTES", "268435456"),
+                ("CML_LABS_API__EVENTS__HEARTBEAT_INTERVAL", "1s"),
+            ],
+        )
+        .await;
+    let w = &f.fleet.fleet.workers[0].id;
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().expect("address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stalled,
+        format!("GET /api/events/stream?worker_ids={w} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("request");
+    let mut reader = open(&base, "", &[]).await;
+    wait_metric(&base, "events_streams", &[], 2.0, WAIT).await;
+    let reading = tokio::spawn(async move {
+        let frames = until_syncs(&mut reader, 2, 0).await;
+        (frames, reader)
+    });
+    assert!(f.once(&[]).await.status.success());
+    let (frames, _reader) = reading.await.expect("reader");
+    assert_eq!(count(&frames, LABS), 400, "the reader got everything");
+    let cut = api.wait_event("stream_cut", 1, WAIT).await;
+    assert_eq!(cut[0]["reason"], "stalled", "{cut:?}");
+    wait_metric(
+        &base,
+        "events_streams_cut_total",
+        &[("reason", "stalled")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    testkit::eventually("the stalled stream closed and freed", WAIT, || async {
+        let text = metrics(&base).await;
+        let open = testkit::metrics::value(&text, "events_streams", &[]);
+        let queued = testkit::metrics::value(&text, "events_queued_bytes", &[]);
+        (open == Some(1.0) && queued == Some(0.0)).then_some(())
+    })
+    .await;
+    let text = metrics(&base).await;
+    assert_eq!(
+        testkit::metrics::value(&text, "events_resets_total", &[("reason", "lagged")]),
+        None,
+        "it never fell behind: {text}"
+    );
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut sink),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection stays open");
+}
+
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }

@@ -1,6 +1,8 @@
 //! One replica's events: the recent ones (so a reconnecting client gets exactly what it missed)
-//! and the clients, each with a bounded queue. A client whose queue is full has fallen behind:
-//! it is dropped from the fan-out and told to `reset`; it never makes the replica hold more.
+//! and the clients, each with a queue bounded in frames and in bytes, and all queues together
+//! bounded in bytes. A client whose queue is full has fallen behind: it is dropped from the
+//! fan-out and told to `reset`; past the bound of all queues, the client furthest behind goes
+//! first. No client makes the replica hold more.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -11,10 +13,13 @@ use std::{
 use bson::DateTime;
 use serde_json::Value;
 use shared::{config::EventsConfig, metrics::Reason};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{EventMetrics, EventType, Filter, Frame};
+use super::{
+    queue::{Ledger, Queue},
+    EventMetrics, EventType, Filter, Frame,
+};
 
 /// Whether clients keep up with the events published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +28,7 @@ pub enum Backlog {
     /// Some client's queue is more than half full: it is behind, maybe only for want of CPU.
     /// The change stream is read more slowly for a moment so that it can catch up; one that
     /// does not read at all fills its queue and is dropped, so it cannot hold the others up.
+    /// (Half full in frames or in bytes.)
     Behind,
 }
 
@@ -36,7 +42,7 @@ pub enum Item {
 
 #[derive(Debug)]
 struct Client {
-    tx: mpsc::Sender<Item>,
+    queue: Arc<Queue>,
     filter: Filter,
     /// Cancelled when the client fell behind.
     behind: CancellationToken,
@@ -61,6 +67,10 @@ pub struct Hub {
     keep: usize,
     keep_bytes: usize,
     client_buffer: usize,
+    client_bytes: usize,
+    /// Most bytes all queues may hold together (each frame once).
+    total_bytes: usize,
+    ledger: Arc<Ledger>,
     pub(crate) heartbeat: Duration,
     pub(crate) replay_window: Duration,
     streams: Arc<Semaphore>,
@@ -73,7 +83,7 @@ pub struct Hub {
 pub struct Subscription {
     id: u64,
     hub: Weak<Hub>,
-    pub rx: mpsc::Receiver<Item>,
+    pub queue: Arc<Queue>,
     pub behind: CancellationToken,
     /// Events after the client's `Last-Event-ID`, to send before the live ones.
     pub replay: VecDeque<Arc<Frame>>,
@@ -88,6 +98,8 @@ impl Drop for Subscription {
         if let Some(hub) = self.hub.upgrade() {
             hub.lock().clients.remove(&self.id);
         }
+        // Out of the fan-out: what it still holds is freed now.
+        self.queue.clear();
     }
 }
 
@@ -103,6 +115,9 @@ impl Hub {
             keep: cfg.replay_events,
             keep_bytes: cfg.replay_bytes,
             client_buffer: cfg.client_buffer.max(1),
+            client_bytes: cfg.client_buffer_bytes,
+            total_bytes: cfg.buffer_bytes,
+            ledger: Arc::new(Ledger::new(metrics.queued_bytes.clone())),
             heartbeat: cfg.heartbeat_interval.get(),
             replay_window: cfg.replay_window.get(),
             streams: Arc::new(Semaphore::new(cfg.max_streams.max(1))),
@@ -159,6 +174,7 @@ impl Hub {
                 }
             }
         }
+        self.make_room(&mut inner, frame.text.len());
         let mut backlog = Backlog::Clear;
         inner.clients.retain(|_, c| {
             if let Some(awaited) = &c.awaiting {
@@ -171,7 +187,7 @@ impl Hub {
                 return true;
             }
             let kept = self.offer(c, Item::Frame(frame.clone()));
-            if kept && c.tx.capacity() < c.tx.max_capacity() / 2 {
+            if kept && c.queue.more_than_half_full() {
                 backlog = Backlog::Behind;
             }
             kept
@@ -179,19 +195,39 @@ impl Hub {
         backlog
     }
 
-    /// Queues `item` for a client; false when the client leaves the fan-out: it is gone, or
-    /// its queue is full, in which case its stream sends `reset` and ends (counted here, where
-    /// it is known, since a client that stopped reading never gets the frame).
-    fn offer(&self, c: &Client, item: Item) -> bool {
-        match c.tx.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                c.behind.cancel();
-                self.metrics.resets.get(&Reason("lagged")).inc();
-                false
+    /// Keeps the bytes all queues hold, with a new frame of `len` bytes, within the bound:
+    /// the clients furthest behind (most bytes queued) fall behind first.
+    fn make_room(&self, inner: &mut Inner, len: usize) {
+        while self.ledger.bytes() + len > self.total_bytes {
+            let furthest = inner
+                .clients
+                .iter()
+                .map(|(id, c)| (c.queue.bytes(), *id))
+                .filter(|(bytes, _)| *bytes > 0)
+                .max();
+            let Some((_, id)) = furthest else { return };
+            if let Some(c) = inner.clients.remove(&id) {
+                self.fell_behind(&c);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues `item` for a client; false when its queue is full: the client leaves the
+    /// fan-out, and its stream sends `reset` and ends.
+    fn offer(&self, c: &Client, item: Item) -> bool {
+        if c.queue.offer(item) {
+            return true;
+        }
+        self.fell_behind(c);
+        false
+    }
+
+    /// A client fell behind: what it has queued is dropped, its stream sends `reset` and ends
+    /// (counted here, where it is known, since a client that stopped reading never gets it).
+    fn fell_behind(&self, c: &Client) {
+        c.queue.clear();
+        c.behind.cancel();
+        self.metrics.resets.get(&Reason("lagged")).inc();
     }
 
     /// Events were lost (the change stream could not resume): every client must reload, and
@@ -234,14 +270,18 @@ impl Hub {
                 None => awaiting = Some(last.to_owned()),
             },
         }
-        let (tx, rx) = mpsc::channel(self.client_buffer);
+        let queue = Arc::new(Queue::new(
+            self.ledger.clone(),
+            self.client_buffer,
+            self.client_bytes,
+        ));
         let behind = CancellationToken::new();
         inner.next_client += 1;
         let id = inner.next_client;
         inner.clients.insert(
             id,
             Client {
-                tx,
+                queue: queue.clone(),
                 filter,
                 behind: behind.clone(),
                 awaiting: awaiting.clone(),
@@ -250,7 +290,7 @@ impl Hub {
         Subscription {
             id,
             hub: Arc::downgrade(self),
-            rx,
+            queue,
             behind,
             replay,
             reset,
@@ -271,6 +311,11 @@ impl Hub {
     /// Clients in the fan-out now.
     pub fn clients(&self) -> usize {
         self.lock().clients.len()
+    }
+
+    /// Bytes all queues hold now (each frame once).
+    pub fn queued_bytes(&self) -> usize {
+        self.ledger.bytes()
     }
 }
 
@@ -307,7 +352,7 @@ mod tests {
 
     fn drain(s: &mut Subscription) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(item) = s.rx.try_recv() {
+        while let Some(item) = s.queue.try_take() {
             if let Item::Frame(f) = item {
                 out.extend(f.id.clone());
             }
@@ -408,11 +453,82 @@ mod tests {
         assert!(slow.behind.is_cancelled(), "a third frame did not fit");
         assert_eq!(h.clients(), 1, "the quick one stays");
         assert_eq!(drain(&mut quick), ["A3"]);
-        assert_eq!(
-            drain(&mut slow),
-            ["A1", "A2"],
-            "it holds no more than its buffer"
+        assert!(
+            drain(&mut slow).is_empty(),
+            "what it had queued is freed at once"
         );
+    }
+
+    fn bounded(client_bytes: usize, total_bytes: usize) -> Arc<Hub> {
+        Hub::new(
+            &EventsConfig {
+                client_buffer_bytes: client_bytes,
+                buffer_bytes: total_bytes,
+                ..EventsConfig::default()
+            },
+            EventMetrics::default(),
+        )
+    }
+
+    /// A frame of about `bytes` bytes.
+    fn publish_big(h: &Hub, id: &str, worker: &str, bytes: usize) {
+        h.publish(
+            id.into(),
+            EventType::LabsUpdated,
+            worker.into(),
+            DateTime::now(),
+            json!({ "pad": "x".repeat(bytes) }),
+        );
+    }
+
+    #[test]
+    fn a_client_is_bounded_in_bytes_even_when_it_gets_few_frames() {
+        let h = bounded(10_000, 1 << 20);
+        let mut quick = h.subscribe(Filter::default(), None);
+        let slow = h.subscribe(Filter::default(), None);
+        for i in 0..3 {
+            publish_big(&h, &format!("A{i}"), "w1", 4000);
+            assert_eq!(drain(&mut quick).len(), 1);
+        }
+        assert!(
+            slow.behind.is_cancelled(),
+            "three frames of 4 kB passed 10 kB"
+        );
+        assert_eq!(slow.queue.bytes(), 0, "freed");
+        assert_eq!(h.queued_bytes(), 0);
+        assert!(!quick.behind.is_cancelled());
+    }
+
+    #[test]
+    fn past_the_bound_of_all_queues_the_client_furthest_behind_goes_first() {
+        // Each client may hold 100 kB; all together 30 kB.
+        let h = bounded(100_000, 30_000);
+        let w1 = Filter {
+            workers: Some(["w1".to_owned()].into()),
+            ..Filter::default()
+        };
+        let w2 = Filter {
+            workers: Some(["w2".to_owned()].into()),
+            ..Filter::default()
+        };
+        let furthest = h.subscribe(w1, None);
+        let mut behind = h.subscribe(w2, None);
+        let mut quick = h.subscribe(Filter::default(), None);
+        for i in 0..3 {
+            publish_big(&h, &format!("A{i}"), "w1", 6000);
+            drain(&mut quick);
+        }
+        publish_big(&h, "B0", "w2", 6000);
+        drain(&mut quick);
+        assert!(h.queued_bytes() > 20_000, "{}", h.queued_bytes());
+        // Two more frames for w2: the w1 client, furthest behind, goes to make room.
+        publish_big(&h, "B1", "w2", 6000);
+        publish_big(&h, "B2", "w2", 6000);
+        assert!(furthest.behind.is_cancelled());
+        assert!(!behind.behind.is_cancelled() && !quick.behind.is_cancelled());
+        assert!(h.queued_bytes() <= 30_000, "{}", h.queued_bytes());
+        assert_eq!(drain(&mut behind), ["B0", "B1", "B2"]);
+        assert_eq!(h.clients(), 2);
     }
 
     #[test]
@@ -455,9 +571,12 @@ mod tests {
     fn a_lost_history_resets_everyone_and_forgets_old_ids() {
         let h = hub(100, 16);
         publish(&h, "A1", "w1");
-        let mut s = h.subscribe(Filter::default(), None);
+        let s = h.subscribe(Filter::default(), None);
         h.reset_all("history_lost");
-        assert!(matches!(s.rx.try_recv(), Ok(Item::Reset("history_lost"))));
+        assert!(matches!(
+            s.queue.try_take(),
+            Some(Item::Reset("history_lost"))
+        ));
         let old = h.subscribe(Filter::default(), Some("A1"));
         assert!(old.awaiting, "ids from before the reset are not kept");
         assert!(h.give_up(&old));

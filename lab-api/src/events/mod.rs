@@ -9,6 +9,7 @@ pub mod derive;
 pub mod follow;
 pub mod hub;
 pub mod payload;
+pub mod queue;
 pub mod stream;
 pub mod waiters;
 
@@ -79,6 +80,8 @@ pub struct Frame {
     pub written_at: DateTime,
     /// `id:`, `event:` and `data:` lines and the blank line that ends the frame.
     pub text: Bytes,
+    /// Client queues holding it now (see [`queue::Ledger`]).
+    queued_in: std::sync::atomic::AtomicUsize,
 }
 
 impl Frame {
@@ -96,6 +99,7 @@ impl Frame {
             worker_id,
             written_at,
             text,
+            queued_in: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -162,6 +166,10 @@ impl LabelSet for TypeLabel {
 #[derive(Debug, Clone)]
 pub struct EventMetrics {
     pub streams: Gauge,
+    /// Bytes of frames queued for clients (each frame once).
+    pub queued_bytes: Gauge,
+    /// Streams whose connection was cut, by why.
+    pub cuts: Family<Reason, Counter>,
     pub sent: Family<TypeLabel, Counter>,
     pub resets: Family<Reason, Counter>,
     pub lag: Histogram,
@@ -174,6 +182,8 @@ impl Default for EventMetrics {
     fn default() -> Self {
         Self {
             streams: Gauge::default(),
+            queued_bytes: Gauge::default(),
+            cuts: Family::default(),
             sent: Family::default(),
             resets: Family::default(),
             lag: Histogram::new(LATENCY_BUCKETS),
@@ -190,6 +200,16 @@ impl EventMetrics {
             "events_streams",
             "Event streams open on this replica",
             &self.streams,
+        );
+        r.register(
+            "events_queued_bytes",
+            "Bytes of frames waiting in clients' queues on this replica (a frame shared by many queues counted once); bounded by api.events.buffer_bytes",
+            &self.queued_bytes,
+        );
+        r.register(
+            "events_streams_cut",
+            "Event streams whose connection was cut: lagged (fell behind and did not take its reset within a heartbeat interval), stalled (its socket refused bytes, or its frames were not asked for, for a heartbeat interval)",
+            &self.cuts,
         );
         r.register(
             "events_sent",

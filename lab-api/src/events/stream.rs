@@ -1,8 +1,10 @@
 //! One client's event stream: `connected`, then what it missed since its `Last-Event-ID`
 //! (or `reset` when that cannot be known), then live events and a `heartbeat` after each quiet
 //! `api.events.heartbeat_interval`. A client that falls behind gets `reset` and is closed; one
-//! that does not even read that within a heartbeat interval has its connection cut. The stream
-//! ends when the service stops.
+//! that does not even read that within a heartbeat interval has its connection cut, as has one
+//! that stalled: its socket refused bytes, or its stream was not asked for its next frame, for
+//! a heartbeat interval (judged by a watchdog, whether its queue is full or not, whether its
+//! body is polled or not). The stream ends when the service stops.
 
 use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
 
@@ -14,12 +16,16 @@ use axum::{
 use bson::DateTime;
 use bytes::Bytes;
 
-use shared::{metrics::Reason, service::ConnectionAbort};
+use shared::{
+    metrics::{Counter, Family, Reason},
+    service::ConnectionAbort,
+};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     payload::{self, Connected, Heartbeat, Reset},
+    queue::Queue,
     EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel,
 };
 use crate::{
@@ -162,7 +168,16 @@ impl Live {
             first.push_back(sent(metrics, &f));
         }
         let done = CancellationToken::new();
-        watch_stall(sub.behind.clone(), done.clone(), abort, hub.heartbeat);
+        if let Some(conn) = abort {
+            let watched = Watched {
+                queue: sub.queue.clone(),
+                behind: sub.behind.clone(),
+                conn,
+                grace: hub.heartbeat,
+                cuts: metrics.cuts.clone(),
+            };
+            tokio::spawn(watched.watch(done.clone()));
+        }
         metrics.streams.add(1.0);
         let awaiting_until = sub
             .awaiting
@@ -189,6 +204,7 @@ impl Live {
         if let Some(b) = self.first.pop_front() {
             return Some((Ok(b), self));
         }
+        let queue = self.sub.queue.clone();
         let bytes = loop {
             let awaiting = self.awaiting_until;
             break tokio::select! {
@@ -207,7 +223,7 @@ impl Live {
                     }
                     reset(&self.hub.metrics, "unknown_id")
                 }
-                item = self.sub.rx.recv() => self.batch(item?),
+                item = queue.take() => self.batch(item),
                 _ = tokio::time::sleep(self.hub.heartbeat) => {
                     let heartbeat = Frame::local(EventType::Heartbeat, payload::data(&Heartbeat {}));
                     sent(&self.hub.metrics, &heartbeat)
@@ -224,9 +240,8 @@ impl Live {
         if first.len() >= BATCH_BYTES {
             return first;
         }
-        let mut more = match self.sub.rx.try_recv() {
-            Ok(item) => item,
-            Err(_) => return first,
+        let Some(mut more) = self.sub.queue.try_take() else {
+            return first;
         };
         let mut out = bytes::BytesMut::with_capacity(BATCH_BYTES.max(first.len()));
         out.extend_from_slice(&first);
@@ -235,9 +250,9 @@ impl Live {
             if out.len() >= BATCH_BYTES {
                 break;
             }
-            match self.sub.rx.try_recv() {
-                Ok(item) => more = item,
-                Err(_) => break,
+            match self.sub.queue.try_take() {
+                Some(item) => more = item,
+                None => break,
             }
         }
         out.freeze()
@@ -280,29 +295,45 @@ fn reset_frame(m: &EventMetrics, reason: &'static str) -> Bytes {
     sent(m, &f)
 }
 
-/// A client that fell behind and does not take its `reset` within `grace` (it stopped
-/// reading: nothing can be written to it) has its connection cut.
-fn watch_stall(
+/// What the stall watchdog of one stream watches.
+struct Watched {
+    queue: Arc<Queue>,
     behind: CancellationToken,
-    done: CancellationToken,
-    abort: Option<ConnectionAbort>,
+    conn: ConnectionAbort,
+    /// How long a client may go without taking its `reset`, or its bytes, or its next frame.
     grace: Duration,
-) {
-    let Some(ConnectionAbort(abort)) = abort else {
-        return;
-    };
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = done.cancelled() => {}
-            _ = behind.cancelled() => {
-                tokio::select! {
-                    _ = done.cancelled() => {}
-                    _ = tokio::time::sleep(grace) => {
-                        StreamCut.emit();
-                        abort.cancel();
-                    }
-                }
+    cuts: Family<Reason, Counter>,
+}
+
+impl Watched {
+    /// Checks the stream four times per `grace` until it ends (`done`), and cuts its
+    /// connection when the client fell behind and did not take its `reset` within `grace`
+    /// (`lagged`), or stalled (`stalled`): its socket has refused bytes for `grace`, or the
+    /// oldest frame of its queue has waited that long (the stream is not even asked for it).
+    async fn watch(self, done: CancellationToken) {
+        let every = (self.grace / 4).max(Duration::from_millis(50));
+        let mut behind_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
             }
+            if self.behind.is_cancelled() {
+                behind_since.get_or_insert_with(tokio::time::Instant::now);
+            }
+            let reason = if behind_since.is_some_and(|t| t.elapsed() >= self.grace) {
+                "lagged"
+            } else if self.conn.writes_refused_for() >= self.grace
+                || self.queue.oldest_waiting() >= self.grace
+            {
+                "stalled"
+            } else {
+                continue;
+            };
+            self.cuts.get(&Reason(reason)).inc();
+            StreamCut { reason }.emit();
+            self.conn.abort();
+            return;
         }
-    });
+    }
 }

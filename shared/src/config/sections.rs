@@ -218,6 +218,11 @@ pub struct EventsConfig {
     pub heartbeat_interval: HumanDuration,
     /// Frames one client may have waiting; a client further behind gets `reset` and is closed.
     pub client_buffer: usize,
+    /// ...and at most this many bytes of them (any one frame fits an empty queue).
+    pub client_buffer_bytes: usize,
+    /// Most bytes all clients' queues may hold together (a frame shared by many queues
+    /// counted once); past it, the clients furthest behind get `reset` first.
+    pub buffer_bytes: usize,
     /// Streams one replica serves at once; past it, new streams get 503 with `Retry-After`.
     pub max_streams: usize,
     /// Recent events each replica keeps so that a client reconnecting with `Last-Event-ID`
@@ -234,6 +239,8 @@ impl Default for EventsConfig {
         Self {
             heartbeat_interval: HumanDuration::from_secs(30),
             client_buffer: 256,
+            client_buffer_bytes: 1 << 20,
+            buffer_bytes: 64 << 20,
             max_streams: 1000,
             replay_events: 10_000,
             replay_bytes: 8 << 20,

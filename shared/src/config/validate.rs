@@ -359,6 +359,27 @@ impl ApiConfig {
             HOUR,
         );
         v.range("api.events.client_buffer", ev.client_buffer, 64, 65_536);
+        v.range(
+            "api.events.client_buffer_bytes",
+            ev.client_buffer_bytes,
+            64 << 10,
+            1 << 30,
+        );
+        v.range(
+            "api.events.buffer_bytes",
+            ev.buffer_bytes,
+            64 << 10,
+            16 << 30,
+        );
+        v.check(
+            ev.buffer_bytes >= ev.client_buffer_bytes,
+            "api.events.buffer_bytes",
+            || {
+                "must be at least api.events.client_buffer_bytes (what one client may have \
+                 queued)"
+                    .to_owned()
+            },
+        );
         v.range("api.events.max_streams", ev.max_streams, 1, 100_000);
         v.check(
             ev.max_streams < self.max_connections,
