@@ -229,13 +229,23 @@ async fn reset_calls(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Churn {
     share: f64,
+    /// Give each changed lab a new description this long (large events); 0: keep it.
+    #[serde(default)]
+    description_chars: usize,
 }
 
 async fn churn(State(ctx): State<Ctx>, Json(c): Json<Churn>) -> Response {
     if !(0.0..=1.0).contains(&c.share) {
         return problem(StatusCode::BAD_REQUEST, "share must be between 0 and 1");
     }
-    Json(json!({ "changed": ctx.fleet.churn(c.share) })).into_response()
+    if c.description_chars > 1 << 20 {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "description_chars is at most 1048576",
+        );
+    }
+    Json(json!({ "changed": ctx.fleet.churn(c.share, c.description_chars) })).into_response()
 }

@@ -147,7 +147,10 @@ impl Fleet {
     }
 
     /// Moves `share` of every worker's labs to a random state; returns how many changed.
-    pub fn churn(&self, share: f64) -> usize {
-        self.workers.iter().map(|w| w.churn(share)).sum()
+    pub fn churn(&self, share: f64, description_chars: usize) -> usize {
+        self.workers
+            .iter()
+            .map(|w| w.churn(share, description_chars))
+            .sum()
     }
 }

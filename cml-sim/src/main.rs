@@ -181,7 +181,7 @@ async fn churn(fleet: Arc<Fleet>, every: Duration, share: f64) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let changed = fleet.churn(share);
+        let changed = fleet.churn(share, 0);
         tracing::info!(changed, "Churned lab states");
     }
 }

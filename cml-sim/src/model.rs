@@ -491,15 +491,28 @@ impl SimWorker {
     }
 
     /// Moves a share of labs to another state (the background churn of demos).
-    pub fn churn(&self, share: f64) -> usize {
+    /// Moves about `share` of the labs to another state; with `description_chars`, gives each
+    /// of them a new description that long too (large events). Returns how many changed.
+    pub fn churn(&self, share: f64, description_chars: usize) -> usize {
         let ids = self.lab_ids();
         let mut changed = 0;
         for id in ids {
-            let (hit, next) = {
+            let (hit, next, letter) = {
                 let mut rng = lock(&self.rng);
-                (rng.unit() < share, rng.pick(&LabState::ALL).to_string())
+                let letter = char::from(b'a' + (rng.below(26) as u8));
+                (
+                    rng.unit() < share,
+                    rng.pick(&LabState::ALL).to_string(),
+                    letter,
+                )
             };
-            if hit && self.update_lab(&id, |l| l.state = next.clone()) {
+            let change = |l: &mut SimLab| {
+                l.state = next.clone();
+                if description_chars > 0 {
+                    l.description = std::iter::repeat_n(letter, description_chars).collect();
+                }
+            };
+            if hit && self.update_lab(&id, change) {
                 changed += 1;
             }
         }
@@ -586,7 +599,11 @@ mod tests {
         assert!(w.delete_lab(&id));
         assert!(tiles(&w).get(&id).is_none());
         let before = tiles(&w);
-        assert!(w.churn(1.0) > 0);
+        assert!(w.churn(1.0, 0) > 0);
+        assert_ne!(tiles(&w), before);
+        let before = tiles(&w);
+        assert!(w.churn(1.0, 100) > 0);
+        assert!(w.labs().iter().all(|l| l.description.len() == 100));
         assert_ne!(tiles(&w), before);
         let fresh: serde_json::Map<String, Value> = w
             .labs()

@@ -173,8 +173,8 @@ impl LogLine for ChangeStreamReset<'_> {
 /// A stream whose client stopped reading is cut.
 #[derive(Debug)]
 pub struct StreamCut {
-    /// `lagged` (it fell behind and did not take its reset) or `stalled` (its socket refused
-    /// bytes, or its frames were not asked for, for a heartbeat interval).
+    /// `lagged` (it fell behind and did not take its reset) or `stalled` (it took none of the
+    /// bytes sent to it, or its frames were not asked for, for a heartbeat interval).
     pub reason: &'static str,
 }
 

@@ -196,10 +196,10 @@ impl ConnectionAbort {
         self.abort.cancel();
     }
 
-    /// How long the connection's socket has refused the bytes it was given (zero while it
-    /// takes them, or has none to take).
-    pub fn writes_refused_for(&self) -> Duration {
-        self.writes.refused_for()
+    /// How long the client has taken none of the bytes sent to it (see
+    /// [`WriteProgress::stalled_for`]).
+    pub fn stalled_for(&self) -> Duration {
+        self.writes.stalled_for()
     }
 }
 
@@ -243,6 +243,7 @@ async fn serve_connection(
     let activity = Arc::new(Activity::new());
     let abort = CancellationToken::new();
     let writes = WriteProgress::new();
+    writes.watch_socket(std::os::fd::AsRawFd::as_raw_fd(&stream));
     let service = {
         let activity = activity.clone();
         let handle = ConnectionAbort {

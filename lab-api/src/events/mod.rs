@@ -208,7 +208,7 @@ impl EventMetrics {
         );
         r.register(
             "events_streams_cut",
-            "Event streams whose connection was cut: lagged (fell behind and did not take its reset within a heartbeat interval), stalled (its socket refused bytes, or its frames were not asked for, for a heartbeat interval)",
+            "Event streams whose connection was cut: lagged (fell behind and did not take its reset within a heartbeat interval), stalled (it took none of the bytes sent to it, or its frames were not asked for, for a heartbeat interval)",
             &self.cuts,
         );
         r.register(

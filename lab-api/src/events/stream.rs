@@ -2,8 +2,8 @@
 //! (or `reset` when that cannot be known), then live events and a `heartbeat` after each quiet
 //! `api.events.heartbeat_interval`. A client that falls behind gets `reset` and is closed; one
 //! that does not even read that within a heartbeat interval has its connection cut, as has one
-//! that stalled: its socket refused bytes, or its stream was not asked for its next frame, for
-//! a heartbeat interval (judged by a watchdog, whether its queue is full or not, whether its
+//! that stalled: it took none of the bytes sent to it, or its stream was not asked for its next
+//! frame, for a heartbeat interval (judged by a watchdog, whether its queue is full or not, whether its
 //! body is polled or not). The stream ends when the service stops.
 
 use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
@@ -308,8 +308,9 @@ struct Watched {
 impl Watched {
     /// Checks the stream four times per `grace` until it ends (`done`), and cuts its
     /// connection when the client fell behind and did not take its `reset` within `grace`
-    /// (`lagged`), or stalled (`stalled`): its socket has refused bytes for `grace`, or the
-    /// oldest frame of its queue has waited that long (the stream is not even asked for it).
+    /// (`lagged`), or stalled (`stalled`): it has taken none of the bytes sent to it for
+    /// `grace` (see [`ConnectionAbort::stalled_for`]), or the oldest frame of its queue has
+    /// waited that long (the stream is not even asked for it).
     async fn watch(self, done: CancellationToken) {
         let every = (self.grace / 4).max(Duration::from_millis(50));
         let mut behind_since: Option<tokio::time::Instant> = None;
@@ -323,7 +324,7 @@ impl Watched {
             }
             let reason = if behind_since.is_some_and(|t| t.elapsed() >= self.grace) {
                 "lagged"
-            } else if self.conn.writes_refused_for() >= self.grace
+            } else if self.conn.stalled_for() >= self.grace
                 || self.queue.oldest_waiting() >= self.grace
             {
                 "stalled"
