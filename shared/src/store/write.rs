@@ -118,9 +118,9 @@ impl LabStore {
         // The stamp matches every unchanged record: they exist and are not removed, and nothing
         // but a purge of removed records deletes records (unless a newer term wrote some: then
         // these counts are approximate, and the holder has lost the lease anyway). What remains
-        // matched is the record writes'. Creates land (inserted, or matched after a race) unless
-        // fenced; any other write that matched nothing, and was not skipped, lost a race with
-        // another writer and is left to the next sync.
+        // matched is the record writes'. Creates land (inserted, or matched after a race, when
+        // they change nothing); any other write that matched nothing, and was not skipped, lost
+        // a race with another writer and is left to the next sync.
         let stamped = (plan.unchanged.len() as u64).min(counts.matched);
         let matched = counts.matched - stamped;
         let skipped = counts.skipped.len() as u64;
@@ -151,10 +151,8 @@ impl LabStore {
     }
 
     /// Sends statements in as few commands as the size limits allow. Upserts that lose a race
-    /// on the unique index (a duplicate key error) are retried once: they then match, unless
-    /// the record was written under a newer term (its fence refuses them: a collision again,
-    /// counted as matching nothing). A record whose document would pass 16 MiB is skipped, the
-    /// rest written.
+    /// on the unique index (a duplicate key error) are retried once: they then match. A record
+    /// whose document would pass 16 MiB is skipped, the rest written.
     pub(crate) async fn execute(&self, statements: Vec<Statement>) -> Result<BatchCounts> {
         let bulk = self.use_bulk_write_command().await?;
         let mut total = BatchCounts::default();
@@ -177,9 +175,14 @@ impl LabStore {
                 total.upserted += counts.upserted;
                 total.round_trips += 1;
                 total.skipped.extend(counts.skipped);
-                // A second collision: the record exists and the fence refuses the write.
-                if retry.is_empty() || attempt == 1 {
+                if retry.is_empty() {
                     break;
+                }
+                if attempt == 1 {
+                    return Err(Error::WriteErrors(format!(
+                        "{} upserts still hit a duplicate key after a retry",
+                        retry.len()
+                    )));
                 }
                 pending = retry.into_iter().map(|i| pending[i].clone()).collect();
             }
@@ -354,8 +357,10 @@ pub(crate) fn write_statement(
         } })
     };
     let statement = match write {
-        // Everything goes in with `$setOnInsert`: if another writer created the record a
-        // moment earlier, this write only stamps it, and the next sync diffs against it.
+        // Everything goes in with `$setOnInsert`, the term too: if another writer created
+        // the record meanwhile (a concurrent sync, or the lease's next holder), this write
+        // changes nothing, and the next sync diffs against it. Fenced by being insert-only,
+        // its filter stays one equality on the unique index.
         RecordWrite::Create { lab } => {
             let mut on_insert = fields_document(&lab.fields)?;
             on_insert.insert("id", uuid::Uuid::new_v4().to_string());
@@ -363,13 +368,15 @@ pub(crate) fn write_statement(
             on_insert.insert("removed_at", Bson::Null);
             on_insert.insert("last_changed_at", now);
             on_insert.insert("operation_history", Bson::Array(Vec::new()));
-            Statement {
+            on_insert.insert("last_synced_at", now);
+            on_insert.insert(fence::FIELD, term.0);
+            return Ok(Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id },
-                update: doc! { "$setOnInsert": on_insert, "$set": { "last_synced_at": now } },
+                update: doc! { "$setOnInsert": on_insert },
                 upsert: true,
                 multi: false,
                 lab_id: Some(lab.lab_id.clone()),
-            }
+            });
         }
         RecordWrite::Update {
             lab,
@@ -452,10 +459,7 @@ mod tests {
         };
         let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
         assert!(s.upsert && !s.multi);
-        assert_eq!(
-            s.filter,
-            doc! { "worker_id": "w1", "lab_id": "l1", "sync_term": { "$not": { "$gt": 3_i64 } } }
-        );
+        assert_eq!(s.filter, doc! { "worker_id": "w1", "lab_id": "l1" });
         let on_insert = s.update.get_document("$setOnInsert").expect("setOnInsert");
         for key in LabFields::names()
             .expect("encodes")
@@ -467,13 +471,16 @@ mod tests {
                 "operation_history",
                 "removed_at",
                 "last_changed_at",
+                "last_synced_at",
             ])
         {
             assert!(on_insert.contains_key(key), "{key}");
         }
+        assert_eq!(on_insert.get_i64("sync_term").ok(), Some(3));
         assert_eq!(
-            s.update.get_document("$set").expect("$set"),
-            &doc! { "last_synced_at": DateTime::from_millis(5), "sync_term": 3_i64 }
+            s.update.keys().collect::<Vec<_>>(),
+            ["$setOnInsert"],
+            "insert-only"
         );
     }
 
@@ -501,11 +508,10 @@ mod tests {
     }
 
     #[test]
-    fn every_write_of_a_sync_is_fenced_by_its_term() {
+    fn every_write_of_a_sync_but_a_create_is_fenced_by_its_term() {
         let lab = ObservedLab::new("l1", LabFields::default());
         let was = DateTime::from_millis(1);
         let writes = [
-            RecordWrite::Create { lab: lab.clone() },
             RecordWrite::Update {
                 lab: lab.clone(),
                 expected_last_synced: was,
