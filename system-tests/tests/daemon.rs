@@ -976,6 +976,13 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
             || async { (w.calls().get("labs").copied().unwrap_or(0) > checks).then_some(()) },
         )
         .await;
+        let admin = daemons[holder].admin_base().await;
+        // Its updates so far: the sync it is in and its status write will add two.
+        let updates = mongodb_commands(&admin)
+            .await
+            .get("update")
+            .copied()
+            .unwrap_or(0);
         daemons[holder].signal(libc::SIGSTOP);
         w.set_faults(Faults::default());
 
@@ -1023,8 +1030,16 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
             .rfind(|l| l["worker_id"] == w.id.as_str())
             .expect("its sync");
         assert!(stale["conflicts"].as_u64() >= Some(1), "{label}: {stale}");
-        // Its status write comes from its books, a moment after.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Its status write comes from its books, after the sync's own write.
+        testkit::eventually(
+            &format!("{label}: the old holder wrote its status"),
+            WAIT,
+            || async {
+                let now = mongodb_commands(&admin).await.get("update").copied();
+                (now.unwrap_or(0) >= updates + 2).then_some(())
+            },
+        )
+        .await;
 
         let after = stamps(&records, &w.id).await;
         assert_eq!(after, before, "{label}: the old holder changed no stamp");

@@ -324,15 +324,35 @@ async fn streams_go_on_across_a_mongodb_restart_and_miss_nothing_written_after_i
     assert!(!api.events("change_stream_failed").is_empty());
 }
 
+/// Gives every lab of the fleet a description `chars` long (large events).
+fn long_descriptions(f: &Fixture, chars: usize) {
+    for w in &f.fleet.fleet.workers {
+        for id in w.lab_ids() {
+            w.update_lab(&id, |l| l.description = "d".repeat(chars));
+        }
+    }
+}
+
+/// A socket with a small receive window that sends its request for `path` and never reads.
+async fn never_reading(base: &str, path: &str) -> tokio::net::TcpStream {
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().expect("address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stalled,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("request");
+    stalled
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_others() {
     let f = Fixture::new("events_slow", 4, 500).await;
     // 8 MB of events: more than the socket buffers between lab-api and a client can hold.
-    for w in &f.fleet.fleet.workers {
-        for id in w.lab_ids() {
-            w.update_lab(&id, |l| l.description = "d".repeat(4000));
-        }
-    }
+    long_descriptions(&f, 4000);
     let (_api, base) = f
         .spawn_api(
             "api",
@@ -342,17 +362,7 @@ async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_o
             ],
         )
         .await;
-    // A socket with a small receive window that sends its request and never reads.
-    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().expect("address");
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("receive buffer");
-    let mut stalled = socket.connect(addr).await.expect("connect");
-    tokio::io::AsyncWriteExt::write_all(
-        &mut stalled,
-        format!("GET /api/events/stream HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("request");
+    let mut stalled = never_reading(&base, "/api/events/stream").await;
     let mut reader = open(&base, "", &[]).await;
     wait_metric(&base, "events_streams", &[], 2.0, WAIT).await;
 
@@ -398,11 +408,7 @@ async fn a_filtered_client_that_stops_reading_is_cut_though_its_queue_never_fill
     let f = Fixture::new("events_stalled", 2, 200).await;
     // About 3.4 MB of events for the stalled client's worker: more than the socket buffers
     // between lab-api and a client hold.
-    for w in &f.fleet.fleet.workers {
-        for id in w.lab_ids() {
-            w.update_lab(&id, |l| l.description = "d".repeat(16_000));
-        }
-    }
+    long_descriptions(&f, 16_000);
     let (api, base) = f
         .spawn_api(
             "api",
@@ -415,17 +421,7 @@ async fn a_filtered_client_that_stops_reading_is_cut_though_its_queue_never_fill
         )
         .await;
     let w = &f.fleet.fleet.workers[0].id;
-    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().expect("address");
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("receive buffer");
-    let mut stalled = socket.connect(addr).await.expect("connect");
-    tokio::io::AsyncWriteExt::write_all(
-        &mut stalled,
-        format!("GET /api/events/stream?worker_ids={w} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .expect("request");
+    let mut stalled = never_reading(&base, &format!("/api/events/stream?worker_ids={w}")).await;
     let mut reader = open(&base, "", &[]).await;
     wait_metric(&base, "events_streams", &[], 2.0, WAIT).await;
     let reading = tokio::spawn(async move {
