@@ -19,7 +19,7 @@ use url::Url;
 use shared::{change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret};
 
 use crate::{
-    payload::{self, clip, PayloadError},
+    payload::{self, clip, GroupsShape, MappedLabs, PayloadError},
     Error, Result,
 };
 
@@ -47,11 +47,29 @@ pub enum FetchSource {
     Fallback,
 }
 
+/// Where the groups of a listing's labs came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupsRead {
+    /// The lab objects (CML up to 2.8; or no labs, or none of them shared with a group).
+    InLabs,
+    /// The server's group associations, `GET groups` (CML 2.9+, whose lab objects hold none).
+    Associations,
+    /// The lab objects hold none and `GET groups` failed: the labs' groups are unknown (they
+    /// are empty in the listing).
+    Unread {
+        /// The error's fixed label (`cml_http_status`, `cml_malformed`, …).
+        kind: &'static str,
+        error: String,
+    },
+}
+
 /// Every lab of one worker, and whether that is the whole truth.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabListing {
     pub labs: Vec<ObservedLab>,
     pub listing: Listing,
+    /// Where the labs' groups came from, or why they are unknown.
+    pub groups: GroupsRead,
     pub source: FetchSource,
     /// HTTP requests sent for this listing, authentication included.
     pub calls: u32,
@@ -104,6 +122,9 @@ pub struct CmlClient {
     max_response_bytes: usize,
     max_labs: usize,
     tokens: Mutex<HashMap<String, TokenSlot>>,
+    /// Workers whose last listing needed the group associations: the next reads them while
+    /// it reads the labs, rather than after.
+    groups_elsewhere: Mutex<HashSet<String>>,
     warned_insecure: Mutex<HashSet<String>>,
     on_request: Vec<RequestHook>,
 }
@@ -146,6 +167,7 @@ impl CmlClient {
             max_response_bytes: cfg.max_response_bytes,
             max_labs: cfg.max_labs_per_worker,
             tokens: Mutex::new(HashMap::new()),
+            groups_elsewhere: Mutex::new(HashSet::new()),
             warned_insecure: Mutex::new(HashSet::new()),
             on_request: Vec::new(),
         };
@@ -204,15 +226,81 @@ impl CmlClient {
         target: &CmlTarget,
         lab_id: &str,
     ) -> Result<Option<ObservedLab>> {
-        self.lab(target, lab_id, &self.session()?).await
+        Ok(self
+            .lab(target, lab_id, &self.session()?)
+            .await?
+            .map(|(lab, _)| lab))
     }
 
     /// Every lab of a worker: one `populate_lab_tiles` call when the server has it, otherwise
-    /// (or when it fails) the listing plus one call per lab, a few at a time.
+    /// (or when it fails) the listing plus one call per lab, a few at a time. When the lab
+    /// objects hold no groups (CML 2.9+), one `GET groups` call more gives each lab its groups.
     pub async fn fetch_labs(&self, target: &CmlTarget) -> Result<LabListing> {
         self.warn_once_if_insecure(target);
         let session = self.session()?;
-        let note = match self.get(target, "populate_lab_tiles", true, &session).await {
+        let early = self.groups_were_elsewhere(&target.worker_id);
+        let (listing, early_groups) = tokio::join!(self.listing(target, &session), async {
+            match early {
+                true => Some(self.group_map(target, &session).await),
+                false => None,
+            }
+        });
+        let (mut listing, shape) = listing?;
+        let needed = shape == GroupsShape::Associations && !listing.labs.is_empty();
+        self.note_groups_elsewhere(&target.worker_id, needed);
+        if needed {
+            let map = match early_groups {
+                Some(map) => map,
+                None => self.group_map(target, &session).await,
+            };
+            listing.groups = match map {
+                Ok(map) => {
+                    for lab in &mut listing.labs {
+                        lab.set_groups(map.groups_of(&lab.lab_id));
+                    }
+                    GroupsRead::Associations
+                }
+                Err(e) => GroupsRead::Unread {
+                    kind: e.metric_label(),
+                    error: e.to_string(),
+                },
+            };
+        }
+        listing.calls = session.calls.load(Ordering::Relaxed);
+        Ok(listing)
+    }
+
+    /// Whether the worker's last listing needed its group associations.
+    fn groups_were_elsewhere(&self, worker_id: &str) -> bool {
+        let set = self.groups_elsewhere.lock();
+        set.unwrap_or_else(|p| p.into_inner()).contains(worker_id)
+    }
+
+    fn note_groups_elsewhere(&self, worker_id: &str, elsewhere: bool) {
+        let mut set = self
+            .groups_elsewhere
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if elsewhere {
+            set.insert(worker_id.to_owned());
+        } else {
+            set.remove(worker_id);
+        }
+    }
+
+    /// `GET groups`: every lab's groups.
+    async fn group_map(&self, target: &CmlTarget, session: &Session) -> Result<payload::GroupMap> {
+        let body = self.get(target, "groups", true, session).await?;
+        payload::group_map(&body).map_err(|detail| malformed(target, "groups", detail))
+    }
+
+    /// The labs, as [`CmlClient::fetch_labs`] reads them, and where they keep their groups.
+    async fn listing(
+        &self,
+        target: &CmlTarget,
+        session: &Session,
+    ) -> Result<(LabListing, GroupsShape)> {
+        let note = match self.get(target, "populate_lab_tiles", true, session).await {
             Ok(body) => match payload::labs_from_tiles(&body, self.max_labs) {
                 Err(PayloadError::TooManyLabs(limit)) => {
                     return Err(Error::TooManyLabs {
@@ -220,14 +308,16 @@ impl CmlClient {
                         limit,
                     })
                 }
-                Ok(labs) => {
-                    return Ok(LabListing {
+                Ok(MappedLabs { labs, groups }) => {
+                    let listing = LabListing {
                         labs,
                         listing: Listing::Complete,
+                        groups: GroupsRead::InLabs,
                         source: FetchSource::Bulk,
-                        calls: session.calls.load(Ordering::Relaxed),
+                        calls: 0,
                         note: None,
-                    })
+                    };
+                    return Ok((listing, groups));
                 }
                 Err(PayloadError::Malformed(detail)) => {
                     format!("populate_lab_tiles was malformed ({detail})")
@@ -248,7 +338,7 @@ impl CmlClient {
             Err(e) => format!("populate_lab_tiles failed ({e})"),
         };
 
-        self.fallback(target, &session, note).await
+        self.fallback(target, session, note).await
     }
 
     /// The listing plus one call per lab, a few at a time. A lab that 404s was deleted in
@@ -258,9 +348,9 @@ impl CmlClient {
         target: &CmlTarget,
         session: &Session,
         note: String,
-    ) -> Result<LabListing> {
+    ) -> Result<(LabListing, GroupsShape)> {
         let ids = self.lab_ids(target, session).await?;
-        let results: Vec<(String, Result<Option<ObservedLab>>)> = stream::iter(ids)
+        let results: Vec<(String, Result<Option<(ObservedLab, GroupsShape)>>)> = stream::iter(ids)
             .map(|id| async {
                 let r = self.lab(target, &id, session).await;
                 (id, r)
@@ -269,10 +359,14 @@ impl CmlClient {
             .collect()
             .await;
         let mut labs = Vec::with_capacity(results.len());
+        let mut shape = GroupsShape::Silent;
         let mut failed = Vec::new();
         for (id, r) in results {
             match r {
-                Ok(Some(lab)) => labs.push(lab),
+                Ok(Some((lab, lab_shape))) => {
+                    labs.push(lab);
+                    shape = shape.and(lab_shape);
+                }
                 Ok(None) => {}
                 Err(e) => failed.push(format!("{id}: {}", e.metric_label())),
             }
@@ -290,13 +384,15 @@ impl CmlClient {
                 ),
             )
         };
-        Ok(LabListing {
+        let listing = LabListing {
             labs,
             listing,
+            groups: GroupsRead::InLabs,
             source: FetchSource::Fallback,
-            calls: session.calls.load(Ordering::Relaxed),
+            calls: 0,
             note: Some(note),
-        })
+        };
+        Ok((listing, shape))
     }
 
     async fn lab_ids(&self, target: &CmlTarget, session: &Session) -> Result<Vec<String>> {
@@ -317,7 +413,7 @@ impl CmlClient {
         target: &CmlTarget,
         lab_id: &str,
         session: &Session,
-    ) -> Result<Option<ObservedLab>> {
+    ) -> Result<Option<(ObservedLab, GroupsShape)>> {
         let path = format!("labs/{}", urlencode(lab_id));
         match self.get(target, &path, true, session).await {
             Ok(body) => payload::lab_from_json(lab_id, &body)

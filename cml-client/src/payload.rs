@@ -6,7 +6,7 @@
 //! keys are skipped without allocating (a `populate_lab_tiles` body with its topologies is
 //! large, and a sync pass reads hundreds of them).
 
-use std::{fmt, marker::PhantomData};
+use std::{collections::HashMap, fmt, marker::PhantomData};
 
 use serde::{
     de::{
@@ -15,15 +15,93 @@ use serde::{
     Deserialize, Deserializer,
 };
 
-use shared::record::{parse_iso_date, LabFields, ObservedLab};
+use shared::record::{parse_iso_date, truncate, LabFields, ObservedLab, MAX_GROUP_NAME};
+
+/// Where a server keeps the groups its labs are shared with, as its lab objects show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GroupsShape {
+    /// No lab object tells: there are none, or they hold empty `groups` lists and nothing of
+    /// CML 2.9 (a server before 2.9 whose labs are shared with no group).
+    #[default]
+    Silent,
+    /// In the lab objects: at least one lists its groups (CML up to 2.8).
+    InLabs,
+    /// In the server's group associations: lab objects without a `groups` list (2.10+), or
+    /// with 2.9's deprecated empty one beside `effective_permissions`.
+    Associations,
+}
+
+impl GroupsShape {
+    /// What two lab objects of one server tell together: one that lists groups settles it.
+    pub fn and(self, other: GroupsShape) -> GroupsShape {
+        use GroupsShape::{Associations, InLabs, Silent};
+        match (self, other) {
+            (InLabs, _) | (_, InLabs) => InLabs,
+            (Associations, _) | (_, Associations) => Associations,
+            (Silent, Silent) => Silent,
+        }
+    }
+}
+
+/// Labs mapped from a body, and where their server keeps their groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedLabs {
+    pub labs: Vec<ObservedLab>,
+    pub groups: GroupsShape,
+}
 
 /// Maps one lab body (`GET labs/{id}`).
 ///
 /// `lab_id` is the id the lab was listed under; the object's own `id` wins when present.
-pub fn lab_from_json(lab_id: &str, body: &[u8]) -> Result<ObservedLab, String> {
+pub fn lab_from_json(lab_id: &str, body: &[u8]) -> Result<(ObservedLab, GroupsShape), String> {
     let MaybeLab(lab) = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
     lab.map(|lab| lab.into_observed(lab_id))
         .ok_or_else(|| format!("lab {} is not a JSON object", clip(lab_id)))
+}
+
+/// Every lab's groups, by name, from the server's groups (`GET groups`).
+///
+/// Names are kept once (cut to [`MAX_GROUP_NAME`]) and labs refer to them, so what this holds
+/// grows with the body, whatever the number of associations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupMap {
+    names: Vec<String>,
+    by_lab: HashMap<String, Vec<usize>>,
+}
+
+impl GroupMap {
+    /// The names of the groups `lab_id` is associated with (in no particular order).
+    pub fn groups_of(&self, lab_id: &str) -> Vec<String> {
+        self.by_lab.get(lab_id).map_or_else(Vec::new, |groups| {
+            groups.iter().map(|&g| self.names[g].clone()).collect()
+        })
+    }
+
+    /// How many groups the server listed.
+    pub fn group_count(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// Maps a `groups` body: a JSON array of groups, each with its labs in `associations`
+/// (`[{"id": <lab id>, "permissions": [...]}]`, CML 2.9+) or `labs` (`[{"id", "permission"}]`,
+/// before). A group is named by its `name`, else its `id`; permissions are not kept.
+pub fn group_map(body: &[u8]) -> Result<GroupMap, String> {
+    let GroupList(groups) = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
+    let groups = groups.ok_or("the groups listing is not a JSON array")?;
+    let mut map = GroupMap::default();
+    for g in groups {
+        let Some(mut name) = g.name.0.filter(|n| !n.trim().is_empty()).or(g.id.0) else {
+            continue;
+        };
+        truncate(&mut name, MAX_GROUP_NAME);
+        let index = map.names.len();
+        map.names.push(name);
+        for lab_id in g.associations.0.into_iter().chain(g.labs.0) {
+            map.by_lab.entry(lab_id).or_default().push(index);
+        }
+    }
+    Ok(map)
 }
 
 /// Why a body could not be mapped.
@@ -43,7 +121,7 @@ impl From<String> for PayloadError {
 
 /// Maps a `populate_lab_tiles` body: `{"lab_tiles": {id: lab}}`, or the bare map of labs
 /// before 2.1. More than `max_labs` labs is an error; the ones past it are skipped unread.
-pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<Vec<ObservedLab>, PayloadError> {
+pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<MappedLabs, PayloadError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let root = TilesSeed { max_labs }
         .deserialize(&mut de)
@@ -65,7 +143,12 @@ pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<Vec<ObservedLab>,
         TilesBody::Object {
             tiles: TileMap::Null,
             ..
-        } => return Ok(Vec::new()),
+        } => {
+            return Ok(MappedLabs {
+                labs: Vec::new(),
+                groups: GroupsShape::Silent,
+            })
+        }
         TilesBody::Object {
             tiles: TileMap::Other,
             ..
@@ -75,13 +158,18 @@ pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<Vec<ObservedLab>,
             ..
         } => entries,
     };
-    entries
-        .into_iter()
-        .map(|(id, MaybeLab(lab))| {
-            lab.map(|lab| lab.into_observed(&id))
-                .ok_or_else(|| format!("lab {} is not a JSON object", clip(&id)).into())
-        })
-        .collect()
+    let mut mapped = MappedLabs {
+        labs: Vec::with_capacity(entries.len()),
+        groups: GroupsShape::Silent,
+    };
+    for (id, MaybeLab(lab)) in entries {
+        let (lab, shape) = lab
+            .map(|lab| lab.into_observed(&id))
+            .ok_or_else(|| format!("lab {} is not a JSON object", clip(&id)))?;
+        mapped.labs.push(lab);
+        mapped.groups = mapped.groups.and(shape);
+    }
+    Ok(mapped)
 }
 
 /// Maps a `labs?show_all=true` body: a JSON array of lab ids, at most `max_labs` of them.
@@ -133,12 +221,20 @@ struct RawLab {
     link_count: Count,
     topology: Topology,
     groups: Groups,
+    effective_permissions: Present,
     created: Text,
     modified: Text,
 }
 
 impl RawLab {
-    fn into_observed(self, listed_as: &str) -> ObservedLab {
+    fn into_observed(self, listed_as: &str) -> (ObservedLab, GroupsShape) {
+        let shape = if !self.groups.names.is_empty() {
+            GroupsShape::InLabs
+        } else if !self.groups.listed || self.effective_permissions.0 {
+            GroupsShape::Associations
+        } else {
+            GroupsShape::Silent
+        };
         let id = self
             .id
             .0
@@ -154,11 +250,11 @@ impl RawLab {
             owner_fullname: self.owner_fullname.0.unwrap_or_default(),
             node_count: self.node_count.0.or(topology.nodes.0).unwrap_or(0),
             link_count: self.link_count.0.or(topology.links.0).unwrap_or(0),
-            groups: self.groups.0,
+            groups: self.groups.names,
             cml_created_at: self.created.0.and_then(|t| parse_iso_date(&t)),
             modified_at: self.modified.0.and_then(|t| parse_iso_date(&t)),
         };
-        ObservedLab::new(id, fields)
+        (ObservedLab::new(id, fields), shape)
     }
 }
 
@@ -239,7 +335,10 @@ macro_rules! lenient_deserialize {
         }
     )*};
 }
-lenient_deserialize!(Text, Count, ListLen, Groups, GroupName, Topology, MaybeLab);
+lenient_deserialize!(
+    Text, Count, ListLen, Groups, GroupName, Topology, MaybeLab, Present, GroupList, MaybeGroup,
+    LabRefs, LabRef
+);
 
 /// A string; numbers and booleans as their JSON text.
 #[derive(Debug, Default)]
@@ -319,7 +418,11 @@ impl Lenient for Topology {
 
 /// Older servers list `{id, name, permission}` objects; 2.9 an empty list; 2.10+ nothing or null.
 #[derive(Debug, Default)]
-struct Groups(Vec<String>);
+struct Groups {
+    names: Vec<String>,
+    /// The value was a list (empty or not).
+    listed: bool,
+}
 
 impl Lenient for Groups {
     fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
@@ -327,7 +430,105 @@ impl Lenient for Groups {
         while let Some(GroupName(name)) = seq.next_element()? {
             names.extend(name);
         }
-        Ok(Self(names))
+        Ok(Self {
+            names,
+            listed: true,
+        })
+    }
+}
+
+/// Whether a key holds anything but `null` (its value skipped).
+#[derive(Debug, Default)]
+struct Present(bool);
+
+impl Lenient for Present {
+    fn from_str(_: &str) -> Self {
+        Self(true)
+    }
+    fn from_i64(_: i64) -> Self {
+        Self(true)
+    }
+    fn from_f64(_: f64) -> Self {
+        Self(true)
+    }
+    fn from_bool(_: bool) -> Self {
+        Self(true)
+    }
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self(true))
+    }
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self(true))
+    }
+}
+
+/// The body of `GET groups`: its groups, or `None` when it is not a list.
+#[derive(Debug, Default)]
+struct GroupList(Option<Vec<RawGroup>>);
+
+impl Lenient for GroupList {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut groups = Vec::new();
+        while let Some(MaybeGroup(g)) = seq.next_element()? {
+            groups.extend(g);
+        }
+        Ok(Self(Some(groups)))
+    }
+}
+
+/// The fields of a group a lab's record needs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawGroup {
+    id: Text,
+    name: Text,
+    /// CML 2.9+: `[{"id": <lab id>, "permissions": [...]}]`.
+    associations: LabRefs,
+    /// Before 2.9: `[{"id": <lab id>, "permission": ...}]`.
+    labs: LabRefs,
+}
+
+/// A group object, or `None` for any other kind of value.
+#[derive(Debug, Default)]
+struct MaybeGroup(Option<RawGroup>);
+
+impl Lenient for MaybeGroup {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        RawGroup::deserialize(MapAccessDeserializer::new(map)).map(|g| Self(Some(g)))
+    }
+}
+
+/// The lab ids of a group's associations.
+#[derive(Debug, Default)]
+struct LabRefs(Vec<String>);
+
+impl Lenient for LabRefs {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut ids = Vec::new();
+        while let Some(LabRef(id)) = seq.next_element()? {
+            ids.extend(id.filter(|id| !id.is_empty()));
+        }
+        Ok(Self(ids))
+    }
+}
+
+/// A lab given by its id, or an object with an `id`.
+#[derive(Debug, Default)]
+struct LabRef(Option<String>);
+
+impl Lenient for LabRef {
+    fn from_str(v: &str) -> Self {
+        Self(Some(v.to_owned()))
+    }
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        #[derive(Default, Deserialize)]
+        #[serde(default)]
+        struct Ref {
+            id: Text,
+        }
+        Ok(Self(Ref::deserialize(MapAccessDeserializer::new(map))?.id.0))
     }
 }
 
@@ -539,7 +740,7 @@ mod tests {
     const MAX: usize = 10_000;
 
     fn tiles(body: &[u8]) -> Result<Vec<ObservedLab>, PayloadError> {
-        labs_from_tiles(body, MAX)
+        labs_from_tiles(body, MAX).map(|m| m.labs)
     }
 
     fn ids(body: &[u8]) -> Result<Vec<String>, PayloadError> {
@@ -552,7 +753,7 @@ mod tests {
             .map(|i| (format!("l{i}"), json!({"lab_title": "t"})))
             .collect();
         let wrapped = bytes(&json!({ "lab_tiles": many.clone() }));
-        assert_eq!(labs_from_tiles(&wrapped, 5).map(|l| l.len()), Ok(5));
+        assert_eq!(labs_from_tiles(&wrapped, 5).map(|l| l.labs.len()), Ok(5));
         assert_eq!(
             labs_from_tiles(&wrapped, 4),
             Err(PayloadError::TooManyLabs(4))
@@ -579,6 +780,11 @@ mod tests {
         assert_eq!(clip("short"), "short");
     }
 
+    /// One lab body mapped, without its shape.
+    fn one(id: &str, body: &[u8]) -> Result<ObservedLab, String> {
+        lab_from_json(id, body).map(|(lab, _)| lab)
+    }
+
     fn bytes(v: &Value) -> Vec<u8> {
         serde_json::to_vec(v).expect("serialises")
     }
@@ -603,7 +809,7 @@ mod tests {
 
     #[test]
     fn a_2_4_payload_maps_group_objects_to_names_and_lacks_fullname() {
-        let lab = lab_from_json("x", &bytes(&lab_2_4())).expect("maps");
+        let lab = one("x", &bytes(&lab_2_4())).expect("maps");
         assert_eq!(lab.lab_id, "90f84e38-a71c-4d57-8d90-00fa8a197385");
         assert_eq!(lab.fields.groups, ["admins", "netops"]);
         assert_eq!(lab.fields.owner_fullname, "");
@@ -621,7 +827,7 @@ mod tests {
         v["owner_fullname"] = json!("Admin User");
         v["created"] = json!("2022-06-10T14:23:33Z");
         v["effective_permissions"] = json!(["lab_admin"]);
-        let lab = lab_from_json("x", &bytes(&v)).expect("maps");
+        let lab = one("x", &bytes(&v)).expect("maps");
         assert!(lab.fields.groups.is_empty());
         assert_eq!(lab.fields.owner_fullname, "Admin User");
         assert_eq!(
@@ -637,13 +843,13 @@ mod tests {
         v["autostart"] = json!({"enabled": false, "priority": null, "delay": null});
         v["node_staging"] =
             json!({"enabled": false, "start_remaining": true, "abort_on_failure": false});
-        assert!(lab_from_json("x", &bytes(&v))
+        assert!(one("x", &bytes(&v))
             .expect("maps")
             .fields
             .groups
             .is_empty());
         v["groups"] = Value::Null;
-        assert!(lab_from_json("x", &bytes(&v))
+        assert!(one("x", &bytes(&v))
             .expect("maps")
             .fields
             .groups
@@ -652,7 +858,7 @@ mod tests {
 
     #[test]
     fn missing_and_null_fields_become_empty_values() {
-        let lab = lab_from_json(
+        let lab = one(
             "only-id",
             &bytes(&json!({"state": null, "node_count": null, "created": "not a date"})),
         )
@@ -661,12 +867,12 @@ mod tests {
         assert_eq!(lab.fields.state, "");
         assert_eq!(lab.fields.node_count, 0);
         assert_eq!(lab.fields.cml_created_at, None);
-        assert!(lab_from_json("x", &bytes(&json!("a string"))).is_err());
+        assert!(one("x", &bytes(&json!("a string"))).is_err());
     }
 
     #[test]
     fn counts_fall_back_to_the_topology() {
-        let lab = lab_from_json(
+        let lab = one(
             "x",
             &bytes(&json!({"topology": {"nodes": [{}, {}, {}], "links": [{}]}})),
         )
@@ -697,7 +903,7 @@ mod tests {
 
     #[test]
     fn values_of_an_unexpected_type_become_empty_values() {
-        let lab = lab_from_json(
+        let lab = one(
             "x",
             &bytes(&json!({
                 "id": 42, "lab_title": ["a"], "title": "fallback title", "state": {"x": 1},
@@ -713,7 +919,7 @@ mod tests {
         assert_eq!((lab.fields.node_count, lab.fields.link_count), (0, 2));
         assert!(lab.fields.groups.is_empty());
         assert_eq!(lab.fields.cml_created_at, None);
-        let counts = lab_from_json("x", &bytes(&json!({"node_count": -4, "link_count": 1e12})))
+        let counts = one("x", &bytes(&json!({"node_count": -4, "link_count": 1e12})))
             .expect("maps");
         assert_eq!(
             (counts.fields.node_count, counts.fields.link_count),
@@ -750,6 +956,95 @@ mod tests {
             (40, 2)
         );
         assert_eq!(labs[0].fields.groups, ["admins", "g-1", "netops"]);
+    }
+
+    fn shape(v: &Value) -> GroupsShape {
+        lab_from_json("x", &bytes(v)).expect("maps").1
+    }
+
+    /// Where a server keeps groups is read from what its lab objects hold, not its version.
+    #[test]
+    fn lab_objects_tell_where_their_groups_are() {
+        assert_eq!(shape(&lab_2_4()), GroupsShape::InLabs);
+        let mut v = lab_2_4();
+        v["groups"] = json!([]);
+        assert_eq!(shape(&v), GroupsShape::Silent, "2.4, shared with no group");
+        v["effective_permissions"] = json!(["lab_admin"]);
+        assert_eq!(shape(&v), GroupsShape::Associations, "2.9");
+        v.as_object_mut().expect("object").remove("effective_permissions");
+        v.as_object_mut().expect("object").remove("groups");
+        assert_eq!(shape(&v), GroupsShape::Associations, "2.10: no groups key");
+        v["groups"] = Value::Null;
+        assert_eq!(shape(&v), GroupsShape::Associations, "null");
+        v["groups"] = json!([{"id": "g", "name": "n"}]);
+        v["effective_permissions"] = json!([]);
+        assert_eq!(shape(&v), GroupsShape::InLabs, "a list that names groups wins");
+
+        // A listing: one lab listing groups settles it; otherwise any 2.9+ object does.
+        let listing = |labs: Vec<Value>| {
+            let map: serde_json::Map<String, Value> = labs
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| (format!("l{i}"), l))
+                .collect();
+            labs_from_tiles(&bytes(&json!({ "lab_tiles": map })), MAX)
+                .expect("maps")
+                .groups
+        };
+        let mut silent = lab_2_4();
+        silent["groups"] = json!([]);
+        let mut newer = silent.clone();
+        newer["effective_permissions"] = json!(["lab_view"]);
+        assert_eq!(listing(vec![]), GroupsShape::Silent);
+        assert_eq!(listing(vec![silent.clone()]), GroupsShape::Silent);
+        assert_eq!(
+            listing(vec![silent.clone(), newer.clone()]),
+            GroupsShape::Associations
+        );
+        assert_eq!(listing(vec![newer, lab_2_4(), silent]), GroupsShape::InLabs);
+    }
+
+    #[test]
+    fn group_associations_map_labs_to_group_names() {
+        let body = json!([
+            {"id": "g-1", "name": "netops", "description": "", "members": ["u1"],
+             "associations": [{"id": "lab-a", "permissions": ["lab_view"]},
+                              {"id": "lab-b", "permissions": ["lab_admin", "lab_edit"]}]},
+            {"id": "g-2", "name": "", "associations": [{"id": "lab-a", "permissions": []}]},
+            {"id": "g-3", "name": "old-style", "labs": [{"id": "lab-c", "permission": "read_only"}, "lab-d"]},
+            {"id": "g-4", "name": "unused", "associations": []},
+            {"name": null, "id": null, "associations": [{"id": "lab-x"}]},
+            7, "junk", {"id": "g-5", "name": "odd", "associations": [3, {"permissions": []}, {"id": ""}, {"id": "lab-b"}]},
+        ]);
+        let map = group_map(&bytes(&body)).expect("maps");
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(map.groups_of("lab-a")), ["g-2", "netops"]);
+        assert_eq!(sorted(map.groups_of("lab-b")), ["netops", "odd"]);
+        assert_eq!(map.groups_of("lab-c"), ["old-style"]);
+        assert_eq!(map.groups_of("lab-d"), ["old-style"]);
+        assert!(map.groups_of("lab-x").is_empty(), "a group with no name nor id");
+        assert!(map.groups_of("nowhere").is_empty());
+        assert_eq!(map.group_count(), 5);
+
+        assert_eq!(group_map(b"[]").expect("maps"), GroupMap::default());
+        for bad in [&b"{\"groups\": []}"[..], b"null", b"[{", b"", b"<html>"] {
+            assert!(group_map(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn long_group_names_are_cut_once_however_many_labs_share_them() {
+        let name = "n".repeat(100_000);
+        let associations: Vec<Value> = (0..1000).map(|i| json!({"id": format!("l{i}")})).collect();
+        let map = group_map(&bytes(&json!([{"id": "g", "name": name, "associations": associations}])))
+            .expect("maps");
+        let names = map.groups_of("l999");
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].chars().count(), MAX_GROUP_NAME);
+        assert_eq!(map.names.len(), 1, "one name for every association");
     }
 
     fn any_json() -> impl Strategy<Value = Value> {
@@ -798,8 +1093,22 @@ mod tests {
             }
             lab.insert("unknown_key".into(), extra);
             let body = json!({"lab_tiles": {"listed": Value::Object(lab.clone())}});
-            prop_assert!(lab_from_json("listed", &bytes(&Value::Object(lab))).is_ok());
+            prop_assert!(one("listed", &bytes(&Value::Object(lab))).is_ok());
             prop_assert_eq!(tiles(&bytes(&body)).map(|l| l.len()), Ok(1));
+        }
+
+        /// Whatever a server answers for its groups, mapping it never panics, and a list of
+        /// objects maps.
+        #[test]
+        fn any_groups_body_maps_or_fails_cleanly(groups in proptest::collection::vec(any_json(), 0..6), extra in any_json()) {
+            let objects: Vec<Value> = groups
+                .iter()
+                .cloned()
+                .map(|v| json!({"id": "g", "name": v.clone(), "associations": v, "labs": extra.clone()}))
+                .collect();
+            prop_assert!(group_map(&bytes(&Value::from(objects))).is_ok());
+            let _ = group_map(&bytes(&Value::from(groups)));
+            let _ = group_map(&bytes(&extra));
         }
     }
 }

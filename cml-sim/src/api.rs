@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::{
     fleet::Fleet,
-    model::{Personality, SimLab, SimWorker},
+    model::{EndpointFault, Personality, SimGroup, SimLab, SimWorker, LAB_PERMISSIONS},
     server::ConnControl,
     token::{self, Claims},
 };
@@ -34,6 +34,11 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/api/v0/labs/{lab_id}", get(lab))
         .route("/api/v0/labs/{lab_id}/state", get(lab_state))
         .route("/api/v0/labs/{lab_id}/topology", get(lab_topology))
+        .route(
+            "/api/v0/labs/{lab_id}/associations",
+            get(lab_associations).patch(patch_lab_associations),
+        )
+        .route("/api/v0/groups", get(groups))
         .route("/api/v0/populate_lab_tiles", get(populate_lab_tiles))
         .route("/api/v0/users", get(users))
         .fallback(not_found)
@@ -133,6 +138,17 @@ async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option
     };
     if worker.take_failure() {
         return Some(cml_error(StatusCode::BAD_GATEWAY, injected(502)));
+    }
+    match faults.endpoint_faults.get(endpoint) {
+        Some(EndpointFault::Status(status)) => {
+            let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Some(cml_error(code, injected(*status)));
+        }
+        Some(EndpointFault::Malformed) => {
+            let body = b"{\"groups\": [<<not json".to_vec();
+            return Some(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+        }
+        None => {}
     }
     if faults.error_rate > 0.0 && worker.roll() < faults.error_rate {
         let status = worker.pick_status(&faults.error_statuses);
@@ -407,6 +423,89 @@ fn padded_tiles(body: Bytes, padding: u64) -> Response {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `GET groups`: every group of the server with the labs associated with it.
+async fn groups(call: Call, headers: HeaderMap) -> Response {
+    if let Err(r) = call.authorized("groups", &headers).await {
+        return r;
+    }
+    data(&call.worker, call.worker.groups_json())
+}
+
+/// A lab's associations (2.9+): its groups and its owner, each with permissions.
+fn associations_json(lab: &SimLab) -> Value {
+    json!({
+        "groups": lab.groups.iter().map(|g| json!({ "id": g.id, "permissions": g.permissions })).collect::<Vec<_>>(),
+        "users": [{ "id": lab.owner.id, "permissions": LAB_PERMISSIONS }],
+    })
+}
+
+/// `labs/{id}/associations` came with 2.9.
+fn has_associations(worker: &SimWorker) -> bool {
+    worker.personality != Personality::V2_4
+}
+
+async fn lab_associations(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
+    if !has_associations(&call.worker) {
+        return not_found().await;
+    }
+    match call.lab("lab_associations", &headers, &lab_id).await {
+        Ok(l) => data(&call.worker, associations_json(&l)),
+        Err(r) => r,
+    }
+}
+
+/// The body of `PATCH labs/{id}/associations`. Its `users` are accepted and not kept: a
+/// lab's owner is its only user here.
+#[derive(Debug, Deserialize)]
+struct AssociationsBody {
+    #[serde(default)]
+    groups: Option<Vec<Association>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Association {
+    id: String,
+    permissions: Vec<String>,
+}
+
+/// `PATCH labs/{id}/associations`: replaces the lab's group associations (the groups must
+/// exist, the permissions be CML's), answering the lab's associations as they are now.
+async fn patch_lab_associations(
+    call: Call,
+    headers: HeaderMap,
+    Path(lab_id): Path<String>,
+    Json(body): Json<AssociationsBody>,
+) -> Response {
+    if !has_associations(&call.worker) {
+        return not_found().await;
+    }
+    let worker = &call.worker;
+    if let Err(r) = call.lab("lab_associations", &headers, &lab_id).await {
+        return r;
+    }
+    if let Some(groups) = body.groups {
+        let mut resolved = Vec::with_capacity(groups.len());
+        for a in groups {
+            let Some(name) = worker.group_name(&a.id) else {
+                return cml_error(StatusCode::NOT_FOUND, format!("Group not found: {}", a.id));
+            };
+            if let Some(bad) = a.permissions.iter().find(|p| !LAB_PERMISSIONS.contains(&p.as_str())) {
+                return cml_error(StatusCode::BAD_REQUEST, format!("Invalid permission: {bad}"));
+            }
+            resolved.push(SimGroup {
+                id: a.id,
+                name,
+                permissions: a.permissions,
+            });
+        }
+        worker.set_lab_groups(&lab_id, resolved);
+    }
+    match worker.lab(&lab_id) {
+        Some(l) => ok_json(associations_json(&l)),
+        None => cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}")),
+    }
 }
 
 /// `GET users`: Cisco's client resolves lab owners through it.

@@ -1,4 +1,5 @@
-//! The HTTP control API of the simulator, for scripts: labs, faults, token expiry, churn.
+//! The HTTP control API of the simulator, for scripts: labs and the groups they are shared
+//! with, faults, token expiry, churn.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -6,7 +7,7 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, patch, post},
+    routing::{get, patch, post, put},
     Json, Router,
 };
 use serde::Deserialize;
@@ -16,7 +17,7 @@ use shared::record::LabState;
 
 use crate::{
     fleet::Fleet,
-    model::{Faults, SimWorker},
+    model::{Faults, SimGroup, SimWorker, LAB_PERMISSIONS},
 };
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,7 @@ pub fn router(fleet: Arc<Fleet>, endpoints: BTreeMap<String, String>) -> Router 
             "/workers/{id}/labs/{lab_id}",
             patch(update_lab).delete(delete_lab),
         )
+        .route("/workers/{id}/labs/{lab_id}/groups", put(share_lab))
         .route(
             "/workers/{id}/faults",
             get(faults).put(set_faults).delete(clear_faults),
@@ -163,6 +165,55 @@ async fn update_lab(
         return r;
     }
     if w.update_lab(&lab_id, |l| patch.apply(l)) {
+        Json(json!(w.lab(&lab_id))).into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
+    }
+}
+
+/// One group a lab is shared with, by name (made on the server if it has none of that name).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Share {
+    name: String,
+    /// CML's lab permissions; `["lab_view"]` when absent.
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+}
+
+/// `PUT /workers/{id}/labs/{lab_id}/groups`: the lab's group associations become these (its
+/// `modified` time stays, as on CML), answering the lab.
+async fn share_lab(
+    State(ctx): State<Ctx>,
+    Path((id, lab_id)): Path<(String, String)>,
+    Json(shares): Json<Vec<Share>>,
+) -> Response {
+    let w = match worker(&ctx, &id) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let mut groups = Vec::with_capacity(shares.len());
+    for s in shares {
+        if s.name.trim().is_empty() {
+            return problem(StatusCode::BAD_REQUEST, "a group name is empty");
+        }
+        let permissions = s.permissions.unwrap_or_else(|| vec!["lab_view".into()]);
+        if let Some(bad) = permissions
+            .iter()
+            .find(|p| !LAB_PERMISSIONS.contains(&p.as_str()))
+        {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("`{bad}` is not a lab permission ({})", LAB_PERMISSIONS.join(", ")),
+            );
+        }
+        groups.push(SimGroup {
+            id: w.group_named(&s.name),
+            name: s.name,
+            permissions,
+        });
+    }
+    if w.set_lab_groups(&lab_id, groups) {
         Json(json!(w.lab(&lab_id))).into_response()
     } else {
         problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))

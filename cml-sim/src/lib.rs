@@ -17,7 +17,7 @@ pub mod tls;
 pub mod token;
 
 pub use fleet::{Fleet, FleetConfig};
-pub use model::{Faults, Personality, SimLab, SimWorker};
+pub use model::{EndpointFault, Faults, Personality, SimGroup, SimLab, SimWorker};
 pub use server::{serve, Addressing, RunningFleet, ServeOptions};
 
 /// Generates a fleet and serves it: the one call Rust tests need.

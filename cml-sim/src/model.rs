@@ -109,10 +109,37 @@ pub struct SimUser {
     pub fullname: String,
 }
 
+/// A lab's association with a group: the group, and what its members may do with the lab.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimGroup {
     pub id: String,
     pub name: String,
+    /// `lab_admin`, `lab_edit`, `lab_exec`, `lab_view` (2.9+); 2.4 shows `read_write` when
+    /// any but `lab_view` and `lab_exec` is there, else `read_only`.
+    #[serde(default = "view_only")]
+    pub permissions: Vec<String>,
+}
+
+/// The permissions CML 2.9+ knows for a lab association.
+pub const LAB_PERMISSIONS: [&str; 4] = ["lab_admin", "lab_edit", "lab_exec", "lab_view"];
+
+fn view_only() -> Vec<String> {
+    vec!["lab_view".to_owned()]
+}
+
+impl SimGroup {
+    /// 2.4's single permission.
+    fn permission(&self) -> &'static str {
+        let writes = self
+            .permissions
+            .iter()
+            .any(|p| p == "lab_admin" || p == "lab_edit");
+        if writes {
+            "read_write"
+        } else {
+            "read_only"
+        }
+    }
 }
 
 /// One lab on one simulated server.
@@ -154,7 +181,7 @@ impl SimLab {
                     "groups".into(),
                     self.groups
                         .iter()
-                        .map(|g| json!({ "id": g.id, "name": g.name, "permission": "read_only" }))
+                        .map(|g| json!({ "id": g.id, "name": g.name, "permission": g.permission() }))
                         .collect(),
                 );
             }
@@ -253,10 +280,23 @@ pub struct Faults {
     /// `populate_lab_tiles` carries this many more bytes, in the title of one more lab
     /// (streamed: the simulator never holds them).
     pub tiles_padding_bytes: u64,
+    /// Calls of these endpoints (named as [`SimWorker::calls`] counts them, e.g. `groups`)
+    /// fail this way, whatever the other faults.
+    pub endpoint_faults: BTreeMap<String, EndpointFault>,
     /// `authenticate` answers `307 Temporary Redirect` to this URL.
     pub redirect_login_to: Option<String>,
     /// `populate_lab_tiles` answers `302 Found` to this URL.
     pub redirect_tiles_to: Option<String>,
+}
+
+/// How calls of one endpoint fail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointFault {
+    /// Answer this HTTP status with CML's error body (`{"status": 403}`).
+    Status(u16),
+    /// Answer 200 with a body that is not JSON (`"malformed"`).
+    Malformed,
 }
 
 /// Serialised tiles of one worker: the whole body, and each lab's `"id":{tile}` part.
@@ -274,6 +314,8 @@ pub struct SimWorker {
     pub aws_region: String,
     pub personality: Personality,
     labs: Mutex<BTreeMap<String, SimLab>>,
+    /// The server's groups, by id: their names (labs refer to them in their `groups`).
+    groups: Mutex<BTreeMap<String, String>>,
     /// The `populate_lab_tiles` body and each lab's part of it, rebuilt only for what changed
     /// (a real server's cost is the configured latency, not this process's CPU). Locked only
     /// while `labs` is held.
@@ -319,6 +361,7 @@ impl SimWorker {
             aws_region: rng.pick(&regions).to_string(),
             personality,
             labs: Mutex::new(BTreeMap::new()),
+            groups: Mutex::new(BTreeMap::new()),
             tiles: Mutex::new(TileCache::default()),
             faults: watch::Sender::new(Faults::default()),
             token_epoch: AtomicU64::new(0),
@@ -326,6 +369,9 @@ impl SimWorker {
             calls: Mutex::new(BTreeMap::new()),
             id,
         };
+        for name in GROUPS {
+            worker.group_named(name);
+        }
         for _ in 0..labs {
             worker.create_lab(None);
         }
@@ -352,15 +398,17 @@ impl SimWorker {
             let created = Utc::now() - Duration::seconds(rng.below(90 * 86_400) as i64);
             let created = created.with_nanosecond0();
             let nodes = rng.below(12) as u32;
-            let groups = (0..rng.below(3))
-                .map(|_| {
-                    let name = rng.pick(&GROUPS).to_string();
-                    SimGroup {
-                        id: format!("g-{name}"),
+            let mut groups: Vec<SimGroup> = Vec::new();
+            for _ in 0..rng.below(3) {
+                let name = rng.pick(&GROUPS).to_string();
+                if groups.iter().all(|g| g.name != name) {
+                    groups.push(SimGroup {
+                        id: self.group_named(&name),
+                        permissions: view_only(),
                         name,
-                    }
-                })
-                .collect::<Vec<_>>();
+                    });
+                }
+            }
             SimLab {
                 id: rng.uuid(),
                 title: format!("{} {}", rng.pick(&TITLES), rng.below(1000)),
@@ -386,6 +434,79 @@ impl SimWorker {
         let id = lab.id.clone();
         self.labs_mut(&id).insert(id.clone(), lab);
         id
+    }
+
+    /// The id of the group named `name`, made now if the server has none of that name (ids
+    /// follow from the worker and the name, so a fleet is the same on every run).
+    pub fn group_named(&self, name: &str) -> String {
+        let mut groups = lock(&self.groups);
+        if let Some((id, _)) = groups.iter().find(|(_, n)| *n == name) {
+            return id.clone();
+        }
+        let seed = format!("{}/{name}", self.id)
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        let id = Rng::new(seed).uuid();
+        groups.insert(id.clone(), name.to_owned());
+        id
+    }
+
+    /// The name of the group `id`, if the server has it.
+    pub fn group_name(&self, id: &str) -> Option<String> {
+        lock(&self.groups).get(id).cloned()
+    }
+
+    /// Sets the groups a lab is associated with (its `modified` time stays: the lab itself
+    /// did not change); false when the lab does not exist.
+    pub fn set_lab_groups(&self, lab_id: &str, groups: Vec<SimGroup>) -> bool {
+        match self.labs_mut(lab_id).get_mut(lab_id) {
+            Some(lab) => {
+                lab.groups = groups;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `GET groups`: every group with its labs, as the server's release shows them (2.9+:
+    /// `associations` with permissions; before: `labs` with one permission each).
+    pub fn groups_json(&self) -> Value {
+        let mut groups: BTreeMap<String, (String, Vec<Value>)> = lock(&self.groups)
+            .iter()
+            .map(|(id, name)| (id.clone(), (name.clone(), Vec::new())))
+            .collect();
+        for lab in lock(&self.labs).values() {
+            for g in &lab.groups {
+                let entry = match self.personality {
+                    Personality::V2_4 => json!({ "id": lab.id, "permission": g.permission() }),
+                    _ => json!({ "id": lab.id, "permissions": g.permissions }),
+                };
+                groups
+                    .entry(g.id.clone())
+                    .or_insert_with(|| (g.name.clone(), Vec::new()))
+                    .1
+                    .push(entry);
+            }
+        }
+        let key = match self.personality {
+            Personality::V2_4 => "labs",
+            _ => "associations",
+        };
+        let user_ids: Vec<String> = Self::users().into_iter().map(|u| u.id).collect();
+        Value::from(
+            groups
+                .into_iter()
+                .map(|(id, (name, labs))| {
+                    json!({
+                        "id": id, "name": name, "description": format!("The {name} group"),
+                        "members": user_ids, key: labs,
+                        "created": "2024-01-01T00:00:00+00:00", "modified": "2024-01-01T00:00:00+00:00",
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
     }
 
     pub fn delete_lab(&self, lab_id: &str) -> bool {
@@ -618,6 +739,59 @@ mod tests {
     }
 
     #[test]
+    fn groups_list_their_labs_as_the_release_does() {
+        let mut rng = Rng::new(5);
+        for p in Personality::ALL {
+            let w = SimWorker::generate(0, 4, p, &mut rng);
+            let lab = w.lab_ids()[0].clone();
+            let netops = w.group_named("netops");
+            assert_eq!(w.group_named("netops"), netops, "one group per name");
+            let fresh = w.group_named("brand-new");
+            assert!(w.set_lab_groups(
+                &lab,
+                vec![
+                    SimGroup {
+                        id: netops.clone(),
+                        name: "netops".into(),
+                        permissions: vec!["lab_view".into()],
+                    },
+                    SimGroup {
+                        id: fresh.clone(),
+                        name: "brand-new".into(),
+                        permissions: vec!["lab_admin".into()],
+                    },
+                ],
+            ));
+            let groups = w.groups_json();
+            let groups = groups.as_array().expect("list");
+            assert_eq!(groups.len(), 5, "the four generated groups and the new one");
+            let key = if p == Personality::V2_4 { "labs" } else { "associations" };
+            let of = |id: &str| -> Vec<Value> {
+                groups
+                    .iter()
+                    .find(|g| g["id"] == id)
+                    .and_then(|g| g[key].as_array().cloned())
+                    .expect("group with its labs")
+            };
+            assert!(of(&fresh).iter().any(|a| a["id"] == lab.as_str()));
+            assert!(of(&netops).iter().any(|a| a["id"] == lab.as_str()));
+            let mine = of(&fresh);
+            let a = mine.iter().find(|a| a["id"] == lab.as_str()).expect("lab");
+            if p == Personality::V2_4 {
+                assert_eq!(a["permission"], "read_write");
+            } else {
+                assert_eq!(a["permissions"], json!(["lab_admin"]));
+            }
+            // Every generated association is listed under its group.
+            for l in w.labs() {
+                for g in &l.groups {
+                    assert!(of(&g.id).iter().any(|a| a["id"] == l.id.as_str()));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn payloads_follow_the_personality() {
         let mut rng = Rng::new(1);
         let w = SimWorker::generate(0, 1, Personality::V2_4, &mut rng);
@@ -625,10 +799,12 @@ mod tests {
         lab.groups = vec![SimGroup {
             id: "g1".into(),
             name: "netops".into(),
+            permissions: vec!["lab_view".into(), "lab_edit".into()],
         }];
         let v24 = lab.to_json(Personality::V2_4);
         assert!(v24.get("owner_fullname").is_none());
         assert_eq!(v24["groups"][0]["name"], "netops");
+        assert_eq!(v24["groups"][0]["permission"], "read_write");
         assert!(v24["created"].as_str().expect("time").ends_with("+00:00"));
         let v29 = lab.to_json(Personality::V2_9);
         assert_eq!(v29["groups"], json!([]));

@@ -213,6 +213,12 @@ pub struct SyncStatusDto {
     pub last_duration_ms: i64,
     /// What the last successful sync did.
     pub last_counts: Option<SyncCounts>,
+    /// What the last successful sync could not do (`groups_unread`: the worker's group
+    /// associations could not be read, its records kept their groups); null when it did
+    /// everything.
+    pub last_warning_kind: Option<String>,
+    /// The warning's text (the error behind it).
+    pub last_warning: Option<String>,
 }
 
 impl From<&WorkerSyncStatus> for SyncStatusDto {
@@ -227,6 +233,8 @@ impl From<&WorkerSyncStatus> for SyncStatusDto {
             lab_count: s.lab_count,
             last_duration_ms: s.last_duration_ms,
             last_counts: s.last_counts,
+            last_warning_kind: s.last_warning_kind.clone(),
+            last_warning: s.last_warning.clone(),
         }
     }
 }
@@ -305,6 +313,10 @@ pub struct FleetWorkerDto {
     pub stale: bool,
     /// The last sync failed.
     pub failing: bool,
+    /// What the last successful sync could not do (`groups_unread`); null when it did
+    /// everything.
+    pub last_warning_kind: Option<String>,
+    pub last_warning: Option<String>,
 }
 
 impl FleetWorkerDto {
@@ -324,6 +336,8 @@ impl FleetWorkerDto {
             last_duration_ms: r.last_duration_ms,
             stale: r.stale(threshold),
             failing: r.failing(),
+            last_warning_kind: r.last_warning_kind.clone(),
+            last_warning: r.last_warning.clone(),
         }
     }
 }

@@ -12,7 +12,7 @@ use bson::DateTime;
 use lab_api::{app::router, auth::Authenticator, state::AppState};
 use serde_json::Value;
 use shared::{
-    change::{plan_sync, Listing},
+    change::{plan_sync, Groups, Listing},
     config::{ApiConfig, AuthConfig, AuthMode, Config, MongoConfig},
     fence::Term,
     record::{LabFields, ObservedLab},
@@ -100,7 +100,14 @@ fn lab(id: &str, title: &str, state: &str) -> ObservedLab {
 
 async fn seed(store: &LabStore, worker: &str, labs: Vec<ObservedLab>) {
     let stored = store.records_for_sync(worker).await.expect("read");
-    let plan = plan_sync(worker, &stored, labs, Listing::Complete, DateTime::now()).expect("plan");
+    let plan = plan_sync(
+        worker,
+        &stored,
+        labs,
+        Listing::Complete,
+        Groups::Observed,
+        DateTime::now(),
+    ).expect("plan");
     store.apply(&plan, Term(1)).await.expect("apply");
 }
 

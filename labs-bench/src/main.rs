@@ -19,7 +19,7 @@ use bson::{doc, DateTime, Document};
 use clap::{Parser, Subcommand};
 use futures::TryStreamExt;
 use shared::{
-    change::{plan_sync, Listing},
+    change::{plan_sync, Groups, Listing},
     config::MongoConfig,
     fence::Term,
     record::{LabFields, LabState, ObservedLab},
@@ -284,6 +284,7 @@ async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Resul
             &[],
             observed,
             Listing::Complete,
+            Groups::Observed,
             DateTime::now(),
         )?;
         store

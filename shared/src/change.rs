@@ -22,12 +22,38 @@ pub enum Listing {
     Partial,
 }
 
+/// Whether a listing says which groups its labs are shared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Groups {
+    /// Every lab's groups were read: from the lab objects (CML up to 2.8) or from the
+    /// server's group associations (2.9+).
+    Observed,
+    /// They could not be read (the group associations failed, or a sync that read one lab
+    /// only): a known lab keeps the groups its record has; a new one starts with none, marked
+    /// unobserved, so the first read adopts them without a history entry.
+    Unknown,
+}
+
+impl Groups {
+    /// The tracked fields a listing leaves unobserved.
+    fn unobserved(self) -> &'static [&'static str] {
+        match self {
+            Groups::Observed => &[],
+            Groups::Unknown => &["groups"],
+        }
+    }
+}
+
 /// One record-level write of a sync.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordWrite {
     /// A lab never seen before on this worker. Its history starts empty: history is the list
     /// of changes, and `first_seen_at` records the discovery.
-    Create { lab: ObservedLab },
+    Create {
+        lab: ObservedLab,
+        /// Tracked fields the listing did not observe (stored empty, adopted when first seen).
+        unobserved: Vec<String>,
+    },
     /// A known lab whose tracked fields changed, or that came back after being marked removed.
     Update {
         lab: ObservedLab,
@@ -35,12 +61,17 @@ pub enum RecordWrite {
         expected_last_synced: DateTime,
         reappeared: bool,
         entry: HistoryEntry,
+        /// The record's unobserved fields this listing did not observe either.
+        unobserved: Vec<String>,
     },
     /// A known lab whose only news is the first value of fields it never had (added to the
-    /// model since it was written): stored without a history entry, as nothing changed.
+    /// model since it was written, or unread when it was created): stored without a history
+    /// entry, as nothing changed.
     Adopt {
         lab: ObservedLab,
         expected_last_synced: DateTime,
+        /// The record's unobserved fields this listing did not observe either.
+        unobserved: Vec<String>,
     },
     /// A known lab missing from a complete listing.
     Remove {
@@ -138,6 +169,7 @@ pub fn plan_sync(
     stored: &[LabRecord],
     observed: Vec<ObservedLab>,
     listing: Listing,
+    groups: Groups,
     now: DateTime,
 ) -> Result<SyncPlan> {
     let by_id: HashMap<&str, &LabRecord> = stored.iter().map(|r| (r.lab_id.as_str(), r)).collect();
@@ -150,8 +182,8 @@ pub fn plan_sync(
     let mut unchanged = Vec::new();
     for (lab_id, lab) in &observed {
         match by_id.get(lab_id.as_str()) {
-            None => writes.push(create(lab)),
-            Some(record) => match update(record, lab, now)? {
+            None => writes.push(create(lab, groups)),
+            Some(record) => match update(record, lab, groups, now)? {
                 Some(write) => writes.push(write),
                 None => unchanged.push(lab_id.clone()),
             },
@@ -174,12 +206,44 @@ pub fn plan_sync(
 }
 
 /// A lab never seen before on this worker.
-fn create(lab: &ObservedLab) -> RecordWrite {
-    RecordWrite::Create { lab: lab.clone() }
+fn create(lab: &ObservedLab, groups: Groups) -> RecordWrite {
+    let mut lab = lab.clone();
+    if groups == Groups::Unknown {
+        lab.fields.groups.clear();
+    }
+    RecordWrite::Create {
+        lab,
+        unobserved: groups
+            .unobserved()
+            .iter()
+            .map(|&f| f.to_owned())
+            .collect(),
+    }
 }
 
 /// A known lab seen again: the write its changes need, or `None` when nothing changed.
-fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option<RecordWrite>> {
+fn update(
+    record: &LabRecord,
+    lab: &ObservedLab,
+    groups: Groups,
+    now: DateTime,
+) -> Result<Option<RecordWrite>> {
+    let kept;
+    let lab = if groups == Groups::Unknown && lab.fields.groups != record.fields.groups {
+        // Unread is not empty: the record keeps what it has.
+        let mut l = lab.clone();
+        l.fields.groups.clone_from(&record.fields.groups);
+        kept = l;
+        &kept
+    } else {
+        lab
+    };
+    let unobserved: Vec<String> = record
+        .unobserved_fields
+        .iter()
+        .filter(|f| groups.unobserved().contains(&f.as_str()))
+        .cloned()
+        .collect();
     let mut changed = diff(&record.fields, &lab.fields)?;
     // A field the record never had a value for is observed now, not changed.
     changed.retain(|name, _| !record.unobserved_fields.contains(name));
@@ -195,10 +259,12 @@ fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option
         );
     }
     if changed.is_empty() {
-        let adopt = !record.unobserved_fields.is_empty();
+        // Adopted: fields unobserved until now that this listing observed.
+        let adopt = record.unobserved_fields.len() > unobserved.len();
         return Ok(adopt.then(|| RecordWrite::Adopt {
             lab: lab.clone(),
             expected_last_synced: record.last_synced_at,
+            unobserved,
         }));
     }
     let previous_state = if reappeared {
@@ -216,6 +282,7 @@ fn update(record: &LabRecord, lab: &ObservedLab, now: DateTime) -> Result<Option
         lab: lab.clone(),
         expected_last_synced: record.last_synced_at,
         reappeared,
+        unobserved,
     }))
 }
 
@@ -275,7 +342,8 @@ mod tests {
         listing: Listing,
         now: DateTime,
     ) -> SyncPlan {
-        plan_sync(worker_id, stored, observed, listing, now).expect("plain fields encode")
+        plan_sync(worker_id, stored, observed, listing, Groups::Observed, now)
+            .expect("plain fields encode")
     }
 
     fn changes(old: &LabFields, new: &LabFields) -> BTreeMap<String, FieldChange> {
@@ -307,10 +375,17 @@ mod tests {
         }
         for w in &plan.writes {
             match w {
-                RecordWrite::Create { lab } => {
-                    records.push(record_from(&plan.worker_id, lab, plan.now))
+                RecordWrite::Create { lab, unobserved } => {
+                    let mut r = record_from(&plan.worker_id, lab, plan.now);
+                    r.unobserved_fields.clone_from(unobserved);
+                    records.push(r)
                 }
-                RecordWrite::Update { lab, entry, .. } => {
+                RecordWrite::Update {
+                    lab,
+                    entry,
+                    unobserved,
+                    ..
+                } => {
                     let r = records
                         .iter_mut()
                         .find(|r| r.lab_id == lab.lab_id)
@@ -319,17 +394,19 @@ mod tests {
                     r.removed_at = None;
                     r.last_synced_at = plan.now;
                     r.last_changed_at = Some(entry.timestamp);
-                    r.unobserved_fields.clear();
+                    r.unobserved_fields.clone_from(unobserved);
                     push_capped(&mut r.operation_history, entry.clone(), limit);
                 }
-                RecordWrite::Adopt { lab, .. } => {
+                RecordWrite::Adopt {
+                    lab, unobserved, ..
+                } => {
                     let r = records
                         .iter_mut()
                         .find(|r| r.lab_id == lab.lab_id)
                         .expect("exists");
                     r.fields.clone_from(&lab.fields);
                     r.last_synced_at = plan.now;
-                    r.unobserved_fields.clear();
+                    r.unobserved_fields.clone_from(unobserved);
                 }
                 RecordWrite::Remove { lab_id, entry, .. } => {
                     let r = records
@@ -390,7 +467,9 @@ mod tests {
                 ..PlanCounts::default()
             }
         );
-        assert!(matches!(&plan.writes[0], RecordWrite::Create { lab } if lab.lab_id == "l1"));
+        assert!(
+            matches!(&plan.writes[0], RecordWrite::Create { lab, unobserved } if lab.lab_id == "l1" && unobserved.is_empty())
+        );
         let mut records = Vec::new();
         apply(&mut records, &plan, 50);
         assert!(records[0].operation_history.is_empty());
@@ -476,6 +555,7 @@ mod tests {
             [RecordWrite::Adopt {
                 lab: seen.clone(),
                 expected_last_synced: now,
+                unobserved: Vec::new(),
             }]
         );
         let c = plan.counts();
@@ -509,6 +589,114 @@ mod tests {
         let plan = plan_of("w", &[record], vec![seen], Listing::Complete, later);
         assert!(plan.writes.is_empty());
         assert_eq!(plan.unchanged, ["l1"]);
+    }
+
+    /// Groups that could not be read are not "no groups": known labs keep theirs, new labs
+    /// start unobserved and adopt their groups silently once they are read.
+    #[test]
+    fn unread_groups_keep_what_records_have_and_are_adopted_once_read() {
+        let t = DateTime::from_millis;
+        let mut records = Vec::new();
+        observe(
+            &mut records,
+            vec![ObservedLab::new("l1", fields("STOPPED"))],
+            Listing::Complete,
+            t(1),
+            50,
+        );
+        let without = |mut f: LabFields| {
+            f.groups.clear();
+            f
+        };
+        let unread = |records: &[LabRecord], labs: Vec<ObservedLab>, now| {
+            plan_sync("w", records, labs, Listing::Complete, Groups::Unknown, now)
+                .expect("plain fields encode")
+        };
+
+        // l1 is known: its groups stay, and a real change is still seen. l2 is new.
+        let mut next = without(fields("STARTED"));
+        next.title = "renamed".into();
+        let plan = unread(
+            &records,
+            vec![
+                ObservedLab::new("l1", next),
+                ObservedLab::new("l2", fields("STOPPED")),
+            ],
+            t(2),
+        );
+        match &plan.writes[..] {
+            [RecordWrite::Update {
+                lab,
+                entry,
+                unobserved,
+                ..
+            }, RecordWrite::Create {
+                lab: new,
+                unobserved: new_unobserved,
+            }] => {
+                assert_eq!(lab.fields.groups, ["g1", "g2"]);
+                assert!(unobserved.is_empty());
+                let keys: Vec<&str> = entry.changed_fields.keys().map(String::as_str).collect();
+                assert_eq!(keys, ["state", "title"]);
+                assert!(new.fields.groups.is_empty(), "unread groups are not stored");
+                assert_eq!(new_unobserved, &["groups"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        apply(&mut records, &plan, 50);
+
+        // Unread again: nothing changed, nothing to write.
+        let same = |r: &LabRecord| ObservedLab::new(r.lab_id.clone(), without(r.fields.clone()));
+        let plan = unread(&records, records.iter().map(same).collect(), t(3));
+        assert!(plan.writes.is_empty(), "{:?}", plan.writes);
+        assert_eq!(plan.unchanged, ["l1", "l2"]);
+
+        // A change to l2 while its groups are still unread keeps them unobserved.
+        let mut l2 = same(&records[1]);
+        l2.fields.notes = "edited".into();
+        let plan = unread(&records, vec![same(&records[0]), l2], t(4));
+        match &plan.writes[..] {
+            [RecordWrite::Update {
+                lab, unobserved, ..
+            }] => {
+                assert_eq!(lab.lab_id, "l2");
+                assert_eq!(unobserved, &["groups"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        apply(&mut records, &plan, 50);
+
+        // Read at last: l2 adopts its groups without an entry; l1's are compared as ever.
+        let mut l1 = records[0].fields.clone();
+        l1.groups = vec!["g1".into()];
+        let mut l2 = records[1].fields.clone();
+        l2.groups = vec!["g9".into()];
+        let plan = plan_of(
+            "w",
+            &records,
+            vec![ObservedLab::new("l1", l1), ObservedLab::new("l2", l2)],
+            Listing::Complete,
+            t(5),
+        );
+        match &plan.writes[..] {
+            [RecordWrite::Update { lab, entry, .. }, RecordWrite::Adopt {
+                lab: adopted,
+                unobserved,
+                ..
+            }] => {
+                assert_eq!(lab.lab_id, "l1");
+                assert_eq!(
+                    entry.changed_fields.keys().collect::<Vec<_>>(),
+                    ["groups"]
+                );
+                assert_eq!(adopted.fields.groups, ["g9"]);
+                assert!(unobserved.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        apply(&mut records, &plan, 50);
+        assert_eq!(records[1].operation_history.len(), 1, "only the notes edit");
+        assert!(records.iter().all(|r| r.unobserved_fields.is_empty()));
     }
 
     #[test]
@@ -776,6 +964,41 @@ mod tests {
             prop_assert!(second.writes.is_empty(), "the second observation changed nothing");
             apply(&mut records, &second, 50);
             prop_assert!(len(&records) <= start + 1);
+        }
+
+        /// Whatever the syncs in between, a sync whose groups were unread never changes the
+        /// groups a record has, never writes a history entry naming them, and a record's groups
+        /// only ever come from a sync that read them.
+        #[test]
+        fn unread_groups_never_touch_stored_groups(
+            seq in prop::collection::vec((arb_fields(), any::<bool>(), any::<bool>()), 1..30),
+        ) {
+            let mut records: Vec<LabRecord> = Vec::new();
+            let mut last_read: Option<Vec<String>> = None;
+            for (i, (f, present, read)) in seq.into_iter().enumerate() {
+                let observed = if present { vec![ObservedLab::new("l1", f.clone())] } else { vec![] };
+                let groups = if read { Groups::Observed } else { Groups::Unknown };
+                let before = records.first().map(|r| r.fields.groups.clone());
+                let plan = plan_sync("w", &records, observed, Listing::Complete, groups, DateTime::from_millis(i as i64))
+                    .expect("plain fields encode");
+                apply(&mut records, &plan, 50);
+                let after = records.first().map(|r| r.fields.groups.clone());
+                if read && present {
+                    last_read = Some(f.canonical().groups);
+                }
+                if !read {
+                    prop_assert!(after == before || before.is_none(), "{before:?} became {after:?}");
+                    for w in &plan.writes {
+                        if let RecordWrite::Update { entry, .. } = w {
+                            prop_assert!(!entry.changed_fields.contains_key("groups"));
+                        }
+                    }
+                }
+                if let Some(r) = records.first() {
+                    let expected = last_read.clone().unwrap_or_default();
+                    prop_assert_eq!(&r.fields.groups, &expected);
+                }
+            }
         }
 
         #[test]

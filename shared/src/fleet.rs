@@ -49,6 +49,11 @@ pub struct FleetRow {
     pub lab_count: i64,
     #[serde(default)]
     pub last_duration_ms: Option<i64>,
+    /// What the last successful sync could not do ([`crate::status::SyncWarning`]).
+    #[serde(default)]
+    pub last_warning_kind: Option<String>,
+    #[serde(default)]
+    pub last_warning: Option<String>,
 }
 
 /// The fields of a row the view reads (the projection of its queries).
@@ -57,6 +62,7 @@ pub fn projection() -> Document {
         "_id": 0, "worker_id": 1, "name": 1, "aws_region": 1, "registry_status": 1, "active": 1,
         "last_attempt_at": 1, "last_success_at": 1, "last_error": 1, "last_error_kind": 1,
         "consecutive_failures": 1, "lab_count": 1, "last_duration_ms": 1,
+        "last_warning_kind": 1, "last_warning": 1,
     }
 }
 
@@ -84,6 +90,8 @@ impl FleetRow {
             consecutive_failures: 0,
             lab_count: 0,
             last_duration_ms: None,
+            last_warning_kind: None,
+            last_warning: None,
         }
     }
 

@@ -197,6 +197,12 @@ impl ObservedLab {
             fields: fields.canonical(),
         }
     }
+
+    /// Gives the lab these groups (read apart from the lab object), in canonical form.
+    pub fn set_groups(&mut self, groups: Vec<String>) {
+        self.fields.groups = groups;
+        self.fields = std::mem::take(&mut self.fields).canonical();
+    }
 }
 
 /// One old → new pair in a history entry.

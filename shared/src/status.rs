@@ -49,6 +49,33 @@ pub struct WorkerSyncStatus {
     /// What the last successful sync did.
     #[serde(default)]
     pub last_counts: Option<SyncCounts>,
+    /// What the last successful sync could not do, a [`SyncWarning`] (`groups_unread`);
+    /// null when it did everything.
+    #[serde(default)]
+    pub last_warning_kind: Option<String>,
+    /// The warning's text (the error behind it).
+    #[serde(default)]
+    pub last_warning: Option<String>,
+}
+
+/// Something a successful sync could not do: the worker is synced, not failed, but part of
+/// what its records hold could not be brought up to date. A closed set (metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncWarning {
+    /// The lab objects hold no groups (CML 2.9+) and the server's group associations could
+    /// not be read: every record kept the groups it had.
+    GroupsUnread,
+}
+
+impl SyncWarning {
+    pub const ALL: [SyncWarning; 1] = [SyncWarning::GroupsUnread];
+
+    /// The fixed label stored and counted.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncWarning::GroupsUnread => "groups_unread",
+        }
+    }
 }
 
 /// What one worker sync did to the worker's records.

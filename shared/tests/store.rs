@@ -5,7 +5,7 @@ use std::time::Duration;
 use bson::{doc, Bson, DateTime, Document};
 use futures::TryStreamExt;
 use shared::{
-    change::{plan_sync, Listing, SyncPlan},
+    change::{plan_sync, Groups, Listing, SyncPlan},
     config::{BatchWriteMode, MongoConfig},
     cursor::PageCursor,
     fence::Term,
@@ -59,7 +59,7 @@ fn plan_at_tick(
     labs: Vec<ObservedLab>,
     listing: Listing,
 ) -> SyncPlan {
-    plan_sync(worker, stored, labs, listing, tick()).expect("plan")
+    plan_sync(worker, stored, labs, listing, Groups::Observed, tick()).expect("plan")
 }
 
 /// A worker's labs as the API lists them (sorted by title then id), at most `limit`.

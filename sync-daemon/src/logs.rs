@@ -236,6 +236,7 @@ impl LogLine for WorkerSynced<'_> {
             conflicts = o.applied.conflicts,
             complete = o.complete,
             source = o.source,
+            groups = groups_source(&o.groups),
             cml_calls = o.cml_calls,
             mongodb_writes = o.applied.round_trips,
             duration_ms = ms(self.took),
@@ -246,6 +247,37 @@ impl LogLine for WorkerSynced<'_> {
             c.updated,
             c.unchanged,
             c.removed
+        );
+    }
+}
+
+/// Where a listing's groups came from, for the log line.
+fn groups_source(groups: &cml_client::GroupsRead) -> &'static str {
+    match groups {
+        cml_client::GroupsRead::InLabs => "lab_objects",
+        cml_client::GroupsRead::Associations => "associations",
+        cml_client::GroupsRead::Unread { .. } => "unread",
+    }
+}
+
+/// The worker's labs hold no groups and its group associations could not be read: its
+/// labs are synced, each record keeping the groups it had.
+#[derive(Debug)]
+pub struct GroupsUnread<'a> {
+    pub worker_id: &'a str,
+    /// The error's fixed label.
+    pub kind: &'a str,
+    pub error: &'a str,
+}
+
+impl LogLine for GroupsUnread<'_> {
+    fn emit(&self, m: &Metrics) {
+        let warning = shared::status::SyncWarning::GroupsUnread.as_str();
+        m.worker_warnings.get(&Kind(warning)).inc();
+        tracing::warn!(
+            event = "groups_unread", worker_id = self.worker_id, kind = self.kind,
+            error = self.error,
+            "Cannot read the worker's lab groups (its group associations); its labs are synced, each keeping the groups it had"
         );
     }
 }

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub removals_kept: Counter,
     pub worker_syncs: Family<Outcome, Counter>,
     pub worker_failures: Family<Kind, Counter>,
+    pub worker_warnings: Family<Kind, Counter>,
     pub workers_in_flight: Gauge,
     pub cycles: Family<Outcome, Counter>,
     pub cycle_duration: Histogram,
@@ -42,7 +43,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = Registry::default();
-        Metrics {
+        let metrics = Metrics {
             labs_synced: r.counter(
                 "cml_labs_synced",
                 "Labs seen in complete or partial listings",
@@ -76,6 +77,10 @@ impl Default for Metrics {
             worker_syncs: r.counters("sync_worker_syncs", "Worker syncs by outcome"),
             worker_failures: r
                 .counters("sync_worker_failures", "Failed worker syncs by error kind"),
+            worker_warnings: r.counters(
+                "sync_worker_warnings",
+                "Successful worker syncs that could not do everything, by kind: groups_unread (the group associations could not be read; records kept their groups)",
+            ),
             workers_in_flight: r.gauge("sync_workers_in_flight", "Worker syncs running now"),
             cycles: r.counters("sync_cycles", "Refresh cycles and retry passes by outcome"),
             cycle_duration: r.histogram(
@@ -123,7 +128,12 @@ impl Default for Metrics {
                 "1 while the lease holder's change stream on a collection is open (sync_requests, registry)",
             ),
             registry: Arc::new(r),
+        };
+        // A closed set: every kind is there from the start, at zero.
+        for w in shared::status::SyncWarning::ALL {
+            metrics.worker_warnings.get(&Kind(w.as_str()));
         }
+        metrics
     }
 }
 

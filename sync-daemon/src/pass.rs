@@ -211,6 +211,7 @@ mod tests {
                 },
                 complete: true,
                 source: "bulk",
+                groups: cml_client::GroupsRead::InLabs,
                 cml_calls: 1,
             }),
         }

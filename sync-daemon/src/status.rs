@@ -10,7 +10,7 @@ use shared::{
     change::PlanCounts,
     fence::{self, Term},
     fleet, mongo,
-    status::{self, SyncCounts},
+    status::{self, SyncCounts, SyncWarning},
     Result,
 };
 
@@ -70,12 +70,26 @@ impl StatusUpdate {
                     "lab_count": n(lab_count),
                     "last_duration_ms": millis(took),
                     "last_counts": bson::to_bson(&SyncCounts::from(counts)).unwrap_or_default(),
+                    "last_warning_kind": null,
+                    "last_warning": null,
                 },
                 // Synced, so meant to be (the registry's copy keeps it from then on).
                 "$setOnInsert": { "active": true },
             },
             term: Term::default(),
         }
+    }
+
+    /// This success with what it could not do (a success without one clears the last).
+    pub fn warned(mut self, warning: SyncWarning, text: &str) -> Self {
+        if let Ok(set) = self.update.get_document_mut("$set") {
+            if set.contains_key("last_warning_kind") {
+                let text: String = text.chars().take(MAX_ERROR_LEN).collect();
+                set.insert("last_warning_kind", warning.as_str());
+                set.insert("last_warning", text);
+            }
+        }
+        self
     }
 
     /// A failed sync: `kind` is the error's fixed label, `error` its text.

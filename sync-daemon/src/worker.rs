@@ -7,10 +7,11 @@
 use std::{collections::HashSet, time::Duration};
 
 use bson::DateTime;
-use cml_client::{CmlTarget, FetchSource};
+use cml_client::{CmlTarget, FetchSource, GroupsRead};
 use shared::{
-    change::{plan_sync, Listing, PlanCounts, RecordWrite, SyncPlan},
+    change::{plan_sync, Groups, Listing, PlanCounts, RecordWrite, SyncPlan},
     fence::Term,
+    status::SyncWarning,
     store::ApplyOutcome,
 };
 use tokio::time::Instant;
@@ -18,8 +19,8 @@ use tokio::time::Instant;
 use crate::{
     context::Context,
     logs::{
-        FieldsTruncated, ListingNote, LogLine, RecordSkipped, RemovalsChecked, WorkerSyncFailed,
-        WorkerSynced,
+        FieldsTruncated, GroupsUnread, ListingNote, LogLine, RecordSkipped, RemovalsChecked,
+        WorkerSyncFailed, WorkerSynced,
     },
     metrics::Metrics,
     status::StatusUpdate,
@@ -35,6 +36,8 @@ pub struct WorkerOutcome {
     pub complete: bool,
     /// `bulk` (one `populate_lab_tiles`) or `fallback` (one call per lab).
     pub source: &'static str,
+    /// Where the labs' groups came from, or why they could not be read.
+    pub groups: GroupsRead,
     pub cml_calls: u32,
 }
 
@@ -44,6 +47,14 @@ impl WorkerOutcome {
         self.counts
             .synced
             .saturating_sub(self.applied.skipped.len())
+    }
+
+    /// What the sync could not do, and why.
+    pub fn warning(&self) -> Option<(SyncWarning, &str)> {
+        match &self.groups {
+            GroupsRead::Unread { error, .. } => Some((SyncWarning::GroupsUnread, error)),
+            GroupsRead::InLabs | GroupsRead::Associations => None,
+        }
     }
 }
 
@@ -81,7 +92,17 @@ impl WorkerSync {
         let id = &self.target.worker_id;
         match &self.result {
             Ok(o) => {
-                StatusUpdate::success(id, self.attempt_at, self.took, o.labs_written(), &o.counts)
+                let update = StatusUpdate::success(
+                    id,
+                    self.attempt_at,
+                    self.took,
+                    o.labs_written(),
+                    &o.counts,
+                );
+                match o.warning() {
+                    Some((warning, text)) => update.warned(warning, text),
+                    None => update,
+                }
             }
             Err(e) => StatusUpdate::failure(
                 id,
@@ -153,6 +174,18 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
         }
         .emit(&ctx.metrics);
     }
+    if let GroupsRead::Unread { kind, error } = &fetched.groups {
+        GroupsUnread {
+            worker_id,
+            kind,
+            error,
+        }
+        .emit(&ctx.metrics);
+    }
+    let groups = match fetched.groups {
+        GroupsRead::InLabs | GroupsRead::Associations => Groups::Observed,
+        GroupsRead::Unread { .. } => Groups::Unknown,
+    };
     for lab in &mut fetched.labs {
         let fields = lab.fields.bound();
         if !fields.is_empty() {
@@ -169,6 +202,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
         &stored,
         fetched.labs,
         fetched.listing,
+        groups,
         DateTime::now(),
     )?;
     let mut cml_calls = fetched.calls;
@@ -193,6 +227,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
             FetchSource::Bulk => "bulk",
             FetchSource::Fallback => "fallback",
         },
+        groups: fetched.groups,
         cml_calls,
     })
 }

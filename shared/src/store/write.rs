@@ -361,8 +361,11 @@ pub(crate) fn write_statement(
         // the record meanwhile (a concurrent sync, or the lease's next holder), this write
         // changes nothing, and the next sync diffs against it. Fenced by being insert-only,
         // its filter stays one equality on the unique index.
-        RecordWrite::Create { lab } => {
+        RecordWrite::Create { lab, unobserved } => {
             let mut on_insert = fields_document(&lab.fields)?;
+            if !unobserved.is_empty() {
+                on_insert.insert("unobserved_fields", unobserved);
+            }
             on_insert.insert("id", uuid::Uuid::new_v4().to_string());
             on_insert.insert("first_seen_at", now);
             on_insert.insert("removed_at", Bson::Null);
@@ -382,15 +385,19 @@ pub(crate) fn write_statement(
             lab,
             expected_last_synced,
             entry,
+            unobserved,
             ..
         } => {
             let mut set = fields_document(&lab.fields)?;
             set.insert("last_synced_at", now);
             set.insert("removed_at", Bson::Null);
             set.insert("last_changed_at", entry.timestamp);
+            let mut update = doc! { "$push": push(entry)? };
+            still_unobserved(&mut update, &mut set, unobserved);
+            update.insert("$set", set);
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id, "last_synced_at": expected_last_synced },
-                update: doc! { "$set": set, "$push": push(entry)?, "$unset": { "unobserved_fields": "" } },
+                update,
                 upsert: false,
                 multi: false,
                 lab_id: Some(lab.lab_id.clone()),
@@ -400,12 +407,16 @@ pub(crate) fn write_statement(
         RecordWrite::Adopt {
             lab,
             expected_last_synced,
+            unobserved,
         } => {
             let mut set = fields_document(&lab.fields)?;
             set.insert("last_synced_at", now);
+            let mut update = Document::new();
+            still_unobserved(&mut update, &mut set, unobserved);
+            update.insert("$set", set);
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id, "last_synced_at": expected_last_synced },
-                update: doc! { "$set": set, "$unset": { "unobserved_fields": "" } },
+                update,
                 upsert: false,
                 multi: false,
                 lab_id: Some(lab.lab_id.clone()),
@@ -424,6 +435,15 @@ pub(crate) fn write_statement(
         },
     };
     Ok(statement.fenced(term))
+}
+
+/// Records which fields stay unobserved after a write: none (the list goes) or some.
+fn still_unobserved(update: &mut Document, set: &mut Document, unobserved: &[String]) {
+    if unobserved.is_empty() {
+        update.insert("$unset", doc! { "unobserved_fields": "" });
+    } else {
+        set.insert("unobserved_fields", unobserved);
+    }
 }
 
 /// Stamps `last_synced_at` on the records that did not change.
@@ -456,6 +476,7 @@ mod tests {
     fn create_sets_everything_on_insert_only() {
         let w = RecordWrite::Create {
             lab: ObservedLab::new("l1", LabFields::default()),
+            unobserved: Vec::new(),
         };
         let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
         assert!(s.upsert && !s.multi);
@@ -476,12 +497,53 @@ mod tests {
         {
             assert!(on_insert.contains_key(key), "{key}");
         }
+        assert!(!on_insert.contains_key("unobserved_fields"));
         assert_eq!(on_insert.get_i64("sync_term").ok(), Some(3));
         assert_eq!(
             s.update.keys().collect::<Vec<_>>(),
             ["$setOnInsert"],
             "insert-only"
         );
+    }
+
+    /// Fields a sync did not observe stay marked (a create stores them so); once every one is
+    /// observed the mark goes.
+    #[test]
+    fn unobserved_fields_stay_marked_until_observed() {
+        let lab = ObservedLab::new("l1", LabFields::default());
+        let was = DateTime::from_millis(1);
+        let now = DateTime::from_millis(5);
+        let statement = |w: RecordWrite| write_statement("w1", &w, now, 50, Term(1)).expect("encodes");
+        let groups = vec!["groups".to_owned()];
+        let s = statement(RecordWrite::Create {
+            lab: lab.clone(),
+            unobserved: groups.clone(),
+        });
+        let on_insert = s.update.get_document("$setOnInsert").expect("setOnInsert");
+        assert_eq!(
+            on_insert.get_array("unobserved_fields").ok(),
+            Some(&vec![Bson::String("groups".into())])
+        );
+        for (unobserved, kept) in [(groups.clone(), true), (Vec::new(), false)] {
+            for s in [
+                statement(RecordWrite::Update {
+                    lab: lab.clone(),
+                    expected_last_synced: was,
+                    reappeared: false,
+                    entry: entry(),
+                    unobserved: unobserved.clone(),
+                }),
+                statement(RecordWrite::Adopt {
+                    lab: lab.clone(),
+                    expected_last_synced: was,
+                    unobserved: unobserved.clone(),
+                }),
+            ] {
+                let set = s.update.get_document("$set").expect("set");
+                assert_eq!(set.contains_key("unobserved_fields"), kept, "{s:?}");
+                assert_eq!(s.update.contains_key("$unset"), !kept, "{s:?}");
+            }
+        }
     }
 
     #[test]
@@ -491,6 +553,7 @@ mod tests {
             expected_last_synced: DateTime::from_millis(1),
             reappeared: false,
             entry: entry(),
+            unobserved: Vec::new(),
         };
         let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
         assert!(!s.upsert);
@@ -517,10 +580,12 @@ mod tests {
                 expected_last_synced: was,
                 reappeared: false,
                 entry: entry(),
+                unobserved: Vec::new(),
             },
             RecordWrite::Adopt {
                 lab,
                 expected_last_synced: was,
+                unobserved: Vec::new(),
             },
             RecordWrite::Remove {
                 lab_id: "l1".into(),

@@ -109,6 +109,7 @@ impl Syncer for FakeSync {
                     applied: ApplyOutcome::default(),
                     complete: true,
                     source: "bulk",
+                    groups: cml_client::GroupsRead::InLabs,
                     cml_calls: 1,
                 }),
             }
