@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
-use cml_client::{CmlClient, CmlTarget, Error, FetchSource};
-use cml_sim::{Addressing, Faults, FleetConfig, Personality, RunningFleet, ServeOptions};
+use cml_client::{CmlClient, CmlTarget, Error, FetchSource, GroupsRead};
+use cml_sim::{
+    Addressing, EndpointFault, Faults, FleetConfig, Personality, RunningFleet, ServeOptions,
+    SimGroup,
+};
 use shared::{change::Listing, config::CmlConfig, duration::HumanDuration, secret::Secret};
 
 fn config() -> CmlConfig {
@@ -53,7 +56,13 @@ async fn every_version_maps_to_the_same_records() {
             worker.personality
         );
         assert_eq!(listing.listing, Listing::Complete);
-        assert_eq!(listing.calls, 2, "authenticate + populate_lab_tiles");
+        if worker.personality == Personality::V2_4 {
+            assert_eq!(listing.calls, 2, "authenticate + populate_lab_tiles");
+            assert_eq!(listing.groups, GroupsRead::InLabs);
+        } else {
+            assert_eq!(listing.calls, 3, "authenticate + populate_lab_tiles + groups");
+            assert_eq!(listing.groups, GroupsRead::Associations);
+        }
         let mut expected = worker.labs();
         expected.sort_by(|a, b| a.id.cmp(&b.id));
         let mut got = listing.labs.clone();
@@ -71,19 +80,15 @@ async fn every_version_maps_to_the_same_records() {
                 lab.fields.cml_created_at.map(|d| d.timestamp_millis()),
                 Some(sim.created.timestamp_millis())
             );
+            let mut names: Vec<String> = sim.groups.iter().map(|g| g.name.clone()).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(lab.fields.groups, names, "{:?}", worker.personality);
             match worker.personality {
                 Personality::V2_4 => {
                     assert_eq!(lab.fields.owner_fullname, "", "2.4 has no owner_fullname");
-                    let mut names: Vec<String> =
-                        sim.groups.iter().map(|g| g.name.clone()).collect();
-                    names.sort();
-                    names.dedup();
-                    assert_eq!(lab.fields.groups, names);
                 }
-                _ => {
-                    assert_eq!(lab.fields.owner_fullname, sim.owner.fullname);
-                    assert!(lab.fields.groups.is_empty());
-                }
+                _ => assert_eq!(lab.fields.owner_fullname, sim.owner.fullname),
             }
         }
     }
@@ -179,7 +184,7 @@ async fn a_sync_reuses_its_connection_and_leaves_nothing_open() {
     let client = CmlClient::new(&config()).expect("client");
     for i in 0..3 {
         let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
-        assert_eq!(listing.calls, 2, "login and populate_lab_tiles");
+        assert_eq!(listing.calls, 3, "login, populate_lab_tiles and groups");
         assert_eq!(
             until_no_connection_is_open(&f).await,
             0,
@@ -189,18 +194,19 @@ async fn a_sync_reuses_its_connection_and_leaves_nothing_open() {
     assert_eq!(
         f.fleet.accepted_connections(),
         3,
-        "login and populate_lab_tiles share a connection"
+        "login, populate_lab_tiles and groups (one after the other on a first sync) share a connection"
     );
     f.fleet.workers[3].set_faults(Faults {
         bulk_missing: true,
         ..Faults::default()
     });
     let listing = client.fetch_labs(&target(&f, 3)).await.expect("fallback");
-    assert_eq!(listing.calls, 1 + 1 + 1 + 7);
+    assert_eq!(listing.calls, 1 + 1 + 1 + 7 + 1);
+    assert_eq!(listing.groups, GroupsRead::Associations);
     let opened = f.fleet.accepted_connections() - 3;
     assert!(
         (1..=1 + config().fallback_concurrency as u64).contains(&opened),
-        "10 calls of the fallback took {opened} connections"
+        "11 calls of the fallback took {opened} connections"
     );
     assert_eq!(until_no_connection_is_open(&f).await, 0);
 }
@@ -583,4 +589,140 @@ async fn text_from_a_cml_server_in_errors_is_clipped() {
     let text = err.to_string();
     assert!(text.len() < 1024, "{} bytes", text.len());
     assert!(text.contains("injected by the simulator"), "{text}");
+}
+
+/// Names of the groups a simulated lab is shared with, as a record lists them.
+fn group_names(groups: &[SimGroup]) -> Vec<String> {
+    let mut names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn a_lab_shared_with_two_groups_lists_both_on_every_release_with_one_groups_call() {
+    let f = fleet(3, 5, Personality::ALL.to_vec(), ServeOptions::default()).await;
+    let client = CmlClient::new(&config()).expect("client");
+    for (i, w) in f.fleet.workers.iter().enumerate() {
+        let lab = w.lab_ids()[0].clone();
+        let shared = ["netops", "students"].map(|name| SimGroup {
+            id: w.group_named(name),
+            name: name.into(),
+            permissions: vec!["lab_view".into(), "lab_exec".into()],
+        });
+        assert!(w.set_lab_groups(&lab, shared.to_vec()));
+        w.reset_calls();
+        // Three syncs: the first finds out where the groups are, the next read them while
+        // they read the labs; each costs one `groups` call at most.
+        for sync in 0..3 {
+            let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
+            let got = listing
+                .labs
+                .iter()
+                .find(|l| l.lab_id == lab)
+                .expect("listed");
+            assert_eq!(got.fields.groups, ["netops", "students"], "{:?}", w.personality);
+            for l in &listing.labs {
+                let sim = w.lab(&l.lab_id).expect("sim lab");
+                assert_eq!(l.fields.groups, group_names(&sim.groups));
+            }
+            let groups_calls = w.calls().get("groups").copied().unwrap_or(0);
+            if w.personality == Personality::V2_4 {
+                assert_eq!(listing.groups, GroupsRead::InLabs);
+                assert_eq!(groups_calls, 0, "2.4 keeps groups in its lab objects");
+            } else {
+                assert_eq!(listing.groups, GroupsRead::Associations);
+                assert_eq!(groups_calls, sync + 1, "{:?}: one per sync", w.personality);
+            }
+            assert_eq!(w.calls().get("lab_associations"), None, "never one per lab");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_server_before_2_9_whose_labs_are_shared_with_no_group_costs_no_groups_call() {
+    let f = fleet(1, 4, vec![Personality::V2_4], ServeOptions::default()).await;
+    let w = &f.fleet.workers[0];
+    for id in w.lab_ids() {
+        assert!(w.set_lab_groups(&id, Vec::new()));
+    }
+    let client = CmlClient::new(&config()).expect("client");
+    let listing = client.fetch_labs(&target(&f, 0)).await.expect("fetch");
+    assert_eq!(listing.groups, GroupsRead::InLabs);
+    assert!(listing.labs.iter().all(|l| l.fields.groups.is_empty()));
+    assert_eq!(w.calls().get("groups"), None);
+}
+
+#[tokio::test]
+async fn unreadable_groups_leave_every_lab_listed_and_say_why() {
+    let f = fleet(1, 4, vec![Personality::V2_9], ServeOptions::default()).await;
+    let w = &f.fleet.workers[0];
+    let client = CmlClient::new(&config()).expect("client");
+    let faults = [
+        (EndpointFault::Status(403), "cml_http_status", "403"),
+        (EndpointFault::Status(404), "cml_http_status", "404"),
+        (EndpointFault::Status(500), "cml_http_status", "500"),
+        (EndpointFault::Status(503), "cml_http_status", "503"),
+        (EndpointFault::Malformed, "cml_malformed", "not JSON"),
+    ];
+    for (fault, kind, says) in faults {
+        w.set_faults(Faults {
+            endpoint_faults: [("groups".to_owned(), fault.clone())].into(),
+            ..Faults::default()
+        });
+        let listing = client.fetch_labs(&target(&f, 0)).await.expect("labs are read");
+        assert_eq!(listing.listing, Listing::Complete, "{fault:?}");
+        assert_eq!(listing.labs.len(), 4);
+        assert!(listing.labs.iter().all(|l| l.fields.groups.is_empty()));
+        match &listing.groups {
+            GroupsRead::Unread { kind: k, error } => {
+                assert_eq!(*k, kind, "{fault:?}");
+                assert!(error.contains(says), "{fault:?}: {error}");
+                assert!(error.contains("groups"), "{error}");
+            }
+            other => panic!("{fault:?}: {other:?}"),
+        }
+    }
+    // A body past the limit and a server that never answers are unread groups too.
+    let small = CmlClient::new(&CmlConfig {
+        max_response_bytes: w.tiles_body().len() + 1024,
+        ..config()
+    })
+    .expect("client");
+    let many: Vec<SimGroup> = (0..200)
+        .map(|i| {
+            let name = format!("a-rather-long-group-name-{i:04}");
+            SimGroup {
+                id: w.group_named(&name),
+                name,
+                permissions: vec!["lab_view".into()],
+            }
+        })
+        .collect();
+    w.set_faults(Faults::default());
+    assert!(w.set_lab_groups(&w.lab_ids()[0], many));
+    let listing = small.fetch_labs(&target(&f, 0)).await.expect("labs fit");
+    assert!(
+        matches!(listing.groups, GroupsRead::Unread { kind: "cml_too_large", .. }),
+        "{:?}",
+        listing.groups
+    );
+    w.set_faults(Faults {
+        hold_endpoint: Some("groups".into()),
+        ..Faults::default()
+    });
+    let quick = CmlClient::new(&CmlConfig {
+        request_timeout: HumanDuration(Duration::from_millis(300)),
+        ..config()
+    })
+    .expect("client");
+    let listing = quick.fetch_labs(&target(&f, 0)).await.expect("labs are read");
+    assert!(
+        matches!(listing.groups, GroupsRead::Unread { kind: "cml_timeout", .. }),
+        "{:?}",
+        listing.groups
+    );
+    w.set_faults(Faults::default());
+    let listing = client.fetch_labs(&target(&f, 0)).await.expect("healthy");
+    assert_eq!(listing.groups, GroupsRead::Associations);
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bson::{doc, Bson, DateTime, Document};
-use cml_sim::Faults;
+use cml_sim::{Faults, Personality};
 use futures::TryStreamExt;
 use mongodb::Collection;
 use shared::{
@@ -685,8 +685,9 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
         "sync_worker_syncs_total{outcome=\"success\"} 2",
         "sync_cycles_total{outcome=\"success\"} 1",
         "sync_lease_held 1",
-        // One login and one populate_lab_tiles per worker.
-        "cml_requests_total 4",
+        // One login and one populate_lab_tiles per worker, and the 2.9 worker's groups.
+        "cml_requests_total 5",
+        "sync_worker_warnings_total{kind=\"groups_unread\"} 0",
     ] {
         assert!(text.contains(expected), "{expected} in:\n{text}");
     }
@@ -768,7 +769,7 @@ async fn a_second_signal_exits_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worker() {
+async fn a_steady_cycle_costs_one_cml_call_per_read_and_two_mongodb_round_trips_per_worker() {
     let f = Fixture::new("daemon_round_trips", 4, 10).await;
     let mut d = f.spawn("round_trips", &[("CML_LABS_SYNC__INTERVAL", "2s")]);
     let base = d.admin_base().await;
@@ -792,10 +793,17 @@ async fn a_steady_cycle_costs_one_cml_call_and_two_mongodb_round_trips_per_worke
         .collect();
     assert_eq!(per_worker.len(), 4);
     for l in &per_worker {
-        assert_eq!(
-            l["cml_calls"], 1,
-            "the token is reused: only populate_lab_tiles: {l}"
-        );
+        let worker = f
+            .fleet
+            .fleet
+            .worker(l["worker_id"].as_str().expect("worker_id"))
+            .expect("worker");
+        // The token is reused: only populate_lab_tiles, and on 2.9+ the groups.
+        let reads = match worker.personality {
+            Personality::V2_4 => 1,
+            _ => 2,
+        };
+        assert_eq!(l["cml_calls"], reads, "{l}");
         assert_eq!(l["mongodb_writes"], 1, "one write round trip: {l}");
     }
     // Reads: one `find` of its records per worker; per cycle, the registry read that lists the
