@@ -77,6 +77,9 @@ pub struct LabListing {
     pub note: Option<String>,
 }
 
+/// One lab and where its server keeps its groups.
+type MappedLab = (ObservedLab, GroupsShape);
+
 /// A body of the wrong shape from `path`.
 fn malformed(target: &CmlTarget, path: &str, detail: String) -> Error {
     Error::Malformed {
@@ -350,7 +353,7 @@ impl CmlClient {
         note: String,
     ) -> Result<(LabListing, GroupsShape)> {
         let ids = self.lab_ids(target, session).await?;
-        let results: Vec<(String, Result<Option<(ObservedLab, GroupsShape)>>)> = stream::iter(ids)
+        let results: Vec<(String, Result<Option<MappedLab>>)> = stream::iter(ids)
             .map(|id| async {
                 let r = self.lab(target, &id, session).await;
                 (id, r)
@@ -413,7 +416,7 @@ impl CmlClient {
         target: &CmlTarget,
         lab_id: &str,
         session: &Session,
-    ) -> Result<Option<(ObservedLab, GroupsShape)>> {
+    ) -> Result<Option<MappedLab>> {
         let path = format!("labs/{}", urlencode(lab_id));
         match self.get(target, &path, true, session).await {
             Ok(body) => payload::lab_from_json(lab_id, &body)

@@ -528,7 +528,9 @@ impl Lenient for LabRef {
         struct Ref {
             id: Text,
         }
-        Ok(Self(Ref::deserialize(MapAccessDeserializer::new(map))?.id.0))
+        Ok(Self(
+            Ref::deserialize(MapAccessDeserializer::new(map))?.id.0,
+        ))
     }
 }
 
@@ -843,17 +845,9 @@ mod tests {
         v["autostart"] = json!({"enabled": false, "priority": null, "delay": null});
         v["node_staging"] =
             json!({"enabled": false, "start_remaining": true, "abort_on_failure": false});
-        assert!(one("x", &bytes(&v))
-            .expect("maps")
-            .fields
-            .groups
-            .is_empty());
+        assert!(one("x", &bytes(&v)).expect("maps").fields.groups.is_empty());
         v["groups"] = Value::Null;
-        assert!(one("x", &bytes(&v))
-            .expect("maps")
-            .fields
-            .groups
-            .is_empty());
+        assert!(one("x", &bytes(&v)).expect("maps").fields.groups.is_empty());
     }
 
     #[test]
@@ -919,8 +913,8 @@ mod tests {
         assert_eq!((lab.fields.node_count, lab.fields.link_count), (0, 2));
         assert!(lab.fields.groups.is_empty());
         assert_eq!(lab.fields.cml_created_at, None);
-        let counts = one("x", &bytes(&json!({"node_count": -4, "link_count": 1e12})))
-            .expect("maps");
+        let counts =
+            one("x", &bytes(&json!({"node_count": -4, "link_count": 1e12}))).expect("maps");
         assert_eq!(
             (counts.fields.node_count, counts.fields.link_count),
             (0, i32::MAX)
@@ -971,14 +965,20 @@ mod tests {
         assert_eq!(shape(&v), GroupsShape::Silent, "2.4, shared with no group");
         v["effective_permissions"] = json!(["lab_admin"]);
         assert_eq!(shape(&v), GroupsShape::Associations, "2.9");
-        v.as_object_mut().expect("object").remove("effective_permissions");
+        v.as_object_mut()
+            .expect("object")
+            .remove("effective_permissions");
         v.as_object_mut().expect("object").remove("groups");
         assert_eq!(shape(&v), GroupsShape::Associations, "2.10: no groups key");
         v["groups"] = Value::Null;
         assert_eq!(shape(&v), GroupsShape::Associations, "null");
         v["groups"] = json!([{"id": "g", "name": "n"}]);
         v["effective_permissions"] = json!([]);
-        assert_eq!(shape(&v), GroupsShape::InLabs, "a list that names groups wins");
+        assert_eq!(
+            shape(&v),
+            GroupsShape::InLabs,
+            "a list that names groups wins"
+        );
 
         // A listing: one lab listing groups settles it; otherwise any 2.9+ object does.
         let listing = |labs: Vec<Value>| {
@@ -1025,7 +1025,10 @@ mod tests {
         assert_eq!(sorted(map.groups_of("lab-b")), ["netops", "odd"]);
         assert_eq!(map.groups_of("lab-c"), ["old-style"]);
         assert_eq!(map.groups_of("lab-d"), ["old-style"]);
-        assert!(map.groups_of("lab-x").is_empty(), "a group with no name nor id");
+        assert!(
+            map.groups_of("lab-x").is_empty(),
+            "a group with no name nor id"
+        );
         assert!(map.groups_of("nowhere").is_empty());
         assert_eq!(map.group_count(), 5);
 
@@ -1039,8 +1042,10 @@ mod tests {
     fn long_group_names_are_cut_once_however_many_labs_share_them() {
         let name = "n".repeat(100_000);
         let associations: Vec<Value> = (0..1000).map(|i| json!({"id": format!("l{i}")})).collect();
-        let map = group_map(&bytes(&json!([{"id": "g", "name": name, "associations": associations}])))
-            .expect("maps");
+        let map = group_map(&bytes(
+            &json!([{"id": "g", "name": name, "associations": associations}]),
+        ))
+        .expect("maps");
         let names = map.groups_of("l999");
         assert_eq!(names.len(), 1);
         assert_eq!(names[0].chars().count(), MAX_GROUP_NAME);
@@ -1103,8 +1108,7 @@ mod tests {
         fn any_groups_body_maps_or_fails_cleanly(groups in proptest::collection::vec(any_json(), 0..6), extra in any_json()) {
             let objects: Vec<Value> = groups
                 .iter()
-                .cloned()
-                .map(|v| json!({"id": "g", "name": v.clone(), "associations": v, "labs": extra.clone()}))
+                .map(|v| json!({"id": "g", "name": v, "associations": v, "labs": extra}))
                 .collect();
             prop_assert!(group_map(&bytes(&Value::from(objects))).is_ok());
             let _ = group_map(&bytes(&Value::from(groups)));

@@ -60,7 +60,10 @@ async fn every_version_maps_to_the_same_records() {
             assert_eq!(listing.calls, 2, "authenticate + populate_lab_tiles");
             assert_eq!(listing.groups, GroupsRead::InLabs);
         } else {
-            assert_eq!(listing.calls, 3, "authenticate + populate_lab_tiles + groups");
+            assert_eq!(
+                listing.calls, 3,
+                "authenticate + populate_lab_tiles + groups"
+            );
             assert_eq!(listing.groups, GroupsRead::Associations);
         }
         let mut expected = worker.labs();
@@ -621,7 +624,12 @@ async fn a_lab_shared_with_two_groups_lists_both_on_every_release_with_one_group
                 .iter()
                 .find(|l| l.lab_id == lab)
                 .expect("listed");
-            assert_eq!(got.fields.groups, ["netops", "students"], "{:?}", w.personality);
+            assert_eq!(
+                got.fields.groups,
+                ["netops", "students"],
+                "{:?}",
+                w.personality
+            );
             for l in &listing.labs {
                 let sim = w.lab(&l.lab_id).expect("sim lab");
                 assert_eq!(l.fields.groups, group_names(&sim.groups));
@@ -670,7 +678,10 @@ async fn unreadable_groups_leave_every_lab_listed_and_say_why() {
             endpoint_faults: [("groups".to_owned(), fault.clone())].into(),
             ..Faults::default()
         });
-        let listing = client.fetch_labs(&target(&f, 0)).await.expect("labs are read");
+        let listing = client
+            .fetch_labs(&target(&f, 0))
+            .await
+            .expect("labs are read");
         assert_eq!(listing.listing, Listing::Complete, "{fault:?}");
         assert_eq!(listing.labs.len(), 4);
         assert!(listing.labs.iter().all(|l| l.fields.groups.is_empty()));
@@ -703,7 +714,13 @@ async fn unreadable_groups_leave_every_lab_listed_and_say_why() {
     assert!(w.set_lab_groups(&w.lab_ids()[0], many));
     let listing = small.fetch_labs(&target(&f, 0)).await.expect("labs fit");
     assert!(
-        matches!(listing.groups, GroupsRead::Unread { kind: "cml_too_large", .. }),
+        matches!(
+            listing.groups,
+            GroupsRead::Unread {
+                kind: "cml_too_large",
+                ..
+            }
+        ),
         "{:?}",
         listing.groups
     );
@@ -716,9 +733,18 @@ async fn unreadable_groups_leave_every_lab_listed_and_say_why() {
         ..config()
     })
     .expect("client");
-    let listing = quick.fetch_labs(&target(&f, 0)).await.expect("labs are read");
+    let listing = quick
+        .fetch_labs(&target(&f, 0))
+        .await
+        .expect("labs are read");
     assert!(
-        matches!(listing.groups, GroupsRead::Unread { kind: "cml_timeout", .. }),
+        matches!(
+            listing.groups,
+            GroupsRead::Unread {
+                kind: "cml_timeout",
+                ..
+            }
+        ),
         "{:?}",
         listing.groups
     );

@@ -491,8 +491,15 @@ async fn patch_lab_associations(
             let Some(name) = worker.group_name(&a.id) else {
                 return cml_error(StatusCode::NOT_FOUND, format!("Group not found: {}", a.id));
             };
-            if let Some(bad) = a.permissions.iter().find(|p| !LAB_PERMISSIONS.contains(&p.as_str())) {
-                return cml_error(StatusCode::BAD_REQUEST, format!("Invalid permission: {bad}"));
+            if let Some(bad) = a
+                .permissions
+                .iter()
+                .find(|p| !LAB_PERMISSIONS.contains(&p.as_str()))
+            {
+                return cml_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("Invalid permission: {bad}"),
+                );
             }
             resolved.push(SimGroup {
                 id: a.id,

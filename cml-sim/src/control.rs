@@ -204,7 +204,10 @@ async fn share_lab(
         {
             return problem(
                 StatusCode::BAD_REQUEST,
-                format!("`{bad}` is not a lab permission ({})", LAB_PERMISSIONS.join(", ")),
+                format!(
+                    "`{bad}` is not a lab permission ({})",
+                    LAB_PERMISSIONS.join(", ")
+                ),
             );
         }
         groups.push(SimGroup {

@@ -181,7 +181,9 @@ impl SimLab {
                     "groups".into(),
                     self.groups
                         .iter()
-                        .map(|g| json!({ "id": g.id, "name": g.name, "permission": g.permission() }))
+                        .map(
+                            |g| json!({ "id": g.id, "name": g.name, "permission": g.permission() }),
+                        )
                         .collect(),
                 );
             }
@@ -765,7 +767,11 @@ mod tests {
             let groups = w.groups_json();
             let groups = groups.as_array().expect("list");
             assert_eq!(groups.len(), 5, "the four generated groups and the new one");
-            let key = if p == Personality::V2_4 { "labs" } else { "associations" };
+            let key = if p == Personality::V2_4 {
+                "labs"
+            } else {
+                "associations"
+            };
             let of = |id: &str| -> Vec<Value> {
                 groups
                     .iter()

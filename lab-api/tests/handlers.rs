@@ -107,7 +107,8 @@ async fn seed(store: &LabStore, worker: &str, labs: Vec<ObservedLab>) {
         Listing::Complete,
         Groups::Observed,
         DateTime::now(),
-    ).expect("plan");
+    )
+    .expect("plan");
     store.apply(&plan, Term(1)).await.expect("apply");
 }
 

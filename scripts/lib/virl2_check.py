@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Cisco's own CML client (virl2-client) against the simulator: log in to every simulated
 server, list all labs, read each lab's title and state, and compare them with what the
-simulator's control API says the server holds. Exits non-zero on any difference.
+simulator's control API says the server holds. Then groups: share a lab with two groups
+through the control API and read every lab's groups back through virl2-client (2.9+: the
+server's groups and their associations, and each lab's associations; 2.4: the lab objects),
+and change a lab's associations through virl2-client and read them back through the control
+API. Exits non-zero on any difference.
 
 Usage: virl2_check.py STATE_DIR   (the simulator's --state-dir, holding endpoints.json)
 """
@@ -9,8 +13,64 @@ import json
 import os
 import sys
 import urllib.request
+import warnings
 
 from virl2_client import ClientLibrary
+
+
+def control_json(url: str, method: str = "GET", body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)
+
+
+def check_groups(client, control: str, worker_id: str, modern: bool) -> list[str]:
+    """Differences between the groups virl2-client reads and what the simulator was told."""
+    problems = []
+    labs_url = f"{control}/workers/{worker_id}/labs"
+    first, second = [lab["id"] for lab in control_json(labs_url)][:2]
+    control_json(f"{labs_url}/{first}/groups", "PUT",
+                 [{"name": "netops", "permissions": ["lab_view", "lab_exec"]},
+                  {"name": "students", "permissions": ["lab_admin", "lab_edit", "lab_exec", "lab_view"]}])
+    control_json(f"{labs_url}/{second}/groups", "PUT", [])
+    told = {lab["id"]: lab["groups"] for lab in control_json(labs_url)}
+    expected_names = {lab_id: sorted({g["name"] for g in gs}) for lab_id, gs in told.items()}
+    if not expected_names[first] == ["netops", "students"]:
+        problems.append(f"the control API did not share {first}: {told[first]}")
+
+    if modern:
+        groups = client.group_management.groups()
+        names = {}
+        for group in groups:
+            for association in group["associations"]:
+                names.setdefault(association["id"], set()).add(group["name"])
+        seen = {lab_id: sorted(names.get(lab_id, ())) for lab_id in told}
+        if seen != expected_names:
+            problems.append(f"group_management.groups() gives {seen}, the simulator was told {expected_names}")
+        for lab_id, gs in told.items():
+            lab = client.join_existing_lab(lab_id, sync_lab=False)
+            associations = lab.associations
+            got = sorted((g["id"], sorted(g["permissions"])) for g in associations["groups"])
+            want = sorted((g["id"], sorted(g["permissions"])) for g in gs)
+            if got != want:
+                problems.append(f"lab {lab_id}: associations {got}, the simulator was told {want}")
+        # A change made through virl2-client is what the simulator holds.
+        netops = next(g["id"] for g in groups if g["name"] == "netops")
+        lab = client.join_existing_lab(second, sync_lab=False)
+        lab.update_associations({"groups": [{"id": netops, "permissions": ["lab_view"]}], "users": []})
+        now = {lab["id"]: lab["groups"] for lab in control_json(labs_url)}[second]
+        if [(g["name"], g["permissions"]) for g in now] != [("netops", ["lab_view"])]:
+            problems.append(f"update_associations on {second} left the simulator with {now}")
+    else:
+        for lab_id in told:
+            lab = client.join_existing_lab(lab_id, sync_lab=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Lab.groups is deprecated from 2.9 on
+                got = sorted({g["name"] for g in lab.groups})
+            if got != expected_names[lab_id]:
+                problems.append(f"lab {lab_id}: groups {got}, the simulator was told {expected_names[lab_id]}")
+    return problems
 
 
 def main() -> int:
@@ -43,8 +103,15 @@ def main() -> int:
         if labs != expected:
             failures += 1
             print(f"FAIL {worker_id} ({version}): virl2-client saw {labs}, the simulator holds {expected}")
+            continue
+        problems = check_groups(client, control, worker_id, modern)
+        if problems:
+            failures += 1
+            for p in problems:
+                print(f"FAIL {worker_id} ({version}): {p}")
         else:
-            print(f"ok   {worker_id} ({version}, {url}): {len(labs)} labs, titles and states match")
+            where = "groups and associations" if modern else "groups in the lab objects"
+            print(f"ok   {worker_id} ({version}, {url}): {len(labs)} labs, titles, states and {where} match")
     print(f"{len(summary['workers']) - failures} passed, {failures} failed")
     return 1 if failures else 0
 

@@ -213,11 +213,7 @@ fn create(lab: &ObservedLab, groups: Groups) -> RecordWrite {
     }
     RecordWrite::Create {
         lab,
-        unobserved: groups
-            .unobserved()
-            .iter()
-            .map(|&f| f.to_owned())
-            .collect(),
+        unobserved: groups.unobserved().iter().map(|&f| f.to_owned()).collect(),
     }
 }
 
@@ -685,10 +681,7 @@ mod tests {
                 ..
             }] => {
                 assert_eq!(lab.lab_id, "l1");
-                assert_eq!(
-                    entry.changed_fields.keys().collect::<Vec<_>>(),
-                    ["groups"]
-                );
+                assert_eq!(entry.changed_fields.keys().collect::<Vec<_>>(), ["groups"]);
                 assert_eq!(adopted.fields.groups, ["g9"]);
                 assert!(unobserved.is_empty());
             }

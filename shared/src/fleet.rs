@@ -396,13 +396,14 @@ pub fn page(
 }
 
 /// How many workers are known, failing, failing repeatedly (three times or more in a row),
-/// stale (only those meant to be synced).
+/// stale (only those meant to be synced), warned (their last success could not do everything).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FleetCounts {
     pub known: usize,
     pub failing: usize,
     pub failing_repeatedly: usize,
     pub stale: usize,
+    pub warned: usize,
 }
 
 /// Counts of the view, for the daemon's gauges.
@@ -414,6 +415,10 @@ pub fn counts(rows: &[FleetRow], threshold: DateTime) -> FleetCounts {
         stale: rows
             .iter()
             .filter(|r| r.stale(threshold) && r.is_active())
+            .count(),
+        warned: rows
+            .iter()
+            .filter(|r| r.last_warning_kind.is_some())
             .count(),
     }
 }
@@ -570,7 +575,11 @@ mod tests {
             row("stopped", Some(-900), 0),
             row("failing-1", Some(-40), 1),
             row("failing-5", Some(-300), 5),
-            row("static-only", Some(-5), 0),
+            FleetRow {
+                last_warning_kind: Some("groups_unread".into()),
+                last_warning: Some("groups answered HTTP 403".into()),
+                ..row("static-only", Some(-5), 0)
+            },
         ];
         reconcile(&workers, rows)
     }
@@ -603,7 +612,8 @@ mod tests {
                 failing: 2,
                 failing_repeatedly: 1,
                 // never, stale-old, stale-new, and failing-5 (failing and stale both)
-                stale: 4
+                stale: 4,
+                warned: 1,
             }
         );
     }

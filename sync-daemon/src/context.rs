@@ -152,6 +152,7 @@ impl Context {
             .get(&State("failing_repeatedly"))
             .set(c.failing_repeatedly as f64);
         gauges.get(&State("stale")).set(c.stale as f64);
+        gauges.get(&State("warned")).set(c.warned as f64);
         Ok(view.changes.len())
     }
 

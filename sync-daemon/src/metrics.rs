@@ -109,7 +109,7 @@ impl Default for Metrics {
             interval: r.gauge("sync_interval_seconds", "The configured sync interval"),
             workers: r.gauges(
                 "sync_workers",
-                "Workers by state after the last cycle: known, failing, failing_repeatedly (3+ in a row), stale",
+                "Workers by state after the last cycle: known, failing, failing_repeatedly (3+ in a row), stale, warned (the last success could not do everything: see last_warning_kind)",
             ),
             lab_records: r.gauges(
                 "cml_lab_records",

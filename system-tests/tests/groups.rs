@@ -75,9 +75,17 @@ async fn each_release_gives_its_groups_and_a_removed_association_is_a_change() {
     ] {
         let lab = w.lab_ids()[0].clone();
         let r = f.record(&w.id, &lab).await;
-        assert_eq!(r.fields.groups, ["netops", "students"], "{:?}", w.personality);
+        assert_eq!(
+            r.fields.groups,
+            ["netops", "students"],
+            "{:?}",
+            w.personality
+        );
         for other in w.lab_ids() {
-            assert_eq!(f.record(&w.id, &other).await.fields.groups, names_of(w, &other));
+            assert_eq!(
+                f.record(&w.id, &other).await.fields.groups,
+                names_of(w, &other)
+            );
         }
         assert_eq!(groups_calls(w), calls, "{:?}", w.personality);
         let line = logs
@@ -202,7 +210,10 @@ async fn unreadable_groups_are_kept_and_the_sync_succeeds_with_a_warning() {
         assert_eq!(status.get("last_error_kind"), Some(&Bson::Null));
         let (kind, text) = warning(&status);
         assert_eq!(kind, Some("groups_unread"), "{status}");
-        assert!(text.is_some_and(|t| t.contains(says)), "{fault:?}: {status}");
+        assert!(
+            text.is_some_and(|t| t.contains(says)),
+            "{fault:?}: {status}"
+        );
     }
     let text = metrics(&admin).await;
     let count = |name: &str, labels: &[(&str, &str)]| {
@@ -259,12 +270,20 @@ async fn a_changed_association_is_an_updated_event_naming_the_groups() {
         .unwrap_or_else(|r| panic!("the stream was refused: {}", r.status()));
     assert_eq!(stream.expect(WAIT).await.event, "connected");
     let refreshed = |n: usize| {
-        move |fs: &[SseFrame]| fs.iter().filter(|f| f.event == "worker.data.refreshed").count() >= n
+        move |fs: &[SseFrame]| {
+            fs.iter()
+                .filter(|f| f.event == "worker.data.refreshed")
+                .count()
+                >= n
+        }
     };
     share(&w, &lab, &["netops"]);
     assert!(f.once(&[]).await.status.success());
     let first = stream.until(WAIT, refreshed(1)).await;
-    assert!(first.iter().any(|f| f.event == "worker.labs.updated"), "{first:?}");
+    assert!(
+        first.iter().any(|f| f.event == "worker.labs.updated"),
+        "{first:?}"
+    );
 
     share(&w, &lab, &["admins", "netops"]);
     assert!(f.once(&[]).await.status.success());

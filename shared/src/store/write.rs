@@ -513,7 +513,8 @@ mod tests {
         let lab = ObservedLab::new("l1", LabFields::default());
         let was = DateTime::from_millis(1);
         let now = DateTime::from_millis(5);
-        let statement = |w: RecordWrite| write_statement("w1", &w, now, 50, Term(1)).expect("encodes");
+        let statement =
+            |w: RecordWrite| write_statement("w1", &w, now, 50, Term(1)).expect("encodes");
         let groups = vec!["groups".to_owned()];
         let s = statement(RecordWrite::Create {
             lab: lab.clone(),
