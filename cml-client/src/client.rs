@@ -223,7 +223,9 @@ impl CmlClient {
         self.lab_ids(target, &self.session()?).await
     }
 
-    /// `GET labs/{id}`; `None` when the lab does not exist (any more).
+    /// `GET labs/{id}`; `None` when the lab does not exist (any more). Its groups are those
+    /// of the lab object: none on CML 2.9+, whose groups only the group associations give (a
+    /// sync of this lab alone keeps what its record has: [`shared::change::Groups::Unknown`]).
     pub async fn lab_details(
         &self,
         target: &CmlTarget,
