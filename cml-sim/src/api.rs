@@ -39,6 +39,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
             get(lab_associations).patch(patch_lab_associations),
         )
         .route("/api/v0/groups", get(groups))
+        .route("/ws/ui", get(crate::ws::ws_ui))
         .route("/api/v0/populate_lab_tiles", get(populate_lab_tiles))
         .route("/api/v0/users", get(users))
         .fallback(not_found)
@@ -59,9 +60,9 @@ fn ok_json(value: Value) -> Response {
 /// connection the request came on.
 #[derive(Debug)]
 pub struct Call {
-    fleet: Arc<Fleet>,
-    worker: Arc<SimWorker>,
-    ctl: ConnControl,
+    pub(crate) fleet: Arc<Fleet>,
+    pub(crate) worker: Arc<SimWorker>,
+    pub(crate) ctl: ConnControl,
 }
 
 impl FromRequestParts<Arc<Fleet>> for Call {
@@ -109,7 +110,7 @@ impl Call {
     }
 }
 
-async fn not_found() -> Response {
+pub(crate) async fn not_found() -> Response {
     cml_error(
         StatusCode::NOT_FOUND,
         "404 Not Found: The requested URL was not found on the server.",
@@ -117,7 +118,11 @@ async fn not_found() -> Response {
 }
 
 /// What every call goes through first: count, hold, latency, hang, reset, errors.
-async fn before(worker: &SimWorker, ctl: &ConnControl, endpoint: &str) -> Option<Response> {
+pub(crate) async fn before(
+    worker: &SimWorker,
+    ctl: &ConnControl,
+    endpoint: &str,
+) -> Option<Response> {
     worker.count_call(endpoint);
     worker.while_held(endpoint).await;
     let faults = worker.faults();
@@ -222,7 +227,7 @@ fn login(fleet: &Fleet, worker: &SimWorker, creds: &Credentials) -> Option<(Stri
 }
 
 /// A redirect to `location`, as a misconfigured or hostile server might answer.
-fn redirect(status: StatusCode, location: &str) -> Response {
+pub(crate) fn redirect(status: StatusCode, location: &str) -> Response {
     (status, [(header::LOCATION, location.to_owned())]).into_response()
 }
 
@@ -269,21 +274,32 @@ fn authorize(fleet: &Fleet, worker: &SimWorker, headers: &HeaderMap) -> Result<C
         ));
     };
     let token = value.strip_prefix("Bearer ").unwrap_or("");
+    verify_token(fleet, worker, token).map_err(|why| cml_error(StatusCode::UNAUTHORIZED, why))
+}
+
+/// The claims of a token this server issued and still honours, or CML's reason why not.
+pub(crate) fn verify_token(
+    fleet: &Fleet,
+    worker: &SimWorker,
+    token: &str,
+) -> Result<Claims, &'static str> {
     let claims = token::verify(&fleet.secret, token)
         .filter(|c| c.wid == worker.id)
-        .ok_or_else(|| {
-            cml_error(
-                StatusCode::UNAUTHORIZED,
-                "Not authenticated: 401 Unauthorized: Invalid token.",
-            )
-        })?;
-    if claims.exp <= fleet.now().timestamp() || claims.epoch != worker.token_epoch() {
-        return Err(cml_error(
-            StatusCode::UNAUTHORIZED,
-            "Not authenticated: 401 Unauthorized: Token has expired.",
-        ));
-    }
+        .ok_or("Not authenticated: 401 Unauthorized: Invalid token.")?;
+    check_claims(fleet, worker, &claims)?;
     Ok(claims)
+}
+
+/// Whether a token's claims are still honoured (not expired, not revoked).
+pub(crate) fn check_claims(
+    fleet: &Fleet,
+    worker: &SimWorker,
+    claims: &Claims,
+) -> Result<(), &'static str> {
+    if claims.exp <= fleet.now().timestamp() || claims.epoch != worker.token_epoch() {
+        return Err("Not authenticated: 401 Unauthorized: Token has expired.");
+    }
+    Ok(())
 }
 
 async fn authok(call: Call, headers: HeaderMap) -> Response {
@@ -364,8 +380,8 @@ async fn lab_state(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -
     }
 }
 
-/// `labs/{id}/topology`: what Cisco's client reads when it joins a lab. Nodes and links are
-/// summarised in the tiles; here the lab's own properties are what matter.
+/// `labs/{id}/topology`: what Cisco's client reads when it joins a lab: the lab's properties
+/// and its nodes (as the event stream names them, so a joined lab follows their events).
 async fn lab_topology(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
     let worker = &call.worker;
     match call.lab("lab_topology", &headers, &lab_id).await {
@@ -373,7 +389,8 @@ async fn lab_topology(call: Call, headers: HeaderMap, Path(lab_id): Path<String>
             worker,
             json!({
                 "lab": { "title": l.title, "description": l.description, "notes": l.notes, "owner": l.owner.id, "version": "0.3.0" },
-                "nodes": [], "links": [], "annotations": [], "smart_annotations": [],
+                "nodes": crate::events::nodes(&l), "links": [], "interfaces": [],
+                "annotations": [], "smart_annotations": [],
             }),
         ),
         Err(r) => r,

@@ -40,6 +40,7 @@ pub fn router(fleet: Arc<Fleet>, endpoints: BTreeMap<String, String>) -> Router 
             get(faults).put(set_faults).delete(clear_faults),
         )
         .route("/workers/{id}/expire-tokens", post(expire_tokens))
+        .route("/workers/{id}/drop-streams", post(drop_streams))
         .route("/workers/{id}/calls", get(calls).delete(reset_calls))
         .route("/churn", post(churn))
         .route("/connections", get(connections))
@@ -75,7 +76,8 @@ async fn workers(State(ctx): State<Ctx>) -> Json<Value> {
         .map(|w| json!({
             "id": w.id, "name": w.name, "aws_region": w.aws_region,
             "version": w.personality.version(), "endpoint": ctx.endpoints.get(&w.id),
-            "lab_count": w.lab_ids().len(),
+            "lab_count": w.lab_ids().len(), "event_stream": w.has_event_stream(),
+            "open_streams": w.open_streams(),
         }))
         .collect::<Vec<_>>()))
 }
@@ -267,6 +269,15 @@ async fn clear_faults(State(ctx): State<Ctx>, Path(id): Path<String>) -> Respons
 async fn expire_tokens(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
     with_worker(&ctx, &id, |w| {
         w.expire_tokens();
+        StatusCode::NO_CONTENT.into_response()
+    })
+}
+
+/// Every open `/ws/ui` stream of the worker is dropped (no close frame), as a restarting
+/// server or a broken network would.
+async fn drop_streams(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    with_worker(&ctx, &id, |w| {
+        w.drop_streams();
         StatusCode::NO_CONTENT.into_response()
     })
 }

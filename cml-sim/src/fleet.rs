@@ -26,6 +26,8 @@ pub struct FleetConfig {
     /// Added to every API call of every worker (the `latency_ms` fault), as a stand-in for
     /// the 0.5–2 s a real CML takes.
     pub latency: Duration,
+    /// How often `/ws/ui` streams get `system_stats` (and `lab_stats` per running lab).
+    pub stats_interval: Duration,
 }
 
 impl Default for FleetConfig {
@@ -39,6 +41,7 @@ impl Default for FleetConfig {
             password: "local-dev-password".into(),
             token_ttl: Duration::from_secs(24 * 3600),
             latency: Duration::ZERO,
+            stats_interval: Duration::from_millis(3300),
         }
     }
 }
@@ -52,6 +55,8 @@ pub struct Fleet {
     /// Signs the fleet's tokens.
     pub secret: Vec<u8>,
     pub token_ttl: Duration,
+    /// How often `/ws/ui` streams get their stats messages.
+    pub stats_interval: Duration,
     /// Client connections open now, over every listener (accepted and not yet closed).
     connections: AtomicUsize,
     /// Client connections accepted so far.
@@ -124,6 +129,7 @@ impl Fleet {
             password: cfg.password.clone(),
             secret,
             token_ttl: cfg.token_ttl,
+            stats_interval: cfg.stats_interval.max(Duration::from_millis(10)),
             connections: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             clock_offset_ms: AtomicI64::new(0),

@@ -9,12 +9,14 @@
 
 pub mod api;
 pub mod control;
+pub mod events;
 pub mod fleet;
 pub mod model;
 pub mod registry;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod ws;
 
 pub use fleet::{Fleet, FleetConfig};
 pub use model::{EndpointFault, Faults, Personality, SimGroup, SimLab, SimWorker};

@@ -63,6 +63,9 @@ struct Cli {
     /// Latency added to every API call of every worker (milliseconds).
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// How often `/ws/ui` streams get `system_stats` and `lab_stats` (a real server: ~3.3 s).
+    #[arg(long, default_value = "3300ms", value_parser = humantime_duration)]
+    stats_every: Duration,
     /// Write the fleet into this MongoDB's worker registry.
     #[arg(long, env = "CML_SIM_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
@@ -142,6 +145,7 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
         password: cli.password.clone(),
         token_ttl: cli.token_ttl,
         latency: Duration::from_millis(cli.latency_ms),
+        stats_interval: cli.stats_every,
     })
 }
 

@@ -5,8 +5,8 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
     },
 };
 
@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::record::LabState;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 /// A small, fast, deterministic generator (SplitMix64); quality is ample for test data.
 #[derive(Debug, Clone)]
@@ -289,6 +289,14 @@ pub struct Faults {
     pub redirect_login_to: Option<String>,
     /// `populate_lab_tiles` answers `302 Found` to this URL.
     pub redirect_tiles_to: Option<String>,
+    /// The `/ws/ui` upgrade answers `302 Found` to this URL.
+    pub redirect_ws_to: Option<String>,
+    /// The next this many `/ws/ui` authentications are refused (close 3000) whatever the token.
+    pub ws_refuse_tokens: u32,
+    /// Right after authentication, `/ws/ui` sends a text frame that is not JSON.
+    pub ws_garbage: bool,
+    /// Right after authentication, `/ws/ui` sends one text message this many bytes long.
+    pub ws_oversized_bytes: usize,
 }
 
 /// How calls of one endpoint fail.
@@ -329,6 +337,25 @@ pub struct SimWorker {
     rng: Mutex<Rng>,
     /// Counts of API calls by endpoint name, for tests.
     calls: Mutex<BTreeMap<String, u64>>,
+    /// The `/ws/ui` messages of this server's changes, for every open stream (2.6+ only).
+    events: broadcast::Sender<Arc<str>>,
+    /// Bumped to drop every open `/ws/ui` stream.
+    streams_epoch: watch::Sender<u64>,
+    /// `/ws/ui` streams open now.
+    streams_open: Arc<AtomicUsize>,
+}
+
+/// Messages a `/ws/ui` stream may fall behind by before the server drops it.
+const EVENTS_BACKLOG: usize = 4096;
+
+/// Counts a `/ws/ui` stream as open until dropped.
+#[derive(Debug)]
+pub struct OpenStream(Arc<AtomicUsize>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -369,6 +396,9 @@ impl SimWorker {
             token_epoch: AtomicU64::new(0),
             rng: Mutex::new(Rng::new(rng.next_u64())),
             calls: Mutex::new(BTreeMap::new()),
+            events: broadcast::Sender::new(EVENTS_BACKLOG),
+            streams_epoch: watch::Sender::new(0),
+            streams_open: Arc::new(AtomicUsize::new(0)),
             id,
         };
         for name in GROUPS {
@@ -434,7 +464,9 @@ impl SimWorker {
             }
         });
         let id = lab.id.clone();
-        self.labs_mut(&id).insert(id.clone(), lab);
+        let mut labs = self.labs_mut(&id);
+        self.publish(labs.get(&id), Some(&lab));
+        labs.insert(id.clone(), lab);
         id
     }
 
@@ -512,7 +544,62 @@ impl SimWorker {
     }
 
     pub fn delete_lab(&self, lab_id: &str) -> bool {
-        self.labs_mut(lab_id).remove(lab_id).is_some()
+        let removed = self.labs_mut(lab_id).remove(lab_id);
+        self.publish(removed.as_ref(), None);
+        removed.is_some()
+    }
+
+    /// Whether this server has the `/ws/ui` event stream (CML 2.6+).
+    pub fn has_event_stream(&self) -> bool {
+        self.personality != Personality::V2_4
+    }
+
+    /// Sends the stream messages of a lab's change to every open stream (called with the labs
+    /// locked, so streams see changes in the order they were made).
+    fn publish(&self, before: Option<&SimLab>, after: Option<&SimLab>) {
+        if !self.has_event_stream() || self.events.receiver_count() == 0 {
+            return;
+        }
+        for message in crate::events::lab_changed(before, after) {
+            let _ = self.events.send(Arc::from(message.to_string()));
+        }
+    }
+
+    /// The messages of the changes made from now on.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
+        self.events.subscribe()
+    }
+
+    /// Drops every open `/ws/ui` stream (as a restarting server or a broken network would).
+    pub fn drop_streams(&self) {
+        self.streams_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Changes when the streams open now are to be dropped.
+    pub fn streams_epoch(&self) -> watch::Receiver<u64> {
+        self.streams_epoch.subscribe()
+    }
+
+    /// Counts a `/ws/ui` stream as open until the guard is dropped.
+    pub fn stream_opened(&self) -> OpenStream {
+        self.streams_open.fetch_add(1, Ordering::SeqCst);
+        OpenStream(self.streams_open.clone())
+    }
+
+    /// `/ws/ui` streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.streams_open.load(Ordering::SeqCst)
+    }
+
+    /// Takes one of the `ws_refuse_tokens` refusals, if any are left.
+    pub fn take_token_refusal(&self) -> bool {
+        let mut taken = false;
+        self.faults.send_if_modified(|f| {
+            taken = f.ws_refuse_tokens > 0;
+            f.ws_refuse_tokens = f.ws_refuse_tokens.saturating_sub(1);
+            taken
+        });
+        taken
     }
 
     /// The labs, to change `lab_id`: its cached tile and the body go while the lock is held.
@@ -556,8 +643,13 @@ impl SimWorker {
         let mut labs = self.labs_mut(lab_id);
         match labs.get_mut(lab_id) {
             Some(lab) => {
+                let before = (self.has_event_stream() && self.events.receiver_count() > 0)
+                    .then(|| lab.clone());
                 f(lab);
                 lab.modified = Utc::now().with_nanosecond0().max(lab.modified);
+                if let Some(before) = before {
+                    self.publish(Some(&before), Some(lab));
+                }
                 true
             }
             None => false,

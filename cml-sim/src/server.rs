@@ -209,14 +209,14 @@ async fn accept_loop(
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
                     };
-                    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
                     tokio::select! {
                         _ = conn => {}
                         _ = ctl.0.notified() => reset(fd),
                     }
                 }
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::select! {
                         _ = conn => {}
                         _ = ctl.0.notified() => reset(fd),

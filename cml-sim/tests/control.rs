@@ -100,6 +100,70 @@ async fn labs_faults_and_tokens_are_controlled_over_http() {
     call(&app, "DELETE", &format!("/workers/{}/faults", w.id), None).await;
     assert_eq!(w.faults(), cml_sim::Faults::default());
 
+    // Sharing a lab: by group name, made on the server when new; the lab's time stays.
+    let modified = w.lab(&lab_id).expect("exists").modified;
+    let (status, lab) = call(
+        &app,
+        "PUT",
+        &format!("/workers/{}/labs/{lab_id}/groups", w.id),
+        Some(json!([{"name": "netops"}, {"name": "brand-new", "permissions": ["lab_admin"]}])),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{lab}");
+    let l = w.lab(&lab_id).expect("exists");
+    let shared: Vec<(&str, &[String])> = l
+        .groups
+        .iter()
+        .map(|g| (g.name.as_str(), g.permissions.as_slice()))
+        .collect();
+    assert_eq!(
+        shared,
+        [
+            ("netops", &["lab_view".to_owned()][..]),
+            ("brand-new", &["lab_admin".to_owned()][..])
+        ]
+    );
+    assert_eq!(l.groups[1].id, w.group_named("brand-new"));
+    assert_eq!(l.modified, modified);
+    for (body, want) in [
+        (json!([{"name": "x", "permissions": ["root"]}]), StatusCode::BAD_REQUEST),
+        (json!([{"name": " "}]), StatusCode::BAD_REQUEST),
+        (json!({"name": "x"}), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let (status, _) = call(
+            &app,
+            "PUT",
+            &format!("/workers/{}/labs/{lab_id}/groups", w.id),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, want, "{body}");
+    }
+    let (status, _) = call(
+        &app,
+        "PUT",
+        &format!("/workers/{}/labs/nope/groups", w.id),
+        Some(json!([])),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Event streams: listed per worker, dropped on demand.
+    let (_, workers) = call(&app, "GET", "/workers", None).await;
+    assert_eq!(workers[0]["event_stream"], true);
+    assert_eq!(workers[0]["open_streams"], 0);
+    let mut dropped = w.streams_epoch();
+    let (status, _) = call(
+        &app,
+        "POST",
+        &format!("/workers/{}/drop-streams", w.id),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(dropped.has_changed().unwrap_or(false));
+    dropped.mark_unchanged();
+
     let epoch = w.token_epoch();
     call(
         &app,

@@ -5,17 +5,24 @@ simulator's control API says the server holds. Then groups: share a lab with two
 through the control API and read every lab's groups back through virl2-client (2.9+: the
 server's groups and their associations, and each lab's associations; 2.4: the lab objects),
 and change a lab's associations through virl2-client and read them back through the control
-API. Exits non-zero on any difference.
+API. On 2.9+ workers served one port each, Cisco's event listener joins a lab and follows a
+change of its state and title made through the control API from /ws/ui alone (its nodes'
+states, the lab's state and title; no REST call meanwhile). Exits non-zero on any difference.
 
 Usage: virl2_check.py STATE_DIR   (the simulator's --state-dir, holding endpoints.json)
 """
 import json
 import os
 import sys
+import time
+import urllib.parse
 import urllib.request
 import warnings
 
 from virl2_client import ClientLibrary
+from virl2_client.event_handling import EventHandler, EventHandlerBase
+from virl2_client.event_listening import EventListener
+from virl2_client.exceptions import LabNotFound
 
 
 def control_json(url: str, method: str = "GET", body=None):
@@ -73,6 +80,60 @@ def check_groups(client, control: str, worker_id: str, modern: bool) -> list[str
     return problems
 
 
+class LabEventsHandler(EventHandler):
+    """Cisco's event handler, except that lab-level events skip the element lookup: 2.10.1
+    looks up every event but `created` as a node, interface or link of the lab and raises
+    KeyError for a `lab_event` (whose element is the lab), which ends its listener."""
+
+    def handle_event(self, event):
+        if event.type != "lab_event":
+            return super().handle_event(event)
+        try:
+            event.lab = self._client_library.get_local_lab(event.lab_id)
+        except LabNotFound:
+            return None
+        return EventHandlerBase.handle_event(self, event)
+
+
+def check_events(url: str, control: str, worker_id: str, password: str, ca_file) -> list[str]:
+    """Differences between what Cisco's event listener makes of a joined lab and what the
+    simulator was told: its nodes' states, its state and its title, from /ws/ui alone."""
+    client = ClientLibrary(url, "admin", password, allow_http=url.startswith("http://"),
+                           ssl_verify=ca_file if ca_file else True, raise_for_auth_failure=True)
+    client.auto_sync = False  # as events=True sets it: what follows comes from events only
+    listener = EventListener(client)
+    listener._event_handler = LabEventsHandler(client)
+    client.event_listener = listener
+    client.start_event_listening()
+    try:
+        labs_url = f"{control}/workers/{worker_id}/labs"
+        sim_lab = max(control_json(labs_url), key=lambda lab: lab["node_count"])
+        lab = client.join_existing_lab(sim_lab["id"])
+        if lab.state() != sim_lab["state"]:
+            return [f"lab {sim_lab['id']}: state {lab.state()}, the simulator holds {sim_lab['state']}"]
+        calls = control_json(f"{control}/workers/{worker_id}/calls")
+        target = "STOPPED" if sim_lab["state"] == "STARTED" else "STARTED"
+        node_target = "BOOTED" if target == "STARTED" else "STOPPED"
+        control_json(f"{labs_url}/{sim_lab['id']}", "PATCH", {"state": target, "title": "followed by events"})
+        deadline = time.monotonic() + 10
+        seen = None
+        while time.monotonic() < deadline:
+            seen = (lab.state(), lab.title, sorted({n.state for n in lab.nodes()}))
+            if seen == (target, "followed by events", [node_target] if sim_lab["node_count"] else []):
+                break
+            time.sleep(0.05)
+        else:
+            return [f"lab {sim_lab['id']}: the listener left it at {seen}, expected {target}, "
+                    f"'followed by events' and nodes {node_target}"]
+        after = control_json(f"{control}/workers/{worker_id}/calls")
+        rest = {k: after[k] - calls.get(k, 0) for k in after if k != "ws_ui" and after[k] != calls.get(k, 0)}
+        if rest:
+            return [f"lab {sim_lab['id']}: followed with REST calls {rest}, not from events alone"]
+        return []
+    finally:
+        client.stop_event_listening()
+
+
 def main() -> int:
     state_dir = sys.argv[1]
     with open(os.path.join(state_dir, "endpoints.json")) as f:
@@ -105,13 +166,18 @@ def main() -> int:
             print(f"FAIL {worker_id} ({version}): virl2-client saw {labs}, the simulator holds {expected}")
             continue
         problems = check_groups(client, control, worker_id, modern)
+        one_port = urllib.parse.urlparse(url).path in ("", "/")
+        followed = modern and one_port
+        if followed:
+            problems += check_events(url, control, worker_id, password, ca_file)
         if problems:
             failures += 1
             for p in problems:
                 print(f"FAIL {worker_id} ({version}): {p}")
         else:
             where = "groups and associations" if modern else "groups in the lab objects"
-            print(f"ok   {worker_id} ({version}, {url}): {len(labs)} labs, titles, states and {where} match")
+            events = "; the event listener followed a lab" if followed else ""
+            print(f"ok   {worker_id} ({version}, {url}): {len(labs)} labs, titles, states and {where} match{events}")
     print(f"{len(summary['workers']) - failures} passed, {failures} failed")
     return 1 if failures else 0
 
