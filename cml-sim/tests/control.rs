@@ -126,7 +126,10 @@ async fn labs_faults_and_tokens_are_controlled_over_http() {
     assert_eq!(l.groups[1].id, w.group_named("brand-new"));
     assert_eq!(l.modified, modified);
     for (body, want) in [
-        (json!([{"name": "x", "permissions": ["root"]}]), StatusCode::BAD_REQUEST),
+        (
+            json!([{"name": "x", "permissions": ["root"]}]),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!([{"name": " "}]), StatusCode::BAD_REQUEST),
         (json!({"name": "x"}), StatusCode::UNPROCESSABLE_ENTITY),
     ] {

@@ -3,10 +3,11 @@
 //! [`app::App`] is the service; [`daemon`] its two modes (the loop and `once`); the
 //! [`trigger`] sources say why a worker syncs, [`schedule::Schedule`] decides what syncs when
 //! (pure), [`runner::Runner`] starts the syncs and hands what follows to its books, [`worker`]
-//! syncs one worker.
+//! syncs one worker; [`cml_events`] says which messages of a CML server's event stream call
+//! for a sync (pure).
 
 pub mod app;
-
+pub mod cml_events;
 pub mod context;
 pub mod daemon;
 pub mod error;
