@@ -19,6 +19,7 @@ use url::Url;
 use shared::{change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret};
 
 use crate::{
+    events::{self, EventLimits, EventStream},
     payload::{self, clip, GroupsShape, MappedLabs, PayloadError},
     Error, Result,
 };
@@ -117,6 +118,8 @@ pub type RequestHook = Arc<dyn Fn(&CmlTarget) + Send + Sync>;
 pub struct CmlClient {
     connect_timeout: Duration,
     ca_certificates: Vec<reqwest::Certificate>,
+    /// The same TLS settings for event streams.
+    stream_tls: Arc<rustls::ClientConfig>,
     username: String,
     password: Secret,
     verify_tls: bool,
@@ -151,8 +154,9 @@ impl CmlClient {
 
     pub fn new(cfg: &CmlConfig) -> Result<Self> {
         let mut ca_certificates = Vec::new();
+        let mut pem = Vec::new();
         if !cfg.ca_bundle.is_empty() {
-            let pem = std::fs::read(&cfg.ca_bundle).map_err(|e| {
+            pem = std::fs::read(&cfg.ca_bundle).map_err(|e| {
                 Error::HttpClient(format!("cannot read cml.ca_bundle {}: {e}", cfg.ca_bundle))
             })?;
             ca_certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
@@ -162,6 +166,7 @@ impl CmlClient {
         let client = Self {
             connect_timeout: cfg.connect_timeout.get(),
             ca_certificates,
+            stream_tls: events::tls_config(cfg.verify_tls, &pem)?,
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             verify_tls: cfg.verify_tls,
@@ -221,6 +226,42 @@ impl CmlClient {
     /// `GET labs?show_all=true`: the ids of every user's labs.
     pub async fn list_lab_ids(&self, target: &CmlTarget) -> Result<Vec<String>> {
         self.lab_ids(target, &self.session()?).await
+    }
+
+    /// Opens the worker's event stream (`/ws/ui`, CML 2.6+) with the token its syncs use
+    /// (authenticating first when none is cached): a server without one answers 404
+    /// ([`Error::Status`]), a redirect is [`Error::Redirect`] and never followed.
+    pub async fn open_events(
+        &self,
+        target: &CmlTarget,
+        limits: EventLimits,
+    ) -> Result<EventStream> {
+        self.warn_once_if_insecure(target);
+        let session = self.session()?;
+        let slot = self.token_slot(&target.worker_id);
+        let token = self.token(target, &slot, None, &session).await?;
+        for hook in &self.on_request {
+            hook(target);
+        }
+        events::open(
+            target,
+            &self.stream_tls,
+            limits,
+            self.connect_timeout,
+            self.request_timeout,
+            token,
+        )
+        .await
+    }
+
+    /// The server refused `token` (an event stream closed with 3000): the next call
+    /// authenticates again, unless another task already replaced it.
+    pub async fn forget_token(&self, target: &CmlTarget, token: &str) {
+        let slot = self.token_slot(&target.worker_id);
+        let mut cached = slot.lock().await;
+        if cached.as_deref() == Some(token) {
+            *cached = None;
+        }
     }
 
     /// `GET labs/{id}`; `None` when the lab does not exist (any more). Its groups are those
