@@ -4,7 +4,8 @@
 //! [`trigger`] sources say why a worker syncs, [`schedule::Schedule`] decides what syncs when
 //! (pure), [`runner::Runner`] starts the syncs and hands what follows to its books, [`worker`]
 //! syncs one worker; [`cml_events`] says which messages of a CML server's event stream call
-//! for a sync (pure).
+//! for a sync (pure), [`stream_policy`] what a worker's stream watch does after each thing that
+//! happens to it (pure).
 
 pub mod app;
 pub mod cml_events;
@@ -19,6 +20,7 @@ pub mod pass;
 pub mod runner;
 pub mod schedule;
 pub mod status;
+pub mod stream_policy;
 pub mod trigger;
 pub mod watch;
 pub mod worker;
