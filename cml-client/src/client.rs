@@ -240,9 +240,7 @@ impl CmlClient {
         let session = self.session()?;
         let slot = self.token_slot(&target.worker_id);
         let token = self.token(target, &slot, None, &session).await?;
-        for hook in &self.on_request {
-            hook(target);
-        }
+        self.count_request(target, &session);
         events::open(
             target,
             &self.stream_tls,
@@ -286,9 +284,10 @@ impl CmlClient {
         let session = self.session()?;
         let early = self.groups_were_elsewhere(&target.worker_id);
         let (listing, early_groups) = tokio::join!(self.listing(target, &session), async {
-            match early {
-                true => Some(self.group_map(target, &session).await),
-                false => None,
+            if early {
+                Some(self.group_map(target, &session).await)
+            } else {
+                None
             }
         });
         let (mut listing, shape) = listing?;
@@ -578,10 +577,7 @@ impl CmlClient {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        session.calls.fetch_add(1, Ordering::Relaxed);
-        for hook in &self.on_request {
-            hook(target);
-        }
+        self.count_request(target, session);
         let endpoint_path = path.split('?').next().unwrap_or(path).to_owned();
         let transport = |e: reqwest::Error| self.transport_error(target, &endpoint_path, e);
         let response = request.send().await.map_err(transport)?;
@@ -622,6 +618,14 @@ impl CmlClient {
                 },
                 Capped::Transport(e) => transport(e),
             })
+    }
+
+    /// One request is being sent to `target` (an HTTP call or a stream's upgrade).
+    fn count_request(&self, target: &CmlTarget, session: &Session) {
+        session.calls.fetch_add(1, Ordering::Relaxed);
+        for hook in &self.on_request {
+            hook(target);
+        }
     }
 
     fn transport_error(&self, target: &CmlTarget, path: &str, e: reqwest::Error) -> Error {

@@ -1,22 +1,17 @@
 //! The CML client against the simulator: payload mapping of every version, faults, tokens, TLS.
 
+mod common;
+
+use common::{config, target};
+
 use std::time::Duration;
 
-use cml_client::{CmlClient, CmlTarget, Error, FetchSource, GroupsRead};
+use cml_client::{CmlClient, Error, FetchSource, GroupsRead};
 use cml_sim::{
     Addressing, EndpointFault, Faults, FleetConfig, Personality, RunningFleet, ServeOptions,
     SimGroup,
 };
 use shared::{change::Listing, config::CmlConfig, duration::HumanDuration, secret::Secret};
-
-fn config() -> CmlConfig {
-    CmlConfig {
-        password: Secret::new("local-dev-password"),
-        request_timeout: HumanDuration(Duration::from_secs(5)),
-        connect_timeout: HumanDuration(Duration::from_secs(2)),
-        ..CmlConfig::default()
-    }
-}
 
 async fn fleet(
     workers: usize,
@@ -32,14 +27,6 @@ async fn fleet(
         ..FleetConfig::default()
     };
     cml_sim::start(&cfg, &opts).await.expect("simulator starts")
-}
-
-fn target(f: &RunningFleet, i: usize) -> CmlTarget {
-    let id = f.fleet.workers[i].id.clone();
-    CmlTarget {
-        endpoint: f.endpoint(&id).to_owned(),
-        worker_id: id,
-    }
 }
 
 #[tokio::test]
@@ -83,10 +70,12 @@ async fn every_version_maps_to_the_same_records() {
                 lab.fields.cml_created_at.map(|d| d.timestamp_millis()),
                 Some(sim.created.timestamp_millis())
             );
-            let mut names: Vec<String> = sim.groups.iter().map(|g| g.name.clone()).collect();
-            names.sort();
-            names.dedup();
-            assert_eq!(lab.fields.groups, names, "{:?}", worker.personality);
+            assert_eq!(
+                lab.fields.groups,
+                sim.group_names(),
+                "{:?}",
+                worker.personality
+            );
             match worker.personality {
                 Personality::V2_4 => {
                     assert_eq!(lab.fields.owner_fullname, "", "2.4 has no owner_fullname");
@@ -594,14 +583,6 @@ async fn text_from_a_cml_server_in_errors_is_clipped() {
     assert!(text.contains("injected by the simulator"), "{text}");
 }
 
-/// Names of the groups a simulated lab is shared with, as a record lists them.
-fn group_names(groups: &[SimGroup]) -> Vec<String> {
-    let mut names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
 #[tokio::test]
 async fn a_lab_shared_with_two_groups_lists_both_on_every_release_with_one_groups_call() {
     let f = fleet(3, 5, Personality::ALL.to_vec(), ServeOptions::default()).await;
@@ -632,7 +613,7 @@ async fn a_lab_shared_with_two_groups_lists_both_on_every_release_with_one_group
             );
             for l in &listing.labs {
                 let sim = w.lab(&l.lab_id).expect("sim lab");
-                assert_eq!(l.fields.groups, group_names(&sim.groups));
+                assert_eq!(l.fields.groups, sim.group_names());
             }
             let groups_calls = w.calls().get("groups").copied().unwrap_or(0);
             if w.personality == Personality::V2_4 {

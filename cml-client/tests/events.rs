@@ -1,26 +1,21 @@
 //! CML's event stream read by the client, against the simulator: authentication with the
 //! worker's token, TLS as the REST client does it, a refused token, the bounds, the ends.
 
+mod common;
+
+use common::{config, target};
+
 use std::time::Duration;
 
 use cml_client::{
     events::{EventLimits, StreamEnd},
-    CmlClient, CmlTarget, Error,
+    CmlClient, Error,
 };
 use cml_sim::{Faults, FleetConfig, Personality, RunningFleet, ServeOptions};
 use serde_json::Value;
-use shared::{config::CmlConfig, duration::HumanDuration, secret::Secret};
+use shared::config::CmlConfig;
 
 const SILENCE: Duration = Duration::from_secs(5);
-
-fn config() -> CmlConfig {
-    CmlConfig {
-        password: Secret::new("local-dev-password"),
-        request_timeout: HumanDuration(Duration::from_secs(5)),
-        connect_timeout: HumanDuration(Duration::from_secs(2)),
-        ..CmlConfig::default()
-    }
-}
 
 async fn fleet(
     personalities: Vec<Personality>,
@@ -35,14 +30,6 @@ async fn fleet(
         ..FleetConfig::default()
     };
     cml_sim::start(&cfg, &opts).await.expect("simulator starts")
-}
-
-fn target(f: &RunningFleet, i: usize) -> CmlTarget {
-    let id = f.fleet.workers[i].id.clone();
-    CmlTarget {
-        endpoint: f.endpoint(&id).to_owned(),
-        worker_id: id,
-    }
 }
 
 fn json(text: &str) -> Value {

@@ -24,7 +24,7 @@ fn message(
 }
 
 /// The state of a lab's nodes when the lab is in `state` and they have settled.
-fn node_state(lab_state: &str) -> &'static str {
+pub(crate) fn node_state(lab_state: &str) -> &'static str {
     match lab_state {
         "STARTED" => "BOOTED",
         "STOPPED" => "STOPPED",

@@ -159,6 +159,15 @@ pub struct SimLab {
 }
 
 impl SimLab {
+    /// The names of the groups the lab is shared with, sorted and without repeats (as a
+    /// record lists them).
+    pub fn group_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.groups.iter().map(|g| g.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The lab object of `GET labs/{id}`, shaped by the server's release.
     pub fn to_json(&self, p: Personality) -> Value {
         let mut v = json!({
@@ -217,15 +226,12 @@ impl SimLab {
     /// A tile of `populate_lab_tiles`: the lab object plus a topology summary.
     pub fn to_tile(&self, p: Personality) -> Value {
         let mut v = self.to_json(p);
-        let node_state = match self.state.as_str() {
-            "STARTED" => "BOOTED",
-            "STOPPED" => "STOPPED",
-            _ => "DEFINED_ON_CORE",
-        };
+        use crate::events::{node_id, node_state};
+        let node_state = node_state(&self.state);
         let nodes: Vec<Value> = (0..self.node_count)
             .map(|i| {
                 json!({
-                    "id": format!("n{i}"), "label": format!("node-{i}"), "node_definition": "iosv",
+                    "id": node_id(i), "label": format!("node-{i}"), "node_definition": "iosv",
                     "x": i * 100, "y": 0, "state": node_state,
                 })
             })
@@ -234,8 +240,8 @@ impl SimLab {
             .map(|i| {
                 json!({
                     "id": format!("l{i}"),
-                    "node_a": format!("n{}", i % self.node_count.max(1)),
-                    "node_b": format!("n{}", (i + 1) % self.node_count.max(1)),
+                    "node_a": node_id(i % self.node_count.max(1)),
+                    "node_b": node_id((i + 1) % self.node_count.max(1)),
                     "state": node_state,
                 })
             })
@@ -593,13 +599,7 @@ impl SimWorker {
 
     /// Takes one of the `ws_refuse_tokens` refusals, if any are left.
     pub fn take_token_refusal(&self) -> bool {
-        let mut taken = false;
-        self.faults.send_if_modified(|f| {
-            taken = f.ws_refuse_tokens > 0;
-            f.ws_refuse_tokens = f.ws_refuse_tokens.saturating_sub(1);
-            taken
-        });
-        taken
+        self.take_one(|f| &mut f.ws_refuse_tokens)
     }
 
     /// The labs, to change `lab_id`: its cached tile and the body go while the lock is held.
@@ -664,6 +664,17 @@ impl SimWorker {
         lock(&self.labs).values().cloned().collect()
     }
 
+    /// The stats messages of a `/ws/ui` tick: `system_stats`, then `lab_stats` of each
+    /// running lab.
+    pub fn stats_messages(&self) -> Vec<String> {
+        let labs = lock(&self.labs);
+        let running: Vec<&SimLab> = labs.values().filter(|l| l.state == "STARTED").collect();
+        std::iter::once(crate::events::system_stats(labs.len(), running.len()))
+            .chain(running.iter().map(|l| crate::events::lab_stats(l)))
+            .map(|m| m.to_string())
+            .collect()
+    }
+
     pub fn lab_ids(&self) -> Vec<String> {
         lock(&self.labs).keys().cloned().collect()
     }
@@ -687,10 +698,16 @@ impl SimWorker {
 
     /// Takes one of the `fail_next` failures, if any are left.
     pub fn take_failure(&self) -> bool {
+        self.take_one(|f| &mut f.fail_next)
+    }
+
+    /// Counts down the fault `counter` picks; true when one was left to take.
+    fn take_one(&self, counter: impl Fn(&mut Faults) -> &mut u32) -> bool {
         let mut taken = false;
         self.faults.send_if_modified(|f| {
-            taken = f.fail_next > 0;
-            f.fail_next = f.fail_next.saturating_sub(1);
+            let left = counter(f);
+            taken = *left > 0;
+            *left = left.saturating_sub(1);
             taken
         });
         taken

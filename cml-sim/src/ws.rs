@@ -18,7 +18,6 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::{
     api::{self, Call},
-    events,
     fleet::Fleet,
     model::SimWorker,
     token::Claims,
@@ -137,7 +136,7 @@ async fn stream(mut socket: WebSocket, fleet: Arc<Fleet>, worker: Arc<SimWorker>
                 if api::check_claims(&fleet, &worker, &claims).is_err() {
                     return close(socket, UNAUTHORIZED, "Unauthorized").await;
                 }
-                for message in stats_messages(&worker) {
+                for message in worker.stats_messages() {
                     if socket.send(Message::text(message)).await.is_err() {
                         return;
                     }
@@ -149,14 +148,4 @@ async fn stream(mut socket: WebSocket, fleet: Arc<Fleet>, worker: Arc<SimWorker>
             },
         }
     }
-}
-
-/// `system_stats`, then `lab_stats` of each running lab.
-fn stats_messages(worker: &SimWorker) -> Vec<String> {
-    let labs = worker.labs();
-    let running: Vec<_> = labs.iter().filter(|l| l.state == "STARTED").collect();
-    std::iter::once(events::system_stats(labs.len(), running.len()))
-        .chain(running.iter().map(|l| events::lab_stats(l)))
-        .map(|m| m.to_string())
-        .collect()
 }

@@ -27,20 +27,6 @@ fn share(w: &SimWorker, lab_id: &str, names: &[&str]) {
     assert!(w.set_lab_groups(lab_id, groups));
 }
 
-/// The names a record should list for a simulated lab.
-fn names_of(w: &SimWorker, lab_id: &str) -> Vec<String> {
-    let mut names: Vec<String> = w
-        .lab(lab_id)
-        .expect("lab")
-        .groups
-        .into_iter()
-        .map(|g| g.name)
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
 fn groups_change(r: &LabRecord) -> Option<(Bson, Bson)> {
     r.operation_history
         .last()
@@ -84,7 +70,7 @@ async fn each_release_gives_its_groups_and_a_removed_association_is_a_change() {
         for other in w.lab_ids() {
             assert_eq!(
                 f.record(&w.id, &other).await.fields.groups,
-                names_of(w, &other)
+                w.lab(&other).expect("lab").group_names()
             );
         }
         assert_eq!(groups_calls(w), calls, "{:?}", w.personality);
