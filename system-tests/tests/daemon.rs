@@ -1037,7 +1037,30 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
             .into_iter()
             .rfind(|l| l["worker_id"] == w.id.as_str())
             .expect("its sync");
-        assert!(stale["conflicts"].as_u64() >= Some(1), "{label}: {stale}");
+        // On failure, both daemons' last lines tell which path the round took (who claimed
+        // the request, when each lost or took the lease, how long the frozen sync took).
+        let story = || {
+            let messages = |d: &Daemon| {
+                d.lines()
+                    .iter()
+                    .rev()
+                    .take(25)
+                    .rev()
+                    .map(|l| format!("  {} {}", l["timestamp"], message(l)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            format!(
+                "holder's log:\n{}\nstandby's log:\n{}",
+                messages(&daemons[holder]),
+                messages(&daemons[standby])
+            )
+        };
+        assert!(
+            stale["conflicts"].as_u64() >= Some(1),
+            "{label}: {stale}\n{}",
+            story()
+        );
         // Its status write comes from its books, after the sync's own write.
         testkit::eventually(
             &format!("{label}: the old holder wrote its status"),
