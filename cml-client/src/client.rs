@@ -55,6 +55,9 @@ pub enum GroupsRead {
     InLabs,
     /// The server's group associations, `GET groups` (CML 2.9+, whose lab objects hold none).
     Associations,
+    /// Not read: a sync of a few labs, whose lab objects do not carry their groups (CML 2.9+),
+    /// keeps the groups their records have.
+    Kept,
     /// The lab objects hold none and `GET groups` failed: the labs' groups are unknown (they
     /// are empty in the listing).
     Unread {
@@ -263,17 +266,16 @@ impl CmlClient {
     }
 
     /// `GET labs/{id}`; `None` when the lab does not exist (any more). Its groups are those
-    /// of the lab object: none on CML 2.9+, whose groups only the group associations give (a
-    /// sync of this lab alone keeps what its record has: [`shared::change::Groups::Unknown`]).
+    /// of the lab object, and the shape says whether that object keeps them: on CML 2.9+ only
+    /// the group associations do (a sync of this lab alone then keeps what its record has:
+    /// [`shared::change::Groups::Unknown`]).
     pub async fn lab_details(
         &self,
         target: &CmlTarget,
         lab_id: &str,
-    ) -> Result<Option<ObservedLab>> {
-        Ok(self
-            .lab(target, lab_id, &self.session()?)
-            .await?
-            .map(|(lab, _)| lab))
+    ) -> Result<Option<(ObservedLab, GroupsShape)>> {
+        self.warn_once_if_insecure(target);
+        self.lab(target, lab_id, &self.session()?).await
     }
 
     /// Every lab of a worker: one `populate_lab_tiles` call when the server has it, otherwise

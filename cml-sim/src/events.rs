@@ -51,6 +51,23 @@ pub fn nodes(lab: &SimLab) -> Vec<Value> {
     (0..lab.node_count).map(|i| node(lab, i)).collect()
 }
 
+/// Each of a lab's nodes moved to `state` (a user starting or stopping single nodes): their
+/// `state_change`s, and no lab event (the lab's own state is unchanged).
+pub fn node_states(lab: &SimLab, state: &str) -> Vec<Value> {
+    (0..lab.node_count)
+        .map(|i| {
+            message(
+                "state_change",
+                state,
+                "node",
+                &lab.id,
+                &node_id(i),
+                json!({ "state": state }),
+            )
+        })
+        .collect()
+}
+
 /// The lab properties `lab_event` `created` and `modified` carry.
 fn properties(lab: &SimLab) -> Value {
     json!({

@@ -571,6 +571,25 @@ impl SimWorker {
         }
     }
 
+    /// Moves every node of `lab_id` to `state` without changing the lab (as single nodes
+    /// started or stopped from CML's UI): only their `state_change` messages go out. Returns
+    /// how many went out (0 for an unknown lab, or without an open stream).
+    pub fn change_node_states(&self, lab_id: &str, state: &str) -> usize {
+        let labs = lock(&self.labs);
+        let Some(lab) = labs.get(lab_id) else {
+            return 0;
+        };
+        if !self.has_event_stream() || self.events.receiver_count() == 0 {
+            return 0;
+        }
+        let messages = crate::events::node_states(lab, state);
+        let n = messages.len();
+        for message in messages {
+            let _ = self.events.send(Arc::from(message.to_string()));
+        }
+        n
+    }
+
     /// The messages of the changes made from now on.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
         self.events.subscribe()

@@ -39,6 +39,8 @@ pub async fn ws_ui(
 ) -> Response {
     let Call { fleet, worker, ctl } = call;
     if !worker.has_event_stream() {
+        // Counted all the same: a client retrying the upgrade in a loop shows.
+        worker.count_call("ws_ui");
         return api::not_found().await;
     }
     if let Some(r) = api::before(&worker, &ctl, "ws_ui").await {

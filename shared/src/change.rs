@@ -117,6 +117,17 @@ pub struct PlanCounts {
 }
 
 impl SyncPlan {
+    /// Whether a lab it writes changed state (a lab started, stopped, wiped): activity on the
+    /// worker, as an idle-worker check sees it.
+    pub fn changes_a_state(&self) -> bool {
+        self.writes.iter().any(|w| match w {
+            RecordWrite::Update { entry, .. } => {
+                entry.previous_state.as_deref() != Some(entry.new_state.as_str())
+            }
+            _ => false,
+        })
+    }
+
     pub fn counts(&self) -> PlanCounts {
         let mut c = PlanCounts {
             unchanged: self.unchanged.len(),
@@ -203,6 +214,31 @@ pub fn plan_sync(
         writes,
         unchanged,
     })
+}
+
+/// Plans the sync of some labs of a worker — those its CML event stream said changed — from
+/// their stored records (`stored`: of those labs only) and what a re-read of each found: the
+/// labs read are planned as [`plan_sync`] plans them (their groups `Unknown` when the read
+/// does not carry them), each lab in `gone` (the server answered 404 for it) is tombstoned,
+/// and no other lab of the worker is touched.
+pub fn plan_labs(
+    worker_id: &str,
+    stored: &[LabRecord],
+    read: Vec<ObservedLab>,
+    gone: &[String],
+    groups: Groups,
+    now: DateTime,
+) -> Result<SyncPlan> {
+    let mut plan = plan_sync(worker_id, stored, read, Listing::Partial, groups, now)?;
+    let mut removed: Vec<&LabRecord> = stored
+        .iter()
+        .filter(|r| r.removed_at.is_none() && gone.contains(&r.lab_id))
+        .collect();
+    removed.sort_by(|a, b| a.lab_id.cmp(&b.lab_id));
+    removed.dedup_by(|a, b| a.lab_id == b.lab_id);
+    plan.writes
+        .extend(removed.into_iter().map(|record| remove(record, now)));
+    Ok(plan)
 }
 
 /// A lab never seen before on this worker.
@@ -444,6 +480,75 @@ mod tests {
             last_changed_at: Some(now),
             unobserved_fields: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_sync_of_some_labs_writes_those_only_and_tombstones_only_the_labs_gone() {
+        let mut records = Vec::new();
+        let t0 = DateTime::from_millis(1_000);
+        let labs = ["l1", "l2", "l3"].map(|id| ObservedLab::new(id, fields("STOPPED")));
+        observe(&mut records, labs.to_vec(), Listing::Complete, t0, 50);
+        let t1 = DateTime::from_millis(2_000);
+        // l1 started, l2 deleted, l4 new; l3 not named: untouched, not tombstoned.
+        let named: Vec<LabRecord> = records
+            .iter()
+            .filter(|r| ["l1", "l2", "l4"].contains(&r.lab_id.as_str()))
+            .cloned()
+            .collect();
+        let mut read = vec![
+            ObservedLab::new("l1", fields("STARTED")),
+            ObservedLab::new("l4", fields("STOPPED")),
+        ];
+        // A re-read of one lab carries no groups on CML 2.9+: unknown, so kept.
+        for lab in &mut read {
+            lab.set_groups(Vec::new());
+        }
+        let plan = plan_labs(
+            "w",
+            &named,
+            read,
+            &["l2".into(), "l2".into()],
+            Groups::Unknown,
+            t1,
+        )
+        .expect("plan");
+        assert_eq!(
+            plan.counts(),
+            PlanCounts {
+                synced: 2,
+                created: 1,
+                updated: 1,
+                removed: 1,
+                ..PlanCounts::default()
+            }
+        );
+        assert!(plan.unchanged.is_empty());
+        assert!(plan.changes_a_state(), "l1 started");
+        apply(&mut records, &plan, 50);
+        let by = |id: &str| records.iter().find(|r| r.lab_id == id).expect("record");
+        assert_eq!(by("l1").fields.state, "STARTED");
+        assert_eq!(by("l1").fields.groups, ["g1", "g2"], "groups kept");
+        assert_eq!(by("l1").operation_history.len(), 1);
+        assert!(by("l2").removed_at.is_some());
+        assert_eq!(
+            by("l3").last_synced_at,
+            t0,
+            "a lab not named is not written"
+        );
+        assert!(by("l3").removed_at.is_none());
+        assert_eq!(by("l4").unobserved_fields, ["groups"]);
+        // A lab already tombstoned, or never stored, and gone: nothing to write.
+        let plan = plan_labs(
+            "w",
+            &records,
+            Vec::new(),
+            &["l2".into(), "l9".into()],
+            Groups::Unknown,
+            t1,
+        )
+        .expect("plan");
+        assert!(plan.writes.is_empty() && plan.unchanged.is_empty());
+        assert!(!plan.changes_a_state());
     }
 
     #[test]

@@ -13,6 +13,10 @@ impl HumanDuration {
         Self(Duration::from_secs(secs))
     }
 
+    pub const fn from_millis(millis: u64) -> Self {
+        Self(Duration::from_millis(millis))
+    }
+
     pub const fn get(self) -> Duration {
         self.0
     }

@@ -82,6 +82,10 @@ one_label!(
     State = "state"
 );
 one_label!(
+    /// `trigger="…"`: why a worker sync ran (cycle, retry, requested, event, relist).
+    Trigger = "trigger"
+);
+one_label!(
     /// `watch="…"`: a collection the sync-daemon watches (`sync_requests`, `registry`).
     Watched = "watch"
 );

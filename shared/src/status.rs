@@ -56,7 +56,33 @@ pub struct WorkerSyncStatus {
     /// The warning's text (the error behind it).
     #[serde(default)]
     pub last_warning: Option<String>,
+    /// When labs named by the worker's CML event stream were last synced.
+    #[serde(default)]
+    pub last_event_sync_at: Option<DateTime>,
+    /// The last lab or node state change seen on the worker (from its event stream, or a sync
+    /// that found a lab's state changed): what an idle-worker check reads.
+    #[serde(default)]
+    pub last_activity_at: Option<DateTime>,
+    /// The lease holder's watch of the worker's event stream, one of [`WATCH_STATES`]; null
+    /// when none is kept (events off, or no holder yet).
+    #[serde(default)]
+    pub watch_state: Option<String>,
+    /// Why the watch is `failing` (`unreachable`, `unauthorized`, `redirect`, `too_large`,
+    /// `flooded`, `silent`, `dropped`); null otherwise.
+    #[serde(default)]
+    pub watch_failure: Option<String>,
+    /// Since when the watch is in its state.
+    #[serde(default)]
+    pub watch_since: Option<DateTime>,
 }
+
+/// The field of the last activity seen on a worker.
+pub const LAST_ACTIVITY_AT: &str = "last_activity_at";
+
+/// The states of a worker's event-stream watch: `live` (changes come as they happen),
+/// `connecting`, `polling` (the server has no stream, or past the watch cap: the periodic cycle
+/// only), `failing` (opening it failed several times in a row: see `watch_failure`).
+pub const WATCH_STATES: [&str; 4] = ["live", "connecting", "polling", "failing"];
 
 /// Something a successful sync could not do: the worker is synced, not failed, but part of
 /// what its records hold could not be brought up to date. A closed set (metric labels).

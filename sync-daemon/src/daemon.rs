@@ -104,7 +104,8 @@ fn schedule(ctx: &Context) -> Schedule {
 
 /// The sources that feed the runner: the registry (the cycles' worker lists; its changes when
 /// workers come from it) and refreshes asked for on demand, each woken by the watch the lease
-/// holder keeps on its collection.
+/// holder keeps on its collection; and (unless `sync.events.enabled` is off) each active
+/// worker's CML event stream.
 fn start_sources(
     ctx: &Arc<Context>,
     lease: &LeaseKeeper,
@@ -130,12 +131,23 @@ fn start_sources(
         sources.spawn(trigger::registry::watch(mongo).run(ctx, lease, &changed, &stop));
         changed
     });
+    let (fleet, fleet_rx) = tokio::sync::watch::channel(None);
+    if ctx.config.sync.events.enabled {
+        sources.spawn_graceful(trigger::events::run(
+            ctx.clone(),
+            lease.subscribe(),
+            fleet_rx,
+            triggers.clone(),
+            stop,
+        ));
+    }
     sources.spawn(trigger::registry::run(
         ctx.clone(),
         lease.subscribe(),
         registry,
         reads,
         triggers,
+        fleet,
     ));
     sources
 }

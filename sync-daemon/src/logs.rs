@@ -256,6 +256,7 @@ fn groups_source(groups: &cml_client::GroupsRead) -> &'static str {
     match groups {
         cml_client::GroupsRead::InLabs => "lab_objects",
         cml_client::GroupsRead::Associations => "associations",
+        cml_client::GroupsRead::Kept => "kept",
         cml_client::GroupsRead::Unread { .. } => "unread",
     }
 }
@@ -777,5 +778,89 @@ mod tests {
         assert_eq!(phrase(90), "90-second");
         assert_eq!(phrase(60), "1-minute");
         assert_eq!(phrase(1), "1-second");
+    }
+}
+
+/// A worker's event-stream watch changed state: live, connecting, polling or failing.
+#[derive(Debug)]
+pub struct WatchChanged<'a> {
+    pub worker_id: &'a str,
+    pub state: crate::stream_policy::WatchState,
+    /// Why it left the last state (how the stream ended or failed to open), if it did.
+    pub why: Option<&'a str>,
+    /// When the stream is opened again (polling: tried again).
+    pub retry_in: Option<Duration>,
+}
+
+impl LogLine for WatchChanged<'_> {
+    fn emit(&self, _: &Metrics) {
+        use crate::stream_policy::WatchState;
+        let (state, failure) = match self.state {
+            WatchState::Failing(reason) => ("failing", Some(reason.as_str())),
+            other => (other.as_str(), None),
+        };
+        let retry_in_ms = self.retry_in.map(ms);
+        let sentence = match self.state {
+            WatchState::Live => "Event stream live: lab changes sync as they happen",
+            WatchState::Connecting => "Event stream opening",
+            WatchState::Polling => "No event stream (CML before 2.6, or past sync.events.max_watches): synced by the periodic cycle",
+            WatchState::Failing(_) => "Event stream failing: synced by the periodic cycle until it is back",
+        };
+        match self.state {
+            WatchState::Failing(_) => tracing::warn!(
+                event = "event_watch",
+                worker_id = self.worker_id,
+                state,
+                failure,
+                why = self.why,
+                retry_in_ms,
+                "{sentence}"
+            ),
+            _ => tracing::info!(
+                event = "event_watch",
+                worker_id = self.worker_id,
+                state,
+                why = self.why,
+                retry_in_ms,
+                "{sentence}"
+            ),
+        }
+    }
+}
+
+/// More active workers than `sync.events.max_watches`: the rest are left to the cycle.
+#[derive(Debug)]
+pub struct WatchesCapped {
+    pub workers: usize,
+    pub max_watches: usize,
+}
+
+impl LogLine for WatchesCapped {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "event_watches_capped",
+            workers = self.workers,
+            max_watches = self.max_watches,
+            "More active workers than sync.events.max_watches: those past it are synced by the periodic cycle only"
+        );
+    }
+}
+
+/// What the watches showed could not be written to `worker_sync_status` (tried again with the
+/// next change).
+#[derive(Debug)]
+pub struct WatchWriteFailed<'a> {
+    pub error: &'a Error,
+    pub workers: usize,
+}
+
+impl LogLine for WatchWriteFailed<'_> {
+    fn emit(&self, _: &Metrics) {
+        tracing::warn!(
+            event = "event_watch_write_failed",
+            workers = self.workers,
+            error = %self.error,
+            "Could not write the event-stream watches' states"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use shared::metrics::{
     Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Reason, Registry, State,
-    Watched, DURATION_BUCKETS,
+    Trigger, Watched, DURATION_BUCKETS, LATENCY_BUCKETS,
 };
 
 /// Every counter, gauge and histogram of the daemon.
@@ -38,6 +38,11 @@ pub struct Metrics {
     pub refresh_requests: Family<Outcome, Counter>,
     pub registry_changes: Family<Reason, Counter>,
     pub watch_up: Family<Watched, Gauge>,
+    pub syncs_by_trigger: Family<Trigger, Counter>,
+    pub event_watches: Family<State, Gauge>,
+    pub event_messages: Family<Kind, Counter>,
+    pub event_reconnects: Family<Reason, Counter>,
+    pub event_lag: Histogram,
 }
 
 impl Default for Metrics {
@@ -127,11 +132,41 @@ impl Default for Metrics {
                 "sync_watch_up",
                 "1 while the lease holder's change stream on a collection is open (sync_requests, registry)",
             ),
+            syncs_by_trigger: r.counters(
+                "sync_worker_syncs_started",
+                "Worker syncs started, by trigger: cycle, retry, requested (refresh, registry change), event (labs a CML event stream named), relist (a whole worker after its stream went live)",
+            ),
+            event_watches: r.gauges(
+                "sync_event_watches",
+                "Workers' CML event-stream watches by state: live, connecting, polling (no stream, or past sync.events.max_watches), failing",
+            ),
+            event_messages: r.counters(
+                "sync_event_messages",
+                "Messages read from CML event streams, by kind: lab_event, lab_element_event, state_change, system_stats, lab_stats, other, malformed",
+            ),
+            event_reconnects: r.counters(
+                "sync_event_reconnects",
+                "Event streams opened again, by why the last one ended or failed: unreachable, unauthorized, redirect, too_large, flooded, silent, dropped",
+            ),
+            event_lag: r.histogram(
+                "sync_event_lag_seconds",
+                "From a lab change arriving on a CML event stream to its records written",
+                LATENCY_BUCKETS,
+            ),
             registry: Arc::new(r),
         };
         // A closed set: every kind is there from the start, at zero.
         for w in shared::status::SyncWarning::ALL {
             metrics.worker_warnings.get(&Kind(w.as_str()));
+        }
+        for state in shared::status::WATCH_STATES {
+            metrics.event_watches.get(&State(state));
+        }
+        for kind in crate::cml_events::MessageKind::ALL {
+            metrics.event_messages.get(&Kind(kind.as_str()));
+        }
+        for reason in crate::stream_policy::FailReason::ALL {
+            metrics.event_reconnects.get(&Reason(reason.as_str()));
         }
         metrics
     }

@@ -122,6 +122,11 @@ impl Passes {
         None
     }
 
+    /// Why `pass` runs, while it is open.
+    pub fn kind(&self, pass: PassId) -> Option<PassKind> {
+        self.open.get(&pass).map(|p| p.kind)
+    }
+
     /// The span worker syncs of `pass` run in (a child of the pass's span).
     pub fn span(&self, pass: PassId) -> tracing::Span {
         self.open
@@ -196,6 +201,7 @@ mod tests {
     fn synced(id: &str, labs: usize) -> WorkerSync {
         WorkerSync {
             target: t(id),
+            scope: crate::schedule::Scope::Full,
             attempt_at: DateTime::from_millis(0),
             took: Duration::from_millis(5),
             term: shared::fence::Term(1),
@@ -213,6 +219,7 @@ mod tests {
                 source: "bulk",
                 groups: cml_client::GroupsRead::InLabs,
                 cml_calls: 1,
+                activity: false,
             }),
         }
     }

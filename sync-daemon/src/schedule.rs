@@ -1,6 +1,9 @@
 //! What syncs next: the passes the trigger sources open (a cycle, due retries, syncs asked for
-//! now), a global concurrency cap, and never two syncs of one worker at once — a worker asked
-//! for while it is queued or syncing joins that sync's outcome. It owns the two timed sources
+//! now, labs a worker's event stream said changed), a global concurrency cap, and never two
+//! syncs of one worker at once — a worker asked for while it is queued or syncing joins that
+//! sync's outcome, except for changes a CML event announced: those never join a running sync
+//! (its CML calls may predate the change) but queue one more sync after it, in which every
+//! change announced meanwhile is coalesced. It owns the two timed sources
 //! (the [cycle timer](crate::trigger::cycle) and the [retries](crate::trigger::retry)); the
 //! others feed it through the runner.
 //!
@@ -8,7 +11,7 @@
 //! time). The runner does the I/O around it.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     time::Duration,
 };
 
@@ -30,6 +33,29 @@ pub enum PassKind {
     Retry,
     /// Workers someone (or something: the registry) asked to sync now.
     Requested,
+    /// What a worker's CML event stream announced: some of its labs changed, or the stream is
+    /// live again and the worker is relisted.
+    Event,
+}
+
+/// What a sync of a worker reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every lab of the worker.
+    Full,
+    /// These labs only (named by the worker's event stream).
+    Labs(BTreeSet<String>),
+}
+
+impl Scope {
+    /// One sync reading what both would: a full sync covers any labs.
+    fn merge(&mut self, other: Scope) {
+        match (&mut *self, other) {
+            (Scope::Full, _) => {}
+            (_, Scope::Full) => *self = Scope::Full,
+            (Scope::Labs(mine), Scope::Labs(theirs)) => mine.extend(theirs),
+        }
+    }
 }
 
 /// A pass the schedule just opened: the workers it waits for (each once).
@@ -44,6 +70,7 @@ pub struct Opened {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Start {
     pub target: CmlTarget,
+    pub scope: Scope,
     /// The pass that asked first: it records the worker's status.
     pub owner: PassId,
 }
@@ -70,6 +97,7 @@ pub struct Skipped {
 struct Job {
     target: CmlTarget,
     passes: Vec<PassId>,
+    scope: Scope,
 }
 
 #[derive(Debug)]
@@ -183,19 +211,9 @@ impl Schedule {
             .filter(|t| seen.insert(t.worker_id.clone()))
             .collect();
         for target in &workers {
-            if let Some(job) = self.running.get_mut(&target.worker_id) {
-                job.passes.push(pass);
-            } else if let Some(job) = self
-                .queue
-                .iter_mut()
-                .find(|j| j.target.worker_id == target.worker_id)
-            {
-                job.passes.push(pass);
-            } else {
-                self.queue.push_back(Job {
-                    target: target.clone(),
-                    passes: vec![pass],
-                });
+            match self.running.get_mut(&target.worker_id) {
+                Some(job) if job.scope == Scope::Full => job.passes.push(pass),
+                _ => self.enqueue(target, pass, Scope::Full),
             }
         }
         Opened {
@@ -205,14 +223,52 @@ impl Schedule {
         }
     }
 
+    /// What `target`'s event stream announced: `scope` is to be synced. Never joins a running
+    /// sync of the worker (it may have read CML before the change): a sync after it does,
+    /// and every change announced until that one starts is coalesced into it.
+    pub fn event(&mut self, target: CmlTarget, scope: Scope) -> Opened {
+        let pass = self.next_pass;
+        self.next_pass += 1;
+        self.enqueue(&target, pass, scope);
+        Opened {
+            pass,
+            kind: PassKind::Event,
+            workers: vec![target],
+        }
+    }
+
+    /// Adds `pass` to the worker's queued sync (widened to `scope`), or queues one.
+    fn enqueue(&mut self, target: &CmlTarget, pass: PassId, scope: Scope) {
+        if let Some(job) = self
+            .queue
+            .iter_mut()
+            .find(|j| j.target.worker_id == target.worker_id)
+        {
+            job.passes.push(pass);
+            job.scope.merge(scope);
+        } else {
+            self.queue.push_back(Job {
+                target: target.clone(),
+                passes: vec![pass],
+                scope,
+            });
+        }
+    }
+
     /// The next sync to start, while fewer than `concurrency` run.
     pub fn next_start(&mut self) -> Option<Start> {
         if self.running.len() >= self.concurrency {
             return None;
         }
-        let job = self.queue.pop_front()?;
+        // A worker's next sync waits for the one it follows.
+        let at = self
+            .queue
+            .iter()
+            .position(|j| !self.running.contains_key(&j.target.worker_id))?;
+        let job = self.queue.remove(at)?;
         let start = Start {
             target: job.target.clone(),
+            scope: job.scope.clone(),
             owner: job.passes[0],
         };
         self.running.insert(job.target.worker_id.clone(), job);
@@ -388,6 +444,76 @@ mod tests {
             (start.target.worker_id.as_str(), start.owner),
             ("a", fresh.pass)
         );
+    }
+
+    fn labs(ids: &[&str]) -> Scope {
+        Scope::Labs(ids.iter().map(|id| (*id).to_owned()).collect())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_during_a_sync_of_its_worker_makes_one_more_sync_after_it() {
+        let mut s = schedule(4);
+        let cycle = s.start_cycle(vec![t("a")]);
+        assert_eq!(start_all(&mut s), ["a"]);
+        // Three changes announced while `a` syncs: none joins it (its CML read may be older).
+        let e1 = s.event(t("a"), labs(&["l1"]));
+        let e2 = s.event(t("a"), labs(&["l2"]));
+        let e3 = s.event(t("a"), labs(&["l1"]));
+        assert_eq!(e1.kind, PassKind::Event);
+        assert!(s.next_start().is_none(), "never two syncs of one worker");
+        let done = s.finished("a", true, Instant::now(), 0.5);
+        assert_eq!(
+            done.passes,
+            [cycle.pass],
+            "the events did not join the cycle's sync"
+        );
+        // One more sync, of both labs, for the three of them.
+        let start = s.next_start().expect("one more sync");
+        assert_eq!(
+            (
+                start.target.worker_id.as_str(),
+                start.scope.clone(),
+                start.owner
+            ),
+            ("a", labs(&["l1", "l2"]), e1.pass)
+        );
+        assert!(s.next_start().is_none());
+        let done = s.finished("a", true, Instant::now(), 0.5);
+        assert_eq!(done.passes, [e1.pass, e2.pass, e3.pass]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_sync_covers_the_labs_queued_and_a_labs_sync_covers_no_full_one() {
+        let mut s = schedule(1);
+        // `b` holds the only slot; `a`'s announced labs wait, then a relist widens them.
+        s.request(t("b"));
+        start_all(&mut s);
+        let event = s.event(t("a"), labs(&["l1"]));
+        let relist = s.event(t("a"), Scope::Full);
+        s.finished("b", true, Instant::now(), 0.5);
+        let start = s.next_start().expect("a");
+        assert_eq!((start.scope, start.owner), (Scope::Full, event.pass));
+        let done = s.finished("a", true, Instant::now(), 0.5);
+        assert_eq!(done.passes, [event.pass, relist.pass]);
+        // A refresh asked for while a sync of some labs runs does not join it: a full one
+        // follows.
+        s.event(t("a"), labs(&["l2"]));
+        assert_eq!(start_all(&mut s), ["a"]);
+        let refresh = s.request(t("a"));
+        assert!(s.next_start().is_none());
+        s.finished("a", true, Instant::now(), 0.5);
+        let start = s.next_start().expect("the refresh's own sync");
+        assert_eq!((start.scope, start.owner), (Scope::Full, refresh.pass));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_waiting_for_its_own_sync_does_not_hold_up_the_others() {
+        let mut s = schedule(2);
+        s.request(t("a"));
+        assert_eq!(start_all(&mut s), ["a"]);
+        s.event(t("a"), labs(&["l1"]));
+        s.request(t("b"));
+        assert_eq!(start_all(&mut s), ["b"], "b starts past a's follow-up");
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,33 +49,57 @@ impl StatusUpdate {
         }
     }
 
-    /// A sync that wrote `lab_count` records; `counts` are what its plan did.
+    /// A sync that wrote `lab_count` records; `counts` are what its plan did; `activity`: a
+    /// lab it wrote changed state.
     pub fn success(
         worker_id: &str,
         at: DateTime,
         took: Duration,
         lab_count: usize,
         counts: &PlanCounts,
+        activity: bool,
     ) -> Self {
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         Self {
             worker_id: worker_id.to_owned(),
-            update: doc! {
-                "$set": {
-                    "last_attempt_at": at,
-                    "last_success_at": at,
-                    "last_error": null,
-                    "last_error_kind": null,
-                    "consecutive_failures": 0_i64,
-                    "lab_count": n(lab_count),
-                    "last_duration_ms": millis(took),
-                    "last_counts": bson::to_bson(&SyncCounts::from(counts)).unwrap_or_default(),
-                    "last_warning_kind": null,
-                    "last_warning": null,
+            update: with_activity(
+                activity,
+                at,
+                doc! {
+                    "$set": {
+                        "last_attempt_at": at,
+                        "last_success_at": at,
+                        "last_error": null,
+                        "last_error_kind": null,
+                        "consecutive_failures": 0_i64,
+                        "lab_count": n(lab_count),
+                        "last_duration_ms": millis(took),
+                        "last_counts": bson::to_bson(&SyncCounts::from(counts)).unwrap_or_default(),
+                        "last_warning_kind": null,
+                        "last_warning": null,
+                    },
+                    // Synced, so meant to be (the registry's copy keeps it from then on).
+                    "$setOnInsert": { "active": true },
                 },
-                // Synced, so meant to be (the registry's copy keeps it from then on).
-                "$setOnInsert": { "active": true },
-            },
+            ),
+            term: Term::default(),
+        }
+    }
+
+    /// A sync of the labs a worker's event stream named: when it was (`last_event_sync_at`),
+    /// and activity if a lab changed state. The cycle's fields (`last_attempt_at`,
+    /// `last_success_at`, `lab_count`, …) stay the last full sync's.
+    pub fn labs_synced(worker_id: &str, at: DateTime, activity: bool) -> Self {
+        Self {
+            worker_id: worker_id.to_owned(),
+            update: with_activity(
+                activity,
+                at,
+                doc! {
+                    "$set": { "last_event_sync_at": at },
+                    "$setOnInsert": { "active": true },
+                },
+            ),
             term: Term::default(),
         }
     }
@@ -108,6 +132,38 @@ impl StatusUpdate {
                 "$setOnInsert": { "last_success_at": null, "lab_count": 0_i64, "active": true },
             },
             term: Term::default(),
+        }
+    }
+}
+
+/// What a worker's event-stream watch last showed, and the activity it saw, to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchUpdate {
+    pub worker_id: String,
+    /// Its state (one of [`status::WATCH_STATES`]), why it fails, and since when.
+    pub state: Option<(&'static str, Option<&'static str>, DateTime)>,
+    /// The last lab or node state change it saw.
+    pub activity: Option<DateTime>,
+}
+
+impl WatchUpdate {
+    /// The upsert writing it, made under the lease's `term` (a status of a newer term
+    /// refuses it, and it marks what it writes with its term, as a sync's status does).
+    fn statement(&self, term: Term) -> Document {
+        let mut set = doc! { fence::FIELD: term.0 };
+        if let Some((state, failure, since)) = self.state {
+            set.insert("watch_state", state);
+            set.insert("watch_failure", failure);
+            set.insert("watch_since", since);
+        }
+        let mut update = doc! { "$set": set, "$setOnInsert": { "active": true } };
+        if let Some(at) = self.activity {
+            update.insert("$max", doc! { status::LAST_ACTIVITY_AT: at });
+        }
+        doc! {
+            "q": { "worker_id": &self.worker_id, fence::FIELD: term.admits() },
+            "u": update,
+            "upsert": true,
         }
     }
 }
@@ -145,6 +201,15 @@ impl StatusWriter {
         self.upsert(updates.len(), |i| updates[i].statement()).await
     }
 
+    /// Records what watches showed, in one round trip per thousand workers.
+    pub async fn record_watches(&self, updates: &[WatchUpdate], term: Term) -> Result<()> {
+        for chunk in updates.chunks(STATEMENTS_PER_COMMAND) {
+            self.upsert(chunk.len(), |i| chunk[i].statement(term))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Sends `n` upserts by `worker_id` (statement `i` made by `statement(i)`) in one command.
     async fn upsert(&self, n: usize, statement: impl Fn(usize) -> Document) -> Result<()> {
         if n == 0 {
@@ -170,6 +235,14 @@ impl StatusWriter {
         }
         Ok(())
     }
+}
+
+/// `update` also moves `last_activity_at` forward to `at` when there was activity (never back).
+fn with_activity(activity: bool, at: DateTime, mut update: Document) -> Document {
+    if activity {
+        update.insert("$max", doc! { status::LAST_ACTIVITY_AT: at });
+    }
+    update
 }
 
 fn millis(d: Duration) -> i64 {

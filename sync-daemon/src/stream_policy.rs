@@ -22,6 +22,8 @@ pub enum FailReason {
     Redirect,
     /// A message past the size bound.
     TooLarge,
+    /// More messages a second than allowed.
+    Flooded,
     /// No message for longer than the silence allowed.
     Silent,
     /// The stream broke or was closed by the server.
@@ -29,11 +31,12 @@ pub enum FailReason {
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 6] = [
+    pub const ALL: [FailReason; 7] = [
         FailReason::Unreachable,
         FailReason::Unauthorized,
         FailReason::Redirect,
         FailReason::TooLarge,
+        FailReason::Flooded,
         FailReason::Silent,
         FailReason::Dropped,
     ];
@@ -44,6 +47,7 @@ impl FailReason {
             FailReason::Unauthorized => "unauthorized",
             FailReason::Redirect => "redirect",
             FailReason::TooLarge => "too_large",
+            FailReason::Flooded => "flooded",
             FailReason::Silent => "silent",
             FailReason::Dropped => "dropped",
         }

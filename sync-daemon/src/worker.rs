@@ -1,16 +1,22 @@
-//! The sync of one worker: fetch its labs, diff them against its records, write the changes —
-//! within the worker deadline — and tell the outcome (one log line, its metrics).
+//! The sync of one worker: fetch its labs (all of them, or the few its event stream named),
+//! diff them against their records, write the changes — within the worker deadline — and tell
+//! the outcome (one log line, its metrics).
 //!
 //! A failure leaves the worker's records as they were: nothing is written before the listing is
 //! complete in memory, and every record write is atomic.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{BTreeSet, HashSet},
+    time::Duration,
+};
 
 use bson::DateTime;
-use cml_client::{CmlTarget, FetchSource, GroupsRead};
+use cml_client::{payload::GroupsShape, CmlTarget, FetchSource, GroupsRead};
+use futures::{stream, StreamExt, TryStreamExt};
 use shared::{
-    change::{plan_sync, Groups, Listing, PlanCounts, RecordWrite, SyncPlan},
+    change::{plan_labs, plan_sync, Groups, Listing, PlanCounts, RecordWrite, SyncPlan},
     fence::Term,
+    record::ObservedLab,
     status::SyncWarning,
     store::ApplyOutcome,
 };
@@ -23,9 +29,13 @@ use crate::{
         WorkerSyncFailed, WorkerSynced,
     },
     metrics::Metrics,
+    schedule::Scope,
     status::StatusUpdate,
     Error, Result,
 };
+
+/// Labs of one worker re-read at once by a sync of some labs.
+const LAB_READS_IN_FLIGHT: usize = 4;
 
 /// What one successful worker sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,11 +44,14 @@ pub struct WorkerOutcome {
     pub applied: ApplyOutcome,
     /// Whether the listing was the whole truth (only then are vanished labs marked removed).
     pub complete: bool,
-    /// `bulk` (one `populate_lab_tiles`) or `fallback` (one call per lab).
+    /// `bulk` (one `populate_lab_tiles`), `fallback` (one call per lab), or `labs` (only the
+    /// labs an event named, one call each).
     pub source: &'static str,
     /// Where the labs' groups came from, or why they could not be read.
     pub groups: GroupsRead,
     pub cml_calls: u32,
+    /// A lab it wrote changed state (activity on the worker).
+    pub activity: bool,
 }
 
 impl WorkerOutcome {
@@ -53,7 +66,7 @@ impl WorkerOutcome {
     pub fn warning(&self) -> Option<(SyncWarning, &str)> {
         match &self.groups {
             GroupsRead::Unread { error, .. } => Some((SyncWarning::GroupsUnread, error)),
-            GroupsRead::InLabs | GroupsRead::Associations => None,
+            GroupsRead::InLabs | GroupsRead::Associations | GroupsRead::Kept => None,
         }
     }
 }
@@ -62,6 +75,8 @@ impl WorkerOutcome {
 #[derive(Debug)]
 pub struct WorkerSync {
     pub target: CmlTarget,
+    /// Every lab, or the labs an event named.
+    pub scope: Scope,
     pub attempt_at: DateTime,
     pub took: Duration,
     /// The lease's term it was made under: its writes, status included, carry it.
@@ -73,6 +88,7 @@ impl WorkerSync {
     /// A sync that never returned (its task panicked): a failure like any other.
     pub fn panicked(
         target: CmlTarget,
+        scope: Scope,
         attempt_at: DateTime,
         took: Duration,
         term: Term,
@@ -80,6 +96,7 @@ impl WorkerSync {
     ) -> Self {
         Self {
             target,
+            scope,
             attempt_at,
             took,
             term,
@@ -91,6 +108,9 @@ impl WorkerSync {
     pub fn status(&self) -> StatusUpdate {
         let id = &self.target.worker_id;
         match &self.result {
+            Ok(o) if self.scope != Scope::Full => {
+                StatusUpdate::labs_synced(id, self.attempt_at, o.activity)
+            }
             Ok(o) => {
                 let update = StatusUpdate::success(
                     id,
@@ -98,6 +118,7 @@ impl WorkerSync {
                     self.took,
                     o.labs_written(),
                     &o.counts,
+                    o.activity,
                 );
                 match o.warning() {
                     Some((warning, text)) => update.warned(warning, text),
@@ -135,18 +156,25 @@ impl WorkerSync {
     }
 }
 
-/// Syncs one worker within `sync.worker_deadline`.
-pub async fn sync_worker(ctx: &Context, target: CmlTarget) -> WorkerSync {
+/// Syncs one worker (every lab, or those of `scope`) within `sync.worker_deadline`.
+pub async fn sync_worker(ctx: &Context, target: CmlTarget, scope: Scope) -> WorkerSync {
     let started = Instant::now();
     let attempt_at = DateTime::now();
     let term = ctx.lease.term();
     let deadline = ctx.config.sync.worker_deadline.get();
-    let result = match tokio::time::timeout(deadline, fetch_and_write(ctx, &target, term)).await {
+    let work = async {
+        match &scope {
+            Scope::Full => fetch_and_write(ctx, &target, term).await,
+            Scope::Labs(labs) => fetch_and_write_labs(ctx, &target, labs, term).await,
+        }
+    };
+    let result = match tokio::time::timeout(deadline, work).await {
         Ok(r) => r,
         Err(_) => Err(Error::Deadline(deadline)),
     };
     let sync = WorkerSync {
         target,
+        scope,
         attempt_at,
         took: started.elapsed(),
         term,
@@ -184,7 +212,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
     }
     let groups = match fetched.groups {
         GroupsRead::InLabs | GroupsRead::Associations => Groups::Observed,
-        GroupsRead::Unread { .. } => Groups::Unknown,
+        GroupsRead::Unread { .. } | GroupsRead::Kept => Groups::Unknown,
     };
     for lab in &mut fetched.labs {
         let fields = lab.fields.bound();
@@ -229,7 +257,83 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
         },
         groups: fetched.groups,
         cml_calls,
+        activity: plan.changes_a_state(),
     })
+}
+
+/// The sync of the labs a worker's event stream named: each re-read (`GET labs/{id}`, a few at
+/// a time; a 404 is a lab deleted, tombstoned), only their records read and written. Their
+/// groups are kept unless the lab objects carry them (CML before 2.9): a lab's own object does
+/// not say which groups it is shared with on 2.9+. Any other failed read fails the sync, which
+/// is then retried as a full one.
+async fn fetch_and_write_labs(
+    ctx: &Context,
+    target: &CmlTarget,
+    labs: &BTreeSet<String>,
+    term: Term,
+) -> Result<WorkerOutcome> {
+    let ids: Vec<String> = labs.iter().cloned().collect();
+    let worker_id = target.worker_id.as_str();
+    let reads = stream::iter(ids.clone())
+        .map(|id| read_lab(ctx, target, id))
+        .buffer_unordered(LAB_READS_IN_FLIGHT)
+        .try_collect::<Vec<_>>();
+    let (read, stored) = tokio::join!(reads, ctx.store.records_of_labs(worker_id, &ids));
+    let (read, stored) = (read?, stored?);
+    let (mut observed, mut gone, mut shape) = (Vec::new(), Vec::new(), GroupsShape::Silent);
+    for (id, lab) in read {
+        match lab {
+            Some((lab, lab_shape)) => {
+                shape = shape.and(lab_shape);
+                observed.push(lab);
+            }
+            None => gone.push(id),
+        }
+    }
+    for lab in &mut observed {
+        let fields = lab.fields.bound();
+        if !fields.is_empty() {
+            FieldsTruncated {
+                worker_id,
+                lab_id: &lab.lab_id,
+                fields: &fields,
+            }
+            .emit(&ctx.metrics);
+        }
+    }
+    let (groups, groups_read) = match shape {
+        GroupsShape::InLabs => (Groups::Observed, GroupsRead::InLabs),
+        GroupsShape::Silent | GroupsShape::Associations => (Groups::Unknown, GroupsRead::Kept),
+    };
+    let plan = plan_labs(worker_id, &stored, observed, &gone, groups, DateTime::now())?;
+    let applied = ctx.store.apply(&plan, term).await?;
+    for skipped in &applied.skipped {
+        RecordSkipped {
+            worker_id,
+            lab_id: &skipped.lab_id,
+            reason: &skipped.reason,
+        }
+        .emit(&ctx.metrics);
+    }
+    Ok(WorkerOutcome {
+        counts: plan.counts(),
+        applied,
+        complete: false,
+        source: "labs",
+        groups: groups_read,
+        cml_calls: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+        activity: plan.changes_a_state(),
+    })
+}
+
+/// One lab re-read: `None` when the server no longer has it.
+async fn read_lab(
+    ctx: &Context,
+    target: &CmlTarget,
+    lab_id: String,
+) -> cml_client::Result<(String, Option<(ObservedLab, GroupsShape)>)> {
+    let lab = ctx.cml.lab_details(target, &lab_id).await?;
+    Ok((lab_id, lab))
 }
 
 /// A listing that would tombstone labs is checked against the id list (one more call) first:

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bson::{doc, DateTime, Document};
 use cml_client::{CmlClient, CmlTarget};
 use cml_sim::{FleetConfig, Personality, ServeOptions};
+use shared::fence::Term;
 use shared::{
     change::PlanCounts,
     config::CmlConfig,
@@ -13,7 +14,7 @@ use shared::{
     secret::Secret,
     status::{SyncCounts, SyncStatusReader},
 };
-use sync_daemon::status::{StatusUpdate, StatusWriter};
+use sync_daemon::status::{StatusUpdate, StatusWriter, WatchUpdate};
 use testkit::TestDb;
 
 /// Writes one worker's outcome, as a pass does for all of its workers.
@@ -100,7 +101,7 @@ async fn sync_status_counts_failures_and_resets_on_success() {
 
     record(
         &status,
-        StatusUpdate::success("w1", t(2000), Duration::from_millis(950), 42, &counts),
+        StatusUpdate::success("w1", t(2000), Duration::from_millis(950), 42, &counts, true),
     )
     .await;
     let s = read.get("w1").await.expect("get").expect("exists");
@@ -109,7 +110,35 @@ async fn sync_status_counts_failures_and_resets_on_success() {
         (0, 42, 950)
     );
     assert_eq!(s.last_success_at, Some(t(2000)));
+    assert_eq!(s.last_activity_at, Some(t(2000)), "a lab changed state");
     assert_eq!((s.last_error, s.last_error_kind), (None, None));
+    // A sync of some labs: its own stamp; the cycle's fields stay; activity never goes back.
+    record(&status, StatusUpdate::labs_synced("w1", t(2500), false)).await;
+    record(&status, StatusUpdate::labs_synced("w1", t(1500), true)).await;
+    let s = read.get("w1").await.expect("get").expect("exists");
+    assert_eq!(s.last_event_sync_at, Some(t(1500)));
+    assert_eq!(s.last_activity_at, Some(t(2000)), "never back");
+    assert_eq!((s.last_attempt_at, s.lab_count), (t(2000), 42));
+    // What a watch shows, and activity it saw.
+    let watch = WatchUpdate {
+        worker_id: "w1".into(),
+        state: Some(("failing", Some("unreachable"), t(2600))),
+        activity: Some(t(2700)),
+    };
+    status
+        .record_watches(&[watch], Term::default())
+        .await
+        .expect("watches");
+    let s = read.get("w1").await.expect("get").expect("exists");
+    assert_eq!(
+        (
+            s.watch_state.as_deref(),
+            s.watch_failure.as_deref(),
+            s.watch_since
+        ),
+        (Some("failing"), Some("unreachable"), Some(t(2600)))
+    );
+    assert_eq!(s.last_activity_at, Some(t(2700)));
     assert_eq!(
         s.last_counts,
         Some(SyncCounts {
@@ -147,7 +176,7 @@ async fn sync_status_counts_failures_and_resets_on_success() {
 
     record(
         &status,
-        StatusUpdate::success("w0", t(0), Duration::ZERO, 0, &PlanCounts::default()),
+        StatusUpdate::success("w0", t(0), Duration::ZERO, 0, &PlanCounts::default(), false),
     )
     .await;
     let all: Vec<String> = read

@@ -103,6 +103,9 @@ impl Fixture {
             ("CML_LABS_CML__REQUEST_TIMEOUT", "2s"),
             ("CML_LABS_TELEMETRY__LOG_FORMAT", "json"),
             ("CML_LABS_SYNC__ADMIN_LISTEN", "127.0.0.1:0"),
+            // The tests of the cycle, retries and refreshes count its syncs and calls exactly:
+            // CML's event streams (on by default) are switched on by the tests of them.
+            ("CML_LABS_SYNC__EVENTS__ENABLED", "false"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -132,6 +132,8 @@ pub struct SyncConfig {
     pub admin_idle_timeout: HumanDuration,
     pub admin_max_header_bytes: usize,
     pub admin_max_connections: usize,
+    /// Watching each worker's CML event stream (`/ws/ui`) and syncing what it says changed.
+    pub events: SyncEventsConfig,
 }
 
 impl Default for SyncConfig {
@@ -154,6 +156,48 @@ impl Default for SyncConfig {
             admin_idle_timeout: HumanDuration::from_secs(60),
             admin_max_header_bytes: 16 * 1024,
             admin_max_connections: 64,
+            events: SyncEventsConfig::default(),
+        }
+    }
+}
+
+/// The lease holder's watch of each active worker's CML event stream (`sync.events.*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncEventsConfig {
+    /// Off: every worker is synced by the periodic cycle (and refreshes) only.
+    pub enabled: bool,
+    /// Event streams held open at once; workers past it are left to the periodic cycle.
+    pub max_watches: usize,
+    /// Longest message (and frame) a server may send; a longer one resets that watch.
+    pub max_message_bytes: usize,
+    /// Messages a server may send per second (CML's stats are about one a second); past it
+    /// the watch is reset as flooding.
+    pub max_messages_per_second: usize,
+    /// A stream with no message for this long is dead (CML sends stats every ~3.3 s) and is
+    /// reopened; also the time allowed for the first message after authenticating.
+    pub silence_timeout: HumanDuration,
+    /// Lab changes of one worker arriving within this window are synced together.
+    pub coalesce: HumanDuration,
+    /// Event syncs of one worker start at least this far apart (changes meanwhile wait and
+    /// are synced together).
+    pub min_interval: HumanDuration,
+    /// Longest wait between attempts to open a failing stream (failures in a row back off up
+    /// to it, jittered).
+    pub reconnect_max: HumanDuration,
+}
+
+impl Default for SyncEventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_watches: 2000,
+            max_message_bytes: 1 << 20,
+            max_messages_per_second: 500,
+            silence_timeout: HumanDuration::from_secs(30),
+            coalesce: HumanDuration::from_millis(100),
+            min_interval: HumanDuration::from_secs(1),
+            reconnect_max: HumanDuration::from_secs(300),
         }
     }
 }

@@ -294,6 +294,35 @@ impl SyncConfig {
             DAY,
         );
         v.socket_addr("sync.admin_listen", &self.admin_listen);
+        let e = &self.events;
+        v.any("sync.events.enabled");
+        v.range("sync.events.max_watches", e.max_watches, 0, 100_000);
+        v.range(
+            "sync.events.max_message_bytes",
+            e.max_message_bytes,
+            64 * 1024,
+            64 << 20,
+        );
+        v.range(
+            "sync.events.max_messages_per_second",
+            e.max_messages_per_second,
+            10,
+            100_000,
+        );
+        v.duration_range(
+            "sync.events.silence_timeout",
+            e.silence_timeout,
+            5 * SECOND,
+            HOUR,
+        );
+        v.duration_range("sync.events.coalesce", e.coalesce, Duration::ZERO, MINUTE);
+        v.duration_range(
+            "sync.events.min_interval",
+            e.min_interval,
+            Duration::ZERO,
+            HOUR,
+        );
+        v.duration_range("sync.events.reconnect_max", e.reconnect_max, SECOND, HOUR);
         v.check(
             self.workers_from_registry || !self.static_workers.is_empty(),
             "sync.workers_from_registry",

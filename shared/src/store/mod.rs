@@ -152,6 +152,21 @@ impl LabStore {
         Ok(cursor.try_collect().await?)
     }
 
+    /// The records of some labs of a worker (those an event sync re-reads), without
+    /// `operation_history`: one query on the `(worker_id, lab_id)` index.
+    pub async fn records_of_labs(
+        &self,
+        worker_id: &str,
+        lab_ids: &[String],
+    ) -> Result<Vec<LabRecord>> {
+        let cursor = self
+            .records
+            .find(doc! { "worker_id": worker_id, "lab_id": { "$in": lab_ids } })
+            .projection(doc! { "operation_history": 0 })
+            .await?;
+        Ok(cursor.try_collect().await?)
+    }
+
     /// A worker's labs sorted by title then lab id, without `operation_history`, at most
     /// `limit`, as they arrive from the server.
     pub async fn labs_of_worker(

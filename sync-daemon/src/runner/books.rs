@@ -139,7 +139,7 @@ async fn close<B: Bookkeeping>(books: &B, closed: Closed) {
         match kind {
             PassKind::Cycle => books.cycle_closed(&report, purge).await,
             PassKind::Retry => RetriesCompleted { report: &report }.emit(books.metrics()),
-            PassKind::Requested => {}
+            PassKind::Requested | PassKind::Event => {}
         }
     }
     .instrument(span)

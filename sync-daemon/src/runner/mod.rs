@@ -30,24 +30,25 @@ use crate::{
     logs::{CycleSkipped, CycleStarted, DrainTimedOut, LogLine, RetriesStarted, ServeFailed},
     metrics::Metrics,
     pass::{Pass, PassReport, Passes},
-    schedule::{Finished, Opened, PassId, Schedule},
+    schedule::{Finished, Opened, PassId, PassKind, Schedule, Scope},
     trigger::{registry::CycleRead, Trigger},
     worker::{sync_worker, WorkerSync},
 };
 
 use books::{Books, Closed, Closing};
+use shared::metrics::Trigger as TriggerLabel;
 
 /// Syncs one worker: the real one reads CML and writes MongoDB; tests fake it.
 pub trait Syncer: Send + Sync + 'static {
-    fn sync(&self, target: CmlTarget) -> impl Future<Output = WorkerSync> + Send;
+    fn sync(&self, target: CmlTarget, scope: Scope) -> impl Future<Output = WorkerSync> + Send;
 
     /// The lease's term a sync starting now is made under.
     fn term(&self) -> Term;
 }
 
 impl Syncer for Context {
-    fn sync(&self, target: CmlTarget) -> impl Future<Output = WorkerSync> + Send {
-        sync_worker(self, target)
+    fn sync(&self, target: CmlTarget, scope: Scope) -> impl Future<Output = WorkerSync> + Send {
+        sync_worker(self, target, scope)
     }
 
     fn term(&self) -> Term {
@@ -63,6 +64,7 @@ const BOOKS_AFTER_DRAIN: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 struct InFlight {
     target: CmlTarget,
+    scope: Scope,
     attempt_at: DateTime,
     started: Instant,
     term: Term,
@@ -87,6 +89,8 @@ pub struct Runner<S> {
     requests: HashMap<PassId, SyncRequest>,
     /// Whoever waits for a pass's report.
     reports: HashMap<PassId, oneshot::Sender<PassReport>>,
+    /// When the first change an event pass syncs arrived from CML (for the lag to its write).
+    event_seen: HashMap<PassId, Instant>,
 }
 
 impl<S: Syncer> Runner<S> {
@@ -105,6 +109,7 @@ impl<S: Syncer> Runner<S> {
             resume: None,
             requests: HashMap::new(),
             reports: HashMap::new(),
+            event_seen: HashMap::new(),
         }
     }
 
@@ -191,6 +196,31 @@ impl<S: Syncer> Runner<S> {
                     self.track(opened, span);
                 }
             }
+            Trigger::Event {
+                target,
+                scope,
+                seen,
+            } => {
+                // A watch only runs while this replica holds the lease; one closing may still
+                // have sent something.
+                if !self.stopped {
+                    let labs = match &scope {
+                        Scope::Full => 0,
+                        Scope::Labs(labs) => labs.len(),
+                    };
+                    let span = tracing::info_span!(
+                        "cml_event",
+                        worker_id = %target.worker_id,
+                        labs,
+                        relist = scope == Scope::Full
+                    );
+                    let opened = self.schedule.event(target, scope);
+                    if labs > 0 {
+                        self.event_seen.insert(opened.pass, seen);
+                    }
+                    self.track(opened, span);
+                }
+            }
             Trigger::Request { request, target } => {
                 if self.stopped {
                     // Pending again, for the next holder.
@@ -273,15 +303,27 @@ impl<S: Syncer> Runner<S> {
                 "worker_sync",
                 worker_id = %start.target.worker_id
             );
+            let trigger = match (self.passes.kind(start.owner), &start.scope) {
+                (Some(PassKind::Event), Scope::Full) => "relist",
+                (Some(PassKind::Event), Scope::Labs(_)) => "event",
+                (Some(PassKind::Cycle), _) => "cycle",
+                (Some(PassKind::Retry), _) => "retry",
+                (Some(PassKind::Requested) | None, _) => "requested",
+            };
+            self.metrics
+                .syncs_by_trigger
+                .get(&TriggerLabel(trigger))
+                .inc();
             let syncer = self.syncer.clone();
-            let target = start.target.clone();
+            let (target, scope) = (start.target.clone(), start.scope.clone());
             let handle = self
                 .tasks
-                .spawn(async move { syncer.sync(target).await }.instrument(span));
+                .spawn(async move { syncer.sync(target, scope).await }.instrument(span));
             self.in_flight.insert(
                 handle.id(),
                 InFlight {
                     target: start.target,
+                    scope: start.scope,
                     attempt_at: DateTime::now(),
                     started: Instant::now(),
                     term: self.syncer.term(),
@@ -309,6 +351,7 @@ impl<S: Syncer> Runner<S> {
                     };
                     let sync = WorkerSync::panicked(
                         f.target,
+                        f.scope,
                         f.attempt_at,
                         f.started.elapsed(),
                         f.term,
@@ -394,8 +437,13 @@ impl<S: Syncer> Runner<S> {
     }
 
     fn close(&mut self, pass: Pass) {
-        if pass.kind == crate::schedule::PassKind::Cycle {
+        if pass.kind == PassKind::Cycle {
             self.schedule.cycle_finished(pass.id, Instant::now());
+        }
+        if let Some(seen) = self.event_seen.remove(&pass.id) {
+            if pass.report.failed.is_empty() && pass.report.skipped.is_empty() {
+                self.metrics.event_lag.observe(seen.elapsed().as_secs_f64());
+            }
         }
         self.books.send(Closing::Pass(Box::new(Closed {
             request: self.requests.remove(&pass.id),

@@ -1,7 +1,7 @@
 //! The runner with a fake sync and fake books, on paused time.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Mutex,
@@ -45,6 +45,7 @@ impl Drop for DropGuard<'_> {
 #[derive(Default)]
 struct FakeSync {
     started: Mutex<Vec<String>>,
+    scopes: Mutex<Vec<Scope>>,
     gates: Mutex<HashMap<String, Arc<Semaphore>>>,
     panics: Mutex<HashMap<String, u32>>,
     aborted: AtomicUsize,
@@ -74,9 +75,10 @@ impl Syncer for FakeSync {
         Term(1)
     }
 
-    fn sync(&self, target: CmlTarget) -> impl Future<Output = WorkerSync> + Send {
+    fn sync(&self, target: CmlTarget, scope: Scope) -> impl Future<Output = WorkerSync> + Send {
         let id = target.worker_id.clone();
         self.started.lock().unwrap().push(id.clone());
+        self.scopes.lock().unwrap().push(scope.clone());
         let gate = self.gates.lock().unwrap().get(&id).cloned();
         let panic = self
             .panics
@@ -97,6 +99,7 @@ impl Syncer for FakeSync {
             guard.1 = true;
             WorkerSync {
                 target,
+                scope,
                 attempt_at: DateTime::now(),
                 took: Duration::from_millis(1),
                 term: Term(1),
@@ -111,6 +114,7 @@ impl Syncer for FakeSync {
                     source: "bulk",
                     groups: cml_client::GroupsRead::InLabs,
                     cml_calls: 1,
+                    activity: false,
                 }),
             }
         }
@@ -268,6 +272,62 @@ async fn a_request_for_a_worker_whose_sync_is_running_joins_it() {
     }
     assert_eq!(books.statuses(), ["w"], "one status, by the sync's owner");
     assert_eq!(sync.started().len(), 1);
+    assert!(runner.drain(Duration::from_secs(1)).await);
+}
+
+fn event(worker: &str, labs: &[&str]) -> Trigger {
+    Trigger::Event {
+        target: t(worker),
+        scope: if labs.is_empty() {
+            Scope::Full
+        } else {
+            Scope::Labs(labs.iter().map(|l| (*l).to_owned()).collect())
+        },
+        seen: Instant::now(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn changes_announced_during_a_sync_are_synced_once_after_it_and_counted_by_trigger() {
+    let (sync, books) = (Arc::new(FakeSync::default()), FakeBooks::new(true));
+    let gate = sync.gate("w");
+    let mut runner = runner(&sync, &books, 4);
+    // The stream went live: a relist; then three changes while it runs.
+    runner.accept(event("w", &[]));
+    settle(|| sync.started().len() == 1).await;
+    for labs in [&["l1"][..], &["l2"], &["l1", "l3"]] {
+        runner.accept(event("w", labs));
+    }
+    tokio::time::advance(Duration::from_millis(40)).await;
+    gate.add_permits(2);
+    let relist = runner.join_next().await.expect("the relist ends");
+    runner.finished(relist);
+    let after = runner.join_next().await.expect("one more sync");
+    runner.finished(after);
+    let labs: BTreeSet<String> = ["l1", "l2", "l3"].map(String::from).into();
+    assert_eq!(
+        *sync.scopes.lock().unwrap(),
+        [Scope::Full, Scope::Labs(labs)],
+        "the changes never joined the running sync; one sync after it took them all"
+    );
+    let text = runner.metrics.render();
+    for line in [
+        "sync_worker_syncs_started_total{trigger=\"relist\"} 1",
+        "sync_worker_syncs_started_total{trigger=\"event\"} 1",
+        // Each of the three announcements, from its arrival to the write that took it.
+        "sync_event_lag_seconds_count 3",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    // The changes waited 40 ms for the relist: the lag from the first to its write says so.
+    assert!(
+        text.contains("sync_event_lag_seconds_bucket{le=\"0.05\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sync_event_lag_seconds_bucket{le=\"0.025\"} 0"),
+        "{text}"
+    );
     assert!(runner.drain(Duration::from_secs(1)).await);
 }
 

@@ -8,18 +8,20 @@
 //! [`crate::daemon`]'s `start_sources`.
 
 pub mod cycle;
+pub mod events;
 pub mod registry;
 pub mod requests;
 pub mod retry;
 
 use cml_client::CmlTarget;
 use shared::sync_request::SyncRequest;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Context,
     logs::{LogLine, ServeFailed},
+    schedule::Scope,
     Error,
 };
 
@@ -40,6 +42,14 @@ pub enum Trigger {
     Registry {
         sync_now: Vec<CmlTarget>,
         stopped: Vec<String>,
+    },
+    /// What a worker's CML event stream announced: these labs changed (`Scope::Labs`), or
+    /// the stream is live (again) and the worker is relisted (`Scope::Full`). `seen`: when
+    /// the first of the changes arrived.
+    Event {
+        target: CmlTarget,
+        scope: Scope,
+        seen: Instant,
     },
     /// A refresh someone asked for (claimed by this replica), of an active worker.
     Request {
@@ -88,6 +98,12 @@ impl Sources {
                 _ = task => {}
             }
         });
+    }
+
+    /// Runs `task`, which watches [`Sources::stopping`] itself and ends soon after it (to
+    /// close what it holds politely).
+    pub fn spawn_graceful(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
     }
 
     /// The token that stops every source.

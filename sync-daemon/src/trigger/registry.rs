@@ -53,14 +53,19 @@ pub enum CycleRead {
     Resume { since: DateTime },
 }
 
+/// The active workers as last read in this term of the lease (`None`: not read yet), for the
+/// sources that follow the fleet (CML's event streams).
+pub type Fleet = watch::Sender<Option<Vec<CmlTarget>>>;
+
 /// Serves the runner's reads (`reads`) and, while `held`, the registry's changes (`changed`,
-/// when workers come from the registry).
+/// when workers come from the registry); publishes each list it reads to `fleet`.
 pub async fn run(
     ctx: Arc<Context>,
     mut held: watch::Receiver<bool>,
     changed: Option<Arc<Notify>>,
     mut reads: mpsc::UnboundedReceiver<CycleRead>,
     triggers: Triggers,
+    fleet: Fleet,
 ) {
     let mut known = Known::default();
     let watching = changed.is_some();
@@ -72,15 +77,16 @@ pub async fn run(
                 if lease.is_err() { return }
                 if !*held.borrow() {
                     known.forget();
+                    fleet.send_replace(None);
                 }
                 true
             }
             read = reads.recv() => match read {
-                Some(read) => cycle(&ctx, &mut known, read, &triggers).await,
+                Some(read) => cycle(&ctx, &mut known, read, &triggers, &fleet).await,
                 None => return,
             },
             _ = changed.notified(), if holds && watching => {
-                registry_changed(&ctx, &mut known, &triggers).await
+                registry_changed(&ctx, &mut known, &triggers, &fleet).await
             }
         };
         if !sent {
@@ -92,7 +98,13 @@ pub async fn run(
 /// Reads the workers of a cycle and hands them to the runner (with what changed since the
 /// last read). A full cycle is noted in the lease, so a replica taking over keeps its rhythm;
 /// the rest of an interrupted one leaves out the workers synced since it began.
-async fn cycle(ctx: &Context, known: &mut Known, read: CycleRead, triggers: &Triggers) -> bool {
+async fn cycle(
+    ctx: &Context,
+    known: &mut Known,
+    read: CycleRead,
+    triggers: &Triggers,
+    fleet: &Fleet,
+) -> bool {
     let since = match read {
         CycleRead::Full => None,
         CycleRead::Resume { since } => Some(since),
@@ -111,6 +123,7 @@ async fn cycle(ctx: &Context, known: &mut Known, read: CycleRead, triggers: &Tri
             return triggers.send(unreadable).await.is_ok();
         }
     };
+    fleet.send_replace(Some(targets.clone()));
     if !forget_stopped(ctx, known, &targets, triggers).await {
         return false;
     }
@@ -164,7 +177,12 @@ async fn forget_stopped(
 
 /// The registry changed: what appeared or moved syncs now, what stopped is forgotten; then the
 /// fleet view follows.
-async fn registry_changed(ctx: &Context, known: &mut Known, triggers: &Triggers) -> bool {
+async fn registry_changed(
+    ctx: &Context,
+    known: &mut Known,
+    triggers: &Triggers,
+    fleet: &Fleet,
+) -> bool {
     let targets = match ctx.workers().await {
         Ok(targets) => targets,
         Err(error) => {
@@ -172,6 +190,7 @@ async fn registry_changed(ctx: &Context, known: &mut Known, triggers: &Triggers)
             return true;
         }
     };
+    fleet.send_replace(Some(targets.clone()));
     let changes = known.update(&targets);
     log(ctx, &changes);
     if !changes.is_empty() {

@@ -1,0 +1,610 @@
+//! CML's event streams as a source: while this replica holds the lease it keeps one watch per
+//! active worker (up to `sync.events.max_watches`) on the worker's `/ws/ui`, and sends the
+//! runner the labs each stream says changed (coalesced per worker), and a relist of the worker
+//! each time its stream is live (again). What each message means is [`crate::cml_events`]';
+//! what a watch does after each thing that happens to it is [`crate::stream_policy`]'s. The
+//! watches' states and the activity they see are written to `worker_sync_status` about once a
+//! second, in one command ([`keep_book`]).
+//!
+//! Losing the lease or stopping closes every stream (a close frame, within a second).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use bson::DateTime;
+use cml_client::{
+    events::{EventLimits, EventStream, StreamEnd},
+    CmlTarget,
+};
+use shared::{
+    backoff::{random_unit, Backoff},
+    config::Config,
+    metrics::{Kind, Reason, State},
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{serve_failed, Trigger, Triggers};
+use crate::{
+    cml_events::classify,
+    context::Context,
+    logs::{LogLine, WatchChanged, WatchWriteFailed, WatchesCapped},
+    schedule::Scope,
+    status::WatchUpdate,
+    stream_policy::{FailReason, Happened, Next, Policy, Watch, WatchState},
+};
+
+/// How often the watches' states and activity are written (and the gauges set).
+const BOOK_EVERY: Duration = Duration::from_secs(1);
+/// How long a closing stream may take to say goodbye.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// The knobs of every watch (from `sync.events.*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub limits: EventLimits,
+    pub silence: Duration,
+    pub coalesce: Duration,
+    pub min_interval: Duration,
+    pub max_per_second: usize,
+    pub max_watches: usize,
+    pub policy: Policy,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Self {
+        let e = &config.sync.events;
+        Self {
+            limits: EventLimits {
+                max_message_bytes: e.max_message_bytes,
+            },
+            silence: e.silence_timeout.get(),
+            coalesce: e.coalesce.get(),
+            min_interval: e.min_interval.get(),
+            max_per_second: e.max_messages_per_second,
+            max_watches: e.max_watches,
+            policy: Policy {
+                reconnect: Backoff {
+                    base: Duration::from_secs(2),
+                    cap: e.reconnect_max.get(),
+                },
+                // A server without a stream is tried again once a cycle.
+                no_stream_retry: config.sync.interval.get(),
+                ..Policy::default()
+            },
+        }
+    }
+}
+
+/// What a watch tells the book.
+#[derive(Debug)]
+enum Note {
+    State {
+        worker_id: String,
+        state: WatchState,
+    },
+    Activity {
+        worker_id: String,
+        at: DateTime,
+    },
+    /// The watch ended (the worker left the fleet, or the lease went).
+    Gone {
+        worker_id: String,
+    },
+}
+
+type Notes = mpsc::UnboundedSender<Note>;
+
+/// One running watch.
+#[derive(Debug)]
+struct Running {
+    endpoint: String,
+    stop: CancellationToken,
+}
+
+/// Runs the watches while `held`; `fleet` says which workers are active now (each time the
+/// registry source reads them). Ends when `stop` is cancelled, after closing every stream.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut held: watch::Receiver<bool>,
+    mut fleet: watch::Receiver<Option<Vec<CmlTarget>>>,
+    triggers: Triggers,
+    stop: CancellationToken,
+) {
+    let settings = Settings::from_config(&ctx.config);
+    let (notes, book_rx) = mpsc::unbounded_channel();
+    let book = tokio::spawn(keep_book(ctx.clone(), book_rx));
+    let mut watches: HashMap<String, Running> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    // The active workers as last read in this term of the lease.
+    let mut known: Option<Vec<CmlTarget>> = None;
+    loop {
+        let holds = *held.borrow_and_update();
+        if holds {
+            if let Some(read) = fleet.borrow_and_update().clone() {
+                known = Some(read);
+            }
+            if known.is_none() {
+                // Taken the lease: the first list is read here, the next ones come from the
+                // registry source.
+                known = match ctx.workers().await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        serve_failed(&ctx, e, "read the workers to watch");
+                        None
+                    }
+                };
+            }
+            if let Some(targets) = &known {
+                reconcile(
+                    &ctx,
+                    &settings,
+                    targets,
+                    &mut watches,
+                    &mut tasks,
+                    &notes,
+                    &triggers,
+                );
+            }
+        } else {
+            known = None;
+            fleet.borrow_and_update();
+            close_all(&mut watches, &notes);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = held.changed() => if changed.is_err() { break },
+            changed = fleet.changed() => if changed.is_err() { break },
+            // A worker list that could not be read is tried again.
+            _ = tokio::time::sleep(Duration::from_secs(5)), if holds && known.is_none() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    close_all(&mut watches, &notes);
+    let _ = tokio::time::timeout(CLOSE_WITHIN * 2, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    drop(notes);
+    let _ = book.await;
+}
+
+/// Starts a watch for each target not watched (or moved), up to the cap; stops the watches of
+/// workers no longer active.
+fn reconcile(
+    ctx: &Arc<Context>,
+    settings: &Settings,
+    targets: &[CmlTarget],
+    watches: &mut HashMap<String, Running>,
+    tasks: &mut JoinSet<()>,
+    notes: &Notes,
+    triggers: &Triggers,
+) {
+    let wanted: HashMap<&str, &CmlTarget> =
+        targets.iter().map(|t| (t.worker_id.as_str(), t)).collect();
+    watches.retain(|id, running| {
+        let keep = wanted
+            .get(id.as_str())
+            .is_some_and(|t| t.endpoint == running.endpoint);
+        if !keep {
+            running.stop.cancel();
+            let _ = notes.send(Note::Gone {
+                worker_id: id.clone(),
+            });
+        }
+        keep
+    });
+    let mut capped = 0;
+    for target in targets {
+        if watches.contains_key(&target.worker_id) {
+            continue;
+        }
+        if watches.len() >= settings.max_watches {
+            capped += 1;
+            let _ = notes.send(Note::State {
+                worker_id: target.worker_id.clone(),
+                state: WatchState::Polling,
+            });
+            continue;
+        }
+        let stop = CancellationToken::new();
+        watches.insert(
+            target.worker_id.clone(),
+            Running {
+                endpoint: target.endpoint.clone(),
+                stop: stop.clone(),
+            },
+        );
+        tasks.spawn(watch_worker(
+            ctx.clone(),
+            target.clone(),
+            *settings,
+            notes.clone(),
+            triggers.clone(),
+            stop,
+        ));
+    }
+    if capped > 0 {
+        WatchesCapped {
+            workers: targets.len(),
+            max_watches: settings.max_watches,
+        }
+        .emit(&ctx.metrics);
+    }
+}
+
+fn close_all(watches: &mut HashMap<String, Running>, notes: &Notes) {
+    for (worker_id, running) in watches.drain() {
+        running.stop.cancel();
+        let _ = notes.send(Note::Gone { worker_id });
+    }
+}
+
+/// One worker's watch: open, read, reconnect, as [`crate::stream_policy`] says, until `stop`.
+async fn watch_worker(
+    ctx: Arc<Context>,
+    target: CmlTarget,
+    settings: Settings,
+    notes: Notes,
+    triggers: Triggers,
+    stop: CancellationToken,
+) {
+    let mut watch = Watch::default();
+    let mut shown = None;
+    let show = |state: WatchState, why: Option<&str>, retry_in, shown: &mut Option<WatchState>| {
+        if *shown != Some(state) {
+            *shown = Some(state);
+            WatchChanged {
+                worker_id: &target.worker_id,
+                state,
+                why,
+                retry_in,
+            }
+            .emit(&ctx.metrics);
+            let _ = notes.send(Note::State {
+                worker_id: target.worker_id.clone(),
+                state,
+            });
+        }
+    };
+    show(WatchState::Connecting, None, None, &mut shown);
+    loop {
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return,
+            opened = ctx.cml.open_events(&target, settings.limits) => opened,
+        };
+        let (happened, why, token) = match opened {
+            Err(cml_client::Error::Status { status: 404, .. }) => {
+                (Happened::NoStream, "404 on /ws/ui".to_owned(), None)
+            }
+            Err(e) => (Happened::OpenFailed(open_failure(&e)), e.to_string(), None),
+            Ok(stream) => {
+                let token = stream.token().to_owned();
+                let session = Session {
+                    ctx: &ctx,
+                    target: &target,
+                    settings: &settings,
+                    notes: &notes,
+                    triggers: &triggers,
+                    stop: &stop,
+                };
+                match session.read(stream, &mut watch, &mut shown).await {
+                    None => return,
+                    Some((happened, why)) => (happened, why, Some(token)),
+                }
+            }
+        };
+        let next = watch.on(happened, &settings.policy, random_unit());
+        let wait = match next {
+            Next::Reconnect {
+                after,
+                reauthenticate,
+            } => {
+                if let Happened::OpenFailed(reason) | Happened::Ended(reason) = happened {
+                    ctx.metrics
+                        .event_reconnects
+                        .get(&Reason(reason.as_str()))
+                        .inc();
+                }
+                if reauthenticate {
+                    if let Some(token) = &token {
+                        ctx.cml.forget_token(&target, token).await;
+                    }
+                }
+                after
+            }
+            Next::Poll { retry_after } => retry_after,
+            // Only a live stream is relisted, and that happens while it is read.
+            Next::Relist => Duration::ZERO,
+        };
+        show(watch.state(), Some(&why), Some(wait), &mut shown);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Why opening a stream failed, as a watch's reason.
+fn open_failure(e: &cml_client::Error) -> FailReason {
+    use cml_client::Error as E;
+    match e {
+        E::Redirect { .. } => FailReason::Redirect,
+        E::AuthFailed { .. }
+        | E::Status {
+            status: 401 | 403, ..
+        } => FailReason::Unauthorized,
+        E::TooLarge { .. } => FailReason::TooLarge,
+        _ => FailReason::Unreachable,
+    }
+}
+
+/// Why an open stream ended, as a watch's reason.
+fn end_reason(end: &StreamEnd) -> FailReason {
+    match end {
+        StreamEnd::Unauthorized => FailReason::Unauthorized,
+        StreamEnd::Silent => FailReason::Silent,
+        StreamEnd::TooLarge => FailReason::TooLarge,
+        StreamEnd::Closed { .. } | StreamEnd::Dropped(_) => FailReason::Dropped,
+    }
+}
+
+/// Reading one open stream.
+struct Session<'a> {
+    ctx: &'a Context,
+    target: &'a CmlTarget,
+    settings: &'a Settings,
+    notes: &'a Notes,
+    triggers: &'a Triggers,
+    stop: &'a CancellationToken,
+}
+
+/// Labs announced and not sent to the runner yet.
+#[derive(Debug, Default)]
+struct Pending {
+    labs: BTreeSet<String>,
+    /// When the first of them arrived.
+    seen: Option<Instant>,
+    /// When they go.
+    due: Option<Instant>,
+}
+
+impl Session<'_> {
+    /// Reads `stream` until it ends (what happened, and why in words) or the watch stops
+    /// (`None`: the stream was closed).
+    async fn read(
+        &self,
+        mut stream: EventStream,
+        watch: &mut Watch,
+        shown: &mut Option<WatchState>,
+    ) -> Option<(Happened, String)> {
+        let s = self.settings;
+        let mut last_message = Instant::now();
+        let mut live = false;
+        let mut pending = Pending::default();
+        let mut last_sent: Option<Instant> = None;
+        let (mut window, mut in_window) = (Instant::now(), 0usize);
+        loop {
+            let silent_at = last_message + s.silence;
+            let due = pending.due;
+            let woke = tokio::select! {
+                _ = self.stop.cancelled() => Woke::Stop,
+                _ = sleep_until(due) => Woke::Due,
+                m = stream.next(silent_at.saturating_duration_since(Instant::now())) => {
+                    Woke::Message(m)
+                }
+            };
+            let text = match woke {
+                Woke::Stop => {
+                    stream.close(CLOSE_WITHIN).await;
+                    return None;
+                }
+                Woke::Due => {
+                    self.send(&mut pending, &mut last_sent).await;
+                    continue;
+                }
+                Woke::Message(Ok(text)) => text,
+                Woke::Message(Err(end)) => {
+                    self.send(&mut pending, &mut last_sent).await;
+                    let why = match &end {
+                        StreamEnd::Closed { code, reason } => format!("closed {code} {reason}"),
+                        StreamEnd::Dropped(e) => format!("dropped: {e}"),
+                        other => other.label().to_owned(),
+                    };
+                    let reason = end_reason(&end);
+                    return Some(if live {
+                        (Happened::Ended(reason), why)
+                    } else {
+                        (Happened::OpenFailed(reason), why)
+                    });
+                }
+            };
+            let now = Instant::now();
+            last_message = now;
+            if now.duration_since(window) >= Duration::from_secs(1) {
+                (window, in_window) = (now, 0);
+            }
+            in_window += 1;
+            if in_window > s.max_per_second {
+                self.send(&mut pending, &mut last_sent).await;
+                stream.close(CLOSE_WITHIN).await;
+                let why = format!("more than {} messages in a second", s.max_per_second);
+                return Some((Happened::Ended(FailReason::Flooded), why));
+            }
+            if !live {
+                live = true;
+                // Live: whatever changed while it was not is caught by one full sync.
+                let _ = watch.on(Happened::Live, &s.policy, random_unit());
+                self.show_live(shown);
+                let relist = Trigger::Event {
+                    target: self.target.clone(),
+                    scope: Scope::Full,
+                    seen: now,
+                };
+                if self.triggers.send(relist).await.is_err() {
+                    return None;
+                }
+            }
+            let verdict = classify(&text);
+            self.ctx
+                .metrics
+                .event_messages
+                .get(&Kind(verdict.kind.as_str()))
+                .inc();
+            if verdict.activity {
+                let _ = self.notes.send(Note::Activity {
+                    worker_id: self.target.worker_id.clone(),
+                    at: DateTime::now(),
+                });
+            }
+            if let Some(lab) = verdict.sync {
+                if pending.labs.is_empty() {
+                    pending.seen = Some(now);
+                    let earliest = last_sent.map_or(now, |at| at + s.min_interval);
+                    pending.due = Some((now + s.coalesce).max(earliest));
+                }
+                pending.labs.insert(lab);
+            }
+        }
+    }
+
+    fn show_live(&self, shown: &mut Option<WatchState>) {
+        if *shown != Some(WatchState::Live) {
+            *shown = Some(WatchState::Live);
+            WatchChanged {
+                worker_id: &self.target.worker_id,
+                state: WatchState::Live,
+                why: None,
+                retry_in: None,
+            }
+            .emit(&self.ctx.metrics);
+            let _ = self.notes.send(Note::State {
+                worker_id: self.target.worker_id.clone(),
+                state: WatchState::Live,
+            });
+        }
+    }
+
+    /// Sends the labs pending, if any, to the runner.
+    async fn send(&self, pending: &mut Pending, last_sent: &mut Option<Instant>) {
+        let Pending { labs, seen, .. } = std::mem::take(pending);
+        if labs.is_empty() {
+            return;
+        }
+        *last_sent = Some(Instant::now());
+        let trigger = Trigger::Event {
+            target: self.target.clone(),
+            scope: Scope::Labs(labs),
+            seen: seen.unwrap_or_else(Instant::now),
+        };
+        // The runner gone means the daemon stops: the stream is closed next.
+        let _ = self.triggers.send(trigger).await;
+    }
+}
+
+/// What a stream's reader woke for.
+enum Woke {
+    Stop,
+    /// Pending labs are due.
+    Due,
+    Message(Result<String, StreamEnd>),
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes what the watches show to `worker_sync_status` (each worker's latest state and
+/// activity, about once a second, in one command) and sets `sync_event_watches{state}`.
+async fn keep_book(ctx: Arc<Context>, mut notes: mpsc::UnboundedReceiver<Note>) {
+    let mut shown: HashMap<String, WatchState> = HashMap::new();
+    let mut dirty: HashMap<String, WatchUpdate> = HashMap::new();
+    let mut tick = tokio::time::interval(BOOK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            note = notes.recv() => match note {
+                Some(note) => note_down(note, &mut shown, &mut dirty),
+                None => break,
+            },
+            _ = tick.tick() => {
+                set_gauges(&ctx, &shown);
+                flush(&ctx, &mut dirty).await;
+            }
+        }
+    }
+    set_gauges(&ctx, &shown);
+    flush(&ctx, &mut dirty).await;
+}
+
+fn note_down(
+    note: Note,
+    shown: &mut HashMap<String, WatchState>,
+    dirty: &mut HashMap<String, WatchUpdate>,
+) {
+    fn update<'a>(
+        dirty: &'a mut HashMap<String, WatchUpdate>,
+        worker_id: &str,
+    ) -> &'a mut WatchUpdate {
+        dirty
+            .entry(worker_id.to_owned())
+            .or_insert_with(|| WatchUpdate {
+                worker_id: worker_id.to_owned(),
+                state: None,
+                activity: None,
+            })
+    }
+    match note {
+        Note::State { worker_id, state } => {
+            let failure = match state {
+                WatchState::Failing(reason) => Some(reason.as_str()),
+                _ => None,
+            };
+            update(dirty, &worker_id).state = Some((state.as_str(), failure, DateTime::now()));
+            shown.insert(worker_id, state);
+        }
+        Note::Activity { worker_id, at } => {
+            let u = update(dirty, &worker_id);
+            u.activity = Some(u.activity.map_or(at, |a| a.max(at)));
+        }
+        Note::Gone { worker_id } => {
+            shown.remove(&worker_id);
+        }
+    }
+}
+
+fn set_gauges(ctx: &Context, shown: &HashMap<String, WatchState>) {
+    let mut counts: HashMap<&'static str, usize> = HashMap::new();
+    for state in shown.values() {
+        *counts.entry(state.as_str()).or_default() += 1;
+    }
+    for state in shared::status::WATCH_STATES {
+        let n = counts.get(state).copied().unwrap_or(0);
+        ctx.metrics.event_watches.get(&State(state)).set(n as f64);
+    }
+}
+
+async fn flush(ctx: &Context, dirty: &mut HashMap<String, WatchUpdate>) {
+    if dirty.is_empty() {
+        return;
+    }
+    let updates: Vec<WatchUpdate> = dirty.drain().map(|(_, u)| u).collect();
+    if let Err(e) = ctx.status.record_watches(&updates, ctx.lease.term()).await {
+        WatchWriteFailed {
+            error: &e.into(),
+            workers: updates.len(),
+        }
+        .emit(&ctx.metrics);
+    }
+}

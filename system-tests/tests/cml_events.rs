@@ -1,0 +1,313 @@
+//! Live sync from CML's event streams (`/ws/ui`), end to end: the real daemon watching the
+//! simulator's 2.9/2.10 workers (2.4 has no stream), the stand-in, lab-api's SSE. The periodic
+//! cycle is an hour away in every test: whatever happens here happens because of the streams.
+
+use std::time::Duration;
+
+use cml_sim::{Faults, SimWorker};
+use shared::record::LabRecord;
+use system_tests::{metrics, sse::SseStream, wait_metric, Daemon, Fixture};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The daemon's settings in these tests: one cycle at start, the next an hour later.
+const QUIET: [(&str, &str); 2] = [
+    ("CML_LABS_SYNC__INTERVAL", "1h"),
+    ("CML_LABS_SYNC__EVENTS__ENABLED", "true"),
+];
+
+fn calls(w: &SimWorker, endpoint: &str) -> u64 {
+    w.calls().get(endpoint).copied().unwrap_or(0)
+}
+
+/// Starts a daemon and waits until its first cycle is done and every worker with a stream is
+/// watched live and relisted (`live` watches, and as many relists ended).
+async fn started(f: &Fixture, name: &str, extra: &[(&str, &str)]) -> (Daemon, String) {
+    let mut env = QUIET.to_vec();
+    env.extend_from_slice(extra);
+    let d = f.spawn(name, &env);
+    let admin = d.admin_base().await;
+    let streams = f
+        .fleet
+        .fleet
+        .workers
+        .iter()
+        .filter(|w| w.has_event_stream())
+        .count() as f64;
+    wait_metric(
+        &admin,
+        "sync_cycles_total",
+        &[("outcome", "success")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    wait_metric(
+        &admin,
+        "sync_event_watches",
+        &[("state", "live")],
+        streams,
+        WAIT,
+    )
+    .await;
+    testkit::eventually("the relists ended", WAIT, || async {
+        let relisted = d
+            .events("worker_synced")
+            .iter()
+            .filter(|l| l["spans"].to_string().contains("\"relist\":true"))
+            .count();
+        (relisted as f64 >= streams).then_some(())
+    })
+    .await;
+    (d, admin)
+}
+
+async fn record_where(
+    f: &Fixture,
+    worker: &str,
+    lab: &str,
+    what: &str,
+    done: impl Fn(&LabRecord) -> bool,
+) -> LabRecord {
+    testkit::eventually(what, WAIT, || async {
+        let r = f
+            .records()
+            .await
+            .into_iter()
+            .find(|r| r.worker_id == worker && r.lab_id == lab)?;
+        done(&r).then_some(r)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_changed_on_cml_is_in_its_record_and_on_the_stream_at_once_for_one_call() {
+    // Workers 0, 1, 2 are CML 2.4, 2.9 and 2.10.
+    let f = Fixture::new("events_changes", 3, 5).await;
+    let (_api, base) = f.spawn_api("api", &[]).await;
+    let (d, admin) = started(&f, "daemon", &[]).await;
+    let w = f.fleet.fleet.workers[2].clone();
+    let url = format!("{base}/api/events/stream?worker_ids={}", w.id);
+    let mut sse = SseStream::open(&url, &[])
+        .await
+        .unwrap_or_else(|r| panic!("the stream was refused: {}", r.status()));
+    assert_eq!(sse.expect(WAIT).await.event, "connected");
+    w.reset_calls();
+
+    // A state change: the record, its history and an SSE state_changed, for one call.
+    let lab = w.lab_ids()[0].clone();
+    let before = w.lab(&lab).expect("lab").state;
+    let after = system_tests::other_state(&before);
+    assert!(w.update_lab(&lab, |l| l.state = after.into()));
+    let r = record_where(&f, &w.id, &lab, "the new state", |r| {
+        r.fields.state == after
+    })
+    .await;
+    assert_eq!(r.operation_history.len(), 1, "{r:?}");
+    assert_eq!(
+        r.operation_history[0].previous_state.as_deref(),
+        Some(before.as_str())
+    );
+    let frames = sse
+        .until(WAIT, |fs| {
+            fs.iter().any(|f| f.event == "worker.labs.updated")
+        })
+        .await;
+    let update = frames.last().expect("frame");
+    assert_eq!(update.data()["action"], "state_changed", "{update:?}");
+    assert_eq!(update.data()["lab_id"], lab.as_str());
+    assert_eq!(calls(&w, "lab"), 1, "{:?}", w.calls());
+    assert_eq!(calls(&w, "populate_lab_tiles"), 0, "{:?}", w.calls());
+
+    // A new title, a new lab, a deleted lab, a node added.
+    let title = "Renamed from CML".to_owned();
+    assert!(w.update_lab(&lab, |l| l.title.clone_from(&title)));
+    record_where(&f, &w.id, &lab, "the new title", |r| {
+        r.fields.title == title
+    })
+    .await;
+    let new = w.create_lab(None);
+    record_where(&f, &w.id, &new, "the new lab", |_| true).await;
+    let gone = w
+        .lab_ids()
+        .into_iter()
+        .find(|id| *id != lab && *id != new)
+        .expect("one more");
+    assert!(w.delete_lab(&gone));
+    record_where(&f, &w.id, &gone, "the deleted lab's tombstone", |r| {
+        r.removed_at.is_some()
+    })
+    .await;
+    let nodes = w.lab(&lab).expect("lab").node_count;
+    assert!(w.update_lab(&lab, |l| l.node_count += 1));
+    record_where(&f, &w.id, &lab, "one more node", |r| {
+        i64::from(r.fields.node_count) == i64::from(nodes) + 1
+    })
+    .await;
+    // None of that read the worker's listing; every other lab kept its last stamp.
+    assert_eq!(calls(&w, "populate_lab_tiles"), 0, "{:?}", w.calls());
+    let text = metrics(&admin).await;
+    assert!(
+        testkit::metrics::value(
+            &text,
+            "sync_worker_syncs_started_total",
+            &[("trigger", "event")]
+        )
+        .unwrap_or(0.0)
+            >= 5.0,
+        "{text}"
+    );
+    assert!(
+        testkit::metrics::value(&text, "sync_event_lag_seconds_count", &[]).unwrap_or(0.0) >= 5.0,
+        "{text}"
+    );
+    let status = f.status(&w.id).await;
+    assert_eq!(status.get_str("watch_state"), Ok("live"), "{status}");
+    assert!(
+        status.get_datetime("last_event_sync_at").is_ok(),
+        "{status}"
+    );
+    assert!(status.get_datetime("last_activity_at").is_ok(), "{status}");
+    // The 2.4 worker has no stream: it is polled, and its upgrade was tried once.
+    let old = &f.fleet.fleet.workers[0];
+    assert_eq!(
+        f.status(&old.id).await.get_str("watch_state"),
+        Ok("polling")
+    );
+    assert_eq!(calls(old, "ws_ui"), 1, "{:?}", old.calls());
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_state_changes_and_stats_cost_no_call_and_a_burst_of_changes_is_coalesced() {
+    let f = Fixture::new("events_quiet", 2, 4).await;
+    let (_d, admin) = started(
+        &f,
+        "daemon",
+        &[("CML_LABS_SYNC__EVENTS__COALESCE", "500ms")],
+    )
+    .await;
+    let w = f.fleet.fleet.workers[1].clone(); // CML 2.9
+    w.reset_calls();
+    let lab = w.lab_ids()[0].clone();
+    assert!(w.update_lab(&lab, |l| l.node_count = l.node_count.max(5)));
+    record_where(&f, &w.id, &lab, "five nodes", |r| r.fields.node_count >= 5).await;
+    w.reset_calls();
+    let messages = |text: &str, kind: &str| {
+        testkit::metrics::value(text, "sync_event_messages_total", &[("kind", kind)]).unwrap_or(0.0)
+    };
+    let before = metrics(&admin).await;
+    // 50 node state changes, and stats for 10 s: nothing a record keeps.
+    let mut sent = 0;
+    for state in ["STOPPED", "BOOTED"].iter().cycle().take(10) {
+        sent += w.change_node_states(&lab, state);
+    }
+    assert!(sent >= 50, "{sent}");
+    let text = wait_metric(
+        &admin,
+        "sync_event_messages_total",
+        &[("kind", "state_change")],
+        messages(&before, "state_change") + sent as f64,
+        WAIT,
+    )
+    .await;
+    testkit::eventually("10 s of stats", WAIT, || async {
+        let now = metrics(&admin).await;
+        (messages(&now, "system_stats") >= messages(&text, "system_stats") + 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        w.calls(),
+        Default::default(),
+        "no CML call for node states and stats"
+    );
+
+    // A burst of 20 lab events within the coalescing window: one sync of that lab.
+    for i in 0..20 {
+        assert!(w.update_lab(&lab, |l| l.title = format!("burst {i}")));
+    }
+    record_where(&f, &w.id, &lab, "the last title", |r| {
+        r.fields.title == "burst 19"
+    })
+    .await;
+    assert!(
+        calls(&w, "lab") <= 2,
+        "20 events, coalesced: {:?}",
+        w.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_the_stream_was_down_is_caught_by_the_relist() {
+    let f = Fixture::new("events_relist", 2, 3).await;
+    let (d, admin) = started(&f, "daemon", &[]).await;
+    let w = f.fleet.fleet.workers[1].clone();
+    let lab = w.lab_ids()[0].clone();
+    // No stream to tell: the change is made with every socket refused for a while.
+    w.set_faults(Faults {
+        hold_endpoint: Some("ws_ui".into()),
+        ..Faults::default()
+    });
+    w.drop_streams();
+    wait_metric(
+        &admin,
+        "sync_event_reconnects_total",
+        &[("reason", "dropped")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    let title = "Changed while unwatched".to_owned();
+    w.update_lab(&lab, |l| l.title.clone_from(&title));
+    w.set_faults(Faults::default());
+    record_where(&f, &w.id, &lab, "the relist's title", |r| {
+        r.fields.title == title
+    })
+    .await;
+    assert!(
+        d.events("event_watch")
+            .iter()
+            .any(|l| l["state"] == "connecting"),
+        "the break was logged"
+    );
+    wait_metric(
+        &admin,
+        "sync_event_watches",
+        &[("state", "live")],
+        1.0,
+        WAIT,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_renewed_once_and_the_watch_is_live_again() {
+    let f = Fixture::new("events_token", 2, 2).await;
+    let (_d, admin) = started(&f, "daemon", &[]).await;
+    let w = f.fleet.fleet.workers[1].clone();
+    w.reset_calls();
+    w.set_faults(Faults {
+        ws_refuse_tokens: 1,
+        ..Faults::default()
+    });
+    w.expire_tokens();
+    wait_metric(
+        &admin,
+        "sync_event_reconnects_total",
+        &[("reason", "unauthorized")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    testkit::eventually("live again", WAIT, || async {
+        let status = f.status(&w.id).await;
+        (status.get_str("watch_state") == Ok("live") && w.open_streams() == 1).then_some(())
+    })
+    .await;
+    let logins = calls(&w, "authenticate");
+    assert!(
+        (1..=2).contains(&logins),
+        "one new token (two at most): {:?}",
+        w.calls()
+    );
+}
