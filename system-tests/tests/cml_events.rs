@@ -2,7 +2,7 @@
 //! simulator's 2.9/2.10 workers (2.4 has no stream), the stand-in, lab-api's SSE. The periodic
 //! cycle is an hour away in every test: whatever happens here happens because of the streams.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use cml_sim::{Faults, SimWorker};
 use shared::record::LabRecord;
@@ -310,4 +310,228 @@ async fn a_refused_token_is_renewed_once_and_the_watch_is_live_again() {
         "one new token (two at most): {:?}",
         w.calls()
     );
+}
+
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    testkit::metrics::value(text, name, labels).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_during_a_running_sync_of_its_worker_makes_one_more_sync() {
+    let f = Fixture::new("events_one_more", 2, 3).await;
+    let (_d, admin) = started(&f, "daemon", &[]).await;
+    let w = f.fleet.fleet.workers[1].clone();
+    let lab = w.lab_ids()[0].clone();
+    let first = w.lab(&lab).expect("lab").state;
+    let second = system_tests::other_state(&first);
+    w.reset_calls();
+    // The sync of the first change is held at its CML read; the second change comes then.
+    w.set_faults(Faults {
+        hold_endpoint: Some("lab".into()),
+        ..Faults::default()
+    });
+    let before = metrics(&admin).await;
+    let lab_events = value(
+        &before,
+        "sync_event_messages_total",
+        &[("kind", "lab_event")],
+    );
+    assert!(w.update_lab(&lab, |l| l.title = "first change".into()));
+    testkit::eventually("the first sync reads CML", WAIT, || async {
+        (calls(&w, "lab") >= 1).then_some(())
+    })
+    .await;
+    assert!(w.update_lab(&lab, |l| l.state = second.into()));
+    wait_metric(
+        &admin,
+        "sync_event_messages_total",
+        &[("kind", "lab_event")],
+        lab_events + 2.0,
+        WAIT,
+    )
+    .await;
+    w.set_faults(Faults::default());
+    let r = record_where(&f, &w.id, &lab, "the newest state", |r| {
+        r.fields.state == second && r.fields.title == "first change"
+    })
+    .await;
+    testkit::eventually("a second sync after the first", WAIT, || async {
+        (calls(&w, "lab") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(calls(&w, "populate_lab_tiles"), 0, "{:?}", w.calls());
+    assert!(!r.operation_history.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_streams_reset_their_own_watch_and_leave_the_others_live() {
+    // Workers 1 and 4 are 2.9, 2 is 2.10 (0 and 3 are 2.4). Two of them turn hostile.
+    let f = Fixture::new("events_hostile", 5, 2).await;
+    let env = [
+        ("CML_LABS_SYNC__EVENTS__MAX_MESSAGE_BYTES", "65536"),
+        ("CML_LABS_SYNC__EVENTS__MAX_MESSAGES_PER_SECOND", "20"),
+    ];
+    let (d, admin) = started(&f, "daemon", &env).await;
+    let workers = f.fleet.fleet.workers.clone();
+    let (oversized, flooding, calm) = (&workers[1], &workers[2], &workers[4]);
+    oversized.set_faults(Faults {
+        ws_oversized_bytes: 1 << 20,
+        ..Faults::default()
+    });
+    oversized.drop_streams();
+    // 100 node state changes at once: more than 20 in a second.
+    let lab = flooding.lab_ids()[0].clone();
+    assert!(flooding.update_lab(&lab, |l| l.node_count = 50));
+    record_where(&f, &flooding.id, &lab, "50 nodes", |r| {
+        r.fields.node_count == 50
+    })
+    .await;
+    flooding.change_node_states(&lab, "STOPPED");
+    flooding.change_node_states(&lab, "BOOTED");
+    wait_metric(
+        &admin,
+        "sync_event_reconnects_total",
+        &[("reason", "flooded")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    testkit::eventually("the oversized stream's watch is failing", WAIT, || async {
+        let s = f.status(&oversized.id).await;
+        (s.get_str("watch_state") == Ok("failing") && s.get_str("watch_failure") == Ok("too_large"))
+            .then_some(())
+    })
+    .await;
+    // The calm worker's changes still arrive at once.
+    let calm_lab = calm.lab_ids()[0].clone();
+    assert!(calm.update_lab(&calm_lab, |l| l.title = "still live".into()));
+    record_where(&f, &calm.id, &calm_lab, "the calm worker's change", |r| {
+        r.fields.title == "still live"
+    })
+    .await;
+    assert_eq!(f.status(&calm.id).await.get_str("watch_state"), Ok("live"));
+    // The flooding one is back once it calms down.
+    testkit::eventually("the flooded watch is live again", WAIT, || async {
+        (f.status(&flooding.id).await.get_str("watch_state") == Ok("live")).then_some(())
+    })
+    .await;
+    let text = metrics(&admin).await;
+    assert!(
+        value(
+            &text,
+            "sync_event_reconnects_total",
+            &[("reason", "too_large")]
+        ) >= 1.0
+    );
+    assert!(d.child.id().is_some(), "the daemon runs on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_upgrade_is_not_followed_and_the_token_goes_nowhere_else() {
+    let f = Fixture::new("events_redirect", 2, 2).await;
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let to = format!("http://{}/ws/ui", elsewhere.local_addr().expect("addr"));
+    let w = f.fleet.fleet.workers[1].clone();
+    w.set_faults(Faults {
+        redirect_ws_to: Some(to),
+        ..Faults::default()
+    });
+    let d = f.spawn("daemon", &QUIET);
+    let admin = d.admin_base().await;
+    wait_metric(
+        &admin,
+        "sync_event_reconnects_total",
+        &[("reason", "redirect")],
+        2.0,
+        WAIT,
+    )
+    .await;
+    let accepted = tokio::time::timeout(Duration::from_millis(200), elsewhere.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "nothing connected to the redirect's target"
+    );
+    assert!(calls(&w, "ws_ui") >= 2);
+    assert_eq!(w.open_streams(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_watches_and_a_takeover_opens_and_relists_every_stream() {
+    let f = Fixture::new("events_takeover", 3, 2).await;
+    let env = [("CML_LABS_SYNC__LEASE_TTL", "2s")];
+    let (mut a, _) = started(&f, "a", &env).await;
+    let mut env_b = QUIET.to_vec();
+    env_b.extend_from_slice(&env);
+    let b = f.spawn("b", &env_b);
+    b.wait_event("lease_standby", 1, WAIT).await;
+    let b_admin = b.admin_base().await;
+    let streaming: Vec<&Arc<SimWorker>> = f
+        .fleet
+        .fleet
+        .workers
+        .iter()
+        .filter(|w| w.has_event_stream())
+        .collect();
+    for w in &streaming {
+        assert_eq!(w.open_streams(), 1, "one watch per worker: the holder's");
+    }
+    let text = metrics(&b_admin).await;
+    assert_eq!(
+        value(&text, "sync_event_watches", &[("state", "live")]),
+        0.0
+    );
+
+    a.signal(libc::SIGKILL);
+    let _ = a.wait_exit(WAIT).await;
+    wait_metric(&b_admin, "sync_lease_held", &[], 1.0, WAIT).await;
+    wait_metric(
+        &b_admin,
+        "sync_event_watches",
+        &[("state", "live")],
+        streaming.len() as f64,
+        WAIT,
+    )
+    .await;
+    wait_metric(
+        &b_admin,
+        "sync_worker_syncs_started_total",
+        &[("trigger", "relist")],
+        streaming.len() as f64,
+        WAIT,
+    )
+    .await;
+    // The killed holder's sockets are gone; one stream per worker again.
+    testkit::eventually("one stream per worker", WAIT, || async {
+        streaming
+            .iter()
+            .all(|w| w.open_streams() == 1)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_stream_promptly() {
+    let f = Fixture::new("events_sigterm", 3, 2).await;
+    let (mut d, _) = started(&f, "daemon", &[]).await;
+    let streaming: Vec<&Arc<SimWorker>> = f
+        .fleet
+        .fleet
+        .workers
+        .iter()
+        .filter(|w| w.has_event_stream())
+        .collect();
+    assert!(streaming.iter().all(|w| w.open_streams() == 1));
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    testkit::eventually("every stream closed", Duration::from_secs(5), || async {
+        streaming
+            .iter()
+            .all(|w| w.open_streams() == 0)
+            .then_some(())
+    })
+    .await;
 }
