@@ -53,6 +53,21 @@ function showError(id, error) {
 
 // ---- the fleet ----
 
+// How a worker's changes arrive: its CML event stream's watch (null: no watch kept).
+function watchBadge(w) {
+  const s = w.watch_state;
+  if (!s) return el('td', 'watch none', '—');
+  const td = el('td', `watch ${s}`, s === 'failing' && w.watch_failure ? `failing (${w.watch_failure})` : s);
+  td.title = {
+    live: 'Changes arrive from the CML event stream as they happen',
+    connecting: 'Opening the CML event stream',
+    polling: 'No CML event stream: synced by the periodic cycle',
+    failing: 'The CML event stream keeps failing: synced by the periodic cycle until it is back',
+  }[s] || s;
+  if (w.last_activity_at) td.title += ` · last activity ${ago(w.last_activity_at)}`;
+  return td;
+}
+
 function health(w) {
   if (w.failing) return 'failing';
   if (w.stale) return 'stale';
@@ -93,6 +108,7 @@ function renderFleet() {
       el('td', '', w.aws_region || ''),
       el('td', '', w.registry_status || '—'),
       el('td', `health ${h}`, h),
+      watchBadge(w),
       el('td', 'count', w.lab_count ?? ''),
       el('td', '', ago(w.last_success_at)),
       el('td', 'count', w.consecutive_failures ?? 0),
@@ -317,5 +333,6 @@ document.addEventListener('DOMContentLoaded', () => {
   document.getElementById('refresh').addEventListener('click', refreshNow);
   connect();
   loadFleet().then(loadLabs);
-  setInterval(() => { renderFleet(); renderLabs(); }, 30000);
+  // Watch states change without an event: the fleet is read again now and then.
+  setInterval(() => { loadFleet(); renderLabs(); }, 30000);
 });

@@ -209,6 +209,7 @@ pub async fn fleet_status(
         stale: q.stale.map(|f| f.0),
         failing: q.failing.map(|f| f.0),
         region: q.region.map(|r| r.0),
+        watch: q.watch_state.map(|w| w.0.to_owned()),
     };
     let limit = q.limit.0;
     let after = q

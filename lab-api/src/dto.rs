@@ -219,6 +219,26 @@ pub struct SyncStatusDto {
     pub last_warning_kind: Option<String>,
     /// The warning's text (the error behind it).
     pub last_warning: Option<String>,
+    #[serde(flatten)]
+    pub live: LiveSyncDto,
+}
+
+/// How a worker's changes reach its records: its CML event stream's watch, the last sync of
+/// labs the stream named, the last activity seen.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct LiveSyncDto {
+    /// `live` (changes sync as they happen), `connecting`, `polling` (the server has no event
+    /// stream: synced by the periodic cycle only), `failing` (see `watch_failure`); null when
+    /// no watch is kept (events off).
+    pub watch_state: Option<String>,
+    /// Why the watch is failing: `unreachable`, `unauthorized`, `redirect`, `too_large`,
+    /// `flooded`, `silent` or `dropped`.
+    pub watch_failure: Option<String>,
+    /// The last lab or node state change seen on the worker (its event stream, or a sync that
+    /// found a lab's state changed): what an idle-worker check reads.
+    pub last_activity_at: Option<String>,
+    /// When labs its event stream named were last synced.
+    pub last_event_sync_at: Option<String>,
 }
 
 impl From<&WorkerSyncStatus> for SyncStatusDto {
@@ -235,6 +255,12 @@ impl From<&WorkerSyncStatus> for SyncStatusDto {
             last_counts: s.last_counts,
             last_warning_kind: s.last_warning_kind.clone(),
             last_warning: s.last_warning.clone(),
+            live: LiveSyncDto {
+                watch_state: s.watch_state.clone(),
+                watch_failure: s.watch_failure.clone(),
+                last_activity_at: s.last_activity_at.map(iso),
+                last_event_sync_at: s.last_event_sync_at.map(iso),
+            },
         }
     }
 }
@@ -317,6 +343,8 @@ pub struct FleetWorkerDto {
     /// everything.
     pub last_warning_kind: Option<String>,
     pub last_warning: Option<String>,
+    #[serde(flatten)]
+    pub live: LiveSyncDto,
 }
 
 impl FleetWorkerDto {
@@ -338,6 +366,12 @@ impl FleetWorkerDto {
             failing: r.failing(),
             last_warning_kind: r.last_warning_kind.clone(),
             last_warning: r.last_warning.clone(),
+            live: LiveSyncDto {
+                watch_state: r.watch_state.clone(),
+                watch_failure: r.watch_failure.clone(),
+                last_activity_at: r.last_activity_at.map(iso),
+                last_event_sync_at: r.last_event_sync_at.map(iso),
+            },
         }
     }
 }

@@ -266,6 +266,26 @@ impl<'de> Deserialize<'de> for State {
     }
 }
 
+/// An event-stream watch state filter: [`shared::status::WATCH_STATES`] only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchState(pub &'static str);
+
+impl<'de> Deserialize<'de> for WatchState {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        shared::status::WATCH_STATES
+            .into_iter()
+            .find(|s| *s == v)
+            .map(WatchState)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "must be {}",
+                    shared::status::WATCH_STATES.join(", ")
+                ))
+            })
+    }
+}
+
 /// Endpoints without query parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -320,6 +340,10 @@ pub struct FleetStatusQuery {
     /// Only workers of this AWS region
     #[param(value_type = Option<Region>)]
     pub region: Option<Region>,
+    /// Only workers whose CML event-stream watch is in this state: live, connecting, polling
+    /// (no stream: synced by the periodic cycle) or failing
+    #[param(value_type = Option<String>, pattern = "^(live|connecting|polling|failing)$")]
+    pub watch_state: Option<WatchState>,
     /// Page size, 1–1000 (default 100)
     #[serde(default)]
     #[param(value_type = Option<usize>, minimum = 1, maximum = 1000)]
@@ -421,6 +445,7 @@ mod tests {
         assert_eq!(bad::<FleetLabsQuery>("owner_username=").0, "owner_username");
         assert_eq!(bad::<FleetLabsQuery>("worker_id=a%2Fb").1, ID_RULE);
         assert_eq!(bad::<FleetStatusQuery>("region=US_EAST").0, "region");
+        assert_eq!(bad::<FleetStatusQuery>("watch_state=dead").0, "watch_state");
         let q: FleetStatusQuery = parse(Some("stale=false")).expect("reads");
         assert_eq!((q.stale, q.failing), (Some(Flag(false)), None));
         assert!(region("r", "us-east-1").is_ok() && region("r", "US_EAST").is_err());

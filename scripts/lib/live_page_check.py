@@ -144,7 +144,11 @@ def main():
                   f"document.getElementById('refresh-status').textContent.startsWith({json.dumps(expect)})")
 
     workers = http_json("GET", f"{args.control}/workers")
-    worker, other = workers[0], workers[1]
+    # The refresh button's checks on a server without an event stream (CML 2.4: only a sync
+    # reads its changes), the live ones on a server with one.
+    worker = next(w for w in workers if not w["event_stream"])
+    streamer = next(w for w in workers if w["event_stream"])
+    other = next(w for w in workers if w["id"] not in (worker["id"], streamer["id"]))
     labs = http_json("GET", f"{args.control}/workers/{worker['id']}/labs")
     moved, renamed = labs[0], labs[1]
     new_state = "STOPPED" if moved["state"] == "STARTED" else "STARTED"
@@ -194,6 +198,20 @@ def main():
         page.wait(f"{other['id']} to show as failing",
                   f"(document.querySelector('#fleet tr[data-worker-id={json.dumps(other['id'])}] "
                   "td.health') || {}).textContent === 'failing'")
+        # A server with an event stream: its badge says live, and a change made on it shows
+        # with no button pressed.
+        badge = (f"(document.querySelector('#fleet tr[data-worker-id={json.dumps(streamer['id'])}] "
+                 "td.watch') || {}).textContent")
+        page.wait(f"{streamer['id']}'s badge to say live", f"{badge} === 'live'", timeout=45)
+        streamed = http_json("GET", f"{args.control}/workers/{streamer['id']}/labs")[0]
+        page.eval(f"document.querySelector('#fleet tr[data-worker-id={json.dumps(streamer['id'])}]').click()")
+        page.wait(f"the labs of {streamer['id']}",
+                  f"{cell(streamed['id'], 'title')} === {json.dumps(streamed['title'])}")
+        live_title = "Renamed on the CML server"
+        http_json("PATCH", f"{args.control}/workers/{streamer['id']}/labs/{streamed['id']}",
+                  {"title": live_title})
+        page.wait("the change to show with no refresh pressed",
+                  f"{cell(streamed['id'], 'title')} === {json.dumps(live_title)}")
         if page.eval("window.__kept") != "the same document":
             page.fail("the page reloaded")
         if args.screenshot:
@@ -201,7 +219,8 @@ def main():
             page.screenshot(args.screenshot)
             print(f"screenshot: {args.screenshot}")
         print("live page: the refresh button's outcome, the new state, the markup title as text, "
-              "the throttle's countdown and the failing worker showed without a reload")
+              "the throttle's countdown, the failing worker, a live badge and a change pushed by "
+              "CML's event stream showed without a reload")
     finally:
         page.close()
         shutil.rmtree(workdir, ignore_errors=True)

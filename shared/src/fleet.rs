@@ -54,6 +54,16 @@ pub struct FleetRow {
     pub last_warning_kind: Option<String>,
     #[serde(default)]
     pub last_warning: Option<String>,
+    /// The lease holder's watch of the worker's CML event stream
+    /// ([`crate::status::WATCH_STATES`]); null when none is kept.
+    #[serde(default)]
+    pub watch_state: Option<String>,
+    #[serde(default)]
+    pub watch_failure: Option<String>,
+    #[serde(default)]
+    pub last_activity_at: Option<DateTime>,
+    #[serde(default)]
+    pub last_event_sync_at: Option<DateTime>,
 }
 
 /// The fields of a row the view reads (the projection of its queries).
@@ -62,7 +72,8 @@ pub fn projection() -> Document {
         "_id": 0, "worker_id": 1, "name": 1, "aws_region": 1, "registry_status": 1, "active": 1,
         "last_attempt_at": 1, "last_success_at": 1, "last_error": 1, "last_error_kind": 1,
         "consecutive_failures": 1, "lab_count": 1, "last_duration_ms": 1,
-        "last_warning_kind": 1, "last_warning": 1,
+        "last_warning_kind": 1, "last_warning": 1, "watch_state": 1, "watch_failure": 1,
+        "last_activity_at": 1, "last_event_sync_at": 1,
     }
 }
 
@@ -92,6 +103,10 @@ impl FleetRow {
             last_duration_ms: None,
             last_warning_kind: None,
             last_warning: None,
+            watch_state: None,
+            watch_failure: None,
+            last_activity_at: None,
+            last_event_sync_at: None,
         }
     }
 
@@ -200,6 +215,8 @@ pub struct FleetFilter {
     pub stale: Option<bool>,
     pub failing: Option<bool>,
     pub region: Option<String>,
+    /// Only workers whose event-stream watch is in this state.
+    pub watch: Option<String>,
 }
 
 impl FleetFilter {
@@ -211,6 +228,10 @@ impl FleetFilter {
                 .region
                 .as_deref()
                 .is_none_or(|r| row.aws_region.as_deref() == Some(r))
+            && self
+                .watch
+                .as_deref()
+                .is_none_or(|w| row.watch_state.as_deref() == Some(w))
     }
 
     fn wants(&self, rank: Rank) -> bool {
@@ -334,6 +355,9 @@ fn query(
     }
     if let Some(r) = &filter.region {
         clauses.push(doc! { "aws_region": r });
+    }
+    if let Some(w) = &filter.watch {
+        clauses.push(doc! { "watch_state": w });
     }
     let sort = match (rank, part) {
         (Rank::Failing, _) => {
@@ -698,7 +722,7 @@ mod tests {
         let f = |failing, stale| FleetFilter {
             failing,
             stale,
-            region: None,
+            ..FleetFilter::default()
         };
         assert_eq!(ranks(f(Some(true), None)), [Failing]);
         assert_eq!(ranks(f(Some(false), None)), [Stale, StaleInactive, Healthy]);

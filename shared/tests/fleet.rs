@@ -53,6 +53,9 @@ fn fleet_rows(n: usize) -> Vec<FleetRow> {
                 r.last_duration_ms = Some(100);
                 r.lab_count = 4;
             }
+            r.watch_state = [None, Some("live"), Some("live"), Some("polling")]
+                [g.below(4) as usize]
+                .map(str::to_owned);
             r
         })
         .collect()
@@ -123,11 +126,17 @@ async fn pages_of_every_filter_give_the_rows_in_view_order_once() {
     let bools = [None, Some(true), Some(false)];
     for stale in bools {
         for failing in bools {
-            for region in [None, Some("eu-west-1".to_owned())] {
+            for (region, watch) in [
+                (None, None),
+                (Some("eu-west-1".to_owned()), None),
+                (None, Some("polling".to_owned())),
+                (Some("us-east-1".to_owned()), Some("live".to_owned())),
+            ] {
                 let filter = FleetFilter {
                     stale,
                     failing,
                     region,
+                    watch,
                 };
                 let want = expected(&rows, &filter);
                 for limit in [1, 7, 1000] {
