@@ -5,6 +5,7 @@
 //! refreshes on demand ([`refresh`]); and runs the read mix of the scale run, with the query
 //! plans behind it ([`queries`]).
 
+mod live;
 mod queries;
 mod refresh;
 mod streams;
@@ -99,6 +100,24 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
     },
+    /// Lab changes made on simulated CML servers at a steady rate, timed to every client of
+    /// lab-api's event stream (change -> write -> client); counts the CML calls meanwhile.
+    Live {
+        /// The simulator's control API.
+        #[arg(long)]
+        control: String,
+        /// lab-api's base URL.
+        #[arg(long)]
+        api: String,
+        /// Changes per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Event-stream clients.
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+    },
     /// GET /api/workers/{id}/labs through lab-api.
     Http {
         #[arg(long)]
@@ -151,6 +170,22 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
         } => queries::run(url, seconds, concurrency).await,
         Command::Explain { uri, db } => queries::explain(&uri, &db).await,
+        Command::Live {
+            control,
+            api,
+            rate,
+            seconds,
+            streams,
+        } => {
+            live::run(live::Settings {
+                control,
+                api,
+                rate,
+                seconds,
+                streams,
+            })
+            .await
+        }
         Command::Streams {
             url,
             streams,

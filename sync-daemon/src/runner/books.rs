@@ -58,6 +58,13 @@ pub struct Closed {
     pub purge: bool,
 }
 
+impl Closed {
+    /// A pass of a CML event that nobody waits for: all it leaves is its statuses.
+    fn is_event_only(&self) -> bool {
+        self.pass.kind == PassKind::Event && self.request.is_none() && self.report_to.is_none()
+    }
+}
+
 /// One piece of work for the books.
 #[derive(Debug)]
 pub enum Closing {
@@ -107,14 +114,62 @@ impl Books {
     }
 }
 
+/// How long the statuses of event passes may wait to be written together.
+const EVENT_STATUSES_WITHIN: Duration = Duration::from_secs(1);
+/// ...and how many may wait.
+const EVENT_STATUSES_AT_MOST: usize = 256;
+
 async fn keep<B: Bookkeeping>(books: Arc<B>, mut rx: mpsc::UnboundedReceiver<Closing>) {
-    while let Some(work) = rx.recv().await {
+    // Passes of CML events come many a second, each with one status and nobody waiting: their
+    // statuses are written together, at most a second later. Anything else writes them first,
+    // so a worker's statuses are still written in the order its syncs ended.
+    let mut waiting: Vec<StatusUpdate> = Vec::new();
+    let mut flush_at: Option<Instant> = None;
+    loop {
+        let work = tokio::select! {
+            work = rx.recv() => work,
+            _ = sleep_until(flush_at) => {
+                flush(books.as_ref(), &mut waiting, &mut flush_at).await;
+                continue;
+            }
+        };
+        let Some(work) = work else { break };
+        match work {
+            Closing::Pass(closed) if closed.is_event_only() => {
+                waiting.extend(closed.pass.statuses);
+                flush_at.get_or_insert_with(|| Instant::now() + EVENT_STATUSES_WITHIN);
+                if waiting.len() >= EVENT_STATUSES_AT_MOST {
+                    flush(books.as_ref(), &mut waiting, &mut flush_at).await;
+                }
+                continue;
+            }
+            _ => flush(books.as_ref(), &mut waiting, &mut flush_at).await,
+        }
         match work {
             Closing::Statuses(statuses) => books.write_statuses(&statuses).await,
             Closing::Pass(closed) => close(books.as_ref(), *closed).await,
             Closing::Requeue(request) => books.request_finished(*request, None).await,
             Closing::FleetView => books.update_fleet_view().await,
         }
+    }
+    flush(books.as_ref(), &mut waiting, &mut flush_at).await;
+}
+
+async fn flush<B: Bookkeeping>(
+    books: &B,
+    waiting: &mut Vec<StatusUpdate>,
+    flush_at: &mut Option<Instant>,
+) {
+    *flush_at = None;
+    if !waiting.is_empty() {
+        books.write_statuses(&std::mem::take(waiting)).await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -126,6 +126,8 @@ struct FakeBooks {
     metrics: Metrics,
     gate: Semaphore,
     statuses: Mutex<Vec<String>>,
+    /// Status writes (round trips).
+    writes: AtomicUsize,
     requests: Mutex<Vec<(String, Option<Outcome>)>>,
     cycles: AtomicUsize,
 }
@@ -136,6 +138,7 @@ impl FakeBooks {
             metrics: Metrics::default(),
             gate: Semaphore::new(if open { Semaphore::MAX_PERMITS } else { 0 }),
             statuses: Mutex::default(),
+            writes: AtomicUsize::new(0),
             requests: Mutex::default(),
             cycles: AtomicUsize::new(0),
         })
@@ -153,6 +156,7 @@ impl FakeBooks {
 impl Bookkeeping for FakeBooks {
     async fn write_statuses(&self, statuses: &[StatusUpdate]) {
         self.gate.acquire().await.expect("gate").forget();
+        self.writes.fetch_add(1, Ordering::SeqCst);
         self.statuses
             .lock()
             .unwrap()
@@ -328,6 +332,39 @@ async fn changes_announced_during_a_sync_are_synced_once_after_it_and_counted_by
         text.contains("sync_event_lag_seconds_bucket{le=\"0.025\"} 0"),
         "{text}"
     );
+    assert!(runner.drain(Duration::from_secs(1)).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_statuses_of_event_passes_are_written_together_within_a_second() {
+    let (sync, books) = (Arc::new(FakeSync::default()), FakeBooks::new(true));
+    let mut runner = runner(&sync, &books, 4);
+    for w in ["a", "b", "c"] {
+        runner.accept(event(w, &["l1"]));
+    }
+    for _ in 0..3 {
+        let done = runner.join_next().await.expect("a sync ends");
+        runner.finished(done);
+    }
+    settle(|| true).await;
+    assert!(books.statuses().is_empty(), "they wait for the others");
+    tokio::time::sleep(Duration::from_millis(1001)).await;
+    settle(|| books.statuses().len() == 3).await;
+    assert_eq!(
+        books.writes.load(Ordering::SeqCst),
+        1,
+        "one write for three"
+    );
+    // Anything else writes what waits first: a worker's statuses stay in order.
+    runner.accept(event("a", &["l2"]));
+    let done = runner.join_next().await.expect("a ends");
+    runner.finished(done);
+    runner.accept(request("r1", "a"));
+    let done = runner.join_next().await.expect("a ends again");
+    runner.finished(done);
+    settle(|| books.requests().len() == 1).await;
+    assert_eq!(books.statuses(), ["a", "b", "c", "a", "a"]);
+    assert_eq!(books.writes.load(Ordering::SeqCst), 3);
     assert!(runner.drain(Duration::from_secs(1)).await);
 }
 
