@@ -45,6 +45,8 @@ fn config(db: &TestDb) -> Config {
     c.sync.admin_listen = "127.0.0.1:0".into();
     c.sync.interval = HumanDuration::from_secs(3600);
     c.sync.retry_base = HumanDuration(Duration::from_millis(200));
+    // These tests count the cycle's CML requests (and fail one on purpose): no event streams.
+    c.sync.events.enabled = false;
     c
 }
 
