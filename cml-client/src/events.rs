@@ -26,6 +26,9 @@ use crate::{payload::clip, CmlTarget, Error, Result};
 /// The close code CML ends a stream with when its token is missing, bad or expired.
 pub const UNAUTHORIZED: u16 = 3000;
 
+/// Bytes each stream reads at a time.
+const STREAM_READ_BUFFER: usize = 8 * 1024;
+
 /// Bounds of one event stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventLimits {
@@ -296,7 +299,11 @@ pub(crate) async fn open(
         } else {
             Box::new(tcp)
         };
+        // A daemon holds a stream per worker (a thousand or more): small buffers (messages are
+        // a few hundred bytes; a larger one is read in more steps), writes flushed at once.
         let config = WebSocketConfig::default()
+            .read_buffer_size(STREAM_READ_BUFFER)
+            .write_buffer_size(0)
             .max_message_size(Some(limits.max_message_bytes))
             .max_frame_size(Some(limits.max_message_bytes));
         let (mut ws, _) =
