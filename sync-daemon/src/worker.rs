@@ -214,17 +214,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
         GroupsRead::InLabs | GroupsRead::Associations => Groups::Observed,
         GroupsRead::Unread { .. } | GroupsRead::Kept => Groups::Unknown,
     };
-    for lab in &mut fetched.labs {
-        let fields = lab.fields.bound();
-        if !fields.is_empty() {
-            FieldsTruncated {
-                worker_id,
-                lab_id: &lab.lab_id,
-                fields: &fields,
-            }
-            .emit(&ctx.metrics);
-        }
-    }
+    bound_fields(ctx, worker_id, &mut fetched.labs);
     let mut plan = plan_sync(
         worker_id,
         &stored,
@@ -238,15 +228,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
         confirm_removals(ctx, target, &mut plan).await;
         cml_calls += 1;
     }
-    let applied = ctx.store.apply(&plan, term).await?;
-    for skipped in &applied.skipped {
-        RecordSkipped {
-            worker_id,
-            lab_id: &skipped.lab_id,
-            reason: &skipped.reason,
-        }
-        .emit(&ctx.metrics);
-    }
+    let applied = write(ctx, &plan, term).await?;
     Ok(WorkerOutcome {
         counts: plan.counts(),
         applied,
@@ -290,7 +272,27 @@ async fn fetch_and_write_labs(
             None => gone.push(id),
         }
     }
-    for lab in &mut observed {
+    bound_fields(ctx, worker_id, &mut observed);
+    let (groups, groups_read) = match shape {
+        GroupsShape::InLabs => (Groups::Observed, GroupsRead::InLabs),
+        GroupsShape::Silent | GroupsShape::Associations => (Groups::Unknown, GroupsRead::Kept),
+    };
+    let plan = plan_labs(worker_id, &stored, observed, &gone, groups, DateTime::now())?;
+    let applied = write(ctx, &plan, term).await?;
+    Ok(WorkerOutcome {
+        counts: plan.counts(),
+        applied,
+        complete: false,
+        source: "labs",
+        groups: groups_read,
+        cml_calls: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+        activity: plan.changes_a_state(),
+    })
+}
+
+/// Cuts each lab's text fields to their limits, logging what was cut.
+fn bound_fields(ctx: &Context, worker_id: &str, labs: &mut [ObservedLab]) {
+    for lab in labs {
         let fields = lab.fields.bound();
         if !fields.is_empty() {
             FieldsTruncated {
@@ -301,29 +303,20 @@ async fn fetch_and_write_labs(
             .emit(&ctx.metrics);
         }
     }
-    let (groups, groups_read) = match shape {
-        GroupsShape::InLabs => (Groups::Observed, GroupsRead::InLabs),
-        GroupsShape::Silent | GroupsShape::Associations => (Groups::Unknown, GroupsRead::Kept),
-    };
-    let plan = plan_labs(worker_id, &stored, observed, &gone, groups, DateTime::now())?;
-    let applied = ctx.store.apply(&plan, term).await?;
+}
+
+/// Writes a plan under `term`, logging each record that could not be written.
+async fn write(ctx: &Context, plan: &SyncPlan, term: Term) -> Result<ApplyOutcome> {
+    let applied = ctx.store.apply(plan, term).await?;
     for skipped in &applied.skipped {
         RecordSkipped {
-            worker_id,
+            worker_id: &plan.worker_id,
             lab_id: &skipped.lab_id,
             reason: &skipped.reason,
         }
         .emit(&ctx.metrics);
     }
-    Ok(WorkerOutcome {
-        counts: plan.counts(),
-        applied,
-        complete: false,
-        source: "labs",
-        groups: groups_read,
-        cml_calls: u32::try_from(ids.len()).unwrap_or(u32::MAX),
-        activity: plan.changes_a_state(),
-    })
+    Ok(applied)
 }
 
 /// One lab re-read: `None` when the server no longer has it.

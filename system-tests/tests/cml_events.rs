@@ -27,13 +27,7 @@ async fn started(f: &Fixture, name: &str, extra: &[(&str, &str)]) -> (Daemon, St
     env.extend_from_slice(extra);
     let d = f.spawn(name, &env);
     let admin = d.admin_base().await;
-    let streams = f
-        .fleet
-        .fleet
-        .workers
-        .iter()
-        .filter(|w| w.has_event_stream())
-        .count() as f64;
+    let streams = streaming(f).len() as f64;
     wait_metric(
         &admin,
         "sync_cycles_total",
@@ -60,6 +54,16 @@ async fn started(f: &Fixture, name: &str, extra: &[(&str, &str)]) -> (Daemon, St
     })
     .await;
     (d, admin)
+}
+
+/// The workers whose servers have an event stream (CML 2.6+: the 2.9 and 2.10 ones).
+fn streaming(f: &Fixture) -> Vec<&Arc<SimWorker>> {
+    f.fleet
+        .fleet
+        .workers
+        .iter()
+        .filter(|w| w.has_event_stream())
+        .collect()
 }
 
 async fn record_where(
@@ -263,14 +267,7 @@ async fn a_change_made_while_the_stream_was_down_is_caught_by_the_relist() {
         ..Faults::default()
     });
     w.drop_streams();
-    wait_metric(
-        &admin,
-        "sync_event_reconnects_total",
-        &[("reason", "dropped")],
-        1.0,
-        WAIT,
-    )
-    .await;
+    reopened(&admin, "dropped", 1.0).await;
     let title = "Changed while unwatched".to_owned();
     w.update_lab(&lab, |l| l.title.clone_from(&title));
     w.set_faults(Faults::default());
@@ -305,14 +302,7 @@ async fn a_refused_token_is_renewed_once_and_the_watch_is_live_again() {
         ..Faults::default()
     });
     w.expire_tokens();
-    wait_metric(
-        &admin,
-        "sync_event_reconnects_total",
-        &[("reason", "unauthorized")],
-        1.0,
-        WAIT,
-    )
-    .await;
+    reopened(&admin, "unauthorized", 1.0).await;
     testkit::eventually("live again", WAIT, || async {
         let status = f.status(&w.id).await;
         (status.get_str("watch_state") == Ok("live") && w.open_streams() == 1).then_some(())
@@ -324,6 +314,18 @@ async fn a_refused_token_is_renewed_once_and_the_watch_is_live_again() {
         "one new token (two at most): {:?}",
         w.calls()
     );
+}
+
+/// Waits until the daemon at `admin` has opened streams again `times` times for `reason`.
+async fn reopened(admin: &str, reason: &str, times: f64) {
+    wait_metric(
+        admin,
+        "sync_event_reconnects_total",
+        &[("reason", reason)],
+        times,
+        WAIT,
+    )
+    .await;
 }
 
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -402,14 +404,7 @@ async fn hostile_streams_reset_their_own_watch_and_leave_the_others_live() {
     .await;
     flooding.change_node_states(&lab, "STOPPED");
     flooding.change_node_states(&lab, "BOOTED");
-    wait_metric(
-        &admin,
-        "sync_event_reconnects_total",
-        &[("reason", "flooded")],
-        1.0,
-        WAIT,
-    )
-    .await;
+    reopened(&admin, "flooded", 1.0).await;
     testkit::eventually("the oversized stream's watch is failing", WAIT, || async {
         let s = f.status(&oversized.id).await;
         (s.get_str("watch_state") == Ok("failing") && s.get_str("watch_failure") == Ok("too_large"))
@@ -454,14 +449,7 @@ async fn a_redirected_upgrade_is_not_followed_and_the_token_goes_nowhere_else() 
     });
     let d = f.spawn("daemon", &QUIET);
     let admin = d.admin_base().await;
-    wait_metric(
-        &admin,
-        "sync_event_reconnects_total",
-        &[("reason", "redirect")],
-        2.0,
-        WAIT,
-    )
-    .await;
+    reopened(&admin, "redirect", 2.0).await;
     let accepted = tokio::time::timeout(Duration::from_millis(200), elsewhere.accept()).await;
     assert!(
         accepted.is_err(),
@@ -481,13 +469,7 @@ async fn only_the_lease_holder_watches_and_a_takeover_opens_and_relists_every_st
     let b = f.spawn("b", &env_b);
     b.wait_event("lease_standby", 1, WAIT).await;
     let b_admin = b.admin_base().await;
-    let streaming: Vec<&Arc<SimWorker>> = f
-        .fleet
-        .fleet
-        .workers
-        .iter()
-        .filter(|w| w.has_event_stream())
-        .collect();
+    let streaming = streaming(&f);
     for w in &streaming {
         assert_eq!(w.open_streams(), 1, "one watch per worker: the holder's");
     }
@@ -500,22 +482,12 @@ async fn only_the_lease_holder_watches_and_a_takeover_opens_and_relists_every_st
     a.signal(libc::SIGKILL);
     let _ = a.wait_exit(WAIT).await;
     wait_metric(&b_admin, "sync_lease_held", &[], 1.0, WAIT).await;
-    wait_metric(
-        &b_admin,
-        "sync_event_watches",
-        &[("state", "live")],
-        streaming.len() as f64,
-        WAIT,
-    )
-    .await;
-    wait_metric(
-        &b_admin,
-        "sync_worker_syncs_started_total",
-        &[("trigger", "relist")],
-        streaming.len() as f64,
-        WAIT,
-    )
-    .await;
+    for (name, labels) in [
+        ("sync_event_watches", [("state", "live")]),
+        ("sync_worker_syncs_started_total", [("trigger", "relist")]),
+    ] {
+        wait_metric(&b_admin, name, &labels, streaming.len() as f64, WAIT).await;
+    }
     // The killed holder's sockets are gone; one stream per worker again.
     testkit::eventually("one stream per worker", WAIT, || async {
         streaming
@@ -530,13 +502,7 @@ async fn only_the_lease_holder_watches_and_a_takeover_opens_and_relists_every_st
 async fn sigterm_closes_every_stream_promptly() {
     let f = Fixture::new("events_sigterm", 3, 2).await;
     let (mut d, _) = started(&f, "daemon", &[]).await;
-    let streaming: Vec<&Arc<SimWorker>> = f
-        .fleet
-        .fleet
-        .workers
-        .iter()
-        .filter(|w| w.has_event_stream())
-        .collect();
+    let streaming = streaming(&f);
     assert!(streaming.iter().all(|w| w.open_streams() == 1));
     d.signal(libc::SIGTERM);
     let status = d.wait_exit(Duration::from_secs(10)).await;
