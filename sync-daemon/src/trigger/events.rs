@@ -258,24 +258,8 @@ async fn watch_worker(
     stop: CancellationToken,
 ) {
     let mut watch = Watch::default();
-    let mut shown = None;
-    let show = |state: WatchState, why: Option<&str>, retry_in, shown: &mut Option<WatchState>| {
-        if *shown != Some(state) {
-            *shown = Some(state);
-            WatchChanged {
-                worker_id: &target.worker_id,
-                state,
-                why,
-                retry_in,
-            }
-            .emit(&ctx.metrics);
-            let _ = notes.send(Note::State {
-                worker_id: target.worker_id.clone(),
-                state,
-            });
-        }
-    };
-    show(WatchState::Connecting, None, None, &mut shown);
+    let mut shown = Shown::default();
+    shown.show(&ctx, &target, &notes, WatchState::Connecting, None, None);
     loop {
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
@@ -325,11 +309,43 @@ async fn watch_worker(
             // Only a live stream is relisted, and that happens while it is read.
             Next::Relist => Duration::ZERO,
         };
-        show(watch.state(), Some(&why), Some(wait), &mut shown);
+        shown.show(&ctx, &target, &notes, watch.state(), Some(&why), Some(wait));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// The state a watch last showed: each change of it is logged once and noted for the book.
+#[derive(Debug, Default)]
+struct Shown(Option<WatchState>);
+
+impl Shown {
+    fn show(
+        &mut self,
+        ctx: &Context,
+        target: &CmlTarget,
+        notes: &Notes,
+        state: WatchState,
+        why: Option<&str>,
+        retry_in: Option<Duration>,
+    ) {
+        if self.0 == Some(state) {
+            return;
+        }
+        self.0 = Some(state);
+        WatchChanged {
+            worker_id: &target.worker_id,
+            state,
+            why,
+            retry_in,
+        }
+        .emit(&ctx.metrics);
+        let _ = notes.send(Note::State {
+            worker_id: target.worker_id.clone(),
+            state,
+        });
     }
 }
 
@@ -384,7 +400,7 @@ impl Session<'_> {
         &self,
         mut stream: EventStream,
         watch: &mut Watch,
-        shown: &mut Option<WatchState>,
+        shown: &mut Shown,
     ) -> Option<(Happened, String)> {
         let s = self.settings;
         let mut last_message = Instant::now();
@@ -443,7 +459,14 @@ impl Session<'_> {
                 live = true;
                 // Live: whatever changed while it was not is caught by one full sync.
                 let _ = watch.on(Happened::Live, &s.policy, random_unit());
-                self.show_live(shown);
+                shown.show(
+                    self.ctx,
+                    self.target,
+                    self.notes,
+                    WatchState::Live,
+                    None,
+                    None,
+                );
                 let relist = Trigger::Event {
                     target: self.target.clone(),
                     scope: Scope::Full,
@@ -473,23 +496,6 @@ impl Session<'_> {
                 }
                 pending.labs.insert(lab);
             }
-        }
-    }
-
-    fn show_live(&self, shown: &mut Option<WatchState>) {
-        if *shown != Some(WatchState::Live) {
-            *shown = Some(WatchState::Live);
-            WatchChanged {
-                worker_id: &self.target.worker_id,
-                state: WatchState::Live,
-                why: None,
-                retry_in: None,
-            }
-            .emit(&self.ctx.metrics);
-            let _ = self.notes.send(Note::State {
-                worker_id: self.target.worker_id.clone(),
-                state: WatchState::Live,
-            });
         }
     }
 
