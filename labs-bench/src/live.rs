@@ -189,33 +189,51 @@ fn http_stream() -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// Each worker's lab ids (a few workers at a time).
-async fn lab_ids(
+/// `GET {control}/workers/{id}/{what}` of every worker (16 at a time), with its id.
+async fn of_each_worker(
     http: &reqwest::Client,
     control: &str,
     ids: &[String],
-) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    what: &str,
+) -> anyhow::Result<Vec<(String, Value)>> {
     stream::iter(ids.iter().cloned())
         .map(|id| async move {
-            let labs: Vec<Value> = http
-                .get(format!("{control}/workers/{id}/labs"))
+            let body: Value = http
+                .get(format!("{control}/workers/{id}/{what}"))
                 .send()
                 .await?
                 .error_for_status()?
                 .json()
                 .await?;
-            let labs: Vec<String> = labs
-                .iter()
-                .filter_map(|l| l["id"].as_str().map(str::to_owned))
-                .collect();
-            anyhow::Ok((id, labs))
+            anyhow::Ok((id, body))
         })
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .filter(|r| !matches!(r, Ok((_, labs)) if labs.is_empty()))
         .collect()
+}
+
+/// Each worker's lab ids (workers without labs left out).
+async fn lab_ids(
+    http: &reqwest::Client,
+    control: &str,
+    ids: &[String],
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let labs = of_each_worker(http, control, ids, "labs").await?;
+    Ok(labs
+        .into_iter()
+        .map(|(id, labs)| {
+            let labs = labs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l["id"].as_str().map(str::to_owned))
+                .collect::<Vec<_>>();
+            (id, labs)
+        })
+        .filter(|(_, labs)| !labs.is_empty())
+        .collect())
 }
 
 /// The REST calls every worker served so far, by endpoint (the event stream's upgrades left
@@ -225,23 +243,10 @@ async fn calls(
     control: &str,
     ids: &[String],
 ) -> anyhow::Result<HashMap<String, u64>> {
-    let per_worker: Vec<anyhow::Result<HashMap<String, u64>>> = stream::iter(ids.iter().cloned())
-        .map(|id| async move {
-            let calls: HashMap<String, u64> = http
-                .get(format!("{control}/workers/{id}/calls"))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            anyhow::Ok(calls)
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
     let mut total = HashMap::new();
-    for calls in per_worker {
-        for (endpoint, n) in calls? {
+    for (_, calls) in of_each_worker(http, control, ids, "calls").await? {
+        let calls: HashMap<String, u64> = serde_json::from_value(calls)?;
+        for (endpoint, n) in calls {
             if endpoint != "ws_ui" {
                 *total.entry(endpoint).or_insert(0) += n;
             }
