@@ -2,7 +2,17 @@
 //! worker's token in the first message), with the REST client's TLS settings, never following a
 //! redirect, and with bounds on what a server can make us hold; then reading its messages.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use futures::{SinkExt, StreamExt};
 use rustls::{
@@ -12,8 +22,10 @@ use rustls::{
     DigitallySignedStruct, SignatureScheme,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+    sync::Notify,
+    time::Instant,
 };
 use tokio_tungstenite::{
     tungstenite::{self, protocol::WebSocketConfig, Message},
@@ -27,19 +39,36 @@ use crate::{payload::clip, CmlTarget, Error, Result};
 pub const UNAUTHORIZED: u16 = 3000;
 
 /// Bytes each stream reads at a time.
-const STREAM_READ_BUFFER: usize = 8 * 1024;
+pub const STREAM_READ_BUFFER: usize = 8 * 1024;
+
+/// Most bytes of our own frames (the authentication message, pongs, the close) a stream
+/// queues for a server that does not read them; past it a newer pong replaces the queued one.
+const MAX_WRITE_BUFFER: usize = 16 * 1024;
+
+/// The kernel's send buffer asked for each stream's socket: we send a few hundred bytes per
+/// stream, so a server that stops reading shows as stalled within seconds, not megabytes.
+const SOCKET_SEND_BUFFER: u32 = 16 * 1024;
 
 /// Bounds of one event stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct EventLimits {
-    /// Largest message (and frame) accepted; a larger one ends the stream.
+    /// Largest message accepted, and the most a stream may hold of what it has read and not
+    /// yet handed over (a message being assembled and the frame being read, together), plus
+    /// one read ([`STREAM_READ_BUFFER`]); more ends the stream as [`StreamEnd::TooLarge`].
     pub max_message_bytes: usize,
+    /// Frames a second a server may send, control frames (pings, pongs) included; more ends
+    /// the stream as [`StreamEnd::Flooded`].
+    pub max_frames_per_second: usize,
+    /// What all the streams sharing it may hold together.
+    pub budget: StreamBudget,
 }
 
 impl Default for EventLimits {
     fn default() -> Self {
         Self {
             max_message_bytes: 1024 * 1024,
+            max_frames_per_second: 500,
+            budget: StreamBudget::new(64 << 20),
         }
     }
 }
@@ -51,11 +80,17 @@ pub enum StreamEnd {
     Unauthorized,
     /// Closed by the server with another code.
     Closed { code: u16, reason: String },
-    /// Nothing came for longer than the silence allowed (a real server sends stats every few
-    /// seconds: a silent socket is a dead one).
+    /// No text message came for longer than the silence allowed (a real server sends stats
+    /// every few seconds: a socket that only pings is as dead as a silent one).
     Silent,
-    /// A message or frame past [`EventLimits::max_message_bytes`].
+    /// A message, or what the stream held, past [`EventLimits::max_message_bytes`].
     TooLarge,
+    /// The streams together held more than their [`StreamBudget`], and this one held the most.
+    OverBudget,
+    /// More frames a second than [`EventLimits::max_frames_per_second`].
+    Flooded,
+    /// The server took none of our frames (pongs) for longer than the silence allowed.
+    Stalled,
     /// The connection broke (reset, ended without a close frame, a protocol error).
     Dropped(String),
 }
@@ -68,8 +103,157 @@ impl StreamEnd {
             StreamEnd::Closed { .. } => "closed",
             StreamEnd::Silent => "silent",
             StreamEnd::TooLarge => "too_large",
+            StreamEnd::OverBudget => "over_budget",
+            StreamEnd::Flooded => "flooded",
+            StreamEnd::Stalled => "stalled",
             StreamEnd::Dropped(_) => "dropped",
         }
+    }
+}
+
+/// What many streams may hold together of what they have read and not handed over: past it,
+/// the stream holding the most is ended ([`StreamEnd::OverBudget`]), then the next, until the
+/// rest fit. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct StreamBudget(Arc<Budget>);
+
+struct Budget {
+    limit: usize,
+    total: AtomicUsize,
+    next_id: AtomicU64,
+    streams: Mutex<HashMap<u64, Arc<Held>>>,
+}
+
+impl std::fmt::Debug for StreamBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamBudget")
+            .field("limit", &self.0.limit)
+            .field("held", &self.held())
+            .finish()
+    }
+}
+
+impl StreamBudget {
+    pub fn new(limit: usize) -> Self {
+        Self(Arc::new(Budget {
+            limit,
+            total: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            streams: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Bytes the streams hold now.
+    pub fn held(&self) -> usize {
+        self.0.total.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, per_stream: usize) -> Holding {
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let held = Arc::new(Held::default());
+        self.streams().insert(id, held.clone());
+        Holding {
+            budget: self.clone(),
+            id,
+            per_stream,
+            held,
+        }
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Held>>> {
+        self.0.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Over the limit: ends the streams holding the most (not ended yet) until the rest fit.
+    fn evict(&self) {
+        let streams = self.streams();
+        let mut held: Vec<&Arc<Held>> = streams
+            .values()
+            .filter(|h| !h.over.load(Ordering::Relaxed))
+            .collect();
+        let mut total: usize = held.iter().map(|h| h.bytes.load(Ordering::Relaxed)).sum();
+        held.sort_by_key(|h| std::cmp::Reverse(h.bytes.load(Ordering::Relaxed)));
+        for h in held {
+            if total <= self.0.limit {
+                break;
+            }
+            total -= h.bytes.load(Ordering::Relaxed);
+            h.over_budget.store(true, Ordering::Relaxed);
+            h.over.store(true, Ordering::Relaxed);
+            h.ended.notify_one();
+        }
+    }
+}
+
+/// What one stream holds, and whether it must end for it.
+#[derive(Debug, Default)]
+struct Held {
+    bytes: AtomicUsize,
+    /// Past a bound: the stream ends.
+    over: AtomicBool,
+    /// Ended by the budget rather than by its own bound.
+    over_budget: AtomicBool,
+    ended: Notify,
+}
+
+/// One stream's part of a [`StreamBudget`], given back when it is dropped.
+struct Holding {
+    budget: StreamBudget,
+    id: u64,
+    per_stream: usize,
+    held: Arc<Held>,
+}
+
+impl Holding {
+    /// `n` more bytes read. False when the stream must end for it.
+    fn add(&self, n: usize) -> bool {
+        let mine = self.held.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let total = self.budget.0.total.fetch_add(n, Ordering::Relaxed) + n;
+        if mine > self.per_stream {
+            self.held.over.store(true, Ordering::Relaxed);
+        } else if total > self.budget.0.limit {
+            self.budget.evict();
+        }
+        !self.held.over.load(Ordering::Relaxed)
+    }
+
+    /// A message was handed over: what led to it is no longer held.
+    fn release(&self) {
+        let n = self.held.bytes.swap(0, Ordering::Relaxed);
+        self.budget.0.total.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// A control frame of `payload` bytes was read (perhaps in the middle of a message): its
+    /// own bytes are no longer held.
+    fn release_control(&self, payload: usize) {
+        // A server's control frame: a 2-byte header (payloads are at most 125 bytes).
+        let n = payload + 2;
+        let took = self
+            .held
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(n))
+            })
+            .map_or(0, |b| b.min(n));
+        self.budget.0.total.fetch_sub(took, Ordering::Relaxed);
+    }
+
+    /// Why the stream must end, if it must.
+    fn end(&self) -> Option<StreamEnd> {
+        if !self.held.over.load(Ordering::Relaxed) {
+            None
+        } else if self.held.over_budget.load(Ordering::Relaxed) {
+            Some(StreamEnd::OverBudget)
+        } else {
+            Some(StreamEnd::TooLarge)
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.release();
+        self.budget.streams().remove(&self.id);
     }
 }
 
@@ -77,11 +261,77 @@ impl StreamEnd {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// A stream's socket, counting what the server makes us hold and noticing when it stops
+/// taking our bytes.
+struct Counted {
+    io: Box<dyn Io>,
+    holding: Holding,
+    /// Since when our writes have been refused (the server's receive window is shut).
+    blocked_since: Option<Instant>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let n = buf.filled().len() - before;
+            if !self.holding.add(n) {
+                return Poll::Ready(Err(io::Error::other("the stream holds too much")));
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        match polled {
+            Poll::Pending => self.note_refused(),
+            Poll::Ready(Ok(n)) if n > 0 => self.blocked_since = None,
+            Poll::Ready(_) => {}
+        }
+        polled
+    }
+
+    /// A flush that cannot finish is a refusal; one that does proves nothing (a TCP flush
+    /// always does), so only a write taken clears the refusal.
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        if polled.is_pending() {
+            self.note_refused();
+        }
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Counted {
+    fn note_refused(&mut self) {
+        self.blocked_since.get_or_insert_with(Instant::now);
+    }
+}
+
 /// An open, authenticated event stream of one worker.
 pub struct EventStream {
-    ws: WebSocketStream<Box<dyn Io>>,
+    ws: WebSocketStream<Counted>,
     /// The token it was opened with (to forget it when the server refuses it).
     token: String,
+    max_frames_per_second: usize,
+    /// Frames since the start of the current one-second window.
+    window: (Instant, usize),
 }
 
 impl std::fmt::Debug for EventStream {
@@ -96,18 +346,54 @@ impl EventStream {
         &self.token
     }
 
-    /// The next text message, or why the stream ended when nothing comes within `silence`.
+    /// The next text message, or why the stream ended. Silence is measured on text messages
+    /// only: pings and pongs neither count as life nor restart the wait of `silence`, which
+    /// also bounds how long the server may refuse our frames.
     pub async fn next(&mut self, silence: Duration) -> std::result::Result<String, StreamEnd> {
+        let deadline = Instant::now() + silence;
         loop {
-            let frame = tokio::time::timeout(silence, self.ws.next())
-                .await
-                .map_err(|_| StreamEnd::Silent)?;
-            match frame {
-                Some(Ok(Message::Text(text))) => return Ok(text.to_string()),
-                Some(Ok(Message::Binary(bytes))) => {
-                    return Ok(String::from_utf8_lossy(&bytes).into_owned())
+            let held = self.ws.get_ref().holding.held.clone();
+            let frame = tokio::select! {
+                () = held.ended.notified() => None,
+                frame = tokio::time::timeout_at(deadline, self.ws.next()) => Some(frame),
+            };
+            let counted = self.ws.get_ref();
+            if let Some(end) = counted.holding.end() {
+                return Err(end);
+            }
+            let Some(frame) = frame else { continue };
+            // Refused for as long as silence is allowed: stalled, whether or not it still
+            // sends (a server that cannot take our frames often cannot send either).
+            if counted
+                .blocked_since
+                .is_some_and(|since| since.elapsed() >= silence)
+            {
+                return Err(StreamEnd::Stalled);
+            }
+            let frame = frame.map_err(|_| StreamEnd::Silent)?;
+            if matches!(&frame, Some(Ok(m)) if !m.is_close()) {
+                let now = Instant::now();
+                if now.duration_since(self.window.0) >= Duration::from_secs(1) {
+                    self.window = (now, 0);
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                self.window.1 += 1;
+                if self.window.1 > self.max_frames_per_second {
+                    return Err(StreamEnd::Flooded);
+                }
+            }
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    self.ws.get_ref().holding.release();
+                    return Ok(text.to_string());
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    self.ws.get_ref().holding.release();
+                    return Ok(String::from_utf8_lossy(&bytes).into_owned());
+                }
+                Some(Ok(Message::Ping(p) | Message::Pong(p))) => {
+                    self.ws.get_ref().holding.release_control(p.len());
+                }
+                Some(Ok(Message::Frame(_))) => {}
                 Some(Ok(Message::Close(frame))) => {
                     return Err(match frame {
                         Some(f) if u16::from(f.code) == UNAUTHORIZED => StreamEnd::Unauthorized,
@@ -282,7 +568,7 @@ pub(crate) async fn open(
     };
     let host = url.host_str().unwrap_or_default().to_owned();
     let port = url.port_or_known_default().unwrap_or(443);
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect((host.as_str(), port)))
+    let tcp = tokio::time::timeout(connect_timeout, connect(&host, port))
         .await
         .map_err(|_| unreachable(format!("no connection within {connect_timeout:?}")))?
         .map_err(|e| unreachable(e.to_string()))?;
@@ -299,25 +585,9 @@ pub(crate) async fn open(
         } else {
             Box::new(tcp)
         };
-        // A daemon holds a stream per worker (a thousand or more): small buffers (messages are
-        // a few hundred bytes; a larger one is read in more steps), writes flushed at once.
-        let config = WebSocketConfig::default()
-            .read_buffer_size(STREAM_READ_BUFFER)
-            .write_buffer_size(0)
-            .max_message_size(Some(limits.max_message_bytes))
-            .max_frame_size(Some(limits.max_message_bytes));
-        let (mut ws, _) =
-            tokio_tungstenite::client_async_with_config(url.as_str(), io, Some(config))
-                .await
-                .map_err(|e| upgrade_error(target, e))?;
-        let hello = serde_json::json!({
-            "token": token,
-            "client_uuid": uuid_v4(),
-        });
-        ws.send(Message::text(hello.to_string()))
+        upgrade(io, &url, &limits, &token)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        Ok(ws)
+            .map_err(|e| upgrade_error(target, e))
     };
     let ws = tokio::time::timeout(timeout, opening)
         .await
@@ -325,7 +595,64 @@ pub(crate) async fn open(
             worker: target.worker_id.clone(),
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         })??;
-    Ok(EventStream { ws, token })
+    Ok(EventStream {
+        ws,
+        token,
+        max_frames_per_second: limits.max_frames_per_second,
+        window: (Instant::now(), 0),
+    })
+}
+
+/// Upgrades a connected `io` to the stream at `url` and authenticates it with `token`,
+/// counting from the first byte what the server makes it hold.
+async fn upgrade(
+    io: Box<dyn Io>,
+    url: &Url,
+    limits: &EventLimits,
+    token: &str,
+) -> std::result::Result<WebSocketStream<Counted>, tungstenite::Error> {
+    let io = Counted {
+        io,
+        holding: limits
+            .budget
+            .register(limits.max_message_bytes + STREAM_READ_BUFFER),
+        blocked_since: None,
+    };
+    // A daemon holds a stream per worker (a thousand or more): small buffers (messages are a
+    // few hundred bytes; a larger one is read in more steps), writes flushed at once and
+    // bounded (a server that never reads cannot make our pongs pile up).
+    let config = WebSocketConfig::default()
+        .read_buffer_size(STREAM_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes));
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url.as_str(), io, Some(config)).await?;
+    let hello = serde_json::json!({
+        "token": token,
+        "client_uuid": uuid_v4(),
+    });
+    ws.send(Message::text(hello.to_string())).await?;
+    Ok(ws)
+}
+
+/// A TCP connection to the first of `host`'s addresses that answers, with a small send buffer.
+async fn connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        let _ = socket.set_send_buffer_size(SOCKET_SEND_BUFFER);
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A random version-4 UUID, as CML's clients name themselves.
@@ -351,6 +678,58 @@ fn uuid_v4() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use cml_sim::{hostile, WsHostile};
+
+    /// A stream over an in-memory pipe of `window` bytes each way to a hostile server.
+    async fn over_pipe(window: usize, how: WsHostile, limits: &EventLimits) -> EventStream {
+        let (ours, theirs) = tokio::io::duplex(window);
+        tokio::spawn(hostile::serve(theirs, how));
+        let url = Url::parse("ws://cml.test/ws/ui").expect("url");
+        let ws = upgrade(Box::new(ours), &url, limits, "token")
+            .await
+            .expect("upgraded");
+        EventStream {
+            ws,
+            token: "token".into(),
+            max_frames_per_second: limits.max_frames_per_second,
+            window: (Instant::now(), 0),
+        }
+    }
+
+    /// A server that pings and sends text but never takes our pongs: once its window (4 KiB)
+    /// and our write buffer are full, the stream holds no more and ends as stalled, though
+    /// its text still comes.
+    #[tokio::test]
+    async fn a_server_that_takes_none_of_our_frames_stalls_the_stream_and_holds_little() {
+        let limits = EventLimits::default();
+        let how = WsHostile::Pings {
+            per_second: 200,
+            text_every_ms: 20,
+        };
+        let mut s = over_pipe(4096, how, &limits).await;
+        let mut texts = 0;
+        let end = loop {
+            match s.next(Duration::from_secs(2)).await {
+                Ok(_) => texts += 1,
+                Err(end) => break end,
+            }
+        };
+        assert_eq!(end, StreamEnd::Stalled, "after {texts} messages");
+        assert!(texts > 0);
+        assert!(
+            limits.budget.held() <= STREAM_READ_BUFFER,
+            "{:?}",
+            limits.budget
+        );
+
+        // The same server with a window it never fills goes on.
+        let mut s = over_pipe(1 << 20, how, &limits).await;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            s.next(Duration::from_secs(2)).await.expect("not stalled");
+        }
+    }
 
     #[test]
     fn stream_urls_keep_the_endpoint_s_path_as_cml_s_root() {

@@ -8,10 +8,10 @@ use common::{config, target};
 use std::time::Duration;
 
 use cml_client::{
-    events::{EventLimits, StreamEnd},
+    events::{EventLimits, StreamBudget, StreamEnd},
     CmlClient, Error,
 };
-use cml_sim::{Faults, FleetConfig, Personality, RunningFleet, ServeOptions};
+use cml_sim::{Faults, FleetConfig, Personality, RunningFleet, ServeOptions, WsHostile};
 use serde_json::Value;
 use shared::config::CmlConfig;
 
@@ -128,11 +128,12 @@ async fn what_a_stream_can_make_us_hold_is_bounded_and_its_ends_are_told_apart()
     let client = CmlClient::new(&config()).expect("client");
     let limits = EventLimits {
         max_message_bytes: 64 * 1024,
+        ..EventLimits::default()
     };
 
     // No stats for an hour: silence.
     let mut s = client
-        .open_events(&target(&f, 0), limits)
+        .open_events(&target(&f, 0), limits.clone())
         .await
         .expect("open");
     assert_eq!(
@@ -142,7 +143,7 @@ async fn what_a_stream_can_make_us_hold_is_bounded_and_its_ends_are_told_apart()
 
     // Dropped by the server without a close frame.
     let mut s = client
-        .open_events(&target(&f, 0), limits)
+        .open_events(&target(&f, 0), limits.clone())
         .await
         .expect("open");
     w.drop_streams();
@@ -158,7 +159,7 @@ async fn what_a_stream_can_make_us_hold_is_bounded_and_its_ends_are_told_apart()
         ..Faults::default()
     });
     let mut s = client
-        .open_events(&target(&f, 0), limits)
+        .open_events(&target(&f, 0), limits.clone())
         .await
         .expect("open");
     assert_eq!(
@@ -169,7 +170,7 @@ async fn what_a_stream_can_make_us_hold_is_bounded_and_its_ends_are_told_apart()
 
     // No stream before 2.6 (404), and a redirect is never followed.
     let err = client
-        .open_events(&target(&f, 1), limits)
+        .open_events(&target(&f, 1), limits.clone())
         .await
         .expect_err("2.4 has no stream");
     assert!(matches!(err, Error::Status { status: 404, .. }), "{err:?}");
@@ -182,7 +183,7 @@ async fn what_a_stream_can_make_us_hold_is_bounded_and_its_ends_are_told_apart()
         ..Faults::default()
     });
     let err = client
-        .open_events(&target(&f, 0), limits)
+        .open_events(&target(&f, 0), limits.clone())
         .await
         .expect_err("redirected");
     assert!(
@@ -233,4 +234,82 @@ async fn streams_use_the_rest_client_s_tls_settings() {
         .await
         .expect("unverified");
     assert!(s.next(SILENCE).await.is_ok());
+}
+
+fn hostile(how: WsHostile) -> Faults {
+    Faults {
+        ws_hostile: Some(how),
+        ..Faults::default()
+    }
+}
+
+/// A hostile server makes a stream end with its own reason, never grow: pings count as frames
+/// and never as life, and what a stream holds (an unfinished message and an unfinished frame together) is bounded, alone and
+/// with the others.
+#[tokio::test]
+async fn hostile_streams_end_with_their_reason_and_never_hold_more_than_their_bounds() {
+    let f = fleet(
+        vec![Personality::V2_9, Personality::V2_10],
+        Duration::from_secs(3600),
+        ServeOptions::default(),
+    )
+    .await;
+    let (a, b) = (&f.fleet.workers[0], &f.fleet.workers[1]);
+    let client = CmlClient::new(&config()).expect("client");
+    let budget = StreamBudget::new(100 * 1024);
+    let limits = EventLimits {
+        max_message_bytes: 64 * 1024,
+        max_frames_per_second: 1000,
+        budget: budget.clone(),
+    };
+    let open = |i: usize| {
+        let (client, limits, t) = (&client, limits.clone(), target(&f, i));
+        async move { client.open_events(&t, limits).await.expect("open") }
+    };
+
+    // A ping flood: more frames a second than allowed.
+    a.set_faults(hostile(WsHostile::Pings {
+        per_second: 0,
+        text_every_ms: 0,
+    }));
+    assert_eq!(open(0).await.next(SILENCE).await, Err(StreamEnd::Flooded));
+
+    // Pings every 100 ms and no text: silent, whatever the pings.
+    a.set_faults(hostile(WsHostile::Pings {
+        per_second: 10,
+        text_every_ms: 0,
+    }));
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        open(0).await.next(Duration::from_millis(800)).await,
+        Err(StreamEnd::Silent)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{started:?}");
+
+    // An unfinished message (40 KiB) and an unfinished frame (40 KiB): each within the
+    // message bound, together past what one stream may hold.
+    a.set_faults(hostile(WsHostile::Unfinished { bytes: 40 * 1024 }));
+    assert_eq!(open(0).await.next(SILENCE).await, Err(StreamEnd::TooLarge));
+    assert_eq!(budget.held(), 0, "an ended stream holds nothing");
+
+    // Two streams each within their bound, together past the budget: the one holding the
+    // most ends, the other goes on.
+    a.set_faults(hostile(WsHostile::Unfinished { bytes: 30 * 1024 }));
+    b.set_faults(hostile(WsHostile::Unfinished { bytes: 25 * 1024 }));
+    let mut alone = open(0).await;
+    assert_eq!(
+        alone.next(Duration::from_millis(500)).await,
+        Err(StreamEnd::Silent),
+        "alone within the budget"
+    );
+    drop(alone);
+    let mut big = open(0).await;
+    let mut small = open(1).await;
+    let (big_end, small_end) = tokio::join!(big.next(SILENCE), small.next(Duration::from_secs(2)));
+    assert_eq!(big_end, Err(StreamEnd::OverBudget));
+    assert_eq!(small_end, Err(StreamEnd::Silent));
+    drop(big);
+    assert!(budget.held() <= 100 * 1024, "{budget:?}");
+    drop(small);
+    assert_eq!(budget.held(), 0, "{budget:?}");
 }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod control;
 pub mod events;
 pub mod fleet;
+pub mod hostile;
 pub mod model;
 pub mod registry;
 pub mod server;
@@ -19,7 +20,7 @@ pub mod token;
 pub mod ws;
 
 pub use fleet::{Fleet, FleetConfig};
-pub use model::{EndpointFault, Faults, Personality, SimGroup, SimLab, SimWorker};
+pub use model::{EndpointFault, Faults, Personality, SimGroup, SimLab, SimWorker, WsHostile};
 pub use server::{serve, Addressing, RunningFleet, ServeOptions};
 
 /// Generates a fleet and serves it: the one call Rust tests need.

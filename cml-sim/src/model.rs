@@ -303,6 +303,23 @@ pub struct Faults {
     pub ws_garbage: bool,
     /// Right after authentication, `/ws/ui` sends one text message this many bytes long.
     pub ws_oversized_bytes: usize,
+    /// `/ws/ui` is served by a hostile or broken server, frame by frame (no authentication).
+    pub ws_hostile: Option<WsHostile>,
+}
+
+/// How a hostile `/ws/ui` behaves after the upgrade; it never reads what the client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WsHostile {
+    /// Pings with 125-byte payloads, `per_second` (0: as fast as it can write), and a stats
+    /// message every `text_every_ms` (0: none).
+    Pings { per_second: u32, text_every_ms: u64 },
+    /// `messages` stats messages, then a close frame with `code` (0: the connection ends
+    /// without one).
+    CloseAfter { messages: u32, code: u16 },
+    /// The first `bytes` of a text message as a fragment, then a continuation frame announced
+    /// `bytes` long of which all but the last byte are sent; then nothing.
+    Unfinished { bytes: usize },
 }
 
 /// How calls of one endpoint fail.

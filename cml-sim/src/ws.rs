@@ -6,9 +6,9 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::{
-    extract::ws::{
-        rejection::WebSocketUpgradeRejection, CloseFrame, Message, Utf8Bytes, WebSocket,
-        WebSocketUpgrade,
+    extract::{
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
+        FromRequestParts, Request,
     },
     http::StatusCode,
     response::Response,
@@ -19,6 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::{
     api::{self, Call},
     fleet::Fleet,
+    hostile,
     model::SimWorker,
     token::Claims,
 };
@@ -33,10 +34,7 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 const UNAUTHORIZED: u16 = 3000;
 
 /// `GET /ws/ui`.
-pub async fn ws_ui(
-    call: Call,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
+pub async fn ws_ui(call: Call, request: Request) -> Response {
     let Call { fleet, worker, ctl } = call;
     if !worker.has_event_stream() {
         // Counted all the same: a client retrying the upgrade in a loop shows.
@@ -46,10 +44,15 @@ pub async fn ws_ui(
     if let Some(r) = api::before(&worker, &ctl, "ws_ui").await {
         return r;
     }
-    if let Some(to) = worker.faults().redirect_ws_to {
+    let faults = worker.faults();
+    if let Some(to) = faults.redirect_ws_to {
         return api::redirect(StatusCode::FOUND, &to);
     }
-    match upgrade {
+    if let Some(how) = faults.ws_hostile {
+        return hostile::upgrade(request, how);
+    }
+    let (mut parts, _) = request.into_parts();
+    match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(upgrade) => upgrade
             .max_message_size(MAX_CLIENT_MESSAGE)
             .on_upgrade(move |socket| stream(socket, fleet, worker)),

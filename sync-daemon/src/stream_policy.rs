@@ -1,15 +1,21 @@
 //! What a worker's event-stream watch does after each thing that happens to it, and the state
-//! it shows: pure (the random draw is passed in).
+//! it shows: pure (the random draw and the time are passed in).
 //!
-//! A stream that was live and broke is opened again within a few seconds; a token refused
-//! with 3000 is fetched anew and the stream reopened at once, once; only failures in a row back
-//! off, with the one jittered policy, up to a bounded interval. A server without a stream (a
-//! 404: CML before 2.6) is polled, and its stream tried again only after a long interval.
-//! Every (re)connection is followed by one full sync of the worker (a relist).
+//! A stream counts as healthy only once it has stayed up for [`Policy::healthy_after`]: a
+//! server that sends a message and closes (a proxy dropping sockets, a server restarting in a
+//! loop) fails like one that closes at once, and its failures in a row back off. A healthy
+//! stream that broke is opened again within a few seconds; a token refused with 3000 is fetched
+//! anew and the stream reopened at once, once per healthy stream; later refusals back off like
+//! any failure (so renewals of a worker's token are bounded by the backoff). A server without a
+//! stream (a 404: CML before 2.6) is polled, and its stream tried again only after a long
+//! interval. Every time a stream is live again the worker is relisted, at most once per
+//! [`Policy::relist_every`]: a relist asked for sooner waits until then (it still reads
+//! everything that changed meanwhile).
 
 use std::time::Duration;
 
 use shared::backoff::Backoff;
+use tokio::time::Instant;
 
 /// Why a watch is failing, a closed set (metric labels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,24 +26,29 @@ pub enum FailReason {
     Unauthorized,
     /// The upgrade answered with a redirect (never followed).
     Redirect,
-    /// A message past the size bound.
+    /// A message past the size bound, or the stream held the most when the streams together
+    /// held more than their budget.
     TooLarge,
-    /// More messages a second than allowed.
+    /// More frames a second than allowed (pings and pongs count).
     Flooded,
-    /// No message for longer than the silence allowed.
+    /// No text message for longer than the silence allowed.
     Silent,
+    /// The server took none of our frames (pongs, the close) for longer than the silence
+    /// allowed.
+    Stalled,
     /// The stream broke or was closed by the server.
     Dropped,
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 7] = [
+    pub const ALL: [FailReason; 8] = [
         FailReason::Unreachable,
         FailReason::Unauthorized,
         FailReason::Redirect,
         FailReason::TooLarge,
         FailReason::Flooded,
         FailReason::Silent,
+        FailReason::Stalled,
         FailReason::Dropped,
     ];
 
@@ -49,6 +60,7 @@ impl FailReason {
             FailReason::TooLarge => "too_large",
             FailReason::Flooded => "flooded",
             FailReason::Silent => "silent",
+            FailReason::Stalled => "stalled",
             FailReason::Dropped => "dropped",
         }
     }
@@ -63,7 +75,8 @@ pub enum WatchState {
     Live,
     /// The server has no stream: synced by the periodic cycle only.
     Polling,
-    /// Failed this many times in a row (past [`Policy::failing_after`]).
+    /// Failed this many times in a row (past [`Policy::failing_after`]); a stream that comes
+    /// back keeps showing it until it has been healthy.
     Failing(FailReason),
 }
 
@@ -84,6 +97,10 @@ impl WatchState {
 pub enum Happened {
     /// The stream is open and its first message came after the authentication: it is live.
     Live,
+    /// The stream has stayed up for [`Policy::healthy_after`]: its failures are forgiven.
+    Healthy,
+    /// The relist asked for by [`Next::Relist`] was sent.
+    Relisted,
     /// Opening failed for this reason (before anything came).
     OpenFailed(FailReason),
     /// The server has no stream (`/ws/ui` answered 404).
@@ -95,8 +112,11 @@ pub enum Happened {
 /// What to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// Sync the whole worker once now (a relist: what changed while it was not watched).
-    Relist,
+    /// Sync the whole worker once, after this delay (zero: now), if the stream is still up
+    /// then: a relist, what changed while it was not watched.
+    Relist { after: Duration },
+    /// Keep reading.
+    Read,
     /// Open the stream again after this delay (zero: at once), fetching a new token first
     /// when `reauthenticate`.
     Reconnect {
@@ -110,13 +130,17 @@ pub enum Next {
 /// The knobs of the policy (from `sync.events.*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    /// Delays of reconnections after failures in a row (the first after a live stream broke
-    /// is at most `reconnect.base`).
+    /// Delays of reconnections after failures in a row (the first after a healthy stream
+    /// broke is at most `reconnect.base`).
     pub reconnect: Backoff,
     /// How long a server without a stream is left to polling before its stream is tried again.
     pub no_stream_retry: Duration,
     /// Failures in a row after which the watch shows `failing`.
     pub failing_after: u32,
+    /// How long a stream must stay up before it counts as healthy.
+    pub healthy_after: Duration,
+    /// Relists of one worker start at least this far apart.
+    pub relist_every: Duration,
 }
 
 impl Default for Policy {
@@ -128,18 +152,22 @@ impl Default for Policy {
             },
             no_stream_retry: Duration::from_secs(1800),
             failing_after: 3,
+            healthy_after: Duration::from_secs(30),
+            relist_every: Duration::from_secs(60),
         }
     }
 }
 
-/// One worker's watch: its state and its failures in a row.
+/// One worker's watch: its state, its failures in a row and when it was last relisted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watch {
     state: WatchState,
-    /// Failures since the stream was last live.
+    /// Failures since the stream was last healthy.
     failures: u32,
-    /// 3000s since the stream was last live.
+    /// 3000s since the stream was last healthy.
     refusals: u32,
+    /// When the last relist was sent.
+    relisted: Option<Instant>,
 }
 
 impl Default for Watch {
@@ -148,6 +176,7 @@ impl Default for Watch {
             state: WatchState::Connecting,
             failures: 0,
             refusals: 0,
+            relisted: None,
         }
     }
 }
@@ -157,14 +186,28 @@ impl Watch {
         self.state
     }
 
-    /// What to do after `what`; `unit` is a uniform draw in `[0, 1)` for the jitter.
-    pub fn on(&mut self, what: Happened, policy: &Policy, unit: f64) -> Next {
+    /// What to do after `what` happened at `now`; `unit` is a uniform draw in `[0, 1)` for the
+    /// jitter.
+    pub fn on(&mut self, what: Happened, policy: &Policy, unit: f64, now: Instant) -> Next {
         match what {
             Happened::Live => {
+                if !matches!(self.state, WatchState::Failing(_)) {
+                    self.state = WatchState::Live;
+                }
+                let after = self.relisted.map_or(Duration::ZERO, |at| {
+                    (at + policy.relist_every).saturating_duration_since(now)
+                });
+                Next::Relist { after }
+            }
+            Happened::Healthy => {
                 self.state = WatchState::Live;
                 self.failures = 0;
                 self.refusals = 0;
-                Next::Relist
+                Next::Read
+            }
+            Happened::Relisted => {
+                self.relisted = Some(now);
+                Next::Read
             }
             Happened::NoStream => {
                 self.state = WatchState::Polling;
@@ -184,7 +227,8 @@ impl Watch {
                 } else {
                     WatchState::Connecting
                 };
-                // The first refusal is an expired token: a new one, at once.
+                // The first refusal since the stream was healthy is an expired token: a new
+                // one, at once.
                 let after = if refused && self.refusals == 1 {
                     Duration::ZERO
                 } else {
@@ -205,6 +249,8 @@ mod tests {
 
     use super::*;
 
+    const SECOND: Duration = Duration::from_secs(1);
+
     const P: Policy = Policy {
         reconnect: Backoff {
             base: Duration::from_secs(2),
@@ -212,6 +258,8 @@ mod tests {
         },
         no_stream_retry: Duration::from_secs(1800),
         failing_after: 3,
+        healthy_after: Duration::from_secs(30),
+        relist_every: Duration::from_secs(60),
     };
 
     fn reconnect(n: Next) -> (Duration, bool) {
@@ -224,51 +272,172 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_live_stream_that_breaks_is_reopened_within_seconds_then_relisted() {
-        let mut w = Watch::default();
-        assert_eq!(w.state(), WatchState::Connecting);
-        assert_eq!(w.on(Happened::Live, &P, 0.5), Next::Relist);
-        assert_eq!(w.state(), WatchState::Live);
-        for reason in [FailReason::Dropped, FailReason::Silent] {
-            let (after, reauth) = reconnect(w.on(Happened::Ended(reason), &P, 0.999));
-            assert!(after <= Duration::from_secs(2) && !reauth, "{after:?}");
-            assert_eq!(w.state(), WatchState::Connecting);
-            assert_eq!(
-                w.on(Happened::Live, &P, 0.5),
-                Next::Relist,
-                "relist after every reconnect"
-            );
+    /// A watch on a clock of its own: `at(s)` is `s` seconds after the start.
+    struct Clock(Instant);
+
+    impl Clock {
+        fn new() -> Self {
+            Self(Instant::now())
+        }
+        fn at(&self, seconds: f64) -> Instant {
+            self.0 + Duration::from_secs_f64(seconds)
         }
     }
 
     #[test]
-    fn a_refused_token_is_renewed_at_once_but_refusals_in_a_row_back_off() {
+    fn a_healthy_stream_that_breaks_is_reopened_within_seconds_then_relisted() {
+        let c = Clock::new();
         let mut w = Watch::default();
-        w.on(Happened::Live, &P, 0.5);
+        assert_eq!(w.state(), WatchState::Connecting);
         assert_eq!(
-            reconnect(w.on(Happened::Ended(FailReason::Unauthorized), &P, 0.5)),
+            w.on(Happened::Live, &P, 0.5, c.at(0.0)),
+            Next::Relist {
+                after: Duration::ZERO
+            }
+        );
+        assert_eq!(w.on(Happened::Relisted, &P, 0.5, c.at(0.0)), Next::Read);
+        assert_eq!(w.state(), WatchState::Live);
+        let mut t = 0.0;
+        for reason in [FailReason::Dropped, FailReason::Silent] {
+            t += 100.0;
+            w.on(Happened::Healthy, &P, 0.5, c.at(t - 70.0));
+            let (after, reauth) = reconnect(w.on(Happened::Ended(reason), &P, 0.999, c.at(t)));
+            assert!(after <= Duration::from_secs(2) && !reauth, "{after:?}");
+            assert_eq!(w.state(), WatchState::Connecting);
+            assert_eq!(
+                w.on(Happened::Live, &P, 0.5, c.at(t + 2.0)),
+                Next::Relist {
+                    after: Duration::ZERO
+                },
+                "relisted at once: the last relist is long past"
+            );
+            w.on(Happened::Relisted, &P, 0.5, c.at(t + 2.0));
+        }
+    }
+
+    #[test]
+    fn relists_of_a_worker_are_spaced_whatever_its_stream_does() {
+        let c = Clock::new();
+        let mut w = Watch::default();
+        w.on(Happened::Live, &P, 0.5, c.at(0.0));
+        w.on(Happened::Relisted, &P, 0.5, c.at(0.0));
+        w.on(Happened::Ended(FailReason::Dropped), &P, 0.5, c.at(1.0));
+        assert_eq!(
+            w.on(Happened::Live, &P, 0.5, c.at(5.0)),
+            Next::Relist {
+                after: Duration::from_secs(55)
+            }
+        );
+        // That stream ended before its relist was due: the next one still waits for it.
+        w.on(Happened::Ended(FailReason::Dropped), &P, 0.5, c.at(6.0));
+        assert_eq!(
+            w.on(Happened::Live, &P, 0.5, c.at(20.0)),
+            Next::Relist {
+                after: Duration::from_secs(40)
+            }
+        );
+        w.on(Happened::Relisted, &P, 0.5, c.at(60.0));
+        w.on(Happened::Ended(FailReason::Dropped), &P, 0.5, c.at(61.0));
+        assert_eq!(
+            w.on(Happened::Live, &P, 0.5, c.at(200.0)),
+            Next::Relist {
+                after: Duration::ZERO
+            },
+            "down for longer than the spacing: relisted at once"
+        );
+    }
+
+    #[test]
+    fn a_stream_that_dies_young_fails_backs_off_and_shows_failing_when_it_comes_back() {
+        let c = Clock::new();
+        let mut w = Watch::default();
+        let mut delays = Vec::new();
+        for i in 0..6 {
+            let t = f64::from(i) * 10.0;
+            w.on(Happened::Live, &P, 0.5, c.at(t));
+            delays.push(
+                reconnect(w.on(Happened::Ended(FailReason::Dropped), &P, 0.0, c.at(t + 1.0))).0,
+            );
+        }
+        assert_eq!(
+            delays,
+            [1, 2, 4, 8, 16, 32].map(Duration::from_secs),
+            "never healthy: failures in a row"
+        );
+        assert_eq!(w.state(), WatchState::Failing(FailReason::Dropped));
+        w.on(Happened::Live, &P, 0.5, c.at(100.0));
+        assert_eq!(
+            w.state(),
+            WatchState::Failing(FailReason::Dropped),
+            "live, not yet healthy"
+        );
+        w.on(Happened::Healthy, &P, 0.5, c.at(130.0));
+        assert_eq!(w.state(), WatchState::Live);
+        let (after, _) =
+            reconnect(w.on(Happened::Ended(FailReason::Dropped), &P, 0.999, c.at(140.0)));
+        assert!(after <= P.reconnect.base, "healthy again: {after:?}");
+    }
+
+    #[test]
+    fn a_refused_token_is_renewed_at_once_once_per_healthy_stream() {
+        let c = Clock::new();
+        let mut w = Watch::default();
+        w.on(Happened::Live, &P, 0.5, c.at(0.0));
+        assert_eq!(
+            reconnect(w.on(
+                Happened::Ended(FailReason::Unauthorized),
+                &P,
+                0.5,
+                c.at(1.0)
+            )),
             (Duration::ZERO, true)
         );
-        let (second, reauth) = reconnect(w.on(Happened::Ended(FailReason::Unauthorized), &P, 0.5));
+        // Live for a moment, refused again: a server refusing every token is not renewed in a
+        // loop.
+        w.on(Happened::Live, &P, 0.5, c.at(1.1));
+        let (second, reauth) = reconnect(w.on(
+            Happened::Ended(FailReason::Unauthorized),
+            &P,
+            0.5,
+            c.at(1.2),
+        ));
         assert!(second > Duration::ZERO && reauth);
-        w.on(Happened::Ended(FailReason::Unauthorized), &P, 0.5);
+        w.on(
+            Happened::Ended(FailReason::Unauthorized),
+            &P,
+            0.5,
+            c.at(5.0),
+        );
         assert_eq!(w.state(), WatchState::Failing(FailReason::Unauthorized));
-        // Live again: the next refusal is an expired token again.
-        w.on(Happened::Live, &P, 0.5);
+        // Healthy again: the next refusal is an expired token again.
+        w.on(Happened::Live, &P, 0.5, c.at(10.0));
+        w.on(Happened::Healthy, &P, 0.5, c.at(40.0));
         assert_eq!(
-            reconnect(w.on(Happened::Ended(FailReason::Unauthorized), &P, 0.5)),
+            reconnect(w.on(
+                Happened::Ended(FailReason::Unauthorized),
+                &P,
+                0.5,
+                c.at(50.0)
+            )),
             (Duration::ZERO, true)
         );
     }
 
     #[test]
     fn failures_in_a_row_back_off_to_the_cap_and_show_failing_with_their_reason() {
+        let c = Clock::new();
         let mut w = Watch::default();
         let mut delays = Vec::new();
         for _ in 0..12 {
-            delays
-                .push(reconnect(w.on(Happened::OpenFailed(FailReason::Unreachable), &P, 0.999)).0);
+            delays.push(
+                reconnect(w.on(
+                    Happened::OpenFailed(FailReason::Unreachable),
+                    &P,
+                    0.999,
+                    c.at(0.0),
+                ))
+                .0,
+            );
         }
         assert!(delays.windows(2).all(|d| d[0] <= d[1]), "{delays:?}");
         assert!(delays.iter().all(|d| *d <= P.reconnect.cap));
@@ -279,24 +448,40 @@ mod tests {
             "{delays:?}"
         );
         assert_eq!(w.state(), WatchState::Failing(FailReason::Unreachable));
-        w.on(Happened::OpenFailed(FailReason::Redirect), &P, 0.5);
+        w.on(
+            Happened::OpenFailed(FailReason::Redirect),
+            &P,
+            0.5,
+            c.at(0.0),
+        );
         assert_eq!(w.state(), WatchState::Failing(FailReason::Redirect));
         assert_eq!(w.state().as_str(), "failing");
     }
 
     #[test]
     fn a_server_without_a_stream_is_polled_and_tried_again_much_later() {
+        let c = Clock::new();
         let mut w = Watch::default();
-        w.on(Happened::OpenFailed(FailReason::Unreachable), &P, 0.5);
+        w.on(
+            Happened::OpenFailed(FailReason::Unreachable),
+            &P,
+            0.5,
+            c.at(0.0),
+        );
         assert_eq!(
-            w.on(Happened::NoStream, &P, 0.5),
+            w.on(Happened::NoStream, &P, 0.5, c.at(0.0)),
             Next::Poll {
                 retry_after: Duration::from_secs(1800)
             }
         );
         assert_eq!(w.state(), WatchState::Polling);
         // Upgraded meanwhile: live, and relisted.
-        assert_eq!(w.on(Happened::Live, &P, 0.5), Next::Relist);
+        assert_eq!(
+            w.on(Happened::Live, &P, 0.5, c.at(1800.0)),
+            Next::Relist {
+                after: Duration::ZERO
+            }
+        );
         assert_eq!(w.state(), WatchState::Live);
     }
 
@@ -304,6 +489,8 @@ mod tests {
         let reason = prop::sample::select(FailReason::ALL.to_vec());
         prop_oneof![
             Just(Happened::Live),
+            Just(Happened::Healthy),
+            Just(Happened::Relisted),
             Just(Happened::NoStream),
             reason.clone().prop_map(Happened::OpenFailed),
             reason.prop_map(Happened::Ended),
@@ -312,28 +499,68 @@ mod tests {
 
     proptest! {
         /// Whatever happens, a watch never waits longer than the cap to reconnect, never
-        /// reconnects at once twice in a row without being live in between, and relists after
-        /// every time it is live.
+        /// reconnects at once twice without being healthy in between, and never relists
+        /// sooner than `relist_every` after the last relist.
         #[test]
-        fn reconnections_are_bounded_and_never_spin(seq in prop::collection::vec((happened(), 0.0f64..1.0), 1..60)) {
+        fn reconnections_and_relists_are_bounded_and_never_spin(
+            seq in prop::collection::vec((happened(), 0.0f64..1.0, 0u64..120), 1..80)
+        ) {
+            let c = Clock::new();
             let mut w = Watch::default();
-            let mut at_once_since_live = 0;
-            for (what, unit) in seq {
-                match w.on(what, &P, unit) {
+            let mut now = c.at(0.0);
+            let mut at_once_since_healthy = 0;
+            let mut last_relist: Option<Instant> = None;
+            for (what, unit, step) in seq {
+                now += Duration::from_secs(step);
+                let next = w.on(what, &P, unit, now);
+                match next {
                     Next::Reconnect { after, .. } => {
                         prop_assert!(after <= P.reconnect.cap);
                         if after.is_zero() {
-                            at_once_since_live += 1;
-                            prop_assert!(at_once_since_live <= 1, "spinning");
+                            at_once_since_healthy += 1;
+                            prop_assert!(at_once_since_healthy <= 1, "spinning");
                         }
                     }
-                    Next::Relist => {
+                    Next::Relist { after } => {
                         prop_assert_eq!(what, Happened::Live);
-                        at_once_since_live = 0;
+                        if let Some(last) = last_relist {
+                            prop_assert!(now + after >= last + P.relist_every);
+                        }
                     }
+                    Next::Read => prop_assert!(matches!(what, Happened::Healthy | Happened::Relisted)),
                     Next::Poll { retry_after } => prop_assert_eq!(retry_after, P.no_stream_retry),
                 }
+                match what {
+                    Happened::Healthy => at_once_since_healthy = 0,
+                    Happened::Relisted => last_relist = Some(now),
+                    _ => {}
+                }
             }
+        }
+
+        /// A stream that never stays up long enough to be healthy (a message, then closed, in
+        /// any way) is reopened at most 8 times in 40 s, whatever the jitter draws.
+        #[test]
+        fn a_flapping_stream_is_reopened_a_bounded_number_of_times(
+            reasons in prop::collection::vec(prop::sample::select(FailReason::ALL.to_vec()), 40),
+            units in prop::collection::vec(0.0f64..1.0, 40),
+        ) {
+            let c = Clock::new();
+            let mut w = Watch::default();
+            let mut t = Duration::ZERO;
+            let mut opened = 1;
+            for (reason, unit) in reasons.into_iter().zip(units) {
+                w.on(Happened::Live, &P, unit, c.0 + t);
+                match w.on(Happened::Ended(reason), &P, unit, c.0 + t) {
+                    Next::Reconnect { after, .. } => t += after,
+                    other => prop_assert!(false, "{other:?}"),
+                }
+                if t > 40 * SECOND {
+                    break;
+                }
+                opened += 1;
+            }
+            prop_assert!(opened <= 8, "{opened} opens in 40 s");
         }
     }
 }

@@ -258,7 +258,14 @@ async fn node_state_changes_and_stats_cost_no_call_and_a_burst_of_changes_is_coa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_made_while_the_stream_was_down_is_caught_by_the_relist() {
     let f = Fixture::new("events_relist", 2, 3).await;
-    let (d, admin) = started(&f, "daemon", &[]).await;
+    // The relist of the break follows the start's: spaced by a second, not the minute a
+    // production fleet is given.
+    let (d, admin) = started(
+        &f,
+        "daemon",
+        &[("CML_LABS_SYNC__EVENTS__RELIST_MIN_INTERVAL", "1s")],
+    )
+    .await;
     let w = f.fleet.fleet.workers[1].clone();
     let lab = w.lab_ids()[0].clone();
     // No stream to tell: the change is made with every socket refused for a while.

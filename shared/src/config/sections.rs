@@ -169,10 +169,14 @@ pub struct SyncEventsConfig {
     pub enabled: bool,
     /// Event streams held open at once; workers past it are left to the periodic cycle.
     pub max_watches: usize,
-    /// Longest message (and frame) a server may send; a longer one resets that watch.
+    /// Longest message (and frame) a server may send, and the most one stream may hold of
+    /// what it has read and not handed over (plus one 8 KiB read); more resets that watch.
     pub max_message_bytes: usize,
-    /// Messages a server may send per second (CML's stats are about one a second); past it
-    /// the watch is reset as flooding.
+    /// What all the streams together may hold of what they have read and not handed over;
+    /// past it the streams holding the most are reset first.
+    pub buffer_bytes: usize,
+    /// Frames a server may send per second, pings and pongs included (CML's stats are about
+    /// one a second); past it the watch is reset as flooding.
     pub max_messages_per_second: usize,
     /// A stream with no message for this long is dead (CML sends stats every ~3.3 s) and is
     /// reopened; also the time allowed for the first message after authenticating.
@@ -185,6 +189,12 @@ pub struct SyncEventsConfig {
     /// Longest wait between attempts to open a failing stream (failures in a row back off up
     /// to it, jittered).
     pub reconnect_max: HumanDuration,
+    /// A stream counts as healthy (its failures forgiven) only once it has stayed up this
+    /// long: one that keeps dying younger backs off and shows `failing`.
+    pub healthy_after: HumanDuration,
+    /// Relists of one worker (a full sync each time its stream is live again) start at least
+    /// this far apart.
+    pub relist_min_interval: HumanDuration,
 }
 
 impl Default for SyncEventsConfig {
@@ -193,11 +203,14 @@ impl Default for SyncEventsConfig {
             enabled: true,
             max_watches: 2000,
             max_message_bytes: 1 << 20,
+            buffer_bytes: 64 << 20,
             max_messages_per_second: 500,
             silence_timeout: HumanDuration::from_secs(30),
             coalesce: HumanDuration::from_millis(100),
             min_interval: HumanDuration::from_secs(1),
             reconnect_max: HumanDuration::from_secs(300),
+            healthy_after: HumanDuration::from_secs(30),
+            relist_min_interval: HumanDuration::from_secs(60),
         }
     }
 }

@@ -304,6 +304,23 @@ impl SyncConfig {
             64 << 20,
         );
         v.range(
+            "sync.events.buffer_bytes",
+            e.buffer_bytes,
+            1 << 20,
+            16 << 30,
+        );
+        v.check(
+            e.buffer_bytes >= e.max_message_bytes,
+            "sync.events.buffer_bytes",
+            || {
+                format!(
+                    "is {} bytes, less than sync.events.max_message_bytes ({}): no stream could \
+                     hold one message",
+                    e.buffer_bytes, e.max_message_bytes
+                )
+            },
+        );
+        v.range(
             "sync.events.max_messages_per_second",
             e.max_messages_per_second,
             10,
@@ -323,6 +340,13 @@ impl SyncConfig {
             HOUR,
         );
         v.duration_range("sync.events.reconnect_max", e.reconnect_max, SECOND, HOUR);
+        v.duration_range("sync.events.healthy_after", e.healthy_after, SECOND, HOUR);
+        v.duration_range(
+            "sync.events.relist_min_interval",
+            e.relist_min_interval,
+            SECOND,
+            DAY,
+        );
         v.check(
             self.workers_from_registry || !self.static_workers.is_empty(),
             "sync.workers_from_registry",

@@ -16,7 +16,7 @@ use std::{
 
 use bson::DateTime;
 use cml_client::{
-    events::{EventLimits, EventStream, StreamEnd},
+    events::{EventLimits, EventStream, StreamBudget, StreamEnd},
     CmlTarget,
 };
 use shared::{
@@ -46,14 +46,13 @@ const BOOK_EVERY: Duration = Duration::from_secs(1);
 /// How long a closing stream may take to say goodbye.
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
-/// The knobs of every watch (from `sync.events.*`).
-#[derive(Debug, Clone, Copy)]
+/// The knobs of every watch (from `sync.events.*`), and the memory budget they share.
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub limits: EventLimits,
     pub silence: Duration,
     pub coalesce: Duration,
     pub min_interval: Duration,
-    pub max_per_second: usize,
     pub max_watches: usize,
     pub policy: Policy,
 }
@@ -64,11 +63,12 @@ impl Settings {
         Self {
             limits: EventLimits {
                 max_message_bytes: e.max_message_bytes,
+                max_frames_per_second: e.max_messages_per_second,
+                budget: StreamBudget::new(e.buffer_bytes),
             },
             silence: e.silence_timeout.get(),
             coalesce: e.coalesce.get(),
             min_interval: e.min_interval.get(),
-            max_per_second: e.max_messages_per_second,
             max_watches: e.max_watches,
             policy: Policy {
                 reconnect: Backoff {
@@ -77,6 +77,8 @@ impl Settings {
                 },
                 // A server without a stream is tried again once a cycle.
                 no_stream_retry: config.sync.interval.get(),
+                healthy_after: e.healthy_after.get(),
+                relist_every: e.relist_min_interval.get(),
                 ..Policy::default()
             },
         }
@@ -226,7 +228,7 @@ fn reconcile(
         tasks.spawn(watch_worker(
             ctx.clone(),
             target.clone(),
-            *settings,
+            settings.clone(),
             notes.clone(),
             triggers.clone(),
             stop,
@@ -263,7 +265,7 @@ async fn watch_worker(
     loop {
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
-            opened = ctx.cml.open_events(&target, settings.limits) => opened,
+            opened = ctx.cml.open_events(&target, settings.limits.clone()) => opened,
         };
         let (happened, why, token) = match opened {
             Err(cml_client::Error::Status { status: 404, .. }) => {
@@ -286,7 +288,7 @@ async fn watch_worker(
                 }
             }
         };
-        let next = watch.on(happened, &settings.policy, random_unit());
+        let next = watch.on(happened, &settings.policy, random_unit(), Instant::now());
         let wait = match next {
             Next::Reconnect {
                 after,
@@ -306,8 +308,8 @@ async fn watch_worker(
                 after
             }
             Next::Poll { retry_after } => retry_after,
-            // Only a live stream is relisted, and that happens while it is read.
-            Next::Relist => Duration::ZERO,
+            // Only a live stream is relisted or read, and that happens while it is read.
+            Next::Relist { .. } | Next::Read => Duration::ZERO,
         };
         shown.show(&ctx, &target, &notes, watch.state(), Some(&why), Some(wait));
         tokio::select! {
@@ -368,7 +370,9 @@ fn end_reason(end: &StreamEnd) -> FailReason {
     match end {
         StreamEnd::Unauthorized => FailReason::Unauthorized,
         StreamEnd::Silent => FailReason::Silent,
-        StreamEnd::TooLarge => FailReason::TooLarge,
+        StreamEnd::TooLarge | StreamEnd::OverBudget => FailReason::TooLarge,
+        StreamEnd::Flooded => FailReason::Flooded,
+        StreamEnd::Stalled => FailReason::Stalled,
         StreamEnd::Closed { .. } | StreamEnd::Dropped(_) => FailReason::Dropped,
     }
 }
@@ -407,13 +411,16 @@ impl Session<'_> {
         let mut live = false;
         let mut pending = Pending::default();
         let mut last_sent: Option<Instant> = None;
-        let (mut window, mut in_window) = (Instant::now(), 0usize);
+        // When the relist the policy asked for is due, and when the stream counts as healthy.
+        let (mut relist_at, mut healthy_at): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let silent_at = last_message + s.silence;
             let due = pending.due;
             let woke = tokio::select! {
                 _ = self.stop.cancelled() => Woke::Stop,
                 _ = sleep_until(due) => Woke::Due,
+                _ = sleep_until(relist_at) => Woke::Relist,
+                _ = sleep_until(healthy_at) => Woke::Healthy,
                 m = stream.next(silent_at.saturating_duration_since(Instant::now())) => {
                     Woke::Message(m)
                 }
@@ -427,14 +434,44 @@ impl Session<'_> {
                     self.send(&mut pending, &mut last_sent).await;
                     continue;
                 }
+                Woke::Relist => {
+                    relist_at = None;
+                    // Whatever changed while the stream was not live is caught by one full sync.
+                    let relist = Trigger::Event {
+                        target: self.target.clone(),
+                        scope: Scope::Full,
+                        seen: Instant::now(),
+                    };
+                    if self.triggers.send(relist).await.is_err() {
+                        return None;
+                    }
+                    watch.on(Happened::Relisted, &s.policy, random_unit(), Instant::now());
+                    continue;
+                }
+                Woke::Healthy => {
+                    healthy_at = None;
+                    watch.on(Happened::Healthy, &s.policy, random_unit(), Instant::now());
+                    shown.show(self.ctx, self.target, self.notes, watch.state(), None, None);
+                    continue;
+                }
                 Woke::Message(Ok(text)) => text,
                 Woke::Message(Err(end)) => {
                     self.send(&mut pending, &mut last_sent).await;
                     let why = match &end {
                         StreamEnd::Closed { code, reason } => format!("closed {code} {reason}"),
                         StreamEnd::Dropped(e) => format!("dropped: {e}"),
+                        StreamEnd::Flooded => format!(
+                            "more than {} frames in a second",
+                            s.limits.max_frames_per_second
+                        ),
+                        StreamEnd::OverBudget => "the streams together held more than \
+                            sync.events.buffer_bytes, and this one held the most"
+                            .to_owned(),
                         other => other.label().to_owned(),
                     };
+                    if matches!(end, StreamEnd::Flooded | StreamEnd::Stalled) {
+                        stream.close(CLOSE_WITHIN).await;
+                    }
                     let reason = end_reason(&end);
                     return Some(if live {
                         (Happened::Ended(reason), why)
@@ -445,36 +482,15 @@ impl Session<'_> {
             };
             let now = Instant::now();
             last_message = now;
-            if now.duration_since(window) >= Duration::from_secs(1) {
-                (window, in_window) = (now, 0);
-            }
-            in_window += 1;
-            if in_window > s.max_per_second {
-                self.send(&mut pending, &mut last_sent).await;
-                stream.close(CLOSE_WITHIN).await;
-                let why = format!("more than {} messages in a second", s.max_per_second);
-                return Some((Happened::Ended(FailReason::Flooded), why));
-            }
             if !live {
                 live = true;
-                // Live: whatever changed while it was not is caught by one full sync.
-                let _ = watch.on(Happened::Live, &s.policy, random_unit());
-                shown.show(
-                    self.ctx,
-                    self.target,
-                    self.notes,
-                    WatchState::Live,
-                    None,
-                    None,
-                );
-                let relist = Trigger::Event {
-                    target: self.target.clone(),
-                    scope: Scope::Full,
-                    seen: now,
-                };
-                if self.triggers.send(relist).await.is_err() {
-                    return None;
+                healthy_at = Some(now + s.policy.healthy_after);
+                if let Next::Relist { after } =
+                    watch.on(Happened::Live, &s.policy, random_unit(), now)
+                {
+                    relist_at = Some(now + after);
                 }
+                shown.show(self.ctx, self.target, self.notes, watch.state(), None, None);
             }
             let verdict = classify(&text);
             self.ctx
@@ -521,6 +537,10 @@ enum Woke {
     Stop,
     /// Pending labs are due.
     Due,
+    /// The relist is due.
+    Relist,
+    /// The stream has stayed up long enough to count as healthy.
+    Healthy,
     Message(Result<String, StreamEnd>),
 }
 
