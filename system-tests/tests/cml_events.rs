@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use cml_sim::{Faults, SimWorker};
+use cml_sim::{Faults, SimWorker, WsHostile};
 use shared::record::LabRecord;
 use system_tests::{metrics, sse::SseStream, wait_metric, Daemon, Fixture};
 
@@ -521,4 +521,65 @@ async fn sigterm_closes_every_stream_promptly() {
             .then_some(())
     })
     .await;
+}
+
+/// Servers that send one message and close, every way of closing (1000, 1011, 3000 and a bare
+/// end of the connection), for 40 s from the daemon's start: each worker gets at most ten
+/// upgrades, ten logins and ten full listings, and shows `failing` with its reason, while a
+/// calm worker's changes still arrive at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_that_close_after_one_message_get_no_storm_and_show_failing() {
+    let f = Fixture::new("events_flapping", 8, 2).await;
+    let streaming = streaming(&f);
+    let (flapping, calm) = (&streaming[..4], streaming[4]);
+    let closes: [(u16, &str); 4] = [
+        (1000, "dropped"),
+        (1011, "dropped"),
+        // CML's close of a refused token.
+        (3000, "unauthorized"),
+        (0, "dropped"),
+    ];
+    for (w, (code, _)) in flapping.iter().zip(closes) {
+        w.set_faults(Faults {
+            ws_hostile: Some(WsHostile::CloseAfter { messages: 1, code }),
+            ..Faults::default()
+        });
+    }
+    let started = tokio::time::Instant::now();
+    let d = f.spawn("daemon", &QUIET);
+    let admin = d.admin_base().await;
+    wait_metric(
+        &admin,
+        "sync_cycles_total",
+        &[("outcome", "success")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    for (w, (code, reason)) in flapping.iter().zip(closes) {
+        testkit::eventually("the flapping watch is failing", WAIT, || async {
+            let s = f.status(&w.id).await;
+            (s.get_str("watch_state") == Ok("failing") && s.get_str("watch_failure") == Ok(reason))
+                .then_some(())
+        })
+        .await;
+        eprintln!("close {code}: failing after {:?}", started.elapsed());
+    }
+    let lab = calm.lab_ids()[0].clone();
+    assert!(calm.update_lab(&lab, |l| l.title = "still live".into()));
+    record_where(&f, &calm.id, &lab, "the calm worker's change", |r| {
+        r.fields.title == "still live"
+    })
+    .await;
+    tokio::time::sleep_until(started + Duration::from_secs(40)).await;
+    for (w, (code, _)) in flapping.iter().zip(closes) {
+        let seen = [
+            calls(w, "ws_ui"),
+            calls(w, "authenticate"),
+            calls(w, "populate_lab_tiles"),
+        ];
+        eprintln!("close {code}: upgrades, logins, listings in 40 s: {seen:?}");
+        assert!(seen.iter().all(|&n| n <= 10), "close {code}: {seen:?}");
+        assert!(seen[0] >= 3, "it was retried: {seen:?}");
+    }
 }
