@@ -10,12 +10,40 @@ use opentelemetry::{
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{metrics::SdkMeterProvider, trace::SdkTracerProvider, Resource};
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::{
+    filter::{LevelFilter, Targets},
+    fmt,
+    prelude::*,
+    EnvFilter,
+};
 
 use crate::{
     config::{LogFormat, TelemetryConfig},
     metrics::{MetricKind, Registry, Value},
 };
+
+/// The project's own crates: only they may log below `info`.
+const OURS: [&str; 8] = [
+    "shared",
+    "cml_client",
+    "sync_daemon",
+    "lab_api",
+    "cml_sim",
+    "labs_bench",
+    "testkit",
+    "system_tests",
+];
+
+/// A filter over whatever `RUST_LOG` or `telemetry.log_level` asks for: libraries log at
+/// `info` at most. Below it they print what goes over the wire (tungstenite prints every frame,
+/// the stream's first message and its token with it; HTTP and TLS libraries print requests),
+/// and no setting may bring a secret into a log line.
+pub fn libraries_capped() -> Targets {
+    OURS.iter().fold(
+        Targets::new().with_default(LevelFilter::INFO),
+        |targets, ours| targets.with_target(*ours, LevelFilter::TRACE),
+    )
+}
 
 /// Keeps the exporters alive; [`Telemetry::shutdown`] flushes what is buffered.
 #[derive(Debug, Default)]
@@ -60,7 +88,10 @@ impl Telemetry {
                 }
             }
         };
-        let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+        let registry = tracing_subscriber::registry()
+            .with(filter)
+            .with(libraries_capped())
+            .with(otel_layer);
         let _ = match cfg.log_format {
             LogFormat::Json => registry
                 .with(
@@ -216,4 +247,47 @@ fn attributes(labels: &[crate::metrics::Label]) -> Vec<KeyValue> {
         .iter()
         .map(|(k, v)| KeyValue::new(*k, v.to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log lines written into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn libraries_never_log_below_info_whatever_the_level_asked() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("trace"))
+            .with(libraries_capped())
+            .with(fmt::layer().with_writer(move || writer.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "tungstenite::protocol", "Sending frame: token-in-a-frame");
+            tracing::debug!(target: "hyper_util::client", "authorization: token-in-a-header");
+            tracing::info!(target: "mongodb::connection", "library info line");
+            tracing::trace!(target: "sync_daemon::trigger::events", "our trace line");
+            tracing::debug!(target: "cml_client::client", "our debug line");
+        });
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        assert!(!text.contains("token-in-a"), "{text}");
+        for line in ["library info line", "our trace line", "our debug line"] {
+            assert!(text.contains(line), "{line} missing: {text}");
+        }
+    }
 }

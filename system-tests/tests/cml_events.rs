@@ -583,3 +583,38 @@ async fn servers_that_close_after_one_message_get_no_storm_and_show_failing() {
         assert!(seen[0] >= 3, "it was retried: {seen:?}");
     }
 }
+
+/// Whatever the level asked for (trace, by `RUST_LOG` and by `telemetry.log_level`), neither
+/// the CML password nor a token reaches the logs: not by the REST calls, not by the stream's
+/// first message (which carries the token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_even_at_trace_level() {
+    let f = Fixture::new("events_trace_secrets", 3, 2).await;
+    let trace = [
+        ("RUST_LOG", "trace"),
+        ("CML_LABS_TELEMETRY__LOG_LEVEL", "trace"),
+    ];
+    let (mut d, admin) = started(&f, "daemon", &trace).await;
+    let w = streaming(&f)[0].clone();
+    let lab = w.lab_ids()[0].clone();
+    assert!(w.update_lab(&lab, |l| l.title = "seen on the stream".into()));
+    record_where(&f, &w.id, &lab, "the change", |r| {
+        r.fields.title == "seen on the stream"
+    })
+    .await;
+    w.expire_tokens();
+    w.drop_streams();
+    reopened(&admin, "dropped", 1.0).await;
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(WAIT).await.success());
+    let text = std::fs::read_to_string(&d.log).expect("log");
+    assert!(
+        d.events("stream_message").len() > 1,
+        "trace lines were logged"
+    );
+    // Every token the simulator issues is a JWT with this header.
+    const TOKEN_HEADER: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9";
+    for secret in [TOKEN_HEADER, "local-dev-password"] {
+        assert!(!text.contains(secret), "{secret} in the log");
+    }
+}

@@ -493,6 +493,13 @@ impl Session<'_> {
                 shown.show(self.ctx, self.target, self.notes, watch.state(), None, None);
             }
             let verdict = classify(&text);
+            tracing::trace!(
+                event = "stream_message",
+                worker_id = %self.target.worker_id,
+                kind = verdict.kind.as_str(),
+                lab_id = verdict.sync.as_deref(),
+                "Read a message of the worker's stream"
+            );
             self.ctx
                 .metrics
                 .event_messages
