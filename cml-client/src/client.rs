@@ -16,11 +16,16 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use url::Url;
 
-use shared::{change::Listing, config::CmlConfig, record::ObservedLab, secret::Secret};
+use shared::{
+    change::Listing,
+    config::CmlConfig,
+    record::{plausible_lab_id, ObservedLab},
+    secret::Secret,
+};
 
 use crate::{
     events::{self, EventLimits, EventStream},
-    payload::{self, clip, GroupsShape, MappedLabs, PayloadError},
+    payload::{self, clip, GroupsShape, LabError, LabIds, MappedLabs, PayloadError},
     Error, Result,
 };
 
@@ -79,10 +84,22 @@ pub struct LabListing {
     pub calls: u32,
     /// Why the fallback was used or why the listing is partial, for the log line.
     pub note: Option<String>,
+    /// Labs refused, each as why: an id that is not a plausible CML lab id, or a lab object
+    /// naming another id than it was listed as. They are neither read nor written.
+    pub refused: Vec<String>,
 }
 
 /// One lab and where its server keeps its groups.
 type MappedLab = (ObservedLab, GroupsShape);
+
+/// What reading one lab found.
+enum LabRead {
+    Found(MappedLab),
+    /// 404: deleted (or never there).
+    Gone,
+    /// Not taken, and why: an implausible id, or an object naming another id.
+    Refused(String),
+}
 
 /// A body of the wrong shape from `path`.
 fn malformed(target: &CmlTarget, path: &str, detail: String) -> Error {
@@ -226,9 +243,10 @@ impl CmlClient {
         })
     }
 
-    /// `GET labs?show_all=true`: the ids of every user's labs.
+    /// `GET labs?show_all=true`: the ids of every user's labs (those that are plausible CML
+    /// lab ids).
     pub async fn list_lab_ids(&self, target: &CmlTarget) -> Result<Vec<String>> {
-        self.lab_ids(target, &self.session()?).await
+        Ok(self.lab_ids(target, &self.session()?).await?.ids)
     }
 
     /// Opens the worker's event stream (`/ws/ui`, CML 2.6+) with the token its syncs use
@@ -275,7 +293,11 @@ impl CmlClient {
         lab_id: &str,
     ) -> Result<Option<(ObservedLab, GroupsShape)>> {
         self.warn_once_if_insecure(target);
-        self.lab(target, lab_id, &self.session()?).await
+        match self.lab(target, lab_id, &self.session()?).await? {
+            LabRead::Found(lab) => Ok(Some(lab)),
+            LabRead::Gone => Ok(None),
+            LabRead::Refused(why) => Err(malformed(target, "labs", why)),
+        }
     }
 
     /// Every lab of a worker: one `populate_lab_tiles` call when the server has it, otherwise
@@ -355,7 +377,11 @@ impl CmlClient {
                         limit,
                     })
                 }
-                Ok(MappedLabs { labs, groups }) => {
+                Ok(MappedLabs {
+                    labs,
+                    groups,
+                    refused,
+                }) => {
                     let listing = LabListing {
                         labs,
                         listing: Listing::Complete,
@@ -363,6 +389,7 @@ impl CmlClient {
                         source: FetchSource::Bulk,
                         calls: 0,
                         note: None,
+                        refused,
                     };
                     return Ok((listing, groups));
                 }
@@ -396,8 +423,8 @@ impl CmlClient {
         session: &Session,
         note: String,
     ) -> Result<(LabListing, GroupsShape)> {
-        let ids = self.lab_ids(target, session).await?;
-        let results: Vec<(String, Result<Option<MappedLab>>)> = stream::iter(ids)
+        let LabIds { ids, mut refused } = self.lab_ids(target, session).await?;
+        let results: Vec<(String, Result<LabRead>)> = stream::iter(ids)
             .map(|id| async {
                 let r = self.lab(target, &id, session).await;
                 (id, r)
@@ -410,11 +437,12 @@ impl CmlClient {
         let mut failed = Vec::new();
         for (id, r) in results {
             match r {
-                Ok(Some((lab, lab_shape))) => {
+                Ok(LabRead::Found((lab, lab_shape))) => {
                     labs.push(lab);
                     shape = shape.and(lab_shape);
                 }
-                Ok(None) => {}
+                Ok(LabRead::Gone) => {}
+                Ok(LabRead::Refused(why)) => refused.push(why),
                 Err(e) => failed.push(format!("{id}: {}", e.metric_label())),
             }
         }
@@ -438,11 +466,12 @@ impl CmlClient {
             source: FetchSource::Fallback,
             calls: 0,
             note: Some(note),
+            refused,
         };
         Ok((listing, shape))
     }
 
-    async fn lab_ids(&self, target: &CmlTarget, session: &Session) -> Result<Vec<String>> {
+    async fn lab_ids(&self, target: &CmlTarget, session: &Session) -> Result<LabIds> {
         let body = self
             .get(target, "labs?show_all=true", true, session)
             .await?;
@@ -455,18 +484,24 @@ impl CmlClient {
         })
     }
 
-    async fn lab(
-        &self,
-        target: &CmlTarget,
-        lab_id: &str,
-        session: &Session,
-    ) -> Result<Option<MappedLab>> {
-        let path = format!("labs/{}", urlencode(lab_id));
+    /// `GET labs/{id}`. An id that is not a plausible CML lab id is never asked for (`..`
+    /// would read the API's root), and an object naming another id is not taken: both are
+    /// [`LabRead::Refused`].
+    async fn lab(&self, target: &CmlTarget, lab_id: &str, session: &Session) -> Result<LabRead> {
+        if !plausible_lab_id(lab_id) {
+            return Ok(LabRead::Refused(format!(
+                "{:?} is not a CML lab id",
+                clip(lab_id)
+            )));
+        }
+        let path = format!("labs/{}", path_segment(lab_id));
         match self.get(target, &path, true, session).await {
-            Ok(body) => payload::lab_from_json(lab_id, &body)
-                .map(Some)
-                .map_err(|detail| malformed(target, &path, detail)),
-            Err(Error::Status { status: 404, .. }) => Ok(None),
+            Ok(body) => match payload::lab_from_json(lab_id, &body) {
+                Ok(lab) => Ok(LabRead::Found(lab)),
+                Err(LabError::Refused(why)) => Ok(LabRead::Refused(why)),
+                Err(LabError::Malformed(detail)) => Err(malformed(target, &path, detail)),
+            },
+            Err(Error::Status { status: 404, .. }) => Ok(LabRead::Gone),
             Err(e) => Err(e),
         }
     }
@@ -721,8 +756,19 @@ fn api_url(endpoint: &str, path: &str) -> std::result::Result<Url, String> {
         .map_err(|e| e.to_string())
 }
 
-fn urlencode(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+/// `text` as one path segment: every byte but ASCII letters, digits, `-` and `_`
+/// percent-encoded (`.` too, though a URL parser still takes `%2E` for a dot: ids that are
+/// dot segments are refused before they get here).
+fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// CML's `{code, description}`, or a short excerpt of whatever came back.

@@ -15,7 +15,9 @@ use serde::{
     Deserialize, Deserializer,
 };
 
-use shared::record::{parse_iso_date, truncate, LabFields, ObservedLab, MAX_GROUP_NAME};
+use shared::record::{
+    parse_iso_date, plausible_lab_id, truncate, LabFields, ObservedLab, MAX_GROUP_NAME,
+};
 
 /// Where a server keeps the groups its labs are shared with, as its lab objects show it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,15 +50,33 @@ impl GroupsShape {
 pub struct MappedLabs {
     pub labs: Vec<ObservedLab>,
     pub groups: GroupsShape,
+    /// Labs refused, each as why (clipped): an id that is not a plausible CML lab id, or a
+    /// lab object naming another id than its key.
+    pub refused: Vec<String>,
+}
+
+/// The lab ids of a listing: the plausible ones, and the others (clipped), refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabIds {
+    pub ids: Vec<String>,
+    pub refused: Vec<String>,
+}
+
+/// Why an id named by the server is refused, if it is.
+fn implausible(id: &str) -> Option<String> {
+    (!plausible_lab_id(id)).then(|| format!("{:?} is not a CML lab id", clip(id)))
 }
 
 /// Maps one lab body (`GET labs/{id}`).
 ///
-/// `lab_id` is the id the lab was listed under; the object's own `id` wins when present.
-pub fn lab_from_json(lab_id: &str, body: &[u8]) -> Result<(ObservedLab, GroupsShape), String> {
-    let MaybeLab(lab) = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
-    lab.map(|lab| lab.into_observed(lab_id))
-        .ok_or_else(|| format!("lab {} is not a JSON object", clip(lab_id)))
+/// `lab_id` is the id the lab was asked for: an object naming another `id` is refused (it
+/// would be stored as a lab it is not).
+pub fn lab_from_json(lab_id: &str, body: &[u8]) -> Result<(ObservedLab, GroupsShape), LabError> {
+    let MaybeLab(lab) =
+        serde_json::from_slice(body).map_err(|e| LabError::Malformed(format!("not JSON ({e})")))?;
+    lab.ok_or_else(|| LabError::Malformed(format!("lab {} is not a JSON object", clip(lab_id))))?
+        .into_observed(lab_id)
+        .map_err(LabError::Refused)
 }
 
 /// Every lab's groups, by name, from the server's groups (`GET groups`).
@@ -113,6 +133,15 @@ pub enum PayloadError {
     TooManyLabs(usize),
 }
 
+/// Why one lab body was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabError {
+    /// The body is not a lab object.
+    Malformed(String),
+    /// The object names another id than it was asked for.
+    Refused(String),
+}
+
 impl From<String> for PayloadError {
     fn from(detail: String) -> Self {
         PayloadError::Malformed(detail)
@@ -147,6 +176,7 @@ pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<MappedLabs, Paylo
             return Ok(MappedLabs {
                 labs: Vec::new(),
                 groups: GroupsShape::Silent,
+                refused: Vec::new(),
             })
         }
         TilesBody::Object {
@@ -161,19 +191,28 @@ pub fn labs_from_tiles(body: &[u8], max_labs: usize) -> Result<MappedLabs, Paylo
     let mut mapped = MappedLabs {
         labs: Vec::with_capacity(entries.len()),
         groups: GroupsShape::Silent,
+        refused: Vec::new(),
     };
     for (id, MaybeLab(lab)) in entries {
-        let (lab, shape) = lab
-            .map(|lab| lab.into_observed(&id))
-            .ok_or_else(|| format!("lab {} is not a JSON object", clip(&id)))?;
-        mapped.labs.push(lab);
-        mapped.groups = mapped.groups.and(shape);
+        if let Some(why) = implausible(&id) {
+            mapped.refused.push(why);
+            continue;
+        }
+        let lab = lab.ok_or_else(|| format!("lab {} is not a JSON object", clip(&id)))?;
+        match lab.into_observed(&id) {
+            Ok((lab, shape)) => {
+                mapped.labs.push(lab);
+                mapped.groups = mapped.groups.and(shape);
+            }
+            Err(why) => mapped.refused.push(why),
+        }
     }
     Ok(mapped)
 }
 
-/// Maps a `labs?show_all=true` body: a JSON array of lab ids, at most `max_labs` of them.
-pub fn lab_ids(body: &[u8], max_labs: usize) -> Result<Vec<String>, PayloadError> {
+/// Maps a `labs?show_all=true` body: a JSON array of lab ids, at most `max_labs` of them;
+/// those that are not plausible CML lab ids are refused.
+pub fn lab_ids(body: &[u8], max_labs: usize) -> Result<LabIds, PayloadError> {
     let list: Vec<serde_json::Value> = match serde_json::from_slice(body) {
         Ok(serde_json::Value::Array(list)) => list,
         Ok(_) => return Err("the labs listing is not a JSON array".to_owned().into()),
@@ -182,16 +221,23 @@ pub fn lab_ids(body: &[u8], max_labs: usize) -> Result<Vec<String>, PayloadError
     if list.len() > max_labs {
         return Err(PayloadError::TooManyLabs(max_labs));
     }
-    list.into_iter()
-        .map(|v| match v {
-            serde_json::Value::String(id) => Ok(id),
-            other => Err(format!(
-                "the labs listing holds a non-string id: {}",
-                clip(&other.to_string())
-            )
-            .into()),
-        })
-        .collect()
+    let mut ids = LabIds::default();
+    for v in list {
+        match v {
+            serde_json::Value::String(id) => match implausible(&id) {
+                Some(why) => ids.refused.push(why),
+                None => ids.ids.push(id),
+            },
+            other => {
+                return Err(format!(
+                    "the labs listing holds a non-string id: {}",
+                    clip(&other.to_string())
+                )
+                .into())
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Text from a CML server, cut to a length fit for an error message or a log line.
@@ -227,7 +273,8 @@ struct RawLab {
 }
 
 impl RawLab {
-    fn into_observed(self, listed_as: &str) -> (ObservedLab, GroupsShape) {
+    /// The lab listed (or asked for) as `listed_as`, unless the object names another id.
+    fn into_observed(self, listed_as: &str) -> Result<(ObservedLab, GroupsShape), String> {
         let shape = if !self.groups.names.is_empty() {
             GroupsShape::InLabs
         } else if !self.groups.listed || self.effective_permissions.0 {
@@ -235,11 +282,13 @@ impl RawLab {
         } else {
             GroupsShape::Silent
         };
-        let id = self
-            .id
-            .0
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| listed_as.to_owned());
+        if let Some(named) = self.id.0.filter(|s| !s.is_empty() && s != listed_as) {
+            return Err(format!(
+                "lab {} names another id: {}",
+                clip(listed_as),
+                clip(&named)
+            ));
+        }
         let topology = self.topology.0.unwrap_or_default();
         let fields = LabFields {
             title: self.lab_title.or(self.title),
@@ -254,7 +303,7 @@ impl RawLab {
             cml_created_at: self.created.0.and_then(|t| parse_iso_date(&t)),
             modified_at: self.modified.0.and_then(|t| parse_iso_date(&t)),
         };
-        (ObservedLab::new(id, fields), shape)
+        Ok((ObservedLab::new(listed_as, fields), shape))
     }
 }
 
@@ -746,7 +795,7 @@ mod tests {
     }
 
     fn ids(body: &[u8]) -> Result<Vec<String>, PayloadError> {
-        lab_ids(body, MAX)
+        lab_ids(body, MAX).map(|l| l.ids)
     }
 
     #[test]
@@ -765,6 +814,10 @@ mod tests {
             Err(PayloadError::TooManyLabs(4))
         );
         assert_eq!(
+            ids(&bytes(&json!(["a", "b", "c"]))[..]).map(|i| i.len()),
+            Ok(3)
+        );
+        assert_eq!(
             lab_ids(&bytes(&json!(["a", "b", "c"])), 2),
             Err(PayloadError::TooManyLabs(2))
         );
@@ -773,18 +826,25 @@ mod tests {
     #[test]
     fn text_from_cml_in_errors_is_clipped() {
         let long_id = "x".repeat(1_000_000);
-        let body = bytes(&json!({ "lab_tiles": { long_id.clone(): [1] } }));
+        let body = bytes(&json!({ "lab_tiles": { "a": [1] , long_id.clone(): {} } }));
         let Err(PayloadError::Malformed(detail)) = tiles(&body) else {
             panic!("malformed")
         };
         assert!(detail.len() < 300, "{} bytes", detail.len());
+        let body = bytes(&json!({ "lab_tiles": { long_id.clone(): {} } }));
+        let refused = labs_from_tiles(&body, MAX).expect("maps").refused;
+        assert!(refused[0].len() < 300, "{} bytes", refused[0].len());
         assert!(clip(&long_id).contains("1000000 bytes in all"));
         assert_eq!(clip("short"), "short");
     }
 
-    /// One lab body mapped, without its shape.
-    fn one(id: &str, body: &[u8]) -> Result<ObservedLab, String> {
-        lab_from_json(id, body).map(|(lab, _)| lab)
+    /// One lab body mapped, without its shape, asked for as the id it names (`id` when it
+    /// names none).
+    fn one(id: &str, body: &[u8]) -> Result<ObservedLab, LabError> {
+        let named = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned));
+        lab_from_json(named.as_deref().unwrap_or(id), body).map(|(lab, _)| lab)
     }
 
     fn bytes(v: &Value) -> Vec<u8> {
@@ -888,6 +948,33 @@ mod tests {
         assert!(tiles(&bytes(&json!({"lab_tiles": {"x": 5}}))).is_err());
     }
 
+    /// Ids that would walk the API's path, and objects naming another lab, are refused with
+    /// their reason, whatever named them; the rest map.
+    #[test]
+    fn implausible_ids_and_objects_naming_another_lab_are_refused() {
+        let body = bytes(&json!({"lab_tiles": {
+            "..": {"lab_title": "the API's parent"},
+            ".": {"lab_title": "the API's root"},
+            "a/b": {},
+            "good-1": {"id": "good-1", "lab_title": "kept"},
+            "good-2": {"id": "someone-else", "lab_title": "not this one"},
+        }}));
+        let mapped = labs_from_tiles(&body, MAX).expect("maps");
+        let kept: Vec<&str> = mapped.labs.iter().map(|l| l.lab_id.as_str()).collect();
+        assert_eq!(kept, ["good-1"]);
+        assert_eq!(mapped.refused.len(), 4, "{:?}", mapped.refused);
+        assert!(mapped.refused.iter().any(|r| r.contains("someone-else")));
+        let listed = lab_ids(&bytes(&json!(["..", "ok", ".", "%2e%2e"])), MAX).expect("list");
+        assert_eq!(listed.ids, ["ok"]);
+        assert_eq!(listed.refused.len(), 3);
+        assert_eq!(
+            lab_from_json("asked", &bytes(&json!({"id": "api-root"}))),
+            Err(LabError::Refused(
+                "lab asked names another id: api-root".into()
+            ))
+        );
+    }
+
     #[test]
     fn lab_ids_must_be_a_list_of_strings() {
         assert_eq!(ids(&bytes(&json!(["a", "b"]))).expect("list"), ["a", "b"]);
@@ -900,13 +987,17 @@ mod tests {
         let lab = one(
             "x",
             &bytes(&json!({
-                "id": 42, "lab_title": ["a"], "title": "fallback title", "state": {"x": 1},
+                "id": "x", "lab_title": ["a"], "title": "fallback title", "state": {"x": 1},
                 "owner_username": true, "node_count": "three", "link_count": 2.9,
                 "topology": "none", "groups": "netops", "created": 5,
             })),
         )
         .expect("maps");
-        assert_eq!(lab.lab_id, "42");
+        assert_eq!(lab.lab_id, "x");
+        assert!(matches!(
+            lab_from_json("x", &bytes(&json!({"id": 42}))),
+            Err(LabError::Refused(_))
+        ));
         assert_eq!(lab.fields.title, "fallback title");
         assert_eq!(lab.fields.state, "");
         assert_eq!(lab.fields.owner_username, "true");
@@ -953,7 +1044,8 @@ mod tests {
     }
 
     fn shape(v: &Value) -> GroupsShape {
-        lab_from_json("x", &bytes(v)).expect("maps").1
+        let id = v.get("id").and_then(Value::as_str).unwrap_or("x");
+        lab_from_json(id, &bytes(v)).expect("maps").1
     }
 
     /// Where a server keeps groups is read from what its lab objects hold, not its version.
@@ -985,7 +1077,10 @@ mod tests {
             let map: serde_json::Map<String, Value> = labs
                 .into_iter()
                 .enumerate()
-                .map(|(i, l)| (format!("l{i}"), l))
+                .map(|(i, mut l)| {
+                    l["id"] = json!(format!("l{i}"));
+                    (format!("l{i}"), l)
+                })
                 .collect();
             labs_from_tiles(&bytes(&json!({ "lab_tiles": map })), MAX)
                 .expect("maps")
@@ -1098,8 +1193,19 @@ mod tests {
             }
             lab.insert("unknown_key".into(), extra);
             let body = json!({"lab_tiles": {"listed": Value::Object(lab.clone())}});
+            let names_another = lab_from_json("listed", &bytes(&Value::Object(lab.clone())))
+                .map(|_| false)
+                .or_else(|e| match e {
+                    LabError::Refused(_) => Ok(true),
+                    LabError::Malformed(m) => Err(m),
+                });
+            prop_assert!(names_another.is_ok(), "{names_another:?}");
+            let mapped = labs_from_tiles(&bytes(&body), MAX).expect("maps");
+            prop_assert_eq!(mapped.labs.len() + mapped.refused.len(), 1);
+            prop_assert_eq!(mapped.refused.len() == 1, names_another == Ok(true));
+            // Asked for as the id it names, it maps.
+            lab.insert("id".into(), json!("listed"));
             prop_assert!(one("listed", &bytes(&Value::Object(lab))).is_ok());
-            prop_assert_eq!(tiles(&bytes(&body)).map(|l| l.len()), Ok(1));
         }
 
         /// Whatever a server answers for its groups, mapping it never panics, and a list of

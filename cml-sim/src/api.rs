@@ -367,7 +367,7 @@ async fn labs(call: Call, headers: HeaderMap, Query(q): Query<LabsQuery>) -> Res
 async fn lab(call: Call, headers: HeaderMap, Path(lab_id): Path<String>) -> Response {
     let worker = &call.worker;
     match call.lab("lab", &headers, &lab_id).await {
-        Ok(l) => data(worker, l.to_json(worker.personality)),
+        Ok(l) => data(worker, worker.lab_object(&l, false)),
         Err(r) => r,
     }
 }

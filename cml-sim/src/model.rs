@@ -305,6 +305,9 @@ pub struct Faults {
     pub ws_oversized_bytes: usize,
     /// `/ws/ui` is served by a hostile or broken server, frame by frame (no authentication).
     pub ws_hostile: Option<WsHostile>,
+    /// The object of the lab with the first id (its tile, `GET labs/{id}`) names the second
+    /// id instead: a server whose answer is about another lab than the one asked for.
+    pub lab_named_as: Option<(String, String)>,
 }
 
 /// How a hostile `/ws/ui` behaves after the upgrade; it never reads what the client sends.
@@ -663,7 +666,7 @@ impl SimWorker {
                 format!(
                     "{}:{}",
                     Value::from(lab.id.as_str()),
-                    lab.to_tile(self.personality)
+                    self.lab_object(lab, true)
                 )
             });
             body.push_str(entry);
@@ -721,6 +724,31 @@ impl SimWorker {
 
     pub fn set_faults(&self, faults: Faults) {
         self.faults.send_replace(faults);
+        // The cached tiles may name labs as the faults said.
+        let mut tiles = lock(&self.tiles);
+        tiles.body = None;
+        tiles.labs.clear();
+    }
+
+    /// Sends `text` on every open `/ws/ui` stream, as a server would send a message of its
+    /// own (an event naming a lab id that is not one, say).
+    pub fn send_stream_message(&self, text: &str) {
+        let _ = self.events.send(Arc::from(text));
+    }
+
+    /// A lab's object as this server answers it (`lab_named_as` applied).
+    pub fn lab_object(&self, lab: &SimLab, tile: bool) -> Value {
+        let mut v = if tile {
+            lab.to_tile(self.personality)
+        } else {
+            lab.to_json(self.personality)
+        };
+        if let Some((id, named)) = self.faults.borrow().lab_named_as.as_ref() {
+            if *id == lab.id {
+                v["id"] = Value::from(named.as_str());
+            }
+        }
+        v
     }
 
     /// Waits while calls of `endpoint` are held (the `hold` and `hold_endpoint` faults).

@@ -82,6 +82,10 @@ one_label!(
     State = "state"
 );
 one_label!(
+    /// `source="…"`: where something came from (`listing`, `stream`).
+    Origin = "source"
+);
+one_label!(
     /// `trigger="…"`: why a worker sync ran (cycle, retry, requested, event, relist).
     Trigger = "trigger"
 );

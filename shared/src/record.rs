@@ -183,6 +183,20 @@ pub fn truncate(text: &mut String, limit: usize) -> bool {
     true
 }
 
+/// Longest lab id taken from a CML server (CML's are 36-character UUIDs).
+pub const MAX_LAB_ID: usize = 64;
+
+/// Whether `id`, named by a CML server (a listing, a tile map's key, a stream message, a lab
+/// object), can be a CML lab id: 1 to [`MAX_LAB_ID`] ASCII letters, digits, `-` and `_` (CML's
+/// are UUIDs). Anything else (`.`, `..`, a `/`, a `%`, a space) would walk or bend the API's
+/// path when asked for, or make a record no lab has, and is refused.
+pub fn plausible_lab_id(id: &str) -> bool {
+    (1..=MAX_LAB_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A lab as one listing of a CML server showed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedLab {
@@ -341,6 +355,30 @@ fn lenient_date<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime, D::Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lab_ids_that_would_walk_or_bend_a_path_are_not_plausible() {
+        assert!(plausible_lab_id("5f7c3e2a-1b4d-4e8f-9a6b-0c1d2e3f4a5b"));
+        assert!(plausible_lab_id("a1b2c3"));
+        for bad in [
+            "", ".", "..", "a/b", "../labs", "%2e%2e", "a b", "a?b", "a#b", "\u{0}", "é", "lab.1",
+        ] {
+            assert!(!plausible_lab_id(bad), "{bad:?}");
+        }
+        assert!(plausible_lab_id(&"a".repeat(MAX_LAB_ID)));
+        assert!(!plausible_lab_id(&"a".repeat(MAX_LAB_ID + 1)));
+    }
+
+    proptest! {
+        /// A plausible id is one path segment as it is: nothing in it to encode, no dot.
+        #[test]
+        fn a_plausible_id_is_a_path_segment_as_it_is(id in "[A-Za-z0-9_./%-]{0,70}") {
+            if plausible_lab_id(&id) {
+                let url = url::Url::parse(&format!("http://cml/api/v0/labs/{id}")).expect("url");
+                prop_assert_eq!(url.path(), format!("/api/v0/labs/{id}"));
+            }
+        }
+    }
+
     use bson::doc;
     use proptest::prelude::*;
 

@@ -7,7 +7,9 @@
 
 use std::fmt;
 
+use cml_client::payload::clip;
 use serde::Deserialize;
+use shared::record::plausible_lab_id;
 
 /// The kinds of message a stream carries, a closed set (metric labels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,6 +63,8 @@ pub struct Verdict {
     pub sync: Option<String>,
     /// The message says a lab or a node changed state (CML's sign of activity on the worker).
     pub activity: bool,
+    /// The lab id it named, refused: not a plausible CML lab id (clipped, for the log).
+    pub refused: Option<String>,
 }
 
 impl Verdict {
@@ -69,6 +73,7 @@ impl Verdict {
             kind,
             sync: None,
             activity: false,
+            refused: None,
         }
     }
 }
@@ -86,9 +91,6 @@ struct Envelope {
     lab_id: Option<String>,
 }
 
-/// Longest lab id taken from a message (CML's are 36-character UUIDs).
-const MAX_LAB_ID: usize = 128;
-
 /// What `text`, one text message of the stream, means for the worker's records.
 pub fn classify(text: &str) -> Verdict {
     let Ok(envelope) = serde_json::from_str::<Envelope>(text) else {
@@ -97,20 +99,23 @@ pub fn classify(text: &str) -> Verdict {
     let Some(event_type) = envelope.event_type else {
         return Verdict::ignore(MessageKind::Malformed);
     };
-    let lab = envelope
-        .lab_id
-        .filter(|id| !id.is_empty() && id.len() <= MAX_LAB_ID);
+    let (lab, refused) = match envelope.lab_id.filter(|id| !id.is_empty()) {
+        Some(id) if plausible_lab_id(&id) => (Some(id), None),
+        Some(id) => (None, Some(clip(&id))),
+        None => (None, None),
+    };
     let event = envelope.event.unwrap_or_default().to_ascii_lowercase();
     let element = envelope
         .element_type
         .unwrap_or_default()
         .to_ascii_lowercase();
-    match event_type.to_ascii_lowercase().as_str() {
+    let mut verdict = match event_type.to_ascii_lowercase().as_str() {
         "lab_event" => Verdict {
             kind: MessageKind::LabEvent,
             activity: event == "state",
             // Created, modified (title, description, notes, owner), deleted, state: all kept.
             sync: lab,
+            refused: None,
         },
         "lab_element_event" => {
             let counted = matches!(element.as_str(), "node" | "link" | "interface");
@@ -119,17 +124,21 @@ pub fn classify(text: &str) -> Verdict {
                 kind: MessageKind::LabElementEvent,
                 activity: false,
                 sync: (counted && changes_count).then_some(lab).flatten(),
+                refused: None,
             }
         }
         "state_change" => Verdict {
             kind: MessageKind::StateChange,
             sync: None,
             activity: true,
+            refused: None,
         },
         "system_stats" => Verdict::ignore(MessageKind::SystemStats),
         "lab_stats" => Verdict::ignore(MessageKind::LabStats),
         _ => Verdict::ignore(MessageKind::Other),
-    }
+    };
+    verdict.refused = refused;
+    verdict
 }
 
 #[cfg(test)]
@@ -149,6 +158,28 @@ mod tests {
 
     fn syncs(text: &str) -> bool {
         classify(text).sync.as_deref() == Some("lab-1")
+    }
+
+    /// A lab id that is not a plausible CML lab id (`.` and `..` would walk the API's path)
+    /// syncs nothing and is told as refused, in any kind of message.
+    #[test]
+    fn implausible_lab_ids_are_refused_and_sync_nothing() {
+        for id in ["..", ".", "../users", "a b", &"x".repeat(65)] {
+            for (event_type, element) in [("lab_event", ""), ("lab_element_event", "node")] {
+                let text = json!({
+                    "event_type": event_type, "event": "created", "element_type": element,
+                    "lab_id": id,
+                })
+                .to_string();
+                let v = classify(&text);
+                assert_eq!(v.sync, None, "{text}");
+                assert_eq!(v.refused.as_deref(), Some(clip(id).as_str()), "{text}");
+            }
+        }
+        let fine = classify(&message("lab_event", "modified", ""));
+        assert_eq!(fine.refused, None);
+        let empty = classify(r#"{"event_type":"system_stats","lab_id":""}"#);
+        assert_eq!(empty.refused, None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bson::DateTime;
 use cml_client::payload::clip;
-use shared::metrics::{Field, Kind, Outcome, Reason};
+use shared::metrics::{Field, Kind, Origin, Outcome, Reason};
 
 use crate::{metrics::Metrics, pass::PassReport, worker::WorkerOutcome, Error};
 
@@ -321,6 +321,34 @@ impl LogLine for ListingNote<'_> {
             complete = self.complete,
             note = self.note,
             "Worker labs fetched without populate_lab_tiles"
+        );
+    }
+}
+
+/// Labs a CML server named by ids that cannot be CML's (`..` would walk the API's path), or
+/// whose object named another id than it was asked for: neither read nor written.
+#[derive(Debug)]
+pub struct LabIdsRefused<'a> {
+    pub worker_id: &'a str,
+    /// `listing` (the tile map, the id list, the labs read one by one) or `stream`.
+    pub source: &'static str,
+    /// Why each was refused (clipped); a log line names the first few.
+    pub refused: &'a [String],
+}
+
+impl LogLine for LabIdsRefused<'_> {
+    fn emit(&self, m: &Metrics) {
+        const NAMED: usize = 5;
+        m.lab_ids_refused
+            .get(&Origin(self.source))
+            .inc_by(self.refused.len() as u64);
+        tracing::warn!(
+            event = "lab_ids_refused",
+            worker_id = self.worker_id,
+            source = self.source,
+            count = self.refused.len(),
+            first = ?&self.refused[..self.refused.len().min(NAMED)],
+            "Refused labs a CML server named by ids that are not CML lab ids, or whose object named another lab"
         );
     }
 }

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use shared::metrics::{
-    Command, Counter, Family, Field, Gauge, Histogram, Kind, Outcome, Reason, Registry, State,
-    Trigger, Watched, DURATION_BUCKETS, LATENCY_BUCKETS,
+    Command, Counter, Family, Field, Gauge, Histogram, Kind, Origin, Outcome, Reason, Registry,
+    State, Trigger, Watched, DURATION_BUCKETS, LATENCY_BUCKETS,
 };
 
 /// Every counter, gauge and histogram of the daemon.
@@ -43,6 +43,7 @@ pub struct Metrics {
     pub event_messages: Family<Kind, Counter>,
     pub event_reconnects: Family<Reason, Counter>,
     pub event_lag: Histogram,
+    pub lab_ids_refused: Family<Origin, Counter>,
 }
 
 impl Default for Metrics {
@@ -146,7 +147,11 @@ impl Default for Metrics {
             ),
             event_reconnects: r.counters(
                 "sync_event_reconnects",
-                "Event streams opened again, by why the last one ended or failed: unreachable, unauthorized, redirect, too_large, flooded, silent, dropped",
+                "Event streams opened again, by why the last one ended or failed: unreachable, unauthorized, redirect, too_large, flooded, silent, stalled, dropped",
+            ),
+            lab_ids_refused: r.counters(
+                "sync_lab_ids_refused",
+                "Labs refused because their CML server named them by an id that is not a CML lab id, or their object named another lab, by source: listing, stream",
             ),
             event_lag: r.histogram(
                 "sync_event_lag_seconds",
@@ -164,6 +169,9 @@ impl Default for Metrics {
         }
         for kind in crate::cml_events::MessageKind::ALL {
             metrics.event_messages.get(&Kind(kind.as_str()));
+        }
+        for source in ["listing", "stream"] {
+            metrics.lab_ids_refused.get(&Origin(source));
         }
         for reason in crate::stream_policy::FailReason::ALL {
             metrics.event_reconnects.get(&Reason(reason.as_str()));

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use crate::{
     context::Context,
     logs::{
-        FieldsTruncated, GroupsUnread, ListingNote, LogLine, RecordSkipped, RemovalsChecked,
-        WorkerSyncFailed, WorkerSynced,
+        FieldsTruncated, GroupsUnread, LabIdsRefused, ListingNote, LogLine, RecordSkipped,
+        RemovalsChecked, WorkerSyncFailed, WorkerSynced,
     },
     metrics::Metrics,
     schedule::Scope,
@@ -199,6 +199,14 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
             worker_id,
             note,
             complete,
+        }
+        .emit(&ctx.metrics);
+    }
+    if !fetched.refused.is_empty() {
+        LabIdsRefused {
+            worker_id,
+            source: "listing",
+            refused: &fetched.refused,
         }
         .emit(&ctx.metrics);
     }

@@ -194,3 +194,91 @@ async fn text_a_server_sends_is_clipped_in_the_logs() {
         "cml_http_status"
     );
 }
+
+/// Lab ids that would walk the API's path (`.`, `..`) are refused wherever they come from (the
+/// tile map, the id list, a stream message): never asked for, never stored, counted and
+/// logged. A lab object naming another lab than the one asked for is not written either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_ids_that_walk_the_api_path_are_refused_wherever_they_come_from() {
+    let f = Fixture::new("hostile_lab_ids", 2, 3).await;
+    let w = f.fleet.fleet.workers[1].clone();
+    assert!(f.once(&[]).await.status.success());
+    // What a sync may change of a record: its lab, its fields, whether it is removed.
+    let kept = |records: Vec<shared::record::LabRecord>| -> Vec<_> {
+        records
+            .into_iter()
+            .map(|r| (r.worker_id, r.lab_id, r.fields, r.removed_at.is_some()))
+            .collect()
+    };
+    let before = kept(f.records().await);
+    let misnamed = w.lab_ids()[0].clone();
+    for id in [".", ".."] {
+        let mut lab = w.lab(&misnamed).expect("a lab");
+        lab.id = id.into();
+        w.create_lab(Some(lab));
+    }
+    let mut faults = Faults {
+        lab_named_as: Some((misnamed.clone(), "api-root".into())),
+        ..Faults::default()
+    };
+    w.set_faults(faults.clone());
+    assert!(w.update_lab(&misnamed, |l| l.title = "not written".into()));
+    // The tile map, then the id list with each lab read alone.
+    for bulk_missing in [false, true] {
+        faults.bulk_missing = bulk_missing;
+        w.set_faults(faults.clone());
+        w.reset_calls();
+        let out = f.once(&[]).await;
+        assert!(out.status.success(), "{}", output_text(&out));
+        let refused = events(&out, "lab_ids_refused");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0]["count"], 3, "{refused:?}");
+        assert_eq!(refused[0]["source"], "listing");
+        assert_eq!(
+            kept(f.records().await),
+            before,
+            "nothing written, nothing removed (bulk_missing: {bulk_missing})"
+        );
+        if bulk_missing {
+            // The plausible labs were read one by one; `.` and `..` never asked for.
+            assert_eq!(w.calls().get("lab"), Some(&3), "{:?}", w.calls());
+        }
+    }
+
+    // A stream message naming `..`: counted, logged, nothing read.
+    w.set_faults(Faults::default());
+    let d = f.spawn(
+        "daemon",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_SYNC__EVENTS__ENABLED", "true"),
+        ],
+    );
+    let admin = d.admin_base().await;
+    wait_metric(
+        &admin,
+        "sync_event_watches",
+        &[("state", "live")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    w.reset_calls();
+    w.send_stream_message(r#"{"event_type":"lab_event","event":"created","lab_id":".."}"#);
+    wait_metric(
+        &admin,
+        "sync_lab_ids_refused_total",
+        &[("source", "stream")],
+        1.0,
+        WAIT,
+    )
+    .await;
+    let from_stream: Vec<Value> = d
+        .events("lab_ids_refused")
+        .into_iter()
+        .filter(|l| l["source"] == "stream")
+        .collect();
+    assert_eq!(from_stream.len(), 1, "{from_stream:?}");
+    assert_eq!(w.calls().get("lab"), None, "{:?}", w.calls());
+    assert!(f.records().await.iter().all(|r| r.lab_id != "api-root"));
+}

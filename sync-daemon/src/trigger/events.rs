@@ -22,7 +22,7 @@ use cml_client::{
 use shared::{
     backoff::{random_unit, Backoff},
     config::Config,
-    metrics::{Kind, Reason, State},
+    metrics::{Kind, Origin, Reason, State},
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -35,7 +35,7 @@ use super::{serve_failed, Trigger, Triggers};
 use crate::{
     cml_events::classify,
     context::Context,
-    logs::{LogLine, WatchChanged, WatchWriteFailed, WatchesCapped},
+    logs::{LabIdsRefused, LogLine, WatchChanged, WatchWriteFailed, WatchesCapped},
     schedule::Scope,
     status::WatchUpdate,
     stream_policy::{FailReason, Happened, Next, Policy, Watch, WatchState},
@@ -410,6 +410,8 @@ impl Session<'_> {
         let mut last_message = Instant::now();
         let mut live = false;
         let mut pending = Pending::default();
+        // Lab ids refused on this stream: each counted, the first logged.
+        let mut refused = 0u64;
         let mut last_sent: Option<Instant> = None;
         // When the relist the policy asked for is due, and when the stream counts as healthy.
         let (mut relist_at, mut healthy_at): (Option<Instant>, Option<Instant>) = (None, None);
@@ -505,6 +507,23 @@ impl Session<'_> {
                 .event_messages
                 .get(&Kind(verdict.kind.as_str()))
                 .inc();
+            if let Some(id) = &verdict.refused {
+                refused += 1;
+                if refused == 1 {
+                    LabIdsRefused {
+                        worker_id: &self.target.worker_id,
+                        source: "stream",
+                        refused: &[format!("{id:?} is not a CML lab id")],
+                    }
+                    .emit(&self.ctx.metrics);
+                } else {
+                    self.ctx
+                        .metrics
+                        .lab_ids_refused
+                        .get(&Origin("stream"))
+                        .inc();
+                }
+            }
             if verdict.activity {
                 let _ = self.notes.send(Note::Activity {
                     worker_id: self.target.worker_id.clone(),
