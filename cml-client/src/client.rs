@@ -94,7 +94,7 @@ type MappedLab = (ObservedLab, GroupsShape);
 
 /// What reading one lab found.
 enum LabRead {
-    Found(MappedLab),
+    Found(Box<MappedLab>),
     /// 404: deleted (or never there).
     Gone,
     /// Not taken, and why: an implausible id, or an object naming another id.
@@ -294,7 +294,7 @@ impl CmlClient {
     ) -> Result<Option<(ObservedLab, GroupsShape)>> {
         self.warn_once_if_insecure(target);
         match self.lab(target, lab_id, &self.session()?).await? {
-            LabRead::Found(lab) => Ok(Some(lab)),
+            LabRead::Found(lab) => Ok(Some(*lab)),
             LabRead::Gone => Ok(None),
             LabRead::Refused(why) => Err(malformed(target, "labs", why)),
         }
@@ -437,7 +437,8 @@ impl CmlClient {
         let mut failed = Vec::new();
         for (id, r) in results {
             match r {
-                Ok(LabRead::Found((lab, lab_shape))) => {
+                Ok(LabRead::Found(found)) => {
+                    let (lab, lab_shape) = *found;
                     labs.push(lab);
                     shape = shape.and(lab_shape);
                 }
@@ -497,7 +498,7 @@ impl CmlClient {
         let path = format!("labs/{}", path_segment(lab_id));
         match self.get(target, &path, true, session).await {
             Ok(body) => match payload::lab_from_json(lab_id, &body) {
-                Ok(lab) => Ok(LabRead::Found(lab)),
+                Ok(lab) => Ok(LabRead::Found(Box::new(lab))),
                 Err(LabError::Refused(why)) => Ok(LabRead::Refused(why)),
                 Err(LabError::Malformed(detail)) => Err(malformed(target, &path, detail)),
             },
