@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cml_sim::Faults;
+use cml_sim::{Faults, WsHostile};
 use serde_json::Value;
 use shared::record::TRUNCATED;
 use system_tests::{cycles_done, log_lines, output_text, wait_metric, Fixture};
@@ -281,4 +281,75 @@ async fn lab_ids_that_walk_the_api_path_are_refused_wherever_they_come_from() {
     assert_eq!(from_stream.len(), 1, "{from_stream:?}");
     assert_eq!(w.calls().get("lab"), None, "{:?}", w.calls());
     assert!(f.records().await.iter().all(|r| r.lab_id != "api-root"));
+}
+
+/// 160 streams, all but four hostile: 100 holding an unfinished message and an unfinished
+/// frame (about 1 MiB each, within the per-stream bound: together past the budget), 30 ping
+/// floods and 26 servers that send a message and close. The daemon stays under 200 MiB (the
+/// budget, 64 MiB, is what the streams may hold together), and a calm worker's change still
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_and_fifty_hostile_streams_keep_the_daemon_small_and_the_calm_ones_live() {
+    const DAEMON_LIMIT_KIB: u64 = 200 * 1024;
+    let f = Fixture::new("hostile_many_streams", 240, 1).await;
+    let streaming: Vec<_> = f
+        .fleet
+        .fleet
+        .workers
+        .iter()
+        .filter(|w| w.has_event_stream())
+        .cloned()
+        .collect();
+    assert_eq!(streaming.len(), 160);
+    for (i, w) in streaming.iter().enumerate() {
+        let how = match i {
+            0..100 => WsHostile::Unfinished { bytes: 512 * 1024 },
+            100..130 => WsHostile::Pings {
+                per_second: 0,
+                text_every_ms: 0,
+            },
+            130..156 => WsHostile::CloseAfter {
+                messages: 1,
+                code: 1000,
+            },
+            _ => continue,
+        };
+        w.set_faults(Faults {
+            ws_hostile: Some(how),
+            ..Faults::default()
+        });
+    }
+    let calm = streaming[159].clone();
+    let d = f.spawn(
+        "daemon",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_SYNC__EVENTS__ENABLED", "true"),
+        ],
+    );
+    let admin = d.admin_base().await;
+    cycles_done(&admin, 1.0).await;
+    wait_metric(
+        &admin,
+        "sync_event_reconnects_total",
+        &[("reason", "too_large")],
+        // 100 streams of about 1 MiB each: at least 36 past a budget of 64 MiB.
+        36.0,
+        WAIT,
+    )
+    .await;
+    let lab = calm.lab_ids()[0].clone();
+    let changed = tokio::time::Instant::now();
+    assert!(calm.update_lab(&lab, |l| l.title = "through the storm".into()));
+    testkit::eventually("the calm worker's change", WAIT, || async {
+        (f.record(&calm.id, &lab).await.fields.title == "through the storm").then_some(())
+    })
+    .await;
+    let peak_kib = peak_rss_kib(&d);
+    eprintln!(
+        "160 streams, 156 hostile: a calm change stored after {:?}; sync-daemon peak RSS {} MiB",
+        changed.elapsed(),
+        peak_kib / 1024
+    );
+    assert!(peak_kib < DAEMON_LIMIT_KIB, "peak RSS {peak_kib} KiB");
 }

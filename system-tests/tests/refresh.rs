@@ -582,3 +582,55 @@ async fn storms_of_refreshes_over_two_replicas_make_one_request_and_one_sync() {
     assert_eq!(syncs_of(&d, &f.fleet.fleet.workers[0].id), 1);
     eprintln!("storms (accepted, throttled): {counts:?}");
 }
+
+/// With CML's streams on, a refresh joins the sync the stream's relist started: one sync, one
+/// status write, one `worker.data.refreshed` on the live stream, however many passes waited
+/// on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sync_is_one_status_and_one_event_however_many_passes_wait_on_it() {
+    let f = Fixture::new("refresh_one_event", 3, 2).await;
+    let env = [
+        NO_CYCLES[0],
+        ("CML_LABS_SYNC__RUN_IMMEDIATELY", "false"),
+        ("CML_LABS_SYNC__EVENTS__ENABLED", "true"),
+    ];
+    let w = f.fleet.fleet.workers[2].clone();
+    assert!(w.has_event_stream());
+    // The relist's listing waits at the gate: the test knows it is in flight.
+    w.set_faults(Faults {
+        hold_endpoint: Some("populate_lab_tiles".into()),
+        ..Faults::default()
+    });
+    let (_api, base) = f.spawn_api("api", &env).await;
+    let mut sse = SseStream::open(
+        &format!("{base}/api/events/stream?worker_ids={}", w.id),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|r| panic!("the stream was refused: {}", r.status()));
+    assert_eq!(sse.expect(WAIT).await.event, "connected");
+    let d = f.spawn("daemon", &env);
+    testkit::eventually("the relist is syncing w", WAIT, || async {
+        w.calls().contains_key("populate_lab_tiles").then_some(())
+    })
+    .await;
+    let (status, _, pending) = post(&base, &w.id, "").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
+    let id = pending["id"].as_str().expect("id").to_owned();
+    request_in(&base, &id, "running").await;
+    d.wait_event("refresh_started", 1, WAIT).await;
+    w.set_faults(Faults::default());
+    request_in(&base, &id, "done").await;
+    // The stream is read until it stays quiet past a heartbeat: whatever the sync wrote has
+    // been told by then.
+    let mut frames = Vec::new();
+    while let Ok(frame) = sse.next(Duration::from_secs(3)).await {
+        if frame.event != "heartbeat" {
+            frames.push(frame);
+        }
+    }
+    let kinds: Vec<&str> = frames.iter().map(|f| f.event.as_str()).collect();
+    assert_eq!(syncs_of(&d, &w.id), 1, "one sync for both");
+    assert_eq!(w.calls().get("populate_lab_tiles"), Some(&1));
+    assert_eq!(count(&frames, "worker.data.refreshed"), 1, "{kinds:?}");
+}
