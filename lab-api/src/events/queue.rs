@@ -66,6 +66,8 @@ struct State {
     /// Each item with when it was queued.
     items: VecDeque<(Item, Instant)>,
     bytes: usize,
+    /// When the stream last took an item.
+    last_take: Option<Instant>,
 }
 
 /// One client's queue: the hub offers, the client's stream takes.
@@ -118,6 +120,7 @@ impl Queue {
     pub fn try_take(&self) -> Option<Item> {
         let mut s = self.lock();
         let (item, _) = s.items.pop_front()?;
+        s.last_take = Some(Instant::now());
         s.bytes -= size(&item);
         if let Item::Frame(f) = &item {
             self.ledger.release(f);
@@ -157,13 +160,17 @@ impl Queue {
         s.items.len() > self.max_items / 2 || s.bytes > self.max_bytes / 2
     }
 
-    /// How long the oldest item has waited to be taken (zero when none waits): a client whose
-    /// stream is not even asked for its next frame shows here.
-    pub fn oldest_waiting(&self) -> Duration {
-        self.lock()
-            .items
-            .front()
-            .map_or(Duration::ZERO, |(_, at)| at.elapsed())
+    /// How long the stream has taken nothing while something waited (zero when nothing
+    /// waits): a client whose stream is not even asked for its next frame shows here. A slow
+    /// client that keeps taking does not, however long its frames wait behind what its socket
+    /// holds (the age of the oldest frame measures the backlog, not a stall).
+    pub fn untaken_for(&self) -> Duration {
+        let s = self.lock();
+        s.items.front().map_or(Duration::ZERO, |(_, queued)| {
+            s.last_take
+                .map_or(*queued, |taken| taken.max(*queued))
+                .elapsed()
+        })
     }
 }
 
@@ -225,9 +232,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn take_waits_for_an_offer_and_the_oldest_wait_is_known() {
+    async fn take_waits_for_an_offer_and_how_long_nothing_was_taken_is_known() {
         let q = Arc::new(Queue::new(Arc::new(Ledger::default()), 8, 1 << 20));
-        assert_eq!(q.oldest_waiting(), Duration::ZERO);
+        assert_eq!(q.untaken_for(), Duration::ZERO);
         let taker = tokio::spawn({
             let q = q.clone();
             async move { q.take().await }
@@ -237,6 +244,33 @@ mod tests {
         assert!(matches!(taker.await.expect("taken"), Item::Reset("lagged")));
         assert!(q.offer(Item::Frame(frame(1))));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(q.oldest_waiting() >= Duration::from_millis(20));
+        assert!(q.untaken_for() >= Duration::from_millis(20));
+    }
+
+    /// A stream that keeps taking is not stalled, however old the frames it has not reached
+    /// yet: what counts is the time since its last take.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_keeps_taking_is_not_untaken_however_old_its_backlog() {
+        let q = Queue::new(Arc::new(Ledger::default()), 64, 1 << 20);
+        for _ in 0..10 {
+            assert!(q.offer(Item::Frame(frame(1))));
+        }
+        for _ in 0..9 {
+            tokio::time::advance(Duration::from_millis(300)).await;
+            assert!(q.try_take().is_some());
+            assert_eq!(q.untaken_for(), Duration::ZERO, "it just took one");
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(q.untaken_for(), Duration::from_secs(2));
+        assert!(q.try_take().is_some());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(q.untaken_for(), Duration::ZERO, "nothing waits");
+        assert!(q.offer(Item::Frame(frame(1))));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            q.untaken_for(),
+            Duration::from_secs(1),
+            "since it was queued"
+        );
     }
 }

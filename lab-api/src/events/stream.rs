@@ -309,8 +309,8 @@ impl Watched {
     /// Checks the stream four times per `grace` until it ends (`done`), and cuts its
     /// connection when the client fell behind and did not take its `reset` within `grace`
     /// (`lagged`), or stalled (`stalled`): it has taken none of the bytes sent to it for
-    /// `grace` (see [`ConnectionAbort::stalled_for`]), or the oldest frame of its queue has
-    /// waited that long (the stream is not even asked for it).
+    /// `grace` (see [`ConnectionAbort::stalled_for`]), or its stream has taken no frame for
+    /// that long while some waited (it is not even asked for them).
     async fn watch(self, done: CancellationToken) {
         let every = (self.grace / 4).max(Duration::from_millis(50));
         let mut behind_since: Option<tokio::time::Instant> = None;
@@ -325,7 +325,7 @@ impl Watched {
             let reason = if behind_since.is_some_and(|t| t.elapsed() >= self.grace) {
                 "lagged"
             } else if self.conn.stalled_for() >= self.grace
-                || self.queue.oldest_waiting() >= self.grace
+                || self.queue.untaken_for() >= self.grace
             {
                 "stalled"
             } else {
