@@ -247,6 +247,34 @@ mod tests {
         });
     }
 
+    /// The streams' budget must hold one message; the new bounds of the watch are ranged.
+    #[test]
+    fn the_stream_budget_and_watch_bounds_are_checked_with_their_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CML_LABS_CML__PASSWORD", "pw");
+            jail.set_env("CML_LABS_SYNC__EVENTS__MAX_MESSAGE_BYTES", "4194304");
+            jail.set_env("CML_LABS_SYNC__EVENTS__BUFFER_BYTES", "2097152");
+            jail.set_env("CML_LABS_SYNC__EVENTS__HEALTHY_AFTER", "0s");
+            jail.set_env("CML_LABS_SYNC__EVENTS__RELIST_MIN_INTERVAL", "2d");
+            let err = load(Role::SyncDaemon).expect_err("out of bounds");
+            let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    "sync.events.buffer_bytes",
+                    "sync.events.healthy_after",
+                    "sync.events.relist_min_interval"
+                ],
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("no stream could hold one message"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
     #[test]
     fn durations_too_long_to_add_to_a_clock_are_refused_with_their_key() {
         Jail::expect_with(|jail| {
