@@ -369,6 +369,8 @@ pub struct SimWorker {
     streams_epoch: watch::Sender<u64>,
     /// `/ws/ui` streams open now.
     streams_open: Arc<AtomicUsize>,
+    /// Calls waiting at the gate now (the `hold` and `hold_endpoint` faults), by endpoint.
+    held: Mutex<BTreeMap<String, usize>>,
 }
 
 /// Messages a `/ws/ui` stream may fall behind by before the server drops it.
@@ -425,6 +427,7 @@ impl SimWorker {
             events: broadcast::Sender::new(EVENTS_BACKLOG),
             streams_epoch: watch::Sender::new(0),
             streams_open: Arc::new(AtomicUsize::new(0)),
+            held: Mutex::new(BTreeMap::new()),
             id,
         };
         for name in GROUPS {
@@ -754,10 +757,28 @@ impl SimWorker {
     /// Waits while calls of `endpoint` are held (the `hold` and `hold_endpoint` faults).
     pub async fn while_held(&self, endpoint: &str) {
         let mut faults = self.faults.subscribe();
+        let free = |f: &Faults| !f.hold && f.hold_endpoint.as_deref() != Some(endpoint);
+        if free(&faults.borrow_and_update()) {
+            return;
+        }
+        /// Counts a call as held until it goes on, or its client goes.
+        struct Held<'a>(&'a Mutex<BTreeMap<String, usize>>, &'a str);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                if let Some(n) = lock(self.0).get_mut(self.1) {
+                    *n -= 1;
+                }
+            }
+        }
+        *lock(&self.held).entry(endpoint.to_owned()).or_default() += 1;
+        let _held = Held(&self.held, endpoint);
         // The sender lives as long as the worker, so this only ends when the hold is cleared.
-        let _ = faults
-            .wait_for(|f| !f.hold && f.hold_endpoint.as_deref() != Some(endpoint))
-            .await;
+        let _ = faults.wait_for(free).await;
+    }
+
+    /// Calls of `endpoint` waiting at the gate now: a test knows its client is stuck there.
+    pub fn held_calls(&self, endpoint: &str) -> usize {
+        lock(&self.held).get(endpoint).copied().unwrap_or(0)
     }
 
     /// Takes one of the `fail_next` failures, if any are left.
