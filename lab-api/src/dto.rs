@@ -232,7 +232,7 @@ pub struct LiveSyncDto {
     /// no watch is kept (events off).
     pub watch_state: Option<String>,
     /// Why the watch is failing: `unreachable`, `unauthorized`, `redirect`, `too_large`,
-    /// `flooded`, `silent` or `dropped`.
+    /// `flooded`, `silent`, `stalled` or `dropped`.
     pub watch_failure: Option<String>,
     /// The last lab or node state change seen on the worker (its event stream, or a sync that
     /// found a lab's state changed): what an idle-worker check reads.

@@ -68,7 +68,7 @@ pub struct WorkerSyncStatus {
     #[serde(default)]
     pub watch_state: Option<String>,
     /// Why the watch is `failing` (`unreachable`, `unauthorized`, `redirect`, `too_large`,
-    /// `flooded`, `silent`, `dropped`); null otherwise.
+    /// `flooded`, `silent`, `stalled`, `dropped`); null otherwise.
     #[serde(default)]
     pub watch_failure: Option<String>,
     /// Since when the watch is in its state.
