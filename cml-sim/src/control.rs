@@ -77,7 +77,7 @@ async fn workers(State(ctx): State<Ctx>) -> Json<Value> {
             "id": w.id, "name": w.name, "aws_region": w.aws_region,
             "version": w.personality.version(), "endpoint": ctx.endpoints.get(&w.id),
             "lab_count": w.lab_ids().len(), "event_stream": w.has_event_stream(),
-            "open_streams": w.open_streams(),
+            "open_streams": w.open_streams(), "listening_streams": w.listening_streams(),
         }))
         .collect::<Vec<_>>()))
 }

@@ -634,6 +634,11 @@ impl SimWorker {
         OpenStream(self.streams_open.clone())
     }
 
+    /// `/ws/ui` streams authenticated and following this server's changes now.
+    pub fn listening_streams(&self) -> usize {
+        self.events.receiver_count()
+    }
+
     /// `/ws/ui` streams open now.
     pub fn open_streams(&self) -> usize {
         self.streams_open.load(Ordering::SeqCst)

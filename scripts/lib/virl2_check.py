@@ -106,6 +106,14 @@ def check_events(url: str, control: str, worker_id: str, password: str, ca_file)
     client.event_listener = listener
     client.start_event_listening()
     try:
+        # The listener is "connected" once it has sent its token; the server follows changes
+        # for it only once it has read that token: wait for that before making one.
+        deadline = time.monotonic() + 10
+        while not any(w["id"] == worker_id and w["listening_streams"] > 0
+                      for w in control_json(f"{control}/workers")):
+            if time.monotonic() > deadline:
+                return [f"the listener's stream was not following {worker_id} within 10 s"]
+            time.sleep(0.05)
         labs_url = f"{control}/workers/{worker_id}/labs"
         sim_lab = max(control_json(labs_url), key=lambda lab: lab["node_count"])
         lab = client.join_existing_lab(sim_lab["id"])
