@@ -984,6 +984,7 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
             || async { (w.held_calls("labs") == 1).then_some(()) },
         )
         .await;
+        let held_at = DateTime::now();
         assert!(w.calls().get("labs").copied().unwrap_or(0) > checks);
         // The holder is the replica serving the request: the roles usually swap each round,
         // but a renewal late on a loaded machine may have moved the lease (its TTL is 2 s).
@@ -1005,6 +1006,7 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
             .copied()
             .unwrap_or(0);
         daemons[holder].signal(libc::SIGSTOP);
+        let frozen_at = DateTime::now();
         w.set_faults(Faults::default());
 
         // The standby takes over (the lease expires), takes the request back and serves it.
@@ -1064,7 +1066,9 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
                     .join("\n")
             };
             format!(
-                "holder's log:\n{}\nstandby's log:\n{}",
+                "held at {held_at:?}, frozen at {frozen_at:?}; the simulator's calls: {:?}\n\
+                 holder's log:\n{}\nstandby's log:\n{}",
+                w.calls(),
                 messages(&daemons[holder]),
                 messages(&daemons[standby])
             )
