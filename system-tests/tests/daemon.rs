@@ -902,6 +902,21 @@ async fn stamps(records: &Collection<Document>, w: &str) -> HashMap<String, Date
         .collect()
 }
 
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) state ...`: the state follows the last `)`.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
+}
+
 /// The freeze scenario, round after round with the roles swapped: the lease holder syncs a
 /// worker one of whose labs went, plans (every other record to be stamped), and is frozen
 /// (SIGSTOP) while it checks the id list; the standby takes the lease over once it expires
@@ -1006,6 +1021,13 @@ async fn a_holder_frozen_past_its_lease_changes_nothing_when_it_resumes() {
             .copied()
             .unwrap_or(0);
         daemons[holder].signal(libc::SIGSTOP);
+        // kill() returns before every thread has stopped: one still running could take the
+        // answer released below and write within its lease. Released only once all are.
+        let pid = daemons[holder].child.id().expect("running");
+        testkit::eventually(&format!("{label}: the holder is stopped"), WAIT, || async {
+            all_threads_stopped(pid).then_some(())
+        })
+        .await;
         let frozen_at = DateTime::now();
         w.set_faults(Faults::default());
 
