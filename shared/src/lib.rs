@@ -1,6 +1,7 @@
 //! The lab-record core both services share: the record model and change detection (pure), the
 //! MongoDB store, configuration, metrics and telemetry, and the plumbing of a service process.
 
+pub mod access;
 pub mod backoff;
 pub mod change;
 pub mod change_stream;
