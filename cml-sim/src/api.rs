@@ -1,6 +1,6 @@
 //! The CML REST API of one simulated server (`/api/v0/...`), with the worker's faults applied.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::{
     fleet::Fleet,
-    model::{EndpointFault, Personality, SimGroup, SimLab, SimWorker, LAB_PERMISSIONS},
+    model::{EndpointFault, Personality, SimGroup, SimLab, SimShare, SimWorker, LAB_PERMISSIONS},
     server::ConnControl,
     token::{self, Claims},
 };
@@ -38,10 +38,11 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
             "/api/v0/labs/{lab_id}/associations",
             get(lab_associations).patch(patch_lab_associations),
         )
-        .route("/api/v0/groups", get(groups))
+        .route("/api/v0/groups", get(groups).post(create_group))
         .route("/ws/ui", get(crate::ws::ws_ui))
         .route("/api/v0/populate_lab_tiles", get(populate_lab_tiles))
-        .route("/api/v0/users", get(users))
+        .route("/api/v0/users", get(users).post(create_user))
+        .route("/api/v0/users/{username}/id", get(user_id))
         .fallback(not_found)
         .with_state(fleet)
 }
@@ -96,16 +97,28 @@ impl Call {
         authorize(&self.fleet, &self.worker, headers)
     }
 
-    /// [`Call::authorized`], then the lab, or CML's 404 for an unknown one.
+    /// [`Call::authorized`] for an admin of the server only (CML's 403 for anyone else).
+    async fn admin(&self, endpoint: &str, headers: &HeaderMap) -> Result<Claims, Response> {
+        let claims = self.authorized(endpoint, headers).await?;
+        if self.worker.directory(|d| d.users.get(&claims.sub).is_some_and(|u| u.admin)) {
+            Ok(claims)
+        } else {
+            Err(cml_error(StatusCode::FORBIDDEN, "User does not have the required access: admin"))
+        }
+    }
+
+    /// [`Call::authorized`], then the lab, or CML's 404 for an unknown one (or one the caller
+    /// does not see).
     async fn lab(
         &self,
         endpoint: &str,
         headers: &HeaderMap,
         lab_id: &str,
     ) -> Result<SimLab, Response> {
-        self.authorized(endpoint, headers).await?;
+        let claims = self.authorized(endpoint, headers).await?;
         self.worker
             .lab(lab_id)
+            .filter(|l| self.worker.sees(&claims.sub, l))
             .ok_or_else(|| cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}")))
     }
 }
@@ -209,12 +222,19 @@ struct Credentials {
     password: String,
 }
 
+/// The fleet's credentials log in as the server's admin; any other user of the server with its
+/// own password (an empty password never logs in).
 fn login(fleet: &Fleet, worker: &SimWorker, creds: &Credentials) -> Option<(String, String)> {
-    if creds.username != fleet.username || creds.password != fleet.password {
-        return None;
-    }
+    let user_id = if creds.username == fleet.username && creds.password == fleet.password {
+        SimWorker::users()[0].id.clone()
+    } else {
+        worker.directory(|d| {
+            d.by_name(&creds.username)
+                .filter(|u| !u.password.is_empty() && u.password == creds.password)
+                .map(|u| u.id.clone())
+        })?
+    };
     let now = fleet.now().timestamp();
-    let user_id = SimWorker::users()[0].id.clone();
     let claims = Claims {
         iss: "com.cisco.virl".into(),
         iat: now,
@@ -255,9 +275,12 @@ async fn auth_extended(
         return r;
     }
     match login(&fleet, &worker, &creds) {
-        Some((token, id)) => ok_json(
-            json!({ "username": creds.username, "id": id, "token": token, "admin": true, "error": null }),
-        ),
+        Some((token, id)) => {
+            let admin = worker.directory(|d| d.users.get(&id).is_some_and(|u| u.admin));
+            ok_json(
+                json!({ "username": creds.username, "id": id, "token": token, "admin": admin, "error": null }),
+            )
+        }
         None => cml_error(StatusCode::FORBIDDEN, "Authentication failed!"),
     }
 }
@@ -317,7 +340,10 @@ async fn authentication(call: Call, headers: HeaderMap) -> Response {
         Ok(c) => c,
         Err(r) => return r,
     };
-    ok_json(json!({ "id": claims.sub, "admin": true, "username": call.fleet.username }))
+    match call.worker.directory(|d| d.users.get(&claims.sub).cloned()) {
+        Some(u) => ok_json(json!({ "id": u.id, "admin": u.admin, "username": u.username })),
+        None => cml_error(StatusCode::UNAUTHORIZED, "Not authenticated: 401 Unauthorized: Invalid token."),
+    }
 }
 
 async fn system_information(Call { worker, ctl, .. }: Call) -> Response {
@@ -355,12 +381,19 @@ async fn labs(call: Call, headers: HeaderMap, Query(q): Query<LabsQuery>) -> Res
         .show_all
         .as_deref()
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let ids: Vec<String> = worker
-        .labs()
-        .into_iter()
-        .filter(|l| show_all || l.owner.id == claims.sub)
-        .map(|l| l.id)
-        .collect();
+    // An admin sees every lab with `show_all`, its own and shared ones without; anyone else
+    // its own and shared ones either way.
+    let admin = worker.directory(|d| d.users.get(&claims.sub).is_some_and(|u| u.admin));
+    let ids: Vec<String> = if admin && show_all {
+        worker.lab_ids()
+    } else {
+        worker
+            .labs()
+            .into_iter()
+            .filter(|l| l.owner.id == claims.sub || worker.shared_with(&claims.sub, l))
+            .map(|l| l.id)
+            .collect()
+    };
     data(worker, json!(ids))
 }
 
@@ -398,10 +431,20 @@ async fn lab_topology(call: Call, headers: HeaderMap, Path(lab_id): Path<String>
 }
 
 async fn populate_lab_tiles(call: Call, headers: HeaderMap) -> Response {
-    if let Err(r) = call.authorized("populate_lab_tiles", &headers).await {
-        return r;
-    }
+    let claims = match call.authorized("populate_lab_tiles", &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let worker = &call.worker;
+    if !worker.directory(|d| d.users.get(&claims.sub).is_some_and(|u| u.admin)) {
+        // A user's tiles: the labs it sees.
+        let tiles: serde_json::Map<String, Value> = worker
+            .labs_visible_to(&claims.sub)
+            .iter()
+            .map(|l| (l.id.clone(), worker.lab_object(l, true)))
+            .collect();
+        return data(worker, json!({ "lab_tiles": tiles }));
+    }
     let faults = worker.faults();
     if faults.bulk_missing {
         return not_found().await;
@@ -443,18 +486,110 @@ fn padded_tiles(body: Bytes, padding: u64) -> Response {
 }
 
 /// `GET groups`: every group of the server with the labs associated with it.
+/// A non-admin sees only the groups it is a member of.
 async fn groups(call: Call, headers: HeaderMap) -> Response {
-    if let Err(r) = call.authorized("groups", &headers).await {
+    let claims = match call.authorized("groups", &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let own = call.worker.directory(|d| match d.users.get(&claims.sub) {
+        Some(u) if u.admin => None,
+        Some(u) => Some(u.groups.clone()),
+        None => Some(BTreeSet::new()),
+    });
+    data(&call.worker, call.worker.groups_json(own.as_ref()))
+}
+
+/// The body of `POST groups`.
+#[derive(Debug, Deserialize)]
+struct NewGroup {
+    name: String,
+    #[serde(default)]
+    description: String,
+    /// User ids.
+    #[serde(default)]
+    members: Vec<String>,
+    /// 2.9+: `[{id: lab id, permissions}]`.
+    #[serde(default)]
+    associations: Vec<Association>,
+    /// Up to 2.8: `[{id: lab id, permission: read_only | read_write}]`.
+    #[serde(default)]
+    labs: Vec<LegacyShare>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LegacyShare {
+    id: String,
+    permission: String,
+}
+
+/// `POST groups` (admins only): a new group with its members and the labs shared with it.
+async fn create_group(call: Call, headers: HeaderMap, Json(body): Json<NewGroup>) -> Response {
+    if let Err(r) = call.admin("groups", &headers).await {
         return r;
     }
-    data(&call.worker, call.worker.groups_json())
+    let worker = &call.worker;
+    if body.name.trim().is_empty() || worker.directory(|d| d.group_by_name(&body.name).is_some()) {
+        return cml_error(StatusCode::BAD_REQUEST, format!("Group name is taken or empty: {}", body.name));
+    }
+    let mut shares = Vec::new();
+    for a in body.associations {
+        if let Err(r) = valid_permissions(&a.permissions) {
+            return r;
+        }
+        shares.push((a.id, a.permissions));
+    }
+    for l in body.labs {
+        let permissions = match l.permission.as_str() {
+            "read_only" => vec!["lab_view".to_owned()],
+            "read_write" => vec!["lab_view".to_owned(), "lab_edit".to_owned()],
+            other => return cml_error(StatusCode::BAD_REQUEST, format!("Invalid permission: {other}")),
+        };
+        shares.push((l.id, permissions));
+    }
+    let id = worker.group_named(&body.name);
+    worker.directory(|d| {
+        if let Some(g) = d.groups.get_mut(&id) {
+            g.description = body.description;
+        }
+        for m in &body.members {
+            if let Some(u) = d.users.get_mut(m) {
+                u.groups.insert(id.clone());
+            }
+        }
+    });
+    let name = body.name;
+    for (lab_id, permissions) in shares {
+        worker.update_lab_quietly(&lab_id, |lab| {
+            lab.groups.retain(|g| g.id != id);
+            lab.groups.push(SimGroup { id: id.clone(), name: name.clone(), permissions });
+        });
+    }
+    let only = BTreeSet::from([id]);
+    match worker.groups_json(Some(&only)) {
+        Value::Array(mut groups) if !groups.is_empty() => ok_json(groups.remove(0)),
+        _ => cml_error(StatusCode::INTERNAL_SERVER_ERROR, "the group vanished"),
+    }
+}
+
+/// Every permission must be one CML knows.
+fn valid_permissions(permissions: &[String]) -> Result<(), Response> {
+    match permissions
+        .iter()
+        .find(|p| !LAB_PERMISSIONS.contains(&p.as_str()))
+    {
+        Some(bad) => Err(cml_error(StatusCode::BAD_REQUEST, format!("Invalid permission: {bad}"))),
+        None => Ok(()),
+    }
 }
 
 /// A lab's associations (2.9+): its groups and its owner, each with permissions.
 fn associations_json(lab: &SimLab) -> Value {
     json!({
         "groups": lab.groups.iter().map(|g| json!({ "id": g.id, "permissions": g.permissions })).collect::<Vec<_>>(),
-        "users": [{ "id": lab.owner.id, "permissions": LAB_PERMISSIONS }],
+        "users": std::iter::once(json!({ "id": lab.owner.id, "permissions": LAB_PERMISSIONS }))
+            .chain(lab.user_shares.iter().filter(|s| s.id != lab.owner.id).map(|s| json!({ "id": s.id, "permissions": s.permissions })))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -473,12 +608,14 @@ async fn lab_associations(call: Call, headers: HeaderMap, Path(lab_id): Path<Str
     }
 }
 
-/// The body of `PATCH labs/{id}/associations`. Its `users` are accepted and not kept: a
-/// lab's owner is its only user here.
+/// The body of `PATCH labs/{id}/associations`: what is given replaces what the lab had (the
+/// owner's own association is its ownership, kept whatever the body says).
 #[derive(Debug, Deserialize)]
 struct AssociationsBody {
     #[serde(default)]
     groups: Option<Vec<Association>>,
+    #[serde(default)]
+    users: Option<Vec<Association>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -508,15 +645,8 @@ async fn patch_lab_associations(
             let Some(name) = worker.group_name(&a.id) else {
                 return cml_error(StatusCode::NOT_FOUND, format!("Group not found: {}", a.id));
             };
-            if let Some(bad) = a
-                .permissions
-                .iter()
-                .find(|p| !LAB_PERMISSIONS.contains(&p.as_str()))
-            {
-                return cml_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("Invalid permission: {bad}"),
-                );
+            if let Err(r) = valid_permissions(&a.permissions) {
+                return r;
             }
             resolved.push(SimGroup {
                 id: a.id,
@@ -526,29 +656,103 @@ async fn patch_lab_associations(
         }
         worker.set_lab_groups(&lab_id, resolved);
     }
+    if let Some(users) = body.users {
+        let mut shares = Vec::with_capacity(users.len());
+        for a in users {
+            if !worker.directory(|d| d.users.contains_key(&a.id)) {
+                return cml_error(StatusCode::NOT_FOUND, format!("User not found: {}", a.id));
+            }
+            if let Err(r) = valid_permissions(&a.permissions) {
+                return r;
+            }
+            shares.push(SimShare { id: a.id, permissions: a.permissions });
+        }
+        worker.update_lab_quietly(&lab_id, |lab| {
+            let owner = lab.owner.id.clone();
+            lab.user_shares = shares.into_iter().filter(|s| s.id != owner).collect();
+        });
+    }
     match worker.lab(&lab_id) {
         Some(l) => ok_json(associations_json(&l)),
         None => cml_error(StatusCode::NOT_FOUND, format!("Lab not found: {lab_id}")),
     }
 }
 
-/// `GET users`: Cisco's client resolves lab owners through it.
+/// `GET users` (admins only): every user, with its groups, its labs and (2.9+) its
+/// associations.
 async fn users(call: Call, headers: HeaderMap) -> Response {
-    if let Err(r) = call.authorized("users", &headers).await {
+    if let Err(r) = call.admin("users", &headers).await {
         return r;
     }
     let worker = &call.worker;
     let labs = worker.labs();
-    let users: Vec<Value> = SimWorker::users()
-        .into_iter()
-        .map(|u| {
-            let owned: Vec<&str> = labs.iter().filter(|l| l.owner.id == u.id).map(|l| l.id.as_str()).collect();
-            json!({
-                "id": u.id, "username": u.username, "fullname": u.fullname, "description": "",
-                "email": "", "admin": u.username == "admin", "directory_dn": "", "groups": [],
-                "labs": owned, "opt_in": true, "resource_pool": null, "tour_version": "", "pubkey_info": "",
-            })
-        })
-        .collect();
+    let users: Vec<Value> = worker.directory(|d| {
+        d.users
+            .values()
+            .map(|u| d.user_json(u, &labs, worker.personality))
+            .collect()
+    });
     data(worker, json!(users))
+}
+
+/// The body of `POST users`.
+#[derive(Debug, Deserialize)]
+struct NewUser {
+    username: String,
+    password: String,
+    #[serde(default)]
+    fullname: String,
+    #[serde(default)]
+    admin: bool,
+    /// Group ids.
+    #[serde(default)]
+    groups: Vec<String>,
+    /// 2.9+: labs shared with the user.
+    #[serde(default)]
+    associations: Vec<Association>,
+}
+
+/// `POST users` (admins only): a new user, in its groups, with the labs shared with it.
+async fn create_user(call: Call, headers: HeaderMap, Json(body): Json<NewUser>) -> Response {
+    if let Err(r) = call.admin("users", &headers).await {
+        return r;
+    }
+    let worker = &call.worker;
+    if body.username.is_empty() || body.username.len() > 32 || body.password.is_empty() {
+        return cml_error(StatusCode::BAD_REQUEST, "username (1-32 characters) and password are required");
+    }
+    for a in &body.associations {
+        if let Err(r) = valid_permissions(&a.permissions) {
+            return r;
+        }
+    }
+    let created = worker.directory(|d| {
+        let groups = body
+            .groups
+            .iter()
+            .filter(|g| d.groups.contains_key(*g))
+            .cloned()
+            .collect();
+        d.add_user(&body.username, &body.password, &body.fullname, body.admin, groups)
+    });
+    let Some(user) = created else {
+        return cml_error(StatusCode::BAD_REQUEST, format!("User already exists: {}", body.username));
+    };
+    for a in body.associations {
+        let share = SimShare { id: user.id.clone(), permissions: a.permissions };
+        worker.update_lab_quietly(&a.id, |lab| lab.user_shares.push(share));
+    }
+    let labs = worker.labs();
+    ok_json(worker.directory(|d| d.user_json(&user, &labs, worker.personality)))
+}
+
+/// `GET users/{username}/id`.
+async fn user_id(call: Call, headers: HeaderMap, Path(username): Path<String>) -> Response {
+    if let Err(r) = call.authorized("users", &headers).await {
+        return r;
+    }
+    match call.worker.directory(|d| d.by_name(&username).map(|u| u.id.clone())) {
+        Some(id) => ok_json(json!(id)),
+        None => cml_error(StatusCode::NOT_FOUND, format!("User not found: {username}")),
+    }
 }

@@ -7,7 +7,7 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, patch, post, put},
+    routing::{delete, get, patch, post, put},
     Json, Router,
 };
 use serde::Deserialize;
@@ -17,7 +17,7 @@ use shared::record::LabState;
 
 use crate::{
     fleet::Fleet,
-    model::{Faults, SimGroup, SimWorker, LAB_PERMISSIONS},
+    model::{Faults, SimGroup, SimShare, SimWorker, LAB_PERMISSIONS},
 };
 
 #[derive(Debug, Clone)]
@@ -35,6 +35,11 @@ pub fn router(fleet: Arc<Fleet>, endpoints: BTreeMap<String, String>) -> Router 
             patch(update_lab).delete(delete_lab),
         )
         .route("/workers/{id}/labs/{lab_id}/groups", put(share_lab))
+        .route("/workers/{id}/labs/{lab_id}/users", put(share_lab_with_users))
+        .route("/workers/{id}/users", get(users).post(create_user))
+        .route("/workers/{id}/users/{username}", delete(delete_user))
+        .route("/workers/{id}/users/{username}/groups", put(set_user_groups))
+        .route("/workers/{id}/users/{username}/labs", get(labs_of_user))
         .route(
             "/workers/{id}/faults",
             get(faults).put(set_faults).delete(clear_faults),
@@ -104,17 +109,29 @@ struct LabPatch {
     state: Option<String>,
     node_count: Option<u32>,
     link_count: Option<u32>,
+    /// The username of the new owner (a user of the server).
+    owner: Option<String>,
 }
 
 impl LabPatch {
-    fn validate(&self) -> Result<(), Response> {
-        match self.state.as_deref().map(str::parse::<LabState>) {
-            Some(Err(e)) => Err(problem(StatusCode::BAD_REQUEST, e)),
-            _ => Ok(()),
+    /// Checks the patch, and resolves its owner to a user of the server.
+    fn validate(&self, w: &SimWorker) -> Result<Option<crate::model::SimUser>, Response> {
+        if let Some(Err(e)) = self.state.as_deref().map(str::parse::<LabState>) {
+            return Err(problem(StatusCode::BAD_REQUEST, e));
+        }
+        match &self.owner {
+            None => Ok(None),
+            Some(name) => w
+                .directory(|d| d.by_name(name).map(|u| u.as_owner()))
+                .map(Some)
+                .ok_or_else(|| problem(StatusCode::BAD_REQUEST, format!("no user {name}"))),
         }
     }
 
-    fn apply(self, lab: &mut crate::model::SimLab) {
+    fn apply(self, lab: &mut crate::model::SimLab, owner: Option<crate::model::SimUser>) {
+        if let Some(o) = owner {
+            lab.owner = o;
+        }
         if let Some(v) = self.title {
             lab.title = v
         }
@@ -146,11 +163,12 @@ async fn create_lab(
         Err(r) => return r,
     };
     let patch = body.map(|Json(p)| p).unwrap_or_default();
-    if let Err(r) = patch.validate() {
-        return r;
-    }
+    let owner = match patch.validate(&w) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
     let lab_id = w.create_lab(None);
-    w.update_lab(&lab_id, |l| patch.apply(l));
+    w.update_lab(&lab_id, |l| patch.apply(l, owner));
     (StatusCode::CREATED, Json(json!(w.lab(&lab_id)))).into_response()
 }
 
@@ -163,10 +181,11 @@ async fn update_lab(
         Ok(w) => w,
         Err(r) => return r,
     };
-    if let Err(r) = patch.validate() {
-        return r;
-    }
-    if w.update_lab(&lab_id, |l| patch.apply(l)) {
+    let owner = match patch.validate(&w) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    if w.update_lab(&lab_id, |l| patch.apply(l, owner)) {
         Json(json!(w.lab(&lab_id))).into_response()
     } else {
         problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
@@ -223,6 +242,137 @@ async fn share_lab(
     } else {
         problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
     }
+}
+
+/// One user a lab is shared with, by username.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserShare {
+    username: String,
+    /// CML's lab permissions; `["lab_view"]` when absent.
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+}
+
+/// `PUT /workers/{id}/labs/{lab_id}/users`: the lab's user associations (2.9+) become these.
+async fn share_lab_with_users(
+    State(ctx): State<Ctx>,
+    Path((id, lab_id)): Path<(String, String)>,
+    Json(shares): Json<Vec<UserShare>>,
+) -> Response {
+    let w = match worker(&ctx, &id) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let mut resolved = Vec::with_capacity(shares.len());
+    for s in shares {
+        let Some(user_id) = w.directory(|d| d.by_name(&s.username).map(|u| u.id.clone())) else {
+            return problem(StatusCode::BAD_REQUEST, format!("no user {}", s.username));
+        };
+        resolved.push(SimShare {
+            id: user_id,
+            permissions: s.permissions.unwrap_or_else(|| vec!["lab_view".into()]),
+        });
+    }
+    if w.update_lab_quietly(&lab_id, |l| l.user_shares = resolved) {
+        Json(json!(w.lab(&lab_id))).into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
+    }
+}
+
+/// A user made through the control API: groups by name (made if the server has none of that
+/// name); the password defaults to the seeded users' pattern.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    username: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+async fn users(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    with_worker(&ctx, &id, |w| {
+        Json(json!(w.directory(|d| d.users.values().cloned().collect::<Vec<_>>()))).into_response()
+    })
+}
+
+async fn create_user(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    Json(u): Json<NewUser>,
+) -> Response {
+    let w = match worker(&ctx, &id) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let groups = u.groups.iter().map(|g| w.group_named(g)).collect();
+    let password = u
+        .password
+        .unwrap_or_else(|| crate::directory::seeded_password(&u.username));
+    match w.directory(|d| d.add_user(&u.username, &password, "", u.admin, groups)) {
+        Some(user) => (StatusCode::CREATED, Json(json!(user))).into_response(),
+        None => problem(StatusCode::CONFLICT, format!("user {} exists", u.username)),
+    }
+}
+
+async fn delete_user(
+    State(ctx): State<Ctx>,
+    Path((id, username)): Path<(String, String)>,
+) -> Response {
+    with_worker(&ctx, &id, |w| {
+        let gone = w.directory(|d| {
+            let id = d.by_name(&username).map(|u| u.id.clone());
+            id.and_then(|id| d.users.remove(&id))
+        });
+        match gone {
+            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            None => problem(StatusCode::NOT_FOUND, format!("no user {username}")),
+        }
+    })
+}
+
+/// `PUT /workers/{id}/users/{username}/groups`: the user's groups become these (by name).
+async fn set_user_groups(
+    State(ctx): State<Ctx>,
+    Path((id, username)): Path<(String, String)>,
+    Json(names): Json<Vec<String>>,
+) -> Response {
+    let w = match worker(&ctx, &id) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let groups: std::collections::BTreeSet<String> =
+        names.iter().map(|g| w.group_named(g)).collect();
+    let done = w.directory(|d| {
+        let id = d.by_name(&username).map(|u| u.id.clone())?;
+        let u = d.users.get_mut(&id)?;
+        u.groups = groups;
+        Some(u.clone())
+    });
+    match done {
+        Some(u) => Json(json!(u)).into_response(),
+        None => problem(StatusCode::NOT_FOUND, format!("no user {username}")),
+    }
+}
+
+/// `GET /workers/{id}/users/{username}/labs`: the ids of the labs CML lists for that user
+/// (every lab for an admin), sorted.
+async fn labs_of_user(
+    State(ctx): State<Ctx>,
+    Path((id, username)): Path<(String, String)>,
+) -> Response {
+    with_worker(&ctx, &id, |w| {
+        let Some(user_id) = w.directory(|d| d.by_name(&username).map(|u| u.id.clone())) else {
+            return problem(StatusCode::NOT_FOUND, format!("no user {username}"));
+        };
+        let ids: Vec<String> = w.labs_visible_to(&user_id).into_iter().map(|l| l.id).collect();
+        Json(json!(ids)).into_response()
+    })
 }
 
 async fn delete_lab(

@@ -222,6 +222,7 @@ mod tests {
             node_count: nodes,
             link_count: nodes.saturating_sub(1),
             groups: Vec::new(),
+            user_shares: Vec::new(),
             created: Utc::now(),
             modified: Utc::now(),
         }

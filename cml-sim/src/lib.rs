@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod control;
+pub mod directory;
 pub mod events;
 pub mod fleet;
 pub mod hostile;

@@ -3,7 +3,7 @@
 //! Everything is generated from a seed, so a fleet is the same on every run.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::record::LabState;
 use tokio::sync::{broadcast, watch};
+
+use crate::directory::{seeded_id, Directory, Group, SEEDED};
 
 /// A small, fast, deterministic generator (SplitMix64); quality is ample for test data.
 #[derive(Debug, Clone)]
@@ -120,6 +122,13 @@ pub struct SimGroup {
     pub permissions: Vec<String>,
 }
 
+/// A lab's association with a user (2.9+): the user's id and its permissions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimShare {
+    pub id: String,
+    pub permissions: Vec<String>,
+}
+
 /// The permissions CML 2.9+ knows for a lab association.
 pub const LAB_PERMISSIONS: [&str; 4] = ["lab_admin", "lab_edit", "lab_exec", "lab_view"];
 
@@ -154,6 +163,9 @@ pub struct SimLab {
     pub node_count: u32,
     pub link_count: u32,
     pub groups: Vec<SimGroup>,
+    /// The users it is shared with (2.9+ associations), besides its owner.
+    #[serde(default)]
+    pub user_shares: Vec<SimShare>,
     pub created: DateTime<Utc>,
     pub modified: DateTime<Utc>,
 }
@@ -350,8 +362,8 @@ pub struct SimWorker {
     pub aws_region: String,
     pub personality: Personality,
     labs: Mutex<BTreeMap<String, SimLab>>,
-    /// The server's groups, by id: their names (labs refer to them in their `groups`).
-    groups: Mutex<BTreeMap<String, String>>,
+    /// The server's users and groups (labs refer to groups in their `groups`).
+    directory: Mutex<Directory>,
     /// The `populate_lab_tiles` body and each lab's part of it, rebuilt only for what changed
     /// (a real server's cost is the configured latency, not this process's CPU). Locked only
     /// while `labs` is held.
@@ -400,12 +412,6 @@ const TITLES: [&str; 8] = [
     "Campus LAN",
     "DMVPN",
 ];
-const USERS: [(&str, &str); 4] = [
-    ("admin", "Admin User"),
-    ("alice", "Alice Example"),
-    ("bob", ""),
-    ("carol", "Carol Tester"),
-];
 const GROUPS: [&str; 4] = ["netops", "students", "admins", "lab-team"];
 
 impl SimWorker {
@@ -418,7 +424,7 @@ impl SimWorker {
             aws_region: rng.pick(&regions).to_string(),
             personality,
             labs: Mutex::new(BTreeMap::new()),
-            groups: Mutex::new(BTreeMap::new()),
+            directory: Mutex::new(Directory::default()),
             tiles: Mutex::new(TileCache::default()),
             faults: watch::Sender::new(Faults::default()),
             token_epoch: AtomicU64::new(0),
@@ -430,25 +436,46 @@ impl SimWorker {
             held: Mutex::new(BTreeMap::new()),
             id,
         };
-        for name in GROUPS {
-            worker.group_named(name);
-        }
+        let seeded = Directory::seeded(|name| worker.group_id(name));
+        *lock(&worker.directory) = seeded;
         for _ in 0..labs {
             worker.create_lab(None);
         }
         worker
     }
 
+    /// The seeded users (generated labs are owned by one of them).
     pub fn users() -> Vec<SimUser> {
-        USERS
+        SEEDED
             .iter()
             .enumerate()
             .map(|(i, (u, f))| SimUser {
-                id: format!("00000000-0000-4000-a000-{:012}", i),
+                id: seeded_id(i),
                 username: (*u).to_owned(),
                 fullname: (*f).to_owned(),
             })
             .collect()
+    }
+
+    /// Runs `f` on the server's users and groups.
+    pub fn directory<T>(&self, f: impl FnOnce(&mut Directory) -> T) -> T {
+        f(&mut lock(&self.directory))
+    }
+
+    /// The labs CML lists for the user (by id): all for an admin (`show_all`), else the user's
+    /// own and those shared with them.
+    pub fn labs_visible_to(&self, user_id: &str) -> Vec<SimLab> {
+        let dir = lock(&self.directory);
+        lock(&self.labs)
+            .values()
+            .filter(|l| dir.sees(user_id, l, self.personality))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether CML shows the lab to the user.
+    pub fn sees(&self, user_id: &str, lab: &SimLab) -> bool {
+        lock(&self.directory).sees(user_id, lab, self.personality)
     }
 
     /// Adds a lab (generated unless given) and returns its id.
@@ -488,6 +515,7 @@ impl SimWorker {
                 node_count: nodes,
                 link_count: nodes.saturating_sub(1),
                 groups,
+                user_shares: Vec::new(),
                 created,
                 modified: created,
             }
@@ -502,69 +530,89 @@ impl SimWorker {
     /// The id of the group named `name`, made now if the server has none of that name (ids
     /// follow from the worker and the name, so a fleet is the same on every run).
     pub fn group_named(&self, name: &str) -> String {
-        let mut groups = lock(&self.groups);
-        if let Some((id, _)) = groups.iter().find(|(_, n)| *n == name) {
-            return id.clone();
+        let mut dir = lock(&self.directory);
+        if let Some(g) = dir.group_by_name(name) {
+            return g.id.clone();
         }
+        let id = self.group_id(name);
+        dir.groups.insert(
+            id.clone(),
+            Group {
+                id: id.clone(),
+                name: name.to_owned(),
+                description: String::new(),
+            },
+        );
+        id
+    }
+
+    /// The id a group named `name` has on this server.
+    fn group_id(&self, name: &str) -> String {
         let seed = format!("{}/{name}", self.id)
             .bytes()
             .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
             });
-        let id = Rng::new(seed).uuid();
-        groups.insert(id.clone(), name.to_owned());
-        id
+        Rng::new(seed).uuid()
     }
 
     /// The name of the group `id`, if the server has it.
     pub fn group_name(&self, id: &str) -> Option<String> {
-        lock(&self.groups).get(id).cloned()
+        lock(&self.directory).groups.get(id).map(|g| g.name.clone())
     }
 
     /// Sets the groups a lab is associated with (its `modified` time stays: the lab itself
     /// did not change); false when the lab does not exist.
     pub fn set_lab_groups(&self, lab_id: &str, groups: Vec<SimGroup>) -> bool {
+        self.update_lab_quietly(lab_id, |lab| lab.groups = groups)
+    }
+
+    /// Changes a lab's sharing (its `modified` time stays and no lab message goes out: the lab
+    /// itself did not change); false when the lab does not exist.
+    pub fn update_lab_quietly(&self, lab_id: &str, f: impl FnOnce(&mut SimLab)) -> bool {
         match self.labs_mut(lab_id).get_mut(lab_id) {
             Some(lab) => {
-                lab.groups = groups;
+                f(lab);
                 true
             }
             None => false,
         }
     }
 
-    /// `GET groups`: every group with its labs, as the server's release shows them (2.9+:
-    /// `associations` with permissions; before: `labs` with one permission each).
-    pub fn groups_json(&self) -> Value {
-        let mut groups: BTreeMap<String, (String, Vec<Value>)> = lock(&self.groups)
-            .iter()
-            .map(|(id, name)| (id.clone(), (name.clone(), Vec::new())))
-            .collect();
-        for lab in lock(&self.labs).values() {
+    /// Whether the lab is shared with the user (by id), by a group or directly.
+    pub fn shared_with(&self, user_id: &str, lab: &SimLab) -> bool {
+        lock(&self.directory).shared_with(user_id, lab, self.personality)
+    }
+
+    /// `GET groups`: the groups with their members and labs, as the server's release shows
+    /// them (2.9+: `associations` with permissions; before: `labs` with one permission each);
+    /// `only` limits them to those ids (what a non-admin sees: its own groups).
+    pub fn groups_json(&self, only: Option<&BTreeSet<String>>) -> Value {
+        let dir = lock(&self.directory);
+        let mut shares: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+        let labs = lock(&self.labs);
+        for lab in labs.values() {
             for g in &lab.groups {
                 let entry = match self.personality {
+                    Personality::V2_4 if g.permissions.is_empty() => continue,
                     Personality::V2_4 => json!({ "id": lab.id, "permission": g.permission() }),
                     _ => json!({ "id": lab.id, "permissions": g.permissions }),
                 };
-                groups
-                    .entry(g.id.clone())
-                    .or_insert_with(|| (g.name.clone(), Vec::new()))
-                    .1
-                    .push(entry);
+                shares.entry(g.id.as_str()).or_default().push(entry);
             }
         }
         let key = match self.personality {
             Personality::V2_4 => "labs",
             _ => "associations",
         };
-        let user_ids: Vec<String> = Self::users().into_iter().map(|u| u.id).collect();
         Value::from(
-            groups
-                .into_iter()
-                .map(|(id, (name, labs))| {
+            dir.groups
+                .values()
+                .filter(|g| only.is_none_or(|o| o.contains(&g.id)))
+                .map(|g| {
                     json!({
-                        "id": id, "name": name, "description": format!("The {name} group"),
-                        "members": user_ids, key: labs,
+                        "id": g.id, "name": g.name, "description": g.description,
+                        "members": dir.members(&g.id), key: shares.remove(g.id.as_str()).unwrap_or_default(),
                         "created": "2024-01-01T00:00:00+00:00", "modified": "2024-01-01T00:00:00+00:00",
                     })
                 })
@@ -963,7 +1011,7 @@ mod tests {
                     },
                 ],
             ));
-            let groups = w.groups_json();
+            let groups = w.groups_json(None);
             let groups = groups.as_array().expect("list");
             assert_eq!(groups.len(), 5, "the four generated groups and the new one");
             let key = if p == Personality::V2_4 {
