@@ -56,9 +56,9 @@ pub enum FetchSource {
 /// Where the groups of a listing's labs came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupsRead {
-    /// The lab objects (CML up to 2.8; or no labs, or none of them shared with a group).
+    /// The lab objects (a sync of a few labs on CML up to 2.8, whose lab objects hold them).
     InLabs,
-    /// The server's group associations, `GET groups` (CML 2.9+, whose lab objects hold none).
+    /// The server's groups, `GET groups` (every full sync, whatever the release).
     Associations,
     /// Not read: a sync of a few labs, whose lab objects do not carry their groups (CML 2.9+),
     /// keeps the groups their records have.
@@ -72,9 +72,26 @@ pub enum GroupsRead {
     },
 }
 
+/// Who may see which lab of a server, as read with its labs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessRead {
+    /// Its users and groups.
+    Read(shared::access::Directory),
+    /// Not read (a sync of a few labs reads none).
+    NotAsked,
+    /// `GET users` or `GET groups` failed, or was refused: the last known access data stay.
+    Unread {
+        /// The error's fixed label.
+        kind: &'static str,
+        error: String,
+    },
+}
+
 /// Every lab of one worker, and whether that is the whole truth.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabListing {
+    /// Who may see its labs.
+    pub access: AccessRead,
     pub labs: Vec<ObservedLab>,
     pub listing: Listing,
     /// Where the labs' groups came from, or why they are unknown.
@@ -148,9 +165,6 @@ pub struct CmlClient {
     max_response_bytes: usize,
     max_labs: usize,
     tokens: Mutex<HashMap<String, TokenSlot>>,
-    /// Workers whose last listing needed the group associations: the next reads them while
-    /// it reads the labs, rather than after.
-    groups_elsewhere: Mutex<HashSet<String>>,
     warned_insecure: Mutex<HashSet<String>>,
     on_request: Vec<RequestHook>,
 }
@@ -195,7 +209,6 @@ impl CmlClient {
             max_response_bytes: cfg.max_response_bytes,
             max_labs: cfg.max_labs_per_worker,
             tokens: Mutex::new(HashMap::new()),
-            groups_elsewhere: Mutex::new(HashSet::new()),
             warned_insecure: Mutex::new(HashSet::new()),
             on_request: Vec::new(),
         };
@@ -300,67 +313,48 @@ impl CmlClient {
         }
     }
 
-    /// Every lab of a worker: one `populate_lab_tiles` call when the server has it, otherwise
-    /// (or when it fails) the listing plus one call per lab, a few at a time. When the lab
-    /// objects hold no groups (CML 2.9+), one `GET groups` call more gives each lab its groups.
+    /// Every lab of a worker, its users and its groups: one `populate_lab_tiles` call when the
+    /// server has it, otherwise (or when it fails) the listing plus one call per lab, a few at
+    /// a time; `GET users` and `GET groups` at the same time. The groups read gives every lab
+    /// its groups, whatever the release (the lab objects of 2.9+ hold none); users and groups
+    /// together say who may see each lab. Either failing leaves them unread, not empty.
     pub async fn fetch_labs(&self, target: &CmlTarget) -> Result<LabListing> {
         self.warn_once_if_insecure(target);
         let session = self.session()?;
-        let early = self.groups_were_elsewhere(&target.worker_id);
-        let (listing, early_groups) = tokio::join!(self.listing(target, &session), async {
-            if early {
-                Some(self.group_map(target, &session).await)
-            } else {
-                None
-            }
+        let (listing, users, groups) = tokio::join!(
+            self.listing(target, &session),
+            self.get(target, "users", true, &session),
+            self.get(target, "groups", true, &session),
+        );
+        let (mut listing, _) = listing?;
+        let unread = |e: &Error| (e.metric_label(), e.to_string());
+        let group_map = groups.as_ref().map_err(unread).and_then(|body| {
+            payload::group_map(body).map_err(|detail| unread(&malformed(target, "groups", detail)))
         });
-        let (mut listing, shape) = listing?;
-        let needed = shape == GroupsShape::Associations && !listing.labs.is_empty();
-        self.note_groups_elsewhere(&target.worker_id, needed);
-        if needed {
-            let map = match early_groups {
-                Some(map) => map,
-                None => self.group_map(target, &session).await,
-            };
-            listing.groups = match map {
-                Ok(map) => {
-                    for lab in &mut listing.labs {
-                        lab.set_groups(map.groups_of(&lab.lab_id));
-                    }
-                    GroupsRead::Associations
+        listing.groups = match group_map {
+            Ok(map) => {
+                for lab in &mut listing.labs {
+                    lab.set_groups(map.groups_of(&lab.lab_id));
                 }
-                Err(e) => GroupsRead::Unread {
-                    kind: e.metric_label(),
-                    error: e.to_string(),
-                },
-            };
-        }
+                GroupsRead::Associations
+            }
+            Err((kind, error)) => GroupsRead::Unread { kind, error },
+        };
+        listing.access = match (&users, &groups) {
+            (Ok(users), Ok(groups)) => match crate::directory::directory(users, groups) {
+                Ok(d) => AccessRead::Read(d),
+                Err(detail) => {
+                    let (kind, error) = unread(&malformed(target, "users", detail));
+                    AccessRead::Unread { kind, error }
+                }
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                let (kind, error) = unread(e);
+                AccessRead::Unread { kind, error }
+            }
+        };
         listing.calls = session.calls.load(Ordering::Relaxed);
         Ok(listing)
-    }
-
-    /// Whether the worker's last listing needed its group associations.
-    fn groups_were_elsewhere(&self, worker_id: &str) -> bool {
-        let set = self.groups_elsewhere.lock();
-        set.unwrap_or_else(|p| p.into_inner()).contains(worker_id)
-    }
-
-    fn note_groups_elsewhere(&self, worker_id: &str, elsewhere: bool) {
-        let mut set = self
-            .groups_elsewhere
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if elsewhere {
-            set.insert(worker_id.to_owned());
-        } else {
-            set.remove(worker_id);
-        }
-    }
-
-    /// `GET groups`: every lab's groups.
-    async fn group_map(&self, target: &CmlTarget, session: &Session) -> Result<payload::GroupMap> {
-        let body = self.get(target, "groups", true, session).await?;
-        payload::group_map(&body).map_err(|detail| malformed(target, "groups", detail))
     }
 
     /// The labs, as [`CmlClient::fetch_labs`] reads them, and where they keep their groups.
@@ -383,6 +377,7 @@ impl CmlClient {
                     refused,
                 }) => {
                     let listing = LabListing {
+                        access: AccessRead::NotAsked,
                         labs,
                         listing: Listing::Complete,
                         groups: GroupsRead::InLabs,
@@ -461,6 +456,7 @@ impl CmlClient {
             )
         };
         let listing = LabListing {
+            access: AccessRead::NotAsked,
             labs,
             listing,
             groups: GroupsRead::InLabs,

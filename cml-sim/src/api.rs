@@ -100,10 +100,16 @@ impl Call {
     /// [`Call::authorized`] for an admin of the server only (CML's 403 for anyone else).
     async fn admin(&self, endpoint: &str, headers: &HeaderMap) -> Result<Claims, Response> {
         let claims = self.authorized(endpoint, headers).await?;
-        if self.worker.directory(|d| d.users.get(&claims.sub).is_some_and(|u| u.admin)) {
+        if self
+            .worker
+            .directory(|d| d.users.get(&claims.sub).is_some_and(|u| u.admin))
+        {
             Ok(claims)
         } else {
-            Err(cml_error(StatusCode::FORBIDDEN, "User does not have the required access: admin"))
+            Err(cml_error(
+                StatusCode::FORBIDDEN,
+                "User does not have the required access: admin",
+            ))
         }
     }
 
@@ -342,7 +348,10 @@ async fn authentication(call: Call, headers: HeaderMap) -> Response {
     };
     match call.worker.directory(|d| d.users.get(&claims.sub).cloned()) {
         Some(u) => ok_json(json!({ "id": u.id, "admin": u.admin, "username": u.username })),
-        None => cml_error(StatusCode::UNAUTHORIZED, "Not authenticated: 401 Unauthorized: Invalid token."),
+        None => cml_error(
+            StatusCode::UNAUTHORIZED,
+            "Not authenticated: 401 Unauthorized: Invalid token.",
+        ),
     }
 }
 
@@ -530,7 +539,10 @@ async fn create_group(call: Call, headers: HeaderMap, Json(body): Json<NewGroup>
     }
     let worker = &call.worker;
     if body.name.trim().is_empty() || worker.directory(|d| d.group_by_name(&body.name).is_some()) {
-        return cml_error(StatusCode::BAD_REQUEST, format!("Group name is taken or empty: {}", body.name));
+        return cml_error(
+            StatusCode::BAD_REQUEST,
+            format!("Group name is taken or empty: {}", body.name),
+        );
     }
     let mut shares = Vec::new();
     for a in body.associations {
@@ -543,7 +555,12 @@ async fn create_group(call: Call, headers: HeaderMap, Json(body): Json<NewGroup>
         let permissions = match l.permission.as_str() {
             "read_only" => vec!["lab_view".to_owned()],
             "read_write" => vec!["lab_view".to_owned(), "lab_edit".to_owned()],
-            other => return cml_error(StatusCode::BAD_REQUEST, format!("Invalid permission: {other}")),
+            other => {
+                return cml_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("Invalid permission: {other}"),
+                )
+            }
         };
         shares.push((l.id, permissions));
     }
@@ -562,7 +579,11 @@ async fn create_group(call: Call, headers: HeaderMap, Json(body): Json<NewGroup>
     for (lab_id, permissions) in shares {
         worker.update_lab_quietly(&lab_id, |lab| {
             lab.groups.retain(|g| g.id != id);
-            lab.groups.push(SimGroup { id: id.clone(), name: name.clone(), permissions });
+            lab.groups.push(SimGroup {
+                id: id.clone(),
+                name: name.clone(),
+                permissions,
+            });
         });
     }
     let only = BTreeSet::from([id]);
@@ -578,7 +599,10 @@ fn valid_permissions(permissions: &[String]) -> Result<(), Response> {
         .iter()
         .find(|p| !LAB_PERMISSIONS.contains(&p.as_str()))
     {
-        Some(bad) => Err(cml_error(StatusCode::BAD_REQUEST, format!("Invalid permission: {bad}"))),
+        Some(bad) => Err(cml_error(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid permission: {bad}"),
+        )),
         None => Ok(()),
     }
 }
@@ -665,7 +689,10 @@ async fn patch_lab_associations(
             if let Err(r) = valid_permissions(&a.permissions) {
                 return r;
             }
-            shares.push(SimShare { id: a.id, permissions: a.permissions });
+            shares.push(SimShare {
+                id: a.id,
+                permissions: a.permissions,
+            });
         }
         worker.update_lab_quietly(&lab_id, |lab| {
             let owner = lab.owner.id.clone();
@@ -719,7 +746,10 @@ async fn create_user(call: Call, headers: HeaderMap, Json(body): Json<NewUser>) 
     }
     let worker = &call.worker;
     if body.username.is_empty() || body.username.len() > 32 || body.password.is_empty() {
-        return cml_error(StatusCode::BAD_REQUEST, "username (1-32 characters) and password are required");
+        return cml_error(
+            StatusCode::BAD_REQUEST,
+            "username (1-32 characters) and password are required",
+        );
     }
     for a in &body.associations {
         if let Err(r) = valid_permissions(&a.permissions) {
@@ -733,13 +763,25 @@ async fn create_user(call: Call, headers: HeaderMap, Json(body): Json<NewUser>) 
             .filter(|g| d.groups.contains_key(*g))
             .cloned()
             .collect();
-        d.add_user(&body.username, &body.password, &body.fullname, body.admin, groups)
+        d.add_user(
+            &body.username,
+            &body.password,
+            &body.fullname,
+            body.admin,
+            groups,
+        )
     });
     let Some(user) = created else {
-        return cml_error(StatusCode::BAD_REQUEST, format!("User already exists: {}", body.username));
+        return cml_error(
+            StatusCode::BAD_REQUEST,
+            format!("User already exists: {}", body.username),
+        );
     };
     for a in body.associations {
-        let share = SimShare { id: user.id.clone(), permissions: a.permissions };
+        let share = SimShare {
+            id: user.id.clone(),
+            permissions: a.permissions,
+        };
         worker.update_lab_quietly(&a.id, |lab| lab.user_shares.push(share));
     }
     let labs = worker.labs();
@@ -751,7 +793,10 @@ async fn user_id(call: Call, headers: HeaderMap, Path(username): Path<String>) -
     if let Err(r) = call.authorized("users", &headers).await {
         return r;
     }
-    match call.worker.directory(|d| d.by_name(&username).map(|u| u.id.clone())) {
+    match call
+        .worker
+        .directory(|d| d.by_name(&username).map(|u| u.id.clone()))
+    {
         Some(id) => ok_json(json!(id)),
         None => cml_error(StatusCode::NOT_FOUND, format!("User not found: {username}")),
     }

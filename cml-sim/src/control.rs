@@ -35,10 +35,16 @@ pub fn router(fleet: Arc<Fleet>, endpoints: BTreeMap<String, String>) -> Router 
             patch(update_lab).delete(delete_lab),
         )
         .route("/workers/{id}/labs/{lab_id}/groups", put(share_lab))
-        .route("/workers/{id}/labs/{lab_id}/users", put(share_lab_with_users))
+        .route(
+            "/workers/{id}/labs/{lab_id}/users",
+            put(share_lab_with_users),
+        )
         .route("/workers/{id}/users", get(users).post(create_user))
         .route("/workers/{id}/users/{username}", delete(delete_user))
-        .route("/workers/{id}/users/{username}/groups", put(set_user_groups))
+        .route(
+            "/workers/{id}/users/{username}/groups",
+            put(set_user_groups),
+        )
         .route("/workers/{id}/users/{username}/labs", get(labs_of_user))
         .route(
             "/workers/{id}/faults",
@@ -297,7 +303,12 @@ struct NewUser {
 
 async fn users(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
     with_worker(&ctx, &id, |w| {
-        Json(json!(w.directory(|d| d.users.values().cloned().collect::<Vec<_>>()))).into_response()
+        Json(json!(w.directory(|d| d
+            .users
+            .values()
+            .cloned()
+            .collect::<Vec<_>>())))
+        .into_response()
     })
 }
 
@@ -370,7 +381,11 @@ async fn labs_of_user(
         let Some(user_id) = w.directory(|d| d.by_name(&username).map(|u| u.id.clone())) else {
             return problem(StatusCode::NOT_FOUND, format!("no user {username}"));
         };
-        let ids: Vec<String> = w.labs_visible_to(&user_id).into_iter().map(|l| l.id).collect();
+        let ids: Vec<String> = w
+            .labs_visible_to(&user_id)
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
         Json(json!(ids)).into_response()
     })
 }

@@ -229,9 +229,9 @@ impl Grant {
     pub fn sees(&self, readers: &[String]) -> bool {
         match self {
             Grant::All => true,
-            Grant::Principals { principals, .. } => readers
-                .iter()
-                .any(|r| principals.binary_search(r).is_ok()),
+            Grant::Principals { principals, .. } => {
+                readers.iter().any(|r| principals.binary_search(r).is_ok())
+            }
         }
     }
 
@@ -388,7 +388,12 @@ mod tests {
 
     #[test]
     fn hostile_usernames_are_not_principals() {
-        for bad in ["", "a\0b", "line\nbreak", &"x".repeat(MAX_USERNAME_BYTES + 1)] {
+        for bad in [
+            "",
+            "a\0b",
+            "line\nbreak",
+            &"x".repeat(MAX_USERNAME_BYTES + 1),
+        ] {
             assert!(!plausible_username(bad), "{bad:?}");
             let d = Directory {
                 users: vec![user("1", bad, true, &[], &["l"])],

@@ -79,6 +79,12 @@ pub enum RecordWrite {
         expected_last_synced: DateTime,
         entry: HistoryEntry,
     },
+    /// A known lab unchanged but for who may see it (its shares, or its owner's account):
+    /// its access (in [`SyncPlan::access`]) is written, without a history entry.
+    Regrant {
+        lab_id: String,
+        expected_last_synced: DateTime,
+    },
 }
 
 impl RecordWrite {
@@ -87,9 +93,27 @@ impl RecordWrite {
             RecordWrite::Create { lab, .. }
             | RecordWrite::Update { lab, .. }
             | RecordWrite::Adopt { lab, .. } => &lab.lab_id,
-            RecordWrite::Remove { lab_id, .. } => lab_id,
+            RecordWrite::Remove { lab_id, .. } | RecordWrite::Regrant { lab_id, .. } => lab_id,
         }
     }
+}
+
+/// Who may see one lab, as a write stores it: its shares and its readers (see
+/// [`crate::access`]), and the readers it had (what the live stream compares).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabAccess {
+    pub shares: Vec<String>,
+    pub readers: Vec<String>,
+    pub readers_before: Vec<String>,
+}
+
+/// What a sync knows of its labs' shares.
+#[derive(Debug, Clone, Copy)]
+pub enum Shares<'a> {
+    /// Read with the listing: each lab's share principals (a lab absent is shared with nobody).
+    Read(&'a HashMap<String, Vec<String>>),
+    /// Not read, or the read failed: each record keeps the shares it has.
+    Kept,
 }
 
 /// Everything one sync of one worker must write.
@@ -101,6 +125,9 @@ pub struct SyncPlan {
     /// Labs seen with nothing changed: only their `last_synced_at` is stamped (adopted ones
     /// count as unchanged too).
     pub unchanged: Vec<String>,
+    /// The access each written lab gets, by lab id, when it is new or changed (see
+    /// [`plan_access`]).
+    pub access: HashMap<String, LabAccess>,
 }
 
 /// The figures of a plan, as logged per worker.
@@ -140,7 +167,7 @@ impl SyncPlan {
                     c.updated += 1;
                     c.reappeared += usize::from(*reappeared);
                 }
-                RecordWrite::Adopt { .. } => c.unchanged += 1,
+                RecordWrite::Adopt { .. } | RecordWrite::Regrant { .. } => c.unchanged += 1,
                 RecordWrite::Remove { .. } => c.removed += 1,
             }
         }
@@ -213,7 +240,62 @@ pub fn plan_sync(
         now,
         writes,
         unchanged,
+        access: HashMap::new(),
     })
+}
+
+/// Adds to a plan who may see each lab it keeps: a lab's readers follow from its owner (as
+/// the plan writes it) and its shares (as read, or as its record has them). A new lab gets
+/// its access; a known one whose access changed gets it too, an unchanged lab by a
+/// [`RecordWrite::Regrant`] instead of its stamp. Tombstones keep theirs.
+pub fn plan_access(plan: &mut SyncPlan, stored: &[LabRecord], shares: Shares<'_>) {
+    let by_id: HashMap<&str, &LabRecord> = stored.iter().map(|r| (r.lab_id.as_str(), r)).collect();
+    let worker_id = plan.worker_id.clone();
+    let access_of = |lab_id: &str, owner: &str, record: Option<&LabRecord>| -> Option<LabAccess> {
+        let shares = match shares {
+            Shares::Read(map) => map.get(lab_id).cloned().unwrap_or_default(),
+            Shares::Kept => record.map(|r| r.shares.clone()).unwrap_or_default(),
+        };
+        let readers = crate::access::readers(&worker_id, owner, &shares);
+        let before = record.map(|r| r.readers.clone()).unwrap_or_default();
+        let same = record.is_some_and(|r| r.shares == shares && r.readers == readers);
+        (!same).then_some(LabAccess {
+            shares,
+            readers,
+            readers_before: before,
+        })
+    };
+    let mut access = HashMap::new();
+    for w in &plan.writes {
+        if let RecordWrite::Create { lab, .. }
+        | RecordWrite::Update { lab, .. }
+        | RecordWrite::Adopt { lab, .. } = w
+        {
+            let record = by_id.get(lab.lab_id.as_str()).copied();
+            if let Some(a) = access_of(&lab.lab_id, &lab.fields.owner_username, record) {
+                access.insert(lab.lab_id.clone(), a);
+            }
+        }
+    }
+    let mut still = Vec::with_capacity(plan.unchanged.len());
+    for lab_id in std::mem::take(&mut plan.unchanged) {
+        let Some(record) = by_id.get(lab_id.as_str()).copied() else {
+            still.push(lab_id);
+            continue;
+        };
+        match access_of(&lab_id, &record.fields.owner_username, Some(record)) {
+            Some(a) => {
+                access.insert(lab_id.clone(), a);
+                plan.writes.push(RecordWrite::Regrant {
+                    lab_id,
+                    expected_last_synced: record.last_synced_at,
+                });
+            }
+            None => still.push(lab_id),
+        }
+    }
+    plan.unchanged = still;
+    plan.access = access;
 }
 
 /// Plans the sync of some labs of a worker — those its CML event stream said changed — from
@@ -378,6 +460,72 @@ mod tests {
             .expect("plain fields encode")
     }
 
+    #[test]
+    fn access_is_written_with_a_lab_only_when_it_changes() {
+        use crate::access::{admin_principal, group_principal, user_principal};
+        let t0 = DateTime::from_millis(1_000);
+        let t1 = DateTime::from_millis(2_000);
+        let mut owned = fields("STOPPED");
+        owned.owner_username = "alice".into();
+        let labs = vec![
+            ObservedLab::new("l1", owned.clone()),
+            ObservedLab::new("l2", owned.clone()),
+        ];
+        let g = group_principal("w", "g1");
+        let shares = HashMap::from([("l1".to_owned(), vec![g.clone()])]);
+        let mut plan = plan_of("w", &[], labs.clone(), Listing::Complete, t0);
+        plan_access(&mut plan, &[], Shares::Read(&shares));
+        let l1 = &plan.access["l1"];
+        assert_eq!(l1.shares, [g.clone()]);
+        assert_eq!(
+            l1.readers,
+            [
+                admin_principal("w"),
+                g.clone(),
+                user_principal("w", "alice")
+            ]
+        );
+        assert_eq!(plan.access["l2"].shares, Vec::<String>::new());
+        let mut records = Vec::new();
+        apply(&mut records, &plan, 50);
+
+        // Seen again, nothing changed: stamps only.
+        let mut again = plan_of("w", &records, labs.clone(), Listing::Complete, t1);
+        plan_access(&mut again, &records, Shares::Read(&shares));
+        assert!(again.writes.is_empty() && again.access.is_empty());
+        assert_eq!(again.unchanged.len(), 2);
+
+        // The share of l1 withdrawn: a regrant of l1 alone, counted unchanged, no history.
+        let none = HashMap::new();
+        let mut revoked = plan_of("w", &records, labs.clone(), Listing::Complete, t1);
+        plan_access(&mut revoked, &records, Shares::Read(&none));
+        assert!(
+            matches!(&revoked.writes[..], [RecordWrite::Regrant { lab_id, .. }] if lab_id == "l1")
+        );
+        assert_eq!(revoked.unchanged, ["l2"]);
+        assert_eq!(revoked.counts().unchanged, 2);
+        assert_eq!(revoked.access["l1"].readers_before, records[0].readers);
+        assert!(!revoked.access["l1"].readers.contains(&g));
+
+        // An owner change read alone (shares kept): the new owner reads it, the shares stay.
+        let mut bobs = owned.clone();
+        bobs.owner_username = "bob".into();
+        let mut moved = plan_labs(
+            "w",
+            &records[..1],
+            vec![ObservedLab::new("l1", bobs)],
+            &[],
+            Groups::Observed,
+            t1,
+        )
+        .expect("plan");
+        plan_access(&mut moved, &records[..1], Shares::Kept);
+        let a = &moved.access["l1"];
+        assert_eq!(a.shares, [g.clone()]);
+        assert!(a.readers.contains(&user_principal("w", "bob")));
+        assert!(!a.readers.contains(&user_principal("w", "alice")));
+    }
+
     fn changes(old: &LabFields, new: &LabFields) -> BTreeMap<String, FieldChange> {
         diff(old, new).expect("plain fields encode")
     }
@@ -449,6 +597,21 @@ mod tests {
                     r.last_changed_at = Some(entry.timestamp);
                     push_capped(&mut r.operation_history, entry.clone(), limit);
                 }
+                RecordWrite::Regrant { lab_id, .. } => {
+                    let r = records
+                        .iter_mut()
+                        .find(|r| &r.lab_id == lab_id)
+                        .expect("exists");
+                    r.last_synced_at = plan.now;
+                }
+            }
+            if let Some(a) = plan.access.get(w.lab_id()) {
+                let r = records
+                    .iter_mut()
+                    .find(|r| r.lab_id == w.lab_id())
+                    .expect("exists");
+                r.shares.clone_from(&a.shares);
+                r.readers.clone_from(&a.readers);
             }
         }
     }
@@ -479,6 +642,8 @@ mod tests {
             removed_at: None,
             last_changed_at: Some(now),
             unobserved_fields: Vec::new(),
+            shares: Vec::new(),
+            readers: Vec::new(),
         }
     }
 

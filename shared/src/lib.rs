@@ -2,6 +2,7 @@
 //! MongoDB store, configuration, metrics and telemetry, and the plumbing of a service process.
 
 pub mod access;
+pub mod accounts;
 pub mod backoff;
 pub mod change;
 pub mod change_stream;

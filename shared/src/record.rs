@@ -288,6 +288,14 @@ pub struct LabRecord {
     /// value without a history entry, as no change happened.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unobserved_fields: Vec<String>,
+    /// The users and groups the lab is shared with, as principals (see [`crate::access`]),
+    /// from the worker's last read of its users and groups.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub shares: Vec<String>,
+    /// Who may see the lab: its worker's admins, its owner and its shares, as principals.
+    /// Empty on records written before access was kept: only admins of the fleet see them.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub readers: Vec<String>,
 }
 
 impl LabRecord {
@@ -431,6 +439,8 @@ mod tests {
             removed_at: None,
             last_changed_at: None,
             unobserved_fields: Vec::new(),
+            shares: Vec::new(),
+            readers: Vec::new(),
         })
         .expect("encodes");
         for name in &names {
@@ -499,6 +509,8 @@ mod tests {
             removed_at: None,
             last_changed_at: None,
             unobserved_fields: Vec::new(),
+            shares: Vec::new(),
+            readers: Vec::new(),
         };
         let doc = bson::to_document(&r).expect("serialize");
         assert!(matches!(doc.get("cml_created_at"), Some(Bson::DateTime(_))));

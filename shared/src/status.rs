@@ -91,15 +91,19 @@ pub enum SyncWarning {
     /// The lab objects hold no groups (CML 2.9+) and the server's group associations could
     /// not be read: every record kept the groups it had.
     GroupsUnread,
+    /// The server's users or groups could not be read: who may see each lab stays as last
+    /// read (a worker never read shows nothing to callers who are not admins of the fleet).
+    AccessUnread,
 }
 
 impl SyncWarning {
-    pub const ALL: [SyncWarning; 1] = [SyncWarning::GroupsUnread];
+    pub const ALL: [SyncWarning; 2] = [SyncWarning::GroupsUnread, SyncWarning::AccessUnread];
 
     /// The fixed label stored and counted.
     pub fn as_str(self) -> &'static str {
         match self {
             SyncWarning::GroupsUnread => "groups_unread",
+            SyncWarning::AccessUnread => "access_unread",
         }
     }
 }

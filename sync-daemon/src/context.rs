@@ -35,6 +35,7 @@ pub struct Context {
     pub config: Config,
     pub db: Database,
     pub store: LabStore,
+    pub accounts: shared::accounts::AccountStore,
     pub status: StatusWriter,
     pub registry: WorkerRegistry,
     /// Refreshes asked for on demand (`sync_requests`).
@@ -73,6 +74,10 @@ impl Context {
         let cml = cml.with_request_hook(Arc::new(move |_| requests.cml_requests.inc()));
         Ok(Arc::new(Self {
             store: LabStore::new(&client, &config.mongodb, config.sync.history_limit),
+            accounts: shared::accounts::AccountStore::new(
+                &client.database(&config.mongodb.database),
+                &config.mongodb.cml_accounts_collection,
+            ),
             status: StatusWriter::new(&db, &config.mongodb.sync_status_collection),
             registry: WorkerRegistry::new(&db, &config.mongodb.workers_collection),
             requests: RequestStore::new(&db, &config.mongodb.sync_requests_collection),
@@ -93,6 +98,7 @@ impl Context {
     /// Indexes and the one-time upgrade of old documents; safe at every start.
     pub async fn prepare_storage(&self) -> Result<()> {
         self.store.ensure_indexes().await?;
+        self.accounts.ensure_indexes().await?;
         self.status.ensure_indexes().await?;
         self.requests.ensure_indexes().await?;
         StoragePrepared {

@@ -283,6 +283,28 @@ impl LogLine for GroupsUnread<'_> {
     }
 }
 
+/// The worker's users or groups could not be read: its labs are synced, who may see them
+/// stays as last read.
+#[derive(Debug)]
+pub struct AccessUnread<'a> {
+    pub worker_id: &'a str,
+    /// The error's fixed label.
+    pub kind: &'a str,
+    pub error: &'a str,
+}
+
+impl LogLine for AccessUnread<'_> {
+    fn emit(&self, m: &Metrics) {
+        let warning = shared::status::SyncWarning::AccessUnread.as_str();
+        m.worker_warnings.get(&Kind(warning)).inc();
+        tracing::warn!(
+            event = "access_unread", worker_id = self.worker_id, kind = self.kind,
+            error = self.error,
+            "Cannot read the worker's users or groups; its labs are synced, who may see them stays as last read"
+        );
+    }
+}
+
 /// One worker's sync failed; its records are as they were.
 #[derive(Debug)]
 pub struct WorkerSyncFailed<'a> {

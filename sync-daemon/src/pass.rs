@@ -206,6 +206,7 @@ mod tests {
             took: Duration::from_millis(5),
             term: shared::fence::Term(1),
             result: Ok(WorkerOutcome {
+                access: crate::worker::AccessOutcome::NotAsked,
                 counts: PlanCounts {
                     synced: labs,
                     unchanged: labs,

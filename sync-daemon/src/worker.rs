@@ -11,10 +11,14 @@ use std::{
 };
 
 use bson::DateTime;
-use cml_client::{payload::GroupsShape, CmlTarget, FetchSource, GroupsRead};
+use cml_client::{payload::GroupsShape, AccessRead, CmlTarget, FetchSource, GroupsRead};
 use futures::{stream, StreamExt, TryStreamExt};
 use shared::{
-    change::{plan_labs, plan_sync, Groups, Listing, PlanCounts, RecordWrite, SyncPlan},
+    accounts::AccountsWritten,
+    change::{
+        plan_access, plan_labs, plan_sync, Groups, Listing, PlanCounts, RecordWrite, Shares,
+        SyncPlan,
+    },
     fence::Term,
     record::ObservedLab,
     status::SyncWarning,
@@ -25,8 +29,8 @@ use tokio::time::Instant;
 use crate::{
     context::Context,
     logs::{
-        FieldsTruncated, GroupsUnread, LabIdsRefused, ListingNote, LogLine, RecordSkipped,
-        RemovalsChecked, WorkerSyncFailed, WorkerSynced,
+        AccessUnread, FieldsTruncated, GroupsUnread, LabIdsRefused, ListingNote, LogLine,
+        RecordSkipped, RemovalsChecked, WorkerSyncFailed, WorkerSynced,
     },
     metrics::Metrics,
     schedule::Scope,
@@ -52,6 +56,20 @@ pub struct WorkerOutcome {
     pub cml_calls: u32,
     /// A lab it wrote changed state (activity on the worker).
     pub activity: bool,
+    /// Who may see the worker's labs: read and written, not asked (a sync of some labs), or
+    /// unread (and why).
+    pub access: AccessOutcome,
+}
+
+/// What a sync did about who may see the worker's labs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessOutcome {
+    /// Not read (a sync of some labs): records keep their shares; an owner change applies.
+    NotAsked,
+    /// Read: the accounts were written (those that changed), each lab's readers with its record.
+    Read(AccountsWritten),
+    /// The users or groups could not be read: everything stays as last read.
+    Unread { kind: &'static str, error: String },
 }
 
 impl WorkerOutcome {
@@ -64,9 +82,10 @@ impl WorkerOutcome {
 
     /// What the sync could not do, and why.
     pub fn warning(&self) -> Option<(SyncWarning, &str)> {
-        match &self.groups {
-            GroupsRead::Unread { error, .. } => Some((SyncWarning::GroupsUnread, error)),
-            GroupsRead::InLabs | GroupsRead::Associations | GroupsRead::Kept => None,
+        match (&self.groups, &self.access) {
+            (GroupsRead::Unread { error, .. }, _) => Some((SyncWarning::GroupsUnread, error)),
+            (_, AccessOutcome::Unread { error, .. }) => Some((SyncWarning::AccessUnread, error)),
+            _ => None,
         }
     }
 }
@@ -231,13 +250,44 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
         groups,
         DateTime::now(),
     )?;
+    let directory = match std::mem::replace(&mut fetched.access, AccessRead::NotAsked) {
+        AccessRead::Read(d) => Some(d),
+        AccessRead::Unread { kind, error } => {
+            AccessUnread {
+                worker_id,
+                kind,
+                error: &error,
+            }
+            .emit(&ctx.metrics);
+            fetched.access = AccessRead::Unread { kind, error };
+            None
+        }
+        AccessRead::NotAsked => None,
+    };
+    let shares = directory.as_ref().map(|d| d.shares(worker_id));
+    plan_access(
+        &mut plan,
+        &stored,
+        shares.as_ref().map_or(Shares::Kept, Shares::Read),
+    );
     let mut cml_calls = fetched.calls;
     if plan.counts().removed > 0 {
         confirm_removals(ctx, target, &mut plan).await;
         cml_calls += 1;
     }
     let applied = write(ctx, &plan, term).await?;
+    // After the records: a share withdrawn is gone from them before anyone's groups change.
+    let access = match (directory, fetched.access) {
+        (Some(d), _) => AccessOutcome::Read(
+            ctx.accounts
+                .replace_worker(worker_id, &d.accounts(worker_id), DateTime::now())
+                .await?,
+        ),
+        (None, AccessRead::Unread { kind, error }) => AccessOutcome::Unread { kind, error },
+        (None, _) => AccessOutcome::NotAsked,
+    };
     Ok(WorkerOutcome {
+        access,
         counts: plan.counts(),
         applied,
         complete,
@@ -285,9 +335,11 @@ async fn fetch_and_write_labs(
         GroupsShape::InLabs => (Groups::Observed, GroupsRead::InLabs),
         GroupsShape::Silent | GroupsShape::Associations => (Groups::Unknown, GroupsRead::Kept),
     };
-    let plan = plan_labs(worker_id, &stored, observed, &gone, groups, DateTime::now())?;
+    let mut plan = plan_labs(worker_id, &stored, observed, &gone, groups, DateTime::now())?;
+    plan_access(&mut plan, &stored, Shares::Kept);
     let applied = write(ctx, &plan, term).await?;
     Ok(WorkerOutcome {
+        access: AccessOutcome::NotAsked,
         counts: plan.counts(),
         applied,
         complete: false,

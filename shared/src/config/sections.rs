@@ -27,6 +27,9 @@ pub struct MongoConfig {
     pub lease_collection: String,
     /// Refreshes asked for through lab-api or `sync-daemon refresh`, served by the lease holder.
     pub sync_requests_collection: String,
+    /// Each user's account on each worker (admin, groups), read from CML with each full sync:
+    /// what lab-api decides who sees what from.
+    pub cml_accounts_collection: String,
     pub server_selection_timeout: HumanDuration,
     pub read_preference: ReadPreferenceMode,
     /// How batched record writes travel: `auto` uses the 8.0+ `bulkWrite` command when the server
@@ -44,6 +47,7 @@ impl Default for MongoConfig {
             sync_status_collection: "worker_sync_status".into(),
             lease_collection: "sync_lease".into(),
             sync_requests_collection: "sync_requests".into(),
+            cml_accounts_collection: "cml_accounts".into(),
             server_selection_timeout: HumanDuration::from_secs(2),
             read_preference: ReadPreferenceMode::Primary,
             batch_writes: BatchWriteMode::Auto,

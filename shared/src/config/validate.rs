@@ -188,6 +188,10 @@ impl MongoConfig {
                 "mongodb.sync_requests_collection",
                 &self.sync_requests_collection,
             ),
+            (
+                "mongodb.cml_accounts_collection",
+                &self.cml_accounts_collection,
+            ),
         ] {
             v.name(key, value, &['$']);
         }

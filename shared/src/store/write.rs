@@ -11,7 +11,7 @@ use mongodb::{
 
 use super::LabStore;
 use crate::{
-    change::{RecordWrite, SyncPlan},
+    change::{LabAccess, RecordWrite, SyncPlan},
     config::BatchWriteMode,
     fence::{self, Term},
     mongo::{self, DOCUMENT_TOO_LARGE, DUPLICATE_KEY},
@@ -100,7 +100,17 @@ impl LabStore {
         let mut statements = plan
             .writes
             .iter()
-            .map(|w| write_statement(&plan.worker_id, w, plan.now, self.history_limit, term))
+            .map(|w| {
+                let access = plan.access.get(w.lab_id());
+                write_statement(
+                    &plan.worker_id,
+                    w,
+                    access,
+                    plan.now,
+                    self.history_limit,
+                    term,
+                )
+            })
             .collect::<Result<Vec<Statement>>>()?;
         let singles = statements.len() as u64;
         if !plan.unchanged.is_empty() {
@@ -346,6 +356,7 @@ fn fields_document(fields: &LabFields) -> Result<Document> {
 pub(crate) fn write_statement(
     worker_id: &str,
     write: &RecordWrite,
+    access: Option<&LabAccess>,
     now: DateTime,
     history_limit: usize,
     term: Term,
@@ -373,6 +384,10 @@ pub(crate) fn write_statement(
             on_insert.insert("operation_history", Bson::Array(Vec::new()));
             on_insert.insert("last_synced_at", now);
             on_insert.insert(fence::FIELD, term.0);
+            if let Some(a) = access {
+                on_insert.insert("shares", &a.shares);
+                on_insert.insert("readers", &a.readers);
+            }
             return Ok(Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": &lab.lab_id },
                 update: doc! { "$setOnInsert": on_insert },
@@ -392,6 +407,7 @@ pub(crate) fn write_statement(
             set.insert("last_synced_at", now);
             set.insert("removed_at", Bson::Null);
             set.insert("last_changed_at", entry.timestamp);
+            set_access(&mut set, access);
             let mut update = doc! { "$push": push(entry)? };
             still_unobserved(&mut update, &mut set, unobserved);
             update.insert("$set", set);
@@ -411,6 +427,7 @@ pub(crate) fn write_statement(
         } => {
             let mut set = fields_document(&lab.fields)?;
             set.insert("last_synced_at", now);
+            set_access(&mut set, access);
             let mut update = Document::new();
             still_unobserved(&mut update, &mut set, unobserved);
             update.insert("$set", set);
@@ -433,8 +450,33 @@ pub(crate) fn write_statement(
             multi: false,
             lab_id: Some(lab_id.clone()),
         },
+        // Who may see it, and the stamp of the sync that saw it.
+        RecordWrite::Regrant {
+            lab_id,
+            expected_last_synced,
+        } => {
+            let mut set = doc! { "last_synced_at": now };
+            set_access(&mut set, access);
+            Statement {
+                filter: doc! { "worker_id": worker_id, "lab_id": lab_id, "last_synced_at": expected_last_synced },
+                update: doc! { "$set": set },
+                upsert: false,
+                multi: false,
+                lab_id: Some(lab_id.clone()),
+            }
+        }
     };
     Ok(statement.fenced(term))
+}
+
+/// Sets a lab's new access: its shares, its readers, and the readers it had (the live stream
+/// tells the callers who gained or lost it from the two).
+fn set_access(set: &mut Document, access: Option<&LabAccess>) {
+    if let Some(a) = access {
+        set.insert("shares", &a.shares);
+        set.insert("readers", &a.readers);
+        set.insert("readers_before", &a.readers_before);
+    }
 }
 
 /// Records which fields stay unobserved after a write: none (the list goes) or some.
@@ -478,7 +520,8 @@ mod tests {
             lab: ObservedLab::new("l1", LabFields::default()),
             unobserved: Vec::new(),
         };
-        let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
+        let s = write_statement("w1", &w, None, DateTime::from_millis(5), 50, Term(3))
+            .expect("encodes");
         assert!(s.upsert && !s.multi);
         assert_eq!(s.filter, doc! { "worker_id": "w1", "lab_id": "l1" });
         let on_insert = s.update.get_document("$setOnInsert").expect("setOnInsert");
@@ -514,7 +557,7 @@ mod tests {
         let was = DateTime::from_millis(1);
         let now = DateTime::from_millis(5);
         let statement =
-            |w: RecordWrite| write_statement("w1", &w, now, 50, Term(1)).expect("encodes");
+            |w: RecordWrite| write_statement("w1", &w, None, now, 50, Term(1)).expect("encodes");
         let groups = vec!["groups".to_owned()];
         let s = statement(RecordWrite::Create {
             lab: lab.clone(),
@@ -556,7 +599,8 @@ mod tests {
             entry: entry(),
             unobserved: Vec::new(),
         };
-        let s = write_statement("w1", &w, DateTime::from_millis(5), 50, Term(3)).expect("encodes");
+        let s = write_statement("w1", &w, None, DateTime::from_millis(5), 50, Term(3))
+            .expect("encodes");
         assert!(!s.upsert);
         assert_eq!(
             s.filter.get_datetime("last_synced_at").ok(),
@@ -597,7 +641,7 @@ mod tests {
         let now = DateTime::from_millis(5);
         let mut statements: Vec<Statement> = writes
             .iter()
-            .map(|w| write_statement("w1", w, now, 50, Term(9)).expect("encodes"))
+            .map(|w| write_statement("w1", w, None, now, 50, Term(9)).expect("encodes"))
             .collect();
         statements.push(stamp_statement("w1", &["l2".into()], now, Term(9)));
         for s in statements {

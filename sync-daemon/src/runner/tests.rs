@@ -104,6 +104,7 @@ impl Syncer for FakeSync {
                 took: Duration::from_millis(1),
                 term: Term(1),
                 result: Ok(WorkerOutcome {
+                    access: crate::worker::AccessOutcome::NotAsked,
                     counts: PlanCounts {
                         synced: 2,
                         unchanged: 2,
