@@ -6,12 +6,18 @@ use common::{config, target};
 
 use std::time::Duration;
 
-use cml_client::{CmlClient, Error, FetchSource, GroupsRead};
+use cml_client::{AccessRead, CmlClient, Error, FetchSource, GroupsRead};
 use cml_sim::{
     Addressing, EndpointFault, Faults, FleetConfig, Personality, RunningFleet, ServeOptions,
-    SimGroup,
+    SimGroup, SimShare,
 };
-use shared::{change::Listing, config::CmlConfig, duration::HumanDuration, secret::Secret};
+use shared::{
+    access::{grant, readers, Identity},
+    change::Listing,
+    config::CmlConfig,
+    duration::HumanDuration,
+    secret::Secret,
+};
 
 async fn fleet(
     workers: usize,
@@ -43,16 +49,18 @@ async fn every_version_maps_to_the_same_records() {
             worker.personality
         );
         assert_eq!(listing.listing, Listing::Complete);
-        if worker.personality == Personality::V2_4 {
-            assert_eq!(listing.calls, 2, "authenticate + populate_lab_tiles");
-            assert_eq!(listing.groups, GroupsRead::InLabs);
-        } else {
-            assert_eq!(
-                listing.calls, 3,
-                "authenticate + populate_lab_tiles + groups"
+        assert_eq!(
+            listing.calls, 4,
+            "authenticate + populate_lab_tiles + users + groups"
+        );
+        assert_eq!(listing.groups, GroupsRead::Associations);
+        let AccessRead::Read(dir) = &listing.access else {
+            panic!(
+                "{:?}: access unread: {:?}",
+                worker.personality, listing.access
             );
-            assert_eq!(listing.groups, GroupsRead::Associations);
-        }
+        };
+        assert_eq!(dir.users.len(), 4, "the seeded users");
         let mut expected = worker.labs();
         expected.sort_by(|a, b| a.id.cmp(&b.id));
         let mut got = listing.labs.clone();
@@ -153,8 +161,8 @@ async fn a_missing_bulk_endpoint_falls_back_to_one_call_per_lab() {
     assert_eq!(listing.labs.len(), 7);
     assert_eq!(
         listing.calls,
-        1 + 1 + 1 + 7,
-        "auth, tiles (404), labs, 7 details"
+        1 + 1 + 1 + 7 + 2,
+        "auth, tiles (404), labs, 7 details, users, groups"
     );
     assert_eq!(w.calls().get("lab"), Some(&7));
 }
@@ -176,29 +184,34 @@ async fn a_sync_reuses_its_connection_and_leaves_nothing_open() {
     let client = CmlClient::new(&config()).expect("client");
     for i in 0..3 {
         let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
-        assert_eq!(listing.calls, 3, "login, populate_lab_tiles and groups");
+        assert_eq!(
+            listing.calls, 4,
+            "login, populate_lab_tiles, users and groups"
+        );
         assert_eq!(
             until_no_connection_is_open(&f).await,
             0,
-            "worker {i}: the connection outlived its sync"
+            "worker {i}: the connections outlived their sync"
         );
     }
-    assert_eq!(
-        f.fleet.accepted_connections(),
-        3,
-        "login, populate_lab_tiles and groups (one after the other on a first sync) share a connection"
+    // Tiles, users and groups are read at the same time: a connection each at most.
+    let opened = f.fleet.accepted_connections();
+    assert!(
+        (3..=9).contains(&opened),
+        "three syncs took {opened} connections"
     );
     f.fleet.workers[3].set_faults(Faults {
         bulk_missing: true,
         ..Faults::default()
     });
+    let before = f.fleet.accepted_connections();
     let listing = client.fetch_labs(&target(&f, 3)).await.expect("fallback");
-    assert_eq!(listing.calls, 1 + 1 + 1 + 7 + 1);
+    assert_eq!(listing.calls, 1 + 1 + 1 + 7 + 2);
     assert_eq!(listing.groups, GroupsRead::Associations);
-    let opened = f.fleet.accepted_connections() - 3;
+    let opened = f.fleet.accepted_connections() - before;
     assert!(
-        (1..=1 + config().fallback_concurrency as u64).contains(&opened),
-        "11 calls of the fallback took {opened} connections"
+        (1..=3 + config().fallback_concurrency as u64).contains(&opened),
+        "12 calls of the fallback took {opened} connections"
     );
     assert_eq!(until_no_connection_is_open(&f).await, 0);
 }
@@ -217,7 +230,10 @@ async fn the_fleet_latency_delays_every_call() {
     let client = CmlClient::new(&config()).expect("client");
     let started = std::time::Instant::now();
     let listing = client.fetch_labs(&target(&f, 0)).await.expect("fetch");
-    assert_eq!(listing.calls, 2);
+    assert_eq!(
+        listing.calls, 4,
+        "login, then tiles, users and groups at once"
+    );
     // A lower bound only: sleeping never ends early, however loaded the machine.
     assert!(started.elapsed() >= Duration::from_millis(600));
 }
@@ -596,8 +612,7 @@ async fn a_lab_shared_with_two_groups_lists_both_on_every_release_with_one_group
         });
         assert!(w.set_lab_groups(&lab, shared.to_vec()));
         w.reset_calls();
-        // Three syncs: the first finds out where the groups are, the next read them while
-        // they read the labs; each costs one `groups` call at most.
+        // Every sync reads the server's groups once, whatever the release.
         for sync in 0..3 {
             let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
             let got = listing
@@ -616,30 +631,73 @@ async fn a_lab_shared_with_two_groups_lists_both_on_every_release_with_one_group
                 assert_eq!(l.fields.groups, sim.group_names());
             }
             let groups_calls = w.calls().get("groups").copied().unwrap_or(0);
-            if w.personality == Personality::V2_4 {
-                assert_eq!(listing.groups, GroupsRead::InLabs);
-                assert_eq!(groups_calls, 0, "2.4 keeps groups in its lab objects");
-            } else {
-                assert_eq!(listing.groups, GroupsRead::Associations);
-                assert_eq!(groups_calls, sync + 1, "{:?}: one per sync", w.personality);
-            }
+            assert_eq!(listing.groups, GroupsRead::Associations);
+            assert_eq!(groups_calls, sync + 1, "{:?}: one per sync", w.personality);
             assert_eq!(w.calls().get("lab_associations"), None, "never one per lab");
         }
     }
 }
 
 #[tokio::test]
-async fn a_server_before_2_9_whose_labs_are_shared_with_no_group_costs_no_groups_call() {
-    let f = fleet(1, 4, vec![Personality::V2_4], ServeOptions::default()).await;
-    let w = &f.fleet.workers[0];
-    for id in w.lab_ids() {
-        assert!(w.set_lab_groups(&id, Vec::new()));
-    }
+async fn users_and_groups_read_with_the_labs_say_who_may_see_each_lab() {
+    let f = fleet(3, 6, Personality::ALL.to_vec(), ServeOptions::default()).await;
     let client = CmlClient::new(&config()).expect("client");
-    let listing = client.fetch_labs(&target(&f, 0)).await.expect("fetch");
-    assert_eq!(listing.groups, GroupsRead::InLabs);
-    assert!(listing.labs.iter().all(|l| l.fields.groups.is_empty()));
-    assert_eq!(w.calls().get("groups"), None);
+    for (i, w) in f.fleet.workers.iter().enumerate() {
+        let labs = w.lab_ids();
+        // bob owns the first; netops (alice, carol) views the second; dave, made now, the third.
+        let bob = w
+            .directory(|d| d.by_name("bob").map(|u| u.as_owner()))
+            .expect("bob");
+        w.update_lab(&labs[0], |l| l.owner = bob);
+        for l in &labs {
+            w.set_lab_groups(l, Vec::new());
+        }
+        let netops = SimGroup {
+            id: w.group_named("netops"),
+            name: "netops".into(),
+            permissions: vec!["lab_view".into()],
+        };
+        w.set_lab_groups(&labs[1], vec![netops]);
+        let dave = w
+            .directory(|d| d.add_user("dave", "pw", "", false, Default::default()))
+            .expect("dave");
+        w.update_lab_quietly(&labs[2], |l| {
+            l.user_shares = vec![SimShare {
+                id: dave.id.clone(),
+                permissions: vec!["lab_exec".into()],
+            }]
+        });
+        let listing = client.fetch_labs(&target(&f, i)).await.expect("fetch");
+        let AccessRead::Read(dir) = &listing.access else {
+            panic!("unread: {:?}", listing.access);
+        };
+        let shares = dir.shares(&w.id);
+        let accounts = dir.accounts(&w.id);
+        for name in ["admin", "alice", "bob", "carol", "dave", "nobody"] {
+            let who = Identity {
+                username: name.into(),
+                fleet_admin: false,
+            };
+            let g = grant(&who, &accounts);
+            let seen: Vec<String> = listing
+                .labs
+                .iter()
+                .filter(|l| {
+                    let s = shares.get(&l.lab_id).map_or(&[][..], Vec::as_slice);
+                    g.sees(&readers(&w.id, &l.fields.owner_username, s))
+                })
+                .map(|l| l.lab_id.clone())
+                .collect();
+            let user = w.directory(|d| d.by_name(name).map(|u| u.id.clone()));
+            let mut cml: Vec<String> = user
+                .map(|id| w.labs_visible_to(&id).into_iter().map(|l| l.id).collect())
+                .unwrap_or_default();
+            let mut seen = seen;
+            seen.sort();
+            cml.sort();
+            assert_eq!(seen, cml, "{:?}: {name}", w.personality);
+        }
+    }
 }
 
 #[tokio::test]

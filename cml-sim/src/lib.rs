@@ -21,7 +21,9 @@ pub mod token;
 pub mod ws;
 
 pub use fleet::{Fleet, FleetConfig};
-pub use model::{EndpointFault, Faults, Personality, SimGroup, SimLab, SimWorker, WsHostile};
+pub use model::{
+    EndpointFault, Faults, Personality, SimGroup, SimLab, SimShare, SimWorker, WsHostile,
+};
 pub use server::{serve, Addressing, RunningFleet, ServeOptions};
 
 /// Generates a fleet and serves it: the one call Rust tests need.

@@ -10,6 +10,7 @@ use axum::{
 };
 use futures::TryStreamExt;
 use shared::{
+    access::Grant,
     cursor::PageCursor,
     fleet::{self, FleetFilter, FleetKey},
     service::ConnectionAbort,
@@ -18,6 +19,7 @@ use shared::{
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    access::Viewer,
     dto::{FleetLab, FleetPage, FleetWorkerDto, LabPage, LabRecordDto, SyncStatusDto, UiLab},
     etag::Tagged,
     events,
@@ -57,10 +59,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
 )]
 pub async fn worker_labs(
     State(s): State<AppState>,
+    viewer: Viewer,
     Path(worker_id): Path<String>,
     Query(q): Query<WorkerLabsQuery>,
 ) -> Result<Tagged, ApiError> {
-    labs_of(&s, &worker_id, &q).await
+    labs_of(&s, &viewer, &worker_id, &q).await
 }
 
 /// The path the existing UI calls; the region is checked for form only.
@@ -80,23 +83,39 @@ pub async fn worker_labs(
 )]
 pub async fn legacy_worker_labs(
     State(s): State<AppState>,
+    viewer: Viewer,
     Path((region, worker_id)): Path<(String, String)>,
     Query(q): Query<WorkerLabsQuery>,
 ) -> Result<Tagged, ApiError> {
     params::region("aws_region", &region)?;
-    labs_of(&s, &worker_id, &q).await
+    labs_of(&s, &viewer, &worker_id, &q).await
 }
 
-/// Written as the records arrive, at most `max_labs_per_response` of them.
-async fn labs_of(s: &AppState, worker_id: &str, q: &WorkerLabsQuery) -> Result<Tagged, ApiError> {
+/// Written as the records arrive, at most `max_labs_per_response` of them; only those the
+/// caller may see (none: `[]`, as for a worker without labs).
+async fn labs_of(
+    s: &AppState,
+    viewer: &Viewer,
+    worker_id: &str,
+    q: &WorkerLabsQuery,
+) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", worker_id)?;
     let include_removed = q.include_removed.0;
     let max = s.max_labs_per_response;
+    let readers = viewer.on_worker(worker_id);
+    let mut body = Tagged::array();
+    if readers.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(body.close());
+    }
     let mut records = s
         .store
-        .labs_of_worker(worker_id, include_removed, max.saturating_add(1))
+        .labs_of_worker(
+            worker_id,
+            include_removed,
+            readers.as_deref(),
+            max.saturating_add(1),
+        )
         .await?;
-    let mut body = Tagged::array();
     while let Some(record) = records.try_next().await? {
         if body.len() == max {
             return Err(ApiError::TooManyLabs {
@@ -126,12 +145,23 @@ async fn labs_of(s: &AppState, worker_id: &str, q: &WorkerLabsQuery) -> Result<T
 )]
 pub async fn lab(
     State(s): State<AppState>,
+    viewer: Viewer,
     Path((worker_id, lab_id)): Path<(String, String)>,
     Query(NoQuery {}): Query<NoQuery>,
 ) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", &worker_id)?;
     let lab_id = params::id("lab_id", &lab_id)?;
-    match s.store.lab(worker_id, lab_id).await? {
+    // One the caller may not see is answered exactly as one that does not exist.
+    let readers = viewer.on_worker(worker_id);
+    let found = match &readers {
+        Some(r) if r.is_empty() => None,
+        _ => {
+            s.store
+                .lab_for(worker_id, lab_id, readers.as_deref())
+                .await?
+        }
+    };
+    match found {
         Some(r) => Tagged::json(&LabRecordDto::from(&r)),
         None => Err(ApiError::NotFound(format!(
             "Worker {worker_id} has no lab {lab_id}."
@@ -148,9 +178,14 @@ pub async fn lab(
 )]
 pub async fn fleet_labs(
     State(s): State<AppState>,
+    viewer: Viewer,
     Query(q): Query<FleetLabsQuery>,
 ) -> Result<Tagged, ApiError> {
     let filter = LabFilter {
+        readers: match &q.worker_id {
+            Some(w) => viewer.on_worker(&w.0),
+            None => viewer.anywhere(),
+        },
         worker_id: q.worker_id.map(|w| w.0),
         state: q.state.map(|s| s.0),
         owner_username: q.owner_username.map(|u| u.0),
@@ -161,7 +196,14 @@ pub async fn fleet_labs(
         .cursor
         .map(|c| PageCursor::decode(&c.0).map_err(|_| not_ours()))
         .transpose()?;
-    let page = s.store.list(&filter, after.as_ref(), limit).await?;
+    let page = if filter.readers.as_ref().is_some_and(Vec::is_empty) {
+        shared::store::Page {
+            records: Vec::new(),
+            next: None,
+        }
+    } else {
+        s.store.list(&filter, after.as_ref(), limit).await?
+    };
     Tagged::json(&LabPage {
         items: page.records.iter().map(FleetLab::from).collect(),
         next_cursor: page.next.map(|c| c.encode()),
@@ -181,12 +223,29 @@ pub async fn fleet_labs(
 )]
 pub async fn sync_status(
     State(s): State<AppState>,
+    viewer: Viewer,
     Path(worker_id): Path<String>,
     Query(NoQuery {}): Query<NoQuery>,
 ) -> Result<Tagged, ApiError> {
     let worker_id = params::id("worker_id", &worker_id)?;
-    match s.status.get(worker_id).await? {
-        Some(st) => Tagged::json(&SyncStatusDto::from(&st)),
+    // A worker where the caller has no user is one it does not know of.
+    let status = if viewer.grant.has_account(worker_id) {
+        s.status.get(worker_id).await?
+    } else {
+        None
+    };
+    match status {
+        Some(st) if viewer.grant.sees_all_of(worker_id) => Tagged::json(&SyncStatusDto::from(&st)),
+        Some(st) => {
+            let readers = viewer.on_worker(worker_id).unwrap_or_default();
+            let visible = s
+                .store
+                .count_visible(&[worker_id.to_owned()], &readers)
+                .await?;
+            let mut dto = SyncStatusDto::from(&st);
+            dto.limit_to(visible.get(worker_id).copied().unwrap_or(0));
+            Tagged::json(&dto)
+        }
         None => Err(ApiError::NotFound(format!(
             "Worker {worker_id} was never synced."
         ))),
@@ -203,6 +262,7 @@ pub async fn sync_status(
 )]
 pub async fn fleet_status(
     State(s): State<AppState>,
+    viewer: Viewer,
     Query(q): Query<FleetStatusQuery>,
 ) -> Result<Tagged, ApiError> {
     let filter = FleetFilter {
@@ -210,6 +270,10 @@ pub async fn fleet_status(
         failing: q.failing.map(|f| f.0),
         region: q.region.map(|r| r.0),
         watch: q.watch_state.map(|w| w.0.to_owned()),
+        workers: match &viewer.grant {
+            Grant::All => None,
+            Grant::Principals { workers, .. } => Some(workers.keys().cloned().collect()),
+        },
     };
     let limit = q.limit.0;
     let after = q
@@ -217,15 +281,34 @@ pub async fn fleet_status(
         .map(|c| FleetKey::decode(&c.0).map_err(|_| not_ours()))
         .transpose()?;
     let threshold = fleet::stale_threshold(bson::DateTime::now(), s.stale_after);
+    if filter.workers.as_ref().is_some_and(Vec::is_empty) {
+        return Tagged::json(&FleetPage {
+            items: Vec::new(),
+            next_cursor: None,
+        });
+    }
     let (items, next) = s
         .status
         .fleet_page(&filter, after.as_ref(), limit, threshold)
         .await?;
+    let mut items: Vec<FleetWorkerDto> = items
+        .iter()
+        .map(|r| FleetWorkerDto::new(r, threshold))
+        .collect();
+    // Where the caller sees only some labs: its own count, nothing of the others.
+    let partial: Vec<String> = items
+        .iter()
+        .filter(|w| !viewer.grant.sees_all_of(&w.worker_id))
+        .map(|w| w.worker_id.clone())
+        .collect();
+    if let (false, Some(readers)) = (partial.is_empty(), viewer.anywhere()) {
+        let counts = s.store.count_visible(&partial, &readers).await?;
+        for w in items.iter_mut().filter(|w| partial.contains(&w.worker_id)) {
+            w.limit_to(counts.get(&w.worker_id).copied().unwrap_or(0));
+        }
+    }
     Tagged::json(&FleetPage {
-        items: items
-            .iter()
-            .map(|r| FleetWorkerDto::new(r, threshold))
-            .collect(),
+        items,
         next_cursor: next.map(|k| k.encode()),
     })
 }

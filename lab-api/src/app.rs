@@ -33,7 +33,7 @@ use crate::{
     api,
     auth::Authenticator,
     etag, events,
-    logs::{AuthDisabled, LogLine, Stopped, TaskFailed},
+    logs::{AccessMode, AuthDisabled, LogLine, Stopped, TaskFailed},
     metrics::Metrics,
     openapi::ApiDoc,
     params::{self, WaitQuery},
@@ -244,7 +244,15 @@ impl App {
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ApiError::Internal(format!("cannot build the HTTP client: {e}")))?;
-        let auth = Arc::new(Authenticator::from_config(&config.api.auth, http));
+        let auth = Arc::new(Authenticator::from_config(
+            &config.api.auth,
+            &config.api.access,
+            http,
+        ));
+        AccessMode {
+            mode: auth.access_mode().as_str(),
+        }
+        .emit();
         let state = AppState::from_config(config, &client);
         let (router, metrics) = router(state.clone(), auth, &config.api);
         let addr = config.api.listen.clone();

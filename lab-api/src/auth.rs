@@ -7,6 +7,12 @@
 //! The key set is kept fresh in the background; a request never waits for the identity
 //! provider when it carries a known key, and an unknown key costs at most one fetch per short
 //! period however many arrive.
+//!
+//! A checked credential says who the caller is ([`Caller`]): a JWT by its claims
+//! (`api.access.username_claim`, and `admin_claim` holding one of `admin_values` for an admin
+//! of the fleet), a static token by the holder it names (`api.auth.tokens`; those of
+//! `api.auth.token_hashes` are the fleet's admins). Under `api.access.mode = "open"` or
+//! `api.auth.mode = "none"` nobody's identity is asked: every caller sees everything.
 
 use std::{
     collections::HashMap,
@@ -24,8 +30,12 @@ use jsonwebtoken::{
     jwk::{AlgorithmParameters, JwkSet},
     Algorithm, DecodingKey, Validation,
 };
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use shared::config::{AuthConfig, AuthMode};
+use shared::{
+    access::{plausible_username, Identity},
+    config::{AccessConfig, AccessMode, AuthConfig, AuthMode},
+};
 use tokio::sync::watch;
 
 use crate::{
@@ -67,51 +77,151 @@ pub struct Authenticator {
     scheme: Scheme,
     /// The cookie that may carry the credential when no `Authorization` header does.
     cookie: Option<String>,
+    /// Whether callers see what CML shows them (`cml`), or everything (`open`).
+    access: AccessMode,
+    claims: ClaimNames,
 }
 
 #[derive(Debug)]
 enum Scheme {
     None,
-    Tokens(Vec<[u8; 32]>),
+    Tokens(Vec<([u8; 32], Identity)>),
     Jwt(Arc<JwtVerifier>),
 }
 
+/// Who made a request, as its credential says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Access is open (`api.access.mode = "open"`, or no authentication): sees everything.
+    Anyone,
+    /// A checked identity: sees what CML shows it.
+    Known(Identity),
+}
+
+/// The claims a JWT names its holder with.
+#[derive(Debug, Clone)]
+struct ClaimNames {
+    username: String,
+    admin_path: Vec<String>,
+    admin_values: Vec<String>,
+}
+
 impl Authenticator {
-    pub fn from_config(cfg: &AuthConfig, http: reqwest::Client) -> Self {
-        Self::with_policy(cfg, http, JwksPolicy::default())
+    pub fn from_config(cfg: &AuthConfig, access: &AccessConfig, http: reqwest::Client) -> Self {
+        Self::with_policy(cfg, access, http, JwksPolicy::default())
     }
 
     /// [`Authenticator::from_config`] with a key-refresh policy of the caller's (tests).
-    pub fn with_policy(cfg: &AuthConfig, http: reqwest::Client, policy: JwksPolicy) -> Self {
+    pub fn with_policy(
+        cfg: &AuthConfig,
+        access: &AccessConfig,
+        http: reqwest::Client,
+        policy: JwksPolicy,
+    ) -> Self {
+        let digest = |h: &str| -> Option<[u8; 32]> { hex::decode(h).ok()?.try_into().ok() };
+        let admin = || Identity {
+            username: String::new(),
+            fleet_admin: true,
+        };
         let scheme = match cfg.mode {
             AuthMode::None => Scheme::None,
             AuthMode::Tokens => Scheme::Tokens(
                 cfg.token_hashes
                     .iter()
-                    .filter_map(|h| hex::decode(h).ok()?.try_into().ok())
+                    .filter_map(|h| Some((digest(h)?, admin())))
+                    .chain(cfg.tokens.iter().filter_map(|t| {
+                        let who = Identity {
+                            username: t.username.clone(),
+                            fleet_admin: t.admin,
+                        };
+                        Some((digest(&t.sha256)?, who))
+                    }))
                     .collect(),
             ),
             AuthMode::Jwt => Scheme::Jwt(JwtVerifier::start(cfg, http, policy)),
         };
         let cookie = Some(cfg.cookie_name.clone()).filter(|c| !c.is_empty());
-        Self { scheme, cookie }
+        Self {
+            scheme,
+            cookie,
+            access: access.mode,
+            claims: ClaimNames {
+                username: access.username_claim.clone(),
+                admin_path: access.admin_claim.split('.').map(str::to_owned).collect(),
+                admin_values: access.admin_values.clone(),
+            },
+        }
     }
 
-    /// Checks the request's credential: its `Authorization` header, or else its cookie.
-    pub async fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        match &self.scheme {
-            Scheme::None => Ok(()),
-            Scheme::Tokens(hashes) => {
+    /// Whether access follows CML (the mode lab-api logs at start).
+    pub fn access_mode(&self) -> AccessMode {
+        match self.scheme {
+            Scheme::None => AccessMode::Open,
+            _ => self.access,
+        }
+    }
+
+    /// Checks the request's credential (its `Authorization` header, or else its cookie) and
+    /// says who the caller is.
+    pub async fn check(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let identity = match &self.scheme {
+            Scheme::None => return Ok(Caller::Anyone),
+            Scheme::Tokens(tokens) => {
                 let token = self.credential(headers)?;
                 let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                if hashes.iter().any(|h| constant_time_eq(h, &digest)) {
-                    Ok(())
-                } else {
-                    Err(ApiError::Unauthorized("The API token is not valid.".into()))
+                // Every digest is compared, so the time taken says nothing of which matched.
+                let mut found = None;
+                for (hash, who) in tokens {
+                    if constant_time_eq(hash, &digest) {
+                        found = Some(who);
+                    }
                 }
+                found
+                    .cloned()
+                    .ok_or_else(|| ApiError::Unauthorized("The API token is not valid.".into()))?
             }
-            Scheme::Jwt(v) => v.verify(self.credential(headers)?).await,
+            Scheme::Jwt(v) => {
+                let claims = v.verify(self.credential(headers)?).await?;
+                if self.access == AccessMode::Open {
+                    return Ok(Caller::Anyone);
+                }
+                self.identity(&claims)?
+            }
+        };
+        Ok(match self.access {
+            AccessMode::Open => Caller::Anyone,
+            AccessMode::Cml => Caller::Known(identity),
+        })
+    }
+
+    /// Who a verified token's claims name: its username claim (a short string, required) and
+    /// whether its admin claim holds an admin value.
+    fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, ApiError> {
+        let names = &self.claims;
+        let username = match claims.get(&names.username) {
+            Some(Value::String(u)) if plausible_username(u) => u.clone(),
+            _ => return Err(ApiError::Forbidden(format!(
+                "The token's `{}` claim must name a CML user (a string of 1 to 256 characters).",
+                names.username
+            ))),
+        };
+        let mut at = claims.get(&names.admin_path[0]);
+        for part in &names.admin_path[1..] {
+            at = at.and_then(|v| v.get(part));
         }
+        let is_admin = |v: &Value| {
+            v.as_str()
+                .is_some_and(|s| names.admin_values.iter().any(|a| a == s))
+        };
+        let fleet_admin = match at {
+            Some(Value::Array(items)) => items.iter().any(is_admin),
+            Some(v) => is_admin(v),
+            None => false,
+        };
+        Ok(Identity {
+            username,
+            fleet_admin,
+        })
     }
 
     /// The token of the `Authorization` header when there is one (it must be well formed),
@@ -206,9 +316,6 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Claims {}
-
 /// What came of asking for a fetch.
 enum Fetched {
     /// A fetch ended (successfully or not) while we waited.
@@ -236,7 +343,8 @@ impl JwtVerifier {
         verifier
     }
 
-    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<(), ApiError> {
+    /// The claims of a token that verifies.
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Map<String, Value>, ApiError> {
         let unauthorized =
             |why: &str| ApiError::Unauthorized(format!("The bearer token is not valid: {why}."));
         let header =
@@ -263,8 +371,8 @@ impl JwtVerifier {
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map(|_| ())
+        jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
+            .map(|data| data.claims)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind as K;
                 match e.kind() {
@@ -413,14 +521,18 @@ async fn refresh_in_background(verifier: Weak<JwtVerifier>) {
     }
 }
 
-/// Middleware: every request it guards must pass the authenticator.
+/// Middleware: every request it guards must pass the authenticator; the [`Caller`] it names
+/// goes with the request.
 pub async fn require(
     State(auth): State<Arc<Authenticator>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     match auth.check(request.headers()).await {
-        Ok(()) => next.run(request).await,
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -443,7 +555,8 @@ mod tests {
             token_hashes: vec![digest],
             ..AuthConfig::default()
         };
-        let auth = Authenticator::from_config(&cfg, reqwest::Client::new());
+        let auth =
+            Authenticator::from_config(&cfg, &AccessConfig::default(), reqwest::Client::new());
         assert!(auth.check(&headers("Bearer s3cret-token")).await.is_ok());
         assert!(matches!(
             auth.check(&headers("Bearer wrong")).await,
@@ -477,7 +590,8 @@ mod tests {
             cookie_name: "cml_token".into(),
             ..AuthConfig::default()
         };
-        let auth = Authenticator::from_config(&cfg, reqwest::Client::new());
+        let auth =
+            Authenticator::from_config(&cfg, &AccessConfig::default(), reqwest::Client::new());
         let with_cookies = |values: &[&str]| {
             let mut h = HeaderMap::new();
             for v in values {

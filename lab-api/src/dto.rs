@@ -241,6 +241,17 @@ pub struct LiveSyncDto {
     pub last_event_sync_at: Option<String>,
 }
 
+impl SyncStatusDto {
+    /// As a caller who sees only `visible` of the worker's labs is shown it: its own count,
+    /// no figures of the whole worker, no error text (it may name labs), kinds kept.
+    pub fn limit_to(&mut self, visible: i64) {
+        self.lab_count = visible;
+        self.last_counts = None;
+        self.last_error = None;
+        self.last_warning = None;
+    }
+}
+
 impl From<&WorkerSyncStatus> for SyncStatusDto {
     fn from(s: &WorkerSyncStatus) -> Self {
         Self {
@@ -289,6 +300,19 @@ pub struct SyncRequestDto {
     /// Why it failed: a fixed label (`cml_timeout`, `not_running`, …) and the error's text.
     pub error_kind: Option<String>,
     pub error: Option<String>,
+}
+
+impl SyncRequestDto {
+    /// As a caller who sees only some of the worker's labs is shown it: no figures of the
+    /// whole worker, no error text (it may name labs).
+    pub fn limit(&mut self) {
+        self.labs_synced = None;
+        self.labs_created = None;
+        self.labs_updated = None;
+        self.labs_unchanged = None;
+        self.labs_removed = None;
+        self.error = None;
+    }
 }
 
 impl From<&SyncRequest> for SyncRequestDto {
@@ -348,6 +372,14 @@ pub struct FleetWorkerDto {
 }
 
 impl FleetWorkerDto {
+    /// As a caller who sees only `visible` of the worker's labs is shown it (see
+    /// [`SyncStatusDto::limit_to`]).
+    pub fn limit_to(&mut self, visible: i64) {
+        self.lab_count = visible;
+        self.last_error = None;
+        self.last_warning = None;
+    }
+
     /// The row as the view shows it; stale when no success since `threshold`.
     pub fn new(r: &FleetRow, threshold: DateTime) -> Self {
         Self {

@@ -11,7 +11,7 @@ use axum::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::problem::ApiError;
+use crate::{auth::Caller, problem::ApiError};
 
 /// Whether `If-None-Match` names `etag` (weak comparison, lists and `*` included).
 pub fn matches(headers: &HeaderMap, etag: &str) -> bool {
@@ -126,6 +126,7 @@ impl IntoResponse for Tagged {
 pub async fn middleware(request: Request, next: Next) -> Response {
     let is_get = request.method() == Method::GET;
     let conditional = request.headers().clone();
+    let view = view_of(request.extensions().get::<Caller>());
     let mut response = next.run(request).await;
     if !is_get || response.status() != StatusCode::OK {
         return response;
@@ -133,20 +134,52 @@ pub async fn middleware(request: Request, next: Next) -> Response {
     let Some(etag) = response.headers().get(header::ETAG).cloned() else {
         return response;
     };
-    let no_cache = HeaderValue::from_static("no-cache");
+    // The tag names the caller's view too: one caller's tag never confirms another's answer.
+    let etag = etag
+        .to_str()
+        .ok()
+        .and_then(|t| HeaderValue::from_str(&per_view(t, &view)).ok())
+        .unwrap_or(etag);
     if etag.to_str().is_ok_and(|tag| matches(&conditional, tag)) {
         let mut not_modified = Response::new(Body::empty());
         *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
         not_modified.headers_mut().insert(header::ETAG, etag);
-        not_modified
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, no_cache);
+        private(not_modified.headers_mut());
         return not_modified;
     }
+    response.headers_mut().insert(header::ETAG, etag);
+    private(response.headers_mut());
     response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, no_cache);
-    response
+}
+
+/// Answers depend on who asks: caches keep them per credential, browsers revalidate.
+fn private(headers: &mut HeaderMap) {
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache"),
+    );
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("Authorization, Cookie"),
+    );
+}
+
+/// Whose view an answer is: everything, or one user's.
+fn view_of(caller: Option<&Caller>) -> String {
+    match caller {
+        None | Some(Caller::Anyone) => "*".to_owned(),
+        Some(Caller::Known(who)) if who.fleet_admin => "*".to_owned(),
+        Some(Caller::Known(who)) => format!("u:{}", who.username),
+    }
+}
+
+/// The body's tag bound to a view.
+fn per_view(etag: &str, view: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(view.as_bytes());
+    h.update([0]);
+    h.update(etag.as_bytes());
+    format!("W/\"{}\"", hex::encode(&h.finalize()[..16]))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! endpoints with their documentation; [`refresh`] refresh on demand; [`events`] the live
 //! event stream.
 
+pub mod access;
 pub mod api;
 pub mod app;
 pub mod auth;

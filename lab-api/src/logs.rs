@@ -36,6 +36,21 @@ impl LogLine for AuthDisabled {
     }
 }
 
+/// Who sees what, said once at start: `cml` (each caller what CML shows its user) or `open`.
+#[derive(Debug)]
+pub struct AccessMode {
+    pub mode: &'static str,
+}
+
+impl LogLine for AccessMode {
+    fn emit(&self) {
+        tracing::info!(
+            event = "access_mode", mode = self.mode,
+            "Access mode set: cml shows each caller the labs its CML servers show its user, open shows everyone everything"
+        );
+    }
+}
+
 /// The service could not be built (MongoDB's URI, the listen address).
 #[derive(Debug)]
 pub struct StartFailed<'a> {

@@ -24,6 +24,7 @@ use shared::{
 use tokio::time::Instant;
 
 use crate::{
+    access::Viewer,
     dto::SyncRequestDto,
     etag::Tagged,
     logs::{LogLine, ThrottleNoticeFailed},
@@ -122,6 +123,7 @@ impl Default for RefreshSettings {
 )]
 pub async fn refresh_worker(
     State(s): State<AppState>,
+    viewer: Viewer,
     Path(worker_id): Path<String>,
     Query(WaitQuery { wait }): Query<WaitQuery>,
 ) -> Result<Response, ApiError> {
@@ -131,6 +133,11 @@ pub async fn refresh_worker(
         ));
     }
     let worker_id = params::id("worker_id", &worker_id)?;
+    // An admin of the fleet, or a caller with a user on the worker (who may have just made a
+    // lab there); to anyone else the worker is unknown.
+    if !viewer.grant.has_account(worker_id) {
+        return Err(unknown_worker(worker_id));
+    }
     let wait = wait.0;
     let settings = &s.refresh;
     match s
@@ -139,11 +146,7 @@ pub async fn refresh_worker(
         .await?
     {
         Standing::Active { .. } => {}
-        Standing::Unknown => {
-            return Err(ApiError::NotFound(format!(
-                "Worker {worker_id} is neither in the registry nor configured."
-            )))
-        }
+        Standing::Unknown => return Err(unknown_worker(worker_id)),
         Standing::Inactive { status } => {
             return Err(ApiError::Conflict(format!(
                 "Worker {worker_id} is not running (status {}): only running workers are synced.",
@@ -154,10 +157,16 @@ pub async fn refresh_worker(
     let id = uuid::Uuid::new_v4().to_string();
     let now = DateTime::now();
     let min_interval = settings.sync.refresh_min_interval.get();
-    match s.requests.record(id, worker_id, now, min_interval).await? {
+    let by = (!viewer.sees_all()).then_some(viewer.username.as_str());
+    let partial = !viewer.grant.sees_all_of(worker_id);
+    match s
+        .requests
+        .record_by(id, worker_id, by, now, min_interval)
+        .await?
+    {
         Recorded::Accepted(request) => {
             let request = outcome(&s, *request, wait).await?;
-            Ok(answer(&request))
+            Ok(answer(&request, partial))
         }
         Recorded::Throttled {
             retry_after,
@@ -180,7 +189,7 @@ pub async fn refresh_worker(
             }
             Err(ApiError::Throttled {
                 retry_after_s: retry_after.as_secs(),
-                request: Box::new(SyncRequestDto::from(latest.as_ref())),
+                request: Box::new(dto(latest.as_ref(), partial)),
             })
         }
     }
@@ -200,17 +209,40 @@ pub async fn refresh_worker(
 )]
 pub async fn sync_request(
     State(s): State<AppState>,
+    viewer: Viewer,
     Path(request_id): Path<String>,
     Query(WaitQuery { wait }): Query<WaitQuery>,
 ) -> Result<Tagged, ApiError> {
     let request_id = params::id("request_id", &request_id)?;
     let wait = wait.0;
-    let Some(request) = s.requests.get(request_id).await? else {
+    // Whoever asked for it, and the fleet's admins; to anyone else it does not exist.
+    let request = s.requests.get(request_id).await?.filter(|r| {
+        viewer.sees_all() || r.requested_by.as_deref() == Some(viewer.username.as_str())
+    });
+    let Some(request) = request else {
         return Err(ApiError::NotFound(format!(
             "No sync request {request_id} (requests are kept a day)."
         )));
     };
-    Tagged::json(&SyncRequestDto::from(&outcome(&s, request, wait).await?))
+    let partial = !viewer.grant.sees_all_of(&request.worker_id);
+    Tagged::json(&dto(&outcome(&s, request, wait).await?, partial))
+}
+
+/// The 404 of a worker the caller cannot refresh: the same whether it exists or not.
+fn unknown_worker(worker_id: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "Worker {worker_id} is neither in the registry nor configured."
+    ))
+}
+
+/// A request as its reader sees it: without the worker's figures for one who sees only some
+/// of its labs.
+fn dto(request: &SyncRequest, partial: bool) -> SyncRequestDto {
+    let mut dto = SyncRequestDto::from(request);
+    if partial {
+        dto.limit();
+    }
+    dto
 }
 
 /// `request` once it is over, or as it is when `wait` is up. Woken by the change stream;
@@ -253,13 +285,13 @@ async fn outcome(
 }
 
 /// `200` with the outcome once over, `202` before; `Location` names the request either way.
-fn answer(request: &SyncRequest) -> Response {
+fn answer(request: &SyncRequest, partial: bool) -> Response {
     let status = if request.status.is_finished() {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    let mut response = (status, Json(SyncRequestDto::from(request))).into_response();
+    let mut response = (status, Json(dto(request, partial))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/sync-requests/{}", request.id)) {
         response.headers_mut().insert(header::LOCATION, location);
     }

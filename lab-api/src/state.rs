@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use mongodb::{Client, Database};
 use shared::{
+    accounts::AccountStore,
     config::{ApiConfig, Config},
     registry::WorkerRegistry,
     status::SyncStatusReader,
@@ -22,6 +23,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub store: LabStore,
+    /// Each user's account on each worker: what a caller may see is decided from its own.
+    pub accounts: AccountStore,
     pub status: SyncStatusReader,
     pub registry: WorkerRegistry,
     pub db: Database,
@@ -50,6 +53,7 @@ impl AppState {
         Self {
             // The API never writes records: the history limit is the daemon's business.
             store: LabStore::new(client, mongo, 1),
+            accounts: AccountStore::new(&db, &mongo.cml_accounts_collection),
             status: SyncStatusReader::new(&db, &mongo.sync_status_collection),
             registry: WorkerRegistry::new(&db, &mongo.workers_collection),
             requests: RequestStore::new(&db, &mongo.sync_requests_collection),

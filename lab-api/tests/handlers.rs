@@ -45,7 +45,11 @@ fn mongo_config(db: &TestDb) -> MongoConfig {
 }
 
 fn authenticator(auth: &AuthConfig) -> Arc<Authenticator> {
-    Arc::new(Authenticator::from_config(auth, reqwest::Client::new()))
+    Arc::new(Authenticator::from_config(
+        auth,
+        &shared::config::AccessConfig::default(),
+        reqwest::Client::new(),
+    ))
 }
 
 async fn api(test: &str, auth: AuthConfig) -> Api {

@@ -77,7 +77,10 @@ fn token(alg: Algorithm, kid: &str, key: &EncodingKey, claims: Value) -> String 
 }
 
 fn claims() -> Value {
-    json!({ "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "exp": now() + 300, "iat": now() })
+    json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "exp": now() + 300, "iat": now(),
+        "preferred_username": "alice", "realm_access": { "roles": ["viewer", "admin"] },
+    })
 }
 
 /// A local identity provider: serves a JWKS that the test can change, counting fetches; it
@@ -152,12 +155,14 @@ async fn api_with(db: &TestDb, jwks_url: &str, policy: JwksPolicy) -> Router {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),
         token_hashes: vec![],
+        tokens: vec![],
         cookie_name: COOKIE.into(),
     };
     router(
         state,
         Arc::new(Authenticator::with_policy(
             &auth,
+            &shared::config::AccessConfig::default(),
             reqwest::Client::new(),
             policy,
         )),

@@ -184,7 +184,7 @@ pub async fn explain(uri: &str, db: &str) -> anyhow::Result<()> {
         (filter, sort, 101)
     };
     let worker = |include_removed| {
-        let (filter, sort) = worker_labs_query(&some_worker, include_removed);
+        let (filter, sort) = worker_labs_query(&some_worker, include_removed, None);
         (filter, sort, 5001)
     };
     let queries: Vec<(&str, &str, (Document, Document, i64))> = vec![

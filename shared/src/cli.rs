@@ -66,6 +66,9 @@ pub async fn check_config(args: &ConfigArgs, check: &CheckConfigArgs, role: Role
         Err(code) => return code,
     };
     println!("configuration is valid");
+    for note in config.notes(role) {
+        println!("note: {note}");
+    }
     if check.print {
         print!("{}", config.to_redacted_toml());
     }

@@ -217,6 +217,8 @@ pub struct FleetFilter {
     pub region: Option<String>,
     /// Only workers whose event-stream watch is in this state.
     pub watch: Option<String>,
+    /// Only these workers (those where a caller has a user); `None`: all.
+    pub workers: Option<Vec<String>>,
 }
 
 impl FleetFilter {
@@ -232,6 +234,10 @@ impl FleetFilter {
                 .watch
                 .as_deref()
                 .is_none_or(|w| row.watch_state.as_deref() == Some(w))
+            && self
+                .workers
+                .as_ref()
+                .is_none_or(|ws| ws.contains(&row.worker_id))
     }
 
     fn wants(&self, rank: Rank) -> bool {
@@ -358,6 +364,9 @@ fn query(
     }
     if let Some(w) = &filter.watch {
         clauses.push(doc! { "watch_state": w });
+    }
+    if let Some(ws) = &filter.workers {
+        clauses.push(doc! { "worker_id": { "$in": ws } });
     }
     let sort = match (rank, part) {
         (Rank::Failing, _) => {

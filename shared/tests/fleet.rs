@@ -124,19 +124,27 @@ async fn pages_of_every_filter_give_the_rows_in_view_order_once() {
     let rows = fleet_rows(240);
     let (_db, reader) = seeded("fleet_pages", &rows).await;
     let bools = [None, Some(true), Some(false)];
+    // A caller's workers: every third one.
+    let some: Vec<String> = rows
+        .iter()
+        .step_by(3)
+        .map(|r| r.worker_id.clone())
+        .collect();
     for stale in bools {
         for failing in bools {
-            for (region, watch) in [
-                (None, None),
-                (Some("eu-west-1".to_owned()), None),
-                (None, Some("polling".to_owned())),
-                (Some("us-east-1".to_owned()), Some("live".to_owned())),
+            for (region, watch, workers) in [
+                (None, None, None),
+                (Some("eu-west-1".to_owned()), None, None),
+                (None, Some("polling".to_owned()), None),
+                (Some("us-east-1".to_owned()), Some("live".to_owned()), None),
+                (None, None, Some(some.clone())),
             ] {
                 let filter = FleetFilter {
                     stale,
                     failing,
                     region,
                     watch,
+                    workers,
                 };
                 let want = expected(&rows, &filter);
                 for limit in [1, 7, 1000] {

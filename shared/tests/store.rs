@@ -70,7 +70,7 @@ async fn listed(
     limit: usize,
 ) -> Vec<LabRecord> {
     store
-        .labs_of_worker(worker, include_removed, limit)
+        .labs_of_worker(worker, include_removed, None, limit)
         .await
         .expect("list")
         .try_collect()

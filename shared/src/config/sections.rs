@@ -248,6 +248,7 @@ pub struct ApiConfig {
     /// Whether `POST /api/workers/{id}/labs/refresh` is offered (off: the route answers 404).
     pub refresh_enabled: bool,
     pub auth: AuthConfig,
+    pub access: AccessConfig,
     pub events: EventsConfig,
 }
 
@@ -265,6 +266,7 @@ impl Default for ApiConfig {
             cors_allowed_origins: Vec::new(),
             refresh_enabled: true,
             auth: AuthConfig::default(),
+            access: AccessConfig::default(),
             events: EventsConfig::default(),
         }
     }
@@ -317,8 +319,11 @@ pub struct AuthConfig {
     pub jwks_url: String,
     pub issuer: String,
     pub audience: String,
-    /// SHA-256 hex digests of the accepted static API tokens; the tokens themselves are never stored.
+    /// SHA-256 hex digests of the accepted static API tokens; the tokens themselves are never
+    /// stored. Each is an admin of the fleet's token (it sees everything).
     pub token_hashes: Vec<String>,
+    /// Static API tokens that each name who holds them: a CML username, or an admin of the fleet.
+    pub tokens: Vec<StaticToken>,
     /// A cookie whose value is accepted as the token when a request has no `Authorization`
     /// header (a browser's `EventSource` cannot send one); empty: cookies are ignored.
     pub cookie_name: String,
@@ -332,7 +337,64 @@ impl Default for AuthConfig {
             issuer: String::new(),
             audience: String::new(),
             token_hashes: Vec::new(),
+            tokens: Vec::new(),
             cookie_name: String::new(),
+        }
+    }
+}
+
+/// One static API token: its SHA-256 digest (hex) and its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticToken {
+    pub sha256: String,
+    /// The CML username it reads as (it sees what CML shows that user on each worker).
+    #[serde(default)]
+    pub username: String,
+    /// An admin of the fleet: it sees everything.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// Who sees which labs (`api.access`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// `cml`: each caller sees what each CML server shows its user; `open`: every caller sees
+    /// everything (a deployment whose every reader is an operator).
+    pub mode: AccessMode,
+    /// The JWT claim holding the caller's CML username.
+    pub username_claim: String,
+    /// The JWT claim (a dotted path into nested objects) holding the caller's roles.
+    pub admin_claim: String,
+    /// Values of `admin_claim` (a string, or one in a list) that make the caller an admin of
+    /// the fleet.
+    pub admin_values: Vec<String>,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            mode: AccessMode::Cml,
+            username_claim: "preferred_username".into(),
+            admin_claim: "realm_access.roles".into(),
+            admin_values: vec!["admin".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessMode {
+    Cml,
+    Open,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::Cml => "cml",
+            AccessMode::Open => "open",
         }
     }
 }

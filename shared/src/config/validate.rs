@@ -54,6 +54,34 @@ impl Config {
         self.validator(role).problems
     }
 
+    /// What `check-config` tells besides problems: how the configuration decides who sees
+    /// what (lab-api only).
+    pub fn notes(&self, role: Role) -> Vec<String> {
+        if role != Role::LabApi {
+            return Vec::new();
+        }
+        let (auth, access) = (&self.api.auth, &self.api.access);
+        let mut notes = Vec::new();
+        match (auth.mode, access.mode) {
+            (AuthMode::None, _) => notes.push(
+                "api.auth.mode = \"none\": nobody is checked, so access is open: every caller sees every lab".into(),
+            ),
+            (_, crate::config::AccessMode::Open) => notes.push(
+                "api.access.mode = \"open\": every authenticated caller sees every lab".into(),
+            ),
+            (_, crate::config::AccessMode::Cml) => notes.push(
+                "api.access.mode = \"cml\": each caller sees the labs each CML server shows its user".into(),
+            ),
+        }
+        if auth.mode == AuthMode::Tokens && !auth.token_hashes.is_empty() {
+            notes.push(format!(
+                "api.auth.token_hashes: {} token(s), each an admin of the fleet's (it sees every lab); to give a token one user's view, list it in api.auth.tokens with its username",
+                auth.token_hashes.len()
+            ));
+        }
+        notes
+    }
+
     /// The keys whose values [`Config::validate`] looks at for `role`.
     pub fn validated_keys(&self, role: Role) -> HashSet<String> {
         self.validator(role).visited
@@ -478,9 +506,9 @@ impl ApiConfig {
             }
             AuthMode::Tokens => {
                 v.check(
-                    !auth.token_hashes.is_empty(),
+                    !auth.token_hashes.is_empty() || !auth.tokens.is_empty(),
                     "api.auth.token_hashes",
-                    || "must list at least one token hash when api.auth.mode is \"tokens\"".into(),
+                    || "api.auth.token_hashes or api.auth.tokens must list at least one token when api.auth.mode is \"tokens\"".into(),
                 );
             }
             AuthMode::None => {}
@@ -492,13 +520,38 @@ impl ApiConfig {
             "api.auth.cookie_name",
             || "must be a cookie name: letters, digits and !#$%&'*+-.^_`|~ only".into(),
         );
+        let digest = |h: &str| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit());
         for (i, hash) in auth.token_hashes.iter().enumerate() {
+            v.check(digest(hash), &format!("api.auth.token_hashes[{i}]"), || {
+                "must be a SHA-256 digest in hex (64 characters)".into()
+            });
+        }
+        v.any("api.auth.tokens");
+        for (i, t) in auth.tokens.iter().enumerate() {
             v.check(
-                hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()),
-                &format!("api.auth.token_hashes[{i}]"),
+                digest(&t.sha256),
+                &format!("api.auth.tokens[{i}].sha256"),
                 || "must be a SHA-256 digest in hex (64 characters)".into(),
             );
+            v.check(
+                t.admin || crate::access::plausible_username(&t.username),
+                &format!("api.auth.tokens[{i}].username"),
+                || "must name a CML user (1 to 256 characters, no control characters) unless admin = true".into(),
+            );
         }
+        let access = &self.access;
+        v.any("api.access.mode");
+        v.check(
+            !access.username_claim.trim().is_empty(),
+            "api.access.username_claim",
+            || "must name a claim".into(),
+        );
+        v.check(
+            !access.admin_claim.is_empty() && access.admin_claim.split('.').all(|p| !p.is_empty()),
+            "api.access.admin_claim",
+            || "must be a claim, or a dotted path to one (like \"realm_access.roles\")".into(),
+        );
+        v.any("api.access.admin_values");
     }
 }
 

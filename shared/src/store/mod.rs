@@ -4,7 +4,10 @@
 
 mod write;
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use bson::{doc, Bson, DateTime, Document};
 use futures::{stream::BoxStream, StreamExt, TryStreamExt};
@@ -43,6 +46,8 @@ pub struct LabFilter {
     pub state: Option<LabState>,
     pub owner_username: Option<String>,
     pub include_removed: bool,
+    /// Only records one of these principals may read (see [`crate::access`]); `None`: all.
+    pub readers: Option<Vec<String>>,
 }
 
 /// One page of the cross-worker listing.
@@ -127,6 +132,12 @@ impl LabStore {
                 true,
             ),
             mongo::index(doc! { "last_synced_at": 1 }, "last_synced_at_1", false),
+            // A caller's labs: one range per principal it holds, in the listing's order.
+            mongo::index(
+                doc! { "readers": 1, "worker_id": 1, "lab_id": 1 },
+                "readers_1_worker_id_1_lab_id_1",
+                false,
+            ),
             // Tombstone purges look only at removed records.
             IndexModel::builder()
                 .keys(doc! { "removed_at": 1 })
@@ -168,14 +179,15 @@ impl LabStore {
     }
 
     /// A worker's labs sorted by title then lab id, without `operation_history`, at most
-    /// `limit`, as they arrive from the server.
+    /// `limit`, as they arrive from the server; only those `readers` reach when given.
     pub async fn labs_of_worker(
         &self,
         worker_id: &str,
         include_removed: bool,
+        readers: Option<&[String]>,
         limit: usize,
     ) -> Result<BoxStream<'static, Result<LabRecord>>> {
-        let (filter, sort) = worker_labs_query(worker_id, include_removed);
+        let (filter, sort) = worker_labs_query(worker_id, include_removed, readers);
         let cursor = self
             .records
             .find(filter)
@@ -188,10 +200,45 @@ impl LabStore {
 
     /// One record, with its history.
     pub async fn lab(&self, worker_id: &str, lab_id: &str) -> Result<Option<LabRecord>> {
-        Ok(self
-            .records
-            .find_one(doc! { "worker_id": worker_id, "lab_id": lab_id })
-            .await?)
+        self.lab_for(worker_id, lab_id, None).await
+    }
+
+    /// One record, with its history, if one of `readers` may read it (`None`: anyone).
+    pub async fn lab_for(
+        &self,
+        worker_id: &str,
+        lab_id: &str,
+        readers: Option<&[String]>,
+    ) -> Result<Option<LabRecord>> {
+        let mut filter = doc! { "worker_id": worker_id, "lab_id": lab_id };
+        if let Some(r) = readers {
+            filter.insert("readers", doc! { "$in": r });
+        }
+        Ok(self.records.find_one(filter).await?)
+    }
+
+    /// How many records not removed each of `workers` has that one of `readers` may read.
+    pub async fn count_visible(
+        &self,
+        workers: &[String],
+        readers: &[String],
+    ) -> Result<HashMap<String, i64>> {
+        let pipeline = [
+            doc! { "$match": {
+                "readers": { "$in": readers },
+                "worker_id": { "$in": workers },
+                "removed_at": Bson::Null,
+            } },
+            doc! { "$group": { "_id": "$worker_id", "n": { "$sum": 1 } } },
+        ];
+        let groups: Vec<Document> = self.raw.aggregate(pipeline).await?.try_collect().await?;
+        Ok(groups
+            .iter()
+            .filter_map(|g| {
+                let id = g.get_str("_id").ok()?.to_owned();
+                Some((id, g.get("n").and_then(mongo::as_i64).unwrap_or(0)))
+            })
+            .collect())
     }
 
     /// The cross-worker listing, ordered by (worker_id, lab_id) so a cursor is just the last key.
@@ -373,10 +420,17 @@ impl LabStore {
 }
 
 /// The filter and sort of [`LabStore::labs_of_worker`] (for `explain` as well).
-pub fn worker_labs_query(worker_id: &str, include_removed: bool) -> (Document, Document) {
+pub fn worker_labs_query(
+    worker_id: &str,
+    include_removed: bool,
+    readers: Option<&[String]>,
+) -> (Document, Document) {
     let mut filter = doc! { "worker_id": worker_id };
     if !include_removed {
         filter.insert("removed_at", Bson::Null);
+    }
+    if let Some(r) = readers {
+        filter.insert("readers", doc! { "$in": r });
     }
     (filter, doc! { "title": 1, "lab_id": 1 })
 }
@@ -395,6 +449,9 @@ pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, 
     }
     if !filter.include_removed {
         clauses.push(doc! { "removed_at": Bson::Null });
+    }
+    if let Some(r) = &filter.readers {
+        clauses.push(doc! { "readers": { "$in": r } });
     }
     if let Some(c) = after {
         // After (worker_id, lab_id) = c. The range on worker_id alone bounds the scan of the

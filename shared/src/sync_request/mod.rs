@@ -58,6 +58,10 @@ pub struct SyncRequest {
     /// can tell the requests of a replica that died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
+    /// The CML username of who asked for it (none: an admin of the fleet, or open access):
+    /// only they and the fleet's admins may read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
 }
 
 impl SyncRequest {
@@ -75,6 +79,7 @@ impl SyncRequest {
             error_kind: None,
             error: None,
             claimed_by: None,
+            requested_by: None,
         }
     }
 }

@@ -130,10 +130,27 @@ impl RequestStore {
         now: DateTime,
         min_interval: Duration,
     ) -> Result<Recorded> {
+        self.record_by(id, worker_id, None, now, min_interval).await
+    }
+
+    /// [`RequestStore::record`], noting who asked (a CML username; `None`: an admin of the
+    /// fleet, or anyone where access is open): its status is theirs to read.
+    pub async fn record_by(
+        &self,
+        id: String,
+        worker_id: &str,
+        requested_by: Option<&str>,
+        now: DateTime,
+        min_interval: Duration,
+    ) -> Result<Recorded> {
         // A few rounds: the gate may be let go (or healed) between a refusal and its reading.
         for _ in 0..3 {
             let held = match self.take_gate(&id, worker_id, now, min_interval).await? {
-                Taken(before) => return self.insert_through(id, worker_id, now, before).await,
+                Taken(before) => {
+                    return self
+                        .insert_through(id, worker_id, requested_by, now, before)
+                        .await
+                }
                 Held => self.gate(worker_id).await?,
             };
             let Some(gate) = held else { continue };
@@ -194,10 +211,12 @@ impl RequestStore {
         &self,
         id: String,
         worker_id: &str,
+        requested_by: Option<&str>,
         now: DateTime,
         before: Option<Gate>,
     ) -> Result<Recorded> {
-        let request = SyncRequest::pending(id, worker_id.to_owned(), now);
+        let mut request = SyncRequest::pending(id, worker_id.to_owned(), now);
+        request.requested_by = requested_by.map(str::to_owned);
         let Err(e) = self.coll.insert_one(&request).await else {
             return Ok(Recorded::Accepted(Box::new(request)));
         };
