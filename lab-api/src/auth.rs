@@ -200,10 +200,12 @@ impl Authenticator {
         let names = &self.claims;
         let username = match claims.get(&names.username) {
             Some(Value::String(u)) if plausible_username(u) => u.clone(),
-            _ => return Err(ApiError::Forbidden(format!(
+            _ => {
+                return Err(ApiError::Forbidden(format!(
                 "The token's `{}` claim must name a CML user (a string of 1 to 256 characters).",
                 names.username
-            ))),
+            )))
+            }
         };
         let mut at = claims.get(&names.admin_path[0]);
         for part in &names.admin_path[1..] {
