@@ -515,3 +515,64 @@ async fn an_unreachable_identity_provider_is_a_503_not_a_401() {
         "the right cause: {problem}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_username_claim_names_the_caller_and_a_bad_one_is_a_403_naming_it() {
+    let rsa = rsa_key("rsa-1");
+    let provider = idp(vec![rsa.jwk.clone()]).await;
+    let db = TestDb::new("api_jwt_identity").await;
+    let router = api(&db, &provider.url).await;
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut c = claims();
+        edit(&mut c);
+        token(Algorithm::RS256, &rsa.kid, &rsa.encoding, c)
+    };
+    for (why, bad) in [
+        (
+            "absent",
+            with(&|c| drop(c.as_object_mut().map(|o| o.remove("preferred_username")))),
+        ),
+        ("a number", with(&|c| c["preferred_username"] = json!(7))),
+        (
+            "an object",
+            with(&|c| c["preferred_username"] = json!({ "$ne": "" })),
+        ),
+        (
+            "a list",
+            with(&|c| c["preferred_username"] = json!(["alice"])),
+        ),
+        ("empty", with(&|c| c["preferred_username"] = json!(""))),
+        (
+            "10 KB",
+            with(&|c| c["preferred_username"] = json!("a".repeat(10_000))),
+        ),
+        (
+            "with a NUL",
+            with(&|c| c["preferred_username"] = json!("ali\u{0}ce")),
+        ),
+    ] {
+        let (status, body) = status(&router, Some(&bad)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{why}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("`preferred_username`"),
+            "{why}: {body}"
+        );
+    }
+    // A user with no account anywhere (even one named like an operator or a pattern) sees
+    // an empty answer, not an error; the fleet's admins see everything.
+    for name in ["nobody", "{\"$gt\": \"\"}", ".*", "a|b", "$where"] {
+        let t = with(&|c| {
+            c["preferred_username"] = json!(name);
+            c["realm_access"] = json!({ "roles": ["viewer"] });
+        });
+        let (status, body) = status(&router, Some(&t)).await;
+        assert_eq!((status, body), (StatusCode::OK, json!([])), "{name}");
+        let (status, _) = answer(&router, Some(("authorization", format!("Bearer {t}")))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let admin = with(&|c| c["realm_access"] = json!({ "roles": "admin" }));
+    assert_eq!(status(&router, Some(&admin)).await.0, StatusCode::OK);
+}
