@@ -338,12 +338,19 @@ pub async fn fleet_status(
 )]
 pub async fn event_stream(
     State(s): State<AppState>,
+    viewer: Viewer,
     headers: HeaderMap,
     abort: Option<Extension<ConnectionAbort>>,
     Query(q): Query<EventStreamQuery>,
 ) -> Result<Response, ApiError> {
     let filter = events::stream::filter(&q)?;
-    events::stream::open(&s.events, filter, &headers, abort.map(|Extension(a)| a))
+    events::stream::open(
+        &s.events,
+        viewer,
+        filter,
+        &headers,
+        abort.map(|Extension(a)| a),
+    )
 }
 
 /// A cursor that does not decode: not one this API issued.

@@ -291,7 +291,7 @@ impl App {
         let follower = tokio::spawn(events::follow::follow(
             events.clone(),
             state.waiters.clone(),
-            state.db.clone(),
+            state.store.clone(),
             state.watched.clone(),
         ));
         // Event streams end as soon as shutdown begins, so that serving can drain.

@@ -72,6 +72,7 @@ impl AppState {
                 labs: mongo.lab_records_collection.clone(),
                 status: mongo.sync_status_collection.clone(),
                 requests: mongo.sync_requests_collection.clone(),
+                accounts: mongo.cml_accounts_collection.clone(),
             },
         }
     }

@@ -1,13 +1,15 @@
 //! The `cml_accounts` collection: each user's account on each worker (admin or not, its
 //! groups), as the worker's last read of its users and groups gave it. sync-daemon writes a
 //! worker's accounts when they change; lab-api reads a caller's by its username (one indexed
-//! query) and decides from them what it may see ([`crate::access::grant`]).
+//! query) and decides from them what it may see ([`crate::access::grant`]). An account gone
+//! from its server is marked `removed_at` (whoever follows the collection learns whose access
+//! changed) and deleted a day later.
 
 use std::collections::HashMap;
 
-use bson::{doc, DateTime, Document};
+use bson::{doc, Bson, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::{Collection, Database};
+use mongodb::{options::IndexOptions, Collection, Database, IndexModel};
 
 use crate::{access::Account, mongo, Result};
 
@@ -49,6 +51,15 @@ impl AccountStore {
                     true,
                 ),
                 mongo::index(doc! { "worker_id": 1 }, "worker_id_1", false),
+                IndexModel::builder()
+                    .keys(doc! { "removed_at": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .name("removed_at_ttl".to_owned())
+                            .expire_after(std::time::Duration::from_secs(86_400))
+                            .build(),
+                    )
+                    .build(),
             ],
         )
         .await
@@ -59,7 +70,7 @@ impl AccountStore {
     pub async fn of_user(&self, username: &str) -> Result<Vec<Account>> {
         let docs: Vec<Document> = self
             .coll
-            .find(doc! { "username": username })
+            .find(doc! { "username": username, "removed_at": Bson::Null })
             .sort(doc! { "username": 1, "worker_id": 1 })
             .limit(MAX_ACCOUNTS_PER_USER)
             .await?
@@ -72,7 +83,7 @@ impl AccountStore {
     pub async fn of_worker(&self, worker_id: &str) -> Result<Vec<Account>> {
         let docs: Vec<Document> = self
             .coll
-            .find(doc! { "worker_id": worker_id })
+            .find(doc! { "worker_id": worker_id, "removed_at": Bson::Null })
             .await?
             .try_collect()
             .await?;
@@ -102,7 +113,10 @@ impl AccountStore {
             }
             statements.push(doc! {
                 "q": { "username": &a.username, "worker_id": worker_id },
-                "u": { "$set": { "admin": a.admin, "groups": &a.groups, "read_at": now } },
+                "u": {
+                    "$set": { "admin": a.admin, "groups": &a.groups, "read_at": now },
+                    "$unset": { "removed_at": "" },
+                },
                 "upsert": true,
             });
         }
@@ -111,13 +125,23 @@ impl AccountStore {
             mongo::update_command(&self.db, self.coll.name(), statements, |_| true).await?;
             written.upserted = n as u64;
         }
+        // Gone accounts are marked, not deleted, so that whoever follows the collection learns
+        // whose access changed; a TTL index deletes them a day later.
         let current: Vec<&str> = accounts.iter().map(|a| a.username.as_str()).collect();
-        if stored.keys().any(|u| !current.contains(&u.as_str())) {
+        let gone: Vec<&str> = stored
+            .keys()
+            .map(String::as_str)
+            .filter(|u| !current.contains(u))
+            .collect();
+        if !gone.is_empty() {
             written.removed = self
                 .coll
-                .delete_many(doc! { "worker_id": worker_id, "username": { "$nin": current } })
+                .update_many(
+                    doc! { "worker_id": worker_id, "username": { "$in": gone }, "removed_at": Bson::Null },
+                    doc! { "$set": { "removed_at": now, "admin": false, "groups": [] } },
+                )
                 .await?
-                .deleted_count;
+                .modified_count;
         }
         Ok(written)
     }

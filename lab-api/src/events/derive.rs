@@ -8,6 +8,12 @@
 //! registry's fields sync-daemon copies into a status are no event). A throttle
 //! notice in `sync_requests` is a refused refresh; a request that finished is no event, but
 //! wakes whoever waits for it ([`finished_request`]).
+//!
+//! Each event says who it is for ([`Audience`]): a lab's change, the callers who may read the
+//! lab (its `readers` before the write, from `readers_before` when the write changed them, and
+//! after), with an addition for those who gain it and a removal without fields for those who
+//! lose it; a write that changed only who may read it is an event for those two only. A
+//! worker's sync or refused refresh, the callers with a user on it.
 
 use bson::{Bson, DateTime, Document};
 use serde_json::Value;
@@ -17,7 +23,11 @@ use shared::{
 };
 
 use super::{
-    payload::{self, Changed, DataRefreshed, LabChange, LabUpdated, RefreshThrottled, SyncFailed},
+    hub::Audience,
+    payload::{
+        self, Changed, DataRefreshed, LabChange, LabHidden, LabUpdated, RefreshThrottled,
+        SyncFailed,
+    },
     EventType,
 };
 use crate::dto::{iso, HistoryEntryDto, LabEntry};
@@ -28,6 +38,8 @@ pub enum Collection {
     Labs,
     Status,
     Requests,
+    /// `cml_accounts`: a user's account on a worker.
+    Accounts,
 }
 
 /// What kind of write it was.
@@ -51,12 +63,33 @@ pub struct Change {
     pub full_document: Option<Document>,
 }
 
-/// An event: its type, the worker it concerns, and its `data`.
+/// An event: its type, the worker it concerns, its `data` (what most of its audience gets;
+/// none when only those who gain or lose a lab get something) and who it is for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Derived {
     pub kind: EventType,
     pub worker_id: String,
-    pub data: Value,
+    pub data: Option<Value>,
+    pub audience: Audience,
+}
+
+/// A sync's `worker.data.refreshed` as a caller who sees `visible` of the worker's labs gets
+/// it: its own count, none of the whole worker's figures.
+pub fn refreshed_for(data: &Value, visible: i64) -> Value {
+    let mut mine = data.clone();
+    if let Some(o) = mine.as_object_mut() {
+        o.insert("lab_count".into(), visible.into());
+        o.insert("labs_synced".into(), visible.into());
+        for key in [
+            "labs_created",
+            "labs_updated",
+            "labs_unchanged",
+            "labs_removed",
+        ] {
+            o.insert(key.into(), Value::Null);
+        }
+    }
+    mine
 }
 
 /// The event a change makes, if any.
@@ -65,7 +98,24 @@ pub fn derive(change: &Change) -> Option<Derived> {
         Collection::Labs => lab_event(change),
         Collection::Status => status_event(change),
         Collection::Requests => throttle_event(change),
+        Collection::Accounts => None,
     }
+}
+
+/// The user whose account on a worker a change wrote (made, changed, marked removed): what
+/// that user may see changed.
+pub fn account_changed(change: &Change) -> Option<String> {
+    if change.collection != Collection::Accounts {
+        return None;
+    }
+    Some(
+        change
+            .full_document
+            .as_ref()?
+            .get_str("username")
+            .ok()?
+            .to_owned(),
+    )
 }
 
 /// A refused refresh, from its notice: `worker_id` and `retry_after_seconds`.
@@ -80,10 +130,11 @@ fn throttle_event(change: &Change) -> Option<Derived> {
         .and_then(shared::mongo::as_i64)?;
     Some(Derived {
         kind: EventType::RefreshThrottled,
-        data: payload::data(&RefreshThrottled {
+        data: Some(payload::data(&RefreshThrottled {
             worker_id: worker_id.clone(),
             retry_after_seconds: retry_after,
-        }),
+        })),
+        audience: Audience::Worker { partial: None },
         worker_id,
     })
 }
@@ -108,44 +159,86 @@ pub fn finished_request(change: &Change) -> Option<String> {
 
 fn lab_event(change: &Change) -> Option<Derived> {
     let record: LabRecord = bson::from_document(change.full_document.clone()?).ok()?;
-    let change = match change.operation {
-        Operation::Insert => LabChange::Created {
-            first_seen_at: iso(record.first_seen_at),
-        },
-        Operation::Update => {
-            let at = *change.updated_fields.get_datetime("last_changed_at").ok()?;
-            let entry = written_entry(&change.updated_fields, &record, at)?;
-            let dto = HistoryEntryDto::from(&entry);
-            let changed = Changed {
-                previous_state: dto.previous_state,
-                new_state: dto.new_state,
-                changed_fields: dto.changed_fields,
-                changed_at: dto.timestamp,
-            };
-            match entry.action() {
-                "reappeared" => LabChange::Reappeared(changed),
-                "removed" => LabChange::Removed(changed),
-                "state_changed" => LabChange::StateChanged(changed),
-                _ => LabChange::Updated {
-                    change: changed,
-                    synced_at: iso(record.last_synced_at),
-                },
+    let updated = &change.updated_fields;
+    let regranted = updated.contains_key("readers");
+    let lab_change = match change.operation {
+        Operation::Insert => Some(created(&record)),
+        Operation::Update => match updated.get_datetime("last_changed_at") {
+            Ok(at) => {
+                let entry = written_entry(updated, &record, *at)?;
+                let dto = HistoryEntryDto::from(&entry);
+                let changed = Changed {
+                    previous_state: dto.previous_state,
+                    new_state: dto.new_state,
+                    changed_fields: dto.changed_fields,
+                    changed_at: dto.timestamp,
+                };
+                Some(match entry.action() {
+                    "reappeared" => LabChange::Reappeared(changed),
+                    "removed" => LabChange::Removed(changed),
+                    "state_changed" => LabChange::StateChanged(changed),
+                    _ => LabChange::Updated {
+                        change: changed,
+                        synced_at: iso(record.last_synced_at),
+                    },
+                })
             }
-        }
+            // Only who may read it changed: an event for those who gain or lose it.
+            Err(_) if regranted => None,
+            Err(_) => return None,
+        },
         Operation::Replace | Operation::Delete | Operation::Other => return None,
     };
-    let data = payload::data(&LabUpdated {
+    let after = record.readers.clone();
+    let before = match change.operation {
+        Operation::Insert => Vec::new(),
+        _ if regranted => strings(updated.get("readers_before")),
+        _ => after.clone(),
+    };
+    let as_change = |c: LabChange| {
+        payload::data(&LabUpdated {
+            worker_id: record.worker_id.clone(),
+            lab_id: record.lab_id.clone(),
+            lab: LabEntry::from(&record),
+            removed_at: record.removed_at.map(iso),
+            change: c,
+        })
+    };
+    let lost = payload::data(&LabHidden {
         worker_id: record.worker_id.clone(),
         lab_id: record.lab_id.clone(),
-        lab: LabEntry::from(&record),
-        removed_at: record.removed_at.map(iso),
-        change,
+        action: "removed",
+        reason: "access",
     });
     Some(Derived {
         kind: EventType::LabsUpdated,
+        data: lab_change.map(as_change),
+        audience: Audience::Lab {
+            before,
+            after,
+            gained: as_change(created(&record)),
+            lost,
+        },
         worker_id: record.worker_id,
-        data,
     })
+}
+
+/// A lab as it arrives for a caller who had not seen it: created.
+fn created(record: &LabRecord) -> LabChange {
+    LabChange::Created {
+        first_seen_at: iso(record.first_seen_at),
+    }
+}
+
+/// A list of strings in a document (anything else: none).
+fn strings(v: Option<&Bson>) -> Vec<String> {
+    match v {
+        Some(Bson::Array(items)) => items
+            .iter()
+            .filter_map(|b| b.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The history entry the write pushed: the one stamped `at`, looked for among the entries the
@@ -197,10 +290,10 @@ fn status_event(change: &Change) -> Option<Derived> {
                 lab_count: s.lab_count,
                 duration_ms: s.last_duration_ms,
                 labs_synced: c.synced,
-                labs_created: c.created,
-                labs_updated: c.updated,
-                labs_unchanged: c.unchanged,
-                labs_removed: c.removed,
+                labs_created: Some(c.created),
+                labs_updated: Some(c.updated),
+                labs_unchanged: Some(c.unchanged),
+                labs_removed: Some(c.removed),
             }),
         )
     } else {
@@ -216,10 +309,23 @@ fn status_event(change: &Change) -> Option<Derived> {
             }),
         )
     };
+    let audience = match kind {
+        EventType::DataRefreshed => Audience::Counts { views: Vec::new() },
+        _ => {
+            let mut partial = data.clone();
+            if let Some(o) = partial.as_object_mut() {
+                o.insert("error".into(), Value::Null);
+            }
+            Audience::Worker {
+                partial: Some(partial),
+            }
+        }
+    };
     Some(Derived {
         kind,
         worker_id: s.worker_id,
-        data,
+        data: Some(data),
+        audience,
     })
 }
 
@@ -263,6 +369,58 @@ mod tests {
     }
 
     #[test]
+    fn who_may_see_a_lab_goes_with_its_event() {
+        let mut full = record(vec![], None);
+        full.insert("readers", vec!["a:w1", "u:w1:bob"]);
+        let insert = derive(&Change {
+            collection: Collection::Labs,
+            operation: Operation::Insert,
+            updated_fields: Document::new(),
+            full_document: Some(full.clone()),
+        })
+        .expect("event");
+        let Audience::Lab {
+            before,
+            after,
+            lost,
+            ..
+        } = &insert.audience
+        else {
+            panic!("{:?}", insert.audience);
+        };
+        assert!(before.is_empty(), "nobody saw a new lab");
+        assert_eq!(after, &["a:w1", "u:w1:bob"]);
+        assert_eq!(
+            lost,
+            &serde_json::json!({
+                "worker_id": "w1", "lab_id": "l1", "action": "removed", "reason": "access",
+            }),
+            "a removal says nothing of the lab"
+        );
+        // Only its sharing changed: no event for those who keep it.
+        let regrant = derive(&update(
+            doc! { "readers": ["a:w1", "u:w1:bob"], "readers_before": ["a:w1", "g:w1:g"], "last_synced_at": t(60) },
+            full.clone(),
+        ))
+        .expect("event");
+        assert_eq!(regrant.data, None);
+        let Audience::Lab { before, gained, .. } = &regrant.audience else {
+            panic!("{:?}", regrant.audience);
+        };
+        assert_eq!(before, &["a:w1", "g:w1:g"]);
+        assert_eq!(
+            gained["action"], "created",
+            "who gains it gets it as an addition"
+        );
+        assert!(gained.get("notes").is_none());
+        // A stamp is still no event.
+        assert_eq!(
+            derive(&update(doc! { "last_synced_at": t(70) }, full)),
+            None
+        );
+    }
+
+    #[test]
     fn an_insert_is_a_created_lab_with_the_ui_fields() {
         let d = derive(&Change {
             collection: Collection::Labs,
@@ -273,10 +431,17 @@ mod tests {
         .expect("event");
         assert_eq!(d.kind, EventType::LabsUpdated);
         assert_eq!(d.worker_id, "w1");
-        assert_eq!(d.data["action"], "created");
-        assert!(d.data.get("notes").is_none(), "notes stay out of events");
-        assert_eq!(d.data["lab_id"], "l1");
-        assert_eq!(d.data["id"], "l1", "the UI's list entry: id is the lab id");
+        assert_eq!(d.data.clone().expect("data")["action"], "created");
+        assert!(
+            d.data.clone().expect("data").get("notes").is_none(),
+            "notes stay out of events"
+        );
+        assert_eq!(d.data.clone().expect("data")["lab_id"], "l1");
+        assert_eq!(
+            d.data.clone().expect("data")["id"],
+            "l1",
+            "the UI's list entry: id is the lab id"
+        );
         for key in [
             "title",
             "state",
@@ -288,10 +453,15 @@ mod tests {
             "last_synced",
             "first_seen_at",
         ] {
-            assert!(d.data.get(key).is_some(), "{key}: {}", d.data);
+            assert!(
+                d.data.clone().expect("data").get(key).is_some(),
+                "{key}: {}",
+                d.data.clone().expect("data")
+            );
         }
         assert_eq!(
-            d.data["title"], "Lab <b>",
+            d.data.clone().expect("data")["title"],
+            "Lab <b>",
             "text as stored: the page escapes it"
         );
     }
@@ -326,11 +496,16 @@ mod tests {
             for updated in shapes {
                 let d =
                     derive(&update(updated.clone(), record(vec![e.clone()], None))).expect("event");
-                assert_eq!(d.data["action"], want, "{updated}");
-                assert_eq!(d.data["changed_at"], iso(t(40)));
-                assert_eq!(d.data["new_state"], e.get_str("new_state").expect("s"));
+                assert_eq!(d.data.clone().expect("data")["action"], want, "{updated}");
+                assert_eq!(d.data.clone().expect("data")["changed_at"], iso(t(40)));
                 assert_eq!(
-                    d.data["changed_fields"].as_object().map(|o| o.len()),
+                    d.data.clone().expect("data")["new_state"],
+                    e.get_str("new_state").expect("s")
+                );
+                assert_eq!(
+                    d.data.clone().expect("data")["changed_fields"]
+                        .as_object()
+                        .map(|o| o.len()),
                     Some(1)
                 );
             }
@@ -348,8 +523,8 @@ mod tests {
             record(vec![this, later], None),
         ))
         .expect("event");
-        assert_eq!(d.data["action"], "state_changed");
-        assert_eq!(d.data["changed_at"], iso(t(40)));
+        assert_eq!(d.data.clone().expect("data")["action"], "state_changed");
+        assert_eq!(d.data.clone().expect("data")["changed_at"], iso(t(40)));
     }
 
     #[test]
@@ -390,13 +565,16 @@ mod tests {
             assert_eq!(ok.kind, EventType::DataRefreshed);
             assert_eq!(
                 (
-                    &ok.data["labs_synced"],
-                    &ok.data["labs_created"],
-                    &ok.data["labs_updated"]
+                    &ok.data.clone().expect("data")["labs_synced"],
+                    &ok.data.clone().expect("data")["labs_created"],
+                    &ok.data.clone().expect("data")["labs_updated"]
                 ),
                 (&json!(7), &json!(1), &json!(2))
             );
-            assert_eq!(ok.data["last_success_at"], iso(t(10)));
+            assert_eq!(
+                ok.data.clone().expect("data")["last_success_at"],
+                iso(t(10))
+            );
             let failed = derive(&Change {
                 collection: Collection::Status,
                 operation,
@@ -405,8 +583,14 @@ mod tests {
             })
             .expect("event");
             assert_eq!(failed.kind, EventType::SyncFailed);
-            assert_eq!(failed.data["error_kind"], "cml_timeout");
-            assert_eq!(failed.data["consecutive_failures"], 3);
+            assert_eq!(
+                failed.data.clone().expect("data")["error_kind"],
+                "cml_timeout"
+            );
+            assert_eq!(
+                failed.data.clone().expect("data")["consecutive_failures"],
+                3
+            );
         }
         assert_eq!(
             derive(&Change {
@@ -456,7 +640,7 @@ mod tests {
         assert_eq!(d.kind, EventType::RefreshThrottled);
         assert_eq!(d.worker_id, "w1");
         assert_eq!(
-            d.data,
+            d.data.clone().expect("data"),
             json!({ "worker_id": "w1", "retry_after_seconds": 42 })
         );
         assert_eq!(finished_request(&notice), None);

@@ -11,17 +11,21 @@ use bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::{
     change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken},
     options::FullDocumentType,
-    Database,
 };
+use serde_json::Value;
 use shared::{
     backoff::Backoff,
     change_stream::{self, Follower, Source, Spec, State},
+    store::LabStore,
 };
 
 use crate::logs::{ChangeStreamFailed, ChangeStreamOpened, ChangeStreamReset, LogLine};
 
 use super::{
-    derive::{derive, finished_request, Change, Collection, Operation},
+    derive::{
+        account_changed, derive, finished_request, refreshed_for, Change, Collection, Operation,
+    },
+    hub::Audience,
     waiters::Waiters,
     Backlog, Hub,
 };
@@ -42,10 +46,13 @@ pub struct Watched {
     pub labs: String,
     pub status: String,
     pub requests: String,
+    /// `cml_accounts`: a caller's streams end when its accounts change.
+    pub accounts: String,
 }
 
-/// The change stream's filter: inserts and changes of labs (a change sets `last_changed_at`;
-/// a stamp of an unchanged lab does not), every status write of a sync (it sets
+/// The change stream's filter: accounts written (a caller's access changed), inserts and
+/// changes of labs (a change sets `last_changed_at`;
+/// a stamp of an unchanged lab does not), changes of who may read a lab (`readers`), every status write of a sync (it sets
 /// `last_attempt_at`; the registry's fields the daemon copies in are no event), throttle
 /// notices, and sync requests that finished.
 pub fn pipeline(w: &Watched) -> Vec<Document> {
@@ -53,6 +60,8 @@ pub fn pipeline(w: &Watched) -> Vec<Document> {
         { "ns.coll": &w.labs, "operationType": "insert" },
         { "ns.coll": &w.labs, "operationType": "update",
           "updateDescription.updatedFields.last_changed_at": { "$exists": true } },
+        { "ns.coll": &w.labs, "operationType": "update",
+          "updateDescription.updatedFields.readers": { "$exists": true } },
         { "ns.coll": &w.status, "operationType": { "$in": ["insert", "replace"] },
           "fullDocument.last_attempt_at": { "$exists": true } },
         { "ns.coll": &w.status, "operationType": "update",
@@ -60,6 +69,7 @@ pub fn pipeline(w: &Watched) -> Vec<Document> {
         { "ns.coll": &w.requests, "operationType": "insert", "fullDocument.notice": "throttled" },
         { "ns.coll": &w.requests, "operationType": "update",
           "updateDescription.updatedFields.finished_at": { "$exists": true } },
+        { "ns.coll": &w.accounts, "operationType": { "$in": ["insert", "update", "replace"] } },
     ] } }]
 }
 
@@ -86,6 +96,8 @@ fn change_of(e: &ChangeStreamEvent<Document>, w: &Watched) -> Option<Change> {
         Collection::Status
     } else if coll == w.requests {
         Collection::Requests
+    } else if coll == w.accounts {
+        Collection::Accounts
     } else {
         return None;
     };
@@ -119,7 +131,9 @@ fn written_at(e: &ChangeStreamEvent<Document>) -> DateTime {
 }
 
 /// Follows the change stream until the hub stops; wakes `waiters` of requests that finish.
-pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, db: Database, watched: Watched) {
+/// `store` counts the labs of a synced worker that its partial viewers see.
+pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, store: LabStore, watched: Watched) {
+    let db = store.database().clone();
     let stop = hub.stopping();
     let start_at = (!hub.replay_window.is_zero()).then(|| {
         let from = DateTime::now().timestamp_millis()
@@ -144,6 +158,7 @@ pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, db: Database, watched:
     let mut relay = Relay {
         hub: hub.clone(),
         waiters,
+        store,
         watched,
         published: 0,
     };
@@ -160,8 +175,37 @@ pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, db: Database, watched:
 struct Relay {
     hub: Arc<Hub>,
     waiters: Arc<Waiters>,
+    store: LabStore,
     watched: Watched,
     published: u64,
+}
+
+impl Relay {
+    /// A synced worker's refreshed event as each client who sees only some of its labs gets
+    /// it: one read of the worker's readers (only when such clients listen), counted per view.
+    /// A failed read leaves those clients without this event (the next sync tells them).
+    async fn partial_counts(&self, worker_id: &str, data: &Value) -> Vec<(Vec<String>, Value)> {
+        let views = self
+            .hub
+            .partial_views(worker_id, super::EventType::DataRefreshed);
+        if views.is_empty() {
+            return Vec::new();
+        }
+        let Ok(readers) = self.store.readers_of_worker(worker_id).await else {
+            return Vec::new();
+        };
+        views
+            .into_iter()
+            .map(|view| {
+                let n = readers
+                    .iter()
+                    .filter(|r| r.iter().any(|p| view.binary_search(p).is_ok()))
+                    .count();
+                let data = refreshed_for(data, i64::try_from(n).unwrap_or(i64::MAX));
+                (view, data)
+            })
+            .collect()
+    }
 }
 
 impl Follower for Relay {
@@ -190,12 +234,23 @@ impl Follower for Relay {
         if let Some(id) = change.as_ref().and_then(finished_request) {
             self.waiters.finished(&id);
         }
-        let Some(d) = change.as_ref().and_then(derive) else {
+        if let Some(user) = change.as_ref().and_then(account_changed) {
+            self.hub.access_changed(&user);
+        }
+        let Some(mut d) = change.as_ref().and_then(derive) else {
             return;
         };
-        let backlog =
-            self.hub
-                .publish(event_id(&e.id), d.kind, d.worker_id, written_at(&e), d.data);
+        if let (Audience::Counts { views }, Some(data)) = (&mut d.audience, &d.data) {
+            *views = self.partial_counts(&d.worker_id, data).await;
+        }
+        let backlog = self.hub.publish_to(
+            event_id(&e.id),
+            d.kind,
+            d.worker_id,
+            written_at(&e),
+            d.data,
+            d.audience,
+        );
         // In a burst (a first cycle, a catch-up) the clients' streams get scheduled every few
         // events, each writing what piled up in one go; while one is behind, reading slows so
         // that it can catch up (one that stalled is dropped when its queue is full, and holds

@@ -3,6 +3,11 @@
 //! bounded in bytes. A client whose queue is full has fallen behind: it is dropped from the
 //! fan-out and told to `reset`; past the bound of all queues, the client furthest behind goes
 //! first. No client makes the replica hold more.
+//!
+//! Each client sees what its grant lets it see ([`Audience`]): a lab's change goes to the
+//! callers who may see the lab; one who just gained it gets it as an addition, one who lost it
+//! a removal without fields; a worker's sync goes to the callers with a user on it, those who
+//! see only some of its labs with their own counts and no error text.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -12,7 +17,7 @@ use std::{
 
 use bson::DateTime;
 use serde_json::Value;
-use shared::{config::EventsConfig, metrics::Reason};
+use shared::{access::Grant, config::EventsConfig, metrics::Reason};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +25,7 @@ use super::{
     queue::{Ledger, Queue},
     EventMetrics, EventType, Filter, Frame,
 };
+use shared::access::Visibility;
 
 /// Whether clients keep up with the events published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +46,136 @@ pub enum Item {
     Reset(&'static str),
 }
 
+/// Who an event is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Audience {
+    /// Every client whose filter wants it.
+    Everyone,
+    /// Clients with a user on the event's worker; those who see only some of its labs get
+    /// `partial` instead (when given).
+    Worker { partial: Option<Value> },
+    /// A worker's sync: clients who see all of the worker get the event; each other client
+    /// with a user on it gets the frame of its own view (its principals on the worker), if
+    /// one was made for it.
+    Counts { views: Vec<(Vec<String>, Value)> },
+    /// A lab's change: who could read it before the write, who can after; what a client who
+    /// gains it gets, and one who loses it. Those who keep it get the event, when there is one.
+    Lab {
+        before: Vec<String>,
+        after: Vec<String>,
+        gained: Value,
+        lost: Value,
+    },
+}
+
+/// The frames of one event, rendered once: the one most clients get, and those of an
+/// audience's other views.
+#[derive(Debug)]
+struct Event {
+    main: Option<Arc<Frame>>,
+    audience: Rendered,
+}
+
+#[derive(Debug)]
+enum Rendered {
+    Everyone,
+    Worker {
+        partial: Option<Arc<Frame>>,
+    },
+    Counts {
+        views: Vec<(Vec<String>, Arc<Frame>)>,
+    },
+    Lab {
+        before: Vec<String>,
+        after: Vec<String>,
+        gained: Arc<Frame>,
+        lost: Arc<Frame>,
+    },
+}
+
+impl Event {
+    /// The frame a client with this grant and filter gets, if any.
+    fn frame_for(&self, grant: &Grant, filter: &Filter) -> Option<Arc<Frame>> {
+        let main = self.main.as_ref();
+        let probe = main.or(match &self.audience {
+            Rendered::Lab { gained, .. } => Some(gained),
+            Rendered::Worker { partial } => partial.as_ref(),
+            _ => None,
+        })?;
+        if !filter.wants(probe) {
+            return None;
+        }
+        let worker = probe.worker_id.as_deref().unwrap_or_default();
+        match &self.audience {
+            Rendered::Everyone => main.cloned(),
+            Rendered::Worker { partial } => {
+                if grant.sees_all_of(worker) {
+                    main.cloned()
+                } else if grant.has_account(worker) {
+                    partial.as_ref().or(main).cloned()
+                } else {
+                    None
+                }
+            }
+            Rendered::Counts { views } => {
+                if grant.sees_all_of(worker) {
+                    main.cloned()
+                } else if grant.has_account(worker) {
+                    let mine = grant.principals_on(worker);
+                    views
+                        .iter()
+                        .find(|(v, _)| *v == mine)
+                        .map(|(_, f)| f.clone())
+                } else {
+                    None
+                }
+            }
+            Rendered::Lab {
+                before,
+                after,
+                gained,
+                lost,
+            } => match shared::access::transition(grant, before, after) {
+                Visibility::Kept => main.cloned(),
+                Visibility::Gained => Some(gained.clone()),
+                Visibility::Lost => Some(lost.clone()),
+                Visibility::Never => None,
+            },
+        }
+    }
+
+    /// Bytes of text it holds.
+    fn bytes(&self) -> usize {
+        let extra: usize = match &self.audience {
+            Rendered::Everyone => 0,
+            Rendered::Worker { partial } => partial.as_ref().map_or(0, |f| f.text.len()),
+            Rendered::Counts { views } => views.iter().map(|(_, f)| f.text.len()).sum(),
+            Rendered::Lab { gained, lost, .. } => gained.text.len() + lost.text.len(),
+        };
+        self.main.as_ref().map_or(0, |f| f.text.len()) + extra
+    }
+
+    fn id(&self) -> Option<&str> {
+        let any = self.main.as_ref().or(match &self.audience {
+            Rendered::Lab { gained, .. } => Some(gained),
+            _ => None,
+        })?;
+        any.id.as_deref()
+    }
+}
+
+/// The reason of the `reset` a client gets when its access changed: its stream ends after it,
+/// and the client comes back with its new grant.
+pub const ACCESS_CHANGED: &str = "access_changed";
+
 #[derive(Debug)]
 struct Client {
     queue: Arc<Queue>,
     filter: Filter,
+    /// What the client may see.
+    grant: Grant,
+    /// Its CML username (empty when it sees everything).
+    username: String,
     /// Cancelled when the client fell behind.
     behind: CancellationToken,
     /// A `Last-Event-ID` not seen here yet: nothing is sent until it comes (the client comes
@@ -53,7 +185,7 @@ struct Client {
 
 #[derive(Debug, Default)]
 struct Inner {
-    recent: VecDeque<Arc<Frame>>,
+    recent: VecDeque<Arc<Event>>,
     /// Bytes of frame text in `recent`.
     recent_bytes: usize,
     clients: HashMap<u64, Client>,
@@ -85,7 +217,8 @@ pub struct Subscription {
     hub: Weak<Hub>,
     pub queue: Arc<Queue>,
     pub behind: CancellationToken,
-    /// Events after the client's `Last-Event-ID`, to send before the live ones.
+    /// Events after the client's `Last-Event-ID` (as it may see them), to send before the
+    /// live ones.
     pub replay: VecDeque<Arc<Frame>>,
     /// Why the client must reload first (its id is malformed), if it must.
     pub reset: Option<&'static str>,
@@ -145,9 +278,8 @@ impl Hub {
         self.stop.cancel();
     }
 
-    /// Publishes one event (from the change stream): kept for replays, queued for every client
-    /// that wants it. A client whose queue is full is dropped and told it fell behind.
-    /// Returns whether some client's queue is more than half full (see [`Backlog`]).
+    /// Publishes one event for every client (tests; what [`Hub::publish_to`] does with
+    /// [`Audience::Everyone`]).
     pub fn publish(
         &self,
         id: String,
@@ -156,43 +288,134 @@ impl Hub {
         written_at: DateTime,
         data: Value,
     ) -> Backlog {
-        // Rendered before the lock is taken: clients and the next publish do not wait for it.
-        let frame = Arc::new(Frame::new(
-            Some(id),
+        self.publish_to(
+            id,
             kind,
-            Some(worker_id),
+            worker_id,
             written_at,
-            data,
-        ));
+            Some(data),
+            Audience::Everyone,
+        )
+    }
+
+    /// Publishes one event (from the change stream): kept for replays, queued for every client
+    /// that wants it and may see it, as its grant lets it see it (`data`: what most clients
+    /// get; `None` when only an audience's other views get something). A client whose queue is
+    /// full is dropped and told it fell behind. Returns whether some client's queue is more
+    /// than half full (see [`Backlog`]).
+    pub fn publish_to(
+        &self,
+        id: String,
+        kind: EventType,
+        worker_id: String,
+        written_at: DateTime,
+        data: Option<Value>,
+        audience: Audience,
+    ) -> Backlog {
+        // Rendered before the lock is taken: clients and the next publish do not wait for it.
+        let frame = |data: Value| {
+            Arc::new(Frame::new(
+                Some(id.clone()),
+                kind,
+                Some(worker_id.clone()),
+                written_at,
+                data,
+            ))
+        };
+        let event = Arc::new(Event {
+            main: data.map(frame),
+            audience: match audience {
+                Audience::Everyone => Rendered::Everyone,
+                Audience::Worker { partial } => Rendered::Worker {
+                    partial: partial.map(frame),
+                },
+                Audience::Counts { views } => Rendered::Counts {
+                    views: views.into_iter().map(|(v, d)| (v, frame(d))).collect(),
+                },
+                Audience::Lab {
+                    before,
+                    after,
+                    gained,
+                    lost,
+                } => Rendered::Lab {
+                    before,
+                    after,
+                    gained: frame(gained),
+                    lost: frame(lost),
+                },
+            },
+        });
+        let len = event.bytes();
         let mut inner = self.lock();
-        if self.keep > 0 && frame.text.len() <= self.keep_bytes {
-            inner.recent_bytes += frame.text.len();
-            inner.recent.push_back(frame.clone());
+        if self.keep > 0 && len <= self.keep_bytes {
+            inner.recent_bytes += len;
+            inner.recent.push_back(event.clone());
             while inner.recent.len() > self.keep || inner.recent_bytes > self.keep_bytes {
                 if let Some(old) = inner.recent.pop_front() {
-                    inner.recent_bytes -= old.text.len();
+                    inner.recent_bytes -= old.bytes();
                 }
             }
         }
-        self.make_room(&mut inner, frame.text.len());
+        self.make_room(&mut inner, len);
         let mut backlog = Backlog::Clear;
+        let id = event.id().map(str::to_owned);
         inner.clients.retain(|_, c| {
             if let Some(awaited) = &c.awaiting {
-                if frame.id.as_ref() == Some(awaited) {
+                if id.as_ref() == Some(awaited) {
                     c.awaiting = None;
                 }
                 return true;
             }
-            if !c.filter.wants(&frame) {
+            let Some(frame) = event.frame_for(&c.grant, &c.filter) else {
                 return true;
-            }
-            let kept = self.offer(c, Item::Frame(frame.clone()));
+            };
+            let kept = self.offer(c, Item::Frame(frame));
             if kept && c.queue.more_than_half_full() {
                 backlog = Backlog::Behind;
             }
             kept
         });
         backlog
+    }
+
+    /// The accounts of `username` changed (a group joined or left, a user made or removed, an
+    /// admin flag): each of its clients that does not see everything gets a `reset` and leaves
+    /// the fan-out; its stream ends, and comes back with the new grant.
+    pub fn access_changed(&self, username: &str) {
+        let mut inner = self.lock();
+        inner.clients.retain(|_, c| {
+            if c.username != username || c.grant == Grant::All {
+                return true;
+            }
+            c.awaiting = None;
+            if !c.queue.offer(Item::Reset(ACCESS_CHANGED)) {
+                self.fell_behind(c);
+            }
+            false
+        });
+    }
+
+    /// The distinct views (principals on the worker) of the clients with a user on the worker
+    /// who see only some of its labs and want `kind`: what a sync's counts are computed for.
+    pub fn partial_views(&self, worker_id: &str, kind: EventType) -> Vec<Vec<String>> {
+        let inner = self.lock();
+        let mut views: Vec<Vec<String>> = inner
+            .clients
+            .values()
+            .filter(|c| {
+                c.grant.has_account(worker_id)
+                    && !c.grant.sees_all_of(worker_id)
+                    && c.filter.types.as_ref().is_none_or(|t| t.contains(&kind))
+                    && c.filter
+                        .workers
+                        .as_ref()
+                        .is_none_or(|w| w.contains(worker_id))
+            })
+            .map(|c| c.grant.principals_on(worker_id))
+            .collect();
+        views.sort();
+        views.dedup();
+        views
     }
 
     /// Keeps the bytes all queues hold, with a new frame of `len` bytes, within the bound:
@@ -247,6 +470,18 @@ impl Hub {
     /// from a replica that is ahead), or be too old or from before a reset, which the client
     /// learns by [`Hub::give_up`] after a wait. A malformed id means a reload first.
     pub fn subscribe(self: &Arc<Self>, filter: Filter, last_id: Option<&str>) -> Subscription {
+        self.subscribe_as(Grant::All, String::new(), filter, last_id)
+    }
+
+    /// [`Hub::subscribe`] for a client that sees what `grant` lets it (`username`: whose
+    /// grant, so that a change of its accounts reaches it).
+    pub fn subscribe_as(
+        self: &Arc<Self>,
+        grant: Grant,
+        username: String,
+        filter: Filter,
+        last_id: Option<&str>,
+    ) -> Subscription {
         let mut inner = self.lock();
         let mut replay = VecDeque::new();
         let mut reset = None;
@@ -254,18 +489,13 @@ impl Hub {
         match last_id {
             None => {}
             Some(last) if !plausible_id(last) => reset = Some("unknown_id"),
-            Some(last) => match inner
-                .recent
-                .iter()
-                .rposition(|f| f.id.as_deref() == Some(last))
-            {
+            Some(last) => match inner.recent.iter().rposition(|e| e.id() == Some(last)) {
                 Some(i) => replay.extend(
                     inner
                         .recent
                         .iter()
                         .skip(i + 1)
-                        .filter(|f| filter.wants(f))
-                        .cloned(),
+                        .filter_map(|e| e.frame_for(&grant, &filter)),
                 ),
                 None => awaiting = Some(last.to_owned()),
             },
@@ -283,6 +513,8 @@ impl Hub {
             Client {
                 queue: queue.clone(),
                 filter,
+                grant,
+                username,
                 behind: behind.clone(),
                 awaiting: awaiting.clone(),
             },
@@ -558,11 +790,11 @@ mod tests {
             publish(&h, &format!("A{i}"), "w1");
         }
         let inner = h.lock();
-        let bytes: usize = inner.recent.iter().map(|f| f.text.len()).sum();
+        let bytes: usize = inner.recent.iter().map(|e| e.bytes()).sum();
         assert!(bytes <= 1000 && bytes > 1000 - 200, "{bytes}");
         assert_eq!(inner.recent_bytes, bytes);
         assert_eq!(
-            inner.recent.back().and_then(|f| f.id.clone()),
+            inner.recent.back().and_then(|e| e.id().map(str::to_owned)),
             Some("A49".into())
         );
     }
@@ -596,5 +828,202 @@ mod tests {
         assert!(h.stream_slot().is_none());
         drop(a);
         assert!(h.stream_slot().is_some());
+    }
+
+    fn grant_of(principals: &[&str], workers: &[(&str, bool)]) -> Grant {
+        let mut p: Vec<String> = principals.iter().map(|s| s.to_string()).collect();
+        p.sort();
+        Grant::Principals {
+            principals: p,
+            workers: workers.iter().map(|(w, a)| (w.to_string(), *a)).collect(),
+        }
+    }
+
+    fn texts(s: &Subscription) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(item) = s.queue.try_take() {
+            match item {
+                Item::Frame(f) => out.push(String::from_utf8_lossy(&f.text).into_owned()),
+                Item::Reset(r) => out.push(format!("reset:{r}")),
+            }
+        }
+        out
+    }
+
+    fn lab_event(h: &Hub, id: &str, before: &[&str], after: &[&str], main: bool) {
+        let v = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        h.publish_to(
+            id.into(),
+            EventType::LabsUpdated,
+            "w1".into(),
+            DateTime::now(),
+            main.then(|| json!({ "action": "updated" })),
+            Audience::Lab {
+                before: v(before),
+                after: v(after),
+                gained: json!({ "action": "created" }),
+                lost: json!({ "action": "removed", "reason": "access" }),
+            },
+        );
+    }
+
+    #[test]
+    fn a_lab_event_goes_to_who_may_see_the_lab_as_what_it_is_to_them() {
+        let h = hub(100, 16);
+        let alice = h.subscribe_as(
+            grant_of(&["u:w1:alice"], &[("w1", false)]),
+            "alice".into(),
+            Filter::default(),
+            None,
+        );
+        let bob = h.subscribe_as(
+            grant_of(&["u:w1:bob"], &[("w1", false)]),
+            "bob".into(),
+            Filter::default(),
+            None,
+        );
+        let carol = h.subscribe_as(
+            grant_of(&["g:w1:g1"], &[("w1", false)]),
+            "carol".into(),
+            Filter::default(),
+            None,
+        );
+        let admin = h.subscribe(Filter::default(), None);
+        // alice keeps it, bob gains it, carol loses it: a change of the lab and its sharing.
+        lab_event(
+            &h,
+            "A1",
+            &["u:w1:alice", "g:w1:g1"],
+            &["u:w1:alice", "u:w1:bob"],
+            true,
+        );
+        // Only its sharing changed: nothing for those who keep it.
+        lab_event(
+            &h,
+            "A2",
+            &["u:w1:alice", "u:w1:bob"],
+            &["u:w1:alice"],
+            false,
+        );
+        let one = |s: &Subscription| {
+            texts(s)
+                .iter()
+                .map(|t| t.lines().nth(2).unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+        };
+        let has = |got: &[String], action: &str| {
+            got.iter()
+                .any(|t| t.contains(&format!("\"action\":\"{action}\"")))
+        };
+        let a = one(&alice);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(has(&a, "updated"));
+        let b = one(&bob);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert!(has(&b[..1], "created") && has(&b[1..], "removed"));
+        let c = one(&carol);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(has(&c, "removed") && c[0].contains("access"));
+        assert_eq!(
+            one(&admin).len(),
+            1,
+            "an admin of the fleet keeps seeing it: the change only"
+        );
+        // A replay gives each what it may see, as it saw it.
+        let late = h.subscribe_as(
+            grant_of(&["g:w1:g1"], &[("w1", false)]),
+            "carol".into(),
+            Filter::default(),
+            Some("A0"),
+        );
+        assert!(late.awaiting);
+        let replayed = h.subscribe_as(
+            grant_of(&["u:w1:bob"], &[("w1", false)]),
+            "bob".into(),
+            Filter::default(),
+            Some("A1"),
+        );
+        assert_eq!(replayed.replay.len(), 1, "bob lost it in A2");
+    }
+
+    #[test]
+    fn a_worker_event_goes_to_its_users_with_their_own_view() {
+        let h = hub(100, 16);
+        let partial = h.subscribe_as(
+            grant_of(&["u:w1:bob"], &[("w1", false)]),
+            "bob".into(),
+            Filter::default(),
+            None,
+        );
+        let admin_of_w1 = h.subscribe_as(
+            grant_of(&["a:w1"], &[("w1", true)]),
+            "root".into(),
+            Filter::default(),
+            None,
+        );
+        let stranger = h.subscribe_as(
+            grant_of(&["u:w2:eve"], &[("w2", false)]),
+            "eve".into(),
+            Filter::default(),
+            None,
+        );
+        assert_eq!(
+            h.partial_views("w1", EventType::DataRefreshed),
+            vec![vec!["u:w1:bob".to_owned()]]
+        );
+        h.publish_to(
+            "B1".into(),
+            EventType::DataRefreshed,
+            "w1".into(),
+            DateTime::now(),
+            Some(json!({ "lab_count": 10 })),
+            Audience::Counts {
+                views: vec![(vec!["u:w1:bob".into()], json!({ "lab_count": 2 }))],
+            },
+        );
+        h.publish_to(
+            "B2".into(),
+            EventType::SyncFailed,
+            "w1".into(),
+            DateTime::now(),
+            Some(json!({ "error": "lab l7: boom" })),
+            Audience::Worker {
+                partial: Some(json!({ "error": null })),
+            },
+        );
+        let p = texts(&partial);
+        assert!(
+            p[0].contains("\"lab_count\":2") && p[1].contains("\"error\":null"),
+            "{p:?}"
+        );
+        let a = texts(&admin_of_w1);
+        assert!(
+            a[0].contains("\"lab_count\":10") && a[1].contains("boom"),
+            "{a:?}"
+        );
+        assert!(texts(&stranger).is_empty());
+    }
+
+    #[test]
+    fn a_change_of_a_users_accounts_resets_and_ends_its_streams() {
+        let h = hub(100, 16);
+        let bob = h.subscribe_as(
+            grant_of(&["u:w1:bob"], &[("w1", false)]),
+            "bob".into(),
+            Filter::default(),
+            None,
+        );
+        let other = h.subscribe_as(
+            grant_of(&["u:w1:ann"], &[("w1", false)]),
+            "ann".into(),
+            Filter::default(),
+            None,
+        );
+        h.access_changed("bob");
+        assert_eq!(texts(&bob), ["reset:access_changed"]);
+        assert_eq!(h.clients(), 1, "bob left the fan-out");
+        lab_event(&h, "C1", &[], &["u:w1:bob", "u:w1:ann"], true);
+        assert!(texts(&bob).is_empty());
+        assert_eq!(texts(&other).len(), 1);
     }
 }

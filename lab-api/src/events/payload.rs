@@ -62,6 +62,18 @@ pub struct LabUpdated {
     pub change: LabChange,
 }
 
+/// `worker.labs.updated` for a caller who may no longer see the lab (its share was withdrawn,
+/// its owner changed): it leaves the caller's list; nothing of it is said.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LabHidden {
+    pub worker_id: String,
+    pub lab_id: String,
+    /// Always `removed`.
+    pub action: &'static str,
+    /// Always `access`: the lab is still there, for others.
+    pub reason: &'static str,
+}
+
 /// What happened to the lab, by `action`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -94,7 +106,8 @@ pub struct Changed {
     pub changed_at: String,
 }
 
-/// `worker.data.refreshed`: a worker synced.
+/// `worker.data.refreshed`: a worker synced. A caller who sees only some of its labs gets
+/// its own count in `lab_count` and `labs_synced`, and null for the other figures.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DataRefreshed {
     pub worker_id: String,
@@ -102,10 +115,10 @@ pub struct DataRefreshed {
     pub lab_count: i64,
     pub duration_ms: i64,
     pub labs_synced: i64,
-    pub labs_created: i64,
-    pub labs_updated: i64,
-    pub labs_unchanged: i64,
-    pub labs_removed: i64,
+    pub labs_created: Option<i64>,
+    pub labs_updated: Option<i64>,
+    pub labs_unchanged: Option<i64>,
+    pub labs_removed: Option<i64>,
 }
 
 /// `worker.sync.failed`: a worker's sync failed.

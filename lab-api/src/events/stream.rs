@@ -24,11 +24,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
+    hub::ACCESS_CHANGED,
     payload::{self, Connected, Heartbeat, Reset},
     queue::Queue,
     EventMetrics, EventType, Filter, Frame, Hub, Item, Subscription, TypeLabel,
 };
 use crate::{
+    access::Viewer,
     logs::{LogLine, StreamCut},
     params::{self, EventStreamQuery},
     problem::ApiError,
@@ -89,9 +91,11 @@ pub fn filter(q: &EventStreamQuery) -> Result<Filter, ApiError> {
     Ok(Filter { types, workers })
 }
 
-/// Opens a stream for `filter`, resuming after the request's `Last-Event-ID`.
+/// Opens a stream for `filter`, of what `viewer` may see, resuming after the request's
+/// `Last-Event-ID`.
 pub fn open(
     hub: &Arc<Hub>,
+    viewer: Viewer,
     filter: Filter,
     headers: &HeaderMap,
     abort: Option<ConnectionAbort>,
@@ -102,7 +106,7 @@ pub fn open(
     let last_id = headers
         .get(LAST_EVENT_ID)
         .map(|v| v.to_str().unwrap_or(MALFORMED_ID));
-    let sub = hub.subscribe(filter, last_id);
+    let sub = hub.subscribe_as(viewer.grant, viewer.username, filter, last_id);
     let body = Body::from_stream(futures::stream::unfold(
         Live::new(hub, sub, slot, abort),
         Live::next,
@@ -223,7 +227,12 @@ impl Live {
                     }
                     reset(&self.hub.metrics, "unknown_id")
                 }
-                item = queue.take() => self.batch(item),
+                item = queue.take() => {
+                    if Self::last(&item) {
+                        self.ended = true;
+                    }
+                    self.batch(item)
+                }
                 _ = tokio::time::sleep(self.hub.heartbeat) => {
                     let heartbeat = Frame::local(EventType::Heartbeat, payload::data(&Heartbeat {}));
                     sent(&self.hub.metrics, &heartbeat)
@@ -268,6 +277,12 @@ impl Live {
             }
             Item::Reset(reason) => reset(&self.hub.metrics, reason),
         }
+    }
+
+    /// Whether the stream ends after this item: a reset because the caller's access changed
+    /// (it comes back with its new grant).
+    fn last(item: &Item) -> bool {
+        matches!(item, Item::Reset(ACCESS_CHANGED))
     }
 }
 

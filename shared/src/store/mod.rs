@@ -217,6 +217,33 @@ impl LabStore {
         Ok(self.records.find_one(filter).await?)
     }
 
+    /// The readers of each record of a worker not removed (what a sync's counts per view
+    /// are made from), each sorted.
+    pub async fn readers_of_worker(&self, worker_id: &str) -> Result<Vec<Vec<String>>> {
+        let docs: Vec<Document> = self
+            .raw
+            .find(doc! { "worker_id": worker_id, "removed_at": Bson::Null })
+            .projection(doc! { "_id": 0, "readers": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .map(|d| {
+                let mut r: Vec<String> = d
+                    .get_array("readers")
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|b| b.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                r.sort();
+                r
+            })
+            .collect())
+    }
+
     /// How many records not removed each of `workers` has that one of `readers` may read.
     pub async fn count_visible(
         &self,
