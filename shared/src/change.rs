@@ -476,7 +476,7 @@ mod tests {
         let mut plan = plan_of("w", &[], labs.clone(), Listing::Complete, t0);
         plan_access(&mut plan, &[], Shares::Read(&shares));
         let l1 = &plan.access["l1"];
-        assert_eq!(l1.shares, [g.clone()]);
+        assert_eq!(l1.shares, std::slice::from_ref(&g));
         assert_eq!(
             l1.readers,
             [
@@ -521,7 +521,7 @@ mod tests {
         .expect("plan");
         plan_access(&mut moved, &records[..1], Shares::Kept);
         let a = &moved.access["l1"];
-        assert_eq!(a.shares, [g.clone()]);
+        assert_eq!(a.shares, std::slice::from_ref(&g));
         assert!(a.readers.contains(&user_principal("w", "bob")));
         assert!(!a.readers.contains(&user_principal("w", "alice")));
     }
