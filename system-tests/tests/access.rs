@@ -1,0 +1,348 @@
+//! Who sees what, judged against CML's own answer: a fleet of one worker per release with
+//! random users, groups, admins and shares; the real daemon syncs it, the real lab-api serves
+//! it; for every user and every read route, lab-api's labs must be exactly those each
+//! simulated CML server lists for that user — after the first sync, through a round of lab
+//! changes (each user's live stream gets exactly the events of the labs it may see), and after
+//! random share changes and revocations.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use cml_sim::{
+    model::{Rng, LAB_PERMISSIONS},
+    SimGroup, SimShare, SimWorker,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use system_tests::{
+    sse::{Next, SseStream},
+    Fixture,
+};
+
+/// The callers: the seeded users (on every server), two made on some servers only, one
+/// nowhere; each with a static token `<name>-token`.
+const USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "zed"];
+const GROUPS: [&str; 3] = ["netops", "students", "lab-team"];
+
+/// A (worker, lab) pair.
+type Key = (String, String);
+
+fn digest(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Random memberships, admins and shares on every worker; dave and erin on some workers only.
+fn scramble(workers: &[std::sync::Arc<SimWorker>], rng: &mut Rng, round: u64) {
+    for w in workers {
+        for name in ["dave", "erin"] {
+            if w.directory(|d| d.by_name(name).is_none()) && rng.below(3) > 0 {
+                w.directory(|d| d.add_user(name, "pw", "", false, BTreeSet::new()));
+            }
+        }
+        let group_ids: Vec<String> = GROUPS.iter().map(|g| w.group_named(g)).collect();
+        let user_ids: Vec<String> = w.directory(|d| {
+            d.users
+                .values()
+                .filter(|u| u.username != "admin")
+                .map(|u| u.id.clone())
+                .collect()
+        });
+        w.directory(|d| {
+            for id in &user_ids {
+                let u = d.users.get_mut(id).expect("user");
+                u.groups = group_ids
+                    .iter()
+                    .filter(|_| rng.below(3) == 0)
+                    .cloned()
+                    .collect();
+                // Now and then an admin of one server.
+                u.admin = rng.below(10) == 0 && round > 0;
+            }
+        });
+        for lab in w.lab_ids() {
+            let mut groups: Vec<SimGroup> = Vec::new();
+            for (name, id) in GROUPS.iter().zip(&group_ids) {
+                if rng.below(4) == 0 {
+                    groups.push(SimGroup {
+                        id: id.clone(),
+                        name: (*name).into(),
+                        // Sometimes no permission at all: a share that shows nothing.
+                        permissions: match rng.below(4) {
+                            0 => Vec::new(),
+                            n => vec![LAB_PERMISSIONS[n as usize].to_owned()],
+                        },
+                    });
+                }
+            }
+            let mut shares: Vec<SimShare> = Vec::new();
+            for id in &user_ids {
+                if rng.below(6) == 0 {
+                    shares.push(SimShare {
+                        id: id.clone(),
+                        permissions: vec![LAB_PERMISSIONS[rng.below(4) as usize].to_owned()],
+                    });
+                }
+            }
+            w.update_lab_quietly(&lab, |l| {
+                l.groups = groups;
+                l.user_shares = shares;
+            });
+        }
+    }
+}
+
+/// What CML lists for each user, over the fleet.
+fn cml_truth(workers: &[std::sync::Arc<SimWorker>]) -> BTreeMap<&'static str, BTreeSet<Key>> {
+    USERS
+        .iter()
+        .map(|name| {
+            let seen = workers
+                .iter()
+                .flat_map(|w| {
+                    let id = w.directory(|d| d.by_name(name).map(|u| u.id.clone()));
+                    id.map(|id| w.labs_visible_to(&id))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|l| (w.id.clone(), l.id))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            (*name, seen)
+        })
+        .collect()
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn get(&self, path: &str, user: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(format!("{user}-token"))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// What every read route shows `user`, each as a set (they must agree); and how many
+    /// requests that took.
+    async fn seen(
+        &self,
+        user: &str,
+        workers: &[String],
+        all: &BTreeSet<Key>,
+        routes: &mut usize,
+    ) -> BTreeSet<Key> {
+        let ids = |v: &Value, w: &str| -> BTreeSet<Key> {
+            v.as_array()
+                .unwrap_or_else(|| panic!("{user}: not a list: {v}"))
+                .iter()
+                .map(|l| {
+                    let worker = l["worker_id"].as_str().unwrap_or(w).to_owned();
+                    (worker, l["id"].as_str().expect("id").to_owned())
+                })
+                .collect()
+        };
+        let mut by_worker = BTreeSet::new();
+        let mut legacy = BTreeSet::new();
+        let mut filtered = BTreeSet::new();
+        for w in workers {
+            let (s, v) = self.get(&format!("/api/workers/{w}/labs"), user).await;
+            assert_eq!(s, 200, "{user} {w}");
+            by_worker.extend(ids(&v, w));
+            let (_, v) = self
+                .get(
+                    &format!("/api/labs/region/us-east-1/workers/{w}/labs"),
+                    user,
+                )
+                .await;
+            legacy.extend(ids(&v, w));
+            let (_, v) = self.get(&format!("/api/labs?worker_id={w}"), user).await;
+            filtered.extend(ids(&v["items"], w));
+            *routes += 3;
+        }
+        let mut paged = BTreeSet::new();
+        let mut path = "/api/labs?limit=7".to_owned();
+        loop {
+            let (s, v) = self.get(&path, user).await;
+            assert_eq!(s, 200);
+            *routes += 1;
+            paged.extend(ids(&v["items"], ""));
+            match v["next_cursor"].as_str() {
+                Some(c) => path = format!("/api/labs?limit=7&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(legacy, by_worker, "{user}: the legacy path");
+        assert_eq!(filtered, by_worker, "{user}: /api/labs?worker_id");
+        assert_eq!(paged, by_worker, "{user}: /api/labs, page by page");
+        // Every lab of the fleet, one by one: 200 exactly for those seen.
+        for (w, l) in all {
+            let (s, _) = self.get(&format!("/api/workers/{w}/labs/{l}"), user).await;
+            *routes += 1;
+            let want = if by_worker.contains(&(w.clone(), l.clone())) {
+                200
+            } else {
+                404
+            };
+            assert_eq!(s, want, "{user}: {w}/{l}");
+        }
+        by_worker
+    }
+}
+
+async fn check_round(
+    api: &Api,
+    workers: &[std::sync::Arc<SimWorker>],
+    round: &str,
+    routes: &mut usize,
+) {
+    let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+    let all: BTreeSet<Key> = workers
+        .iter()
+        .flat_map(|w| w.lab_ids().into_iter().map(|l| (w.id.clone(), l)))
+        .collect();
+    let truth = cml_truth(workers);
+    for user in USERS {
+        let seen = api.seen(user, &ids, &all, routes).await;
+        assert_eq!(
+            seen, truth[user],
+            "{round}: {user} sees what CML lists for it"
+        );
+    }
+    let admin = api.seen("admin", &ids, &all, routes).await;
+    assert_eq!(admin, all, "{round}: the fleet's admin sees everything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the_stream() {
+    let f = Fixture::new("access_as_cml", 3, 12).await;
+    let workers = f.fleet.fleet.workers.clone();
+    let mut rng = Rng::new(0x5eed_acce55);
+    scramble(&workers, &mut rng, 0);
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
+
+    let config = f.dir.path().join("lab-api.toml");
+    let tokens: Vec<String> = USERS
+        .iter()
+        .map(|u| {
+            format!(
+                "{{ sha256 = \"{}\", username = \"{u}\" }}",
+                digest(&format!("{u}-token"))
+            )
+        })
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "[api.auth]\nmode = \"tokens\"\ntoken_hashes = [\"{}\"]\ntokens = [{}]\n",
+            digest("admin-token"),
+            tokens.join(", ")
+        ),
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let (_lab_api, base) = f
+        .spawn_api(
+            "lab-api",
+            &[
+                ("CML_LABS_CONFIG", config.as_str()),
+                ("CML_LABS_API__AUTH__MODE", "tokens"),
+            ],
+        )
+        .await;
+    let api = Api {
+        base: base.clone(),
+        http: reqwest::Client::new(),
+    };
+    let mut routes = 0;
+    check_round(&api, &workers, "first sync", &mut routes).await;
+
+    // A round of lab changes, followed live by every user.
+    let mut streams = Vec::new();
+    for user in USERS.iter().chain(&["admin"]) {
+        let auth = format!("Bearer {user}-token");
+        let mut s = SseStream::open(
+            &format!("{base}/api/events/stream?event_types=worker.labs.updated"),
+            &[("authorization", auth.as_str())],
+        )
+        .await
+        .unwrap_or_else(|r| panic!("{user}: stream refused: {}", r.status()));
+        assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
+        streams.push((*user, s));
+    }
+    let mut changed: BTreeSet<Key> = BTreeSet::new();
+    for w in &workers {
+        for lab in w.lab_ids() {
+            if rng.below(3) == 0 {
+                let title = format!("changed {}", rng.below(1_000_000));
+                w.update_lab(&lab, |l| l.title = title);
+                changed.insert((w.id.clone(), lab));
+            }
+        }
+    }
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
+    let truth = cml_truth(&workers);
+    let (_, admin_stream) = streams.last_mut().expect("admin");
+    let admin_seen = admin_stream
+        .until(Duration::from_secs(60), |frames| {
+            frames.len() >= changed.len()
+        })
+        .await;
+    assert_eq!(
+        admin_seen.len(),
+        changed.len(),
+        "the admin gets every change"
+    );
+    // Every frame was queued for every client when the admin's last one was: what each user
+    // has now is all it will get of this round.
+    let mut events = 0;
+    for (user, s) in streams.iter_mut().take(USERS.len()) {
+        let mut got = BTreeSet::new();
+        loop {
+            match s.next(Duration::from_millis(500)).await {
+                Ok(frame) => {
+                    let d = frame.data();
+                    got.insert((
+                        d["worker_id"].as_str().unwrap_or("").to_owned(),
+                        d["lab_id"].as_str().unwrap_or("").to_owned(),
+                    ));
+                    assert!(
+                        d.get("title").is_some(),
+                        "{user}: a change of a lab it sees: {d}"
+                    );
+                }
+                Err(Next::Quiet) => break,
+                Err(Next::Ended) => panic!("{user}: the stream ended"),
+            }
+        }
+        let want: BTreeSet<Key> = changed.intersection(&truth[user]).cloned().collect();
+        assert_eq!(
+            got, want,
+            "{user}: the events of exactly the changed labs it sees"
+        );
+        events += got.len();
+    }
+    check_round(&api, &workers, "after lab changes", &mut routes).await;
+
+    // Shares changed and withdrawn, memberships and admins reshuffled: after the next full
+    // sync every set matches again.
+    scramble(&workers, &mut rng, 1);
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
+    check_round(&api, &workers, "after share changes", &mut routes).await;
+    println!(
+        "{} users (and the fleet's admin) × {routes} route reads over 3 rounds; {events} live events checked",
+        USERS.len()
+    );
+}
