@@ -595,11 +595,11 @@ async fn mongodb_stopped_mid_cycle_and_restarted_is_survived() {
 async fn a_failed_worker_is_retried_with_backoff_before_the_next_cycle() {
     let f = Fixture::new("daemon_retry", 2, 3).await;
     let bad = f.fleet.fleet.workers[0].clone();
-    // Its first four calls fail, then it answers. A failing sync makes two calls (its login for
-    // the bulk call, then the login of the per-lab fallback), so the cycle's sync and the first
-    // retry fail and the second retry succeeds.
+    // Its first eight calls fail, then it answers. A failing sync makes four calls (the logins
+    // of its bulk, users and groups calls, made at once, then the login of the per-lab
+    // fallback), so the cycle's sync and the first retry fail and the second retry succeeds.
     bad.set_faults(Faults {
-        fail_next: 4,
+        fail_next: 8,
         ..Faults::default()
     });
     let mut d = f.spawn(
