@@ -5,7 +5,8 @@ simulator's control API says the server holds. Then groups: share a lab with two
 through the control API and read every lab's groups back through virl2-client (2.9+: the
 server's groups and their associations, and each lab's associations; 2.4: the lab objects),
 and change a lab's associations through virl2-client and read them back through the control
-API. On 2.9+ workers served one port each, Cisco's event listener joins a lab and follows a
+API. Then users: as admin, make users and a group and share labs through virl2-client, log in
+as each user through virl2-client and compare the labs it lists with the simulator's rule. On 2.9+ workers served one port each, Cisco's event listener joins a lab and follows a
 change of its state and title made through the control API from /ws/ui alone (its nodes'
 states, the lab's state and title; no REST call meanwhile). Exits non-zero on any difference.
 
@@ -77,6 +78,48 @@ def check_groups(client, control: str, worker_id: str, modern: bool) -> list[str
                 got = sorted({g["name"] for g in lab.groups})
             if got != expected_names[lab_id]:
                 problems.append(f"lab {lab_id}: groups {got}, the simulator was told {expected_names[lab_id]}")
+    return problems
+
+
+def check_users(client, url: str, control: str, worker_id: str, modern: bool, ca_file) -> list[str]:
+    """Sharing made through virl2-client as admin (users, a group, associations), then each
+    user logged in through virl2-client: the labs it lists must be those the simulator's rule
+    gives it (what lab-api is judged against)."""
+    problems = []
+    labs_url = f"{control}/workers/{worker_id}/labs"
+    labs = [lab["id"] for lab in control_json(labs_url)]
+    team = client.group_management.create_group(
+        "vc-team", description="made by virl2-check",
+        **({"associations": [{"id": labs[0], "permissions": ["lab_view"]}]} if modern
+           else {"labs": [{"id": labs[0], "permission": "read_only"}]}))
+    member = client.user_management.create_user("vc-member", "vc-password", groups=[team["id"]])
+    loner = client.user_management.create_user("vc-loner", "vc-password")
+    chief = client.user_management.create_user("vc-chief", "vc-password", admin=True)
+    if modern:
+        lab = client.join_existing_lab(labs[1], sync_lab=False)
+        lab.update_associations({"groups": [], "users": [{"id": loner["id"], "permissions": ["lab_exec"]}]})
+    users = {u["username"]: u for u in client.user_management.users()}
+    for name in ("vc-member", "vc-loner", "vc-chief"):
+        if name not in users:
+            problems.append(f"user_management.users() does not list {name}")
+    if member["id"] not in [m for g in client.group_management.groups() if g["id"] == team["id"] for m in g["members"]]:
+        problems.append(f"the group {team['id']} does not list its member")
+    for name in ("vc-member", "vc-loner", "vc-chief", "alice", "bob"):
+        password = "vc-password" if name.startswith("vc-") else f"{name}-password"
+        as_user = ClientLibrary(url, name, password, allow_http=url.startswith("http://"),
+                                ssl_verify=ca_file if ca_file else True, check_version=modern,
+                                raise_for_auth_failure=True)
+        seen = sorted(as_user.get_lab_list(show_all=True))
+        told = sorted(control_json(f"{control}/workers/{worker_id}/users/{name}/labs"))
+        if seen != told:
+            problems.append(f"{name} lists {seen} through virl2-client, the simulator's rule gives {told}")
+        for lab_id in seen[:2]:
+            as_user.join_existing_lab(lab_id)  # readable in full, topology included
+    if sorted(control_json(f"{control}/workers/{worker_id}/users/vc-chief/labs")) != sorted(labs):
+        problems.append("an admin of the server does not see every lab")
+    member_labs = control_json(f"{control}/workers/{worker_id}/users/vc-member/labs")
+    if labs[0] not in member_labs:
+        problems.append(f"vc-member does not see {labs[0]}, shared with its group")
     return problems
 
 
@@ -174,6 +217,7 @@ def main() -> int:
             print(f"FAIL {worker_id} ({version}): virl2-client saw {labs}, the simulator holds {expected}")
             continue
         problems = check_groups(client, control, worker_id, modern)
+        problems += check_users(client, url, control, worker_id, modern, ca_file)
         one_port = urllib.parse.urlparse(url).path in ("", "/")
         followed = modern and one_port
         if followed:
@@ -184,6 +228,7 @@ def main() -> int:
                 print(f"FAIL {worker_id} ({version}): {p}")
         else:
             where = "groups and associations" if modern else "groups in the lab objects"
+            where += ", and each user's own labs"
             events = "; the event listener followed a lab" if followed else ""
             print(f"ok   {worker_id} ({version}, {url}): {len(labs)} labs, titles, states and {where} match{events}")
     print(f"{len(summary['workers']) - failures} passed, {failures} failed")
