@@ -357,6 +357,43 @@ impl CmlClient {
         Ok(listing)
     }
 
+    /// A server's users and groups alone (two calls at the same time): who may see which of
+    /// its labs, without reading them. Also how many requests it took.
+    pub async fn fetch_access(&self, target: &CmlTarget) -> (AccessRead, u32) {
+        self.warn_once_if_insecure(target);
+        let session = match self.session() {
+            Ok(s) => s,
+            Err(e) => {
+                let access = AccessRead::Unread {
+                    kind: e.metric_label(),
+                    error: e.to_string(),
+                };
+                return (access, 0);
+            }
+        };
+        let (users, groups) = tokio::join!(
+            self.get(target, "users", true, &session),
+            self.get(target, "groups", true, &session),
+        );
+        let access = match (users, groups) {
+            (Ok(users), Ok(groups)) => match crate::directory::directory(&users, &groups) {
+                Ok(d) => AccessRead::Read(d),
+                Err(detail) => {
+                    let e = malformed(target, "users", detail);
+                    AccessRead::Unread {
+                        kind: e.metric_label(),
+                        error: e.to_string(),
+                    }
+                }
+            },
+            (Err(e), _) | (_, Err(e)) => AccessRead::Unread {
+                kind: e.metric_label(),
+                error: e.to_string(),
+            },
+        };
+        (access, session.calls.load(Ordering::Relaxed))
+    }
+
     /// The labs, as [`CmlClient::fetch_labs`] reads them, and where they keep their groups.
     async fn listing(
         &self,

@@ -219,6 +219,8 @@ pub struct SyncStatusDto {
     pub last_warning_kind: Option<String>,
     /// The warning's text (the error behind it).
     pub last_warning: Option<String>,
+    /// When the worker's users and groups (who may see its labs) were last read.
+    pub last_access_read_at: Option<String>,
     #[serde(flatten)]
     pub live: LiveSyncDto,
 }
@@ -266,6 +268,7 @@ impl From<&WorkerSyncStatus> for SyncStatusDto {
             last_counts: s.last_counts,
             last_warning_kind: s.last_warning_kind.clone(),
             last_warning: s.last_warning.clone(),
+            last_access_read_at: s.last_access_read_at.map(iso),
             live: LiveSyncDto {
                 watch_state: s.watch_state.clone(),
                 watch_failure: s.watch_failure.clone(),

@@ -91,23 +91,33 @@ impl AccountStore {
     }
 
     /// Makes a worker's accounts these: writes those that changed (one `update` command),
-    /// removes those gone. Costs one read and, when nothing changed, no write.
+    /// marks those gone. Costs one read and, when nothing changed, no write.
     pub async fn replace_worker(
         &self,
         worker_id: &str,
         accounts: &[Account],
         now: DateTime,
     ) -> Result<AccountsWritten> {
-        let stored: HashMap<String, Account> = self
-            .of_worker(worker_id)
-            .await?
-            .into_iter()
-            .map(|a| (a.username.clone(), a))
-            .collect();
+        let stored = self.of_worker(worker_id).await?;
+        self.write_changes(worker_id, &stored, accounts, now).await
+    }
+
+    /// [`AccountStore::replace_worker`] against accounts read before (`stored`: the worker's
+    /// accounts as [`AccountStore::of_worker`] gave them), so that the read can be made while
+    /// CML answers: no write when nothing changed.
+    pub async fn write_changes(
+        &self,
+        worker_id: &str,
+        stored: &[Account],
+        accounts: &[Account],
+        now: DateTime,
+    ) -> Result<AccountsWritten> {
+        let stored: HashMap<&str, &Account> =
+            stored.iter().map(|a| (a.username.as_str(), a)).collect();
         let mut written = AccountsWritten::default();
         let mut statements = Vec::new();
         for a in accounts.iter().filter(|a| a.worker_id == worker_id) {
-            if stored.get(&a.username) == Some(a) {
+            if stored.get(a.username.as_str()) == Some(&a) {
                 written.unchanged += 1;
                 continue;
             }
@@ -130,7 +140,7 @@ impl AccountStore {
         let current: Vec<&str> = accounts.iter().map(|a| a.username.as_str()).collect();
         let gone: Vec<&str> = stored
             .keys()
-            .map(String::as_str)
+            .copied()
             .filter(|u| !current.contains(u))
             .collect();
         if !gone.is_empty() {

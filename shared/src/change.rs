@@ -84,6 +84,9 @@ pub enum RecordWrite {
     Regrant {
         lab_id: String,
         expected_last_synced: DateTime,
+        /// Whether `last_synced_at` is stamped too (a sync that read the lab; not one that read
+        /// only who may see it).
+        stamp: bool,
     },
 }
 
@@ -289,6 +292,7 @@ pub fn plan_access(plan: &mut SyncPlan, stored: &[LabRecord], shares: Shares<'_>
                 plan.writes.push(RecordWrite::Regrant {
                     lab_id,
                     expected_last_synced: record.last_synced_at,
+                    stamp: true,
                 });
             }
             None => still.push(lab_id),
@@ -597,12 +601,14 @@ mod tests {
                     r.last_changed_at = Some(entry.timestamp);
                     push_capped(&mut r.operation_history, entry.clone(), limit);
                 }
-                RecordWrite::Regrant { lab_id, .. } => {
+                RecordWrite::Regrant { lab_id, stamp, .. } => {
                     let r = records
                         .iter_mut()
                         .find(|r| &r.lab_id == lab_id)
                         .expect("exists");
-                    r.last_synced_at = plan.now;
+                    if *stamp {
+                        r.last_synced_at = plan.now;
+                    }
                 }
             }
             if let Some(a) = plan.access.get(w.lab_id()) {

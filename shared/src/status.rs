@@ -59,6 +59,9 @@ pub struct WorkerSyncStatus {
     /// When labs named by the worker's CML event stream were last synced.
     #[serde(default)]
     pub last_event_sync_at: Option<DateTime>,
+    /// When the worker's users and groups (who may see its labs) were last read.
+    #[serde(default)]
+    pub last_access_read_at: Option<DateTime>,
     /// The last lab or node state change seen on the worker (from its event stream, or a sync
     /// that found a lab's state changed): what an idle-worker check reads.
     #[serde(default)]

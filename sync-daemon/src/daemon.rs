@@ -132,6 +132,11 @@ fn start_sources(
         changed
     });
     let (fleet, fleet_rx) = tokio::sync::watch::channel(None);
+    sources.spawn(trigger::access::run(
+        ctx.config.sync.access_interval.get(),
+        fleet_rx.clone(),
+        triggers.clone(),
+    ));
     if ctx.config.sync.events.enabled {
         sources.spawn_graceful(trigger::events::run(
             ctx.clone(),

@@ -135,7 +135,7 @@ impl Default for Metrics {
             ),
             syncs_by_trigger: r.counters(
                 "sync_worker_syncs_started",
-                "Worker syncs started, by trigger: cycle, retry, requested (refresh, registry change), event (labs a CML event stream named), relist (a whole worker after its stream went live)",
+                "Worker syncs started, by trigger: cycle, retry, requested (refresh, registry change), event (labs a CML event stream named), relist (a whole worker after its stream went live), access (its users and groups only: every sync.access_interval, or when its stream says they changed)",
             ),
             event_watches: r.gauges(
                 "sync_event_watches",

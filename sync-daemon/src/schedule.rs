@@ -45,15 +45,23 @@ pub enum Scope {
     Full,
     /// These labs only (named by the worker's event stream).
     Labs(BTreeSet<String>),
+    /// Who may see the worker's labs: its users and groups only (every
+    /// `sync.access_interval`, or when its event stream says users or groups changed).
+    Access,
 }
 
 impl Scope {
-    /// One sync reading what both would: a full sync covers any labs.
+    /// One sync reading what both would: a full sync covers any labs and the access data;
+    /// some labs and the access data together are read by a full sync (the one sync that
+    /// reads both).
     fn merge(&mut self, other: Scope) {
         match (&mut *self, other) {
-            (Scope::Full, _) => {}
+            (Scope::Full, _) | (Scope::Access, Scope::Access) => {}
             (_, Scope::Full) => *self = Scope::Full,
             (Scope::Labs(mine), Scope::Labs(theirs)) => mine.extend(theirs),
+            (Scope::Labs(_), Scope::Access) | (Scope::Access, Scope::Labs(_)) => {
+                *self = Scope::Full
+            }
         }
     }
 }

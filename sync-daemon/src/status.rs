@@ -104,6 +104,35 @@ impl StatusUpdate {
         }
     }
 
+    /// A read of the worker's users and groups alone: when it was (`last_access_read_at`), or
+    /// why it could not be made (the warning; the last read's data stay).
+    pub fn access_read(
+        worker_id: &str,
+        at: DateTime,
+        warning: Option<(SyncWarning, &str)>,
+    ) -> Self {
+        let set = match warning {
+            None => doc! { "last_access_read_at": at },
+            Some((w, text)) => {
+                let text: String = text.chars().take(MAX_ERROR_LEN).collect();
+                doc! { "last_warning_kind": w.as_str(), "last_warning": text }
+            }
+        };
+        Self {
+            worker_id: worker_id.to_owned(),
+            update: doc! { "$set": set, "$setOnInsert": { "active": true } },
+            term: Term::default(),
+        }
+    }
+
+    /// This update also says the worker's users and groups were read at `at`.
+    pub fn access_read_at(mut self, at: DateTime) -> Self {
+        if let Ok(set) = self.update.get_document_mut("$set") {
+            set.insert("last_access_read_at", at);
+        }
+        self
+    }
+
     /// This success with what it could not do (a success without one clears the last).
     pub fn warned(mut self, warning: SyncWarning, text: &str) -> Self {
         if let Ok(set) = self.update.get_document_mut("$set") {

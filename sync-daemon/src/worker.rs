@@ -127,6 +127,9 @@ impl WorkerSync {
     pub fn status(&self) -> StatusUpdate {
         let id = &self.target.worker_id;
         match &self.result {
+            Ok(o) if self.scope == Scope::Access => {
+                StatusUpdate::access_read(id, self.attempt_at, o.warning())
+            }
             Ok(o) if self.scope != Scope::Full => {
                 StatusUpdate::labs_synced(id, self.attempt_at, o.activity)
             }
@@ -139,6 +142,10 @@ impl WorkerSync {
                     &o.counts,
                     o.activity,
                 );
+                let update = match o.access {
+                    AccessOutcome::Read(_) => update.access_read_at(self.attempt_at),
+                    _ => update,
+                };
                 match o.warning() {
                     Some((warning, text)) => update.warned(warning, text),
                     None => update,
@@ -185,6 +192,7 @@ pub async fn sync_worker(ctx: &Context, target: CmlTarget, scope: Scope) -> Work
         match &scope {
             Scope::Full => fetch_and_write(ctx, &target, term).await,
             Scope::Labs(labs) => fetch_and_write_labs(ctx, &target, labs, term).await,
+            Scope::Access => fetch_and_write_access(ctx, &target, term).await,
         }
     };
     let result = match tokio::time::timeout(deadline, work).await {
@@ -206,11 +214,12 @@ pub async fn sync_worker(ctx: &Context, target: CmlTarget, scope: Scope) -> Work
 async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Result<WorkerOutcome> {
     // The stored records do not depend on the listing: read them while CML answers, so a
     // worker costs one CML round trip plus one write, not plus a read as well.
-    let (fetched, stored) = tokio::join!(
+    let (fetched, stored, accounts) = tokio::join!(
         ctx.cml.fetch_labs(target),
-        ctx.store.records_for_sync(&target.worker_id)
+        ctx.store.records_for_sync(&target.worker_id),
+        ctx.accounts.of_worker(&target.worker_id)
     );
-    let (mut fetched, stored) = (fetched?, stored?);
+    let (mut fetched, stored, stored_accounts) = (fetched?, stored?, accounts?);
     let worker_id = target.worker_id.as_str();
     let complete = fetched.listing == Listing::Complete;
     if let Some(note) = &fetched.note {
@@ -280,7 +289,12 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
     let access = match (directory, fetched.access) {
         (Some(d), _) => AccessOutcome::Read(
             ctx.accounts
-                .replace_worker(worker_id, &d.accounts(worker_id), DateTime::now())
+                .write_changes(
+                    worker_id,
+                    &stored_accounts,
+                    &d.accounts(worker_id),
+                    DateTime::now(),
+                )
                 .await?,
         ),
         (None, AccessRead::Unread { kind, error }) => AccessOutcome::Unread { kind, error },
@@ -348,6 +362,88 @@ async fn fetch_and_write_labs(
         cml_calls: u32::try_from(ids.len()).unwrap_or(u32::MAX),
         activity: plan.changes_a_state(),
     })
+}
+
+/// The sync of who may see a worker's labs: its users and groups read (two calls), every
+/// record whose readers changed regranted (without a stamp: its lab was not read), the
+/// accounts that changed written. A read that fails changes nothing and is a warning, not a
+/// failure of the worker (its labs are as synced as they were).
+async fn fetch_and_write_access(
+    ctx: &Context,
+    target: &CmlTarget,
+    term: Term,
+) -> Result<WorkerOutcome> {
+    let worker_id = target.worker_id.as_str();
+    let ((read, calls), stored, stored_accounts) = tokio::join!(
+        ctx.cml.fetch_access(target),
+        ctx.store.records_for_sync(worker_id),
+        ctx.accounts.of_worker(worker_id)
+    );
+    let (stored, stored_accounts) = (stored?, stored_accounts?);
+    let outcome = |counts, applied, access| WorkerOutcome {
+        counts,
+        applied,
+        complete: false,
+        source: "access",
+        groups: GroupsRead::Kept,
+        cml_calls: calls,
+        activity: false,
+        access,
+    };
+    let directory = match read {
+        AccessRead::Read(d) => d,
+        AccessRead::Unread { kind, error } => {
+            AccessUnread {
+                worker_id,
+                kind,
+                error: &error,
+            }
+            .emit(&ctx.metrics);
+            return Ok(outcome(
+                PlanCounts::default(),
+                ApplyOutcome::default(),
+                AccessOutcome::Unread { kind, error },
+            ));
+        }
+        AccessRead::NotAsked => {
+            return Ok(outcome(
+                PlanCounts::default(),
+                ApplyOutcome::default(),
+                AccessOutcome::NotAsked,
+            ))
+        }
+    };
+    let shares = directory.shares(worker_id);
+    let mut plan = SyncPlan {
+        worker_id: worker_id.to_owned(),
+        now: DateTime::now(),
+        writes: Vec::new(),
+        unchanged: stored.iter().map(|r| r.lab_id.clone()).collect(),
+        access: Default::default(),
+    };
+    plan_access(&mut plan, &stored, Shares::Read(&shares));
+    // Only the regrants: the labs themselves were not read, so nothing is stamped.
+    plan.unchanged.clear();
+    for w in &mut plan.writes {
+        if let RecordWrite::Regrant { stamp, .. } = w {
+            *stamp = false;
+        }
+    }
+    let applied = write(ctx, &plan, term).await?;
+    let accounts = ctx
+        .accounts
+        .write_changes(
+            worker_id,
+            &stored_accounts,
+            &directory.accounts(worker_id),
+            DateTime::now(),
+        )
+        .await?;
+    Ok(outcome(
+        PlanCounts::default(),
+        applied,
+        AccessOutcome::Read(accounts),
+    ))
 }
 
 /// Cuts each lab's text fields to their limits, logging what was cut.

@@ -106,6 +106,9 @@ impl Fixture {
             // The tests of the cycle, retries and refreshes count its syncs and calls exactly:
             // CML's event streams (on by default) are switched on by the tests of them.
             ("CML_LABS_SYNC__EVENTS__ENABLED", "false"),
+            // Likewise the reads of users and groups between cycles (the tests of access set
+            // their own interval).
+            ("CML_LABS_SYNC__ACCESS_INTERVAL", "1d"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -346,3 +346,159 @@ async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the
         USERS.len()
     );
 }
+
+/// A share withdrawn on a CML server stops showing within `sync.access_interval`, through a
+/// read of users and groups alone (the cycle is an hour away), and a stream of the user who
+/// lost it gets the removal; a group joined shows its labs the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_share_stops_showing_within_the_access_interval() {
+    let f = Fixture::new("access_revoked", 2, 4).await;
+    let w = f.fleet.fleet.workers[1].clone();
+    let labs = w.lab_ids();
+    // bob (in `students`) sees labs[0] through his group, nothing else.
+    let students = SimGroup {
+        id: w.group_named("students"),
+        name: "students".into(),
+        permissions: vec!["lab_view".into()],
+    };
+    let alice = w
+        .directory(|d| d.by_name("alice").map(|u| u.as_owner()))
+        .expect("alice");
+    for (i, lab) in labs.iter().enumerate() {
+        let groups = if i == 0 {
+            vec![students.clone()]
+        } else {
+            Vec::new()
+        };
+        let owner = alice.clone();
+        w.update_lab(lab, |l| {
+            l.groups = groups;
+            l.user_shares = Vec::new();
+            l.owner = owner;
+        });
+    }
+    let config = f.dir.path().join("lab-api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api.auth]\nmode = \"tokens\"\ntokens = [{{ sha256 = \"{}\", username = \"bob\" }}]\n",
+            digest("bob-token")
+        ),
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let d = f.spawn(
+        "daemon",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_SYNC__ACCESS_INTERVAL", "2s"),
+        ],
+    );
+    let (_lab_api, base) = f
+        .spawn_api(
+            "lab-api",
+            &[
+                ("CML_LABS_CONFIG", config.as_str()),
+                ("CML_LABS_API__AUTH__MODE", "tokens"),
+            ],
+        )
+        .await;
+    let api = Api {
+        base: base.clone(),
+        http: reqwest::Client::new(),
+    };
+    let bobs = || async {
+        let (_, v) = api.get(&format!("/api/workers/{}/labs", w.id), "bob").await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let until = |want: Vec<String>| {
+        let bobs = &bobs;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let got = bobs().await;
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "bob sees {got:?}, not {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until(vec![labs[0].clone()]).await;
+    let mut stream = SseStream::open(
+        &format!("{base}/api/events/stream?event_types=worker.labs.updated"),
+        &[("authorization", "Bearer bob-token")],
+    )
+    .await
+    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+    assert_eq!(
+        stream.expect(Duration::from_secs(10)).await.event,
+        "connected"
+    );
+
+    // The share withdrawn on CML: gone for bob, and his stream says so without a field.
+    let revoked_at = std::time::Instant::now();
+    w.update_lab_quietly(&labs[0], |l| l.groups = Vec::new());
+    until(Vec::new()).await;
+    let took = revoked_at.elapsed();
+    let removal = stream.expect(Duration::from_secs(30)).await;
+    let data = removal.data();
+    assert_eq!(data["action"], "removed", "{data}");
+    assert_eq!(data["reason"], "access");
+    assert_eq!(data["lab_id"], labs[0].as_str());
+    assert!(data.get("title").is_none(), "nothing of the lab: {data}");
+    assert!(
+        d.events("worker_synced")
+            .iter()
+            .any(|l| l["source"] == "access"),
+        "read by an access sync, not a cycle"
+    );
+    assert!(f
+        .status(&w.id)
+        .await
+        .get_datetime("last_access_read_at")
+        .is_ok());
+
+    // A group joined: its labs show, and arrive in the stream... as a reset: bob's accounts
+    // changed, so his stream ends and he reloads.
+    w.directory(|d| {
+        let id = d.by_name("bob").map(|u| u.id.clone()).expect("bob");
+        let netops = d
+            .group_by_name("netops")
+            .map(|g| g.id.clone())
+            .expect("netops");
+        d.users.get_mut(&id).expect("bob").groups.insert(netops);
+    });
+    let netops = SimGroup {
+        id: w.group_named("netops"),
+        name: "netops".into(),
+        permissions: vec!["lab_exec".into()],
+    };
+    w.update_lab_quietly(&labs[1], |l| l.groups = vec![netops]);
+    until(vec![labs[1].clone()]).await;
+    let frames = stream
+        .until(Duration::from_secs(30), |f| {
+            f.iter().any(|f| f.event == "reset")
+        })
+        .await;
+    let reset = frames.last().expect("reset");
+    assert_eq!(
+        reset.data()["reason"],
+        "access_changed",
+        "{:?}",
+        reset.envelope
+    );
+    assert_eq!(stream.next(Duration::from_secs(10)).await, Err(Next::Ended));
+    println!("a withdrawn share stopped showing {took:?} after it was withdrawn (sync.access_interval = 2s)");
+    d.signal(libc::SIGTERM);
+}

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bson::{doc, Bson, DateTime, Document};
-use cml_sim::{Faults, Personality};
+use cml_sim::Faults;
 use futures::TryStreamExt;
 use mongodb::Collection;
 use shared::{
@@ -685,8 +685,8 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
         "sync_worker_syncs_total{outcome=\"success\"} 2",
         "sync_cycles_total{outcome=\"success\"} 1",
         "sync_lease_held 1",
-        // One login and one populate_lab_tiles per worker, and the 2.9 worker's groups.
-        "cml_requests_total 5",
+        // Per worker: one login, then populate_lab_tiles, users and groups.
+        "cml_requests_total 8",
         "sync_worker_warnings_total{kind=\"groups_unread\"} 0",
     ] {
         assert!(text.contains(expected), "{expected} in:\n{text}");
@@ -798,18 +798,15 @@ async fn a_steady_cycle_costs_one_cml_call_per_read_and_two_mongodb_round_trips_
             .fleet
             .worker(l["worker_id"].as_str().expect("worker_id"))
             .expect("worker");
-        // The token is reused: only populate_lab_tiles, and on 2.9+ the groups.
-        let reads = match worker.personality {
-            Personality::V2_4 => 1,
-            _ => 2,
-        };
-        assert_eq!(l["cml_calls"], reads, "{l}");
+        // The token is reused: populate_lab_tiles, users and groups, on every release.
+        assert_eq!(l["cml_calls"], 3, "{:?}: {l}", worker.personality);
         assert_eq!(l["mongodb_writes"], 1, "one write round trip: {l}");
     }
-    // Reads: one `find` of its records per worker; per cycle, the registry read that lists the
-    // workers and the two reads of the fleet gauges (registry and statuses).
+    // Reads: one `find` of its records and one of its accounts per worker (both while CML
+    // answers); per cycle, the registry read that lists the workers and the two reads of the
+    // fleet gauges (registry and statuses). Unchanged accounts are not written.
     let finds = after.get("find").copied().unwrap_or(0) - before.get("find").copied().unwrap_or(0);
-    assert_eq!(finds, 4 + 1 + 2, "{before:?} -> {after:?}");
+    assert_eq!(finds, 4 + 4 + 1 + 2, "{before:?} -> {after:?}");
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(WAIT).await.success());
 }

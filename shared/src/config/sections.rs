@@ -113,6 +113,9 @@ impl Default for CmlConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
     pub interval: HumanDuration,
+    /// Every active worker's users and groups (who may see its labs) are read at least this
+    /// often, in a sync of their own, streaming or polled.
+    pub access_interval: HumanDuration,
     pub run_immediately: bool,
     pub concurrency: usize,
     pub worker_deadline: HumanDuration,
@@ -144,6 +147,7 @@ impl Default for SyncConfig {
     fn default() -> Self {
         Self {
             interval: HumanDuration::from_secs(30 * 60),
+            access_interval: HumanDuration::from_secs(5 * 60),
             run_immediately: true,
             concurrency: 16,
             worker_deadline: HumanDuration::from_secs(5 * 60),

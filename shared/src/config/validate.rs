@@ -278,6 +278,7 @@ impl CmlConfig {
 impl SyncConfig {
     fn validate(&self, v: &mut Validator) {
         v.duration_range("sync.interval", self.interval, SECOND, 7 * DAY);
+        v.duration_range("sync.access_interval", self.access_interval, SECOND, DAY);
         v.range("sync.concurrency", self.concurrency, 1, 1024);
         v.duration_range("sync.worker_deadline", self.worker_deadline, SECOND, DAY);
         v.duration_range(

@@ -454,8 +454,12 @@ pub(crate) fn write_statement(
         RecordWrite::Regrant {
             lab_id,
             expected_last_synced,
+            stamp,
         } => {
-            let mut set = doc! { "last_synced_at": now };
+            let mut set = Document::new();
+            if *stamp {
+                set.insert("last_synced_at", now);
+            }
             set_access(&mut set, access);
             Statement {
                 filter: doc! { "worker_id": worker_id, "lab_id": lab_id, "last_synced_at": expected_last_synced },

@@ -205,14 +205,15 @@ impl<S: Syncer> Runner<S> {
                 // have sent something.
                 if !self.stopped {
                     let labs = match &scope {
-                        Scope::Full => 0,
+                        Scope::Full | Scope::Access => 0,
                         Scope::Labs(labs) => labs.len(),
                     };
                     let span = tracing::info_span!(
                         "cml_event",
                         worker_id = %target.worker_id,
                         labs,
-                        relist = scope == Scope::Full
+                        relist = scope == Scope::Full,
+                        access = scope == Scope::Access
                     );
                     let opened = self.schedule.event(target, scope);
                     if labs > 0 {
@@ -306,6 +307,7 @@ impl<S: Syncer> Runner<S> {
             let trigger = match (self.passes.kind(start.owner), &start.scope) {
                 (Some(PassKind::Event), Scope::Full) => "relist",
                 (Some(PassKind::Event), Scope::Labs(_)) => "event",
+                (Some(PassKind::Event), Scope::Access) => "access",
                 (Some(PassKind::Cycle), _) => "cycle",
                 (Some(PassKind::Retry), _) => "retry",
                 (Some(PassKind::Requested) | None, _) => "requested",

@@ -7,6 +7,7 @@
 //! variant, the runner's `accept` arm that opens a pass for it, and its task started in
 //! [`crate::daemon`]'s `start_sources`.
 
+pub mod access;
 pub mod cycle;
 pub mod events;
 pub mod registry;
@@ -43,9 +44,10 @@ pub enum Trigger {
         sync_now: Vec<CmlTarget>,
         stopped: Vec<String>,
     },
-    /// What a worker's CML event stream announced: these labs changed (`Scope::Labs`), or
-    /// the stream is live (again) and the worker is relisted (`Scope::Full`). `seen`: when
-    /// the first of the changes arrived.
+    /// What a worker's CML event stream announced: these labs changed (`Scope::Labs`), its
+    /// users or groups changed (`Scope::Access`, also sent every `sync.access_interval` by
+    /// [`access`]), or the stream is live (again) and the worker is relisted (`Scope::Full`).
+    /// `seen`: when the first of the changes arrived.
     Event {
         target: CmlTarget,
         scope: Scope,
