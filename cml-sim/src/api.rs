@@ -586,6 +586,7 @@ async fn create_group(call: Call, headers: HeaderMap, Json(body): Json<NewGroup>
             });
         });
     }
+    worker.announce_access("group", "created", &id);
     let only = BTreeSet::from([id]);
     match worker.groups_json(Some(&only)) {
         Value::Array(mut groups) if !groups.is_empty() => ok_json(groups.remove(0)),
@@ -698,6 +699,7 @@ async fn patch_lab_associations(
             let owner = lab.owner.id.clone();
             lab.user_shares = shares.into_iter().filter(|s| s.id != owner).collect();
         });
+        worker.announce_access("user", "modified", &lab_id);
     }
     match worker.lab(&lab_id) {
         Some(l) => ok_json(associations_json(&l)),
@@ -711,15 +713,7 @@ async fn users(call: Call, headers: HeaderMap) -> Response {
     if let Err(r) = call.authorized("users", &headers).await {
         return r;
     }
-    let worker = &call.worker;
-    let labs = worker.labs();
-    let users: Vec<Value> = worker.directory(|d| {
-        d.users
-            .values()
-            .map(|u| d.user_json(u, &labs, worker.personality))
-            .collect()
-    });
-    data(worker, json!(users))
+    data(&call.worker, call.worker.users_json())
 }
 
 /// The body of `POST users`.
@@ -784,8 +778,10 @@ async fn create_user(call: Call, headers: HeaderMap, Json(body): Json<NewUser>) 
         };
         worker.update_lab_quietly(&a.id, |lab| lab.user_shares.push(share));
     }
-    let labs = worker.labs();
-    ok_json(worker.directory(|d| d.user_json(&user, &labs, worker.personality)))
+    match worker.user_json(&user.id) {
+        Some(u) => ok_json(u),
+        None => cml_error(StatusCode::INTERNAL_SERVER_ERROR, "the user vanished"),
+    }
 }
 
 /// `GET users/{username}/id`.

@@ -281,6 +281,7 @@ async fn share_lab_with_users(
         });
     }
     if w.update_lab_quietly(&lab_id, |l| l.user_shares = resolved) {
+        w.announce_access("user", "modified", &lab_id);
         Json(json!(w.lab(&lab_id))).into_response()
     } else {
         problem(StatusCode::NOT_FOUND, format!("no lab {lab_id}"))
@@ -326,7 +327,10 @@ async fn create_user(
         .password
         .unwrap_or_else(|| crate::directory::seeded_password(&u.username));
     match w.directory(|d| d.add_user(&u.username, &password, "", u.admin, groups)) {
-        Some(user) => (StatusCode::CREATED, Json(json!(user))).into_response(),
+        Some(user) => {
+            w.announce_access("user", "created", &user.id);
+            (StatusCode::CREATED, Json(json!(user))).into_response()
+        }
         None => problem(StatusCode::CONFLICT, format!("user {} exists", u.username)),
     }
 }
@@ -341,7 +345,10 @@ async fn delete_user(
             id.and_then(|id| d.users.remove(&id))
         });
         match gone {
-            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            Some(u) => {
+                w.announce_access("user", "deleted", &u.id);
+                StatusCode::NO_CONTENT.into_response()
+            }
             None => problem(StatusCode::NOT_FOUND, format!("no user {username}")),
         }
     })
@@ -366,7 +373,10 @@ async fn set_user_groups(
         Some(u.clone())
     });
     match done {
-        Some(u) => Json(json!(u)).into_response(),
+        Some(u) => {
+            w.announce_access("group", "modified", &u.id);
+            Json(json!(u)).into_response()
+        }
         None => problem(StatusCode::NOT_FOUND, format!("no user {username}")),
     }
 }

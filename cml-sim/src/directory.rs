@@ -190,31 +190,38 @@ impl Directory {
         by_group || by_user
     }
 
-    /// One user as `GET users` shows it.
-    pub fn user_json(&self, u: &Account, labs: &[SimLab], p: Personality) -> Value {
-        let owned: Vec<&str> = labs
-            .iter()
-            .filter(|l| l.owner.id == u.id)
-            .map(|l| l.id.as_str())
-            .collect();
-        let mut v = json!({
-            "id": u.id, "username": u.username, "fullname": u.fullname, "description": "",
-            "email": "", "admin": u.admin, "directory_dn": "", "groups": u.groups,
-            "labs": owned, "opt_in": true, "resource_pool": null, "tour_version": "", "pubkey_info": "",
-        });
-        if p != Personality::V2_4 {
-            let associations: Vec<Value> = labs
-                .iter()
-                .flat_map(|l| {
-                    l.user_shares
-                        .iter()
-                        .filter(|s| s.id == u.id)
-                        .map(|s| json!({ "id": l.id, "permissions": s.permissions }))
-                })
-                .collect();
-            v["associations"] = json!(associations);
+    /// `GET users`: every user with its groups, the labs it owns and (2.9+) its associations,
+    /// from one pass over the labs (nothing of them copied but ids and permissions).
+    pub fn users_json<'a>(&self, labs: impl Iterator<Item = &'a SimLab>, p: Personality) -> Value {
+        let mut owned: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut shared: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+        for l in labs {
+            owned.entry(l.owner.id.as_str()).or_default().push(&l.id);
+            for s in &l.user_shares {
+                shared
+                    .entry(s.id.as_str())
+                    .or_default()
+                    .push(json!({ "id": l.id, "permissions": s.permissions }));
+            }
         }
-        v
+        Value::from(
+            self.users
+                .values()
+                .map(|u| {
+                    let mut v = json!({
+                        "id": u.id, "username": u.username, "fullname": u.fullname, "description": "",
+                        "email": "", "admin": u.admin, "directory_dn": "", "groups": u.groups,
+                        "labs": owned.get(u.id.as_str()).cloned().unwrap_or_default(),
+                        "opt_in": true, "resource_pool": null, "tour_version": "", "pubkey_info": "",
+                    });
+                    if p != Personality::V2_4 {
+                        v["associations"] =
+                            json!(shared.get(u.id.as_str()).cloned().unwrap_or_default());
+                    }
+                    v
+                })
+                .collect::<Vec<_>>(),
+        )
     }
 }
 

@@ -473,6 +473,21 @@ impl SimWorker {
             .collect()
     }
 
+    /// `GET users`: every user of the server (see [`Directory::users_json`]).
+    pub fn users_json(&self) -> Value {
+        let dir = lock(&self.directory);
+        let labs = lock(&self.labs);
+        dir.users_json(labs.values(), self.personality)
+    }
+
+    /// One user as `GET users` shows it.
+    pub fn user_json(&self, user_id: &str) -> Option<Value> {
+        match self.users_json() {
+            Value::Array(users) => users.into_iter().find(|u| u["id"] == user_id),
+            _ => None,
+        }
+    }
+
     /// Whether CML shows the lab to the user.
     pub fn sees(&self, user_id: &str, lab: &SimLab) -> bool {
         lock(&self.directory).sees(user_id, lab, self.personality)
@@ -642,6 +657,20 @@ impl SimWorker {
         }
     }
 
+    /// Tells every open stream (2.9+) that a user or a group changed: `{"event_type":
+    /// "user_event" | "group_event", "event": "created" | "modified" | "deleted",
+    /// "element_id": <id>}` (CML's schema defines such events; their exact shape is a guess).
+    pub fn announce_access(&self, element: &str, event: &str, id: &str) {
+        if self.personality == Personality::V2_4 || self.events.receiver_count() == 0 {
+            return;
+        }
+        let message = json!({
+            "event_type": format!("{element}_event"), "event": event, "element_type": element,
+            "element_id": id, "lab_id": null, "data": {},
+        });
+        let _ = self.events.send(Arc::from(message.to_string()));
+    }
+
     /// Moves every node of `lab_id` to `state` without changing the lab (as single nodes
     /// started or stopped from CML's UI): only their `state_change` messages go out. Returns
     /// how many went out (0 for an unknown lab, or without an open stream).
@@ -706,31 +735,56 @@ impl SimWorker {
         labs
     }
 
-    /// The `populate_lab_tiles` body: `{"lab_tiles": {id: tile}}`.
+    /// The `populate_lab_tiles` body: `{"lab_tiles": {id: tile}}`. The tiles of labs changed
+    /// since the last body are rendered outside the locks (from copies of those labs only), so
+    /// a large rebuild never holds up the server's other answers.
     pub fn tiles_body(&self) -> Bytes {
-        let labs = lock(&self.labs);
-        let mut cache = lock(&self.tiles);
-        if let Some(body) = cache.body.as_ref() {
-            return body.clone();
-        }
-        let mut body = String::from(r#"{"lab_tiles":{"#);
-        for (i, lab) in labs.values().enumerate() {
-            if i > 0 {
-                body.push(',');
+        loop {
+            let stale: Vec<SimLab> = {
+                let labs = lock(&self.labs);
+                let cache = lock(&self.tiles);
+                if let Some(body) = cache.body.as_ref() {
+                    return body.clone();
+                }
+                labs.values()
+                    .filter(|l| !cache.labs.contains_key(&l.id))
+                    .cloned()
+                    .collect()
+            };
+            let rendered: Vec<(String, String)> = stale
+                .iter()
+                .map(|lab| {
+                    let tile = format!(
+                        "{}:{}",
+                        Value::from(lab.id.as_str()),
+                        self.lab_object(lab, true)
+                    );
+                    (lab.id.clone(), tile)
+                })
+                .collect();
+            let labs = lock(&self.labs);
+            let mut cache = lock(&self.tiles);
+            for (id, tile) in rendered {
+                // A lab changed meanwhile has no cached tile until rendered again.
+                if stale.iter().any(|l| l.id == id && labs.get(&id) == Some(l)) {
+                    cache.labs.insert(id, tile);
+                }
             }
-            let entry = cache.labs.entry(lab.id.clone()).or_insert_with(|| {
-                format!(
-                    "{}:{}",
-                    Value::from(lab.id.as_str()),
-                    self.lab_object(lab, true)
-                )
-            });
-            body.push_str(entry);
+            if labs.keys().any(|id| !cache.labs.contains_key(id)) {
+                continue;
+            }
+            let mut body = String::from(r#"{"lab_tiles":{"#);
+            for (i, id) in labs.keys().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(&cache.labs[id]);
+            }
+            body.push_str("}}");
+            let body = Bytes::from(body);
+            cache.body = Some(body.clone());
+            return body;
         }
-        body.push_str("}}");
-        let body = Bytes::from(body);
-        cache.body = Some(body.clone());
-        body
     }
 
     /// Applies `f` to a lab and bumps its `modified` time; false when the lab does not exist.

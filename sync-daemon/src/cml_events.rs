@@ -3,7 +3,9 @@
 //! A message is read for its envelope only (`event_type`, `event`, `element_type`, `lab_id`);
 //! its `data` is skipped unread, whatever its size. Lab events and the creation or deletion of
 //! a lab's nodes, links or interfaces change what a record keeps (its fields, its counts);
-//! element modifications, element state changes and the periodic stats do not.
+//! element modifications, element state changes and the periodic stats do not. A message
+//! whose `event_type` names users or groups (CML 2.9+'s schema defines them; their shape is
+//! not known) changes who may see the labs: the server's users and groups are read again.
 
 use std::fmt;
 
@@ -19,6 +21,8 @@ pub enum MessageKind {
     StateChange,
     SystemStats,
     LabStats,
+    /// An `event_type` naming users or groups (`user_event`, `group_event`, …).
+    Access,
     /// A JSON object of another `event_type` (a newer server's, `system_event`, `ping`, …).
     Other,
     /// Not a JSON object with an `event_type`.
@@ -26,12 +30,13 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 7] = [
+    pub const ALL: [MessageKind; 8] = [
         MessageKind::LabEvent,
         MessageKind::LabElementEvent,
         MessageKind::StateChange,
         MessageKind::SystemStats,
         MessageKind::LabStats,
+        MessageKind::Access,
         MessageKind::Other,
         MessageKind::Malformed,
     ];
@@ -43,6 +48,7 @@ impl MessageKind {
             MessageKind::StateChange => "state_change",
             MessageKind::SystemStats => "system_stats",
             MessageKind::LabStats => "lab_stats",
+            MessageKind::Access => "access",
             MessageKind::Other => "other",
             MessageKind::Malformed => "malformed",
         }
@@ -63,6 +69,8 @@ pub struct Verdict {
     pub sync: Option<String>,
     /// The message says a lab or a node changed state (CML's sign of activity on the worker).
     pub activity: bool,
+    /// The message says users or groups changed: who may see the labs is read again.
+    pub access: bool,
     /// The lab id it named, refused: not a plausible CML lab id (clipped, for the log).
     pub refused: Option<String>,
 }
@@ -73,6 +81,7 @@ impl Verdict {
             kind,
             sync: None,
             activity: false,
+            access: false,
             refused: None,
         }
     }
@@ -115,6 +124,7 @@ pub fn classify(text: &str) -> Verdict {
             activity: event == "state",
             // Created, modified (title, description, notes, owner), deleted, state: all kept.
             sync: lab,
+            access: false,
             refused: None,
         },
         "lab_element_event" => {
@@ -124,6 +134,7 @@ pub fn classify(text: &str) -> Verdict {
                 kind: MessageKind::LabElementEvent,
                 activity: false,
                 sync: (counted && changes_count).then_some(lab).flatten(),
+                access: false,
                 refused: None,
             }
         }
@@ -131,14 +142,27 @@ pub fn classify(text: &str) -> Verdict {
             kind: MessageKind::StateChange,
             sync: None,
             activity: true,
+            access: false,
             refused: None,
         },
         "system_stats" => Verdict::ignore(MessageKind::SystemStats),
         "lab_stats" => Verdict::ignore(MessageKind::LabStats),
+        other if names_users_or_groups(other) => Verdict {
+            access: true,
+            ..Verdict::ignore(MessageKind::Access)
+        },
         _ => Verdict::ignore(MessageKind::Other),
     };
     verdict.refused = refused;
     verdict
+}
+
+/// Whether an `event_type` names users or groups (`user_event`, `group_event`, `users`,
+/// `group_membership_event`, …), as CML 2.9+'s schema defines such events.
+fn names_users_or_groups(event_type: &str) -> bool {
+    event_type
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|word| matches!(word, "user" | "users" | "group" | "groups" | "membership"))
 }
 
 #[cfg(test)]
@@ -180,6 +204,32 @@ mod tests {
         assert_eq!(fine.refused, None);
         let empty = classify(r#"{"event_type":"system_stats","lab_id":""}"#);
         assert_eq!(empty.refused, None);
+    }
+
+    #[test]
+    fn user_and_group_events_read_who_may_see_the_labs_again() {
+        for event_type in [
+            "user_event",
+            "group_event",
+            "USER_EVENT",
+            "group_membership_event",
+            "users",
+        ] {
+            let v = classify(&message(event_type, "modified", "user"));
+            assert_eq!(v.kind, MessageKind::Access, "{event_type}");
+            assert!(v.access && v.sync.is_none(), "{event_type}");
+        }
+        for event_type in [
+            "lab_event",
+            "system_event",
+            "usergroupish",
+            "superuser_stats",
+        ] {
+            assert!(
+                !classify(&message(event_type, "modified", "")).access,
+                "{event_type}"
+            );
+        }
     }
 
     #[test]

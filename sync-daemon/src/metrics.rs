@@ -143,7 +143,7 @@ impl Default for Metrics {
             ),
             event_messages: r.counters(
                 "sync_event_messages",
-                "Messages read from CML event streams, by kind: lab_event, lab_element_event, state_change, system_stats, lab_stats, other, malformed",
+                "Messages read from CML event streams, by kind: lab_event, lab_element_event, state_change, system_stats, lab_stats, access (users or groups changed), other, malformed",
             ),
             event_reconnects: r.counters(
                 "sync_event_reconnects",

@@ -387,13 +387,8 @@ async fn a_revoked_share_stops_showing_within_the_access_interval() {
     )
     .expect("config");
     let config = config.to_string_lossy().into_owned();
-    let d = f.spawn(
-        "daemon",
-        &[
-            ("CML_LABS_SYNC__INTERVAL", "1h"),
-            ("CML_LABS_SYNC__ACCESS_INTERVAL", "2s"),
-        ],
-    );
+    // lab-api first, and bob's stream open before anything is synced: what follows comes in
+    // the order it was written.
     let (_lab_api, base) = f
         .spawn_api(
             "lab-api",
@@ -403,6 +398,42 @@ async fn a_revoked_share_stops_showing_within_the_access_interval() {
             ],
         )
         .await;
+    system_tests::wait_metric(
+        &base,
+        "events_change_stream_up",
+        &[],
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let open_stream = || async {
+        let mut s = SseStream::open(
+            &format!("{base}/api/events/stream?event_types=worker.labs.updated"),
+            &[("authorization", "Bearer bob-token")],
+        )
+        .await
+        .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
+        assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
+        s
+    };
+    let mut first = open_stream().await;
+    let d = f.spawn(
+        "daemon",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_SYNC__ACCESS_INTERVAL", "2s"),
+        ],
+    );
+    // bob had no user anywhere: nothing of the first sync reaches him but the news that his
+    // accounts changed, after which his stream ends.
+    let frames = first
+        .until(Duration::from_secs(60), |f| {
+            f.iter().any(|f| f.event == "reset")
+        })
+        .await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0].data()["reason"], "access_changed");
+    assert_eq!(first.next(Duration::from_secs(10)).await, Err(Next::Ended));
     let api = Api {
         base: base.clone(),
         http: reqwest::Client::new(),
@@ -435,24 +466,30 @@ async fn a_revoked_share_stops_showing_within_the_access_interval() {
         }
     };
     until(vec![labs[0].clone()]).await;
-    let mut stream = SseStream::open(
-        &format!("{base}/api/events/stream?event_types=worker.labs.updated"),
-        &[("authorization", "Bearer bob-token")],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("stream refused: {}", r.status()));
-    assert_eq!(
-        stream.expect(Duration::from_secs(10)).await.event,
-        "connected"
-    );
+    let mut stream = open_stream().await;
 
     // The share withdrawn on CML: gone for bob, and his stream says so without a field.
     let revoked_at = std::time::Instant::now();
     w.update_lab_quietly(&labs[0], |l| l.groups = Vec::new());
     until(Vec::new()).await;
     let took = revoked_at.elapsed();
-    let removal = stream.expect(Duration::from_secs(30)).await;
-    let data = removal.data();
+    // The stream may first carry the lab's creation, when lab-api's change stream brought it
+    // after the stream opened (the record was readable before): an addition, then the removal.
+    let frames = stream
+        .until(Duration::from_secs(30), |f| {
+            f.last().is_some_and(|f| f.data()["action"] == "removed")
+        })
+        .await;
+    for earlier in &frames[..frames.len() - 1] {
+        assert_eq!(
+            earlier.data()["action"],
+            "created",
+            "{:?}",
+            earlier.envelope
+        );
+        assert_eq!(earlier.data()["lab_id"], labs[0].as_str());
+    }
+    let data = frames[frames.len() - 1].data();
     assert_eq!(data["action"], "removed", "{data}");
     assert_eq!(data["reason"], "access");
     assert_eq!(data["lab_id"], labs[0].as_str());
@@ -501,4 +538,117 @@ async fn a_revoked_share_stops_showing_within_the_access_interval() {
     assert_eq!(stream.next(Duration::from_secs(10)).await, Err(Next::Ended));
     println!("a withdrawn share stopped showing {took:?} after it was withdrawn (sync.access_interval = 2s)");
     d.signal(libc::SIGTERM);
+}
+
+/// On CML 2.9+, a message of the server's event stream saying a user or a group changed has
+/// its users and groups read again at once (the access interval and the cycle are far away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_or_group_event_reads_who_may_see_what_again() {
+    let f = Fixture::new("access_event", 3, 3).await;
+    let w = f.fleet.fleet.workers[2].clone();
+    assert!(w.has_event_stream());
+    let alice = w
+        .directory(|d| d.by_name("alice").map(|u| u.as_owner()))
+        .expect("alice");
+    let netops = SimGroup {
+        id: w.group_named("netops"),
+        name: "netops".into(),
+        permissions: vec!["lab_view".into()],
+    };
+    let labs = w.lab_ids();
+    for (i, lab) in labs.iter().enumerate() {
+        let groups = if i == 0 {
+            vec![netops.clone()]
+        } else {
+            Vec::new()
+        };
+        let owner = alice.clone();
+        w.update_lab_quietly(lab, |l| {
+            l.groups = groups;
+            l.user_shares = Vec::new();
+            l.owner = owner;
+        });
+    }
+    let config = f.dir.path().join("lab-api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api.auth]\nmode = \"tokens\"\ntokens = [{{ sha256 = \"{}\", username = \"bob\" }}]\n",
+            digest("bob-token")
+        ),
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let d = f.spawn(
+        "daemon",
+        &[
+            ("CML_LABS_SYNC__INTERVAL", "1h"),
+            ("CML_LABS_SYNC__EVENTS__ENABLED", "true"),
+        ],
+    );
+    let (_lab_api, base) = f
+        .spawn_api(
+            "lab-api",
+            &[
+                ("CML_LABS_CONFIG", config.as_str()),
+                ("CML_LABS_API__AUTH__MODE", "tokens"),
+            ],
+        )
+        .await;
+    let api = Api {
+        base,
+        http: reqwest::Client::new(),
+    };
+    d.wait_event("cycle_completed", 1, Duration::from_secs(60))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while w.listening_streams() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch never followed the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bobs = || async {
+        let (_, v) = api.get(&format!("/api/workers/{}/labs", w.id), "bob").await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        bobs().await.is_empty(),
+        "bob is in no group that sees a lab"
+    );
+    // bob joins netops, and the server says so on its stream.
+    let bob_id = w.directory(|d| {
+        let id = d.by_name("bob").map(|u| u.id.clone()).expect("bob");
+        d.users
+            .get_mut(&id)
+            .expect("bob")
+            .groups
+            .insert(netops.id.clone());
+        id
+    });
+    w.announce_access("group", "modified", &bob_id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while bobs().await != vec![labs[0].clone()] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob never saw the lab: {:?}",
+            bobs().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let access: Vec<_> = d
+        .events("worker_synced")
+        .into_iter()
+        .filter(|l| l["source"] == "access")
+        .collect();
+    assert_eq!(access.len(), 1, "one read of users and groups: {access:?}");
+    assert_eq!(access[0]["worker_id"], w.id.as_str());
+    assert_eq!(access[0]["cml_calls"], 2, "users and groups, nothing else");
 }

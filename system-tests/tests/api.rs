@@ -8,7 +8,8 @@ use system_tests::Fixture;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_what_the_daemon_synced_over_a_real_socket() {
     let f = Fixture::new("api_socket", 2, 6).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let (mut api, base) = f.spawn_api("api", &[]).await;
     assert_eq!(api.events("auth_disabled").len(), 1, "mode none warns");
     let http = reqwest::Client::new();
@@ -60,7 +61,8 @@ async fn mongodb_down_is_a_quick_503_and_both_recover_by_themselves() {
     };
     let db = testkit::TestDb::on(&server.uri(), "api_mongo_down").await;
     let f = Fixture::on(db, 1, 3).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let (mut api, base) = f
         .spawn_api(
             "api",

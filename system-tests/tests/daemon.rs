@@ -79,7 +79,8 @@ async fn the_first_cycle_populates_every_worker_of_a_mixed_version_fleet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_change_gives_one_entry_and_sixty_changes_keep_fifty() {
     let f = Fixture::new("daemon_changes", 1, 3).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let w = f.fleet.fleet.workers[0].clone();
     let lab = w.labs()[0].clone();
     let next = other_state(&lab.state);
@@ -122,7 +123,8 @@ async fn a_state_change_gives_one_entry_and_sixty_changes_keep_fifty() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_lab_is_tombstoned_comes_back_and_is_purged_later() {
     let f = Fixture::new("daemon_vanish", 1, 4).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let w = f.fleet.fleet.workers[0].clone();
     let lab = w.labs()[0].clone();
     w.delete_lab(&lab.id);
@@ -141,7 +143,8 @@ async fn a_vanished_lab_is_tombstoned_comes_back_and_is_purged_later() {
 
     // Back again: un-marked, with an entry.
     w.create_lab(Some(lab.clone()));
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let r = f.record(&w.id, &lab.id).await;
     assert!(r.removed_at.is_none());
     let last = r.operation_history.last().expect("entry");
@@ -168,7 +171,8 @@ async fn a_vanished_lab_is_tombstoned_comes_back_and_is_purged_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_faulty_worker_keeps_its_records_and_never_holds_up_the_others() {
     let f = Fixture::new("daemon_faults", 3, 5).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let workers = f.fleet.fleet.workers.clone();
     let (bad, good) = (&workers[0], &workers[1..]);
     let faults = [

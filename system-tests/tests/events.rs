@@ -85,7 +85,8 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
 
     // Cycle 1: every lab is new. Cycle 2: a state change, a title change, a removal, a failed
     // worker. Cycle 3: the removed lab is back, the failed worker heals.
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let labs = w[0].labs();
     let (changed, retitled, removed) = (&labs[0], &labs[1], labs[2].clone());
     w[0].update_lab(&changed.id, |l| l.state = other_state(&l.state).to_owned());
@@ -101,7 +102,8 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
     assert!(!out.status.success(), "a failed worker fails `once`");
     w[0].create_lab(Some(removed.clone()));
     w[1].set_faults(Faults::default());
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
 
     let a = until_syncs(&mut on_a, 3 + 2 + 3, 1).await;
     let b = until_syncs(&mut on_b, 3 + 2 + 3, 1).await;
@@ -222,7 +224,8 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
     );
 
     // A write that only stamps `last_synced_at` is no event.
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let quiet = until_syncs(&mut on_a, 3, 0).await;
     assert_eq!(count(&quiet, LABS), 0, "{quiet:?}");
     assert_eq!(
@@ -292,7 +295,8 @@ async fn streams_go_on_across_a_mongodb_restart_and_miss_nothing_written_after_i
         )
         .await;
     let mut client = open(&base, "", &[]).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let first = until_syncs(&mut client, 2, 0).await;
     assert_eq!(count(&first, LABS), 6);
 
@@ -370,7 +374,8 @@ async fn a_client_that_never_reads_is_reset_and_cut_off_without_holding_up_the_o
         let frames = until_syncs(&mut reader, 4, 0).await;
         (frames, reader)
     });
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let (frames, _reader) = reading.await.expect("reader");
     assert_eq!(count(&frames, LABS), 2000, "the reader got everything");
     assert_eq!(count(&frames, "reset"), 0);
@@ -428,7 +433,8 @@ async fn a_filtered_client_that_stops_reading_is_cut_though_its_queue_never_fill
         let frames = until_syncs(&mut reader, 2, 0).await;
         (frames, reader)
     });
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let (frames, _reader) = reading.await.expect("reader");
     assert_eq!(count(&frames, LABS), 400, "the reader got everything");
     let cut = api.wait_event("stream_cut", 1, WAIT).await;
@@ -588,7 +594,8 @@ async fn streams_are_authenticated_capped_kept_alive_and_end_at_sigterm() {
     assert_eq!(reset.event, "reset");
     assert_eq!(reset.data()["reason"], "unknown_id");
     drop(garbled);
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let live = until_syncs(&mut by_cookie, 1, 0).await;
     assert_eq!(count(&live, LABS), 2);
 

@@ -54,8 +54,9 @@ async fn each_release_gives_its_groups_and_a_removed_association_is_a_change() {
     let out = f.once(&[]).await;
     assert!(out.status.success(), "{}", output_text(&out));
     let logs = log_lines(&String::from_utf8_lossy(&out.stderr));
+    // Every release: one `groups` call per full sync, its labs' groups taken from it.
     for (w, source, calls) in [
-        (&workers[0], "lab_objects", 0),
+        (&workers[0], "associations", 1),
         (&workers[1], "associations", 1),
         (&workers[2], "associations", 1),
     ] {
@@ -81,8 +82,8 @@ async fn each_release_gives_its_groups_and_a_removed_association_is_a_change() {
         assert_eq!(line["groups"], source, "{line}");
         assert_eq!(
             line["cml_calls"].as_u64(),
-            Some(2 + calls),
-            "login, tiles and, on 2.9+, groups: {line}"
+            Some(4),
+            "login, then tiles, users and groups: {line}"
         );
     }
 
@@ -97,7 +98,7 @@ async fn each_release_gives_its_groups_and_a_removed_association_is_a_change() {
         "{}",
         output_text(&out)
     );
-    for (w, calls) in [(&workers[0], 0), (&workers[1], 2), (&workers[2], 2)] {
+    for (w, calls) in [(&workers[0], 2), (&workers[1], 2), (&workers[2], 2)] {
         let r = f.record(&w.id, &w.lab_ids()[0]).await;
         assert_eq!(r.fields.groups, ["netops"]);
         assert_eq!(r.operation_history.len(), 1);
@@ -264,7 +265,8 @@ async fn a_changed_association_is_an_updated_event_naming_the_groups() {
         }
     };
     share(&w, &lab, &["netops"]);
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let first = stream.until(WAIT, refreshed(1)).await;
     assert!(
         first.iter().any(|f| f.event == "worker.labs.updated"),
@@ -272,7 +274,8 @@ async fn a_changed_association_is_an_updated_event_naming_the_groups() {
     );
 
     share(&w, &lab, &["admins", "netops"]);
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let frames = stream.until(WAIT, refreshed(1)).await;
     let updates: Vec<&SseFrame> = frames
         .iter()

@@ -140,7 +140,8 @@ async fn an_oversized_lab_is_cut_and_its_worker_synced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_tile_map_wipes_nothing_and_a_real_removal_still_lands() {
     let f = Fixture::new("hostile_empty_tiles", 1, 4).await;
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     let w = f.fleet.fleet.workers[0].clone();
     w.set_faults(Faults {
         empty_tiles: true,
@@ -202,7 +203,8 @@ async fn text_a_server_sends_is_clipped_in_the_logs() {
 async fn lab_ids_that_walk_the_api_path_are_refused_wherever_they_come_from() {
     let f = Fixture::new("hostile_lab_ids", 2, 3).await;
     let w = f.fleet.fleet.workers[1].clone();
-    assert!(f.once(&[]).await.status.success());
+    let out = f.once(&[]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
     // What a sync may change of a record: its lab, its fields, whether it is removed.
     let kept = |records: Vec<shared::record::LabRecord>| -> Vec<_> {
         records

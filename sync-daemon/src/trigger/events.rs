@@ -387,10 +387,12 @@ struct Session<'a> {
     stop: &'a CancellationToken,
 }
 
-/// Labs announced and not sent to the runner yet.
+/// Labs announced and not sent to the runner yet (and whether users or groups changed).
 #[derive(Debug, Default)]
 struct Pending {
     labs: BTreeSet<String>,
+    /// The server said its users or groups changed: who may see its labs is read again.
+    access: bool,
     /// When the first of them arrived.
     seen: Option<Instant>,
     /// When they go.
@@ -530,31 +532,41 @@ impl Session<'_> {
                     at: DateTime::now(),
                 });
             }
-            if let Some(lab) = verdict.sync {
-                if pending.labs.is_empty() {
+            if verdict.sync.is_some() || verdict.access {
+                if pending.labs.is_empty() && !pending.access {
                     pending.seen = Some(now);
                     let earliest = last_sent.map_or(now, |at| at + s.min_interval);
                     pending.due = Some((now + s.coalesce).max(earliest));
                 }
-                pending.labs.insert(lab);
+                pending.labs.extend(verdict.sync);
+                pending.access |= verdict.access;
             }
         }
     }
 
-    /// Sends the labs pending, if any, to the runner.
+    /// Sends the labs pending, if any, to the runner, and a read of users and groups if they
+    /// changed (coalesced alike: one per `sync.events.min_interval` at most).
     async fn send(&self, pending: &mut Pending, last_sent: &mut Option<Instant>) {
-        let Pending { labs, seen, .. } = std::mem::take(pending);
-        if labs.is_empty() {
+        let Pending {
+            labs, access, seen, ..
+        } = std::mem::take(pending);
+        if labs.is_empty() && !access {
             return;
         }
         *last_sent = Some(Instant::now());
-        let trigger = Trigger::Event {
-            target: self.target.clone(),
-            scope: Scope::Labs(labs),
-            seen: seen.unwrap_or_else(Instant::now),
-        };
-        // The runner gone means the daemon stops: the stream is closed next.
-        let _ = self.triggers.send(trigger).await;
+        let seen = seen.unwrap_or_else(Instant::now);
+        let labs = (!labs.is_empty()).then_some(Scope::Labs(labs));
+        for scope in labs.into_iter().chain(access.then_some(Scope::Access)) {
+            let trigger = Trigger::Event {
+                target: self.target.clone(),
+                scope,
+                seen,
+            };
+            // The runner gone means the daemon stops: the stream is closed next.
+            if self.triggers.send(trigger).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
