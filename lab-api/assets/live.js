@@ -246,7 +246,8 @@ function logEvent(type, text) {
 function onLab(d) {
   const w = state.workers.get(d.worker_id);
   logEvent('worker.labs.updated',
-    `${(w && w.name) || d.worker_id}: ${d.title} ${d.action}` +
+    `${(w && w.name) || d.worker_id}: ${d.title || d.lab_id} ${d.action}` +
+    (d.reason === 'access' ? ' (no longer shared with you)' : '') +
     (d.action === 'state_changed' ? ` (${d.previous_state} → ${d.new_state})` : ''));
   if (d.worker_id !== state.selected) return;
   if (d.action === 'removed') {
@@ -265,7 +266,8 @@ function onLab(d) {
 function onSync(d, ok) {
   const w = state.workers.get(d.worker_id);
   logEvent(ok ? 'worker.data.refreshed' : 'worker.sync.failed', ok
-    ? `${(w && w.name) || d.worker_id}: ${d.labs_synced} labs, ${d.labs_created} new, ${d.labs_updated} changed, ${d.labs_removed} removed`
+    ? `${(w && w.name) || d.worker_id}: ${d.labs_synced} labs` + (d.labs_created == null ? ''
+      : `, ${d.labs_created} new, ${d.labs_updated} changed, ${d.labs_removed} removed`)
     : `${(w && w.name) || d.worker_id}: ${d.error_kind || 'failed'} (${d.consecutive_failures} in a row)`);
   if (!w) {
     loadFleet();

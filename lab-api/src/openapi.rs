@@ -11,8 +11,8 @@ use shared::record::LabState;
 use crate::{
     dto::{FieldChangeDto, LabEntry},
     events::payload::{
-        Changed, Connected, DataRefreshed, EventEnvelope, Heartbeat, LabChange, LabUpdated,
-        RefreshThrottled, Reset, SyncFailed,
+        Changed, Connected, DataRefreshed, EventEnvelope, Heartbeat, LabChange, LabHidden,
+        LabUpdated, RefreshThrottled, Reset, SyncFailed,
     },
     params::{Cursor, Id, Region, Username, Wait},
     problem::Problem,
@@ -25,8 +25,8 @@ use crate::{
     // stream's envelope and payloads: what a client of the stream reads, by event type.
     components(schemas(
         Problem, Id, Region, Username, Cursor, Wait, LabState,
-        EventEnvelope, Connected, Heartbeat, Reset, LabUpdated, LabChange, Changed, LabEntry,
-        FieldChangeDto, DataRefreshed, SyncFailed, RefreshThrottled
+        EventEnvelope, Connected, Heartbeat, Reset, LabUpdated, LabHidden, LabChange, Changed,
+        LabEntry, FieldChangeDto, DataRefreshed, SyncFailed, RefreshThrottled
     )),
     modifiers(&BearerAuth)
 )]

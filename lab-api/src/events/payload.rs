@@ -22,7 +22,8 @@ pub struct EventEnvelope {
     /// When the change was written (RFC 3339).
     pub time: String,
     /// One of the payloads below, by `type`: [`Connected`], [`Heartbeat`], [`Reset`],
-    /// [`LabUpdated`], [`DataRefreshed`], [`SyncFailed`], [`RefreshThrottled`].
+    /// [`LabUpdated`] (or [`LabHidden`] for a caller who lost the lab), [`DataRefreshed`],
+    /// [`SyncFailed`], [`RefreshThrottled`].
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
@@ -162,6 +163,7 @@ mod tests {
             "Heartbeat",
             "Reset",
             "LabUpdated",
+            "LabHidden",
             "LabChange",
             "Changed",
             "LabEntry",
