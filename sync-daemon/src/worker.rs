@@ -262,12 +262,7 @@ async fn fetch_and_write(ctx: &Context, target: &CmlTarget, term: Term) -> Resul
     let directory = match std::mem::replace(&mut fetched.access, AccessRead::NotAsked) {
         AccessRead::Read(d) => Some(d),
         AccessRead::Unread { kind, error } => {
-            AccessUnread {
-                worker_id,
-                kind,
-                error: &error,
-            }
-            .emit(&ctx.metrics);
+            access_unread(ctx, worker_id, kind, &error);
             fetched.access = AccessRead::Unread { kind, error };
             None
         }
@@ -393,12 +388,7 @@ async fn fetch_and_write_access(
     let directory = match read {
         AccessRead::Read(d) => d,
         AccessRead::Unread { kind, error } => {
-            AccessUnread {
-                worker_id,
-                kind,
-                error: &error,
-            }
-            .emit(&ctx.metrics);
+            access_unread(ctx, worker_id, kind, &error);
             return Ok(outcome(
                 PlanCounts::default(),
                 ApplyOutcome::default(),
@@ -444,6 +434,16 @@ async fn fetch_and_write_access(
         applied,
         AccessOutcome::Read(accounts),
     ))
+}
+
+/// Tells that a worker's users or groups could not be read.
+fn access_unread(ctx: &Context, worker_id: &str, kind: &str, error: &str) {
+    AccessUnread {
+        worker_id,
+        kind,
+        error,
+    }
+    .emit(&ctx.metrics);
 }
 
 /// Cuts each lab's text fields to their limits, logging what was cut.

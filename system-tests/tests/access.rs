@@ -132,6 +132,18 @@ impl Api {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The ids of the labs `/api/workers/{worker}/labs` shows `user`.
+    async fn labs_of(&self, worker: &str, user: &str) -> Vec<String> {
+        let (_, v) = self.get(&format!("/api/workers/{worker}/labs"), user).await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// What every read route shows `user`, each as a set (they must agree); and how many
     /// requests that took.
     async fn seen(
@@ -347,36 +359,35 @@ async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the
     );
 }
 
-/// A share withdrawn on a CML server stops showing within `sync.access_interval`, through a
-/// read of users and groups alone (the cycle is an hour away), and a stream of the user who
-/// lost it gets the removal; a group joined shows its labs the same way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_share_stops_showing_within_the_access_interval() {
-    let f = Fixture::new("access_revoked", 2, 4).await;
-    let w = f.fleet.fleet.workers[1].clone();
-    let labs = w.lab_ids();
-    // bob (in `students`) sees labs[0] through his group, nothing else.
-    let students = SimGroup {
-        id: w.group_named("students"),
-        name: "students".into(),
+/// Every lab of `w` owned by alice; the first shared with the group `group` (viewing), the
+/// others with nobody. The group as shared.
+fn share_only_the_first(w: &SimWorker, group: &str) -> SimGroup {
+    let shared = SimGroup {
+        id: w.group_named(group),
+        name: group.into(),
         permissions: vec!["lab_view".into()],
     };
     let alice = w
         .directory(|d| d.by_name("alice").map(|u| u.as_owner()))
         .expect("alice");
-    for (i, lab) in labs.iter().enumerate() {
+    for (i, lab) in w.lab_ids().iter().enumerate() {
         let groups = if i == 0 {
-            vec![students.clone()]
+            vec![shared.clone()]
         } else {
             Vec::new()
         };
         let owner = alice.clone();
-        w.update_lab(lab, |l| {
+        w.update_lab_quietly(lab, |l| {
             l.groups = groups;
             l.user_shares = Vec::new();
             l.owner = owner;
         });
     }
+    shared
+}
+
+/// lab-api with one static token, `bob-token`, naming the user bob.
+async fn api_for_bob(f: &Fixture) -> (system_tests::Daemon, String) {
     let config = f.dir.path().join("lab-api.toml");
     std::fs::write(
         &config,
@@ -387,17 +398,29 @@ async fn a_revoked_share_stops_showing_within_the_access_interval() {
     )
     .expect("config");
     let config = config.to_string_lossy().into_owned();
+    f.spawn_api(
+        "lab-api",
+        &[
+            ("CML_LABS_CONFIG", config.as_str()),
+            ("CML_LABS_API__AUTH__MODE", "tokens"),
+        ],
+    )
+    .await
+}
+
+/// A share withdrawn on a CML server stops showing within `sync.access_interval`, through a
+/// read of users and groups alone (the cycle is an hour away), and a stream of the user who
+/// lost it gets the removal; a group joined shows its labs the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_share_stops_showing_within_the_access_interval() {
+    let f = Fixture::new("access_revoked", 2, 4).await;
+    let w = f.fleet.fleet.workers[1].clone();
+    let labs = w.lab_ids();
+    // bob (in `students`) sees labs[0] through his group, nothing else.
+    share_only_the_first(&w, "students");
     // lab-api first, and bob's stream open before anything is synced: what follows comes in
     // the order it was written.
-    let (_lab_api, base) = f
-        .spawn_api(
-            "lab-api",
-            &[
-                ("CML_LABS_CONFIG", config.as_str()),
-                ("CML_LABS_API__AUTH__MODE", "tokens"),
-            ],
-        )
-        .await;
+    let (_lab_api, base) = api_for_bob(&f).await;
     system_tests::wait_metric(
         &base,
         "events_change_stream_up",
@@ -438,16 +461,7 @@ async fn a_revoked_share_stops_showing_within_the_access_interval() {
         base: base.clone(),
         http: reqwest::Client::new(),
     };
-    let bobs = || async {
-        let (_, v) = api.get(&format!("/api/workers/{}/labs", w.id), "bob").await;
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
+    let bobs = || api.labs_of(&w.id, "bob");
     let until = |want: Vec<String>| {
         let bobs = &bobs;
         async move {
@@ -547,38 +561,8 @@ async fn a_user_or_group_event_reads_who_may_see_what_again() {
     let f = Fixture::new("access_event", 3, 3).await;
     let w = f.fleet.fleet.workers[2].clone();
     assert!(w.has_event_stream());
-    let alice = w
-        .directory(|d| d.by_name("alice").map(|u| u.as_owner()))
-        .expect("alice");
-    let netops = SimGroup {
-        id: w.group_named("netops"),
-        name: "netops".into(),
-        permissions: vec!["lab_view".into()],
-    };
     let labs = w.lab_ids();
-    for (i, lab) in labs.iter().enumerate() {
-        let groups = if i == 0 {
-            vec![netops.clone()]
-        } else {
-            Vec::new()
-        };
-        let owner = alice.clone();
-        w.update_lab_quietly(lab, |l| {
-            l.groups = groups;
-            l.user_shares = Vec::new();
-            l.owner = owner;
-        });
-    }
-    let config = f.dir.path().join("lab-api.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[api.auth]\nmode = \"tokens\"\ntokens = [{{ sha256 = \"{}\", username = \"bob\" }}]\n",
-            digest("bob-token")
-        ),
-    )
-    .expect("config");
-    let config = config.to_string_lossy().into_owned();
+    let netops = share_only_the_first(&w, "netops");
     let d = f.spawn(
         "daemon",
         &[
@@ -586,15 +570,7 @@ async fn a_user_or_group_event_reads_who_may_see_what_again() {
             ("CML_LABS_SYNC__EVENTS__ENABLED", "true"),
         ],
     );
-    let (_lab_api, base) = f
-        .spawn_api(
-            "lab-api",
-            &[
-                ("CML_LABS_CONFIG", config.as_str()),
-                ("CML_LABS_API__AUTH__MODE", "tokens"),
-            ],
-        )
-        .await;
+    let (_lab_api, base) = api_for_bob(&f).await;
     let api = Api {
         base,
         http: reqwest::Client::new(),
@@ -609,16 +585,7 @@ async fn a_user_or_group_event_reads_who_may_see_what_again() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let bobs = || async {
-        let (_, v) = api.get(&format!("/api/workers/{}/labs", w.id), "bob").await;
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
+    let bobs = || api.labs_of(&w.id, "bob");
     assert!(
         bobs().await.is_empty(),
         "bob is in no group that sees a lab"
