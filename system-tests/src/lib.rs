@@ -73,6 +73,9 @@ pub struct Fixture {
     pub fleet: RunningFleet,
     pub dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    /// When the test's database was made: its lab-api replicas read the change stream back to
+    /// this, not over what other tests wrote before.
+    began: Instant,
 }
 
 impl Fixture {
@@ -82,6 +85,9 @@ impl Fixture {
 
     /// On a database of the caller's (e.g. on a server the test stops and restarts).
     pub async fn on(db: TestDb, workers: usize, labs: usize) -> Self {
+        // Built before anything of the test starts: no wait or window of a test holds a build.
+        binary("lab-api");
+        let began = Instant::now();
         let cfg = FleetConfig {
             workers,
             labs_per_worker: labs,
@@ -100,7 +106,9 @@ impl Fixture {
             ("CML_LABS_MONGODB__URI", db.uri.as_str()),
             ("CML_LABS_MONGODB__DATABASE", db.name()),
             ("CML_LABS_CML__PASSWORD", "local-dev-password"),
-            ("CML_LABS_CML__REQUEST_TIMEOUT", "2s"),
+            // CML calls keep the production timeout (`cml.request_timeout`, 30 s): a tighter
+            // one failed a 3 MB answer on a busy two-core machine. The tests of a hung server
+            // set their own.
             ("CML_LABS_TELEMETRY__LOG_FORMAT", "json"),
             ("CML_LABS_SYNC__ADMIN_LISTEN", "127.0.0.1:0"),
             // The tests of the cycle, retries and refreshes count its syncs and calls exactly:
@@ -118,6 +126,7 @@ impl Fixture {
             fleet,
             dir: tempfile::tempdir().expect("tempdir"),
             env,
+            began,
         }
     }
 
@@ -150,9 +159,15 @@ impl Fixture {
 
     /// `lab-api` in the background on a free port, authentication off unless `extra` says so.
     pub async fn spawn_api(&self, name: &str, extra: &[(&str, &str)]) -> (Daemon, String) {
+        // A starting replica reads back `api.events.replay_window` of the change stream. On a
+        // server the whole suite shares, ten minutes of it are mostly other tests' writes, and
+        // reading past them held each replica's first events back by up to a minute: the
+        // window here reaches back to this test's start, which is all its database holds.
+        let window = format!("{}s", self.began.elapsed().as_secs() + 2);
         let mut env = vec![
             ("CML_LABS_API__LISTEN", "127.0.0.1:0"),
             ("CML_LABS_API__AUTH__MODE", "none"),
+            ("CML_LABS_API__EVENTS__REPLAY_WINDOW", window.as_str()),
         ];
         env.extend_from_slice(extra);
         let api = self.spawn_binary("lab-api", &[], name, &env);

@@ -1,7 +1,11 @@
 //! Live events end to end: real lab-api replicas following MongoDB's change stream, a real
 //! sync-daemon writing, the simulated fleet changing, clients reading `text/event-stream`.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use cml_sim::Faults;
 use serde_json::Value;
@@ -237,9 +241,12 @@ async fn two_replicas_stream_every_event_of_every_kind_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reconnects_to_the_other_replica_misses_nothing_and_gets_nothing_twice() {
     let f = Fixture::new("events_resume", 4, 12).await;
-    for w in &f.fleet.fleet.workers {
+    // Every worker holds its calls until the test lets it answer: one worker is synced while
+    // the client reads, the next while it is away, the others after it came back.
+    let workers = f.fleet.fleet.workers.clone();
+    for w in &workers {
         w.set_faults(Faults {
-            latency_ms: 150,
+            hold: true,
             ..Faults::default()
         });
     }
@@ -251,21 +258,26 @@ async fn a_client_that_reconnects_to_the_other_replica_misses_nothing_and_gets_n
 
     let cycle = f.once(&[("CML_LABS_SYNC__CONCURRENCY", "1")]);
     let client = async {
+        let mut released = BTreeSet::new();
+        release_the_called(&workers, &mut released).await;
         let before = hopper.until(WAIT, |fs| with_ids(fs).len() >= 10).await;
         let last = before.last().and_then(|f| f.id.clone()).expect("an id");
         drop(hopper);
         // The cycle goes on while the client is away: another worker's labs are written.
-        let away = f.records().await.len();
+        release_the_called(&workers, &mut released).await;
         testkit::eventually("another worker written", WAIT, || async {
-            (f.records().await.len() >= away + 12).then_some(())
+            (f.records().await.len() >= 24).then_some(())
         })
         .await;
         let mut again = open(&base_b, "", &[("last-event-id", &last)]).await;
+        for w in &workers {
+            w.set_faults(Faults::default());
+        }
         let after = until_syncs(&mut again, 4 - count(&before, REFRESHED), 0).await;
         (before, after)
     };
     let (out, (before, after)) = tokio::join!(cycle, client);
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", system_tests::output_text(&out));
     let all = observed.await.expect("observer");
     assert_eq!(count(&after, "reset"), 0, "{after:?}");
     assert!(
@@ -278,6 +290,19 @@ async fn a_client_that_reconnects_to_the_other_replica_misses_nothing_and_gets_n
         "the union is the whole sequence: nothing lost, nothing twice"
     );
     assert_eq!(count(&all, LABS), 48);
+}
+
+/// Lets the worker the cycle calls now answer (its calls were held), and notes it.
+async fn release_the_called(workers: &[Arc<cml_sim::SimWorker>], released: &mut BTreeSet<String>) {
+    let w = testkit::eventually("a held worker called", WAIT, || async {
+        workers
+            .iter()
+            .find(|w| !released.contains(&w.id) && !w.calls().is_empty())
+            .cloned()
+    })
+    .await;
+    w.set_faults(Faults::default());
+    released.insert(w.id.clone());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,8 +158,21 @@ pub fn finished_request(change: &Change) -> Option<String> {
 }
 
 fn lab_event(change: &Change) -> Option<Derived> {
-    let record: LabRecord = bson::from_document(change.full_document.clone()?).ok()?;
     let updated = &change.updated_fields;
+    // The record is looked up when the stream reads the change, so a later write can show in
+    // it: what this write set is laid over it (a removal read after the lab came back still
+    // says when it was removed). Who may read it stays the looked-up one: the latest data go
+    // only to those who may read them now.
+    let mut written = change.full_document.clone()?;
+    for (path, value) in updated {
+        if !ACCESS_FIELDS
+            .iter()
+            .any(|f| path.split('.').next() == Some(*f))
+        {
+            set_path(&mut written, path, value.clone());
+        }
+    }
+    let record: LabRecord = bson::from_document(written).ok()?;
     let regranted = updated.contains_key("readers");
     let lab_change = match change.operation {
         Operation::Insert => Some(created(&record)),
@@ -223,6 +236,9 @@ fn lab_event(change: &Change) -> Option<Derived> {
     })
 }
 
+/// A record's fields that say who may read it.
+const ACCESS_FIELDS: [&str; 3] = ["readers", "readers_before", "shares"];
+
 /// A lab as it arrives for a caller who had not seen it: created.
 fn created(record: &LabRecord) -> LabChange {
     LabChange::Created {
@@ -265,6 +281,69 @@ fn written_entry(updated: &Document, record: &LabRecord, at: DateTime) -> Option
         .find(|e| e.timestamp == at)
 }
 
+/// The status a sync wrote, and whether it succeeded. An update's `full_document` is looked up
+/// when the stream reads the change, so a later write can show in it: a failure read after the
+/// next success would look like that success. So an update's outcome is judged by the fields
+/// it set alone (a success sets `last_success_at` to its `last_attempt_at`, a failure never
+/// sets it), and those fields are laid over the looked-up document; the others are the
+/// latest.
+fn status_as_written(change: &Change) -> Option<(WorkerSyncStatus, bool)> {
+    let mut written = change.full_document.clone()?;
+    if change.operation != Operation::Update {
+        let s: WorkerSyncStatus = bson::from_document(written).ok()?;
+        let succeeded = s.consecutive_failures == 0 && s.last_success_at == Some(s.last_attempt_at);
+        return Some((s, succeeded));
+    }
+    for (path, value) in &change.updated_fields {
+        set_path(&mut written, path, value.clone());
+    }
+    let set = &change.updated_fields;
+    let succeeded = matches!(
+        (set.get("last_success_at"), set.get("last_attempt_at")),
+        (Some(Bson::DateTime(success)), Some(Bson::DateTime(attempt))) if success == attempt
+    );
+    Some((bson::from_document(written).ok()?, succeeded))
+}
+
+/// Sets `value` at a dotted `path` (`last_counts.updated`, `operation_history.3`), as an
+/// update description names the fields it changed inside a sub-document or an array.
+fn set_path(doc: &mut Document, path: &str, value: Bson) {
+    let Some((head, rest)) = path.split_once('.') else {
+        doc.insert(path, value);
+        return;
+    };
+    if !matches!(doc.get(head), Some(Bson::Document(_) | Bson::Array(_))) {
+        doc.insert(head, Document::new());
+    }
+    if let Some(inner) = doc.get_mut(head) {
+        set_in(inner, rest, value);
+    }
+}
+
+/// [`set_path`] inside a sub-document or an array (an index past its end appends).
+fn set_in(target: &mut Bson, path: &str, value: Bson) {
+    match target {
+        Bson::Document(d) => set_path(d, path, value),
+        Bson::Array(items) => {
+            let (head, rest) = path
+                .split_once('.')
+                .map_or((path, None), |(h, r)| (h, Some(r)));
+            let Ok(i) = head.parse::<usize>() else { return };
+            if i >= items.len() {
+                if i > items.len() || rest.is_some() {
+                    return;
+                }
+                items.push(Bson::Null);
+            }
+            match rest {
+                None => items[i] = value,
+                Some(rest) => set_in(&mut items[i], rest, value),
+            }
+        }
+        _ => {}
+    }
+}
+
 fn status_event(change: &Change) -> Option<Derived> {
     if !matches!(
         change.operation,
@@ -278,8 +357,7 @@ fn status_event(change: &Change) -> Option<Derived> {
     {
         return None;
     }
-    let s: WorkerSyncStatus = bson::from_document(change.full_document.clone()?).ok()?;
-    let succeeded = s.consecutive_failures == 0 && s.last_success_at == Some(s.last_attempt_at);
+    let (s, succeeded) = status_as_written(change)?;
     let (kind, data) = if succeeded {
         let c = s.last_counts.unwrap_or_default();
         (
@@ -527,6 +605,43 @@ mod tests {
         assert_eq!(d.data.clone().expect("data")["changed_at"], iso(t(40)));
     }
 
+    /// A removal the stream reads after the lab came back: the record looked up says it is
+    /// there, the event says when it was removed, as the write did.
+    #[test]
+    fn a_removal_read_after_the_lab_came_back_keeps_its_time() {
+        let gone = entry(40, "STARTED", "STARTED", "removed_at");
+        let back = entry(45, "STARTED", "STARTED", "removed_at");
+        let d = derive(&update(
+            doc! {
+                "last_changed_at": t(40), "removed_at": t(40),
+                "operation_history.1": bson::to_bson(&gone).expect("entry"),
+            },
+            record(vec![entry(30, "A", "B", "state"), gone, back], None),
+        ))
+        .expect("event");
+        let data = d.data.expect("data");
+        assert_eq!(data["removed_at"], iso(t(40)));
+    }
+
+    #[test]
+    fn an_update_description_is_laid_over_documents_and_arrays() {
+        let mut d = doc! { "a": { "b": 1_i64 }, "list": [1_i64, 2_i64] };
+        for (path, v) in [
+            ("a.b", 5_i64),
+            ("a.c", 6),
+            ("list.1", 7),
+            ("list.2", 8),
+            ("list.9", 9),
+            ("new.x", 10),
+        ] {
+            set_path(&mut d, path, Bson::Int64(v));
+        }
+        assert_eq!(
+            d,
+            doc! { "a": { "b": 5_i64, "c": 6_i64 }, "list": [1_i64, 7_i64, 8_i64], "new": { "x": 10_i64 } }
+        );
+    }
+
     #[test]
     fn without_its_entry_or_its_record_a_change_is_no_event() {
         let gone = Change {
@@ -553,8 +668,14 @@ mod tests {
 
     #[test]
     fn a_status_write_is_a_refresh_or_a_failure() {
-        let synced = doc! { "last_attempt_at": t(10) };
         for operation in [Operation::Insert, Operation::Update, Operation::Replace] {
+            let (synced, failed_at) = match operation {
+                Operation::Update => (
+                    doc! { "last_attempt_at": t(10), "last_success_at": t(10) },
+                    doc! { "last_attempt_at": t(20), "consecutive_failures": 3_i64 },
+                ),
+                _ => (Document::new(), Document::new()),
+            };
             let ok = derive(&Change {
                 collection: Collection::Status,
                 operation,
@@ -578,7 +699,7 @@ mod tests {
             let failed = derive(&Change {
                 collection: Collection::Status,
                 operation,
-                updated_fields: synced.clone(),
+                updated_fields: failed_at,
                 full_document: Some(status(3, Some(10), 20)),
             })
             .expect("event");
@@ -623,6 +744,45 @@ mod tests {
             }),
             None
         );
+    }
+
+    /// The stream looks an update's document up when it reads the change: a failure read
+    /// after the next success finds that success, and is still a failure, with its own
+    /// attempt and count; a success read after a failure is still a success.
+    #[test]
+    fn a_status_update_is_judged_by_what_it_set_not_by_a_later_write() {
+        let failed = derive(&Change {
+            collection: Collection::Status,
+            operation: Operation::Update,
+            updated_fields: doc! {
+                "last_attempt_at": t(20), "consecutive_failures": 1_i64,
+                "last_error": "CML timed out", "last_error_kind": "cml_timeout",
+            },
+            full_document: Some(status(0, Some(30), 30)),
+        })
+        .expect("event");
+        assert_eq!(failed.kind, EventType::SyncFailed);
+        let data = failed.data.expect("data");
+        assert_eq!(
+            (
+                &data["last_attempt_at"],
+                &data["consecutive_failures"],
+                &data["error_kind"]
+            ),
+            (&json!(iso(t(20))), &json!(1), &json!("cml_timeout"))
+        );
+        let synced = derive(&Change {
+            collection: Collection::Status,
+            operation: Operation::Update,
+            updated_fields: doc! {
+                "last_attempt_at": t(10), "last_success_at": t(10),
+                "last_counts.updated": 5_i64,
+            },
+            full_document: Some(status(2, Some(10), 20)),
+        })
+        .expect("event");
+        assert_eq!(synced.kind, EventType::DataRefreshed);
+        assert_eq!(synced.data.expect("data")["labs_updated"], 5);
     }
 
     #[test]
