@@ -20,6 +20,8 @@ use bson::{doc, DateTime, Document};
 use clap::{Parser, Subcommand};
 use futures::TryStreamExt;
 use shared::{
+    access::{self, Account},
+    accounts::AccountStore,
     change::{plan_sync, Groups, Listing},
     config::MongoConfig,
     fence::Term,
@@ -89,6 +91,10 @@ enum Command {
         uri: String,
         #[arg(long)]
         db: String,
+        /// Also explain the listing of a caller holding these principals (comma-separated,
+        /// e.g. `u:W:bob,g:W:G`).
+        #[arg(long, value_delimiter = ',')]
+        principals: Option<Vec<String>>,
     },
     /// POST /api/workers/{id}/labs/refresh?wait=30s for the workers lab-api knows.
     Refresh {
@@ -125,8 +131,34 @@ enum Command {
         /// Send the ETag of each worker's list back in If-None-Match (the 304 path).
         #[arg(long)]
         if_none_match: bool,
+        /// A bearer token to send (lab-api in `tokens` mode).
+        #[arg(long)]
+        token: Option<String>,
         #[command(flatten)]
         load: Load,
+    },
+    /// Gives user USER an account on the first WORKERS seeded workers, and every lab of theirs
+    /// to read (as an admin of those workers would see them); prints the user's principals.
+    Grant {
+        #[arg(long)]
+        uri: String,
+        #[arg(long)]
+        db: String,
+        #[arg(long, default_value = "bob")]
+        user: String,
+        #[arg(long, default_value_t = 100)]
+        workers: usize,
+    },
+    /// The access bench's data: worker 0 with LABS labs, every tenth shared with a group of
+    /// which user `bob` (an account on worker 0 only) is a member; worker 1 with LABS / 10
+    /// labs; readers as a full sync writes them.
+    SeedAccess {
+        #[arg(long)]
+        uri: String,
+        #[arg(long)]
+        db: String,
+        #[arg(long, default_value_t = 1000)]
+        labs: usize,
     },
 }
 
@@ -134,6 +166,9 @@ enum Command {
 struct Load {
     #[arg(long, default_value_t = 200)]
     workers: usize,
+    /// The first worker's number (`bench-worker-NNNN`).
+    #[arg(long, default_value_t = 0)]
+    worker_offset: usize,
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     #[arg(long, default_value_t = 20)]
@@ -157,8 +192,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Http {
             url,
             if_none_match,
+            token,
             load,
-        } => http(url, if_none_match, load).await,
+        } => http(url, if_none_match, token, load).await,
+        Command::SeedAccess { uri, db, labs } => seed_access(&uri, &db, labs).await,
+        Command::Grant {
+            uri,
+            db,
+            user,
+            workers,
+        } => grant(&uri, &db, &user, workers).await,
         Command::Refresh {
             url,
             workers,
@@ -169,7 +212,11 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             concurrency,
         } => queries::run(url, seconds, concurrency).await,
-        Command::Explain { uri, db } => queries::explain(&uri, &db).await,
+        Command::Explain {
+            uri,
+            db,
+            principals,
+        } => queries::explain(&uri, &db, principals).await,
         Command::Live {
             control,
             api,
@@ -227,9 +274,19 @@ async fn floor(uri: &str, db: &str, load: Load) -> anyhow::Result<()> {
 
 /// Load on lab-api's worker labs endpoint; with `if_none_match`, every request revalidates
 /// the ETag it got first (the 304 path).
-async fn http(url: String, if_none_match: bool, load: Load) -> anyhow::Result<()> {
+async fn http(
+    url: String,
+    if_none_match: bool,
+    token: Option<String>,
+    load: Load,
+) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert("authorization", format!("Bearer {t}").parse()?);
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(load.concurrency)
+        .default_headers(headers)
         .build()?;
     let mut etags = Vec::new();
     if if_none_match {
@@ -272,64 +329,160 @@ async fn http(url: String, if_none_match: bool, load: Load) -> anyhow::Result<()
     .await
 }
 
-// Every field is set today; `..LabFields::default()` lets a tracked field added later default.
-#[allow(clippy::needless_update)]
-async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Result<()> {
-    let client = mongodb::Client::with_uri_str(uri).await?;
+/// The store of database `db`, with its indexes.
+async fn bench_store(client: &mongodb::Client, uri: &str, db: &str) -> anyhow::Result<LabStore> {
     let cfg = MongoConfig {
         uri: Secret::new(uri),
         database: db.to_owned(),
         ..MongoConfig::default()
     };
-    let store = LabStore::new(&client, &cfg, 50);
+    let store = LabStore::new(client, &cfg, 50);
     store.ensure_indexes().await?;
+    Ok(store)
+}
+
+async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let store = bench_store(&client, uri, db).await?;
     let started = Instant::now();
     for w in 0..workers {
-        let observed: Vec<ObservedLab> = (0..labs)
-            .map(|i| {
-                ObservedLab::new(
-                    format!("lab-{w:04}-{i:03}"),
-                    LabFields {
-                        title: format!("Lab {i:03} of worker {w}"),
-                        description: "A practice lab with a few routers and switches.".into(),
-                        notes: if i % 3 == 0 {
-                            "## Notes\n\nSave configs before stopping.".into()
-                        } else {
-                            String::new()
-                        },
-                        state: LabState::ALL[i % 3].to_string(),
-                        owner_username: format!("user{}", i % 7),
-                        owner_fullname: format!("User {}", i % 7),
-                        node_count: (i % 12) as i32,
-                        link_count: (i % 11) as i32,
-                        groups: vec!["netops".into()],
-                        cml_created_at: Some(DateTime::from_millis(
-                            1_700_000_000_000 + i as i64 * 60_000,
-                        )),
-                        modified_at: Some(DateTime::from_millis(
-                            1_700_000_500_000 + i as i64 * 60_000,
-                        )),
-                        ..LabFields::default()
-                    },
-                )
-            })
-            .collect();
-        let plan = plan_sync(
-            &worker_id(w),
-            &[],
-            observed,
-            Listing::Complete,
-            Groups::Observed,
-            DateTime::now(),
-        )?;
-        store
-            .apply(&plan, Term(1))
-            .await
-            .with_context(|| format!("seeding worker {w}"))?;
+        seed_worker(&store, w, labs).await?;
     }
     println!(
         "{}",
         serde_json::json!({ "seeded_workers": workers, "labs_per_worker": labs, "seconds": started.elapsed().as_secs_f64() })
+    );
+    Ok(())
+}
+
+/// Writes worker `w`'s `labs` records as its first sync would.
+// Every field is set today; `..LabFields::default()` lets a tracked field added later default.
+#[allow(clippy::needless_update)]
+async fn seed_worker(store: &LabStore, w: usize, labs: usize) -> anyhow::Result<()> {
+    let observed: Vec<ObservedLab> = (0..labs)
+        .map(|i| {
+            ObservedLab::new(
+                lab_id(w, i),
+                LabFields {
+                    title: format!("Lab {i:03} of worker {w}"),
+                    description: "A practice lab with a few routers and switches.".into(),
+                    notes: if i % 3 == 0 {
+                        "## Notes\n\nSave configs before stopping.".into()
+                    } else {
+                        String::new()
+                    },
+                    state: LabState::ALL[i % 3].to_string(),
+                    owner_username: format!("user{}", i % 7),
+                    owner_fullname: format!("User {}", i % 7),
+                    node_count: (i % 12) as i32,
+                    link_count: (i % 11) as i32,
+                    groups: vec!["netops".into()],
+                    cml_created_at: Some(DateTime::from_millis(
+                        1_700_000_000_000 + i as i64 * 60_000,
+                    )),
+                    modified_at: Some(DateTime::from_millis(1_700_000_500_000 + i as i64 * 60_000)),
+                    ..LabFields::default()
+                },
+            )
+        })
+        .collect();
+    let plan = plan_sync(
+        &worker_id(w),
+        &[],
+        observed,
+        Listing::Complete,
+        Groups::Observed,
+        DateTime::now(),
+    )?;
+    store
+        .apply(&plan, Term(1))
+        .await
+        .with_context(|| format!("seeding worker {w}"))?;
+    Ok(())
+}
+
+fn lab_id(w: usize, i: usize) -> String {
+    format!("lab-{w:04}-{i:03}")
+}
+
+/// The user of the access bench, and the group through which labs are shared with it.
+const ACCESS_USER: &str = "bob";
+const ACCESS_GROUP: &str = "bench-group";
+
+async fn grant(uri: &str, db: &str, user: &str, workers: usize) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let records = client.database(db).collection::<Document>("lab_records");
+    let accounts = AccountStore::new(&client.database(db), "cml_accounts");
+    accounts.ensure_indexes().await?;
+    let mut principals = Vec::new();
+    let mut granted = 0;
+    for w in 0..workers {
+        let worker = worker_id(w);
+        let p = access::user_principal(&worker, user);
+        granted += records
+            .update_many(
+                doc! { "worker_id": &worker },
+                doc! { "$addToSet": { "readers": &p } },
+            )
+            .await?
+            .matched_count;
+        let account = Account {
+            worker_id: worker.clone(),
+            username: user.to_owned(),
+            admin: false,
+            groups: Vec::new(),
+        };
+        accounts
+            .write_changes(&worker, &[], &[account], DateTime::now())
+            .await?;
+        principals.push(p);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "user": user, "workers": workers, "labs": granted, "principals": principals.join(",") })
+    );
+    Ok(())
+}
+
+async fn seed_access(uri: &str, db: &str, labs: usize) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let store = bench_store(&client, uri, db).await?;
+    seed_worker(&store, 0, labs).await?;
+    seed_worker(&store, 1, labs / 10).await?;
+    let records = client.database(db).collection::<Document>("lab_records");
+    for w in 0..2 {
+        let worker = worker_id(w);
+        let count = if w == 0 { labs } else { labs / 10 };
+        for i in 0..count {
+            let owner = format!("user{}", i % 7);
+            let shares = if w == 0 && i % 10 == 0 {
+                vec![access::group_principal(&worker, ACCESS_GROUP)]
+            } else {
+                Vec::new()
+            };
+            let readers = access::readers(&worker, &owner, &shares);
+            records
+                .update_one(
+                    doc! { "worker_id": &worker, "lab_id": lab_id(w, i) },
+                    doc! { "$set": { "readers": readers } },
+                )
+                .await?;
+        }
+    }
+    let accounts = AccountStore::new(&client.database(db), "cml_accounts");
+    accounts.ensure_indexes().await?;
+    let bob = Account {
+        worker_id: worker_id(0),
+        username: ACCESS_USER.into(),
+        admin: false,
+        groups: vec![ACCESS_GROUP.into()],
+    };
+    accounts
+        .write_changes(&bob.worker_id.clone(), &[], &[bob], DateTime::now())
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({ "user": ACCESS_USER, "labs": labs, "visible_to_user": labs.div_ceil(10), "admin_worker_labs": labs / 10 })
     );
     Ok(())
 }
@@ -345,7 +498,7 @@ where
     let tasks: Vec<_> = (0..load.concurrency)
         .map(|t| {
             let op = op.clone();
-            let workers = load.workers;
+            let (workers, offset) = (load.workers, load.worker_offset);
             tokio::spawn(async move {
                 let mut state =
                     0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -356,7 +509,7 @@ where
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    let w = worker_id((state % workers as u64) as usize);
+                    let w = worker_id(offset + (state % workers as u64) as usize);
                     let started = Instant::now();
                     match op(w).await {
                         Ok(()) => latencies.push(started.elapsed().as_micros() as u64),

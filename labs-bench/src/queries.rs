@@ -159,7 +159,9 @@ async fn worker_ids(http: &reqwest::Client, url: &str) -> anyhow::Result<Vec<Str
 
 /// `explain` (executionStats) of the MongoDB queries behind the mix; prints one JSON line per
 /// query: the plan's stages from the top, the index used, keys and documents examined.
-pub async fn explain(uri: &str, db: &str) -> anyhow::Result<()> {
+/// With `principals`, also the reads of a caller who holds them (what lab-api sends for a user
+/// who sees only some labs).
+pub async fn explain(uri: &str, db: &str, principals: Option<Vec<String>>) -> anyhow::Result<()> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let db = client.database(db);
     let records = db.collection::<Document>("lab_records");
@@ -183,12 +185,12 @@ pub async fn explain(uri: &str, db: &str) -> anyhow::Result<()> {
         let (filter, sort) = list_query(&f, after);
         (filter, sort, 101)
     };
-    let worker = |include_removed| {
-        let (filter, sort) = worker_labs_query(&some_worker, include_removed, None);
+    let worker = |include_removed, readers: Option<&[String]>| {
+        let (filter, sort) = worker_labs_query(&some_worker, include_removed, readers);
         (filter, sort, 5001)
     };
-    let queries: Vec<(&str, &str, (Document, Document, i64))> = vec![
-        ("worker labs", "lab_records", worker(false)),
+    let mut queries: Vec<(&str, &str, (Document, Document, i64))> = vec![
+        ("worker labs", "lab_records", worker(false, None)),
         (
             "labs, first page",
             "lab_records",
@@ -244,6 +246,24 @@ pub async fn explain(uri: &str, db: &str) -> anyhow::Result<()> {
             list(LabFilter::default(), Some(&deep)),
         ),
     ];
+    if let Some(p) = &principals {
+        queries.push((
+            "worker labs, a user's view",
+            "lab_records",
+            worker(false, Some(p)),
+        ));
+        queries.push((
+            "labs, first page, a user's view",
+            "lab_records",
+            list(
+                LabFilter {
+                    readers: Some(p.clone()),
+                    ..LabFilter::default()
+                },
+                None,
+            ),
+        ));
+    }
     // The fleet view's queries (a page reads them in turn): every rank of the first page, and
     // the failing and region filters; stale after an hour, as with a 30-minute interval.
     let threshold = fleet::stale_threshold(bson::DateTime::now(), Duration::from_secs(3600));

@@ -151,7 +151,11 @@ for db in scale scale100; do
   $bin/labs-bench queries --url "$api_url" --seconds "$QUERY_SECONDS" --concurrency 8 >"$work/queries-$db.json"
   kill "$api_pid"
 done
-$bin/labs-bench explain --uri "$uri" --db scale >"$work/explain.txt"
+# A user who sees 1% of the records: every lab of 100 of the 10,000 workers (after the read mix,
+# which runs as an admin).
+$bin/labs-bench grant --uri "$uri" --db scale --user bob --workers 100 >"$work/grant.json"
+principals="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["principals"])' "$work/grant.json")"
+$bin/labs-bench explain --uri "$uri" --db scale --principals "$principals" >"$work/explain.txt"
 
 python3 - "$work" "$(nproc)" <<'PY'
 import json, math, sys, pathlib
@@ -201,8 +205,13 @@ for q in big_q["queries"]:
         f"p99 <= 1.2 x: {q['p99_ms'] / max(s['p99_ms'], 0.001):.2f}{note}", ok)
 for line in (w / "explain.txt").read_text().splitlines():
     e = json.loads(line)
-    row(f"plan: {e['name']}", f"{e['plan']} ({e['index'] or 'no index'})",
-        f"keys {e['keys_examined']}, docs {e['docs_examined']}, returned {e['returned']}", e["index"] is not None)
+    ok = e["index"] is not None
+    target = f"keys {e['keys_examined']}, docs {e['docs_examined']}, returned {e['returned']}"
+    if "a user's view" in e["name"]:
+        # lab-api filters a partial viewer's listing by `readers` in MongoDB, on its index.
+        ok = ok and "readers" in e["index"] and e["docs_examined"] <= 2 * e["returned"]
+        target += " (readers index, docs <= 2 x returned)"
+    row(f"plan: {e['name']}", f"{e['plan']} ({e['index'] or 'no index'})", target, ok)
 widths = [max(len(r[i]) for r in rows + [("measure", "value", "target", "")]) for i in range(4)]
 fmt = "  ".join("{:<%d}" % n for n in widths)
 print(fmt.format("measure", "value", "target", ""))
