@@ -27,7 +27,7 @@ use shared::{
     fence::Term,
     record::{LabFields, LabState, ObservedLab},
     secret::Secret,
-    store::LabStore,
+    store::{worker_labs_query, LabStore},
 };
 
 #[derive(Debug, Parser)]
@@ -55,6 +55,10 @@ enum Command {
         uri: String,
         #[arg(long)]
         db: String,
+        /// Only the records these principals may read (comma-separated), as lab-api reads a
+        /// partial view.
+        #[arg(long, value_delimiter = ',')]
+        principals: Option<Vec<String>>,
         #[command(flatten)]
         load: Load,
     },
@@ -188,7 +192,12 @@ async fn main() -> anyhow::Result<()> {
             workers,
             labs,
         } => seed(&uri, &db, workers, labs).await,
-        Command::Floor { uri, db, load } => floor(&uri, &db, load).await,
+        Command::Floor {
+            uri,
+            db,
+            principals,
+            load,
+        } => floor(&uri, &db, principals, load).await,
         Command::Http {
             url,
             if_none_match,
@@ -251,15 +260,22 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The raw-driver floor: the same find and JSON serialisation lab-api does, nothing else.
-async fn floor(uri: &str, db: &str, load: Load) -> anyhow::Result<()> {
+async fn floor(
+    uri: &str,
+    db: &str,
+    principals: Option<Vec<String>>,
+    load: Load,
+) -> anyhow::Result<()> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let coll = Arc::new(client.database(db).collection::<Document>("lab_records"));
+    let principals = Arc::new(principals);
     run(load, move |w| {
-        let coll = coll.clone();
+        let (coll, principals) = (coll.clone(), principals.clone());
         async move {
+            let (filter, sort) = worker_labs_query(&w, false, principals.as_deref());
             let docs: Vec<Document> = coll
-                .find(doc! { "worker_id": &w, "removed_at": null })
-                .sort(doc! { "title": 1, "lab_id": 1 })
+                .find(filter)
+                .sort(sort)
                 .projection(doc! { "operation_history": 0 })
                 .await?
                 .try_collect()
