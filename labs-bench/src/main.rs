@@ -357,6 +357,13 @@ async fn bench_store(client: &mongodb::Client, uri: &str, db: &str) -> anyhow::R
     Ok(store)
 }
 
+/// The accounts of database `db`, with their indexes.
+async fn bench_accounts(client: &mongodb::Client, db: &str) -> anyhow::Result<AccountStore> {
+    let accounts = AccountStore::new(&client.database(db), "cml_accounts");
+    accounts.ensure_indexes().await?;
+    Ok(accounts)
+}
+
 async fn seed(uri: &str, db: &str, workers: usize, labs: usize) -> anyhow::Result<()> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let store = bench_store(&client, uri, db).await?;
@@ -428,8 +435,7 @@ const ACCESS_GROUP: &str = "bench-group";
 async fn grant(uri: &str, db: &str, user: &str, workers: usize) -> anyhow::Result<()> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let records = client.database(db).collection::<Document>("lab_records");
-    let accounts = AccountStore::new(&client.database(db), "cml_accounts");
-    accounts.ensure_indexes().await?;
+    let accounts = bench_accounts(&client, db).await?;
     let mut principals = Vec::new();
     let mut granted = 0;
     for w in 0..workers {
@@ -485,8 +491,7 @@ async fn seed_access(uri: &str, db: &str, labs: usize) -> anyhow::Result<()> {
                 .await?;
         }
     }
-    let accounts = AccountStore::new(&client.database(db), "cml_accounts");
-    accounts.ensure_indexes().await?;
+    let accounts = bench_accounts(&client, db).await?;
     let bob = Account {
         worker_id: worker_id(0),
         username: ACCESS_USER.into(),
