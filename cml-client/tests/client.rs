@@ -684,7 +684,7 @@ async fn users_and_groups_read_with_the_labs_say_who_may_see_each_lab() {
                 .iter()
                 .filter(|l| {
                     let s = shares.get(&l.lab_id).map_or(&[][..], Vec::as_slice);
-                    g.sees(&readers(&w.id, &l.fields.owner_username, s))
+                    g.sees(&w.id, &readers(&w.id, &l.fields.owner_username, s))
                 })
                 .map(|l| l.lab_id.clone())
                 .collect();

@@ -28,6 +28,9 @@ pub struct FleetConfig {
     pub latency: Duration,
     /// How often `/ws/ui` streams get `system_stats` (and `lab_stats` per running lab).
     pub stats_interval: Duration,
+    /// More users on every server, in teams that each see a share of its labs (see
+    /// [`SimWorker::add_teams`]); 0 for the seeded users only.
+    pub users: usize,
 }
 
 impl Default for FleetConfig {
@@ -42,6 +45,7 @@ impl Default for FleetConfig {
             token_ttl: Duration::from_secs(24 * 3600),
             latency: Duration::ZERO,
             stats_interval: Duration::from_millis(3300),
+            users: 0,
         }
     }
 }
@@ -108,6 +112,7 @@ impl Fleet {
                     personalities[i % personalities.len()],
                     &mut rng,
                 );
+                worker.add_teams(cfg.users);
                 worker.set_faults(Faults {
                     latency_ms: u64::try_from(cfg.latency.as_millis()).unwrap_or(u64::MAX),
                     ..Faults::default()

@@ -66,6 +66,10 @@ struct Cli {
     /// How often `/ws/ui` streams get `system_stats` and `lab_stats` (a real server: ~3.3 s).
     #[arg(long, default_value = "3300ms", value_parser = humantime_duration)]
     stats_every: Duration,
+    /// More users on every server (`user-000`…, password `<name>-password`), in teams of ten
+    /// that each see a share of the labs (every lab is shared with one team in turn).
+    #[arg(long, default_value_t = 0)]
+    users: usize,
     /// Write the fleet into this MongoDB's worker registry.
     #[arg(long, env = "CML_SIM_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
@@ -146,6 +150,7 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
         token_ttl: cli.token_ttl,
         latency: Duration::from_millis(cli.latency_ms),
         stats_interval: cli.stats_every,
+        users: cli.users,
     })
 }
 

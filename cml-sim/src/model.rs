@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use shared::record::LabState;
 use tokio::sync::{broadcast, watch};
 
-use crate::directory::{seeded_id, Directory, Group, SEEDED};
+use crate::directory::{seeded_id, seeded_password, Directory, Group, SEEDED};
 
 /// A small, fast, deterministic generator (SplitMix64); quality is ample for test data.
 #[derive(Debug, Clone)]
@@ -413,6 +413,8 @@ const TITLES: [&str; 8] = [
     "DMVPN",
 ];
 const GROUPS: [&str; 4] = ["netops", "students", "admins", "lab-team"];
+/// Users per team of [`SimWorker::add_teams`].
+const TEAM: usize = 10;
 
 impl SimWorker {
     /// A worker with `labs` generated labs, all from `rng`.
@@ -559,6 +561,36 @@ impl SimWorker {
             },
         );
         id
+    }
+
+    /// Adds `n` users (`user-000`…, passwords as [`seeded_password`] gives)
+    /// in teams of ten (`team-00`…), and shares each lab with one team (`lab_view`) in turn:
+    /// with ten or more users, each of them sees a team's share of the labs, as a user of a
+    /// busy server does. The labs' `modified` times stay.
+    pub fn add_teams(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let teams: Vec<String> = (0..n.div_ceil(TEAM))
+            .map(|t| self.group_named(&format!("team-{t:02}")))
+            .collect();
+        self.directory(|dir| {
+            for i in 0..n {
+                let name = format!("user-{i:03}");
+                let team = BTreeSet::from([teams[i / TEAM].clone()]);
+                dir.add_user(&name, &seeded_password(&name), "", false, team);
+            }
+        });
+        let mut labs = self.labs_mut("");
+        *lock(&self.tiles) = TileCache::default();
+        for (k, lab) in labs.values_mut().enumerate() {
+            let id = &teams[k % teams.len()];
+            lab.groups.push(SimGroup {
+                id: id.clone(),
+                name: format!("team-{:02}", k % teams.len()),
+                permissions: view_only(),
+            });
+        }
     }
 
     /// The id a group named `name` has on this server.
@@ -1039,6 +1071,48 @@ mod tests {
             Value::Object(fresh),
             "the cache is what a fresh build gives"
         );
+    }
+
+    #[test]
+    fn each_team_member_sees_the_share_of_the_labs_given_to_their_team() {
+        for p in Personality::ALL {
+            let w = SimWorker::generate(0, 100, p, &mut Rng::new(9));
+            let before = tiles_of(&w);
+            w.add_teams(25);
+            let users = w.directory(|d| d.users.len());
+            assert_eq!(users, SEEDED.len() + 25);
+            let id_of = |name: &str| w.directory(|d| d.by_name(name).map(|u| u.id.clone()));
+            let sees = |name: &str| {
+                let id = id_of(name).expect("user");
+                w.labs_visible_to(&id)
+                    .into_iter()
+                    .map(|l| l.id)
+                    .collect::<BTreeSet<_>>()
+            };
+            // Three teams (10, 10, 5 users), each given every third lab; the users own none.
+            let first = sees("user-000");
+            assert_eq!(first.len(), 34, "{p:?}");
+            assert_eq!(sees("user-009"), first, "teammates see the same labs");
+            let second = sees("user-010");
+            assert_eq!(second.len(), 33);
+            assert!(first.is_disjoint(&second));
+            assert_eq!(sees("user-024").len(), 33);
+            assert!(id_of("user-025").is_none());
+            // The tiles show the new groups; nothing else of the labs changed.
+            let after = tiles_of(&w);
+            for (id, tile) in before.as_object().expect("tiles") {
+                let mut was = tile.clone();
+                let mut now = after[id].clone();
+                was.as_object_mut().expect("tile").remove("groups");
+                now.as_object_mut().expect("tile").remove("groups");
+                assert_eq!(was, now);
+            }
+        }
+    }
+
+    fn tiles_of(w: &SimWorker) -> Value {
+        let v: Value = serde_json::from_slice(&w.tiles_body()).expect("json");
+        v["lab_tiles"].clone()
     }
 
     #[test]

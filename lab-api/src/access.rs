@@ -54,7 +54,7 @@ impl Viewer {
     pub fn on_worker(&self, worker_id: &str) -> Option<Vec<String>> {
         match &self.grant {
             Grant::All => None,
-            g => Some(g.principals_on(worker_id)),
+            g => Some(g.principals_on(worker_id).into_owned()),
         }
     }
 

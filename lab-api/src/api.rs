@@ -272,7 +272,11 @@ pub async fn fleet_status(
         watch: q.watch_state.map(|w| w.0.to_owned()),
         workers: match &viewer.grant {
             Grant::All => None,
-            Grant::Principals { workers, .. } => Some(workers.keys().cloned().collect()),
+            Grant::Principals { workers, .. } => {
+                let mut ids: Vec<String> = workers.keys().cloned().collect();
+                ids.sort_unstable();
+                Some(ids)
+            }
         },
     };
     let limit = q.limit.0;

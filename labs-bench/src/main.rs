@@ -75,6 +75,10 @@ enum Command {
         /// Stop after this long in any case.
         #[arg(long, default_value_t = 300)]
         seconds: u64,
+        /// Bearer tokens, one per line, handed to the streams in turn (lab-api in `tokens`
+        /// mode); streams of one token must see the same events.
+        #[arg(long)]
+        tokens_file: Option<std::path::PathBuf>,
     },
     /// Each kind of lab-api read (worker labs, the listing with each filter and a deep cursor,
     /// the fleet view) on its own for a while; p50 and p99 of each.
@@ -247,10 +251,22 @@ async fn main() -> anyhow::Result<()> {
             streams,
             idle_seconds,
             seconds,
+            tokens_file,
         } => {
+            let tokens = match tokens_file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                None => Vec::new(),
+            };
             streams::run(
                 url,
                 streams,
+                tokens,
                 Duration::from_secs(idle_seconds),
                 Duration::from_secs(seconds),
             )

@@ -22,11 +22,14 @@ struct Seen {
     latencies_ms: Vec<u32>,
 }
 
-/// Opens `streams` streams at `url`, then reads until no event arrived anywhere for `idle`
-/// after the first one (or `deadline` passed); prints one JSON line.
+/// Opens `streams` streams at `url` (stream `i` with the `i`-th of `tokens` in turn, if any),
+/// then reads until no event arrived anywhere for `idle` after the first one (or `deadline`
+/// passed); prints one JSON line. `tokens_uneven` counts the tokens whose streams did not all
+/// see the same number of events.
 pub async fn run(
     url: String,
     streams: usize,
+    tokens: Vec<String>,
     idle: Duration,
     deadline: Duration,
 ) -> anyhow::Result<()> {
@@ -35,12 +38,11 @@ pub async fn run(
         .build()?;
     let mut opened = Vec::with_capacity(streams);
     for i in 0..streams {
-        let resp = client
-            .get(&url)
-            .header("accept", "text/event-stream")
-            .send()
-            .await
-            .with_context(|| format!("stream {i}"))?;
+        let mut req = client.get(&url).header("accept", "text/event-stream");
+        if !tokens.is_empty() {
+            req = req.bearer_auth(&tokens[i % tokens.len()]);
+        }
+        let resp = req.send().await.with_context(|| format!("stream {i}"))?;
         anyhow::ensure!(resp.status() == 200, "stream {i}: {}", resp.status());
         opened.push(resp);
     }
@@ -64,8 +66,12 @@ pub async fn run(
     stop_tx.send(true)?;
     let mut all = Vec::new();
     let (mut min, mut max, mut resets, mut ended) = (u64::MAX, 0, 0, 0);
-    for t in tasks {
+    let groups = tokens.len().max(1);
+    let mut per_token: Vec<(u64, u64)> = vec![(u64::MAX, 0); groups];
+    for (i, t) in tasks.into_iter().enumerate() {
         let s = t.await?;
+        let seen = &mut per_token[i % groups];
+        *seen = (seen.0.min(s.events), seen.1.max(s.events));
         min = min.min(s.events);
         max = max.max(s.events);
         resets += s.resets;
@@ -84,6 +90,8 @@ pub async fn run(
             "streams": streams, "events": all.len(),
             "events_per_stream_min": if min == u64::MAX { 0 } else { min },
             "events_per_stream_max": max, "resets": resets, "ended_by_server": ended,
+            "tokens": tokens.len(),
+            "tokens_uneven": per_token.iter().filter(|(lo, hi)| lo != hi).count(),
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": all.last().copied().unwrap_or(0),
         })
     );

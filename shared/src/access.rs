@@ -8,7 +8,10 @@
 //! holds the principals of its accounts ([`grant`]); it may see a record when the two meet.
 //! Every principal names its worker: an account on one server never reaches another's labs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    borrow::Cow,
+    collections::{BTreeSet, HashMap},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -197,12 +200,24 @@ pub struct Identity {
 pub enum Grant {
     /// Everything (an admin of the fleet, or access not enforced).
     All,
-    /// The records whose `readers` hold one of these principals, on the workers where the
-    /// caller has an account (each with whether it administers that worker).
+    /// The records whose `readers` hold one of these principals (sorted), on the workers where
+    /// the caller has an account (each with what it holds there).
     Principals {
         principals: Vec<String>,
-        workers: BTreeMap<String, bool>,
+        /// Hashed: the live stream looks a worker up for every client and every event.
+        workers: HashMap<String, OnWorker>,
     },
+}
+
+/// What a caller holds on one worker where it has an account.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OnWorker {
+    /// Whether it administers the worker (sees all of it).
+    pub admin: bool,
+    /// Its principals there, sorted: what reaches the worker's records. Kept apart so that
+    /// the live stream asks "what is this caller on that worker" with one lookup, however many
+    /// workers the caller has accounts on.
+    pub principals: Vec<String>,
 }
 
 /// What a caller may see, from who it is and its accounts on the workers (found by its
@@ -211,55 +226,98 @@ pub fn grant(identity: &Identity, accounts: &[Account]) -> Grant {
     if identity.fleet_admin {
         return Grant::All;
     }
-    let mine = accounts.iter().filter(|a| a.username == identity.username);
-    let mut principals = BTreeSet::new();
-    let mut workers = BTreeMap::new();
-    for a in mine {
-        principals.extend(a.principals());
-        workers.insert(a.worker_id.clone(), a.admin);
-    }
-    Grant::Principals {
-        principals: principals.into_iter().collect(),
-        workers,
-    }
+    Grant::of_accounts(accounts.iter().filter(|a| a.username == identity.username))
 }
 
 impl Grant {
-    /// Whether a record with these readers is visible.
-    pub fn sees(&self, readers: &[String]) -> bool {
-        match self {
-            Grant::All => true,
-            Grant::Principals { principals, .. } => {
-                readers.iter().any(|r| principals.binary_search(r).is_ok())
-            }
+    /// The grant of a caller holding these accounts' principals (the accounts' usernames are
+    /// not checked: see [`grant`]).
+    pub fn of_accounts<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> Self {
+        let mut principals = BTreeSet::new();
+        let mut workers: HashMap<String, OnWorker> = HashMap::new();
+        for a in accounts {
+            let mine = a.principals();
+            principals.extend(mine.iter().cloned());
+            let on = workers.entry(a.worker_id.clone()).or_default();
+            on.admin |= a.admin;
+            on.principals.extend(mine);
         }
+        for on in workers.values_mut() {
+            on.principals.sort();
+            on.principals.dedup();
+        }
+        Grant::Principals {
+            principals: principals.into_iter().collect(),
+            workers,
+        }
+    }
+
+    /// What the caller holds on one worker: one lookup, whatever is asked of it next.
+    pub fn on(&self, worker_id: &str) -> Reach<'_> {
+        match self {
+            Grant::All => Reach::All,
+            Grant::Principals { workers, .. } => match workers.get(worker_id) {
+                Some(on) => Reach::Account(on),
+                None => Reach::Nothing,
+            },
+        }
+    }
+
+    /// Whether a record of `worker_id` with these readers is visible (a record's readers all
+    /// name its worker: only what the caller holds there is looked at).
+    pub fn sees(&self, worker_id: &str, readers: &[String]) -> bool {
+        self.on(worker_id).sees(readers)
     }
 
     /// Whether the caller has an account on the worker (an admin of the fleet: every worker).
     pub fn has_account(&self, worker_id: &str) -> bool {
-        match self {
-            Grant::All => true,
-            Grant::Principals { workers, .. } => workers.contains_key(worker_id),
-        }
+        !matches!(self.on(worker_id), Reach::Nothing)
     }
 
     /// Whether the caller sees everything of the worker.
     pub fn sees_all_of(&self, worker_id: &str) -> bool {
-        match self {
-            Grant::All => true,
-            Grant::Principals { workers, .. } => workers.get(worker_id) == Some(&true),
-        }
+        self.on(worker_id).sees_all()
     }
 
     /// The principals that reach the worker's records (none: nothing of it is visible).
-    pub fn principals_on(&self, worker_id: &str) -> Vec<String> {
+    pub fn principals_on(&self, worker_id: &str) -> Cow<'_, [String]> {
+        match self.on(worker_id) {
+            Reach::All => Cow::Owned(vec![admin_principal(worker_id)]),
+            Reach::Account(on) => Cow::Borrowed(&on.principals),
+            Reach::Nothing => Cow::Borrowed(&[]),
+        }
+    }
+}
+
+/// What a caller holds on one worker ([`Grant::on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach<'a> {
+    /// Everything, everywhere.
+    All,
+    /// An account there.
+    Account(&'a OnWorker),
+    /// No account there: nothing of the worker.
+    Nothing,
+}
+
+impl Reach<'_> {
+    /// Whether a record of the worker with these readers is visible.
+    pub fn sees(&self, readers: &[String]) -> bool {
         match self {
-            Grant::All => vec![admin_principal(worker_id)],
-            Grant::Principals { principals, .. } => principals
+            Reach::All => true,
+            Reach::Account(on) => readers
                 .iter()
-                .filter(|p| principal_worker(p) == Some(worker_id))
-                .cloned()
-                .collect(),
+                .any(|r| on.principals.binary_search(r).is_ok()),
+            Reach::Nothing => false,
+        }
+    }
+
+    /// Whether everything of the worker is visible.
+    pub fn sees_all(&self) -> bool {
+        match self {
+            Reach::All => true,
+            Reach::Account(on) => on.admin,
+            Reach::Nothing => false,
         }
     }
 }
@@ -274,10 +332,11 @@ pub fn principal_worker(p: &str) -> Option<&str> {
     }
 }
 
-/// Whether a caller holding `grant` saw a record whose readers were `before`, and sees it
-/// with `after`: what the live stream sends it (an addition, a removal, a change, nothing).
-pub fn transition(grant: &Grant, before: &[String], after: &[String]) -> Visibility {
-    match (grant.sees(before), grant.sees(after)) {
+/// Whether a caller holding `reach` on a record's worker saw the record whose readers were
+/// `before`, and sees it with `after`: what the live stream sends it (an addition, a removal,
+/// a change, nothing).
+pub fn transition(reach: Reach<'_>, before: &[String], after: &[String]) -> Visibility {
+    match (reach.sees(before), reach.sees(after)) {
         (true, true) => Visibility::Kept,
         (false, true) => Visibility::Gained,
         (true, false) => Visibility::Lost,
@@ -351,7 +410,11 @@ mod tests {
             ("erin", false, false),
         ] {
             let g = grant(&identity(name), &accounts);
-            assert_eq!((g.sees(&lab_x), g.sees(&lab_y)), (x, y), "{name}");
+            assert_eq!(
+                (g.sees("w1", &lab_x), g.sees("w1", &lab_y)),
+                (x, y),
+                "{name}"
+            );
         }
         let admin = Identity {
             username: "nobody".into(),
@@ -368,7 +431,14 @@ mod tests {
         };
         let w2_lab = readers("w2", "alice", &[group_principal("w2", "g")]);
         let g = grant(&identity("alice"), &w1.accounts("w1"));
-        assert!(!g.sees(&w2_lab), "same name, same group id, other server");
+        assert!(
+            !g.sees("w2", &w2_lab),
+            "same name, same group id, other server"
+        );
+        assert!(
+            !g.sees("w1", &w2_lab),
+            "nor through the worker it has an account on"
+        );
         assert!(g.has_account("w1") && !g.has_account("w2"));
         assert!(g.sees_all_of("w1") && !g.sees_all_of("w2"));
         assert!(g.principals_on("w2").is_empty());
@@ -505,7 +575,34 @@ mod tests {
                 let g = grant(&identity(name), &accounts);
                 for (lab, owner) in &labs {
                     let r = readers("w", owner, shares.get(lab).map_or(&[][..], Vec::as_slice));
-                    prop_assert_eq!(g.sees(&r), cml_sees(&dir, name, owner, lab), "{} on {}", name, lab);
+                    prop_assert_eq!(g.sees("w", &r), cml_sees(&dir, name, owner, lab), "{} on {}", name, lab);
+                }
+            }
+        }
+
+        /// What a caller holds on one worker is exactly its principals that name the worker,
+        /// and they decide what it sees of the worker's labs as all its principals would.
+        #[test]
+        fn a_callers_principals_on_a_worker_are_those_naming_it((dir, labs) in directory()) {
+            let mut accounts = dir.accounts("w1");
+            accounts.extend(dir.accounts("w2"));
+            let shares = dir.shares("w1");
+            for name in ["alice", "bob", "carol", "zed"] {
+                let g = grant(&identity(name), &accounts);
+                let Grant::Principals { principals, .. } = &g else { unreachable!() };
+                for w in ["w1", "w2", "w3"] {
+                    let naming: Vec<String> = principals
+                        .iter()
+                        .filter(|p| principal_worker(p) == Some(w))
+                        .cloned()
+                        .collect();
+                    prop_assert_eq!(&*g.principals_on(w), &naming[..]);
+                    prop_assert_eq!(g.has_account(w), !naming.is_empty());
+                }
+                for (lab, owner) in &labs {
+                    let r = readers("w1", owner, shares.get(lab).map_or(&[][..], Vec::as_slice));
+                    let by_any = r.iter().any(|p| principals.binary_search(p).is_ok());
+                    prop_assert_eq!(g.sees("w1", &r), by_any);
                 }
             }
         }

@@ -8,7 +8,7 @@
 use std::{future::Future, time::Duration};
 
 use bson::{Document, Timestamp};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use mongodb::{
     change_stream::event::{ChangeStreamEvent, ResumeToken},
     error::{Error, ErrorKind},
@@ -76,6 +76,12 @@ pub trait Follower: Send {
     fn state(&mut self, state: State<'_>);
     /// One change, in order. The stream waits for it (a follower slows reading down this way).
     fn change(&mut self, change: ChangeStreamEvent<Document>) -> impl Future<Output = ()> + Send;
+    /// Every change received so far has been handed over and the next must come from the
+    /// server: a follower that holds changes back to handle several at once finishes them
+    /// here. (The server's next batch is asked for meanwhile.)
+    fn idle(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Whether `error` means the stream cannot resume from its token.
@@ -99,7 +105,16 @@ pub async fn follow<F: Follower>(source: &Source, mut spec: Spec, follower: &mut
                 spec.start_at = None;
                 let mut delivered = false;
                 let error = loop {
-                    match stream.next().await {
+                    // What the last batch brought comes without waiting; when the next
+                    // must come from the server, the follower hears so first.
+                    let next = match stream.next().now_or_never() {
+                        Some(next) => next,
+                        None => {
+                            follower.idle().await;
+                            stream.next().await
+                        }
+                    };
+                    match next {
                         Some(Ok(change)) => {
                             delivered = true;
                             // The stream's own token: past this change, or past a quiet
@@ -115,6 +130,8 @@ pub async fn follow<F: Follower>(source: &Source, mut spec: Spec, follower: &mut
                         None => break Error::custom("the change stream ended"),
                     }
                 };
+                // What came before the failure is handed over before it is told.
+                follower.idle().await;
                 (error, delivered || up_at.elapsed() >= spec.backoff.cap)
             }
             Err(e) => (e, false),

@@ -292,6 +292,19 @@ async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the
         assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
         streams.push((*user, s));
     }
+    // And each user's syncs, with its own counts.
+    let mut syncs = Vec::new();
+    for user in USERS {
+        let auth = format!("Bearer {user}-token");
+        let mut s = SseStream::open(
+            &format!("{base}/api/events/stream?event_types=worker.data.refreshed"),
+            &[("authorization", auth.as_str())],
+        )
+        .await
+        .unwrap_or_else(|r| panic!("{user}: stream refused: {}", r.status()));
+        assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
+        syncs.push((user, s));
+    }
     let mut changed: BTreeSet<Key> = BTreeSet::new();
     for w in &workers {
         for lab in w.lab_ids() {
@@ -344,6 +357,50 @@ async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the
             "{user}: the events of exactly the changed labs it sees"
         );
         events += got.len();
+    }
+    // A sync of each worker where the user has a user, counting the labs it sees there.
+    for (user, s) in &mut syncs {
+        let want: BTreeMap<String, usize> = workers
+            .iter()
+            .filter(|w| w.directory(|d| d.by_name(user).is_some()))
+            .map(|w| {
+                let n = truth[user].iter().filter(|(id, _)| *id == w.id).count();
+                (w.id.clone(), n)
+            })
+            .collect();
+        let frames = if want.is_empty() {
+            Vec::new()
+        } else {
+            s.until(Duration::from_secs(60), |f| f.len() >= want.len())
+                .await
+        };
+        let got: BTreeMap<String, usize> = frames
+            .iter()
+            .map(|f| {
+                let d = f.data();
+                let n = d["lab_count"].as_u64().unwrap_or(u64::MAX);
+                assert_eq!(d["labs_synced"], d["lab_count"], "{user}: {d}");
+                let worker = d["worker_id"].as_str().unwrap_or("").to_owned();
+                let admin = workers.iter().any(|w| {
+                    w.id == worker && w.directory(|d| d.by_name(user).is_some_and(|u| u.admin))
+                });
+                assert!(
+                    admin || d["labs_created"].is_null(),
+                    "{user}: only its own figures: {d}"
+                );
+                (worker, usize::try_from(n).unwrap_or(usize::MAX))
+            })
+            .collect();
+        assert_eq!(
+            got, want,
+            "{user}: one sync per worker it has a user on, its own count"
+        );
+        assert_eq!(
+            s.next(Duration::from_millis(500)).await,
+            Err(Next::Quiet),
+            "{user}: nothing of the workers it has no user on"
+        );
+        events += frames.len();
     }
     check_round(&api, &workers, "after lab changes", &mut routes).await;
 

@@ -23,11 +23,12 @@ use crate::logs::{ChangeStreamFailed, ChangeStreamOpened, ChangeStreamReset, Log
 
 use super::{
     derive::{
-        account_changed, derive, finished_request, refreshed_for, Change, Collection, Operation,
+        account_changed, derive, finished_request, refreshed_for, Change, Collection, Derived,
+        Operation,
     },
     hub::Audience,
     waiters::Waiters,
-    Backlog, Hub,
+    Backlog, EventType, Hub,
 };
 
 /// Events published between two turns of the clients' streams; `api.events.client_buffer`
@@ -161,6 +162,7 @@ pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, store: LabStore, watch
         store,
         watched,
         published: 0,
+        held: Vec::new(),
     };
     let source = Source::Database(db);
     tokio::select! {
@@ -171,40 +173,115 @@ pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, store: LabStore, watch
 }
 
 /// Publishes each change to the hub's clients and wakes whoever waits for a request it
-/// finishes.
+/// finishes. A sync's event is held back until the batch the server sent has been read (and
+/// the changes after it with it, so that order is kept): the counts of all the syncs held
+/// come from one read, and the clients get the batch in one go.
 struct Relay {
     hub: Arc<Hub>,
     waiters: Arc<Waiters>,
     store: LabStore,
     watched: Watched,
     published: u64,
+    held: Vec<Received>,
 }
 
+/// A change as the relay acts on it.
+#[derive(Debug)]
+struct Received {
+    id: String,
+    written_at: DateTime,
+    /// The sync request it finished.
+    finished: Option<String>,
+    /// The user whose accounts it changed.
+    account: Option<String>,
+    event: Option<Derived>,
+}
+
+/// Most changes held back at once (a batch of the server's).
+const HOLD_MAX: usize = BATCH as usize;
+
 impl Relay {
-    /// A synced worker's refreshed event as each client who sees only some of its labs gets
-    /// it: one read of the worker's readers (only when such clients listen), counted per view.
-    /// A failed read leaves those clients without this event (the next sync tells them).
-    async fn partial_counts(&self, worker_id: &str, data: &Value) -> Vec<(Vec<String>, Value)> {
-        let views = self
-            .hub
-            .partial_views(worker_id, super::EventType::DataRefreshed);
-        if views.is_empty() {
-            return Vec::new();
+    /// Acts on the changes held back, in order: one read of the readers of every worker whose
+    /// sync has clients who see only some of its labs, counted per view (a failed read leaves
+    /// those clients without these events; the next sync tells them).
+    async fn flush(&mut self) {
+        if self.held.is_empty() {
+            return;
         }
-        let Ok(readers) = self.store.readers_of_worker(worker_id).await else {
-            return Vec::new();
+        let mut held = std::mem::take(&mut self.held);
+        let mut wanted: Vec<(usize, Vec<Vec<String>>)> = Vec::new();
+        for (i, r) in held.iter().enumerate() {
+            if let Some(d) = r.event.as_ref().filter(|d| d.data.is_some()) {
+                if matches!(d.audience, Audience::Counts { .. }) {
+                    let views = self
+                        .hub
+                        .partial_views(&d.worker_id, EventType::DataRefreshed);
+                    if !views.is_empty() {
+                        wanted.push((i, views));
+                    }
+                }
+            }
+        }
+        if !wanted.is_empty() {
+            let mut workers: Vec<&str> = wanted
+                .iter()
+                .filter_map(|(i, _)| held[*i].event.as_ref().map(|d| d.worker_id.as_str()))
+                .collect();
+            workers.sort_unstable();
+            workers.dedup();
+            if let Ok(readers) = self.store.readers_of_workers(&workers).await {
+                for (i, views) in wanted {
+                    let Some(d) = held[i].event.as_mut() else {
+                        continue;
+                    };
+                    let labs = readers.get(&d.worker_id).map_or(&[][..], Vec::as_slice);
+                    let data = d.data.as_ref().map_or(Value::Null, Value::clone);
+                    if let Audience::Counts { views: counted } = &mut d.audience {
+                        *counted = views
+                            .into_iter()
+                            .map(|view| {
+                                let n = labs
+                                    .iter()
+                                    .filter(|r| r.iter().any(|p| view.binary_search(p).is_ok()))
+                                    .count();
+                                let mine =
+                                    refreshed_for(&data, i64::try_from(n).unwrap_or(i64::MAX));
+                                (view, mine)
+                            })
+                            .collect();
+                    }
+                }
+            }
+        }
+        for r in held.drain(..) {
+            self.act(r).await;
+        }
+    }
+
+    /// Wakes, resets and publishes what one change means.
+    async fn act(&mut self, r: Received) {
+        if let Some(id) = &r.finished {
+            self.waiters.finished(id);
+        }
+        if let Some(user) = &r.account {
+            self.hub.access_changed(user);
+        }
+        let Some(d) = r.event else {
+            return;
         };
-        views
-            .into_iter()
-            .map(|view| {
-                let n = readers
-                    .iter()
-                    .filter(|r| r.iter().any(|p| view.binary_search(p).is_ok()))
-                    .count();
-                let data = refreshed_for(data, i64::try_from(n).unwrap_or(i64::MAX));
-                (view, data)
-            })
-            .collect()
+        let backlog =
+            self.hub
+                .publish_to(r.id, d.kind, d.worker_id, r.written_at, d.data, d.audience);
+        // In a burst (a first cycle, a catch-up) the clients' streams get scheduled every few
+        // events, each writing what piled up in one go; while one is behind, reading slows so
+        // that it can catch up (one that stalled is dropped when its queue is full, and holds
+        // nobody up after that).
+        self.published += 1;
+        if backlog == Backlog::Behind {
+            tokio::time::sleep(BACKLOG_PAUSE).await;
+        } else if self.published % PUBLISH_BURST == 0 {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -231,35 +308,28 @@ impl Follower for Relay {
     async fn change(&mut self, e: ChangeStreamEvent<Document>) {
         self.hub.metrics.changes.inc();
         let change = change_of(&e, &self.watched);
-        if let Some(id) = change.as_ref().and_then(finished_request) {
-            self.waiters.finished(&id);
-        }
-        if let Some(user) = change.as_ref().and_then(account_changed) {
-            self.hub.access_changed(&user);
-        }
-        let Some(mut d) = change.as_ref().and_then(derive) else {
-            return;
+        let r = Received {
+            id: event_id(&e.id),
+            written_at: written_at(&e),
+            finished: change.as_ref().and_then(finished_request),
+            account: change.as_ref().and_then(account_changed),
+            event: change.as_ref().and_then(derive),
         };
-        if let (Audience::Counts { views }, Some(data)) = (&mut d.audience, &d.data) {
-            *views = self.partial_counts(&d.worker_id, data).await;
+        let counts = r
+            .event
+            .as_ref()
+            .is_some_and(|d| matches!(d.audience, Audience::Counts { .. }));
+        if counts || !self.held.is_empty() {
+            self.held.push(r);
+            if self.held.len() >= HOLD_MAX {
+                self.flush().await;
+            }
+        } else {
+            self.act(r).await;
         }
-        let backlog = self.hub.publish_to(
-            event_id(&e.id),
-            d.kind,
-            d.worker_id,
-            written_at(&e),
-            d.data,
-            d.audience,
-        );
-        // In a burst (a first cycle, a catch-up) the clients' streams get scheduled every few
-        // events, each writing what piled up in one go; while one is behind, reading slows so
-        // that it can catch up (one that stalled is dropped when its queue is full, and holds
-        // nobody up after that).
-        self.published += 1;
-        if backlog == Backlog::Behind {
-            tokio::time::sleep(BACKLOG_PAUSE).await;
-        } else if self.published % PUBLISH_BURST == 0 {
-            tokio::task::yield_now().await;
-        }
+    }
+
+    async fn idle(&mut self) {
+        self.flush().await;
     }
 }

@@ -10,7 +10,7 @@
 //! see only some of its labs with their own counts and no error text.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -25,7 +25,7 @@ use super::{
     queue::{Ledger, Queue},
     EventMetrics, EventType, Filter, Frame,
 };
-use shared::access::Visibility;
+use shared::access::{Reach, Visibility};
 
 /// Whether clients keep up with the events published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +82,9 @@ enum Rendered {
     Worker {
         partial: Option<Arc<Frame>>,
     },
+    /// By view: one lookup per client, however many views there are.
     Counts {
-        views: Vec<(Vec<String>, Arc<Frame>)>,
+        views: HashMap<Vec<String>, Arc<Frame>>,
     },
     Lab {
         before: Vec<String>,
@@ -94,48 +95,53 @@ enum Rendered {
 }
 
 impl Event {
-    /// The frame a client with this grant and filter gets, if any.
-    fn frame_for(&self, grant: &Grant, filter: &Filter) -> Option<Arc<Frame>> {
-        let main = self.main.as_ref();
-        let probe = main.or(match &self.audience {
+    /// The frame most of its audience gets, or one of another view: what a filter is judged by.
+    fn probe(&self) -> Option<&Arc<Frame>> {
+        self.main.as_ref().or(match &self.audience {
             Rendered::Lab { gained, .. } => Some(gained),
             Rendered::Worker { partial } => partial.as_ref(),
             _ => None,
-        })?;
-        if !filter.wants(probe) {
-            return None;
+        })
+    }
+
+    /// Whether a client with this filter wants the event.
+    fn wanted_by(&self, filter: &Filter) -> bool {
+        self.probe().is_some_and(|p| filter.wants(p))
+    }
+
+    /// The frame a client with this grant and filter gets, if any.
+    fn frame_for(&self, grant: &Grant, filter: &Filter) -> Option<Arc<Frame>> {
+        if self.wanted_by(filter) {
+            self.frame_as(grant)
+        } else {
+            None
         }
+    }
+
+    /// The frame a client with this grant gets, if its filter wants the event.
+    fn frame_as(&self, grant: &Grant) -> Option<Arc<Frame>> {
+        let main = self.main.as_ref();
+        let probe = self.probe()?;
         let worker = probe.worker_id.as_deref().unwrap_or_default();
+        let reach = grant.on(worker);
         match &self.audience {
             Rendered::Everyone => main.cloned(),
-            Rendered::Worker { partial } => {
-                if grant.sees_all_of(worker) {
-                    main.cloned()
-                } else if grant.has_account(worker) {
-                    partial.as_ref().or(main).cloned()
-                } else {
-                    None
-                }
-            }
-            Rendered::Counts { views } => {
-                if grant.sees_all_of(worker) {
-                    main.cloned()
-                } else if grant.has_account(worker) {
-                    let mine = grant.principals_on(worker);
-                    views
-                        .iter()
-                        .find(|(v, _)| *v == mine)
-                        .map(|(_, f)| f.clone())
-                } else {
-                    None
-                }
-            }
+            Rendered::Worker { partial } => match reach {
+                _ if reach.sees_all() => main.cloned(),
+                Reach::Account(_) => partial.as_ref().or(main).cloned(),
+                _ => None,
+            },
+            Rendered::Counts { views } => match reach {
+                _ if reach.sees_all() => main.cloned(),
+                Reach::Account(on) => views.get(&on.principals).cloned(),
+                _ => None,
+            },
             Rendered::Lab {
                 before,
                 after,
                 gained,
                 lost,
-            } => match shared::access::transition(grant, before, after) {
+            } => match shared::access::transition(reach, before, after) {
                 Visibility::Kept => main.cloned(),
                 Visibility::Gained => Some(gained.clone()),
                 Visibility::Lost => Some(lost.clone()),
@@ -149,7 +155,7 @@ impl Event {
         let extra: usize = match &self.audience {
             Rendered::Everyone => 0,
             Rendered::Worker { partial } => partial.as_ref().map_or(0, |f| f.text.len()),
-            Rendered::Counts { views } => views.iter().map(|(_, f)| f.text.len()).sum(),
+            Rendered::Counts { views } => views.values().map(|f| f.text.len()).sum(),
             Rendered::Lab { gained, lost, .. } => gained.text.len() + lost.text.len(),
         };
         self.main.as_ref().map_or(0, |f| f.text.len()) + extra
@@ -172,8 +178,9 @@ pub const ACCESS_CHANGED: &str = "access_changed";
 struct Client {
     queue: Arc<Queue>,
     filter: Filter,
-    /// What the client may see.
-    grant: Grant,
+    /// What the client may see: one grant for all the streams of a user that have the same
+    /// (an event is judged once per grant, and a grant is held once).
+    grant: Arc<Grant>,
     /// Its CML username (empty when it sees everything).
     username: String,
     /// Cancelled when the client fell behind.
@@ -359,6 +366,7 @@ impl Hub {
         self.make_room(&mut inner, len);
         let mut backlog = Backlog::Clear;
         let id = event.id().map(str::to_owned);
+        let mut decided: HashMap<*const Grant, Option<Arc<Frame>>> = HashMap::new();
         inner.clients.retain(|_, c| {
             if let Some(awaited) = &c.awaiting {
                 if id.as_ref() == Some(awaited) {
@@ -366,7 +374,14 @@ impl Hub {
                 }
                 return true;
             }
-            let Some(frame) = event.frame_for(&c.grant, &c.filter) else {
+            if !event.wanted_by(&c.filter) {
+                return true;
+            }
+            let frame = decided
+                .entry(Arc::as_ptr(&c.grant))
+                .or_insert_with(|| event.frame_as(&c.grant))
+                .clone();
+            let Some(frame) = frame else {
                 return true;
             };
             let kept = self.offer(c, Item::Frame(frame));
@@ -384,7 +399,7 @@ impl Hub {
     pub fn access_changed(&self, username: &str) {
         let mut inner = self.lock();
         inner.clients.retain(|_, c| {
-            if c.username != username || c.grant == Grant::All {
+            if c.username != username || *c.grant == Grant::All {
                 return true;
             }
             c.awaiting = None;
@@ -399,23 +414,26 @@ impl Hub {
     /// who see only some of its labs and want `kind`: what a sync's counts are computed for.
     pub fn partial_views(&self, worker_id: &str, kind: EventType) -> Vec<Vec<String>> {
         let inner = self.lock();
-        let mut views: Vec<Vec<String>> = inner
+        let mut judged = HashSet::new();
+        let mut views: Vec<&[String]> = inner
             .clients
             .values()
             .filter(|c| {
-                c.grant.has_account(worker_id)
-                    && !c.grant.sees_all_of(worker_id)
-                    && c.filter.types.as_ref().is_none_or(|t| t.contains(&kind))
+                c.filter.types.as_ref().is_none_or(|t| t.contains(&kind))
                     && c.filter
                         .workers
                         .as_ref()
                         .is_none_or(|w| w.contains(worker_id))
+                    && judged.insert(Arc::as_ptr(&c.grant))
             })
-            .map(|c| c.grant.principals_on(worker_id))
+            .filter_map(|c| match c.grant.on(worker_id) {
+                Reach::Account(on) if !on.admin => Some(on.principals.as_slice()),
+                _ => None,
+            })
             .collect();
-        views.sort();
+        views.sort_unstable();
         views.dedup();
-        views
+        views.into_iter().map(<[String]>::to_vec).collect()
     }
 
     /// Keeps the bytes all queues hold, with a new frame of `len` bytes, within the bound:
@@ -500,6 +518,11 @@ impl Hub {
                 None => awaiting = Some(last.to_owned()),
             },
         }
+        let grant = inner
+            .clients
+            .values()
+            .find(|c| c.username == username && *c.grant == grant)
+            .map_or_else(|| Arc::new(grant), |c| c.grant.clone());
         let queue = Arc::new(Queue::new(
             self.ledger.clone(),
             self.client_buffer,
@@ -556,6 +579,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use shared::access::OnWorker;
 
     fn hub(keep: usize, buffer: usize) -> Arc<Hub> {
         Hub::new(
@@ -833,9 +857,20 @@ mod tests {
     fn grant_of(principals: &[&str], workers: &[(&str, bool)]) -> Grant {
         let mut p: Vec<String> = principals.iter().map(|s| s.to_string()).collect();
         p.sort();
+        let on = |w: &str, admin: bool| OnWorker {
+            admin,
+            principals: p
+                .iter()
+                .filter(|p| shared::access::principal_worker(p) == Some(w))
+                .cloned()
+                .collect(),
+        };
         Grant::Principals {
-            principals: p,
-            workers: workers.iter().map(|(w, a)| (w.to_string(), *a)).collect(),
+            workers: workers
+                .iter()
+                .map(|(w, a)| (w.to_string(), on(w, *a)))
+                .collect(),
+            principals: p.clone(),
         }
     }
 

@@ -217,31 +217,34 @@ impl LabStore {
         Ok(self.records.find_one(filter).await?)
     }
 
-    /// The readers of each record of a worker not removed (what a sync's counts per view
-    /// are made from), each sorted.
-    pub async fn readers_of_worker(&self, worker_id: &str) -> Result<Vec<Vec<String>>> {
-        let docs: Vec<Document> = self
+    /// The readers of each record not removed of `workers`, each list sorted, by worker (what
+    /// syncs' counts per view are made from; one read for a batch of syncs).
+    pub async fn readers_of_workers(
+        &self,
+        workers: &[&str],
+    ) -> Result<HashMap<String, Vec<Vec<String>>>> {
+        let mut cursor = self
             .raw
-            .find(doc! { "worker_id": worker_id, "removed_at": Bson::Null })
-            .projection(doc! { "_id": 0, "readers": 1 })
-            .await?
-            .try_collect()
+            .find(doc! { "worker_id": { "$in": workers }, "removed_at": Bson::Null })
+            .projection(doc! { "_id": 0, "worker_id": 1, "readers": 1 })
             .await?;
-        Ok(docs
-            .iter()
-            .map(|d| {
-                let mut r: Vec<String> = d
-                    .get_array("readers")
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|b| b.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                r.sort();
-                r
-            })
-            .collect())
+        let mut out: HashMap<String, Vec<Vec<String>>> = HashMap::new();
+        while let Some(d) = cursor.try_next().await? {
+            let Ok(worker) = d.get_str("worker_id") else {
+                continue;
+            };
+            let mut r: Vec<String> = d
+                .get_array("readers")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|b| b.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            r.sort();
+            out.entry(worker.to_owned()).or_default().push(r);
+        }
+        Ok(out)
     }
 
     /// How many records not removed each of `workers` has that one of `readers` may read.
