@@ -30,7 +30,19 @@ pub fn binary(name: &str) -> PathBuf {
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let out = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "sync-daemon", "-p", "lab-api"])
+                // The `test` profile: what `cargo test --workspace` built the binaries with,
+                // so after it this is a no-op (with `dev` it relinked both, on the first
+                // system test's clock).
+                .args([
+                    "build",
+                    "--quiet",
+                    "--profile",
+                    "test",
+                    "-p",
+                    "sync-daemon",
+                    "-p",
+                    "lab-api",
+                ])
                 .output()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;
             if !out.status.success() {

@@ -282,28 +282,12 @@ async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the
     // A round of lab changes, followed live by every user.
     let mut streams = Vec::new();
     for user in USERS.iter().chain(&["admin"]) {
-        let auth = format!("Bearer {user}-token");
-        let mut s = SseStream::open(
-            &format!("{base}/api/events/stream?event_types=worker.labs.updated"),
-            &[("authorization", auth.as_str())],
-        )
-        .await
-        .unwrap_or_else(|r| panic!("{user}: stream refused: {}", r.status()));
-        assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
-        streams.push((*user, s));
+        streams.push((*user, stream_of(&base, user, "worker.labs.updated").await));
     }
     // And each user's syncs, with its own counts.
     let mut syncs = Vec::new();
     for user in USERS {
-        let auth = format!("Bearer {user}-token");
-        let mut s = SseStream::open(
-            &format!("{base}/api/events/stream?event_types=worker.data.refreshed"),
-            &[("authorization", auth.as_str())],
-        )
-        .await
-        .unwrap_or_else(|r| panic!("{user}: stream refused: {}", r.status()));
-        assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
-        syncs.push((user, s));
+        syncs.push((user, stream_of(&base, user, "worker.data.refreshed").await));
     }
     let mut changed: BTreeSet<Key> = BTreeSet::new();
     for w in &workers {
@@ -414,6 +398,19 @@ async fn every_user_sees_exactly_what_cml_lists_for_it_on_every_route_and_in_the
         "{} users (and the fleet's admin) × {routes} route reads over 3 rounds; {events} live events checked",
         USERS.len()
     );
+}
+
+/// `user`'s stream of the events of one type, connected.
+async fn stream_of(base: &str, user: &str, event_type: &str) -> SseStream {
+    let auth = format!("Bearer {user}-token");
+    let mut s = SseStream::open(
+        &format!("{base}/api/events/stream?event_types={event_type}"),
+        &[("authorization", auth.as_str())],
+    )
+    .await
+    .unwrap_or_else(|r| panic!("{user}: stream refused: {}", r.status()));
+    assert_eq!(s.expect(Duration::from_secs(10)).await.event, "connected");
+    s
 }
 
 /// Every lab of `w` owned by alice; the first shared with the group `group` (viewing), the
