@@ -92,6 +92,26 @@ pub fn refreshed_for(data: &Value, visible: i64) -> Value {
     mine
 }
 
+/// A sync's `worker.data.refreshed` for each view (a client's principals on the worker,
+/// sorted), from the readers of the worker's labs: each view counts the labs it may read.
+pub fn refreshed_per_view(
+    data: &Value,
+    labs: &[Vec<String>],
+    views: Vec<Vec<String>>,
+) -> Vec<(Vec<String>, Value)> {
+    views
+        .into_iter()
+        .map(|view| {
+            let n = labs
+                .iter()
+                .filter(|readers| readers.iter().any(|p| view.binary_search(p).is_ok()))
+                .count();
+            let mine = refreshed_for(data, i64::try_from(n).unwrap_or(i64::MAX));
+            (view, mine)
+        })
+        .collect()
+}
+
 /// The event a change makes, if any.
 pub fn derive(change: &Change) -> Option<Derived> {
     match change.collection {
@@ -417,6 +437,40 @@ mod tests {
 
     fn t(ms: i64) -> DateTime {
         DateTime::from_millis(1_795_000_000_000 + ms)
+    }
+
+    #[test]
+    fn each_view_of_a_sync_counts_the_labs_it_may_read_once() {
+        let data = json!({ "worker_id": "w", "lab_count": 3, "labs_synced": 3, "labs_created": 1,
+            "labs_updated": 0, "labs_unchanged": 2, "labs_removed": 0 });
+        let labs = vec![
+            vec!["a:w".to_owned(), "u:w:alice".to_owned()],
+            vec!["a:w".to_owned(), "g:w:g1".to_owned(), "u:w:bob".to_owned()],
+            vec![
+                "a:w".to_owned(),
+                "g:w:g1".to_owned(),
+                "u:w:alice".to_owned(),
+            ],
+        ];
+        let views = vec![
+            vec!["g:w:g1".to_owned(), "u:w:alice".to_owned()],
+            vec!["u:w:bob".to_owned()],
+            vec!["u:w:zed".to_owned()],
+        ];
+        let got = refreshed_per_view(&data, &labs, views.clone());
+        let counts: Vec<(Vec<String>, Value, Value)> = got
+            .into_iter()
+            .map(|(v, d)| (v, d["lab_count"].clone(), d["labs_created"].clone()))
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                (views[0].clone(), json!(3), Value::Null),
+                (views[1].clone(), json!(1), Value::Null),
+                (views[2].clone(), json!(0), Value::Null),
+            ],
+            "a lab read through two principals of a view counts once"
+        );
     }
 
     fn entry(at: i64, previous: &str, new: &str, field: &str) -> Document {

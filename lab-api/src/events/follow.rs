@@ -12,7 +12,6 @@ use mongodb::{
     change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken},
     options::FullDocumentType,
 };
-use serde_json::Value;
 use shared::{
     backoff::Backoff,
     change_stream::{self, Follower, Source, Spec, State},
@@ -23,7 +22,7 @@ use crate::logs::{ChangeStreamFailed, ChangeStreamOpened, ChangeStreamReset, Log
 
 use super::{
     derive::{
-        account_changed, derive, finished_request, refreshed_for, Change, Collection, Derived,
+        account_changed, derive, finished_request, refreshed_per_view, Change, Collection, Derived,
         Operation,
     },
     hub::Audience,
@@ -235,20 +234,10 @@ impl Relay {
                         continue;
                     };
                     let labs = readers.get(&d.worker_id).map_or(&[][..], Vec::as_slice);
-                    let data = d.data.as_ref().map_or(Value::Null, Value::clone);
-                    if let Audience::Counts { views: counted } = &mut d.audience {
-                        *counted = views
-                            .into_iter()
-                            .map(|view| {
-                                let n = labs
-                                    .iter()
-                                    .filter(|r| r.iter().any(|p| view.binary_search(p).is_ok()))
-                                    .count();
-                                let mine =
-                                    refreshed_for(&data, i64::try_from(n).unwrap_or(i64::MAX));
-                                (view, mine)
-                            })
-                            .collect();
+                    if let (Some(data), Audience::Counts { views: counted }) =
+                        (&d.data, &mut d.audience)
+                    {
+                        *counted = refreshed_per_view(data, labs, views);
                     }
                 }
             }
