@@ -1018,3 +1018,55 @@ async fn a_field_old_records_lack_is_adopted_without_a_change() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_readers_of_workers_come_grouped_by_list_with_their_counts() {
+    let db = TestDb::new("readers_grouped").await;
+    let store = store(&db, BatchWriteMode::Auto).await;
+    let rec = |w: &str, lab: &str, readers: &[&str], removed: bool| {
+        let mut d = doc! { "worker_id": w, "lab_id": lab, "readers": readers };
+        d.insert(
+            "removed_at",
+            if removed {
+                Bson::DateTime(DateTime::now())
+            } else {
+                Bson::Null
+            },
+        );
+        d
+    };
+    db.db
+        .collection::<Document>("lab_records")
+        .insert_many([
+            rec("w1", "l1", &["a:w1", "g:w1:g"], false),
+            // The same list in another order is the same list.
+            rec("w1", "l2", &["g:w1:g", "a:w1"], false),
+            rec("w1", "l3", &["a:w1", "u:w1:bob"], false),
+            rec("w1", "gone", &["a:w1", "u:w1:eve"], true),
+            rec("w2", "l1", &["a:w2"], false),
+            rec("w3", "l1", &["a:w3", "u:w3:bob"], false),
+        ])
+        .await
+        .expect("insert");
+    let got = store.readers_of_workers(&["w1", "w2"]).await.expect("read");
+    let mut w1: Vec<(Vec<String>, usize)> = got["w1"].clone();
+    // Lists that differ only in order come as two rows; their counts add up per list.
+    let mut merged: Vec<(Vec<String>, usize)> = Vec::new();
+    w1.sort();
+    for (r, n) in w1 {
+        match merged.last_mut() {
+            Some((last, m)) if *last == r => *m += n,
+            _ => merged.push((r, n)),
+        }
+    }
+    let list = |p: &[&str]| p.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+    assert_eq!(
+        merged,
+        vec![
+            (list(&["a:w1", "g:w1:g"]), 2),
+            (list(&["a:w1", "u:w1:bob"]), 1)
+        ]
+    );
+    assert_eq!(got["w2"], vec![(list(&["a:w2"]), 1)]);
+    assert!(!got.contains_key("w3"), "only the workers asked for");
+}

@@ -15,6 +15,8 @@
 //! lose it; a write that changed only who may read it is an event for those two only. A
 //! worker's sync or refused refresh, the callers with a user on it.
 
+use std::collections::BTreeMap;
+
 use bson::{Bson, DateTime, Document};
 use serde_json::Value;
 use shared::{
@@ -93,21 +95,30 @@ pub fn refreshed_for(data: &Value, visible: i64) -> Value {
 }
 
 /// A sync's `worker.data.refreshed` for each view (a client's principals on the worker,
-/// sorted), from the readers of the worker's labs: each view counts the labs it may read.
+/// sorted), from the reader lists of the worker's labs (each sorted, with how many labs have
+/// it): each view counts the labs it may read. Views that count the same share one `data`
+/// (rendered once); the groups come in count order.
 pub fn refreshed_per_view(
     data: &Value,
-    labs: &[Vec<String>],
+    labs: &[(Vec<String>, usize)],
     views: Vec<Vec<String>>,
-) -> Vec<(Vec<String>, Value)> {
-    views
+) -> Vec<(Vec<Vec<String>>, Value)> {
+    let mut by_count: BTreeMap<usize, Vec<Vec<String>>> = BTreeMap::new();
+    for view in views {
+        let n = labs
+            .iter()
+            .filter(|(readers, _)| readers.iter().any(|p| view.binary_search(p).is_ok()))
+            .map(|(_, n)| n)
+            .sum();
+        by_count.entry(n).or_default().push(view);
+    }
+    by_count
         .into_iter()
-        .map(|view| {
-            let n = labs
-                .iter()
-                .filter(|readers| readers.iter().any(|p| view.binary_search(p).is_ok()))
-                .count();
-            let mine = refreshed_for(data, i64::try_from(n).unwrap_or(i64::MAX));
-            (view, mine)
+        .map(|(n, views)| {
+            (
+                views,
+                refreshed_for(data, i64::try_from(n).unwrap_or(i64::MAX)),
+            )
         })
         .collect()
 }
@@ -444,13 +455,19 @@ mod tests {
         let data = json!({ "worker_id": "w", "lab_count": 3, "labs_synced": 3, "labs_created": 1,
             "labs_updated": 0, "labs_unchanged": 2, "labs_removed": 0 });
         let labs = vec![
-            vec!["a:w".to_owned(), "u:w:alice".to_owned()],
-            vec!["a:w".to_owned(), "g:w:g1".to_owned(), "u:w:bob".to_owned()],
-            vec![
-                "a:w".to_owned(),
-                "g:w:g1".to_owned(),
-                "u:w:alice".to_owned(),
-            ],
+            (vec!["a:w".to_owned(), "u:w:alice".to_owned()], 1),
+            (
+                vec!["a:w".to_owned(), "g:w:g1".to_owned(), "u:w:bob".to_owned()],
+                1,
+            ),
+            (
+                vec![
+                    "a:w".to_owned(),
+                    "g:w:g1".to_owned(),
+                    "u:w:alice".to_owned(),
+                ],
+                1,
+            ),
         ];
         let views = vec![
             vec!["g:w:g1".to_owned(), "u:w:alice".to_owned()],
@@ -458,18 +475,37 @@ mod tests {
             vec!["u:w:zed".to_owned()],
         ];
         let got = refreshed_per_view(&data, &labs, views.clone());
-        let counts: Vec<(Vec<String>, Value, Value)> = got
+        let counts: Vec<(Vec<Vec<String>>, Value, Value)> = got
             .into_iter()
             .map(|(v, d)| (v, d["lab_count"].clone(), d["labs_created"].clone()))
             .collect();
         assert_eq!(
             counts,
             vec![
-                (views[0].clone(), json!(3), Value::Null),
-                (views[1].clone(), json!(1), Value::Null),
-                (views[2].clone(), json!(0), Value::Null),
+                (vec![views[2].clone()], json!(0), Value::Null),
+                (vec![views[1].clone()], json!(1), Value::Null),
+                (vec![views[0].clone()], json!(3), Value::Null),
             ],
             "a lab read through two principals of a view counts once"
+        );
+    }
+
+    #[test]
+    fn views_that_count_the_same_share_one_data_and_each_list_counts_its_labs() {
+        let data = json!({ "worker_id": "w", "lab_count": 4 });
+        let v = |p: &[&str]| p.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let labs = vec![(v(&["a:w", "g:w:g1"]), 3), (v(&["a:w", "g:w:g2"]), 1)];
+        let views = vec![v(&["g:w:g1"]), v(&["g:w:g2"]), v(&["g:w:g1", "u:w:x"])];
+        let got: Vec<(Vec<Vec<String>>, Value)> = refreshed_per_view(&data, &labs, views)
+            .into_iter()
+            .map(|(views, d)| (views, d["lab_count"].clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (vec![v(&["g:w:g2"])], json!(1)),
+                (vec![v(&["g:w:g1"]), v(&["g:w:g1", "u:w:x"])], json!(3)),
+            ]
         );
     }
 

@@ -56,8 +56,10 @@ pub enum Audience {
     Worker { partial: Option<Value> },
     /// A worker's sync: clients who see all of the worker get the event; each other client
     /// with a user on it gets the frame of its own view (its principals on the worker), if
-    /// one was made for it.
-    Counts { views: Vec<(Vec<String>, Value)> },
+    /// one was made for it. Views that count the same share one `data`.
+    Counts {
+        views: Vec<(Vec<Vec<String>>, Value)>,
+    },
     /// A lab's change: who could read it before the write, who can after; what a client who
     /// gains it gets, and one who loses it. Those who keep it get the event, when there is one.
     Lab {
@@ -82,9 +84,10 @@ enum Rendered {
     Worker {
         partial: Option<Arc<Frame>>,
     },
-    /// By view: one lookup per client, however many views there are.
+    /// By view, the index of its frame: one lookup per grant, however many views there are.
     Counts {
-        views: HashMap<Vec<String>, Arc<Frame>>,
+        views: HashMap<Vec<String>, usize>,
+        frames: Vec<Arc<Frame>>,
     },
     Lab {
         before: Vec<String>,
@@ -131,9 +134,9 @@ impl Event {
                 Reach::Account(_) => partial.as_ref().or(main).cloned(),
                 _ => None,
             },
-            Rendered::Counts { views } => match reach {
+            Rendered::Counts { views, frames } => match reach {
                 _ if reach.sees_all() => main.cloned(),
-                Reach::Account(on) => views.get(&on.principals).cloned(),
+                Reach::Account(on) => views.get(&on.principals).map(|&i| frames[i].clone()),
                 _ => None,
             },
             Rendered::Lab {
@@ -155,7 +158,7 @@ impl Event {
         let extra: usize = match &self.audience {
             Rendered::Everyone => 0,
             Rendered::Worker { partial } => partial.as_ref().map_or(0, |f| f.text.len()),
-            Rendered::Counts { views } => views.values().map(|f| f.text.len()).sum(),
+            Rendered::Counts { frames, .. } => frames.iter().map(|f| f.text.len()).sum(),
             Rendered::Lab { gained, lost, .. } => gained.text.len() + lost.text.len(),
         };
         self.main.as_ref().map_or(0, |f| f.text.len()) + extra
@@ -336,9 +339,15 @@ impl Hub {
                 Audience::Worker { partial } => Rendered::Worker {
                     partial: partial.map(frame),
                 },
-                Audience::Counts { views } => Rendered::Counts {
-                    views: views.into_iter().map(|(v, d)| (v, frame(d))).collect(),
-                },
+                Audience::Counts { views: groups } => {
+                    let mut views = HashMap::new();
+                    let mut frames = Vec::with_capacity(groups.len());
+                    for (i, (group, data)) in groups.into_iter().enumerate() {
+                        views.extend(group.into_iter().map(|v| (v, i)));
+                        frames.push(frame(data));
+                    }
+                    Rendered::Counts { views, frames }
+                }
                 Audience::Lab {
                     before,
                     after,
@@ -1013,7 +1022,7 @@ mod tests {
             DateTime::now(),
             Some(json!({ "lab_count": 10 })),
             Audience::Counts {
-                views: vec![(vec!["u:w1:bob".into()], json!({ "lab_count": 2 }))],
+                views: vec![(vec![vec!["u:w1:bob".into()]], json!({ "lab_count": 2 }))],
             },
         );
         h.publish_to(

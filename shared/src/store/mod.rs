@@ -217,24 +217,32 @@ impl LabStore {
         Ok(self.records.find_one(filter).await?)
     }
 
-    /// The readers of each record not removed of `workers`, each list sorted, by worker (what
-    /// syncs' counts per view are made from; one read for a batch of syncs).
+    /// The distinct reader lists (each sorted) of the records not removed of `workers`, with
+    /// how many records have each, by worker: what syncs' counts per view are made from (one
+    /// read for a batch of syncs; the server groups, so a worker sends as many rows as it has
+    /// distinct lists, not one per lab).
     pub async fn readers_of_workers(
         &self,
         workers: &[&str],
-    ) -> Result<HashMap<String, Vec<Vec<String>>>> {
-        let mut cursor = self
-            .raw
-            .find(doc! { "worker_id": { "$in": workers }, "removed_at": Bson::Null })
-            .projection(doc! { "_id": 0, "worker_id": 1, "readers": 1 })
-            .await?;
-        let mut out: HashMap<String, Vec<Vec<String>>> = HashMap::new();
+    ) -> Result<HashMap<String, Vec<(Vec<String>, usize)>>> {
+        let pipeline = [
+            doc! { "$match": { "worker_id": { "$in": workers }, "removed_at": Bson::Null } },
+            doc! { "$group": {
+                "_id": { "w": "$worker_id", "r": "$readers" },
+                "n": { "$sum": 1 },
+            } },
+        ];
+        let mut cursor = self.raw.aggregate(pipeline).await?;
+        let mut out: HashMap<String, Vec<(Vec<String>, usize)>> = HashMap::new();
         while let Some(d) = cursor.try_next().await? {
-            let Ok(worker) = d.get_str("worker_id") else {
+            let Ok(id) = d.get_document("_id") else {
                 continue;
             };
-            let mut r: Vec<String> = d
-                .get_array("readers")
+            let Ok(worker) = id.get_str("w") else {
+                continue;
+            };
+            let mut r: Vec<String> = id
+                .get_array("r")
                 .map(|a| {
                     a.iter()
                         .filter_map(|b| b.as_str().map(str::to_owned))
@@ -242,7 +250,12 @@ impl LabStore {
                 })
                 .unwrap_or_default();
             r.sort();
-            out.entry(worker.to_owned()).or_default().push(r);
+            let n = match d.get("n") {
+                Some(Bson::Int32(n)) => usize::try_from(*n).unwrap_or(0),
+                Some(Bson::Int64(n)) => usize::try_from(*n).unwrap_or(0),
+                _ => 0,
+            };
+            out.entry(worker.to_owned()).or_default().push((r, n));
         }
         Ok(out)
     }
@@ -449,24 +462,27 @@ impl LabStore {
     }
 }
 
-/// The filter and sort of [`LabStore::labs_of_worker`] (for `explain` as well).
+/// The filter and sort of [`LabStore::labs_of_worker`] (for `explain` as well): the listing's
+/// filter on one worker, in title order.
 pub fn worker_labs_query(
     worker_id: &str,
     include_removed: bool,
     readers: Option<&[String]>,
 ) -> (Document, Document) {
-    let mut filter = doc! { "worker_id": worker_id };
-    if !include_removed {
-        filter.insert("removed_at", Bson::Null);
-    }
-    if let Some(r) = readers {
-        filter.insert("readers", doc! { "$in": r });
-    }
-    (filter, doc! { "title": 1, "lab_id": 1 })
+    let filter = LabFilter {
+        worker_id: Some(worker_id.to_owned()),
+        include_removed,
+        readers: readers.map(<[String]>::to_vec),
+        ..LabFilter::default()
+    };
+    (
+        all_of(filter_clauses(&filter)),
+        doc! { "title": 1, "lab_id": 1 },
+    )
 }
 
-/// The filter and sort of [`LabStore::list`] (for `explain` as well).
-pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, Document) {
+/// One equality (or `$in` of principals) clause per filter that is set.
+fn filter_clauses(filter: &LabFilter) -> Vec<Document> {
     let mut clauses = Vec::new();
     if let Some(w) = &filter.worker_id {
         clauses.push(doc! { "worker_id": w });
@@ -483,6 +499,22 @@ pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, 
     if let Some(r) = &filter.readers {
         clauses.push(doc! { "readers": { "$in": r } });
     }
+    clauses
+}
+
+/// The conjunction of `clauses`, as one `$and` (the same shape for every listing: MongoDB
+/// plans it as the flat document; SecantusDB matches it in a third of the time).
+fn all_of(mut clauses: Vec<Document>) -> Document {
+    match clauses.len() {
+        0 => Document::new(),
+        1 => clauses.remove(0),
+        _ => doc! { "$and": clauses },
+    }
+}
+
+/// The filter and sort of [`LabStore::list`] (for `explain` as well).
+pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, Document) {
+    let mut clauses = filter_clauses(filter);
     if let Some(c) = after {
         // After (worker_id, lab_id) = c. The range on worker_id alone bounds the scan of the
         // (worker_id, lab_id) index, which also gives the order: a page reads a page of keys
@@ -494,12 +526,7 @@ pub fn list_query(filter: &LabFilter, after: Option<&PageCursor>) -> (Document, 
             { "lab_id": { "$gt": &c.lab_id } },
         ] });
     }
-    let query = match clauses.len() {
-        0 => Document::new(),
-        1 => clauses.remove(0),
-        _ => doc! { "$and": clauses },
-    };
-    (query, doc! { "worker_id": 1, "lab_id": 1 })
+    (all_of(clauses), doc! { "worker_id": 1, "lab_id": 1 })
 }
 
 /// How long ago `cutoff` is from `now`, for purges: `now - retention`.
