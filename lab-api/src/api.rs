@@ -270,7 +270,7 @@ pub async fn fleet_status(
         failing: q.failing.map(|f| f.0),
         region: q.region.map(|r| r.0),
         watch: q.watch_state.map(|w| w.0.to_owned()),
-        workers: match &viewer.grant {
+        workers: match &*viewer.grant {
             Grant::All => None,
             Grant::Principals { workers, .. } => {
                 let mut ids: Vec<String> = workers.keys().cloned().collect();

@@ -291,6 +291,7 @@ impl App {
         let follower = tokio::spawn(events::follow::follow(
             events.clone(),
             state.waiters.clone(),
+            state.grants.clone(),
             state.store.clone(),
             state.watched.clone(),
         ));

@@ -15,6 +15,7 @@ use shared::{
 };
 
 use crate::{
+    access::{Grants, GRANTS_MAX_PRINCIPALS},
     events::{follow::Watched, waiters::Waiters, EventMetrics, Hub},
     refresh::RefreshSettings,
 };
@@ -25,6 +26,8 @@ pub struct AppState {
     pub store: LabStore,
     /// Each user's account on each worker: what a caller may see is decided from its own.
     pub accounts: AccountStore,
+    /// The grants of the users who asked lately, kept while the change stream is up.
+    pub grants: Arc<Grants>,
     pub status: SyncStatusReader,
     pub registry: WorkerRegistry,
     pub db: Database,
@@ -54,6 +57,7 @@ impl AppState {
             // The API never writes records: the history limit is the daemon's business.
             store: LabStore::new(client, mongo, 1),
             accounts: AccountStore::new(&db, &mongo.cml_accounts_collection),
+            grants: Arc::new(Grants::new(GRANTS_MAX_PRINCIPALS)),
             status: SyncStatusReader::new(&db, &mongo.sync_status_collection),
             registry: WorkerRegistry::new(&db, &mongo.workers_collection),
             requests: RequestStore::new(&db, &mongo.sync_requests_collection),

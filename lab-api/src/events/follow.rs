@@ -18,7 +18,10 @@ use shared::{
     store::LabStore,
 };
 
-use crate::logs::{ChangeStreamFailed, ChangeStreamOpened, ChangeStreamReset, LogLine};
+use crate::{
+    access::Grants,
+    logs::{ChangeStreamFailed, ChangeStreamOpened, ChangeStreamReset, LogLine},
+};
 
 use super::{
     derive::{
@@ -132,7 +135,13 @@ fn written_at(e: &ChangeStreamEvent<Document>) -> DateTime {
 
 /// Follows the change stream until the hub stops; wakes `waiters` of requests that finish.
 /// `store` counts the labs of a synced worker that its partial viewers see.
-pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, store: LabStore, watched: Watched) {
+pub async fn follow(
+    hub: Arc<Hub>,
+    waiters: Arc<Waiters>,
+    grants: Arc<Grants>,
+    store: LabStore,
+    watched: Watched,
+) {
     let db = store.database().clone();
     let stop = hub.stopping();
     let start_at = (!hub.replay_window.is_zero()).then(|| {
@@ -158,6 +167,7 @@ pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, store: LabStore, watch
     let mut relay = Relay {
         hub: hub.clone(),
         waiters,
+        grants: grants.clone(),
         store,
         watched,
         published: 0,
@@ -168,16 +178,18 @@ pub async fn follow(hub: Arc<Hub>, waiters: Arc<Waiters>, store: LabStore, watch
         _ = stop.cancelled() => {}
         _ = change_stream::follow(&source, spec, &mut relay) => {}
     }
+    grants.following(false);
     hub.metrics.change_stream_up.set(0.0);
 }
 
-/// Publishes each change to the hub's clients and wakes whoever waits for a request it
-/// finishes. A sync's event is held back until the batch the server sent has been read (and
+/// Publishes each change to the hub's clients, wakes whoever waits for a request it finishes
+/// and drops the grants a change of accounts makes stale. A sync's event is held back until the batch the server sent has been read (and
 /// the changes after it with it, so that order is kept): the counts of all the syncs held
 /// come from one read, and the clients get the batch in one go.
 struct Relay {
     hub: Arc<Hub>,
     waiters: Arc<Waiters>,
+    grants: Arc<Grants>,
     store: LabStore,
     watched: Watched,
     published: u64,
@@ -253,6 +265,7 @@ impl Relay {
             self.waiters.finished(id);
         }
         if let Some(user) = &r.account {
+            self.grants.forget(user);
             self.hub.access_changed(user);
         }
         let Some(d) = r.event else {
@@ -278,16 +291,23 @@ impl Follower for Relay {
     fn state(&mut self, state: State<'_>) {
         let metrics = &self.hub.metrics;
         match state {
-            State::Up { resumed } => ChangeStreamOpened { resumed, metrics }.emit(),
+            State::Up { resumed } => {
+                self.grants.following(true);
+                ChangeStreamOpened { resumed, metrics }.emit();
+            }
             State::Down {
                 error, retry_in, ..
-            } => ChangeStreamFailed {
-                error,
-                retry_in,
-                metrics,
+            } => {
+                self.grants.following(false);
+                ChangeStreamFailed {
+                    error,
+                    retry_in,
+                    metrics,
+                }
+                .emit();
             }
-            .emit(),
             State::HistoryLost { error, .. } => {
+                self.grants.following(false);
                 ChangeStreamReset { error, metrics }.emit();
                 self.hub.reset_all("history_lost");
             }

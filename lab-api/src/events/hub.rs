@@ -504,11 +504,12 @@ impl Hub {
     /// grant, so that a change of its accounts reaches it).
     pub fn subscribe_as(
         self: &Arc<Self>,
-        grant: Grant,
+        grant: impl Into<Arc<Grant>>,
         username: String,
         filter: Filter,
         last_id: Option<&str>,
     ) -> Subscription {
+        let grant: Arc<Grant> = grant.into();
         let mut inner = self.lock();
         let mut replay = VecDeque::new();
         let mut reset = None;
@@ -530,8 +531,8 @@ impl Hub {
         let grant = inner
             .clients
             .values()
-            .find(|c| c.username == username && *c.grant == grant)
-            .map_or_else(|| Arc::new(grant), |c| c.grant.clone());
+            .find(|c| c.username == username && c.grant == grant)
+            .map_or(grant, |c| c.grant.clone());
         let queue = Arc::new(Queue::new(
             self.ledger.clone(),
             self.client_buffer,
