@@ -128,8 +128,13 @@ row(f"Live: CML change -> SSE client ms (p50 | p99 | max; {lv['streams']} client
     tot["p99"] <= 1000 and lv["missing"] == 0)
 row("  split p50 | p99 ms: change -> MongoDB write; write -> client",
     f'{tw["p50"]} | {tw["p99"]}; {wc["p50"]} | {wc["p99"]}', f"(daemon: CML event -> write mean {lag_sum / max(lag_n, 1) * 1000:.0f} ms)", True)
-cml_per = lv["cml_calls"] / changes
-row("  CML calls per lab change", f"{cml_per:.3f}", f"<= 1.05 ({lv['cml_calls_by_endpoint']})", cml_per <= 1.05)
+# Users and groups are read on a clock (`sync.access_interval`, 5 min, spread over the fleet:
+# 1,000 workers make about 3.3 such syncs a second), not per lab change: they are shown, not
+# counted against the changes.
+by_ep = lv["cml_calls_by_endpoint"]
+access_calls = by_ep.get("users", 0) + by_ep.get("groups", 0)
+cml_per = (lv["cml_calls"] - access_calls) / changes
+row("  CML calls per lab change", f"{cml_per:.3f}", f"<= 1.05 ({by_ep}; users and groups on the access clock)", cml_per <= 1.05)
 row("  MongoDB round trips per lab change (all the daemon's commands)", f"{live_cmds / changes:.2f}", "<= 3", live_cmds / changes <= 3)
 live_rss = int((w / "live_rss").read_text().strip()) / 1024
 live_peak = int((w / "live_rss_peak").read_text().strip()) / 1024
